@@ -1,0 +1,39 @@
+"""The project's one block-hash function, shared by engines, router and KVBM.
+
+A block's hash chains its parent's hash with its own token ids, so equal hashes mean equal
+prefixes; a prefix match in the router is then a prefix hit in the engine. Only full blocks
+are hashed: a partial last block is never shared.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from hashlib import blake2b
+
+# Seed for the first block, so hashes never collide with an all-zero parent by accident.
+_ROOT = (0x5EED_D7A3_0000_0001).to_bytes(8, "little")
+
+
+def block_hash(parent_hash: int | None, block_token_ids: Sequence[int]) -> int:
+    """Hash of one full block given the hash of the block before it (None for the first)."""
+    parent = _ROOT if parent_hash is None else parent_hash.to_bytes(8, "little")
+    tokens = array("I", block_token_ids).tobytes()
+    digest = blake2b(parent + tokens, digest_size=8).digest()
+    # Signed 63-bit range keeps it a plain int in msgpack and in JSON-facing tools.
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def block_hashes(
+    token_ids: Sequence[int], block_size_tokens: int, parent_hash: int | None = None
+) -> list[int]:
+    """Chained hashes of every full block of `token_ids`, in order."""
+    if block_size_tokens <= 0:
+        raise ValueError(f"block_size_tokens must be positive, got {block_size_tokens}")
+    out: list[int] = []
+    parent = parent_hash
+    full = len(token_ids) - len(token_ids) % block_size_tokens
+    for start in range(0, full, block_size_tokens):
+        parent = block_hash(parent, token_ids[start : start + block_size_tokens])
+        out.append(parent)
+    return out

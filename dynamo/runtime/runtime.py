@@ -1,0 +1,263 @@
+"""Runtime, Endpoint and Client: addressing by namespace / component / endpoint on top of
+whichever backend (embedded or distributed) provides the planes.
+
+An instance is one server of an endpoint; it registers under the runtime's lease, so when the
+process dies its registrations vanish within the lease TTL and every client forgets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dynamo import errors
+from dynamo.config import RuntimeConfig
+from dynamo.runtime.planes import (
+    Discovery,
+    EventPlane,
+    Handler,
+    RequestPlane,
+    ResponseStream,
+    Served,
+    Watch,
+)
+from dynamo.wire import INSTANCE_CODEC, InstanceInfo, encode
+
+log = logging.getLogger(__name__)
+
+INSTANCES_ROOT = "v1/instances/"
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointPath:
+    namespace: str
+    component: str
+    name: str
+
+    @property
+    def key_prefix(self) -> str:
+        return f"{INSTANCES_ROOT}{self.namespace}/{self.component}/{self.name}/"
+
+    def address(self, instance_id: int) -> str:
+        # A NATS subject, also the embedded plane's address: tokens are dot-separated.
+        return f"{self.namespace}.{self.component}.{self.name}.{instance_id:x}"
+
+
+class Runtime:
+    """Owns the backend planes and this process's primary lease. Use as an async context
+    manager; leaving it revokes the lease (deregistering everything) and closes the planes."""
+
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        discovery: Discovery,
+        requests: RequestPlane,
+        events: EventPlane,
+    ) -> None:
+        self.config = config
+        self.discovery = discovery
+        self.requests = requests
+        self.events = events
+        self._lease_id: int | None = None
+        self._lease_lock = asyncio.Lock()
+        self._served: list[ServedEndpoint] = []
+
+    @classmethod
+    async def create(cls, config: RuntimeConfig) -> Runtime:
+        if config.backend == "embedded":
+            from dynamo.runtime.embedded import (
+                EmbeddedDiscovery,
+                EmbeddedEventPlane,
+                EmbeddedRequestPlane,
+            )
+
+            return cls(config, EmbeddedDiscovery(), EmbeddedRequestPlane(), EmbeddedEventPlane())
+        from dynamo.runtime.distributed import connect_distributed
+
+        discovery, requests, events = await connect_distributed(config)
+        return cls(config, discovery, requests, events)
+
+    @property
+    def namespace(self) -> str:
+        return self.config.namespace
+
+    async def primary_lease(self) -> int:
+        """This process's lease; its id is the instance id of everything this process serves."""
+        async with self._lease_lock:
+            if self._lease_id is None:
+                self._lease_id = await self.discovery.create_lease(self.config.lease_ttl_s)
+            return self._lease_id
+
+    def endpoint(self, component: str, name: str, namespace: str | None = None) -> Endpoint:
+        return Endpoint(self, EndpointPath(namespace or self.namespace, component, name))
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for served in reversed(self._served):
+            await served.stop()
+        self._served.clear()
+        if self._lease_id is not None:
+            try:
+                await self.discovery.revoke_lease(self._lease_id)
+            except Exception as exc:  # infrastructure may already be gone at shutdown
+                log.warning("could not revoke lease %x: %s", self._lease_id, exc)
+            self._lease_id = None
+        await self.requests.close()
+        await self.events.close()
+        await self.discovery.close()
+
+
+class Endpoint:
+    def __init__(self, runtime: Runtime, path: EndpointPath) -> None:
+        self.runtime = runtime
+        self.path = path
+
+    async def serve(self, handler: Handler) -> ServedEndpoint:
+        """Start serving and register this instance in discovery (under the primary lease)."""
+        instance_id = await self.runtime.primary_lease()
+        address = self.path.address(instance_id)
+        served = await self.runtime.requests.serve(address, handler)
+        info = InstanceInfo(
+            instance_id=instance_id,
+            namespace=self.path.namespace,
+            component=self.path.component,
+            endpoint=self.path.name,
+            transport=address,
+        )
+        key = f"{self.path.key_prefix}{instance_id:x}"
+        await self.runtime.discovery.put(key, encode(info), lease_id=instance_id)
+        result = ServedEndpoint(self.runtime, key, served, instance_id)
+        self.runtime._served.append(result)
+        return result
+
+    async def client(self) -> Client:
+        client = Client(self.runtime, self.path)
+        await client.start()
+        return client
+
+
+class ServedEndpoint:
+    def __init__(self, runtime: Runtime, key: str, served: Served, instance_id: int) -> None:
+        self.runtime = runtime
+        self.key = key
+        self.served = served
+        self.instance_id = instance_id
+        self._stopped = False
+
+    @property
+    def inflight(self) -> int:
+        return self.served.inflight
+
+    async def deregister(self) -> None:
+        """Stop being routed to; requests in flight keep running."""
+        await self.runtime.discovery.delete(self.key)
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await self.deregister()
+        except Exception as exc:
+            log.warning("could not deregister %s: %s", self.key, exc)
+        await self.served.stop()
+
+
+class Client:
+    """Watches an endpoint's instances and sends requests to a chosen one.
+
+    When an instance disappears from discovery, every stream still open to it fails with
+    StreamBroken, so no caller waits forever on a dead worker.
+    """
+
+    def __init__(self, runtime: Runtime, path: EndpointPath) -> None:
+        self.runtime = runtime
+        self.path = path
+        self.instances: dict[int, InstanceInfo] = {}
+        self._streams: dict[int, set[ResponseStream]] = {}
+        self._changed = asyncio.Condition()
+        self._watch: Watch | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[int, bool], None]] = []
+
+    async def start(self) -> None:
+        self._watch = await self.runtime.discovery.watch_prefix(self.path.key_prefix)
+        self._task = asyncio.create_task(self._run_watch(self._watch))
+        # The watch delivers the current contents first; let that land before returning so a
+        # caller sees the instances that already exist.
+        snapshot = await self.runtime.discovery.get_prefix(self.path.key_prefix)
+        if snapshot:
+            await self.wait_for_instances(timeout_s=5.0, at_least=1)
+
+    def on_change(self, listener: Callable[[int, bool], None]) -> None:
+        """Call `listener(instance_id, added)` whenever an instance appears or disappears."""
+        self._listeners.append(listener)
+
+    async def _run_watch(self, watch: Watch) -> None:
+        async for event in watch:
+            instance_id = int(event.key.rsplit("/", 1)[1], 16)
+            if event.kind == "put":
+                added = instance_id not in self.instances
+                self.instances[instance_id] = INSTANCE_CODEC.decode(event.value)
+                if added:
+                    log.info("instance %x of %s is up", instance_id, self.path.key_prefix)
+                    self._notify(instance_id, True)
+            elif self.instances.pop(instance_id, None) is not None:
+                log.info("instance %x of %s is gone", instance_id, self.path.key_prefix)
+                for stream in self._streams.pop(instance_id, set()):
+                    stream.abort(errors.StreamBroken(f"worker {instance_id:x} went away mid-stream"))
+                self._notify(instance_id, False)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _notify(self, instance_id: int, added: bool) -> None:
+        for listener in self._listeners:
+            listener(instance_id, added)
+
+    def instance_ids(self) -> list[int]:
+        return list(self.instances)
+
+    async def wait_for_instances(self, timeout_s: float, at_least: int = 1) -> list[int]:
+        async def wait() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.instances) >= at_least)
+
+        try:
+            await asyncio.wait_for(wait(), timeout_s)
+        except TimeoutError:
+            raise errors.NoInstances(
+                f"fewer than {at_least} instances of {self.path.key_prefix} after {timeout_s}s"
+            ) from None
+        return self.instance_ids()
+
+    async def generate(self, payload: bytes, instance_id: int, request_id: str) -> ResponseStream:
+        info = self.instances.get(instance_id)
+        if info is None:
+            raise errors.InstanceUnavailable(f"instance {instance_id:x} is not registered")
+        stream = await self.runtime.requests.call(info.transport, request_id, payload)
+        bucket = self._streams.setdefault(instance_id, set())
+        bucket.add(stream)
+        stream.on_finish = lambda: bucket.discard(stream)
+        if instance_id not in self.instances:  # vanished while we were sending
+            stream.abort(errors.StreamBroken(f"worker {instance_id:x} went away"))
+        return stream
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            await self._watch.close()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
