@@ -55,8 +55,11 @@ class Runtime:
         discovery: Discovery,
         requests: RequestPlane,
         events: EventPlane,
+        *,
+        owns_planes: bool = True,
     ) -> None:
         self.config = config
+        self._owns_planes = owns_planes
         self.discovery = discovery
         self.requests = requests
         self.events = events
@@ -78,6 +81,11 @@ class Runtime:
 
         discovery, requests, events = await connect_distributed(config)
         return cls(config, discovery, requests, events)
+
+    def sibling(self) -> Runtime:
+        """Another runtime on the same planes with a lease of its own: several workers in one
+        process (the embedded deployment) each need their own instance id."""
+        return Runtime(self.config, self.discovery, self.requests, self.events, owns_planes=False)
 
     @property
     def namespace(self) -> str:
@@ -109,6 +117,8 @@ class Runtime:
             except Exception as exc:  # infrastructure may already be gone at shutdown
                 log.warning("could not revoke lease %x: %s", self._lease_id, exc)
             self._lease_id = None
+        if not self._owns_planes:
+            return
         await self.requests.close()
         await self.events.close()
         await self.discovery.close()

@@ -1,0 +1,79 @@
+"""`python -m dynamo.serve`: frontend, router and worker(s) in one process on the embedded
+runtime — the local default. With --runtime distributed it joins a NATS/etcd deployment."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from dynamo.config import RuntimeConfig, env_default
+from dynamo.entry import add_model_args, default_model_dir, run, wait_for_shutdown
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--engine", default=env_default("DYN_ENGINE", DEFAULT_ENGINE))
+    engine_name = pre.parse_known_args(argv)[0].engine
+
+    from dynamo.frontend import add_args as add_frontend_args
+    from dynamo.worker import add_worker_args
+    from workers.engines import engine_spec
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dynamo.serve",
+        description="Frontend, router and worker(s) in one process.",
+        conflict_handler="resolve",
+    )
+    add_frontend_args(parser, default_backend="embedded")
+    add_model_args(parser, default_model=default_model_dir())
+    parser.set_defaults(engine=engine_name)
+    add_worker_args(parser)
+    parser.add_argument(
+        "--num-workers",
+        type=int,
+        default=int(env_default("DYN_NUM_WORKERS", "1") or 1),
+        help="workers to run in this process [env DYN_NUM_WORKERS]",
+    )
+    engine_spec(engine_name).add_args(parser)
+    return parser
+
+
+DEFAULT_ENGINE = "mocker"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if args.num_workers < 1:
+        raise SystemExit("--num-workers must be at least 1")
+
+    async def serve() -> None:
+        from dynamo.frontend import router_factory
+        from dynamo.runtime import Runtime
+        from dynamo.worker import worker_config
+        from frontend.service import Frontend, FrontendConfig
+        from workers.engines import engine_spec
+        from workers.worker import Worker
+
+        spec = engine_spec(args.engine)
+        async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
+            async with contextlib.AsyncExitStack() as stack:
+                for i in range(args.num_workers):
+                    # Each worker needs its own lease (its instance id) on the shared planes.
+                    worker_runtime = runtime if i == 0 else runtime.sibling()
+                    if i > 0:
+                        await stack.enter_async_context(worker_runtime)
+                    await stack.enter_async_context(
+                        Worker(worker_runtime, spec.create(args), worker_config(args))
+                    )
+                await stack.enter_async_context(
+                    Frontend(runtime, FrontendConfig.from_args(args), router_factory(runtime, args))
+                )
+                await wait_for_shutdown()
+
+    run(serve, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The engines a worker can serve, by `--engine` name: each contributes its flags and builds
+itself from them. Imports are lazy so that a worker pulls in torch only for engines that need it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from workers.engine import Engine
+
+ENGINE_NAMES = ("mocker", "builtin")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    add_args: Callable[[argparse.ArgumentParser], None]
+    create: Callable[[argparse.Namespace], Engine]
+
+
+def _mocker() -> EngineSpec:
+    from workers.mocker.args import MockerConfig, add_mocker_args
+    from workers.mocker.engine import MockerEngine
+
+    return EngineSpec(add_mocker_args, lambda args: MockerEngine(MockerConfig.from_args(args)))
+
+
+def _builtin() -> EngineSpec:
+    from workers.builtin.args import BuiltinConfig, add_builtin_args
+    from workers.builtin.engine import BuiltinEngine
+
+    return EngineSpec(add_builtin_args, lambda args: BuiltinEngine(BuiltinConfig.from_args(args)))
+
+
+_SPECS: dict[str, Callable[[], EngineSpec]] = {"mocker": _mocker, "builtin": _builtin}
+
+
+def engine_spec(name: str) -> EngineSpec:
+    try:
+        return _SPECS[name]()
+    except KeyError:
+        raise SystemExit(f"unknown engine {name!r}; choose one of {', '.join(ENGINE_NAMES)}") from None

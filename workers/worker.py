@@ -1,0 +1,202 @@
+"""Serves one engine as a worker: the request handler, model registration, KV-event and
+load-metric publishing, and answers to routers' snapshot requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dynamo import errors
+from dynamo.events import (
+    KvEventPublisher,
+    LoadPublisher,
+    kv_events_subject,
+    kv_snapshot_subject,
+    load_metrics_subject,
+)
+from dynamo.model_registry import register_model
+from dynamo.runtime import RequestContext, Runtime, ServedEndpoint, Subscription
+from dynamo.wire import (
+    REQUEST_CODEC,
+    SNAPSHOT_REQUEST_CODEC,
+    AllBlocksCleared,
+    KvEventData,
+    ModelCard,
+    WorkerRole,
+    encode,
+)
+from workers.engine import Engine, EngineInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    served_model_name: str
+    model_path: str
+    engine_name: str
+    component: str = "backend"
+    endpoint: str = "generate"
+    role: WorkerRole = "aggregated"
+    migration_limit: int = 0
+    load_publish_interval_s: float = 0.05
+
+
+class Worker:
+    """Owns an engine's serving lifecycle. `async with Worker(...)` registers the worker and
+    starts its publishers; leaving deregisters it and stops the engine."""
+
+    def __init__(self, runtime: Runtime, engine: Engine, config: WorkerConfig) -> None:
+        self.runtime = runtime
+        self.engine = engine
+        self.config = config
+        self.info: EngineInfo | None = None
+        self.instance_id = 0
+        self.served: ServedEndpoint | None = None
+        self._pending_events: deque[KvEventData] = deque()
+        self._events_ready = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._snapshot_sub: Subscription | None = None
+        self._kv_publisher: KvEventPublisher | None = None
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self.instance_id = await self.runtime.primary_lease()
+        ns, comp = self.runtime.namespace, self.config.component
+        self._kv_publisher = KvEventPublisher(
+            self.runtime.events, kv_events_subject(ns, comp), self.instance_id
+        )
+        self.info = await self.engine.start(self._on_kv_event)
+        self._spawn(self._publish_kv_events())
+        self._spawn(self._publish_load(LoadPublisher(self.runtime.events, load_metrics_subject(ns, comp))))
+        self._snapshot_sub = await self.runtime.events.subscribe(kv_snapshot_subject(ns, comp))
+        self._spawn(self._answer_snapshots(self._snapshot_sub))
+
+        endpoint = self.runtime.endpoint(comp, self.config.endpoint)
+        self.served = await endpoint.serve(self.handle)
+        card = ModelCard(
+            served_model_name=self.config.served_model_name,
+            model_path=self.config.model_path,
+            context_length=self.info.context_length,
+            kv_block_size=self.info.kv_block_size,
+            role=self.config.role,
+            engine=self.config.engine_name,
+            namespace=ns,
+            component=comp,
+            endpoint=self.config.endpoint,
+            instance_id=self.instance_id,
+            kv_total_blocks=self.info.kv_total_blocks,
+            migration_limit=self.config.migration_limit,
+        )
+        await register_model(self.runtime.discovery, card, self.instance_id)
+        log.info(
+            "worker %x serves %s (%s engine, %d KV blocks of %d tokens)",
+            self.instance_id,
+            self.config.served_model_name,
+            self.config.engine_name,
+            self.info.kv_total_blocks,
+            self.info.kv_block_size,
+        )
+
+    async def stop(self) -> None:
+        if self.served is not None:
+            await self.served.stop()
+            self.served = None
+        if self._snapshot_sub is not None:
+            await self._snapshot_sub.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        await self.engine.stop()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker task failed", exc_info=task.exception())
+
+    # ----------------------------------------------------------------------------- serving
+
+    async def handle(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        request = REQUEST_CODEC.decode(payload)
+        assert self.info is not None
+        if len(request.token_ids) >= self.info.context_length:
+            raise errors.InvalidRequest(
+                f"prompt has {len(request.token_ids)} tokens; this model's context is "
+                f"{self.info.context_length} tokens"
+            )
+        outputs = self.engine.generate(request)
+        try:
+            async for output in outputs:
+                yield encode(output)
+        finally:
+            # Closing the engine's stream is what aborts the request and frees its blocks when
+            # the caller cancels.
+            await outputs.aclose()  # type: ignore[attr-defined]
+
+    # -------------------------------------------------------------------------- publishing
+
+    def _on_kv_event(self, data: KvEventData) -> None:
+        self._pending_events.append(data)
+        self._events_ready.set()
+
+    async def _publish_kv_events(self) -> None:
+        assert self._kv_publisher is not None
+        while True:
+            await self._events_ready.wait()
+            self._events_ready.clear()
+            while self._pending_events:
+                await self._kv_publisher.publish(self._pending_events.popleft())
+
+    async def _publish_load(self, publisher: LoadPublisher) -> None:
+        last = None
+        while True:
+            metrics = self.engine.load_metrics()
+            key = (
+                metrics.active_requests,
+                metrics.waiting_requests,
+                metrics.kv_active_blocks,
+                metrics.waiting_prefill_tokens,
+            )
+            if key != last:
+                last = key
+                await publisher.publish(
+                    type(metrics)(
+                        worker_id=self.instance_id,
+                        active_requests=metrics.active_requests,
+                        waiting_requests=metrics.waiting_requests,
+                        kv_active_blocks=metrics.kv_active_blocks,
+                        kv_total_blocks=metrics.kv_total_blocks,
+                        waiting_prefill_tokens=metrics.waiting_prefill_tokens,
+                        timestamp_s=time.time(),
+                    )
+                )
+            await asyncio.sleep(self.config.load_publish_interval_s)
+
+    async def _answer_snapshots(self, sub: Subscription) -> None:
+        """A router that lost events asks for a snapshot: publish a clear followed by the whole
+        cache, as ordinary numbered events, so every router converges on the same state."""
+        async for payload in sub:
+            request = SNAPSHOT_REQUEST_CODEC.decode(payload)
+            if request.worker_id != self.instance_id:
+                continue
+            self._on_kv_event(AllBlocksCleared())
+            for data in self.engine.kv_snapshot():
+                self._on_kv_event(data)
