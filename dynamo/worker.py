@@ -25,6 +25,13 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         default=int(env_default("DYN_MIGRATION_LIMIT", "0") or 0),
         help="times a request may move to another worker if this one dies (0: never)",
     )
+    group.add_argument(
+        "--system-port",
+        type=int,
+        default=int(env_default("DYN_SYSTEM_PORT", "0") or 0),
+        help="serve /health, /ready and /metrics on this port (0: off) [env DYN_SYSTEM_PORT]",
+    )
+    group.add_argument("--system-host", default=env_default("DYN_SYSTEM_HOST", "0.0.0.0"))
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -73,8 +80,14 @@ def main(argv: list[str] | None = None) -> None:
 
         async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
             engine = engine_spec(args.engine).create(args)
-            async with Worker(runtime, engine, worker_config(args)):
-                await wait_for_shutdown()
+            async with Worker(runtime, engine, worker_config(args)) as worker:
+                if args.system_port:
+                    from dynamo.system_server import SystemServer
+
+                    async with SystemServer(args.system_host, args.system_port, worker.registry, worker.ready):
+                        await wait_for_shutdown()
+                else:
+                    await wait_for_shutdown()
 
     run(serve, args)
 

@@ -20,6 +20,8 @@ from dynamo.events import (
 )
 from dynamo.model_registry import register_model
 from dynamo.runtime import RequestContext, Runtime, ServedEndpoint, Subscription
+from prometheus_client import CollectorRegistry
+
 from dynamo.wire import (
     REQUEST_CODEC,
     SNAPSHOT_REQUEST_CODEC,
@@ -30,6 +32,7 @@ from dynamo.wire import (
     encode,
 )
 from workers.engine import Engine, EngineInfo
+from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,16 @@ class Worker:
     """Owns an engine's serving lifecycle. `async with Worker(...)` registers the worker and
     starts its publishers; leaving deregisters it and stops the engine."""
 
-    def __init__(self, runtime: Runtime, engine: Engine, config: WorkerConfig) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        engine: Engine,
+        config: WorkerConfig,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.runtime = runtime
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry, config.served_model_name)
         self.engine = engine
         self.config = config
         self.info: EngineInfo | None = None
@@ -143,13 +154,28 @@ class Worker:
                 f"{self.info.context_length} tokens"
             )
         outputs = self.engine.generate(request)
+        status = "cancelled"
+        self.metrics.inflight.inc()
         try:
             async for output in outputs:
+                self.metrics.output_tokens.inc(len(output.token_ids))
                 yield encode(output)
+            status = "ok"
+        except errors.DynamoError as exc:
+            status = exc.code
+            raise
+        except Exception:
+            status = "error"
+            raise
         finally:
+            self.metrics.inflight.dec()
+            self.metrics.finished(status)
             # Closing the engine's stream is what aborts the request and frees its blocks when
             # the caller cancels.
             await outputs.aclose()  # type: ignore[attr-defined]
+
+    def ready(self) -> bool:
+        return self.served is not None
 
     # -------------------------------------------------------------------------- publishing
 
@@ -169,6 +195,7 @@ class Worker:
         last = None
         while True:
             metrics = self.engine.load_metrics()
+            self.metrics.observe_load(metrics)
             key = (
                 metrics.active_requests,
                 metrics.waiting_requests,
