@@ -1,0 +1,54 @@
+"""The distributed backend: request and event planes on NATS, discovery on etcd.
+
+`connect_distributed` connects both with bounded waits and fails with a DynamoError that names
+the unreachable URL, so a worker started before its infrastructure says why it cannot start.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dynamo import errors
+from dynamo.config import RuntimeConfig
+from dynamo.runtime.etcd_discovery import EtcdDiscovery
+from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
+from dynamo.runtime.planes import Discovery, EventPlane, LeaseLostCallback, RequestPlane
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+async def connect_distributed(
+    config: RuntimeConfig,
+    *,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    on_lease_lost: LeaseLostCallback | None = None,
+) -> tuple[Discovery, RequestPlane, EventPlane]:
+    """Connect to NATS (`config.nats_server`, comma separated) and to the first etcd endpoint.
+
+    `on_lease_lost` is handed to EtcdDiscovery (see there); it can also be set later as
+    `discovery.on_lease_lost`.
+    """
+    servers = [s.strip() for s in config.nats_server.split(",") if s.strip()]
+    if not servers:
+        raise errors.DynamoError("no NATS server configured (--nats-server / NATS_SERVER)")
+    if not config.etcd_endpoints:
+        raise errors.DynamoError("no etcd endpoint configured (--etcd-endpoints / ETCD_ENDPOINTS)")
+
+    conn = await NatsConnection.connect(
+        servers, name=f"dynamo:{config.namespace}:{os.getpid()}", timeout_s=connect_timeout_s
+    )
+    try:
+        discovery = await EtcdDiscovery.connect(
+            config.etcd_endpoints[0], timeout_s=connect_timeout_s, on_lease_lost=on_lease_lost
+        )
+    except BaseException:
+        await conn.close()
+        raise
+    try:
+        requests = await NatsRequestPlane.create(conn, ack_timeout_s=config.request_ack_timeout_s)
+    except BaseException:
+        await conn.close()
+        await discovery.close()
+        raise
+    events = NatsEventPlane(conn, timeout_s=connect_timeout_s)
+    return discovery, requests, events

@@ -1,0 +1,437 @@
+"""Request and event planes on NATS core (nats-py), sharing one connection.
+
+A request is a RequestEnvelope sent with NATS request/reply to the instance's own subject; the
+empty reply is the server's ack, and the response frames follow on the caller's inbox. Payloads
+(request envelopes and single frames) are limited by the server's max_payload, 1 MiB by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats import errors as nats_errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSub
+
+from dynamo import errors
+from dynamo.runtime.planes import (
+    EventPlane,
+    Handler,
+    RequestContext,
+    RequestPlane,
+    ResponseStream,
+    Served,
+    Subscription,
+)
+from dynamo.runtime.streaming import FrameStream, run_handler
+from dynamo.wire import ENVELOPE_CODEC, FRAME_CODEC, RequestEnvelope, StreamFrame, encode
+
+log = logging.getLogger(__name__)
+
+CANCEL_SUFFIX = ".cancel"
+# Events a subscriber may fall behind by before new ones are dropped (and counted); KV events
+# carry per-worker sequence numbers, so a consumer detects the loss and resynchronises.
+EVENT_QUEUE_LIMIT = 65536
+# Frames the response inbox may buffer before nats-py drops them as a slow consumer. The
+# callback only decodes and enqueues, so this is reached only if the event loop is starved.
+_MUX_PENDING_MSGS = 1 << 20
+_MUX_PENDING_BYTES = 1 << 30
+
+
+class NatsConnection:
+    """One NATS connection shared by the planes of a runtime; closed when the last user
+    releases it. Reconnects forever; listeners hear about disconnects."""
+
+    def __init__(self, nc: NatsClient, servers: list[str]) -> None:
+        self.nc = nc
+        self.servers = servers
+        self._users = 0
+        self._disconnect_listeners: list[Callable[[], None]] = []
+
+    @classmethod
+    async def connect(
+        cls,
+        servers: list[str],
+        *,
+        name: str,
+        timeout_s: float = 5.0,
+        reconnect_wait_s: float = 0.5,
+    ) -> NatsConnection:
+        holder: list[NatsConnection] = []
+        where = ", ".join(servers)
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("NATS (%s): %r", where, exc)
+
+        async def on_disconnect() -> None:
+            if nc.is_closed:  # our own close, not an outage
+                return
+            log.warning("NATS disconnected from %s; reconnecting", where)
+            for conn in holder:
+                conn._notify_disconnect()
+
+        async def on_reconnect() -> None:
+            log.info("NATS reconnected to %s", where)
+
+        async def on_closed() -> None:
+            log.info("NATS connection to %s closed", where)
+
+        nc = NatsClient()
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers=servers,
+                    name=name,
+                    connect_timeout=timeout_s,  # type: ignore[arg-type]
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    closed_cb=on_closed,
+                ),
+                timeout_s,
+            )
+        except (TimeoutError, OSError, nats_errors.Error) as exc:
+            await _close_quietly(nc)
+            raise errors.DynamoError(f"cannot connect to NATS at {where} within {timeout_s}s: {exc!r}") from exc
+        conn = cls(nc, servers)
+        holder.append(conn)
+        return conn
+
+    def acquire(self) -> NatsConnection:
+        self._users += 1
+        return self
+
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            await _close_quietly(self.nc)
+
+    async def close(self) -> None:
+        """Close regardless of users (for failed setup)."""
+        await _close_quietly(self.nc)
+
+    def on_disconnect(self, listener: Callable[[], None]) -> None:
+        self._disconnect_listeners.append(listener)
+
+    def _notify_disconnect(self) -> None:
+        for listener in self._disconnect_listeners:
+            listener()
+
+
+async def _close_quietly(nc: NatsClient) -> None:
+    if nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.close(), 5.0)
+    except (TimeoutError, OSError, nats_errors.Error) as exc:
+        log.warning("closing NATS connection: %r", exc)
+
+
+def _too_large(what: str, size: int, max_payload: int) -> errors.DynamoError:
+    return errors.DynamoError(
+        f"{what} of {size} bytes exceeds the NATS server's max_payload of {max_payload} bytes "
+        "(raise max_payload in the nats-server config, or send less)"
+    )
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+class _NatsServed(Served):
+    """Server side of one instance address: requests on `address`, cancels on `address.cancel`."""
+
+    def __init__(self, plane: NatsRequestPlane, address: str, handler: Handler) -> None:
+        self._plane = plane
+        self._nc = plane._nc
+        self.address = address
+        self._handler = handler
+        self._subs: list[NatsSub] = []
+        # Keyed by the caller's inbox, which is unique per call (request ids may repeat when a
+        # request migrates), so a cancel names exactly one stream.
+        self._tasks: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
+        self._stopped = False
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._subs.append(await self._nc.subscribe(self.address, cb=self._on_request))
+        self._subs.append(await self._nc.subscribe(self.address + CANCEL_SUFFIX, cb=self._on_cancel))
+        # Once flushed, the server routes to us: safe to advertise the address in discovery.
+        await self._nc.flush(timeout=self._plane.ack_timeout_s)  # type: ignore[arg-type]
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            envelope = ENVELOPE_CODEC.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            # Not acked, so the caller gets InstanceUnavailable after its ack timeout.
+            log.warning("malformed request envelope on %s: %s", self.address, exc)
+            return
+        if self._stopped:
+            return
+        ctx = RequestContext(envelope.request_id)
+        key = envelope.reply_to
+        task = asyncio.create_task(self._run(envelope, ctx))
+        self._tasks[key] = (task, ctx)
+        task.add_done_callback(lambda _: self._tasks.pop(key, None))
+        await msg.respond(b"")
+
+    async def _run(self, envelope: RequestEnvelope, ctx: RequestContext) -> None:
+        nc = self._nc
+        reply_to = envelope.reply_to
+        max_payload = nc.max_payload
+
+        async def send(frame: StreamFrame) -> None:
+            data = encode(frame)
+            if len(data) > max_payload:
+                # run_handler turns this into an error frame, which does fit.
+                raise _too_large("response frame", len(data), max_payload)
+            await nc.publish(reply_to, data)
+
+        try:
+            await run_handler(self._handler, envelope.payload, ctx, send)
+        except nats_errors.Error as exc:
+            # The connection is closed or its outbound buffer is full while reconnecting:
+            # the caller's stream is aborted on its side when its connection drops.
+            log.warning("could not send response of request %s: %r", ctx.request_id, exc)
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        entry = self._tasks.get(msg.data.decode())
+        if entry is not None:
+            task, ctx = entry
+            ctx.cancelled.set()
+            task.cancel()
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self._plane._served.pop(self.address, None)
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except nats_errors.Error as exc:  # connection already closed: nothing to undo
+                log.debug("unsubscribing %s: %r", sub.subject, exc)
+        self._subs.clear()
+        if self._nc.is_connected:
+            # Once flushed, callers get "no responders" at once instead of an ack timeout.
+            try:
+                await self._nc.flush(timeout=self._plane.ack_timeout_s)  # type: ignore[arg-type]
+            except (TimeoutError, nats_errors.Error) as exc:
+                log.debug("flushing after unsubscribing %s: %r", self.address, exc)
+        tasks = [task for task, _ in self._tasks.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _NatsStream(FrameStream):
+    """Caller side of one call: fed by the plane's inbox subscription, unregistered when it
+    finishes, and cancelled remotely by a message to `<address>.cancel`."""
+
+    def __init__(self, plane: NatsRequestPlane, token: str, address: str, inbox: str, request_id: str) -> None:
+        super().__init__(request_id, self._send_cancel)
+        self._plane = plane
+        self._token = token
+        self._address = address
+        self._inbox = inbox
+
+    def _finish(self) -> None:
+        super()._finish()
+        self._plane._streams.pop(self._token, None)
+
+    async def _send_cancel(self) -> None:
+        self._plane._streams.pop(self._token, None)
+        try:
+            await self._plane._nc.publish(self._address + CANCEL_SUFFIX, self._inbox.encode())
+        except nats_errors.Error as exc:
+            log.warning("could not cancel request %s on %s: %r", self.request_id, self._address, exc)
+
+
+class NatsRequestPlane(RequestPlane):
+    """Calls and serves instance addresses (NATS subjects). All response streams of this
+    plane arrive on one wildcard inbox subscription and are demultiplexed by its last token,
+    so a call costs no SUB/UNSUB round trip and no per-call subscription task."""
+
+    def __init__(self, conn: NatsConnection, *, ack_timeout_s: float) -> None:
+        self._conn = conn.acquire()
+        self._nc = conn.nc
+        self.ack_timeout_s = ack_timeout_s
+        self._served: dict[str, _NatsServed] = {}
+        self._streams: dict[str, _NatsStream] = {}
+        self._inbox_prefix = self._nc.new_inbox() + "."
+        self._prefix_len = len(self._inbox_prefix)
+        self._tokens = itertools.count()
+        self._mux: NatsSub | None = None
+        self._closed = False
+        conn.on_disconnect(self._connection_lost)
+
+    @classmethod
+    async def create(cls, conn: NatsConnection, *, ack_timeout_s: float) -> NatsRequestPlane:
+        plane = cls(conn, ack_timeout_s=ack_timeout_s)
+        plane._mux = await plane._nc.subscribe(
+            plane._inbox_prefix + "*",
+            cb=plane._on_frame,
+            pending_msgs_limit=_MUX_PENDING_MSGS,
+            pending_bytes_limit=_MUX_PENDING_BYTES,
+        )
+        return plane
+
+    async def _on_frame(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject[self._prefix_len :])
+        if stream is None:
+            return  # a late frame of a stream that already finished or was cancelled
+        try:
+            stream.feed(FRAME_CODEC.decode(msg.data))
+        except msgspec.DecodeError as exc:
+            stream.abort(errors.StreamBroken(f"malformed response frame for {stream.request_id}: {exc}"))
+
+    def _connection_lost(self) -> None:
+        # NATS core does not redeliver what was published while we were away: a stream that
+        # outlived the disconnect may have lost frames, so fail it now rather than hang.
+        for stream in list(self._streams.values()):
+            stream.abort(errors.StreamBroken(f"NATS connection lost during request {stream.request_id}"))
+
+    async def serve(self, address: str, handler: Handler) -> Served:
+        if address in self._served:
+            raise errors.DynamoError(f"address {address!r} is already served")
+        served = _NatsServed(self, address, handler)
+        self._served[address] = served
+        try:
+            await served.start()
+        except (TimeoutError, nats_errors.Error) as exc:
+            await served.stop()
+            raise errors.DynamoError(f"cannot serve {address} on NATS: {exc!r}") from exc
+        return served
+
+    async def call(self, address: str, request_id: str, payload: bytes) -> ResponseStream:
+        nc = self._nc
+        token = str(next(self._tokens))
+        inbox = self._inbox_prefix + token
+        data = encode(RequestEnvelope(request_id, inbox, payload))
+        if len(data) > nc.max_payload:
+            raise _too_large(f"request {request_id}", len(data), nc.max_payload)
+        # Registered before sending: frames may overtake the ack.
+        stream = _NatsStream(self, token, address, inbox, request_id)
+        self._streams[token] = stream
+        try:
+            await nc.request(address, data, timeout=self.ack_timeout_s)
+        except nats_errors.NoRespondersError:
+            self._streams.pop(token, None)
+            raise errors.InstanceUnavailable(f"no server at {address}") from None
+        except nats_errors.TimeoutError:
+            # The server may have started after all: tell it to stop, best effort.
+            await stream._send_cancel()
+            raise errors.InstanceUnavailable(
+                f"{address} did not accept request {request_id} within {self.ack_timeout_s}s"
+            ) from None
+        except nats_errors.Error as exc:
+            self._streams.pop(token, None)
+            raise errors.InstanceUnavailable(f"cannot send request {request_id} to {address}: {exc!r}") from exc
+        return stream
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for served in list(self._served.values()):
+            await served.stop()
+        for stream in list(self._streams.values()):
+            stream.abort(errors.StreamBroken(f"request plane closed during request {stream.request_id}"))
+        if self._mux is not None and not self._nc.is_closed:
+            try:
+                await self._mux.unsubscribe()
+            except nats_errors.Error as exc:
+                log.debug("unsubscribing the response inbox: %r", exc)
+        await self._conn.release()
+
+
+# -------------------------------------------------------------------------------------- events
+
+
+class _NatsSubscription(Subscription):
+    def __init__(self, plane: NatsEventPlane, subject: str) -> None:
+        self._plane = plane
+        self.subject = subject
+        # Unbounded queue with a limit checked by hand, so that closing can always enqueue
+        # the end marker; the NATS read loop is never blocked either way.
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._sub: NatsSub | None = None
+        self.dropped = 0
+        self._closed = False
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if self._queue.qsize() >= EVENT_QUEUE_LIMIT:
+            self.dropped += 1
+            if self.dropped & (self.dropped - 1) == 0:  # log at 1, 2, 4, 8, ... drops
+                log.warning("subscriber of %s is behind; %d events dropped", self.subject, self.dropped)
+            return
+        self._queue.put_nowait(msg.data)
+
+    async def __anext__(self) -> bytes:
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)
+            raise StopAsyncIteration
+        return item
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._plane._subs.discard(self)
+        if self._sub is not None and not self._plane._nc.is_closed:
+            try:
+                await self._sub.unsubscribe()
+            except nats_errors.Error as exc:
+                log.debug("unsubscribing %s: %r", self.subject, exc)
+        self._queue.put_nowait(None)
+
+
+class NatsEventPlane(EventPlane):
+    """Publish/subscribe on NATS subjects; `prefix.>` matches every subject below `prefix`."""
+
+    def __init__(self, conn: NatsConnection, *, timeout_s: float = 5.0) -> None:
+        self._conn = conn.acquire()
+        self._nc = conn.nc
+        self._timeout_s = timeout_s
+        self._subs: set[_NatsSubscription] = set()
+        self._closed = False
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        if len(payload) > self._nc.max_payload:
+            raise _too_large(f"event on {subject}", len(payload), self._nc.max_payload)
+        try:
+            await self._nc.publish(subject, payload)
+        except nats_errors.Error as exc:
+            raise errors.DynamoError(f"cannot publish on {subject}: {exc!r}") from exc
+
+    async def subscribe(self, subject: str) -> Subscription:
+        sub = _NatsSubscription(self, subject)
+        try:
+            sub._sub = await self._nc.subscribe(subject, cb=sub._on_msg)
+            # Returns once the server has the interest, as the embedded plane does: an event
+            # published after subscribe() returns is delivered.
+            await self._nc.flush(timeout=self._timeout_s)  # type: ignore[arg-type]
+        except (TimeoutError, nats_errors.Error) as exc:
+            await sub.close()
+            raise errors.DynamoError(f"cannot subscribe to {subject}: {exc!r}") from exc
+        self._subs.add(sub)
+        return sub
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sub in list(self._subs):
+            await sub.close()
+        await self._conn.release()

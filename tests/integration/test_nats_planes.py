@@ -1,0 +1,156 @@
+"""The NATS request and event planes against a real nats-server: payload limits, connection
+loss mid-stream and reconnection, slow event subscribers, and clear connect errors."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from dynamo import errors
+from dynamo.runtime import nats_planes
+from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
+from dynamo.runtime.planes import RequestContext
+from tests.infra import ServerProcess, free_port, start_nats
+
+pytestmark = pytest.mark.integration
+
+
+async def connect(url: str) -> NatsConnection:
+    return await NatsConnection.connect([url], name="test", timeout_s=2.0)
+
+
+@pytest.fixture
+async def planes(nats_server: str) -> AsyncIterator[tuple[NatsRequestPlane, NatsRequestPlane]]:
+    """A serving plane and a calling plane, each on its own connection (as two processes)."""
+    server = await NatsRequestPlane.create(await connect(nats_server), ack_timeout_s=2.0)
+    caller = await NatsRequestPlane.create(await connect(nats_server), ack_timeout_s=2.0)
+    try:
+        yield server, caller
+    finally:
+        await caller.close()
+        await server.close()
+
+
+def address() -> str:
+    return f"test.backend.generate.{uuid.uuid4().hex[:12]}"
+
+
+async def echo(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    yield payload
+
+
+async def test_large_payloads_within_max_payload(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
+    server, caller = planes
+    addr = address()
+    await server.serve(addr, echo)
+    # ~100k tokens as msgpack ints: well under the 1 MiB default.
+    body = bytes(range(256)) * 2800
+    stream = await caller.call(addr, "r-large", body)
+    assert [x async for x in stream] == [body]
+
+
+async def test_oversize_request_fails_clearly(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
+    server, caller = planes
+    addr = address()
+    await server.serve(addr, echo)
+    with pytest.raises(errors.DynamoError, match="exceeds the NATS server's max_payload"):
+        await caller.call(addr, "r-huge", b"x" * (2 << 20))
+
+
+async def test_oversize_response_frame_fails_clearly(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
+    async def huge(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"small"
+        yield b"x" * (2 << 20)
+
+    server, caller = planes
+    addr = address()
+    await server.serve(addr, huge)
+    stream = await caller.call(addr, "r-huge-frame", b"")
+    assert await anext(stream) == b"small"
+    with pytest.raises(errors.DynamoError, match="response frame .* exceeds the NATS server's max_payload"):
+        await asyncio.wait_for(anext(stream), 5)
+
+
+async def test_connect_to_unreachable_nats_names_the_url() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(errors.DynamoError, match=f"cannot connect to NATS at {url}"):
+        await NatsConnection.connect([url], name="test", timeout_s=1.0)
+    assert time.monotonic() - start < 3.0
+
+
+@pytest.fixture
+def private_nats() -> Iterator[ServerProcess]:
+    proc = start_nats()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def test_connection_loss_breaks_streams_then_reconnects(private_nats: ServerProcess) -> None:
+    started = asyncio.Event()
+
+    async def forever(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        started.set()
+        await asyncio.Event().wait()
+        yield b"never"
+
+    server = await NatsRequestPlane.create(await connect(private_nats.url), ack_timeout_s=1.0)
+    caller = await NatsRequestPlane.create(await connect(private_nats.url), ack_timeout_s=1.0)
+    try:
+        addr = address()
+        await server.serve(addr, forever)
+        stream = await caller.call(addr, "r-outage", b"")
+        assert await anext(stream) == b"first"
+        await asyncio.wait_for(started.wait(), 5)
+
+        private_nats.kill()
+        with pytest.raises(errors.StreamBroken, match="NATS connection lost"):
+            await asyncio.wait_for(anext(stream), 5)
+
+        private_nats.start()  # same port: both connections come back and resubscribe
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                stream = await caller.call(addr, "r-after", b"")
+                break
+            except errors.InstanceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)  # bounded polling until both sides reconnected
+        assert await asyncio.wait_for(anext(stream), 5) == b"first"
+        await stream.aclose()
+    finally:
+        await caller.close()
+        await server.close()
+
+
+async def test_slow_event_subscriber_drops_instead_of_blocking(
+    nats_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nats_planes, "EVENT_QUEUE_LIMIT", 10)
+    pub_conn, sub_conn = await connect(nats_server), await connect(nats_server)
+    publisher, subscriber = NatsEventPlane(pub_conn), NatsEventPlane(sub_conn)
+    try:
+        subject = f"test.{uuid.uuid4().hex[:8]}.kv"
+        sub = await subscriber.subscribe(subject)
+        for i in range(50):
+            await publisher.publish(subject, str(i).encode())
+        await pub_conn.nc.flush()
+        deadline = time.monotonic() + 5
+        while sub.dropped < 40:  # type: ignore[attr-defined]
+            assert time.monotonic() < deadline, "events were not all received"
+            await asyncio.sleep(0.01)
+        assert [await anext(sub) for _ in range(10)] == [str(i).encode() for i in range(10)]
+        # Still live after falling behind.
+        await publisher.publish(subject, b"later")
+        assert await asyncio.wait_for(anext(sub), 5) == b"later"
+    finally:
+        await publisher.close()
+        await subscriber.close()
