@@ -4,14 +4,15 @@ SGLang, TensorRT-LLM). A handler never knows which engine it serves."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
 
-# Engines report KV cache changes synchronously, at the exact place the state changes; the
-# worker numbers and publishes them in order off the engine's critical path.
-KvEventSink = Callable[[KvEventData], None]
+# Engines report KV cache changes synchronously (KvEventSink, defined with the block pool), at
+# the exact place the state changes; the worker numbers and publishes them in order off the
+# engine's critical path.
+from kvbm.block_pool import KvEventSink as KvEventSink
 
 
 @dataclass(frozen=True, slots=True)
