@@ -1,0 +1,196 @@
+"""The HTTP surface: a FastAPI app whose two hot routes are plain ASGI endpoints (no per-request
+dependency injection or pydantic), which also watch for client disconnects and cancel the work."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from frontend.config import FrontendConfig
+from frontend.errors import RequestTooLarge, http_error, install_handlers
+from frontend.metrics import FrontendMetrics
+from frontend.models import ModelManager
+from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig
+from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
+
+_encode = msgspec.json.encode
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
+]
+
+
+class _DisconnectWatch:
+    """Cancels the request's task when the client disconnects, so whatever it awaits (a
+    worker's next token) unwinds and closes the worker stream, which cancels the worker."""
+
+    __slots__ = ("disconnected", "finishing", "_task", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self.finishing = False  # set before the last send: its own disconnect is no news
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finishing:
+                    self.disconnected = True
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody to answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _send_bytes(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_error(send: Send, exc: BaseException) -> None:
+    error = http_error(exc)
+    await _send_bytes(send, error.status, list(error.headers), error.body)
+
+
+class CompletionEndpoint:
+    """POST /v1/chat/completions or /v1/completions as a raw ASGI app."""
+
+    def __init__(self, kind: EndpointKind, pipeline: Pipeline, max_body_bytes: int) -> None:
+        self.kind = kind
+        self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived_s = time.perf_counter()
+        try:
+            body = await _read_body(receive, self.max_body_bytes)
+        except asyncio.CancelledError:
+            return
+        except RequestTooLarge as exc:
+            await _send_error(send, exc)
+            return
+        watch = _DisconnectWatch(receive)
+        task = asyncio.current_task()
+        try:
+            await self._serve(body, arrived_s, send, watch)
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                raise
+            assert task is not None
+            task.uncancel()  # the client left: the cancellation was ours, and it is done
+        finally:
+            watch.stop()
+
+    async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
+        pipeline = self.pipeline
+        try:
+            call = await pipeline.open(self.kind, body, arrived_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
+            await _send_error(send, exc)
+            return
+        if not call.prepared.stream:
+            try:
+                payload = await pipeline.complete(call)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mapped to a status in frontend/errors.py
+                await _send_error(send, exc)
+                return
+            watch.finishing = True
+            await _send_bytes(send, 200, [(b"content-type", b"application/json")], payload)
+            return
+        chunks: AsyncIterator[bytes] = pipeline.stream(call)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watch.finishing = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+
+def create_app(manager: ModelManager, metrics: FrontendMetrics, config: FrontendConfig) -> FastAPI:
+    app = FastAPI(title="dynamo frontend", version="0.1.0", docs_url=None, redoc_url=None)
+    install_handlers(app)
+    pipeline = Pipeline(manager, metrics, PipelineConfig(max_dispatch_attempts=config.max_dispatch_attempts))
+    app.state.pipeline = pipeline
+
+    for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
+        endpoint = CompletionEndpoint(kind, pipeline, config.max_request_body_bytes)  # type: ignore[arg-type]
+        app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+
+    schema = openapi_schema(app.title, app.version)
+
+    def openapi() -> dict[str, Any]:
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/v1/models", include_in_schema=False)
+    async def list_models() -> Response:
+        models = [
+            ModelObject(id=name, created=0)
+            for name, model in sorted(manager.models.items())
+            if model.entry.cards
+        ]
+        return Response(_encode(ModelList(data=models)), media_type="application/json")
+
+    @app.get("/health", include_in_schema=False)
+    async def health() -> Response:
+        return Response(b'{"status":"healthy"}', media_type="application/json")
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> Response:
+        is_ready = manager.ready()
+        status = ReadyStatus(
+            status="ready" if is_ready else "not_ready",
+            models=[ReadyModel(name, model.instance_ids()) for name, model in sorted(manager.models.items())],
+        )
+        return Response(_encode(status), status_code=200 if is_ready else 503, media_type="application/json")
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,301 @@
+"""OpenAI request and response bodies as msgspec Structs: parsed straight from request bytes
+(typed, with errors that name the offending field) and the source of /openapi.json."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from dynamo import errors
+
+# ------------------------------------------------------------------------------------ requests
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0, description="0 to 2; 0 means greedy")]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+MaxTokens = Annotated[int, Meta(ge=1)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+StopList = Annotated[list[str], Meta(max_length=4)]
+TokenId = Annotated[int, Meta(ge=0)]
+
+
+class StreamOptions(Struct, omit_defaults=True):
+    include_usage: bool = False
+
+
+class ContentPart(Struct, omit_defaults=True):
+    """One part of a multi-part message content; only text parts are understood."""
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(Struct, omit_defaults=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+
+
+class SamplingFields(Struct, kw_only=True, omit_defaults=True):
+    """Fields shared by chat and text completions, OpenAI's plus vLLM-style extensions."""
+
+    model: str
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | StopList | None = None
+    seed: int | None = None
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    user: str | None = None
+    # Extensions, spelled as vLLM spells them.
+    top_k: int | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[TokenId] | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True, omit_defaults=True):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+
+# A token-id list, a string, or a list of strings (a batch, rejected: n=1 only). msgspec cannot
+# tell list[str] from list[int] in a union, so the items are a union checked in preprocess.
+PromptItem = str | TokenId | list[TokenId]
+
+
+class CompletionRequest(SamplingFields, kw_only=True, omit_defaults=True):
+    prompt: str | Annotated[list[PromptItem], Meta(min_length=1)]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+# ----------------------------------------------------------------------------------- responses
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int = 0
+
+
+class Usage(Struct):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ResponseMessage(Struct):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(Struct):
+    index: int
+    message: ResponseMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class CompletionResponse(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    object: Literal["text_completion"] = "text_completion"
+
+
+class ChunkDelta(Struct, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(Struct):
+    index: int
+    delta: ChunkDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(Struct):
+    """The shape sse.py's byte templates produce (tests decode them into this)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunk(Struct):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelObject(Struct):
+    id: str
+    created: int
+    owned_by: str = "dynamo"
+    object: Literal["model"] = "model"
+
+
+class ModelList(Struct):
+    data: list[ModelObject]
+    object: Literal["list"] = "list"
+
+
+class ErrorInfo(Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(Struct):
+    error: ErrorInfo
+
+
+class ReadyModel(Struct):
+    name: str
+    instances: list[int]
+
+
+class ReadyStatus(Struct):
+    status: Literal["ready", "not_ready"]
+    models: list[ReadyModel]
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+T = TypeVar("T")
+
+_CHAT_DECODER = msgspec.json.Decoder(ChatCompletionRequest)
+_COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
+# "Expected `int`, got `str` - at `$.messages[0].role`" -> param "messages[0].role"
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"missing required field `([^`]+)`")
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise errors.InvalidRequest(f"Malformed JSON in request body: {exc}") from None
+
+
+def _validation_error(text: str) -> errors.InvalidRequest:
+    at = _AT_PATH.search(text)
+    detail = text[: at.start()] if at else text
+    param = at.group(1) if at else None
+    missing = _MISSING.search(detail)
+    if missing is not None:
+        name = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        return errors.InvalidRequest(f"Missing required parameter `{name}`", param=name)
+    if param:
+        return errors.InvalidRequest(f"Invalid value for `{param}`: {detail}", param=param)
+    return errors.InvalidRequest(f"Invalid request body: {detail}")
+
+
+def decode_chat_request(body: bytes) -> ChatCompletionRequest:
+    return _decode(_CHAT_DECODER, body)
+
+
+def decode_completion_request(body: bytes) -> CompletionRequest:
+    return _decode(_COMPLETION_DECODER, body)
+
+
+# ------------------------------------------------------------------------------------- OpenAPI
+
+_REF = "#/components/schemas/{name}"
+
+
+def _json_body(name: str) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": "error", **_json_body("ErrorResponse")} for s in statuses}
+
+
+def openapi_schema(title: str, version: str) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for the routes, generated from the Structs above."""
+    _, components = msgspec.json.schema_components(
+        [
+            ChatCompletionRequest,
+            CompletionRequest,
+            ChatCompletionResponse,
+            CompletionResponse,
+            ChatCompletionChunk,
+            CompletionChunk,
+            ModelList,
+            ErrorResponse,
+            ReadyStatus,
+        ],
+        ref_template=_REF,
+    )
+
+    def post(request: str, response: str, summary: str) -> dict[str, Any]:
+        ok = _json_body(response)
+        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
+        return {
+            "post": {
+                "summary": summary,
+                "requestBody": {"required": True, **_json_body(request)},
+                "responses": {"200": {"description": "completion", **ok}, **_errors(400, 404, 413, 500, 502, 503)},
+            }
+        }
+
+    def get(response: str | None, summary: str, *statuses: int) -> dict[str, Any]:
+        content = _json_body(response) if response else {"content": {"text/plain": {"schema": {"type": "string"}}}}
+        responses: dict[str, Any] = {"200": {"description": "ok", **content}}
+        for status in statuses:
+            responses[str(status)] = {"description": "not ready", **content}
+        return {"get": {"summary": summary, "responses": responses}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version},
+        "paths": {
+            "/v1/chat/completions": post("ChatCompletionRequest", "ChatCompletionResponse", "Chat completion"),
+            "/v1/completions": post("CompletionRequest", "CompletionResponse", "Text completion"),
+            "/v1/models": get("ModelList", "Models served by at least one live worker"),
+            "/health": get(None, "Liveness"),
+            "/ready": get("ReadyStatus", "Readiness: every known model has a live worker", 503),
+            "/metrics": get(None, "Prometheus metrics"),
+        },
+        "components": {"schemas": components},
+    }

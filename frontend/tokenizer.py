@@ -1,0 +1,174 @@
+"""A model's tokenizer as the frontend needs it: fast encode/decode (`tokenizers`), the chat
+template (jinja2, compiled once, rendered the way transformers renders it) and the EOS ids."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from dynamo import errors
+from frontend.schemas import ChatMessage
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, **_: Any) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    # The same environment settings transformers uses, so templates written for it render alike.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config stores special tokens as strings or as AddedToken dicts."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTokenizer:
+    """Loaded once per model directory and shared by every request for it."""
+
+    model_path: str
+    tokenizer: Tokenizer
+    chat_template: jinja2.Template | None
+    eos_token_ids: tuple[int, ...]
+    bos_token: str
+    eos_token: str
+    vocab_size: int
+
+    @classmethod
+    def load(cls, model_path: str) -> ModelTokenizer:
+        root = Path(model_path)
+        tokenizer_file = root / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise errors.DynamoError(f"no tokenizer.json in model directory {model_path!r}")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        config = _read_json(root / "tokenizer_config.json")
+        generation = _read_json(root / "generation_config.json")
+
+        template_source = config.get("chat_template")
+        if isinstance(template_source, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in template_source if isinstance(t, dict)}
+            template_source = named.get("default") or next(iter(named.values()), None)
+        if template_source is None and (root / "chat_template.jinja").is_file():
+            template_source = (root / "chat_template.jinja").read_text()
+
+        bos = _token_text(config.get("bos_token")) or ""
+        eos = _token_text(config.get("eos_token")) or ""
+        eos_ids: list[int] = []
+        gen_eos = generation.get("eos_token_id")
+        for value in gen_eos if isinstance(gen_eos, list) else [gen_eos]:
+            if isinstance(value, int) and value not in eos_ids:
+                eos_ids.append(value)
+        eos_id = tokenizer.token_to_id(eos) if eos else None
+        if eos_id is not None and eos_id not in eos_ids:
+            eos_ids.append(eos_id)
+        return cls(
+            model_path=model_path,
+            tokenizer=tokenizer,
+            chat_template=_compile_template(template_source) if template_source else None,
+            eos_token_ids=tuple(eos_ids),
+            bos_token=bos,
+            eos_token=eos,
+            vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+        )
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+        if self.chat_template is None:
+            raise errors.InvalidRequest(
+                f"model at {self.model_path!r} has no chat template; use /v1/completions"
+            )
+        try:
+            return self.chat_template.render(
+                messages=[_message_dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+                tools=None,
+            )
+        except jinja2.TemplateError as exc:
+            # Templates reject conversations they cannot express (e.g. roles out of order).
+            raise errors.InvalidRequest(f"chat template rejected the messages: {exc}", param="messages") from None
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    """Templates index messages as dicts: the one place a Struct becomes a dict, for jinja."""
+    content = message.content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if part.type != "text" or part.text is None:
+                raise errors.InvalidRequest(
+                    f"content part of type {part.type!r} is not supported; only text parts",
+                    param=f"messages.content[{i}]",
+                )
+            texts.append(part.text)
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": message.role, "content": content or ""}
+    if message.name is not None:
+        out["name"] = message.name
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
+
+
+class TokenizerCache:
+    """One ModelTokenizer per model directory; loads run in a thread (big vocabularies take
+    hundreds of milliseconds) and concurrent first requests share one load."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, ModelTokenizer] = {}
+        self._loading: dict[str, asyncio.Future[ModelTokenizer]] = {}
+
+    def get_loaded(self, model_path: str) -> ModelTokenizer | None:
+        return self._loaded.get(model_path)
+
+    async def get(self, model_path: str) -> ModelTokenizer:
+        loaded = self._loaded.get(model_path)
+        if loaded is not None:
+            return loaded
+        future = self._loading.get(model_path)
+        if future is None:
+            future = asyncio.ensure_future(asyncio.to_thread(ModelTokenizer.load, model_path))
+            self._loading[model_path] = future
+            future.add_done_callback(lambda f: self._done(model_path, f))
+        return await asyncio.shield(future)
+
+    def _done(self, model_path: str, future: asyncio.Future[ModelTokenizer]) -> None:
+        self._loading.pop(model_path, None)
+        if not future.cancelled() and future.exception() is None:
+            self._loaded[model_path] = future.result()
