@@ -1,0 +1,97 @@
+"""KvRouter against real mocker workers on the embedded runtime: the router's index follows
+the workers' own events, prefixes route to their holder, and a router that starts late
+catches up through the workers' snapshot answers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from dynamo.config import RuntimeConfig
+from dynamo.kv_hash import block_hashes
+from dynamo.runtime import Runtime
+from dynamo.runtime.runtime import Client
+from dynamo.wire import PreprocessedRequest, StopConditions, encode
+from router.args import RouterConfig
+from router.kv_router import KvRouter
+from workers.mocker.args import MockerConfig
+from workers.mocker.engine import MockerEngine
+from workers.worker import Worker, WorkerConfig
+
+BLOCK = 16
+SHARED = list(range(100, 100 + 8 * BLOCK))  # an 8-block system prompt
+
+
+async def until(condition: Callable[[], bool], max_turns: int = 20_000) -> None:
+    for _ in range(max_turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+def request(rid: str, tokens: list[int]) -> PreprocessedRequest:
+    return PreprocessedRequest(rid, "m", tokens, stop=StopConditions(max_tokens=2))
+
+
+async def run(client: Client, router: KvRouter, req: PreprocessedRequest, candidates: list[int]) -> int:
+    decision = await router.select(req, candidates)
+    stream = await client.generate(encode(req), decision.instance_id, req.request_id)
+    async with stream:
+        first = True
+        async for _ in stream:
+            if first:
+                router.first_token(req.request_id, decision.instance_id)
+                first = False
+    router.request_finished(req.request_id, decision.instance_id)
+    return decision.instance_id
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[tuple[Runtime, list[Worker], Client]]:
+    async with await Runtime.create(RuntimeConfig()) as runtime:
+        workers = []
+        for _ in range(3):
+            engine = MockerEngine(
+                MockerConfig(
+                    block_size_tokens=BLOCK, num_gpu_blocks=256, max_model_len=1024,
+                    speedup_ratio=1e9, vocab_size=1000,
+                )
+            )
+            worker = Worker(
+                runtime.sibling(), engine,
+                WorkerConfig(served_model_name="m", model_path="/nowhere", engine_name="mocker"),
+            )
+            await worker.start()
+            workers.append(worker)
+        client = await runtime.endpoint("backend", "generate").client()
+        await client.wait_for_instances(5.0, at_least=3)
+        try:
+            yield runtime, workers, client
+        finally:
+            await client.close()
+            for worker in workers:
+                await worker.stop()
+
+
+async def test_shared_prefix_follows_its_holder(fleet: tuple[Runtime, list[Worker], Client]) -> None:
+    runtime, workers, client = fleet
+    ids = [w.instance_id for w in workers]
+    config = RouterConfig(kv_block_size=BLOCK, seed=0)
+    async with KvRouter(config, runtime.events, runtime.namespace, "backend") as router:
+        assert router.index is not None
+        holder = await run(client, router, request("r0", SHARED + [1] * BLOCK), ids)
+        hashes = block_hashes(SHARED, BLOCK)
+        await until(lambda: router.index.find_matches(hashes).get(holder) == 8)
+        for i in range(1, 5):
+            assert await run(client, router, request(f"r{i}", SHARED + [i + 1] * BLOCK), ids) == holder
+
+        # A router started now has missed every event: it asks each worker for a snapshot
+        # when first offered them, and the workers' answers rebuild the same index.
+        async with KvRouter(config, runtime.events, runtime.namespace, "backend") as late:
+            assert late.index is not None
+            await late.select(request("probe", [7] * BLOCK), ids)
+            await until(lambda: late.index.find_matches(hashes).get(holder) == 8)
+            assert late.index.blocks_of(holder) == router.index.blocks_of(holder)
