@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
 
 from dynamo.config import RuntimeConfig, add_runtime_args
 from dynamo.entry import add_common_args, run, wait_for_shutdown
+
+if TYPE_CHECKING:
+    from dynamo.runtime import Runtime
+    from dynamo.wire import ModelCard
+    from router.base import Router
 
 
 def add_args(parser: argparse.ArgumentParser, default_backend: str) -> None:
@@ -21,20 +30,30 @@ def add_args(parser: argparse.ArgumentParser, default_backend: str) -> None:
     add_router_args(parser)
 
 
-def router_factory(runtime, args: argparse.Namespace):  # -> Callable[[ModelCard], Router]
-    """Each model gets its own router, sized by the block size its workers registered."""
+def router_factory(
+    runtime: Runtime, args: argparse.Namespace, registry: CollectorRegistry
+) -> Callable[[ModelCard], Router]:
+    """Each model gets its own router, sized by the block size its workers registered; all of
+    them report into the frontend's metrics registry."""
     from router.args import RouterConfig
     from router.kv_router import make_router
+    from router.metrics import RouterMetrics
+    from router.service import RemoteRouter
 
     config = RouterConfig.from_args(args)
+    metrics = RouterMetrics(registry)
 
-    def make(card):
+    def make(card: ModelCard) -> Router:
+        if args.router_mode == "remote":
+            return RemoteRouter(runtime, namespace=card.namespace)
+        block_size = card.kv_block_size or config.kv_block_size
         return make_router(
             args.router_mode,
-            replace(config, kv_block_size=card.kv_block_size),
+            replace(config, kv_block_size=block_size),
             runtime.events,
             card.namespace,
             card.component,
+            metrics=metrics,
         )
 
     return make
@@ -53,8 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         from dynamo.runtime import Runtime
         from frontend.service import Frontend, FrontendConfig
 
+        registry = CollectorRegistry()
         async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
-            async with Frontend(runtime, FrontendConfig.from_args(args), router_factory(runtime, args)):
+            factory = router_factory(runtime, args, registry)
+            async with Frontend(runtime, FrontendConfig.from_args(args), factory, registry=registry):
                 await wait_for_shutdown()
 
     run(serve, args)

@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         from workers.engines import engine_spec
         from workers.worker import Worker
 
+        from prometheus_client import CollectorRegistry
+
         spec = engine_spec(args.engine)
+        registry = CollectorRegistry()
         async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
             async with contextlib.AsyncExitStack() as stack:
                 for i in range(args.num_workers):
@@ -68,7 +71,12 @@ def main(argv: list[str] | None = None) -> None:
                         Worker(worker_runtime, spec.create(args), worker_config(args))
                     )
                 await stack.enter_async_context(
-                    Frontend(runtime, FrontendConfig.from_args(args), router_factory(runtime, args))
+                    Frontend(
+                        runtime,
+                        FrontendConfig.from_args(args),
+                        router_factory(runtime, args, registry),
+                        registry=registry,
+                    )
                 )
                 await wait_for_shutdown()
 

@@ -7,7 +7,6 @@ import argparse
 from dataclasses import dataclass
 
 from dynamo.config import env_default
-from router.base import ROUTER_MODES
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +46,6 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(env_default("DYN_HTTP_PORT", "8000") or 8000),
         help="HTTP port of the OpenAI-compatible API [env DYN_HTTP_PORT]",
-    )
-    group.add_argument(
-        "--router-mode",
-        choices=ROUTER_MODES,
-        default=env_default("DYN_ROUTER_MODE", "round-robin"),
-        help="how requests are spread over a model's workers [env DYN_ROUTER_MODE]",
     )
     group.add_argument(
         "--max-request-body-bytes",

@@ -76,4 +76,5 @@ class RandomRouter(Router):
         return RoutingDecision(self._rng.choice(candidates))
 
 
-ROUTER_MODES = ("round-robin", "random", "kv", "least-loaded")
+# "remote" asks a standalone router service (python -m dynamo.router) for every decision.
+ROUTER_MODES = ("round-robin", "random", "kv", "least-loaded", "remote")
