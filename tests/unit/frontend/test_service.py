@@ -10,6 +10,7 @@ from dynamo.config import RuntimeConfig
 from dynamo.runtime import Runtime
 from frontend.service import Frontend, FrontendConfig, add_frontend_args
 from frontend.tokenizer import ModelTokenizer
+from router.args import add_router_args
 from router.base import RoundRobinRouter
 from tests.unit.frontend.conftest import MODEL, ScriptedWorker
 
@@ -47,5 +48,6 @@ async def test_frontend_serves_openai_client(tokenizer: ModelTokenizer) -> None:
 def test_args_become_config(monkeypatch: object) -> None:
     parser = argparse.ArgumentParser()
     add_frontend_args(parser)
+    add_router_args(parser)  # --router-mode is the router's flag; the frontend reads it
     config = FrontendConfig.from_args(parser.parse_args(["--http-port", "9001", "--router-mode", "random"]))
     assert config.http_port == 9001 and config.router_mode == "random"
