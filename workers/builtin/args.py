@@ -1,0 +1,130 @@
+"""The built-in engine's flags (spelled like vLLM's) with DYN_BUILTIN_* environment fallbacks,
+and the frozen BuiltinConfig they turn into. --model belongs to the entry points."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynamo.config import env_default
+
+DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "dynamo-tiny")
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinConfig:
+    """KV cache size: num_gpu_blocks if set, else kv_cache_memory_gb if set, else on CUDA
+    gpu_memory_utilization of free memory after loading, else (CPU) 0.25 GiB."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    block_size_tokens: int = 16
+    num_gpu_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    enforce_eager: bool = True  # CUDA graphs are not implemented yet; the flag is reserved
+    seed: int = 0  # seeds requests that give no seed, in arrival order
+
+    def __post_init__(self) -> None:
+        for name in ("block_size_tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks <= 0:
+            raise ValueError(f"num_gpu_blocks must be positive, got {self.num_gpu_blocks}")
+        if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BuiltinConfig:
+        return cls(
+            model=getattr(args, "model", None) or DEFAULT_MODEL,
+            dtype=args.dtype,
+            device=args.device,
+            block_size_tokens=args.block_size,
+            num_gpu_blocks=args.num_gpu_blocks,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
+            seed=args.seed,
+        )
+
+
+_DEFAULTS = BuiltinConfig()
+
+
+def _opt_int(name: str) -> int | None:
+    value = env_default(name)
+    return int(value) if value else None
+
+
+def _opt_float(name: str) -> float | None:
+    value = env_default(name)
+    return float(value) if value else None
+
+
+def add_builtin_args(parser: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    group = parser.add_argument_group("builtin engine")
+    group.add_argument(
+        "--dtype", default=env_default("DYN_BUILTIN_DTYPE", d.dtype),
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights and KV cache dtype; auto is bf16 on GPU, fp32 on CPU [env DYN_BUILTIN_DTYPE]",
+    )
+    group.add_argument(
+        "--device", default=env_default("DYN_BUILTIN_DEVICE", d.device),
+        help="auto, cpu, cuda or cuda:N [env DYN_BUILTIN_DEVICE]",
+    )
+    group.add_argument(
+        "--block-size", type=int, default=_opt_int("DYN_BUILTIN_BLOCK_SIZE") or d.block_size_tokens,
+        help="tokens per KV block [env DYN_BUILTIN_BLOCK_SIZE]",
+    )
+    group.add_argument(
+        "--num-gpu-blocks", type=int, default=_opt_int("DYN_BUILTIN_NUM_GPU_BLOCKS"),
+        help="KV blocks to allocate (default: sized from memory) [env DYN_BUILTIN_NUM_GPU_BLOCKS]",
+    )
+    group.add_argument(
+        "--kv-cache-memory-gb", type=float, default=_opt_float("DYN_BUILTIN_KV_CACHE_MEMORY_GB"),
+        help="KV cache size in GB when --num-gpu-blocks is not given "
+        "(default: 0.25 on CPU, free memory on GPU) [env DYN_BUILTIN_KV_CACHE_MEMORY_GB]",
+    )
+    group.add_argument(
+        "--gpu-memory-utilization", type=float,
+        default=_opt_float("DYN_BUILTIN_GPU_MEMORY_UTILIZATION") or d.gpu_memory_utilization,
+        help="fraction of GPU memory the engine may use when sizing the KV cache "
+        "[env DYN_BUILTIN_GPU_MEMORY_UTILIZATION]",
+    )
+    group.add_argument(
+        "--max-num-seqs", type=int, default=_opt_int("DYN_BUILTIN_MAX_NUM_SEQS") or d.max_num_seqs,
+        help="most requests running at once [env DYN_BUILTIN_MAX_NUM_SEQS]",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens", type=int,
+        default=_opt_int("DYN_BUILTIN_MAX_NUM_BATCHED_TOKENS") or d.max_num_batched_tokens,
+        help="token budget of one step, prefill chunks included [env DYN_BUILTIN_MAX_NUM_BATCHED_TOKENS]",
+    )
+    group.add_argument(
+        "--max-model-len", type=int, default=_opt_int("DYN_BUILTIN_MAX_MODEL_LEN"),
+        help="context length: prompt plus generated tokens (default: the model's) "
+        "[env DYN_BUILTIN_MAX_MODEL_LEN]",
+    )
+    group.add_argument(
+        "--enforce-eager", action=argparse.BooleanOptionalAction,
+        default=(env_default("DYN_BUILTIN_ENFORCE_EAGER", "1") or "1") not in ("0", "false"),
+        help="run without CUDA graphs (the only mode implemented yet) [env DYN_BUILTIN_ENFORCE_EAGER]",
+    )
+    group.add_argument(
+        "--seed", type=int, default=_opt_int("DYN_BUILTIN_SEED") or d.seed,
+        help="base seed for requests that carry none [env DYN_BUILTIN_SEED]",
+    )

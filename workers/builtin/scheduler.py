@@ -1,0 +1,212 @@
+"""Continuous batching over kvbm's block pool, in the manner of vLLM v1's scheduler: one token
+budget per step shared by decodes and chunked prefills, FIFO admission with prefix-cache hits,
+recompute preemption of the newest request when blocks run out, and abort that frees at once.
+No asyncio and no tensors here: the engine drives it, the runner computes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from dynamo.wire import EngineOutput
+from kvbm.block_pool import BlockPool
+from workers.builtin.sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step: compute `num_new_tokens[i]` tokens of `seqs[i]`; `samples[i]` when that
+    completes its known tokens, so the step yields its next token."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    samples: list[bool] = field(default_factory=list)
+    num_tokens: int = 0
+
+    def add(self, seq: Sequence, num_new: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(num_new)
+        self.samples.append(seq.num_computed_tokens + num_new == len(seq.token_ids))
+        self.num_tokens += num_new
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.block_size = pool.block_size_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest admission first
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------------------ queries
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def waiting_prefill_tokens(self) -> int:
+        """Prompt (or recompute) tokens not yet computed, of waiting and prefilling requests."""
+        pending = sum(len(s.token_ids) for s in self.waiting)
+        for seq in self.running:
+            if seq.num_computed_tokens < len(seq.token_ids) - 1:
+                pending += len(seq.token_ids) - seq.num_computed_tokens
+        return pending
+
+    # --------------------------------------------------------------------------- lifecycle
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop a request wherever it is and free its blocks now. Safe while a step that
+        includes it is computing: that step only writes slots past its committed blocks, and
+        no block is handed out again before the next schedule()."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        else:
+            return
+        self._free(seq)
+        seq.status = SeqStatus.FINISHED
+
+    # ---------------------------------------------------------------------------- one step
+
+    def schedule(self) -> ScheduledBatch:
+        """Pick this step's work and allocate its blocks."""
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        running = self.running
+        preempted = False
+        i = 0
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            preemptions = self.num_preemptions
+            fits = self._grow(seq, num_new)
+            preempted = preempted or self.num_preemptions != preemptions
+            if not fits:
+                break  # it was the newest and preempted itself: nothing after it runs
+            batch.add(seq, num_new)
+            budget -= num_new
+            i += 1
+        # Like vLLM: admitting work in a step that had to preempt would only thrash.
+        if not preempted:
+            self._admit(batch, budget)
+        return batch
+
+    def finish_step(self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float] | None) -> None:
+        """Apply a computed step: commit newly full blocks, append each sampled token (one per
+        sampling row, in batch order) and send it."""
+        row = -1
+        any_finished = False
+        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
+            if samples:
+                row += 1
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += num_new
+            self._commit_full_blocks(seq)
+            if not samples:
+                continue  # a prefill chunk: no token yet
+            token = token_ids[row]
+            seq.token_ids.append(token)
+            seq.num_generated += 1
+            reason = seq.finish_reason(token)
+            if reason is not None:
+                self._free(seq)
+                seq.status = SeqStatus.FINISHED
+                any_finished = True
+            cached = seq.cached_tokens if seq.num_generated == 1 else None
+            lp = [logprobs[row]] if logprobs is not None and seq.sampling.logprobs else None
+            seq.on_output(EngineOutput([token], reason, cached, lp))
+        if any_finished:
+            self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _grow(self, seq: Sequence, num_new: int) -> bool:
+        """Give a running request blocks for `num_new` more tokens, preempting the newest
+        running requests until they fit. False if `seq` itself had to be preempted."""
+        need = -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table)
+        if need <= 0:
+            return True
+        while True:
+            blocks = self.pool.allocate(need)
+            if blocks is not None:
+                seq.block_table.extend(blocks)
+                return True
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        """Admit waiting requests in FIFO order while seats, budget and blocks last."""
+        pool = self.pool
+        bs = self.block_size
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            total = len(seq.token_ids)
+            # At least one token must be computed to produce the next token's logits.
+            usable = (total - 1) // bs
+            matched = pool.match_prefix(seq.hashes_upto(usable, bs)[:usable])
+            computed = len(matched) * bs
+            num_new = min(total - computed, budget)
+            need = -(-(computed + num_new) // bs) - len(matched)
+            # Matched blocks that are free count as free until acquired: leave them out.
+            if pool.num_free_blocks - sum(1 for b in matched if b.ref_count == 0) < need:
+                break  # head-of-line blocking keeps admission FIFO
+            self.waiting.popleft()
+            pool.acquire(matched)
+            blocks = pool.allocate(need)
+            assert blocks is not None
+            seq.block_table = matched + blocks
+            seq.num_computed_tokens = computed
+            seq.num_committed_blocks = len(matched)
+            if seq.cached_tokens is None:
+                seq.cached_tokens = computed
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_new)
+            budget -= num_new
+
+    def _commit_full_blocks(self, seq: Sequence) -> None:
+        start = seq.num_committed_blocks
+        end = seq.num_computed_tokens // self.block_size
+        if end <= start:
+            return
+        hashes = seq.hashes_upto(end, self.block_size)
+        table = seq.block_table
+        mine = table[start:end]
+        used = self.pool.commit_many(mine, hashes[start:end], hashes[start - 1] if start else None)
+        for offset, (block, shared) in enumerate(zip(mine, used)):
+            if shared is not block:
+                # Another request cached this block first (same tokens, same KV): share it.
+                self.pool.acquire([shared])
+                self.pool.release([block])
+                table[start + offset] = shared
+        seq.num_committed_blocks = end
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: free everything, requeue at the front."""
+        self._free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_committed_blocks = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        self.pool.release(seq.block_table)
+        seq.block_table = []
