@@ -39,7 +39,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
-DEFAULT_ENGINE = "mocker"
+DEFAULT_ENGINE = "builtin"
 
 
 def main(argv: list[str] | None = None) -> None:
