@@ -14,8 +14,13 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 (
   cd "$work"
-  apt-get download etcd-server >/dev/null
+  # A fresh machine may have no package lists yet: refresh them once and retry.
+  apt-get download etcd-server >/dev/null 2>&1 || {
+    apt-get update -qq >/dev/null
+    apt-get download etcd-server >/dev/null
+  }
   dpkg -x etcd-server_*.deb extracted
 )
 install -m 0755 "$work/extracted/usr/bin/etcd" "$BIN_DIR/etcd"
-"$BIN_DIR/etcd" --version | head -1
+# sed reads everything (head would close the pipe early and, under pipefail, fail the script).
+"$BIN_DIR/etcd" --version | sed -n 1p
