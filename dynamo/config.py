@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Literal
 
 Backend = Literal["embedded", "distributed"]
@@ -16,6 +17,14 @@ Backend = Literal["embedded", "distributed"]
 
 def env_default(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
+
+
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """`nats://user:secret@host` -> `nats://***@host` (every URL in `text`), for log lines."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,14 @@ class RuntimeConfig:
     namespace: str = "dynamo"
     lease_ttl_s: float = 10.0
     request_ack_timeout_s: float = 5.0
+    # Security: TLS roots and credentials. Secrets are excluded from repr so they never reach logs.
+    nats_tls_ca: str | None = None
+    nats_creds: str | None = field(default=None, repr=False)  # a NATS .creds file path
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = field(default=None, repr=False)
+    etcd_user: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RuntimeConfig:
@@ -37,6 +54,14 @@ class RuntimeConfig:
             namespace=args.namespace,
             lease_ttl_s=args.lease_ttl_s,
             request_ack_timeout_s=args.request_ack_timeout_s,
+            nats_tls_ca=args.nats_tls_ca or None,
+            nats_creds=args.nats_creds or None,
+            etcd_ca=args.etcd_ca or None,
+            etcd_cert=args.etcd_cert or None,
+            etcd_key=args.etcd_key or None,
+            etcd_user=args.etcd_user or None,
+            # Only from the environment: a password on the command line shows in `ps`.
+            etcd_password=os.environ.get("ETCD_PASSWORD") or None,
         )
 
 
@@ -74,4 +99,24 @@ def add_runtime_args(parser: argparse.ArgumentParser, default_backend: Backend) 
         type=float,
         default=float(env_default("DYN_REQUEST_ACK_TIMEOUT_S", "5") or 5),
         help="how long a caller waits for a worker to accept a request [env DYN_REQUEST_ACK_TIMEOUT_S]",
+    )
+    sec = parser.add_argument_group("runtime security")
+    sec.add_argument(
+        "--nats-tls-ca",
+        default=env_default("NATS_TLS_CA"),
+        help="CA bundle to verify the NATS server (enables TLS); user:password may go in the "
+        "NATS URL [env NATS_TLS_CA]",
+    )
+    sec.add_argument(
+        "--nats-creds",
+        default=env_default("NATS_CREDS"),
+        help="NATS credentials file (JWT + nkey seed) [env NATS_CREDS]",
+    )
+    sec.add_argument("--etcd-ca", default=env_default("ETCD_CA"), help="CA bundle to verify etcd (enables TLS) [env ETCD_CA]")
+    sec.add_argument("--etcd-cert", default=env_default("ETCD_CERT"), help="client certificate for etcd mTLS [env ETCD_CERT]")
+    sec.add_argument("--etcd-key", default=env_default("ETCD_KEY"), help="client key for etcd mTLS [env ETCD_KEY]")
+    sec.add_argument(
+        "--etcd-user",
+        default=env_default("ETCD_USER"),
+        help="etcd user; the password is read from env ETCD_PASSWORD only [env ETCD_USER]",
     )

@@ -44,7 +44,15 @@ class StreamBroken(DynamoError):
 
 
 class Overloaded(DynamoError):
+    """No capacity right now (a full queue); the caller may retry elsewhere or later."""
+
     code = "overloaded"
+
+
+class RequestTimeout(DynamoError):
+    """The request ran past its deadline and was cancelled."""
+
+    code = "request_timeout"
 
 
 class EngineError(DynamoError):
@@ -71,6 +79,7 @@ _BY_CODE: dict[str, type[DynamoError]] = {
         InstanceUnavailable,
         StreamBroken,
         Overloaded,
+        RequestTimeout,
         EngineError,
     )
 }

@@ -38,6 +38,11 @@ class ModelEntry:
     cards: dict[int, ModelCard] = field(default_factory=dict)
 
     def any_card(self) -> ModelCard:
+        """A card to open the model with: one of a worker clients reach (aggregated or decode)
+        when there is one; prefill workers serve another component."""
+        for card in self.cards.values():
+            if card.role != "prefill":
+                return card
         return next(iter(self.cards.values()))
 
 

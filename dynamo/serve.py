@@ -4,6 +4,7 @@ runtime — the local default. With --runtime distributed it joins a NATS/etcd d
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import sys
 
@@ -35,6 +36,13 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         default=int(env_default("DYN_NUM_WORKERS", "1") or 1),
         help="workers to run in this process [env DYN_NUM_WORKERS]",
     )
+    parser.add_argument(
+        "--num-prefill-workers",
+        type=int,
+        default=int(env_default("DYN_NUM_PREFILL_WORKERS", "0") or 0),
+        help="prefill workers in this process; when > 0 the --num-workers workers become "
+        "decode workers (disaggregated prefill, docs/disaggregation.md) [env DYN_NUM_PREFILL_WORKERS]",
+    )
     engine_spec(engine_name).add_args(parser)
     return parser
 
@@ -62,15 +70,27 @@ def main(argv: list[str] | None = None) -> None:
         registry = CollectorRegistry()
         async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
             async with contextlib.AsyncExitStack() as stack:
-                for i in range(args.num_workers):
+                workers: list[Worker] = []
+                config = worker_config(args)
+                roles = [config] * args.num_workers
+                if args.num_prefill_workers > 0:  # disaggregated: decode workers + prefill workers
+                    from dataclasses import replace
+
+                    assert config.disagg is not None
+                    roles = [replace(config, role="decode")] * args.num_workers + [
+                        replace(config, role="prefill", component=config.disagg.prefill_component)
+                    ] * args.num_prefill_workers
+                for i, role_config in enumerate(roles):
                     # Each worker needs its own lease (its instance id) on the shared planes.
                     worker_runtime = runtime if i == 0 else runtime.sibling()
                     if i > 0:
                         await stack.enter_async_context(worker_runtime)
-                    await stack.enter_async_context(
-                        Worker(worker_runtime, spec.create(args), worker_config(args))
+                    workers.append(
+                        await stack.enter_async_context(
+                            Worker(worker_runtime, spec.create(args), role_config)
+                        )
                     )
-                await stack.enter_async_context(
+                frontend = await stack.enter_async_context(
                     Frontend(
                         runtime,
                         FrontendConfig.from_args(args),
@@ -79,6 +99,10 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 )
                 await wait_for_shutdown()
+                # The HTTP server drains first (in-flight requests finish within
+                # --http-graceful-shutdown-s), then the workers, which then have nothing left.
+                await frontend.stop()
+                await asyncio.gather(*(w.drain(args.graceful_shutdown_timeout_s) for w in workers))
 
     run(serve, args)
 

@@ -169,6 +169,71 @@ class KvSnapshotRequest(msgspec.Struct):
 
 
 # ---------------------------------------------------------------------------------------------
+# Disaggregated prefill: KV layouts, transfer agents, remote prefill (workers/disagg, kvbm/transfer)
+# ---------------------------------------------------------------------------------------------
+
+
+class KvLayoutSpec(msgspec.Struct, frozen=True):
+    """The shape of one engine's paged KV cache; two agents may exchange blocks only when their
+    layouts agree (kvbm/transfer/layout.py says how)."""
+
+    num_layers: int
+    block_size_tokens: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # torch dtype name without the "torch." prefix: "bfloat16", "float32", ...
+    tp_rank: int = 0
+    tp_size: int = 1
+
+
+class KvAgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How to reach a KV transfer agent: its TCP address (data for the host backend,
+    completion notices for every backend), the backends it can receive with, and their
+    backend-specific handles."""
+
+    agent_id: str
+    host_id: str  # equal host_id: same machine, so CUDA IPC can work
+    address: str  # host:port of its transfer listener
+    layout: KvLayoutSpec
+    backends: list[str] = []
+    device: str = "cpu"
+    cuda_ipc: bytes = b""  # serialized CUDA IPC handles of its K and V tensors
+    nixl_metadata: bytes = b""  # NIXL agent metadata (nixl_agent.get_agent_metadata)
+    nixl_regions: list[list[int]] = []  # per K/V tensor: [base address, bytes, device id]
+
+
+class RemotePrefillRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Decode worker -> prefill worker: prefill `request` and send the KV of its prompt blocks
+    from `skip_blocks` on into the decode worker's blocks `dst_block_ids`."""
+
+    request: PreprocessedRequest
+    transfer_id: str
+    decode_agent: KvAgentInfo
+    dst_block_ids: list[int]
+    skip_blocks: int = 0
+
+
+class RemotePrefillResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Prefill worker -> decode worker, once the KV has been handed to the transfer layer."""
+
+    first: EngineOutput
+    num_blocks: int
+    kv_bytes: int
+    backend: str
+
+
+class TransferHeader(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """Frame header on a transfer connection. kind: 0 = data (payload follows), 1 = done (the
+    sender wrote the blocks itself), 2 = error."""
+
+    transfer_id: str
+    kind: int
+    num_blocks: int = 0
+    payload_bytes: int = 0
+    error: str = ""
+
+
+# ---------------------------------------------------------------------------------------------
 # Codecs: reuse encoder/decoder objects (building them per message costs more than encoding)
 # ---------------------------------------------------------------------------------------------
 
@@ -203,3 +268,7 @@ ENVELOPE_CODEC = Codec(RequestEnvelope)
 KV_EVENT_CODEC = Codec(KvCacheEvent)
 LOAD_CODEC = Codec(LoadMetrics)
 SNAPSHOT_REQUEST_CODEC = Codec(KvSnapshotRequest)
+KV_AGENT_CODEC = Codec(KvAgentInfo)
+REMOTE_PREFILL_CODEC = Codec(RemotePrefillRequest)
+REMOTE_PREFILL_RESULT_CODEC = Codec(RemotePrefillResult)
+TRANSFER_HEADER_CODEC = Codec(TransferHeader)

@@ -22,8 +22,27 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--migration-limit",
         type=int,
-        default=int(env_default("DYN_MIGRATION_LIMIT", "0") or 0),
-        help="times a request may move to another worker if this one dies (0: never)",
+        # On by default, unlike NVIDIA Dynamo (0): a worker lost mid-stream should cost the
+        # client a pause, not its answer; 3 bounds what one poisonous request can take down.
+        default=int(env_default("DYN_MIGRATION_LIMIT", "3") or 0),
+        help="times a request may move to another worker if this one dies mid-stream (0: never); "
+        "registered in the model card, a frontend's own --migration-limit overrides it "
+        "[env DYN_MIGRATION_LIMIT]",
+    )
+    group.add_argument(
+        "--graceful-shutdown-timeout-s",
+        type=float,
+        default=float(env_default("DYN_GRACEFUL_SHUTDOWN_TIMEOUT_S", "30") or 0),
+        help="on SIGTERM, how long in-flight requests may finish after the worker deregistered; "
+        "those still running are then cancelled (and migrated by the frontend) "
+        "[env DYN_GRACEFUL_SHUTDOWN_TIMEOUT_S]",
+    )
+    group.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=int(env_default("DYN_MAX_QUEUED_REQUESTS", "0") or 0),
+        help="requests waiting for the engine before new ones are refused as overloaded, so the "
+        "frontend tries another worker or answers 503 (0: unbounded) [env DYN_MAX_QUEUED_REQUESTS]",
     )
     group.add_argument(
         "--system-port",
@@ -32,6 +51,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
         help="serve /health, /ready and /metrics on this port (0: off) [env DYN_SYSTEM_PORT]",
     )
     group.add_argument("--system-host", default=env_default("DYN_SYSTEM_HOST", "0.0.0.0"))
+    from workers.disagg.args import add_disagg_args
+
+    add_disagg_args(parser)
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
@@ -56,16 +78,24 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 
 def worker_config(args: argparse.Namespace):  # -> workers.worker.WorkerConfig
+    from workers.disagg.args import DisaggConfig
     from workers.worker import WorkerConfig
 
+    component = args.component
+    if args.role == "prefill" and component == "backend":
+        # Prefill workers must not share the decode workers' component: the frontend routes
+        # there, and decode workers watch the prefill component's KV events and load.
+        component = args.disagg_prefill_component
     return WorkerConfig(
         served_model_name=served_model_name(args),
         model_path=args.model,
         engine_name=args.engine,
-        component=args.component,
+        component=component,
+        disagg=DisaggConfig.from_args(args),
         endpoint=args.endpoint,
         role=args.role,
         migration_limit=args.migration_limit,
+        max_queued_requests=args.max_queued_requests,
     )
 
 
@@ -86,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
 
                     async with SystemServer(args.system_host, args.system_port, worker.registry, worker.ready):
                         await wait_for_shutdown()
+                        await worker.drain(args.graceful_shutdown_timeout_s)
                 else:
                     await wait_for_shutdown()
+                    await worker.drain(args.graceful_shutdown_timeout_s)
 
     run(serve, args)
 

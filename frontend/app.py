@@ -4,6 +4,7 @@ dependency injection or pydantic), which also watch for client disconnects and c
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,11 +13,12 @@ import msgspec
 from fastapi import FastAPI
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from frontend.config import FrontendConfig
-from frontend.errors import RequestTooLarge, http_error, install_handlers
+from frontend.errors import RequestTooLarge, TooManyRequests, Unauthorized, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig
@@ -90,13 +92,64 @@ async def _send_error(send: Send, exc: BaseException) -> None:
     await _send_bytes(send, error.status, list(error.headers), error.body)
 
 
+class InflightLimit:
+    """Requests this frontend serves at once, across both completion routes; past `limit`
+    (0: none) a request is refused at once with 429 instead of queueing for unbounded time."""
+
+    __slots__ = ("limit", "count", "_metrics")
+
+    def __init__(self, limit: int, metrics: FrontendMetrics) -> None:
+        self.limit = limit
+        self.count = 0
+        self._metrics = metrics
+
+    def acquire(self) -> None:
+        if self.limit and self.count >= self.limit:
+            self._metrics.rejected.labels("overloaded").inc()
+            raise TooManyRequests(f"this frontend is serving its limit of {self.limit} requests; retry later")
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
+
+
+class ApiKeyMiddleware:
+    """`Authorization: Bearer <key>` on /v1/*; /health, /ready, /metrics and the schema stay
+    open for probes and scrapers. Keys are compared in constant time."""
+
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], metrics: FrontendMetrics) -> None:
+        self.app = app
+        self._keys = tuple(k.encode() for k in keys)
+        self._metrics = metrics
+
+    def _allowed(self, scope: Scope) -> bool:
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                token = token.strip()
+                # No short-circuit: every key is compared, so timing says nothing about which matched.
+                return sum(hmac.compare_digest(token, key) for key in self._keys) > 0
+        return False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._allowed(scope):
+            self._metrics.rejected.labels("unauthorized").inc()
+            error = http_error(Unauthorized("invalid or missing API key: send `Authorization: Bearer <key>`"))
+            await _send_bytes(send, error.status, [*error.headers, (b"www-authenticate", b"Bearer")], error.body)
+            return
+        await self.app(scope, receive, send)
+
+
 class CompletionEndpoint:
     """POST /v1/chat/completions or /v1/completions as a raw ASGI app."""
 
-    def __init__(self, kind: EndpointKind, pipeline: Pipeline, max_body_bytes: int) -> None:
+    def __init__(self, kind: EndpointKind, pipeline: Pipeline, max_body_bytes: int, limit: InflightLimit) -> None:
         self.kind = kind
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
+        self.limit = limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived_s = time.perf_counter()
@@ -105,6 +158,11 @@ class CompletionEndpoint:
         except asyncio.CancelledError:
             return
         except RequestTooLarge as exc:
+            await _send_error(send, exc)
+            return
+        try:
+            self.limit.acquire()
+        except TooManyRequests as exc:
             await _send_error(send, exc)
             return
         watch = _DisconnectWatch(receive)
@@ -118,6 +176,7 @@ class CompletionEndpoint:
             task.uncancel()  # the client left: the cancellation was ours, and it is done
         finally:
             watch.stop()
+            self.limit.release()
 
     async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
         pipeline = self.pipeline
@@ -153,12 +212,32 @@ class CompletionEndpoint:
 def create_app(manager: ModelManager, metrics: FrontendMetrics, config: FrontendConfig) -> FastAPI:
     app = FastAPI(title="dynamo frontend", version="0.1.0", docs_url=None, redoc_url=None)
     install_handlers(app)
-    pipeline = Pipeline(manager, metrics, PipelineConfig(max_dispatch_attempts=config.max_dispatch_attempts))
+    pipeline = Pipeline(
+        manager,
+        metrics,
+        PipelineConfig(
+            max_dispatch_attempts=config.max_dispatch_attempts,
+            migration_limit=config.migration_limit,
+            request_timeout_s=config.request_timeout_s,
+        ),
+    )
     app.state.pipeline = pipeline
+    limit = InflightLimit(config.max_inflight_requests, metrics)
+    app.state.inflight_limit = limit
 
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
-        endpoint = CompletionEndpoint(kind, pipeline, config.max_request_body_bytes)  # type: ignore[arg-type]
+        endpoint = CompletionEndpoint(kind, pipeline, config.max_request_body_bytes, limit)  # type: ignore[arg-type]
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+    # The last middleware added runs first: CORS answers preflights before auth asks for a key.
+    if config.api_keys:
+        app.add_middleware(ApiKeyMiddleware, keys=config.api_keys, metrics=metrics)
+    if config.cors_allow_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_allow_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     schema = openapi_schema(app.title, app.version)
 

@@ -4,7 +4,7 @@ frozen dataclass that the rest of the frontend takes."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dynamo.config import env_default
 
@@ -21,6 +21,17 @@ class FrontendConfig:
     # None: follow models of the runtime's namespace.
     namespace: str | None = None
     graceful_shutdown_s: float = 5.0
+    # Times one request may move to another worker after its stream broke mid-generation.
+    # None: each model's card decides (the worker's --migration-limit); set: overrides it.
+    migration_limit: int | None = None
+    # Whole-request deadline (first byte to last token); 0: none.
+    request_timeout_s: float = 0.0
+    # Requests in flight in this frontend before new ones get 429; 0: unbounded.
+    max_inflight_requests: int = 0
+    # Bearer tokens accepted on /v1/*; empty: no authentication.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Origins allowed by CORS; empty: CORS headers are never sent.
+    cors_allow_origins: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
@@ -31,7 +42,20 @@ class FrontendConfig:
             max_request_body_bytes=args.max_request_body_bytes,
             max_dispatch_attempts=args.dispatch_attempts,
             graceful_shutdown_s=args.http_graceful_shutdown_s,
+            migration_limit=getattr(args, "migration_limit", None),
+            request_timeout_s=args.request_timeout_s,
+            max_inflight_requests=args.max_inflight_requests,
+            api_keys=_split(args.api_key),
+            cors_allow_origins=_split(args.cors_allow_origins),
         )
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _optional_int(value: str | None) -> int | None:
+    return int(value) if value not in (None, "") else None
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
@@ -64,4 +88,37 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=float(env_default("DYN_HTTP_GRACEFUL_SHUTDOWN_S", "5") or 5),
         help="how long open HTTP requests may finish at shutdown [env DYN_HTTP_GRACEFUL_SHUTDOWN_S]",
+    )
+    group.add_argument(
+        "--migration-limit",
+        type=int,
+        default=_optional_int(env_default("DYN_MIGRATION_LIMIT")),
+        help="times a request may move to another worker when its stream breaks mid-generation; "
+        "overrides the limit each worker registers (default: the worker's) [env DYN_MIGRATION_LIMIT]",
+    )
+    group.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=float(env_default("DYN_REQUEST_TIMEOUT_S", "0") or 0),
+        help="cancel a request that runs longer than this; 504 before the first token, an SSE "
+        "error event after (0: no limit) [env DYN_REQUEST_TIMEOUT_S]",
+    )
+    group.add_argument(
+        "--max-inflight-requests",
+        type=int,
+        default=int(env_default("DYN_MAX_INFLIGHT_REQUESTS", "0") or 0),
+        help="requests served at once; more get 429 with Retry-After (0: unbounded) "
+        "[env DYN_MAX_INFLIGHT_REQUESTS]",
+    )
+    group.add_argument(
+        "--api-key",
+        default=env_default("DYN_API_KEY"),
+        help="require `Authorization: Bearer KEY` on /v1/*; comma-separated keys allowed. Prefer "
+        "the env var: command lines are visible in `ps` [env DYN_API_KEY]",
+    )
+    group.add_argument(
+        "--cors-allow-origins",
+        default=env_default("DYN_CORS_ALLOW_ORIGINS"),
+        help="comma-separated origins allowed by CORS, `*` for any (default: CORS off) "
+        "[env DYN_CORS_ALLOW_ORIGINS]",
     )

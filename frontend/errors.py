@@ -24,6 +24,18 @@ class RequestTooLarge(errors.InvalidRequest):
     code = "request_too_large"
 
 
+class TooManyRequests(errors.Overloaded):
+    """This frontend already serves --max-inflight-requests requests."""
+
+    code = "too_many_requests"
+
+
+class Unauthorized(errors.DynamoError):
+    """Missing or wrong API key."""
+
+    code = "invalid_api_key"
+
+
 class ClientDisconnected(errors.DynamoError):
     """The HTTP client went away; never sent (there is nobody to send it to), only counted."""
 
@@ -42,6 +54,9 @@ class HttpError:
 _STATUS: dict[str, tuple[int, str]] = {
     errors.InvalidRequest.code: (400, "invalid_request_error"),
     RequestTooLarge.code: (413, "invalid_request_error"),
+    Unauthorized.code: (401, "invalid_request_error"),
+    TooManyRequests.code: (429, "rate_limit_exceeded"),
+    errors.RequestTimeout.code: (504, "timeout"),
     errors.ModelNotFound.code: (404, "invalid_request_error"),
     errors.NoInstances.code: (503, "service_unavailable"),
     errors.InstanceUnavailable.code: (503, "service_unavailable"),
@@ -50,7 +65,7 @@ _STATUS: dict[str, tuple[int, str]] = {
     errors.EngineError.code: (500, "server_error"),
     errors.DynamoError.code: (500, "server_error"),
 }
-_RETRY_LATER = frozenset({503})
+_RETRY_LATER = frozenset({429, 503})
 _JSON_HEADERS = ((b"content-type", b"application/json"),)
 
 

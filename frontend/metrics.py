@@ -67,6 +67,18 @@ class FrontendMetrics:
             f"{PREFIX}request_duration_seconds", "Request duration, arrival to last byte", ["model"],
             buckets=_DURATION_BUCKETS_S, registry=registry,
         )
+        self.migrations = Counter(
+            f"{PREFIX}migrations",  # exposed as ..._migrations_total
+            "Requests moved to another worker after their stream broke mid-generation",
+            ["model"],
+            registry=registry,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}rejected_requests",
+            "Requests refused before any work: reason is overloaded (429) or unauthorized (401)",
+            ["reason"],
+            registry=registry,
+        )
         self._models: dict[str, ModelMetrics] = {}
 
     def for_model(self, model: str) -> ModelMetrics:

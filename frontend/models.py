@@ -126,6 +126,12 @@ class ModelManager:
         model = self.models.get(name)
         if added and model is None and entry is not None:
             self._add(name, entry)
+        elif added and model is not None and entry is not None and model.card.role == "prefill" != card.role:
+            # Opened from a prefill worker's card (it came first): reopen on the component
+            # that clients are served by.
+            del self.models[name]
+            self._spawn(self._close_model(model))
+            self._add(name, entry)
         elif not added and model is not None and entry is None:
             # The last instance is gone: forget the model (a later instance opens it afresh).
             del self.models[name]

@@ -3,7 +3,7 @@ stream into OpenAI chunks (streaming) or one response (aggregated).
 
 `Pipeline.open` does everything up to and including the first output, so every error a
 request can meet before its first token becomes a proper HTTP status; later errors end the
-stream with an error event.
+stream with an error event, unless the request can migrate to another worker (see `_migrate`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import msgspec
 
 from dynamo import errors
 from dynamo.runtime import ResponseStream
-from dynamo.wire import OUTPUT_CODEC, EngineOutput, encode
+from dynamo.wire import OUTPUT_CODEC, EngineOutput, PreprocessedRequest, encode
 from frontend.detokenize import IncrementalDetokenizer
 from frontend.errors import error_info
 from frontend.metrics import FrontendMetrics, ModelMetrics
@@ -49,6 +49,12 @@ _json_encode = msgspec.json.encode
 
 
 _DRAIN_TIMEOUT_S = 1.0
+# How long a migrating request waits for some worker to take it (a bus restarting, the only
+# other worker still registering) before its stream ends with an error.
+_MIGRATION_WAIT_S = 15.0
+_MIGRATION_BACKOFF_MAX_S = 1.0
+# Errors that mean "this worker's stream is gone, the request itself is fine": migratable.
+_MIGRATABLE = (errors.StreamBroken, errors.InstanceUnavailable)
 # Bodies above this are preprocessed in a thread: tokenizers releases the GIL, and tokenizing a
 # long prompt on the event loop would stall every other stream (~3 us/token on a busy core).
 _THREAD_PREPROCESS_BYTES = 16 * 1024
@@ -66,15 +72,22 @@ async def _run(body_bytes: int, fn: Callable[..., P], *args: object) -> P:
 class PipelineConfig:
     # Instances tried for one request when the chosen one turns out dead before answering.
     max_dispatch_attempts: int = 3
+    # None: each model's card decides; otherwise overrides every card (frontend/config.py).
+    migration_limit: int | None = None
+    request_timeout_s: float = 0.0
 
 
 class _Decoder:
     """Per-request output state: token accounting, stop handling, detokenization."""
 
-    __slots__ = ("detok", "stop_ids", "max_tokens", "completion_tokens", "finish_reason", "worker_finished")
+    __slots__ = (
+        "detok", "stop_ids", "max_tokens", "completion_tokens", "finish_reason", "worker_finished", "generated",
+    )
 
     def __init__(self, prepared: Prepared, detok: IncrementalDetokenizer) -> None:
         self.detok = detok
+        # Every token the workers produced so far: a migrated request resends them as prompt.
+        self.generated: list[int] = []
         self.stop_ids = prepared.stop_token_ids
         self.max_tokens = prepared.max_tokens
         self.completion_tokens = 0
@@ -84,6 +97,7 @@ class _Decoder:
     def feed(self, out: EngineOutput) -> str:
         """Text to emit for one engine output; sets finish_reason when the request is done."""
         ids = out.token_ids
+        self.generated += ids
         reason = out.finish_reason
         if reason is not None:
             self.worker_finished = True
@@ -119,7 +133,7 @@ class Call:
     __slots__ = (
         "kind", "model", "prepared", "stream", "instance_id", "first", "arrived_s", "response_id",
         "created", "metrics", "_frontend_metrics", "_closed", "_stream_done", "cached_tokens",
-        "request_type",
+        "request_type", "migrations", "deadline", "timed_out", "_timer",
     )
 
     def __init__(
@@ -145,6 +159,10 @@ class Call:
         self._stream_done = False
         self.cached_tokens = 0
         self.request_type = "stream" if prepared.stream else "unary"
+        self.migrations = 0
+        self.deadline: float | None = None  # event-loop time when the request times out
+        self.timed_out = False
+        self._timer: asyncio.TimerHandle | None = None
         self.metrics.inflight.inc()
         self.metrics.input_tokens.observe(len(prepared.request.token_ids))
 
@@ -157,10 +175,23 @@ class Call:
             prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
         )
 
+    def arm_deadline(self) -> None:
+        """From now on, reaching the deadline fails the worker stream with RequestTimeout; a
+        timer instead of a per-token timeout keeps the token path free of timer work."""
+        if self.deadline is not None and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_at(self.deadline, self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.timed_out = True
+        if self.stream is not None:
+            self.stream.abort(errors.RequestTimeout(f"request {self.prepared.request.request_id} timed out"))
+
     async def close(self, status: str, completion_tokens: int, worker_finished: bool = False) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         stream, self.stream = self.stream, None
         try:
             if stream is not None and not self._stream_done:
@@ -223,8 +254,21 @@ class Pipeline:
             self.metrics.count(model_label, _ENDPOINT_LABEL[kind], "unary", "error")
             raise
         call = Call(kind, model, prepared, arrived_s, self.metrics)
+        timeout_s = self.config.request_timeout_s
         try:
-            await self._dispatch(call)
+            if timeout_s > 0:
+                loop = asyncio.get_running_loop()
+                call.deadline = loop.time() + timeout_s - (time.perf_counter() - arrived_s)
+                try:
+                    async with asyncio.timeout_at(call.deadline):
+                        await self._dispatch(call, prepared.request)
+                except TimeoutError:
+                    raise errors.RequestTimeout(
+                        f"no output within the request timeout of {timeout_s}s"
+                    ) from None
+                call.arm_deadline()
+            else:
+                await self._dispatch(call, prepared.request)
         except asyncio.CancelledError:
             await call.close("cancelled", 0)
             raise
@@ -233,18 +277,27 @@ class Pipeline:
             raise
         return call
 
-    async def _dispatch(self, call: Call) -> None:
+    async def _dispatch(
+        self,
+        call: Call,
+        request: PreprocessedRequest,
+        avoid: int | None = None,
+        model: ServedModel | None = None,
+    ) -> None:
         """Route and send, retrying other instances while nothing has reached the client: the
-        chosen instance may be gone (InstanceUnavailable) or die before its first output."""
-        model = call.model
+        chosen instance may be gone (InstanceUnavailable), die before its first output, or be
+        full (Overloaded). `avoid` is skipped unless it is the only instance left."""
+        model = model or call.model
         router, client = model.router, model.client
-        assert router is not None and client is not None
-        request = call.prepared.request
+        if router is None or client is None:
+            raise errors.NoInstances(f"model {model.name!r} has no live workers")
+        migrating = request is not call.prepared.request
         payload = encode(request)
         tried: list[int] = []
         last_error: errors.DynamoError | None = None
         for _ in range(self.config.max_dispatch_attempts):
-            candidates = [i for i in model.instance_ids() if i not in tried]
+            live = model.instance_ids()
+            candidates = [i for i in live if i not in tried and i != avoid] or [i for i in live if i not in tried]
             if not candidates:
                 break
             decision = await router.select(request, candidates)
@@ -263,22 +316,95 @@ class Pipeline:
             except StopAsyncIteration:
                 call._stream_done = True
                 raise errors.StreamBroken(f"worker {instance_id:x} ended the stream without output") from None
-            except (errors.StreamBroken, errors.InstanceUnavailable) as exc:
+            except (errors.StreamBroken, errors.InstanceUnavailable, errors.Overloaded) as exc:
                 call._stream_done = True
                 call.stream = None
+                await stream.aclose()  # a worker that lost our frames may still be running it
                 router.request_finished(request.request_id, instance_id)
                 last_error = exc
                 log.warning("request %s: instance %x failed before output, retrying: %s", request.request_id, instance_id, exc)
                 continue
             first = _decode_output(raw)
             call.first = first
-            call.cached_tokens = first.cached_tokens or 0
-            call.metrics.ttft.observe(time.perf_counter() - call.arrived_s)
+            call.model = model
+            if not migrating:
+                call.cached_tokens = first.cached_tokens or 0
+                call.metrics.ttft.observe(time.perf_counter() - call.arrived_s)
             router.first_token(request.request_id, instance_id)
             return
+        if isinstance(last_error, errors.Overloaded):
+            raise errors.Overloaded(f"every worker of model {model.name!r} is full: {last_error.message}")
         if last_error is not None:
             raise errors.NoInstances(f"no worker of model {model.name!r} could take the request: {last_error.message}")
         raise errors.NoInstances(f"no live worker serves model {model.name!r}")
+
+    # ----------------------------------------------------------------------- migration
+
+    def _migration_limit(self, call: Call) -> int:
+        limit = self.config.migration_limit
+        return call.model.card.migration_limit if limit is None else limit
+
+    async def _migrate(self, call: Call, decoder: _Decoder, exc: errors.DynamoError) -> EngineOutput:
+        """The worker's stream broke mid-generation: send prompt + every token generated so far
+        to another worker (or the same one, if it is the only one) and return the first new
+        output, so the client's stream goes on with no gap and no duplicate. Re-raises `exc`
+        when the request may not migrate (limit reached, deadline passed)."""
+        if call.timed_out or call.migrations >= self._migration_limit(call):
+            raise exc
+        call.migrations += 1
+        self.metrics.migrations.labels(call.model.name).inc()
+        original = call.prepared.request
+        old_stream, old_instance = call.stream, call.instance_id
+        call.stream = None
+        call._stream_done = False
+        if old_stream is not None:
+            await old_stream.aclose()  # if the worker still runs it (we lost its frames), stop it
+        if call.model.router is not None:
+            call.model.router.request_finished(original.request_id, old_instance)
+        generated = decoder.generated
+        request = msgspec.structs.replace(
+            original,
+            token_ids=[*original.token_ids, *generated],
+            # Engines subtract this from max_tokens and count it toward min_tokens.
+            generated_before=original.generated_before + len(generated),
+        )
+        log.warning(
+            "request %s: worker %x failed after %d tokens (%s); migrating (%d of %d)",
+            original.request_id, old_instance, len(generated), exc.message,
+            call.migrations, self._migration_limit(call),
+        )
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _MIGRATION_WAIT_S
+        if call.deadline is not None:
+            give_up = min(give_up, call.deadline)
+        delay_s = 0.05
+        while True:
+            # The model may have been closed and reopened (its last worker went and came back).
+            model = self.manager.models.get(call.model.name, call.model)
+            try:
+                async with asyncio.timeout_at(give_up):
+                    await model.wait_open()
+                    await self._dispatch(call, request, avoid=old_instance, model=model)
+                break
+            except TimeoutError:
+                if call.deadline is not None and loop.time() >= call.deadline:
+                    raise errors.RequestTimeout(f"request {original.request_id} timed out while migrating") from exc
+                raise errors.StreamBroken(
+                    f"request {original.request_id} could not migrate: no worker took it in time"
+                ) from exc
+            except (errors.NoInstances, errors.Overloaded, errors.InstanceUnavailable) as retry:
+                if loop.time() + delay_s >= give_up:
+                    raise errors.StreamBroken(
+                        f"request {original.request_id} could not migrate: {retry.message}"
+                    ) from exc
+                await asyncio.sleep(delay_s)  # backoff while workers or the bus come back
+                delay_s = min(delay_s * 2, _MIGRATION_BACKOFF_MAX_S)
+        if call.timed_out and call.stream is not None:  # the deadline passed while we were moving
+            call.stream.abort(errors.RequestTimeout(f"request {original.request_id} timed out"))
+        first = call.first
+        assert first is not None
+        log.info("request %s: migrated to worker %x", original.request_id, call.instance_id)
+        return first
 
     def _decoder(self, call: Call) -> _Decoder:
         tokenizer = call.model.tokenizer
@@ -302,23 +428,30 @@ class Pipeline:
             yield writer.first(prepared.echo_text + text if prepared.echo_text else text)
             text = ""  # sent; the tail below carries only text not yet sent
             last = perf_counter()
-            if decoder.finish_reason is None:
-                feed, text_chunk = decoder.feed, writer.text
-                async for raw in call.stream:
-                    now = perf_counter()
-                    out = _decode_output(raw)
-                    n = len(out.token_ids)
-                    if n:
-                        itl.observe((now - last) / n)
-                    last = now
-                    text = feed(out)
-                    if decoder.finish_reason is not None:
-                        break
-                    if text:
+            feed, text_chunk = decoder.feed, writer.text
+            while decoder.finish_reason is None:
+                try:
+                    async for raw in call.stream:
+                        now = perf_counter()
+                        out = _decode_output(raw)
+                        n = len(out.token_ids)
+                        if n:
+                            itl.observe((now - last) / n)
+                        last = now
+                        text = feed(out)
+                        if decoder.finish_reason is not None:
+                            break
+                        if text:
+                            yield text_chunk(text)
+                    else:
+                        call._stream_done = True
+                        raise errors.StreamBroken("the worker ended the stream before finishing the request")
+                except _MIGRATABLE as exc:
+                    text = feed(await self._migrate(call, decoder, exc))
+                    last = perf_counter()
+                    if text and decoder.finish_reason is None:
                         yield text_chunk(text)
-                else:
-                    call._stream_done = True
-                    raise errors.StreamBroken("the worker ended the stream before finishing the request")
+                        text = ""
             tail = [writer.text(text)] if text else []
             tail.append(writer.finish(decoder.finish_reason))
             if prepared.include_usage:
@@ -344,14 +477,17 @@ class Pipeline:
             first = call.first
             assert first is not None and call.stream is not None
             parts = [call.prepared.echo_text, decoder.feed(first)]
-            if decoder.finish_reason is None:
-                async for raw in call.stream:
-                    parts.append(decoder.feed(_decode_output(raw)))
-                    if decoder.finish_reason is not None:
-                        break
-                else:
-                    call._stream_done = True
-                    raise errors.StreamBroken("the worker ended the stream before finishing the request")
+            while decoder.finish_reason is None:
+                try:
+                    async for raw in call.stream:
+                        parts.append(decoder.feed(_decode_output(raw)))
+                        if decoder.finish_reason is not None:
+                            break
+                    else:
+                        call._stream_done = True
+                        raise errors.StreamBroken("the worker ended the stream before finishing the request")
+                except _MIGRATABLE as exc:
+                    parts.append(decoder.feed(await self._migrate(call, decoder, exc)))
             status = "error"
             body = self._response_body(call, "".join(parts), decoder)
             status = "success"

@@ -14,6 +14,19 @@ from dynamo.wire import AllBlocksCleared, BlockRemoved, BlockStored, KvEventData
 KvEventSink = Callable[[KvEventData], None]
 
 
+@dataclass(slots=True, frozen=True)
+class EvictedBlock:
+    """A cached block allocate() is about to reuse: its KV is still intact while the hook runs."""
+
+    block_id: int
+    block_hash: int
+    parent_hash: int | None
+
+
+# Called by allocate() with the cached blocks it evicts, before handing them out (KVBM offload).
+EvictionHook = Callable[[list[EvictedBlock]], None]
+
+
 @dataclass(slots=True, eq=False)
 class Block:
     """One fixed-size page of KV cache. Identity matters (eq=False): blocks are hashed by id()."""
@@ -66,7 +79,11 @@ class BlockPool:
     """
 
     def __init__(
-        self, num_blocks: int, block_size_tokens: int, on_event: KvEventSink | None = None
+        self,
+        num_blocks: int,
+        block_size_tokens: int,
+        on_event: KvEventSink | None = None,
+        on_evict: EvictionHook | None = None,
     ) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
@@ -78,6 +95,7 @@ class BlockPool:
         self._free = FreeBlockQueue(self.blocks)
         self._cached: dict[int, Block] = {}
         self._on_event = on_event
+        self.on_evict = on_evict
 
     # ------------------------------------------------------------------------------ queries
 
@@ -137,17 +155,23 @@ class BlockPool:
             return None
         out: list[Block] = []
         evicted: list[int] = []
+        hook = self.on_evict
+        gone: list[EvictedBlock] = []
         for _ in range(n):
             block = self._free.pop_head()
             if block.block_hash is not None:
                 del self._cached[block.block_hash]
                 evicted.append(block.block_hash)
+                if hook is not None:
+                    gone.append(EvictedBlock(block.block_id, block.block_hash, block.parent_hash))
                 block.block_hash = None
                 block.parent_hash = None
             block.ref_count = 1
             out.append(block)
         if evicted:
             self._emit(BlockRemoved(block_hashes=evicted))
+        if gone:
+            hook(gone)  # type: ignore[misc]
         return out
 
     def commit(self, block: Block, block_hash: int, parent_hash: int | None) -> Block:

@@ -20,6 +20,10 @@ class RouterConfig:
     approx_capacity_blocks: int = 65536  # approximate mode: predicted blocks kept per worker
     snapshot_retry_s: float = 5.0  # a snapshot request unanswered this long is sent again
     seed: int | None = None  # for reproducible tie-breaks and sampling (tests, benchmarks)
+    # A prompt block a worker holds only in KVBM's host / disk tier counts this fraction of a
+    # device-cached block (it is copied back, not recomputed, but the copy costs time).
+    host_hit_weight: float = 0.5
+    disk_hit_weight: float = 0.25
 
     def __post_init__(self) -> None:
         if self.kv_block_size <= 0:
@@ -28,6 +32,8 @@ class RouterConfig:
             raise ValueError("overlap_score_weight must be >= 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
+        if not (0 <= self.host_hit_weight <= 1 and 0 <= self.disk_hit_weight <= 1):
+            raise ValueError("host_hit_weight and disk_hit_weight must be in [0, 1]")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
@@ -39,6 +45,8 @@ class RouterConfig:
             approx_ttl_s=args.router_approx_ttl_s,
             approx_capacity_blocks=args.router_approx_capacity_blocks,
             seed=args.router_seed,
+            host_hit_weight=getattr(args, "kv_host_hit_weight", cls().host_hit_weight),
+            disk_hit_weight=getattr(args, "kv_disk_hit_weight", cls().disk_hit_weight),
         )
 
 
@@ -102,6 +110,19 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
             env_default("DYN_ROUTER_APPROX_CAPACITY_BLOCKS", str(d.approx_capacity_blocks))
         ),
         help="approximate mode: predicted blocks kept per worker [env DYN_ROUTER_APPROX_CAPACITY_BLOCKS]",
+    )
+    group.add_argument(
+        "--kv-host-hit-weight",
+        type=float,
+        default=float(env_default("DYN_KV_HOST_HIT_WEIGHT", str(d.host_hit_weight))),
+        help="a prompt block cached only in a worker's host-memory tier counts this fraction "
+        "of a device-cached block [env DYN_KV_HOST_HIT_WEIGHT]",
+    )
+    group.add_argument(
+        "--kv-disk-hit-weight",
+        type=float,
+        default=float(env_default("DYN_KV_DISK_HIT_WEIGHT", str(d.disk_hit_weight))),
+        help="likewise for a worker's disk tier [env DYN_KV_DISK_HIT_WEIGHT]",
     )
     group.add_argument(
         "--router-seed",

@@ -1,7 +1,9 @@
 """The KV-aware scheduling cost: what it would cost each candidate worker to serve a request,
 and the choice among them (the cheapest, or a softmax sample with a temperature).
 
-For worker w and a request of `request_blocks` full blocks, `overlap_blocks[w]` of them cached:
+For worker w and a request of `request_blocks` full blocks, `overlap_blocks[w]` of them cached
+(a weighted count when the index knows KVBM's lower tiers: a host or disk block counts a
+fraction of a device block, router/indexer.py):
 
     prefill_blocks[w] = queued_prefill_tokens[w] / block_size + (request_blocks - overlap[w])
     decode_blocks[w]  = active_kv_blocks[w] + request_blocks
@@ -32,7 +34,7 @@ _TIE_EPSILON = 1e-9
 @dataclass(frozen=True, slots=True)
 class WorkerCost:
     worker_id: int
-    overlap_blocks: int
+    overlap_blocks: float
     prefill_blocks: float
     decode_blocks: float
     logit: float
@@ -44,7 +46,7 @@ class WorkerCost:
 
 def score_workers(
     candidates: Sequence[int],
-    overlaps: Mapping[int, int],
+    overlaps: Mapping[int, float],
     request_blocks: int,
     block_size_tokens: int,
     load: LoadTracker,

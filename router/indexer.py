@@ -5,7 +5,7 @@ each worker hold"."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from dynamo.wire import AllBlocksCleared, BlockRemoved, BlockStored, KvCacheEvent, KvTier
 
@@ -35,9 +35,13 @@ class KvIndex:
         "_last_event_id",
         "_needs_resync",
         "_tiers",
+        "_lower",
+        "_lower_blocks",
     )
 
-    def __init__(self, tiers: Iterable[KvTier] = ("device",)) -> None:
+    def __init__(
+        self, tiers: Iterable[KvTier] = ("device",), tier_weights: Mapping[KvTier, float] | None = None
+    ) -> None:
         self._holders: dict[int, int] = {}
         self._blocks: dict[int, set[int]] = {}
         self._slot_of: dict[int, int] = {}
@@ -48,6 +52,12 @@ class KvIndex:
         # Only blocks a worker can serve without a transfer count as cached; events for other
         # tiers still advance the worker's event sequence.
         self._tiers = frozenset(tiers)
+        # KVBM's lower tiers (host, disk), each with its weight: a block held only there counts
+        # that fraction of a device block in find_matches, since it is onboarded, not
+        # recomputed, but costs a copy. Heaviest first: a block counts its best tier.
+        weights = sorted(((w, t) for t, w in (tier_weights or {}).items() if t not in self._tiers and w > 0), reverse=True)
+        self._lower: list[tuple[KvTier, float, dict[int, int]]] = [(t, w, {}) for w, t in weights]
+        self._lower_blocks: dict[KvTier, dict[int, set[int]]] = {t: {} for _, t in weights}
 
     # ------------------------------------------------------------------------------ queries
 
@@ -56,6 +66,8 @@ class KvIndex:
         are absent). O(prompt blocks): one dict lookup and one AND per block."""
         if not block_hashes:
             return {}
+        if any(holders for _, _, holders in self._lower):
+            return self._find_weighted(block_hashes)  # type: ignore[return-value]
         get = self._holders.get
         active = get(block_hashes[0], 0)
         if not active:
@@ -129,9 +141,13 @@ class KvIndex:
         if isinstance(data, BlockStored):
             if data.tier in self._tiers:
                 self.store(worker, data.block_hashes)
+            elif data.tier in self._lower_blocks:
+                self._store_lower(data.tier, worker, data.block_hashes)
         elif isinstance(data, BlockRemoved):
             if data.tier in self._tiers:
                 self.remove(worker, data.block_hashes)
+            elif data.tier in self._lower_blocks:
+                self._remove_lower(data.tier, worker, data.block_hashes)
         elif isinstance(data, AllBlocksCleared):
             self.clear_worker(worker)
             self._needs_resync.discard(worker)
@@ -169,6 +185,9 @@ class KvIndex:
 
     def clear_worker(self, worker_id: int) -> None:
         """Forget the worker's blocks; keep its event sequence."""
+        for tier, per_worker in self._lower_blocks.items():
+            if worker_id in per_worker:
+                self._remove_lower(tier, worker_id, list(per_worker.pop(worker_id)))
         blocks = self._blocks.pop(worker_id, None)
         if not blocks:
             return
@@ -189,6 +208,54 @@ class KvIndex:
         slot = self._slot_of.pop(worker_id, None)
         if slot is not None:
             self._free_slots.append(slot)
+
+    def _store_lower(self, tier: KvTier, worker_id: int, block_hashes: Sequence[int]) -> None:
+        bit = 1 << self._slot(worker_id)
+        self._lower_blocks[tier].setdefault(worker_id, set()).update(block_hashes)
+        holders = next(h for t, _, h in self._lower if t == tier)
+        for h in block_hashes:
+            holders[h] = holders.get(h, 0) | bit
+
+    def _remove_lower(self, tier: KvTier, worker_id: int, block_hashes: Iterable[int]) -> None:
+        blocks = self._lower_blocks[tier].get(worker_id, set())
+        keep = ~(1 << self._slot_of[worker_id]) if worker_id in self._slot_of else -1
+        holders = next(h for t, _, h in self._lower if t == tier)
+        for h in block_hashes:
+            blocks.discard(h)
+            rest = holders.get(h, 0) & keep
+            if rest:
+                holders[h] = rest
+            else:
+                holders.pop(h, None)
+
+    def _find_weighted(self, block_hashes: Sequence[int]) -> dict[int, float]:
+        """find_matches with lower tiers: per worker, over the leading blocks it holds in any
+        tier, the sum of each block's best tier weight (device 1)."""
+        device = self._holders.get
+        lower = [(holders.get, weight) for _, weight, holders in self._lower]
+        worker_at = self._worker_at
+        scores: dict[int, float] = {}
+        active = -1
+        for h in block_hashes:
+            tiers = [(device(h, 0), 1.0)] + [(get(h, 0), w) for get, w in lower]
+            union = 0
+            for mask, _ in tiers:
+                union |= mask
+            active &= union
+            if not active:
+                break
+            left = active
+            for mask, weight in tiers:
+                credited = left & mask
+                left ^= credited
+                while credited:
+                    low = credited & -credited
+                    worker = worker_at[low.bit_length() - 1]
+                    scores[worker] = scores.get(worker, 0.0) + weight
+                    credited ^= low
+                if not left:
+                    break
+        return scores
 
     def _slot(self, worker_id: int) -> int:
         slot = self._slot_of.get(worker_id)

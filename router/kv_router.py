@@ -198,7 +198,7 @@ class KvRouter(_LoadAwareRouter):
         self.index: KvIndex | None = None
         self.approx: ApproxIndex | None = None
         if config.use_kv_events:
-            self.index = KvIndex()
+            self.index = KvIndex(tier_weights={"host": config.host_hit_weight, "disk": config.disk_hit_weight})
         else:
             self.approx = ApproxIndex(config.approx_ttl_s, config.approx_capacity_blocks)
         # Workers heard from or asked for a snapshot; others get asked when first offered.

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from workers.engine import Engine
 
-ENGINE_NAMES = ("mocker", "builtin")
+ENGINE_NAMES = ("mocker", "builtin", "vllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +32,20 @@ def _builtin() -> EngineSpec:
     return EngineSpec(add_builtin_args, lambda args: BuiltinEngine(BuiltinConfig.from_args(args)))
 
 
-_SPECS: dict[str, Callable[[], EngineSpec]] = {"mocker": _mocker, "builtin": _builtin}
+def _vllm() -> EngineSpec:
+    # Only vllm.engine.arg_utils is imported to build the flags; the engine module (AsyncLLM)
+    # is imported when the engine is created.
+    from workers.vllm.args import VllmConfig, add_vllm_args
+
+    def create(args: argparse.Namespace) -> Engine:
+        from workers.vllm.engine import VllmEngine
+
+        return VllmEngine(VllmConfig.from_args(args))
+
+    return EngineSpec(add_vllm_args, create)
+
+
+_SPECS: dict[str, Callable[[], EngineSpec]] = {"mocker": _mocker, "builtin": _builtin, "vllm": _vllm}
 
 
 def engine_spec(name: str) -> EngineSpec:

@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dynamo import errors
 from dynamo.events import (
@@ -18,7 +19,7 @@ from dynamo.events import (
     kv_snapshot_subject,
     load_metrics_subject,
 )
-from dynamo.model_registry import register_model
+from dynamo.model_registry import model_key
 from dynamo.runtime import RequestContext, Runtime, ServedEndpoint, Subscription
 from prometheus_client import CollectorRegistry
 
@@ -32,6 +33,10 @@ from dynamo.wire import (
     encode,
 )
 from workers.engine import Engine, EngineInfo
+
+if TYPE_CHECKING:
+    from workers.disagg import DisaggConfig, DisaggRole
+from kvbm.metrics import KvbmMetrics
 from workers.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,10 @@ class WorkerConfig:
     role: WorkerRole = "aggregated"
     migration_limit: int = 0
     load_publish_interval_s: float = 0.05
+    # Requests allowed to wait for the engine (admitted but not yet scheduled); past it a new
+    # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
+    max_queued_requests: int = 0
+    disagg: DisaggConfig | None = None  # prefill/decode roles (workers/disagg); None: defaults
 
 
 class Worker:
@@ -73,21 +82,36 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._snapshot_sub: Subscription | None = None
         self._kv_publisher: KvEventPublisher | None = None
+        self._card_key: str | None = None
+        self._active = 0  # requests inside handle()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+        self.disagg: DisaggRole | None = None  # set for --role prefill|decode
 
     # --------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.instance_id = await self.runtime.primary_lease()
+        self.instance_id = await self.runtime.instance_id()
         ns, comp = self.runtime.namespace, self.config.component
         self._kv_publisher = KvEventPublisher(
             self.runtime.events, kv_events_subject(ns, comp), self.instance_id
         )
         self.info = await self.engine.start(self._on_kv_event)
+        kvbm = getattr(self.engine, "kvbm", None)  # engines with KVBM tiers expose them here
+        if kvbm is not None:
+            kvbm.cache.bind_metrics(KvbmMetrics(self.registry, self.config.served_model_name))
         self._spawn(self._publish_kv_events())
         self._spawn(self._publish_load(LoadPublisher(self.runtime.events, load_metrics_subject(ns, comp))))
         self._snapshot_sub = await self.runtime.events.subscribe(kv_snapshot_subject(ns, comp))
         self._spawn(self._answer_snapshots(self._snapshot_sub))
 
+        if self.config.role != "aggregated":
+            from workers.disagg import DisaggConfig, start_disagg
+
+            self.disagg = await start_disagg(
+                self.runtime, self.engine, self.config.role, comp, self.config.disagg or DisaggConfig()
+            )
         endpoint = self.runtime.endpoint(comp, self.config.endpoint)
         self.served = await endpoint.serve(self.handle)
         card = ModelCard(
@@ -104,7 +128,8 @@ class Worker:
             kv_total_blocks=self.info.kv_total_blocks,
             migration_limit=self.config.migration_limit,
         )
-        await register_model(self.runtime.discovery, card, self.instance_id)
+        self._card_key = model_key(card)
+        await self.runtime.register(self._card_key, encode(card))
         log.info(
             "worker %x serves %s (%s engine, %d KV blocks of %d tokens)",
             self.instance_id,
@@ -114,10 +139,37 @@ class Worker:
             self.info.kv_block_size,
         )
 
+    async def drain(self, timeout_s: float) -> None:
+        """Graceful shutdown: stop being routed to (the model card goes first, so frontends
+        stop choosing this worker while its endpoint still answers), let in-flight requests
+        finish for up to `timeout_s`, then stop serving; requests still running get a
+        StreamBroken frame, which a frontend with migration enabled answers by moving them."""
+        self.draining = True
+        if self._card_key is not None:
+            try:
+                await self.runtime.deregister(self._card_key)
+            except errors.DynamoError as exc:
+                log.warning("could not deregister model card %s: %s", self._card_key, exc)
+        log.info("worker %x draining: %d requests in flight, up to %.1fs", self.instance_id, self._active, timeout_s)
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            log.info("worker %x drained", self.instance_id)
+        except TimeoutError:
+            log.warning(
+                "worker %x: %d requests still running after %.1fs; cancelling them",
+                self.instance_id, self._active, timeout_s,
+            )
+        if self.served is not None:
+            await self.served.stop()
+            self.served = None
+
     async def stop(self) -> None:
         if self.served is not None:
             await self.served.stop()
             self.served = None
+        if self.disagg is not None:
+            await self.disagg.close()
+            self.disagg = None
         if self._snapshot_sub is not None:
             await self._snapshot_sub.close()
         for task in self._tasks:
@@ -153,9 +205,17 @@ class Worker:
                 f"prompt has {len(request.token_ids)} tokens; this model's context is "
                 f"{self.info.context_length} tokens"
             )
-        outputs = self.engine.generate(request)
+        if self.draining:
+            raise errors.Overloaded(f"worker {self.instance_id:x} is shutting down")
+        limit = self.config.max_queued_requests
+        if limit and self.engine.load_metrics().waiting_requests >= limit:
+            self.metrics.finished("overloaded")
+            raise errors.Overloaded(f"worker {self.instance_id:x} has {limit} requests queued already")
+        outputs = (self.disagg or self.engine).generate(request)
         status = "cancelled"
         self.metrics.inflight.inc()
+        self._active += 1
+        self._idle.clear()
         try:
             async for output in outputs:
                 self.metrics.output_tokens.inc(len(output.token_ids))
@@ -170,6 +230,9 @@ class Worker:
         finally:
             self.metrics.inflight.dec()
             self.metrics.finished(status)
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
             # Closing the engine's stream is what aborts the request and frees its blocks when
             # the caller cancels.
             await outputs.aclose()  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import os
 
 from dynamo import errors
 from dynamo.config import RuntimeConfig
-from dynamo.runtime.etcd_discovery import EtcdDiscovery
+from dynamo.runtime.etcd_discovery import EtcdDiscovery, EtcdSecurity
 from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
 from dynamo.runtime.planes import Discovery, EventPlane, LeaseLostCallback, RequestPlane
 
@@ -35,11 +35,22 @@ async def connect_distributed(
         raise errors.DynamoError("no etcd endpoint configured (--etcd-endpoints / ETCD_ENDPOINTS)")
 
     conn = await NatsConnection.connect(
-        servers, name=f"dynamo:{config.namespace}:{os.getpid()}", timeout_s=connect_timeout_s
+        servers,
+        name=f"dynamo:{config.namespace}:{os.getpid()}",
+        timeout_s=connect_timeout_s,
+        tls_ca=config.nats_tls_ca,
+        creds_path=config.nats_creds,
+    )
+    security = EtcdSecurity(
+        ca_path=config.etcd_ca,
+        cert_path=config.etcd_cert,
+        key_path=config.etcd_key,
+        user=config.etcd_user,
+        password=config.etcd_password,
     )
     try:
         discovery = await EtcdDiscovery.connect(
-            config.etcd_endpoints[0], timeout_s=connect_timeout_s, on_lease_lost=on_lease_lost
+            config.etcd_endpoints[0], timeout_s=connect_timeout_s, on_lease_lost=on_lease_lost, security=security
         )
     except BaseException:
         await conn.close()

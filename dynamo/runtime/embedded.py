@@ -34,7 +34,7 @@ class _EmbeddedServed(Served):
         self._plane = plane
         self.address = address
         self.handler = handler
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[asyncio.Task[None], RequestContext] = {}
 
     @property
     def inflight(self) -> int:
@@ -42,10 +42,11 @@ class _EmbeddedServed(Served):
 
     async def stop(self) -> None:
         self._plane._servers.pop(self.address, None)
-        tasks = list(self.tasks)
-        for task in tasks:
+        tasks = list(self.tasks.items())
+        for task, ctx in tasks:
+            ctx.stop_reason = f"worker at {self.address} stopped during the request"
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
 
 
 class EmbeddedRequestPlane(RequestPlane):
@@ -77,8 +78,8 @@ class EmbeddedRequestPlane(RequestPlane):
             stream.feed(frame)
 
         task = asyncio.create_task(run_handler(served.handler, payload, ctx, send))
-        served.tasks.add(task)
-        task.add_done_callback(served.tasks.discard)
+        served.tasks[task] = ctx
+        task.add_done_callback(lambda t: served.tasks.pop(t, None))
         return stream
 
     async def close(self) -> None:

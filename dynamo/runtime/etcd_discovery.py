@@ -8,15 +8,18 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
+import grpc
 from aetcd import exceptions as etcd_errors
 from aetcd.rtypes import EventKind
 from grpc.aio import AioRpcError
 
 from dynamo import errors
+from dynamo.config import redact_url
 from dynamo.runtime.planes import Discovery, LeaseLostCallback, Watch, WatchEvent
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,58 @@ def parse_endpoint(url: str) -> tuple[str, int]:
     if not parts.hostname:
         raise errors.DynamoError(f"bad etcd endpoint {url!r}: expected http://host:port")
     return parts.hostname, parts.port or 2379
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdSecurity:
+    """TLS (CA, optional client cert/key for mTLS) and user/password for etcd."""
+
+    ca_path: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = field(default=None, repr=False)
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not (self.ca_path or self.cert_path):
+            return None
+
+        def read(path: str | None) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise errors.DynamoError(f"cannot read etcd TLS file {path!r}: {exc}") from exc
+
+        return grpc.ssl_channel_credentials(read(self.ca_path), read(self.key_path), read(self.cert_path))
+
+
+class _TlsClient(aetcd.Client):
+    """aetcd opens only insecure channels; this opens a TLS one, then lets aetcd finish
+    connecting (authentication and stubs) on it."""
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set() or self._is_connecting:
+            return await super().connect()
+        insecure = aetcd.rpc.insecure_channel
+        credentials = self._credentials
+
+        def secure(target: str, options: object = None) -> grpc.aio.Channel:
+            return grpc.aio.secure_channel(target, credentials, options=options)  # type: ignore[arg-type]
+
+        # aetcd.Client.connect builds its channel with rpc.insecure_channel: swap it for the
+        # duration of this call (single-threaded event loop: no one else connects meanwhile).
+        aetcd.rpc.insecure_channel = secure  # type: ignore[assignment]
+        try:
+            return await super().connect()
+        finally:
+            aetcd.rpc.insecure_channel = insecure  # type: ignore[assignment]
 
 
 class _EtcdWatch(Watch):
@@ -163,11 +218,22 @@ class EtcdDiscovery(Discovery):
 
     @classmethod
     async def connect(
-        cls, url: str, *, timeout_s: float = 5.0, on_lease_lost: LeaseLostCallback | None = None
+        cls,
+        url: str,
+        *,
+        timeout_s: float = 5.0,
+        on_lease_lost: LeaseLostCallback | None = None,
+        security: EtcdSecurity | None = None,
     ) -> EtcdDiscovery:
         host, port = parse_endpoint(url)
-        client = aetcd.Client(host=host, port=port, timeout=timeout_s)  # type: ignore[arg-type]
-        discovery = cls(client, url, op_timeout_s=timeout_s, on_lease_lost=on_lease_lost)
+        security = security or EtcdSecurity()
+        kwargs: dict[str, object] = {"host": host, "port": port, "timeout": timeout_s}
+        if security.user is not None:
+            kwargs["username"] = security.user
+            kwargs["password"] = security.password or ""
+        credentials = security.credentials()
+        client = aetcd.Client(**kwargs) if credentials is None else _TlsClient(credentials, **kwargs)  # type: ignore[arg-type]
+        discovery = cls(client, redact_url(url), op_timeout_s=timeout_s, on_lease_lost=on_lease_lost)
         try:
             # gRPC connects lazily: one read proves the endpoint answers.
             await discovery._call("connect", client.get(b"\0dynamo-probe"))
@@ -207,12 +273,14 @@ class EtcdDiscovery(Discovery):
             if reply is not None and reply.TTL > 0:
                 continue
             log.warning("lease %x at %s is gone (expired or revoked); its keys were deleted", lease_id, self.url)
-            self._keepalives.pop(lease_id, None)
-            if self.on_lease_lost is not None:
-                try:
+            try:
+                # Still listed in _keepalives while the callback runs, so close() cancels it.
+                if self.on_lease_lost is not None:
                     await self.on_lease_lost(lease_id)
-                except Exception:  # a broken callback must not hide the lost lease
-                    log.exception("on_lease_lost callback failed for lease %x", lease_id)
+            except Exception:  # a broken callback must not hide the lost lease
+                log.exception("on_lease_lost callback failed for lease %x", lease_id)
+            finally:
+                self._keepalives.pop(lease_id, None)
             return
 
     async def _stop_keepalive(self, lease_id: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 from collections.abc import Callable
 
 import msgspec
@@ -19,6 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
 
 from dynamo import errors
+from dynamo.config import redact_url
 from dynamo.runtime.planes import (
     EventPlane,
     Handler,
@@ -61,12 +63,24 @@ class NatsConnection:
         name: str,
         timeout_s: float = 5.0,
         reconnect_wait_s: float = 0.5,
+        tls_ca: str | None = None,
+        creds_path: str | None = None,
     ) -> NatsConnection:
+        """`user:password@` in a server URL authenticates (nats-py reads it); `tls_ca` turns on
+        TLS verified against that CA; `creds_path` is a NATS .creds file (JWT + nkey)."""
         holder: list[NatsConnection] = []
-        where = ", ".join(servers)
+        where = redact_url(", ".join(servers))  # URLs may carry passwords: never log them
+        options: dict[str, object] = {}
+        if tls_ca:
+            try:
+                options["tls"] = ssl.create_default_context(cafile=tls_ca)
+            except OSError as exc:  # ssl.SSLError is an OSError
+                raise errors.DynamoError(f"cannot load the NATS TLS CA {tls_ca!r}: {exc}") from exc
+        if creds_path:
+            options["user_credentials"] = creds_path
 
         async def on_error(exc: Exception) -> None:
-            log.warning("NATS (%s): %r", where, exc)
+            log.warning("NATS (%s): %s", where, redact_url(repr(exc)))
 
         async def on_disconnect() -> None:
             if nc.is_closed:  # our own close, not an outage
@@ -95,12 +109,15 @@ class NatsConnection:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     closed_cb=on_closed,
+                    **options,  # type: ignore[arg-type]
                 ),
                 timeout_s,
             )
         except (TimeoutError, OSError, nats_errors.Error) as exc:
             await _close_quietly(nc)
-            raise errors.DynamoError(f"cannot connect to NATS at {where} within {timeout_s}s: {exc!r}") from exc
+            raise errors.DynamoError(
+                f"cannot connect to NATS at {where} within {timeout_s}s: {redact_url(repr(exc))}"
+            ) from exc
         conn = cls(nc, servers)
         holder.append(conn)
         return conn
@@ -228,10 +245,17 @@ class _NatsServed(Served):
                 await self._nc.flush(timeout=self._plane.ack_timeout_s)  # type: ignore[arg-type]
             except (TimeoutError, nats_errors.Error) as exc:
                 log.debug("flushing after unsubscribing %s: %r", self.address, exc)
-        tasks = [task for task, _ in self._tasks.values()]
-        for task in tasks:
+        tasks = list(self._tasks.values())
+        for task, ctx in tasks:
+            ctx.stop_reason = f"worker at {self.address} stopped during the request"
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(task for task, _ in tasks), return_exceptions=True)
+        if self._nc.is_connected:
+            # Push the "stopped" frames out before the caller of stop() closes the connection.
+            try:
+                await self._nc.flush(timeout=self._plane.ack_timeout_s)  # type: ignore[arg-type]
+            except (TimeoutError, nats_errors.Error) as exc:
+                log.debug("flushing after stopping %s: %r", self.address, exc)
 
 
 class _NatsStream(FrameStream):

@@ -19,6 +19,9 @@ class RequestContext:
 
     request_id: str
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set by the server before it cancels the handler for its own reasons (shutting down):
+    # the caller then gets a StreamBroken frame saying so, and can migrate the request.
+    stop_reason: str | None = None
 
     def is_cancelled(self) -> bool:
         return self.cancelled.is_set()
@@ -60,7 +63,8 @@ class ResponseStream(ABC):
 
 class Served(ABC):
     """A running server of one address; `stop()` stops taking requests and cancels those
-    in flight (graceful draining belongs to the caller of stop)."""
+    in flight, telling each caller its stream broke (graceful draining belongs to the caller
+    of stop)."""
 
     @abstractmethod
     async def stop(self) -> None: ...

@@ -2,7 +2,9 @@
 whichever backend (embedded or distributed) provides the planes.
 
 An instance is one server of an endpoint; it registers under the runtime's lease, so when the
-process dies its registrations vanish within the lease TTL and every client forgets it.
+process dies its registrations vanish within the lease TTL and every client forgets it. If the
+lease is lost while the process lives (an etcd outage longer than the TTL), the runtime grants a
+new one and re-puts every registration under it, keeping the same instance id.
 """
 
 from __future__ import annotations
@@ -64,8 +66,16 @@ class Runtime:
         self.requests = requests
         self.events = events
         self._lease_id: int | None = None
+        self._instance_id: int | None = None
         self._lease_lock = asyncio.Lock()
         self._served: list[ServedEndpoint] = []
+        # Every key this runtime registered under its lease, to re-put after a lease loss.
+        self._registrations: dict[str, bytes] = {}
+        self._closing = False
+        # Lease id -> owning runtime, shared by siblings: the discovery has one lease-lost hook.
+        self._lease_owners: dict[int, Runtime] = {}
+        if owns_planes and hasattr(discovery, "on_lease_lost"):
+            discovery.on_lease_lost = self._dispatch_lease_lost  # type: ignore[attr-defined]
 
     @classmethod
     async def create(cls, config: RuntimeConfig) -> Runtime:
@@ -85,18 +95,69 @@ class Runtime:
     def sibling(self) -> Runtime:
         """Another runtime on the same planes with a lease of its own: several workers in one
         process (the embedded deployment) each need their own instance id."""
-        return Runtime(self.config, self.discovery, self.requests, self.events, owns_planes=False)
+        sibling = Runtime(self.config, self.discovery, self.requests, self.events, owns_planes=False)
+        sibling._lease_owners = self._lease_owners
+        return sibling
 
     @property
     def namespace(self) -> str:
         return self.config.namespace
 
     async def primary_lease(self) -> int:
-        """This process's lease; its id is the instance id of everything this process serves."""
+        """This runtime's current lease (granted on first use). Its first id is also the
+        instance id; a lease granted after a loss has a new id, the instance id stays."""
         async with self._lease_lock:
             if self._lease_id is None:
                 self._lease_id = await self.discovery.create_lease(self.config.lease_ttl_s)
+                self._lease_owners[self._lease_id] = self
+                if self._instance_id is None:
+                    self._instance_id = self._lease_id
             return self._lease_id
+
+    async def instance_id(self) -> int:
+        """The id everything this runtime serves registers as; stable for its lifetime."""
+        await self.primary_lease()
+        assert self._instance_id is not None
+        return self._instance_id
+
+    async def register(self, key: str, value: bytes) -> None:
+        """Put `key` under the primary lease and remember it, so it is re-put after a lease loss."""
+        lease_id = await self.primary_lease()
+        self._registrations[key] = value
+        await self.discovery.put(key, value, lease_id=lease_id)
+
+    async def deregister(self, key: str) -> None:
+        self._registrations.pop(key, None)
+        await self.discovery.delete(key)
+
+    async def _dispatch_lease_lost(self, lease_id: int) -> None:
+        owner = self._lease_owners.pop(lease_id, None)
+        if owner is not None:
+            await owner._on_lease_lost(lease_id)
+
+    async def _on_lease_lost(self, lease_id: int) -> None:
+        """etcd dropped our lease (and our keys with it): frontends have forgotten this
+        instance. Grant a new lease and re-put every registration, retrying until it works."""
+        delay_s = 0.2
+        while not self._closing:
+            async with self._lease_lock:
+                if self._lease_id == lease_id:
+                    self._lease_id = None
+            try:
+                new_lease = await self.primary_lease()
+                for key, value in list(self._registrations.items()):
+                    await self.discovery.put(key, value, lease_id=new_lease)
+            except errors.DynamoError as exc:
+                log.warning("re-registering instance %x after losing lease %x failed (%s); retrying in %.1fs",
+                            self._instance_id or 0, lease_id, exc, delay_s)
+                await asyncio.sleep(delay_s)  # retry backoff while etcd is still unreachable
+                delay_s = min(delay_s * 2, 5.0)
+                continue
+            log.warning(
+                "lease %x was lost; instance %x re-registered %d keys under new lease %x",
+                lease_id, self._instance_id or 0, len(self._registrations), new_lease,
+            )
+            return
 
     def endpoint(self, component: str, name: str, namespace: str | None = None) -> Endpoint:
         return Endpoint(self, EndpointPath(namespace or self.namespace, component, name))
@@ -108,10 +169,13 @@ class Runtime:
         await self.shutdown()
 
     async def shutdown(self) -> None:
+        self._closing = True
         for served in reversed(self._served):
             await served.stop()
         self._served.clear()
+        self._registrations.clear()
         if self._lease_id is not None:
+            self._lease_owners.pop(self._lease_id, None)
             try:
                 await self.discovery.revoke_lease(self._lease_id)
             except Exception as exc:  # infrastructure may already be gone at shutdown
@@ -131,7 +195,7 @@ class Endpoint:
 
     async def serve(self, handler: Handler) -> ServedEndpoint:
         """Start serving and register this instance in discovery (under the primary lease)."""
-        instance_id = await self.runtime.primary_lease()
+        instance_id = await self.runtime.instance_id()
         address = self.path.address(instance_id)
         served = await self.runtime.requests.serve(address, handler)
         info = InstanceInfo(
@@ -142,7 +206,7 @@ class Endpoint:
             transport=address,
         )
         key = f"{self.path.key_prefix}{instance_id:x}"
-        await self.runtime.discovery.put(key, encode(info), lease_id=instance_id)
+        await self.runtime.register(key, encode(info))
         result = ServedEndpoint(self.runtime, key, served, instance_id)
         self.runtime._served.append(result)
         return result
@@ -167,7 +231,7 @@ class ServedEndpoint:
 
     async def deregister(self) -> None:
         """Stop being routed to; requests in flight keep running."""
-        await self.runtime.discovery.delete(self.key)
+        await self.runtime.deregister(self.key)
 
     async def stop(self) -> None:
         if self._stopped:

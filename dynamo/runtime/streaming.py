@@ -34,6 +34,14 @@ async def run_handler(
             seq += 1
     except asyncio.CancelledError:
         ctx.cancelled.set()
+        if ctx.stop_reason is not None:
+            # The server stopped us, not the caller: tell the caller, who may migrate.
+            try:
+                await asyncio.shield(
+                    send(StreamFrame(seq, FRAME_ERROR, error=ctx.stop_reason, code=errors.StreamBroken.code))
+                )
+            except Exception as exc:  # noqa: BLE001 - best effort; the caller also sees the instance vanish
+                log.debug("could not tell the caller of %s that it stopped: %r", ctx.request_id, exc)
         raise
     except errors.DynamoError as exc:
         await send(StreamFrame(seq, FRAME_ERROR, error=exc.message, code=exc.code))
@@ -95,6 +103,7 @@ class FrameStream(ResponseStream):
         if item.kind == FRAME_DATA:
             return item.data
         self._finish()
+        self._on_cancel = None  # the server finished the request: nothing to cancel
         if item.kind == FRAME_END:
             raise StopAsyncIteration
         raise errors.from_code(item.code, item.error)
@@ -105,8 +114,8 @@ class FrameStream(ResponseStream):
             await cb()
 
     async def aclose(self) -> None:
+        # Also after an abort: the server may still be running (we lost its frames, or we
+        # gave up on it at a deadline), and the cancel frees its KV blocks.
         if not self._done:
             self._finish()
-            await self._cancel_remote()
-        else:
-            self._on_cancel = None
+        await self._cancel_remote()

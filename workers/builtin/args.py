@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo.config import env_default
+from kvbm.config import KvbmConfig, add_kvbm_args
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "dynamo-tiny")
 
@@ -27,8 +28,9 @@ class BuiltinConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    enforce_eager: bool = True  # CUDA graphs are not implemented yet; the flag is reserved
+    enforce_eager: bool = False  # True: no CUDA graphs for decode (they apply on CUDA only)
     seed: int = 0  # seeds requests that give no seed, in arrival order
+    kvbm: KvbmConfig = KvbmConfig()  # host/disk tiers below the KV cache; off by default
 
     def __post_init__(self) -> None:
         for name in ("block_size_tokens", "max_num_seqs", "max_num_batched_tokens"):
@@ -58,6 +60,7 @@ class BuiltinConfig:
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
             seed=args.seed,
+            kvbm=KvbmConfig.from_args(args),
         )
 
 
@@ -121,10 +124,11 @@ def add_builtin_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--enforce-eager", action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_BUILTIN_ENFORCE_EAGER", "1") or "1") not in ("0", "false"),
-        help="run without CUDA graphs (the only mode implemented yet) [env DYN_BUILTIN_ENFORCE_EAGER]",
+        default=(env_default("DYN_BUILTIN_ENFORCE_EAGER", "0") or "0") not in ("0", "false"),
+        help="run decode without CUDA graphs (graphs are used on CUDA only) [env DYN_BUILTIN_ENFORCE_EAGER]",
     )
     group.add_argument(
         "--seed", type=int, default=_opt_int("DYN_BUILTIN_SEED") or d.seed,
         help="base seed for requests that carry none [env DYN_BUILTIN_SEED]",
     )
+    add_kvbm_args(parser)

@@ -1,8 +1,8 @@
 """Attention over the paged KV cache for a mixed batch of prefill chunks and decodes.
 
 The portable path gathers each sequence's blocks into a padded [batch, kv_len] view and runs
-torch SDPA with a causal-with-offset mask. A GPU path (flex attention over block tables, or a
-Triton paged kernel) implements the same two methods and is picked by `attention_backend()`.
+torch SDPA with a causal-with-offset mask. On CUDA with Triton, pure-decode steps run a paged
+Triton kernel straight over the block tables (CUDA-graph safe); mixed steps keep the SDPA path.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from workers.builtin import gpu_kernels
 
 
 @dataclass(slots=True)
@@ -34,6 +36,9 @@ class AttentionMetadata:
     num_seqs: int
     max_q: int
     max_kv: int
+    # Pure-decode steps of the Triton backend: [B] int32 tokens in each sequence's cache,
+    # the new one included (0 for a padded CUDA-graph row); block_tables are int32 then.
+    seq_lens: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):
@@ -81,10 +86,10 @@ class SdpaPagedAttention:
         # fully masked (that would make SDPA return NaN).
         mask = (kv_pos <= q_pos) & (kv_pos < torch.tensor(kv_lens).view(num_seqs, 1, 1))
         return AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.long, device=device),
-            query_index=torch.tensor(query_index, dtype=torch.long, device=device),
-            mask=mask.unsqueeze(1).to(device),
+            slot_mapping=to_device(slots, torch.long, device),
+            block_tables=to_device(tables, torch.long, device),
+            query_index=to_device(query_index, torch.long, device),
+            mask=mask.unsqueeze(1).to(device, non_blocking=True),
             num_seqs=num_seqs,
             max_q=max_q,
             max_kv=max_kv,
@@ -120,6 +125,73 @@ class SdpaPagedAttention:
         return out if max_q == 1 and B == q.shape[0] else out[meta.query_index]
 
 
+def to_device(values: list[int] | list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A step input on `device`: on CUDA through pinned memory without waiting for the copy
+    (ordered before the kernels that read it on the same stream); on CPU a plain tensor."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(device, non_blocking=True)
+
+
+def decode_slots_and_tables(
+    seqs: list[SeqSlice], block_size_tokens: int
+) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """For a pure-decode step: each token's position, cache slot, its sequence's length (new
+    token included) and block table cut to the blocks that length uses."""
+    bs = block_size_tokens
+    positions = [s.num_computed for s in seqs]
+    slots = [s.block_ids[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+    seq_lens = [p + 1 for p in positions]
+    tables = [s.block_ids[: -(-n // bs)] for s, n in zip(seqs, seq_lens)]
+    return positions, slots, seq_lens, tables
+
+
+class TritonPagedAttention:
+    """CUDA: decode reads K/V in place through the block tables (no gather copy) with a Triton
+    kernel; steps with a prefill chunk fall back to the SDPA path. `fused_ops` tells the model to
+    use the fused Triton norm/RoPE/MLP kernels too."""
+
+    fused_ops = True
+
+    def __init__(self) -> None:
+        self._sdpa = SdpaPagedAttention()
+
+    def build_metadata(self, seqs: list[SeqSlice], block_size_tokens: int, device: torch.device) -> AttentionMetadata:
+        if any(s.num_new != 1 for s in seqs):
+            return self._sdpa.build_metadata(seqs, block_size_tokens, device)
+        _, slots, seq_lens, tables = decode_slots_and_tables(seqs, block_size_tokens)
+        width = max(len(t) for t in tables)
+        empty = torch.empty(0, device=device)
+        return AttentionMetadata(
+            slot_mapping=to_device(slots, torch.long, device),
+            block_tables=to_device([t + [0] * (width - len(t)) for t in tables], torch.int32, device),
+            query_index=empty.long(),
+            mask=empty.bool(),
+            num_seqs=len(seqs),
+            max_q=1,
+            max_kv=width * block_size_tokens,
+            seq_lens=to_device(seq_lens, torch.int32, device),
+        )
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        if meta.seq_lens is None:
+            return self._sdpa.forward(q, k, v, k_cache, v_cache, meta, scale)
+        gpu_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return gpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+
+
 def attention_backend(device: torch.device) -> AttentionBackend:
-    """The backend for a device. Only the portable one exists yet; a CUDA paged kernel goes here."""
+    """The backend for a device: the Triton paged kernels on CUDA when Triton is there, else
+    the portable SDPA path."""
+    if device.type == "cuda" and gpu_kernels.triton_available():
+        return TritonPagedAttention()
     return SdpaPagedAttention()

@@ -10,21 +10,29 @@ import random
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
 from dynamo import errors
 from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
 from kvbm.block_pool import BlockPool, KvEventSink
+from kvbm.layout import KvLayout
+from kvbm.manager import KvBlockManager
 from workers.builtin.args import BuiltinConfig
 from workers.builtin.config import ModelConfig, load_model_config
 from workers.builtin.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_bytes
 from workers.builtin.loader import load_model, resolve_dtype
 from workers.builtin.runner import ModelRunner, build_step_input
 from workers.builtin.sampling import SamplingParams
-from workers.builtin.scheduler import Scheduler
+from workers.builtin.scheduler import ScheduledBatch, Scheduler
 from workers.builtin.sequence import Sequence
 from workers.engine import Engine, EngineInfo
+
+if TYPE_CHECKING:
+    from dynamo.wire import KvLayoutSpec
+    from kvbm.transfer.layout import KvMemory
+    from workers.disagg.engine_support import DisaggSupport
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,7 @@ class BuiltinEngine(Engine):
         self._streams: dict[Sequence, asyncio.Queue[EngineOutput | errors.DynamoError]] = {}
         self._seeds = random.Random(config.seed)
         self.num_steps = 0
+        self.kvbm: KvBlockManager | None = None  # host/disk tiers, when config.kvbm is enabled
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -65,8 +74,19 @@ class BuiltinEngine(Engine):
         loop = asyncio.get_running_loop()
         self.runner = await loop.run_in_executor(self._executor, self._build_runner)
         kv = self.runner.kv
-        self.pool = BlockPool(kv.num_blocks, kv.block_size_tokens, on_event=self._emit)
-        self.scheduler = Scheduler(self.pool, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        if self.config.kvbm.enabled:
+            # Built on the model thread: the host tier is one large (pinned) allocation.
+            self.kvbm = await loop.run_in_executor(self._executor, self._build_kvbm)
+            await self.kvbm.start()
+        kvbm = self.kvbm
+        self.pool = BlockPool(
+            kv.num_blocks, kv.block_size_tokens, on_event=self._emit,
+            on_evict=kvbm.cache.evicted if kvbm is not None else None,
+        )
+        self.scheduler = Scheduler(
+            self.pool, self.config.max_num_seqs, self.config.max_num_batched_tokens,
+            kvbm.cache if kvbm is not None else None,
+        )
         self._task = asyncio.create_task(self._step_loop(), name="builtin-step-loop")
         log.info(
             "builtin engine: %s (%s) on %s %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -90,6 +110,8 @@ class BuiltinEngine(Engine):
             # A step may still be computing on the model thread; let it finish before the
             # cache it writes goes away.
             await asyncio.to_thread(executor.shutdown, True)
+        if self.kvbm is not None:
+            await self.kvbm.stop()
         self._fail_all(errors.EngineError("builtin engine stopped"))
 
     # ------------------------------------------------------------------------------ serving
@@ -149,7 +171,10 @@ class BuiltinEngine(Engine):
         # A request can never outgrow the pool: capping it there means a lone request always
         # fits once everything newer is preempted, so preemption cannot livelock.
         self._max_len = min(self.max_model_len, num_blocks * config.block_size_tokens)
-        return ModelRunner(model, kv, self.device)
+        return ModelRunner(
+            model, kv, self.device, enforce_eager=config.enforce_eager,
+            max_num_seqs=config.max_num_seqs, max_model_len=self._max_len,
+        )
 
     def _num_blocks_from_memory(self, model: torch.nn.Module) -> int:
         config, mc = self.config, self.model_config
@@ -237,6 +262,8 @@ class BuiltinEngine(Engine):
                         f"scheduled nothing with {scheduler.num_running} running and "
                         f"{scheduler.num_waiting} waiting requests"
                     )
+                if self.kvbm is not None and self.kvbm.has_pending():
+                    await self._run_kvbm_plan(batch)
                 step = build_step_input(batch)
                 result = await loop.run_in_executor(executor, runner.execute, step)
                 self.num_steps += 1
@@ -246,15 +273,76 @@ class BuiltinEngine(Engine):
             self._fail_all(errors.EngineError(f"builtin engine failed: {exc}"))
             raise
 
+    def _build_kvbm(self) -> KvBlockManager:
+        assert self.runner is not None
+        mc, kv = self.model_config, self.runner.kv
+        layout = KvLayout(mc.num_layers, kv.block_size_tokens, mc.num_kv_heads, mc.head_dim,
+                          str(self.dtype).removeprefix("torch."))
+        return KvBlockManager(self.config.kvbm, layout, kv.k, kv.v, on_event=self._emit)
+
+    async def _run_kvbm_plan(self, batch: ScheduledBatch) -> None:
+        """Copy evicted blocks down and onboarded blocks up, on the model thread, before the
+        step's forward pass reuses or reads them. An onboard that failed is recomputed."""
+        kvbm = self.kvbm
+        assert kvbm is not None and self._executor is not None
+        plan = kvbm.take_plan()
+        loop = asyncio.get_running_loop()
+        failed = await loop.run_in_executor(self._executor, kvbm.execute, plan)
+        kvbm.finish(plan, failed)
+        if failed:
+            _recompute_from(batch, set(failed), kvbm.layout.block_size_tokens)
+
     def _fail_all(self, error: errors.DynamoError) -> None:
         for seq, queue in list(self._streams.items()):
             if self.scheduler is not None:
                 self.scheduler.abort(seq)
             queue.put_nowait(error)
 
+    # --------------------------------------------- disaggregated prefill (workers/disagg)
+
+    def kv_layout(self) -> KvLayoutSpec:
+        mc = self.model_config
+        from dynamo.wire import KvLayoutSpec
+
+        return KvLayoutSpec(
+            mc.num_layers, self.config.block_size_tokens, mc.num_kv_heads, mc.head_dim,
+            str(self.dtype).removeprefix("torch."),
+        )
+
+    def kv_memory(self) -> KvMemory:
+        """The KV tensors for a transfer agent; its copies run on the model thread."""
+        from kvbm.transfer.layout import KvMemory
+
+        assert self.runner is not None and self._executor is not None, "engine not started"
+        executor, loop = self._executor, asyncio.get_running_loop()
+        return KvMemory(self.runner.kv.k, self.runner.kv.v, self.kv_layout(),
+                        lambda fn: loop.run_in_executor(executor, fn))
+
+    def disagg_support(self) -> DisaggSupport:
+        from workers.disagg.engine_support import DisaggSupport
+
+        assert self.pool is not None and self.scheduler is not None, "engine not started"
+        return DisaggSupport(self.pool, self.scheduler, self._new_sequence, self._streams, self._wake.set)
+
     def _emit(self, event: KvEventData) -> None:
         if self._kv_events is not None:
             self._kv_events(event)
+
+
+def _recompute_from(batch: ScheduledBatch, failed: set[int], block_size_tokens: int) -> None:
+    """Rewind each request in `batch` to its first block whose onboard failed, and compute
+    from there in this step instead."""
+    for i, seq in enumerate(batch.seqs):
+        for j in range(seq.num_committed_blocks, len(seq.block_table)):
+            if seq.block_table[j].block_id in failed:
+                redo = seq.num_computed_tokens - j * block_size_tokens
+                if redo > 0:
+                    seq.num_computed_tokens -= redo
+                    batch.num_new_tokens[i] += redo
+                    batch.num_tokens += redo
+                if seq.num_generated == 0 and seq.cached_tokens is not None:
+                    seq.cached_tokens = min(seq.cached_tokens, j * block_size_tokens)
+                break
 
 
 def _resolve_device(name: str) -> torch.device:

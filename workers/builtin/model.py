@@ -1,6 +1,8 @@
 """The Llama-family forward pass (Llama 2/3, Mistral, Qwen2, Qwen3) over a flat batch of tokens:
 RMSNorm, RoPE (default, linear, llama3, dynamic-NTK), GQA attention over the paged KV cache,
-SwiGLU MLP, tied or untied embeddings. q/k/v and gate/up are fused into one matmul each."""
+SwiGLU MLP, tied or untied embeddings. q/k/v and gate/up are fused into one matmul each. With the
+Triton backend (CUDA) a second forward fuses residual adds, norms, RoPE and SiLU into Triton
+kernels; the plain one stays the reference that matches transformers on CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.builtin import gpu_kernels
 from workers.builtin.attention import AttentionBackend, AttentionMetadata
 from workers.builtin.config import ModelConfig, RopeScaling
 from workers.builtin.kv_cache import KVCache
@@ -119,6 +122,43 @@ class Attention(nn.Module):
         out = self.backend.forward(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
+    def forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
+        if self.q_norm is not None and self.k_norm is not None:
+            # Qwen3's per-head norms come before RoPE: keep the plain ops for them.
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
+            cos, sin = rotary(positions, x.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        elif meta.seq_lens is not None:
+            # Decode over the paged cache: RoPE and the K/V cache write in one kernel, then
+            # attention reads K/V in place.
+            k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
+            gpu_kernels.rope_store_kv(
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                k_cache, v_cache, meta.slot_mapping,
+            )
+            q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
+            out = gpu_kernels.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale
+            )
+            return self.o_proj(out.reshape(tokens, self.q_size))
+        else:
+            gpu_kernels.rope_inplace(
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim
+            )
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(tokens, self.num_heads, self.head_dim)
+            k = k.view(tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
+        return self.o_proj(out.reshape(tokens, self.q_size))
+
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -146,6 +186,18 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
+    def forward_fused(
+        self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's output before its last residual add, and the residual: the next norm
+        does that add in the same kernel."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
+        h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
+        x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
+        return self.mlp.down_proj(gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))), residual
+
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
@@ -167,6 +219,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fused = bool(getattr(backend, "fused_ops", False))
 
     @property
     def max_positions(self) -> int:
@@ -176,11 +229,23 @@ class LlamaForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of tokens; their K/V go into `kv`."""
+        if self.fused:
+            return self._forward_fused(input_ids, positions, kv, meta)
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         for layer in self.model.layers:
             h = layer(h, cos, sin, kv, meta)
         return self.model.norm(h)
+
+    def _forward_fused(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        h = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
+        for layer in self.model.layers:
+            h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta)
+        norm = self.model.norm
+        return gpu_kernels.rms_norm(h, norm.weight, norm.eps, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

@@ -1,18 +1,28 @@
 """The model runner: turns a scheduled step into tensors, runs the forward pass over the paged
 KV cache and samples. `StepInput` is plain data built on the event loop's thread, so the runner
-(on its own thread) never reads scheduler state that an abort may be changing."""
+(on its own thread) never reads scheduler state that an abort may be changing. On CUDA, decode
+steps replay CUDA graphs (unless enforce_eager) and step inputs travel through pinned memory, so
+the only host sync of a step is sampling's one read of the chosen ids."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from workers.builtin.attention import SeqSlice
+from workers.builtin.attention import SeqSlice, to_device
+from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.sampling import SampleResult, SampleRow, sample
-from workers.builtin.scheduler import ScheduledBatch
+
+if TYPE_CHECKING:  # the scheduler pulls in the wire types (msgspec); the runner needs only torch
+    from workers.builtin.scheduler import ScheduledBatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -42,22 +52,48 @@ def build_step_input(batch: ScheduledBatch) -> StepInput:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, kv: KVCache, device: torch.device) -> None:
+    """Runs steps on one device. CUDA graphs are captured at construction when the model runs
+    the Triton backend on CUDA and `enforce_eager` is off; `max_model_len` sizes their block
+    tables."""
+
+    def __init__(
+        self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, *,
+        enforce_eager: bool = True, max_num_seqs: int = 256, max_model_len: int | None = None,
+    ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.backend = model.model.layers[0].self_attn.backend
+        self.graphs: DecodeGraphs | None = None
+        if not enforce_eager and device.type == "cuda" and model.fused:
+            max_len = max_model_len or model.max_positions
+            max_blocks = -(-max_len // kv.block_size_tokens)
+            started = time.monotonic()
+            self.graphs = DecodeGraphs(model, kv, device, capture_sizes(max_num_seqs), max_blocks)
+            self.graphs.capture()
+            log.info("captured %d decode CUDA graphs in %.1f s", len(self.graphs.sizes), time.monotonic() - started)
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> SampleResult:
+        graphs = self.graphs
+        if graphs is not None and all(s.num_new == 1 for s in step.slices):
+            batch = graphs.bucket(len(step.slices))
+            if batch is not None:
+                logits = graphs.run(step.input_ids, step.slices, batch)
+                if not step.sample_rows:
+                    return SampleResult([], None)
+                if len(step.sample_indices) != len(step.slices):
+                    # A one-token prefill chunk that is not its prompt's last samples nothing.
+                    logits = logits.index_select(0, to_device(step.sample_indices, torch.long, self.device))
+                return sample(logits, step.sample_rows)
         device = self.device
         meta = self.backend.build_metadata(step.slices, self.kv.block_size_tokens, device)
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=device)
-        positions = torch.tensor(step.positions, dtype=torch.long, device=device)
+        input_ids = to_device(step.input_ids, torch.long, device)
+        positions = to_device(step.positions, torch.long, device)
         hidden = self.model(input_ids, positions, self.kv, meta)
         if not step.sample_rows:
             return SampleResult([], None)
         # Only the rows that yield a token need the (vocab-wide) LM head.
-        index = torch.tensor(step.sample_indices, dtype=torch.long, device=device)
+        index = to_device(step.sample_indices, torch.long, device)
         logits = self.model.compute_logits(hidden.index_select(0, index))
         return sample(logits, step.sample_rows)

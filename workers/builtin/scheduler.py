@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from dynamo.wire import EngineOutput
 from kvbm.block_pool import BlockPool
+from kvbm.tiered import TieredCache
 from workers.builtin.sequence import Sequence, SeqStatus
 
 
@@ -31,8 +32,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, kvbm: TieredCache | None = None
+    ) -> None:
         self.pool = pool
+        self.kvbm = kvbm  # lower KV tiers: prompt blocks found there are onboarded, not recomputed
         self.block_size = pool.block_size_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -66,6 +70,13 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+
+    def add_prefilled(self, seq: Sequence) -> None:
+        """Run a request whose prompt KV was computed elsewhere and written into its block
+        table (disaggregated prefill): register its full blocks and let it decode."""
+        seq.status = SeqStatus.RUNNING
+        self._commit_full_blocks(seq)
+        self.running.append(seq)
 
     def abort(self, seq: Sequence) -> None:
         """Drop a request wherever it is and free its blocks now. Safe while a step that
@@ -124,7 +135,8 @@ class Scheduler:
             seq.num_generated += 1
             reason = seq.finish_reason(token)
             if reason is not None:
-                self._free(seq)
+                if not seq.hold_blocks:  # held ones are released by whoever exports their KV
+                    self._free(seq)
                 seq.status = SeqStatus.FINISHED
                 any_finished = True
             cached = seq.cached_tokens if seq.num_generated == 1 else None
@@ -160,17 +172,25 @@ class Scheduler:
             total = len(seq.token_ids)
             # At least one token must be computed to produce the next token's logits.
             usable = (total - 1) // bs
-            matched = pool.match_prefix(seq.hashes_upto(usable, bs)[:usable])
-            computed = len(matched) * bs
+            prefix = seq.hashes_upto(usable, bs)[:usable]
+            matched = pool.match_prefix(prefix)
+            lower = self.kvbm.lookup(prefix, len(matched)) if self.kvbm is not None else []
+            computed = (len(matched) + len(lower)) * bs
             num_new = min(total - computed, budget)
             need = -(-(computed + num_new) // bs) - len(matched)
             # Matched blocks that are free count as free until acquired: leave them out.
             if pool.num_free_blocks - sum(1 for b in matched if b.ref_count == 0) < need:
+                if lower:
+                    self.kvbm.release(lower)  # type: ignore[union-attr]
                 break  # head-of-line blocking keeps admission FIFO
             self.waiting.popleft()
             pool.acquire(matched)
             blocks = pool.allocate(need)
             assert blocks is not None
+            if self.kvbm is not None:
+                # The first fresh blocks receive the lower-tier hits before this step's
+                # forward pass; they are committed with the computed ones after it.
+                self.kvbm.onboard(prefix, len(matched), lower, [b.block_id for b in blocks[: len(lower)]])
             seq.block_table = matched + blocks
             seq.num_computed_tokens = computed
             seq.num_committed_blocks = len(matched)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dynamo.config import env_default
+from kvbm.config import KvbmConfig, add_kvbm_args
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class MockerConfig:
     seed: int = 0
     # Ids never generated (special tokens), so detokenized output is always visible text.
     exclude_token_ids: frozenset[int] = frozenset()
+    kvbm: KvbmConfig = KvbmConfig()  # simulated host/disk tiers (kvbm/simulated.py); off by default
 
     def __post_init__(self) -> None:
         for name in ("block_size_tokens", "num_gpu_blocks", "max_num_seqs",
@@ -70,6 +72,7 @@ class MockerConfig:
             vocab_size=args.vocab_size or vocab_size or _DEFAULTS.vocab_size,
             seed=args.seed,
             exclude_token_ids=special,
+            kvbm=KvbmConfig.from_args(args),
         )
 
 
@@ -140,3 +143,4 @@ def add_mocker_args(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=_int_env("DYN_MOCKER_SEED", d.seed),
         help="seed mixed into every request's token stream [env DYN_MOCKER_SEED]",
     )
+    add_kvbm_args(parser)

@@ -8,12 +8,18 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from dynamo import errors
 from dynamo.kv_hash import block_hash
 from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
 from kvbm.block_pool import BlockPool, KvEventSink
+from kvbm.simulated import SimulatedKvbm
 from workers.engine import Engine, EngineInfo
+
+if TYPE_CHECKING:
+    from dynamo.wire import KvLayoutSpec
+    from workers.disagg.engine_support import DisaggSupport
 from workers.mocker.args import MockerConfig
 from workers.mocker.scheduler import Scheduler
 from workers.mocker.sequence import MockSequence
@@ -32,8 +38,15 @@ class MockerEngine(Engine):
     def __init__(self, config: MockerConfig, timing: TimingModel | None = None) -> None:
         self.config = config
         self.timing = timing or TimingModel(speedup_ratio=config.speedup_ratio)
-        self.pool = BlockPool(config.num_gpu_blocks, config.block_size_tokens, on_event=self._emit)
-        self.scheduler = Scheduler(config, self.pool)
+        self.kvbm: SimulatedKvbm | None = None
+        if config.kvbm.enabled:
+            block_bytes = self.timing.kv_bytes_per_token * config.block_size_tokens
+            self.kvbm = SimulatedKvbm(config.kvbm, block_bytes, on_event=self._emit)
+        self.pool = BlockPool(
+            config.num_gpu_blocks, config.block_size_tokens, on_event=self._emit,
+            on_evict=self.kvbm.cache.evicted if self.kvbm is not None else None,
+        )
+        self.scheduler = Scheduler(config, self.pool, self.kvbm.cache if self.kvbm is not None else None)
         self.engine_time_s = 0.0  # simulated (sped-up) time of every step so far
         self.num_steps = 0
         self._kv_events: KvEventSink | None = None
@@ -166,6 +179,9 @@ class MockerEngine(Engine):
                         f"{scheduler.num_waiting} waiting requests"
                     )
                 step_s = self.timing.step_time_s(batch.num_tokens, batch.kv_tokens, batch.attn_pairs)
+                if self.kvbm is not None:
+                    # Onboarding precedes the forward pass that needs the blocks.
+                    step_s += self.kvbm.step_cost_s() / self.timing.speedup_ratio
                 self.engine_time_s += step_s
                 self.num_steps += 1
                 if sleep:
@@ -185,6 +201,30 @@ class MockerEngine(Engine):
         for seq, queue in list(self._streams.items()):
             self.scheduler.abort(seq)
             queue.put_nowait(error)
+
+    # --------------------------------------------- disaggregated prefill (workers/disagg)
+
+    def kv_layout(self) -> KvLayoutSpec:
+        """The simulated model's KV shape (8 KV heads, bf16), sized from the timing model so
+        that simulated transfers move its kv_bytes_per_token."""
+        from dynamo.wire import KvLayoutSpec
+
+        t = self.timing
+        head_dim = max(1, t.kv_bytes_per_token // (t.num_layers * 2 * 8 * 2))
+        return KvLayoutSpec(t.num_layers, self.config.block_size_tokens, 8, head_dim, "bfloat16")
+
+    def kv_memory(self) -> None:
+        return None  # nothing to move: transfers are simulated from bytes and link bandwidth
+
+    def disagg_support(self) -> DisaggSupport:
+        from workers.disagg.engine_support import DisaggSupport
+
+        config = self.config
+        return DisaggSupport(
+            self.pool, self.scheduler, self._new_sequence, self._streams, self._wake.set,
+            # The prefill worker drew the first token from the same seeded stream: skip it.
+            on_import=lambda seq: seq.sample(config.vocab_size, config.exclude_token_ids),
+        )
 
     def _emit(self, event: KvEventData) -> None:
         if self._kv_events is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from dynamo.wire import EngineOutput
 from kvbm.block_pool import BlockPool
+from kvbm.tiered import TieredCache
 from workers.mocker.args import MockerConfig
 from workers.mocker.sequence import MockSequence, SeqStatus
 from workers.mocker.timing import attn_pairs
@@ -35,9 +36,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, config: MockerConfig, pool: BlockPool) -> None:
+    def __init__(self, config: MockerConfig, pool: BlockPool, kvbm: TieredCache | None = None) -> None:
         self.config = config
         self.pool = pool
+        self.kvbm = kvbm  # simulated lower KV tiers: hits there are onboarded, not recomputed
         self.block_size = pool.block_size_tokens
         self.waiting: deque[MockSequence] = deque()
         self.running: list[MockSequence] = []  # oldest admission first
@@ -69,6 +71,13 @@ class Scheduler:
     def add(self, seq: MockSequence) -> None:
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
+
+    def add_prefilled(self, seq: MockSequence) -> None:
+        """Run a request whose prompt KV was computed elsewhere and written into its block
+        table (disaggregated prefill): register its full blocks and let it decode."""
+        seq.status = SeqStatus.RUNNING
+        self._commit_full_blocks(seq)
+        self.running.append(seq)
 
     def abort(self, seq: MockSequence) -> None:
         """Drop a request wherever it is and free its blocks now."""
@@ -123,7 +132,8 @@ class Scheduler:
             seq.num_generated += 1
             reason = seq.finish_reason(token)
             if reason is not None:
-                self._free(seq)
+                if not seq.hold_blocks:  # held ones are released by whoever exports their KV
+                    self._free(seq)
                 seq.status = SeqStatus.FINISHED
                 any_finished = True
             cached = seq.cached_tokens if seq.num_generated == 1 else None
@@ -158,17 +168,23 @@ class Scheduler:
             total = len(seq.token_ids)
             # At least one token must be computed to produce the next token's logits.
             hashes = seq.hashes_upto((total - 1) // bs, bs)
-            matched = pool.match_prefix(hashes[: (total - 1) // bs])
-            computed = len(matched) * bs
+            prefix = hashes[: (total - 1) // bs]
+            matched = pool.match_prefix(prefix)
+            lower = self.kvbm.lookup(prefix, len(matched)) if self.kvbm is not None else []
+            computed = (len(matched) + len(lower)) * bs
             num_new = min(total - computed, budget)
             need = -(-(computed + num_new) // bs) - len(matched)
             # Matched blocks that are free count as free until acquired: leave them out.
             if pool.num_free_blocks - sum(1 for b in matched if b.ref_count == 0) < need:
+                if lower:
+                    self.kvbm.release(lower)  # type: ignore[union-attr]
                 break  # head-of-line blocking keeps admission FIFO
             self.waiting.popleft()
             pool.acquire(matched)
             blocks = pool.allocate(need)
             assert blocks is not None
+            if self.kvbm is not None:
+                self.kvbm.onboard(prefix, len(matched), lower, [b.block_id for b in blocks[: len(lower)]])
             seq.block_table = matched + blocks
             seq.num_computed_tokens = computed
             seq.num_committed_blocks = len(matched)

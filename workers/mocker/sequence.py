@@ -43,6 +43,8 @@ class MockSequence:
     block_hashes: list[int] = field(default_factory=list)
     num_committed_blocks: int = 0
     cached_tokens: int | None = None  # prefix-cache hit at first admission; sent with token one
+    # A disaggregated prefill: its blocks outlive it until their KV is sent (workers/disagg).
+    hold_blocks: bool = False
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -1,0 +1,337 @@
+"""The built-in engine's model runner on one GPU (or CPU): decode tokens/s at several batch sizes
+and prefill tokens/s, beside transformers' `generate` on the same weights and the HBM floor.
+
+GPU: python benchmarks/builtin_gpu.py --out results.json   (random ~1B Llama, bf16, no download)
+CPU: python benchmarks/builtin_gpu.py --device cpu --model models/dynamo-tiny --batches 1 16
+Imports only torch-level modules (no asyncio engine, no msgspec), so it runs on a bare GPU box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from workers.builtin.attention import SdpaPagedAttention, SeqSlice, TritonPagedAttention  # noqa: E402
+from workers.builtin.config import ModelConfig, load_model_config  # noqa: E402
+from workers.builtin.kv_cache import KVCache  # noqa: E402
+from workers.builtin.loader import load_model  # noqa: E402
+from workers.builtin.model import LlamaForCausalLM  # noqa: E402
+from workers.builtin.runner import ModelRunner, StepInput  # noqa: E402
+from workers.builtin.sampling import SampleRow, SamplingParams  # noqa: E402
+
+GREEDY = SampleRow(SamplingParams(), None)
+BLOCK = 16
+SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+             num_attention_heads=32, num_key_value_heads=8, head_dim=64)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_bandwidth(device: torch.device, nbytes: int = 4 << 30) -> float:
+    """Device-to-device copy, bytes read plus written per second (median of 10)."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def random_llama(device: torch.device) -> tuple[Any, ModelConfig]:
+    """transformers' Llama with random bf16 weights, and our config of the same shape."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        **SHAPE, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    mc = ModelConfig(
+        model_dir=Path("."), architecture="LlamaForCausalLM", vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads, head_dim=SHAPE["head_dim"],
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=500000.0,  # transformers 5 keeps it under rope_parameters
+    )
+    return hf, mc
+
+
+def ours_from_hf(hf: Any, mc: ModelConfig, device: torch.device) -> LlamaForCausalLM:
+    backend = TritonPagedAttention() if device.type == "cuda" else SdpaPagedAttention()
+    with torch.device("meta"):
+        model = LlamaForCausalLM(mc, backend)
+    model = model.to_empty(device=device).to(torch.bfloat16)
+    model.rotary.build(device)
+    src = hf.state_dict()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in params.items():
+            if ".qkv_proj." in name:
+                pre = name.replace("qkv_proj", "{}")
+                p.copy_(torch.cat([src[pre.format(x)] for x in ("q_proj", "k_proj", "v_proj")]))
+            elif ".gate_up_proj." in name:
+                pre = name.replace("gate_up_proj", "{}")
+                p.copy_(torch.cat([src[pre.format(x)] for x in ("gate_proj", "up_proj")]))
+            else:
+                p.copy_(src[name])
+    return model.eval()
+
+
+def weight_bytes_per_step(model: LlamaForCausalLM) -> int:
+    """Bytes a decode step must read: every weight but the embedding (only gathered rows)."""
+    embed = model.model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embed)
+
+
+class Sequences:
+    """Prompts with fixed block tables, driven step by step through a runner."""
+
+    def __init__(self, batch: int, prompt_len: int, max_len: int, vocab: int, first_block: int = 0) -> None:
+        g = torch.Generator().manual_seed(batch)
+        self.tokens = [torch.randint(2, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+        per_seq = -(-max_len // BLOCK)
+        self.tables = [list(range(first_block + i * per_seq, first_block + (i + 1) * per_seq)) for i in range(batch)]
+
+    def prefill(self, runner: ModelRunner, budget: int = 8192) -> None:
+        i = 0
+        while i < len(self.tokens):
+            group: list[int] = []
+            while i < len(self.tokens) and (not group or (len(group) + 1) * len(self.tokens[i]) <= budget):
+                group.append(i)
+                i += 1
+            ids = [t for j in group for t in self.tokens[j]]
+            pos = [p for j in group for p in range(len(self.tokens[j]))]
+            slices = [SeqSlice(0, len(self.tokens[j]), self.tables[j]) for j in group]
+            ends, n = [], 0
+            for j in group:
+                n += len(self.tokens[j])
+                ends.append(n - 1)
+            out = runner.execute(StepInput(ids, pos, slices, ends, [GREEDY] * len(group)))
+            for j, t in zip(group, out.token_ids):
+                self.tokens[j].append(t)
+
+    def decode(self, runner: ModelRunner) -> None:
+        seqs = self.tokens
+        slices = [SeqSlice(len(s) - 1, 1, t) for s, t in zip(seqs, self.tables)]
+        out = runner.execute(StepInput(
+            [s[-1] for s in seqs], [len(s) - 1 for s in seqs], slices, list(range(len(seqs))), [GREEDY] * len(seqs),
+        ))
+        for s, t in zip(seqs, out.token_ids):
+            s.append(t)
+
+
+def bench_decode(runner: ModelRunner, batch: int, prompt_len: int, steps: int, vocab: int, device: torch.device) -> dict[str, float]:
+    seqs = Sequences(batch, prompt_len, prompt_len + steps + 8, vocab)
+    seqs.prefill(runner)
+    for _ in range(3):
+        seqs.decode(runner)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        seqs.decode(runner)
+    elapsed = time.perf_counter() - start
+    return {"tok_s": batch * steps / elapsed, "step_ms": 1e3 * elapsed / steps}
+
+
+def replay_ms(runner: ModelRunner, batch: int) -> float:
+    """GPU time of one decode graph replay, back to back (no host work between): the step time
+    less what the host adds (input prep, sampling, the per-step sync)."""
+    graphs = runner.graphs
+    if graphs is None or graphs.bucket(batch) is None or not graphs.use_graphs:
+        return float("nan")
+    graph, _ = graphs._graphs[graphs.bucket(batch) or 0]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(50):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 50
+
+
+def bench_prefill(runner: ModelRunner, num_seqs: int, prompt_len: int, vocab: int, device: torch.device) -> dict[str, float]:
+    times = []
+    for rep in range(6):
+        seqs = Sequences(num_seqs, prompt_len, prompt_len + 1, vocab)
+        sync(device)
+        start = time.perf_counter()
+        seqs.prefill(runner, budget=num_seqs * prompt_len)
+        sync(device)
+        if rep:
+            times.append(time.perf_counter() - start)
+    t = statistics.median(times)
+    return {"tok_s": num_seqs * prompt_len / t, "step_ms": 1e3 * t}
+
+
+def bench_hf(hf: Any, batch: int, prompt_len: int, steps: int, vocab: int, device: torch.device) -> dict[str, float]:
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(2, vocab, (batch, prompt_len), generator=g).to(device)
+
+    def gen(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        sync(device)
+        return time.perf_counter() - start
+
+    gen(4)
+    # generate(steps + 1) minus generate(1): the prefill and first token cancel out.
+    t = min(gen(steps + 1) for _ in range(2)) - min(gen(1) for _ in range(2))
+    return {"tok_s": batch * steps / t, "step_ms": 1e3 * t / steps}
+
+
+def bench_hf_prefill(hf: Any, num_seqs: int, prompt_len: int, vocab: int, device: torch.device) -> dict[str, float]:
+    ids = torch.randint(2, vocab, (num_seqs, prompt_len)).to(device)
+    times = []
+    with torch.no_grad():
+        for rep in range(6):
+            sync(device)
+            start = time.perf_counter()
+            hf(ids, use_cache=False, logits_to_keep=1)
+            sync(device)
+            if rep:
+                times.append(time.perf_counter() - start)
+    t = statistics.median(times)
+    return {"tok_s": num_seqs * prompt_len / t, "step_ms": 1e3 * t}
+
+
+def check_logits(hf: Any, runner: ModelRunner, vocab: int, device: torch.device) -> dict[str, float]:
+    """Our last-token logits (prefill 63 tokens, then one decode step through the runner's graph
+    path) against transformers' over all 64: ‖ours − hf‖ / ‖hf‖, and greedy agreement."""
+    seqs = Sequences(1, 63, 72, vocab, first_block=0)
+    prompt = list(seqs.tokens[0])
+    seqs.prefill(runner)  # appends token 64 (ours)
+    tokens = seqs.tokens[0]
+    graphs = runner.graphs
+    slices = [SeqSlice(63, 1, seqs.tables[0])]
+    with torch.inference_mode():
+        if graphs is not None:
+            ours = graphs.run([tokens[63]], slices, graphs.bucket(1) or 1)[0].float()
+        else:
+            meta = runner.backend.build_metadata(slices, BLOCK, device)
+            h = runner.model(torch.tensor([tokens[63]], device=device), torch.tensor([63], device=device), runner.kv, meta)
+            ours = runner.model.compute_logits(h)[0].float()
+        ref = hf(torch.tensor([prompt + [tokens[63]]], device=device)).logits[0, -1].float()
+        ref_prefill = hf(torch.tensor([prompt], device=device)).logits[0, -1].float()
+    return {
+        "decode_logits_rel_err": float((ours - ref).norm() / ref.norm()),
+        "prefill_greedy_matches_hf": float(int(ref_prefill.argmax()) == tokens[63]),
+        "decode_greedy_matches_hf": float(int(ours.argmax()) == int(ref.argmax())),
+    }
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    if args.smoke:  # the GPU run's code path on CPU, tiny shape, for checking the script itself
+        device = torch.device("cpu")
+        SHAPE.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        res: dict[str, Any] = {"device": "cpu (smoke)", "copy_bw_GBs": 10.0}
+    else:
+        device = torch.device("cuda")
+        res = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+        res["copy_bw_GBs"] = measure_bandwidth(device) / 1e9
+    import transformers
+
+    res["transformers"] = transformers.__version__
+    hf, mc = random_llama(device)
+    model = ours_from_hf(hf, mc, device)
+    wbytes = weight_bytes_per_step(model)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    res["weight_bytes_per_step"] = wbytes
+    res["floor_ms_measured_bw"] = 1e3 * wbytes / (res["copy_bw_GBs"] * 1e9)
+    res["floor_ms_spec_3350"] = 1e3 * wbytes / 3.35e12
+    max_len = 4096
+    kv = KVCache.allocate(mc, args.num_blocks, BLOCK, torch.bfloat16, device)
+    started = time.perf_counter()
+    graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
+    res["graph_capture_s"] = time.perf_counter() - started
+    eager = ModelRunner(model, kv, device, enforce_eager=True)
+    res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
+    print("check", res["check"], flush=True)
+    res["decode"] = {}
+    for b in args.batches:
+        row: dict[str, Any] = {}
+        row["ours_graphs"] = bench_decode(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
+        # Replays the last step's inputs again: rewrites the same slots, harmless.
+        row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
+        row["ours_eager"] = bench_decode(eager, b, args.prompt_len, args.steps, mc.vocab_size, device)
+        try:
+            row["hf_generate"] = bench_hf(hf, b, args.prompt_len, args.steps, mc.vocab_size, device)
+        except Exception as exc:  # a reference failing must not lose our numbers
+            row["hf_generate"] = {"error": repr(exc)}
+        row["roofline_pct"] = 100 * res["floor_ms_measured_bw"] / row["ours_graphs"]["step_ms"]
+        res["decode"][str(b)] = row
+        print(b, row, flush=True)
+    res["prefill"] = {
+        "shape": f"{args.prefill_seqs}x{args.prefill_len}",
+        "ours": bench_prefill(eager, args.prefill_seqs, args.prefill_len, mc.vocab_size, device),
+        "hf_forward": bench_hf_prefill(hf, args.prefill_seqs, args.prefill_len, mc.vocab_size, device),
+    }
+    print("prefill", res["prefill"], flush=True)
+    return res
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cpu")
+    mc = load_model_config(args.model)
+    model = load_model(mc, torch.float32, device)
+    kv = KVCache.allocate(mc, args.num_blocks, BLOCK, torch.float32, device)
+    runner = ModelRunner(model, kv, device)
+    res: dict[str, Any] = {
+        "device": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "loadavg_before": os.getloadavg(), "model": args.model, "torch": torch.__version__, "decode": {},
+    }
+    for b in args.batches:
+        res["decode"][str(b)] = {"ours": bench_decode(runner, b, args.prompt_len, args.steps, mc.vocab_size, device)}
+        print(b, res["decode"][str(b)], flush=True)
+    res["loadavg_after"] = os.getloadavg()
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--model", default="models/dynamo-tiny", help="CPU only; the GPU run builds its own")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prefill-seqs", type=int, default=4)
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--num-blocks", type=int, default=4096)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
+    args = p.parse_args()
+    res = run_gpu(args) if args.device == "cuda" or args.smoke else run_cpu(args)
+    text = json.dumps(res, indent=1)
+    if args.out:
+        Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

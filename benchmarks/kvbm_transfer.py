@@ -1,0 +1,99 @@
+"""KVBM offload/onboard throughput on a GPU: 2 MiB blocks (and other sizes) moved between a
+layer-split paged KV cache and pinned host slots by kvbm.copy_engine.BlockCopier, against the
+pinned-host copy ceiling measured in the same run. Imports only torch (and kvbm's torch-only
+modules). Usage: python benchmarks/kvbm_transfer.py [--json out.json]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvbm.copy_engine import BlockCopier  # noqa: E402
+
+MiB = 1 << 20
+
+
+def timed(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
+    """Best wall time of `fn` over `repeat` runs, synchronised."""
+    best = float("inf")
+    fn()
+    torch.cuda.synchronize()
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return best
+
+
+def ceiling(nbytes: int) -> tuple[float, float]:
+    """Plain pinned<->device copies of one contiguous buffer: (h2d, d2h) GB/s."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d = timed(lambda: dev.copy_(host, non_blocking=True))
+    d2h = timed(lambda: host.copy_(dev, non_blocking=True))
+    return nbytes / h2d / 1e9, nbytes / d2h / 1e9
+
+
+def measure(block_mib: float, num_layers: int, batch_blocks: int, pool_blocks: int) -> dict[str, float]:
+    # bf16, 8 KV heads x 128 dims: tokens per block chosen to make the block `block_mib`.
+    heads, dim = 8, 128
+    tokens = max(1, int(block_mib * MiB) // (2 * num_layers * heads * dim * 2))
+    shape = (pool_blocks, tokens, heads, dim)
+    k = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(num_layers)]
+    v = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(num_layers)]
+    elements = tokens * heads * dim
+    host = torch.empty((batch_blocks, 2 * num_layers, elements), dtype=torch.bfloat16, pin_memory=True)
+    copier = BlockCopier(k, v, host)
+    block_bytes = 2 * num_layers * elements * 2
+    ids = list(range(1, 2 * batch_blocks, 2))[:batch_blocks]  # scattered device blocks
+    slots = list(range(batch_blocks))
+    dest = list(range(2 * batch_blocks, 3 * batch_blocks))
+
+    def offload() -> None:
+        copier.begin()
+        copier.offload_to_host(ids, slots)
+        copier.end()
+        copier.drain()
+
+    def onboard() -> None:
+        copier.begin()
+        copier.onboard_from_host(slots, dest)
+        copier.end()
+
+    t_off = timed(offload)
+    t_on = timed(onboard)
+    torch.cuda.synchronize()
+    ok = all(torch.equal(k[layer][dest[i]], k[layer][ids[i]]) and torch.equal(v[layer][dest[i]], v[layer][ids[i]])
+             for i in range(batch_blocks) for layer in range(num_layers))
+    nbytes = batch_blocks * block_bytes
+    return {"block_mib": block_bytes / MiB, "layers": num_layers, "batch_blocks": batch_blocks,
+            "offload_gbps": nbytes / t_off / 1e9, "onboard_gbps": nbytes / t_on / 1e9, "correct": float(ok)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    h2d, d2h = ceiling(512 * MiB)
+    print(f"{torch.cuda.get_device_name()}: pinned ceiling h2d {h2d:.1f} GB/s, d2h {d2h:.1f} GB/s")
+    rows = []
+    for block_mib, layers, batch in [(2, 32, 64), (2, 32, 256), (2, 32, 16), (0.5, 32, 256), (8, 32, 64), (2, 1, 256)]:
+        row = measure(block_mib, layers, batch, pool_blocks=3 * batch + 1)
+        row["offload_pct_of_d2h"] = 100 * row["offload_gbps"] / d2h
+        row["onboard_pct_of_h2d"] = 100 * row["onboard_gbps"] / h2d
+        rows.append(row)
+        print(json.dumps(row))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"h2d_gbps": h2d, "d2h_gbps": d2h, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

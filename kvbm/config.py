@@ -1,0 +1,137 @@
+"""KVBM settings: the --kvbm-* flags (with DYN_KVBM_* environment fallbacks), declared once for
+whichever engine an entry point serves, and the frozen KvbmConfig the tiers are built from."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Literal
+
+from dynamo.config import env_default
+
+OffloadPolicyName = Literal["all", "reused", "frequency"]
+EvictionName = Literal["lru", "slru"]
+OFFLOAD_POLICIES: tuple[OffloadPolicyName, ...] = ("all", "reused", "frequency")
+EVICTIONS: tuple[EvictionName, ...] = ("lru", "slru")
+
+# Disk size when a directory is given but no size: enough for a few thousand 2 MiB blocks.
+DEFAULT_DISK_GB = 16.0
+
+
+@dataclass(frozen=True, slots=True)
+class KvbmConfig:
+    """Lower KV tiers below the engine's device pool (G1). Everything off by default.
+
+    Sizes: `host_blocks` wins over `host_gb` (likewise for disk); gigabytes are turned into
+    blocks once the engine knows its block's bytes (`host_capacity_blocks`). The mocker
+    simulates the disk tier, so it needs no `disk_dir`; the built-in engine does.
+    Bandwidths (GB/s) only feed the mocker's time model: 55 is the pinned-host copy measured on
+    an H200 (DESIGN.md), 5 a PCIe 4 NVMe drive's sequential read.
+    """
+
+    host_blocks: int | None = None
+    host_gb: float | None = None
+    disk_dir: str | None = None
+    disk_blocks: int | None = None
+    disk_gb: float | None = None
+    offload_policy: OffloadPolicyName = "all"
+    offload_min_hits: int = 2  # "frequency": a prefix must have been looked up this often
+    eviction: EvictionName = "slru"  # slru: LRU that protects blocks hit more than once
+    protected_fraction: float = 0.8  # slru: share of a tier that re-used blocks may hold
+    disk_queue_blocks: int = 256  # writes waiting for the disk thread; beyond, spills are skipped
+    host_gbps: float = 55.0
+    disk_gbps: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("host_blocks", "disk_blocks"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name in ("host_gb", "disk_gb"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.offload_policy not in OFFLOAD_POLICIES:
+            raise ValueError(f"offload_policy must be one of {OFFLOAD_POLICIES}, got {self.offload_policy!r}")
+        if self.eviction not in EVICTIONS:
+            raise ValueError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
+        if self.offload_min_hits < 1:
+            raise ValueError(f"offload_min_hits must be >= 1, got {self.offload_min_hits}")
+        if not 0 <= self.protected_fraction <= 1:
+            raise ValueError(f"protected_fraction must be in [0, 1], got {self.protected_fraction}")
+        if self.disk_queue_blocks < 1:
+            raise ValueError(f"disk_queue_blocks must be >= 1, got {self.disk_queue_blocks}")
+        if not (self.host_gbps > 0 and self.disk_gbps > 0):
+            raise ValueError("bandwidths must be positive")
+
+    def host_capacity_blocks(self, block_bytes: int) -> int:
+        if self.host_blocks is not None:
+            return self.host_blocks
+        return int(self.host_gb * 1e9) // block_bytes if self.host_gb else 0
+
+    def disk_capacity_blocks(self, block_bytes: int) -> int:
+        if self.disk_blocks is not None:
+            return self.disk_blocks
+        gb = self.disk_gb if self.disk_gb is not None else (DEFAULT_DISK_GB if self.disk_dir else 0.0)
+        return int(gb * 1e9) // block_bytes
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.host_blocks or self.host_gb or self.disk_dir or self.disk_blocks or self.disk_gb)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> KvbmConfig:
+        """Tolerates a namespace without the kvbm flags (then KVBM is off)."""
+        d = cls()
+        return cls(
+            host_blocks=getattr(args, "kvbm_host_blocks", None),
+            host_gb=getattr(args, "kvbm_host_gb", None),
+            disk_dir=getattr(args, "kvbm_disk_dir", None),
+            disk_blocks=getattr(args, "kvbm_disk_blocks", None),
+            disk_gb=getattr(args, "kvbm_disk_gb", None),
+            offload_policy=getattr(args, "kvbm_offload_policy", d.offload_policy),
+            offload_min_hits=getattr(args, "kvbm_offload_min_hits", d.offload_min_hits),
+            eviction=getattr(args, "kvbm_eviction", d.eviction),
+            host_gbps=getattr(args, "kvbm_host_gbps", d.host_gbps),
+            disk_gbps=getattr(args, "kvbm_disk_gbps", d.disk_gbps),
+        )
+
+
+def _opt(name: str, kind: type) -> object:
+    value = env_default(name)
+    return kind(value) if value else None
+
+
+def add_kvbm_args(parser: argparse.ArgumentParser) -> None:
+    d = KvbmConfig()
+    group = parser.add_argument_group("KV block manager (host and disk tiers)")
+    group.add_argument("--kvbm-host-blocks", type=int, default=_opt("DYN_KVBM_HOST_BLOCKS", int),
+                       help="G2 host-memory tier size in blocks [env DYN_KVBM_HOST_BLOCKS]")
+    group.add_argument("--kvbm-host-gb", type=float, default=_opt("DYN_KVBM_HOST_GB", float),
+                       help="G2 host-memory tier size in GB (pinned on CUDA) [env DYN_KVBM_HOST_GB]")
+    group.add_argument("--kvbm-disk-dir", default=env_default("DYN_KVBM_DISK_DIR"),
+                       help="G3 disk tier directory; shared by workers of one model layout and "
+                       "kept across restarts [env DYN_KVBM_DISK_DIR]")
+    group.add_argument("--kvbm-disk-blocks", type=int, default=_opt("DYN_KVBM_DISK_BLOCKS", int),
+                       help="G3 disk tier size in blocks [env DYN_KVBM_DISK_BLOCKS]")
+    group.add_argument("--kvbm-disk-gb", type=float, default=_opt("DYN_KVBM_DISK_GB", float),
+                       help=f"G3 disk tier size in GB (default {DEFAULT_DISK_GB} with a directory) "
+                       "[env DYN_KVBM_DISK_GB]")
+    group.add_argument("--kvbm-offload-policy", choices=OFFLOAD_POLICIES,
+                       default=env_default("DYN_KVBM_OFFLOAD_POLICY", d.offload_policy),
+                       help="which blocks evicted from the device are kept below: all, reused "
+                       "(hit at least once) or frequency (prefix looked up --kvbm-offload-min-hits "
+                       "times) [env DYN_KVBM_OFFLOAD_POLICY]")
+    group.add_argument("--kvbm-offload-min-hits", type=int,
+                       default=_opt("DYN_KVBM_OFFLOAD_MIN_HITS", int) or d.offload_min_hits,
+                       help="frequency policy threshold [env DYN_KVBM_OFFLOAD_MIN_HITS]")
+    group.add_argument("--kvbm-eviction", choices=EVICTIONS,
+                       default=env_default("DYN_KVBM_EVICTION", d.eviction),
+                       help="lower-tier eviction: lru, or slru (LRU that protects re-used "
+                       "blocks) [env DYN_KVBM_EVICTION]")
+    group.add_argument("--kvbm-host-gbps", type=float,
+                       default=_opt("DYN_KVBM_HOST_GBPS", float) or d.host_gbps,
+                       help="mocker: host-to-device bandwidth for onboarding [env DYN_KVBM_HOST_GBPS]")
+    group.add_argument("--kvbm-disk-gbps", type=float,
+                       default=_opt("DYN_KVBM_DISK_GBPS", float) or d.disk_gbps,
+                       help="mocker: disk read bandwidth for onboarding [env DYN_KVBM_DISK_GBPS]")

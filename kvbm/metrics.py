@@ -1,0 +1,69 @@
+"""KVBM counters: plain per-tier tallies (KvbmStats, read by tests and benchmarks) that also feed
+Prometheus metrics (`dynamo_kvbm_*`, KvbmMetrics on a registry passed in) once one is bound."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class KvbmMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str = "") -> None:
+        labels = ["model", "tier"]
+        self._model = model
+        self.blocks_used = Gauge("dynamo_kvbm_blocks_used", "Blocks held in a KVBM tier", labels, registry=registry)
+        self.blocks_total = Gauge("dynamo_kvbm_blocks_total", "Capacity of a KVBM tier in blocks", labels, registry=registry)
+        self.hits = Counter("dynamo_kvbm_hit_blocks_total", "Prompt blocks found in a lower tier", labels, registry=registry)
+        self.offload_blocks = Counter("dynamo_kvbm_offload_blocks_total", "Blocks copied down into a tier", labels, registry=registry)
+        self.offload_bytes = Counter("dynamo_kvbm_offload_bytes_total", "Bytes copied down into a tier", labels, registry=registry)
+        self.onboard_blocks = Counter("dynamo_kvbm_onboard_blocks_total", "Blocks copied from a tier into the device", labels, registry=registry)
+        self.onboard_bytes = Counter("dynamo_kvbm_onboard_bytes_total", "Bytes copied from a tier into the device", labels, registry=registry)
+        self.skipped = Counter("dynamo_kvbm_offload_skipped_total", "Evicted blocks not copied down (policy, full queue, pinned tier)", ["model"], registry=registry)
+        self.gbps = Gauge("dynamo_kvbm_transfer_gbps", "Throughput of the last batched transfer, GB/s", ["model", "direction"], registry=registry)
+
+    def tier(self, tier: str, used: int, total: int) -> None:
+        self.blocks_used.labels(self._model, tier).set(used)
+        self.blocks_total.labels(self._model, tier).set(total)
+
+
+@dataclass(slots=True)
+class KvbmStats:
+    hits: Tally[str] = field(default_factory=Tally)
+    offload_blocks: Tally[str] = field(default_factory=Tally)
+    offload_bytes: Tally[str] = field(default_factory=Tally)
+    onboard_blocks: Tally[str] = field(default_factory=Tally)
+    onboard_bytes: Tally[str] = field(default_factory=Tally)
+    skipped: int = 0
+    metrics: KvbmMetrics | None = None
+
+    def hit(self, tier: str, blocks: int) -> None:
+        self.hits[tier] += blocks
+        if self.metrics is not None:
+            self.metrics.hits.labels(self.metrics._model, tier).inc(blocks)
+
+    def offloaded(self, tier: str, blocks: int, nbytes: int) -> None:
+        self.offload_blocks[tier] += blocks
+        self.offload_bytes[tier] += nbytes
+        if self.metrics is not None:
+            m = self.metrics
+            m.offload_blocks.labels(m._model, tier).inc(blocks)
+            m.offload_bytes.labels(m._model, tier).inc(nbytes)
+
+    def onboarded(self, tier: str, blocks: int, nbytes: int) -> None:
+        self.onboard_blocks[tier] += blocks
+        self.onboard_bytes[tier] += nbytes
+        if self.metrics is not None:
+            m = self.metrics
+            m.onboard_blocks.labels(m._model, tier).inc(blocks)
+            m.onboard_bytes.labels(m._model, tier).inc(nbytes)
+
+    def skip(self, blocks: int = 1) -> None:
+        self.skipped += blocks
+        if self.metrics is not None:
+            self.metrics.skipped.labels(self.metrics._model).inc(blocks)
+
+    def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
+        if self.metrics is not None and seconds > 0:
+            self.metrics.gbps.labels(self.metrics._model, direction).set(nbytes / seconds / 1e9)

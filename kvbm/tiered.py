@@ -1,0 +1,304 @@
+"""The bookkeeping of KVBM's lower tiers (G2 host, G3 disk): what is where, what an eviction from
+the device copies down, what a prompt can onboard. It moves no bytes: it turns decisions into a
+TransferPlan that an executor (real tensors in kvbm/manager.py, a time model in
+kvbm/simulated.py) carries out in phase order, and it emits the tiers' KV events."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from dynamo.wire import BlockRemoved, BlockStored, KvEventData
+from kvbm.block_pool import EvictedBlock, KvEventSink
+from kvbm.config import KvbmConfig
+from kvbm.metrics import KvbmMetrics, KvbmStats
+from kvbm.policy import OffloadPolicy
+from kvbm.registry import TierEntry, TierIndex
+
+HOST = "host"
+DISK = "disk"
+
+
+@dataclass(slots=True, frozen=True)
+class SpillOp:
+    """Host slot -> disk file (a host eviction kept on disk). Phase 1: before the slot is reused."""
+
+    block_hash: int
+    parent_hash: int | None
+    host_slot: int
+
+
+@dataclass(slots=True, frozen=True)
+class OffloadOp:
+    """Device block -> host slot, or -> disk file when there is no host tier. Phase 2."""
+
+    device_block: int
+    block_hash: int
+    parent_hash: int | None
+    tier: str
+    slot: int
+
+
+@dataclass(slots=True, frozen=True)
+class OnboardOp:
+    """Host slot or disk file -> device block. Phase 3: after offloads read the blocks reused."""
+
+    block_hash: int
+    tier: str
+    slot: int
+    device_block: int
+
+
+@dataclass(slots=True, frozen=True)
+class DeleteOp:
+    """A disk file evicted from the index; deleted after any write of it still queued."""
+
+    block_hash: int
+
+
+@dataclass(slots=True)
+class TransferPlan:
+    """Work gathered between two engine steps. Executing spills, then offloads, then onboards
+    (then deletes) is correct because every entry read or written here is pinned until
+    TieredCache.finish(): no slot is both evicted and read in one plan."""
+
+    spills: list[SpillOp] = field(default_factory=list)
+    offloads: list[OffloadOp] = field(default_factory=list)
+    onboards: list[OnboardOp] = field(default_factory=list)
+    deletes: list[DeleteOp] = field(default_factory=list)
+    pinned: list[tuple[TierIndex, TierEntry]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.spills or self.offloads or self.onboards or self.deletes)
+
+
+@dataclass(slots=True, frozen=True)
+class LowerHit:
+    """A prompt block found below the device, pinned until onboarded or released."""
+
+    block_hash: int
+    tier: str
+    entry: TierEntry
+
+
+class TieredCache:
+    """G2 and G3 indexes (either may be absent), the offload policy and the pending plan.
+
+    Call from one thread (the engine's scheduling thread). `evicted` is the device pool's
+    eviction hook; `lookup` / `onboard` / `release` serve admission; `take_plan` hands the
+    pending work to the executor and `finish` unpins it afterwards.
+    """
+
+    def __init__(
+        self,
+        config: KvbmConfig,
+        block_bytes: int,
+        on_event: KvEventSink | None = None,
+        disk_backlog: Callable[[], int] | None = None,
+    ) -> None:
+        self.config = config
+        self.block_bytes = block_bytes
+        host_blocks = config.host_capacity_blocks(block_bytes)
+        disk_blocks = config.disk_capacity_blocks(block_bytes)
+        args = (config.eviction, config.protected_fraction)
+        self.host = TierIndex(HOST, host_blocks, *args) if host_blocks > 0 else None
+        self.disk = TierIndex(DISK, disk_blocks, *args) if disk_blocks > 0 else None
+        self.policy = OffloadPolicy(config.offload_policy, config.offload_min_hits)
+        self.stats = KvbmStats()
+        self._on_event = on_event
+        self._disk_backlog = disk_backlog or (lambda: 0)
+        self._plan = TransferPlan()
+        self._planned_disk_writes = 0
+
+    # ------------------------------------------------------------------------------ queries
+
+    @property
+    def tiers(self) -> list[TierIndex]:
+        return [t for t in (self.host, self.disk) if t is not None]
+
+    def has_pending(self) -> bool:
+        return bool(self._plan)
+
+    def bind_metrics(self, metrics: KvbmMetrics) -> None:
+        self.stats.metrics = metrics
+        self._report_usage()
+
+    # ---------------------------------------------------------------------------- admission
+
+    def lookup(self, block_hashes: Sequence[int], device_blocks: int) -> list[LowerHit]:
+        """Pin the leading blocks of `block_hashes[device_blocks:]` that a lower tier holds
+        (host preferred), up to the first miss. `block_hashes` is the prompt's usable
+        prefix; the policy learns from it."""
+        hits: list[LowerHit] = []
+        for h in block_hashes[device_blocks:]:
+            for tier in self.tiers:
+                entry = tier.get(h)
+                if entry is not None:
+                    tier.pin(entry)
+                    hits.append(LowerHit(h, tier.name, entry))
+                    break
+            else:
+                break
+        return hits
+
+    def release(self, hits: Sequence[LowerHit]) -> None:
+        """Unpin hits that will not be onboarded (the request was not admitted)."""
+        for hit in hits:
+            self._tier(hit.tier).unpin(hit.entry)
+
+    def onboard(self, block_hashes: Sequence[int], device_blocks: int, hits: Sequence[LowerHit],
+                device_block_ids: Sequence[int]) -> None:
+        """Plan copying each hit into the fresh device block beside it; the pins move to the
+        plan. Also tells the policy about the admitted prompt."""
+        self.policy.record(block_hashes, device_blocks + len(hits))
+        for hit, block_id in zip(hits, device_block_ids, strict=True):
+            tier = self._tier(hit.tier)
+            tier.touch(hit.block_hash)
+            self._plan.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id))
+            self._plan.pinned.append((tier, hit.entry))
+            self.stats.hit(hit.tier, 1)
+            self.stats.onboarded(hit.tier, 1, self.block_bytes)
+
+    def record(self, block_hashes: Sequence[int], cached_blocks: int) -> None:
+        """An admitted prompt with no lower-tier hits (the policy still counts it)."""
+        self.policy.record(block_hashes, cached_blocks)
+
+    # ------------------------------------------------------------------------------ offload
+
+    def evicted(self, blocks: Sequence[EvictedBlock]) -> None:
+        """The device pool's eviction hook: plan copying each chosen block down before the
+        device block is reused (the executor runs the plan before the next forward pass)."""
+        stored: dict[str, list[tuple[int, int | None]]] = {HOST: [], DISK: []}
+        removed: dict[str, list[int]] = {HOST: [], DISK: []}
+        for block in blocks:
+            h = block.block_hash
+            if not self.policy.should_offload(h):
+                self.stats.skip()
+                continue
+            if self.host is not None and h in self.host:
+                continue  # inclusive tiers: already kept below
+            if self.host is not None and self._offload_to_host(block, stored, removed):
+                continue
+            if self.disk is not None and h not in self.disk and self._insert_disk(h, block.parent_hash, stored, removed):
+                entry = self.disk.get(h)
+                assert entry is not None
+                self._plan.offloads.append(OffloadOp(block.block_id, h, block.parent_hash, DISK, entry.slot))
+                self.stats.offloaded(DISK, 1, self.block_bytes)
+                continue
+            if self.disk is None or h not in self.disk:
+                self.stats.skip()
+        self._emit_changes(stored, removed)
+
+    def _offload_to_host(self, block: EvictedBlock, stored: dict[str, list[tuple[int, int | None]]],
+                         removed: dict[str, list[int]]) -> bool:
+        host = self.host
+        assert host is not None
+        entry, victims = host.insert(block.block_hash, block.parent_hash)
+        if entry is None:
+            return False  # every host block pinned by this plan
+        for victim in victims:
+            removed[HOST].append(victim.block_hash)
+            # The victim's bytes still sit in its slot (phase 1 reads them before phase 2
+            # overwrites): keep them on disk if there is room in the write queue.
+            if self.disk is not None and victim.block_hash not in self.disk:
+                if self._insert_disk(victim.block_hash, victim.parent_hash, stored, removed):
+                    self._plan.spills.append(SpillOp(victim.block_hash, victim.parent_hash, victim.slot))
+                    self.stats.offloaded(DISK, 1, self.block_bytes)
+        host.pin(entry)
+        self._plan.pinned.append((host, entry))
+        self._plan.offloads.append(OffloadOp(block.block_id, block.block_hash, block.parent_hash, HOST, entry.slot))
+        stored[HOST].append((block.block_hash, block.parent_hash))
+        self.stats.offloaded(HOST, 1, self.block_bytes)
+        return True
+
+    def _insert_disk(self, h: int, parent: int | None, stored: dict[str, list[tuple[int, int | None]]],
+                     removed: dict[str, list[int]]) -> bool:
+        disk = self.disk
+        assert disk is not None
+        if self._disk_backlog() + self._planned_disk_writes >= self.config.disk_queue_blocks:
+            self.stats.skip()
+            return False  # the disk cannot keep up: drop rather than stall the device
+        entry, victims = disk.insert(h, parent)
+        if entry is None:
+            return False
+        for victim in victims:
+            self._plan.deletes.append(DeleteOp(victim.block_hash))
+            removed[DISK].append(victim.block_hash)
+        disk.pin(entry)
+        self._plan.pinned.append((disk, entry))
+        self._planned_disk_writes += 1
+        stored[DISK].append((h, parent))
+        return True
+
+    # ------------------------------------------------------------------------ restart / plan
+
+    def adopt_disk(self, blocks: Sequence[tuple[int, int | None]]) -> int:
+        """Index blocks already on disk (a restarted worker, or a neighbour's files), oldest
+        first; returns how many were taken. Files past the capacity are left alone."""
+        if self.disk is None:
+            return 0
+        stored: list[tuple[int, int | None]] = []
+        for h, parent in blocks:
+            if len(self.disk) >= self.disk.capacity_blocks:
+                break
+            entry, _ = self.disk.insert(h, parent)
+            if entry is not None:
+                stored.append((h, parent))
+        self._emit_changes({DISK: stored}, {})
+        return len(stored)
+
+    def take_plan(self) -> TransferPlan:
+        plan, self._plan = self._plan, TransferPlan()
+        self._planned_disk_writes = 0
+        return plan
+
+    def finish(self, plan: TransferPlan) -> None:
+        """The plan's copies are done (or queued behind its pins' reads): unpin its entries."""
+        for tier, entry in plan.pinned:
+            tier.unpin(entry)
+        self._report_usage()
+
+    def forget_disk(self, block_hash: int) -> None:
+        """A disk file turned out unreadable: drop it from the index."""
+        if self.disk is not None and block_hash in self.disk:
+            entry = self.disk.get(block_hash)
+            if entry is not None and entry.ref_count == 0:
+                self.disk.remove(block_hash)
+                self._emit(BlockRemoved(block_hashes=[block_hash], tier=DISK))
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def _tier(self, name: str) -> TierIndex:
+        tier = self.host if name == HOST else self.disk
+        assert tier is not None
+        return tier
+
+    def _emit_changes(self, stored: dict[str, list[tuple[int, int | None]]], removed: dict[str, list[int]]) -> None:
+        for tier, hashes in removed.items():
+            if hashes:
+                self._emit(BlockRemoved(block_hashes=hashes, tier=tier))  # type: ignore[arg-type]
+        for tier, blocks in stored.items():
+            for chain, parent in _chains(blocks):
+                self._emit(BlockStored(block_hashes=chain, parent_hash=parent, tier=tier))  # type: ignore[arg-type]
+
+    def _emit(self, event: KvEventData) -> None:
+        if self._on_event is not None:
+            self._on_event(event)
+
+    def _report_usage(self) -> None:
+        metrics = self.stats.metrics
+        if metrics is not None:
+            for tier in self.tiers:
+                metrics.tier(tier.name, len(tier), tier.capacity_blocks)
+
+
+def _chains(blocks: Sequence[tuple[int, int | None]]) -> list[tuple[list[int], int | None]]:
+    """Split (hash, parent) pairs into runs where each block's parent is the one before, so
+    every BlockStored keeps its meaning (hashes in prefix order after `parent_hash`)."""
+    out: list[tuple[list[int], int | None]] = []
+    for h, parent in blocks:
+        if out and out[-1][0][-1] == parent:
+            out[-1][0].append(h)
+        else:
+            out.append(([h], parent))
+    return out

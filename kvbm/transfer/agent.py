@@ -1,0 +1,300 @@
+"""KvTransferAgent: one per worker. It registers the engine's KV memory and layout, describes
+itself to peers (KvAgentInfo), sends batches of blocks to a peer with the fastest backend both
+sides have, and on the receiving side resolves a future per expected transfer the moment its
+blocks have landed (a notification on its TCP listener, never polling)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dynamo import errors
+from dynamo.wire import KvAgentInfo, KvLayoutSpec, TransferHeader
+from kvbm.transfer.backends import PREFERENCE, TransferBackend
+from kvbm.transfer.framing import FRAME_DATA, FRAME_DONE, FRAME_ERROR, header_bytes, read_header
+from kvbm.transfer.layout import KvMemory, block_bytes, check_compatible
+from kvbm.transfer.torch_ops import scatter_blocks
+
+log = logging.getLogger(__name__)
+
+RECV_CHUNK_BYTES = 8 << 20
+
+
+class TransferFailed(errors.DynamoError):
+    """A KV transfer did not complete: the peer died, closed early or reported an error."""
+
+    code = "kv_transfer_failed"
+
+
+@dataclass(slots=True)
+class _Expected:
+    dst_block_ids: list[int]
+    future: asyncio.Future[int]  # KV bytes that landed
+
+
+@dataclass(slots=True)
+class TransferStats:
+    sent_transfers: int = 0
+    sent_bytes: int = 0
+    received_transfers: int = 0
+    received_bytes: int = 0
+    failed_transfers: int = 0
+    by_backend: dict[str, int] = field(default_factory=dict)
+
+
+def local_host_id() -> str:
+    """Same host_id, same machine (and kernel): CUDA IPC between the two can work."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    boot_id = boot.read_text().strip() if boot.exists() else ""
+    return f"{socket.gethostname()}/{boot_id}"
+
+
+class KvTransferAgent:
+    """Use as an async context manager. `info` is what peers need; `expect` (receiver) and
+    `send` (sender) are the whole transfer API."""
+
+    def __init__(
+        self,
+        layout: KvLayoutSpec,
+        memory: KvMemory | None,
+        backends: list[TransferBackend],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        host_id: str | None = None,
+        chunk_bytes: int = RECV_CHUNK_BYTES,
+    ) -> None:
+        if not backends:
+            raise ValueError("a transfer agent needs at least one backend")
+        self.layout = layout
+        self.memory = memory
+        self.backends = {b.name: b for b in backends}
+        self.host = host
+        self.port = port
+        self.host_id = host_id or local_host_id()
+        self.agent_id = uuid.uuid4().hex
+        self.chunk_bytes = chunk_bytes
+        self.block_bytes = block_bytes(layout)
+        self.stats = TransferStats()
+        # Bytes of gather/receive buffers alive now; 0 whenever no transfer is in flight.
+        self.buffer_bytes = 0
+        self._expected: dict[str, _Expected] = {}
+        self._server: asyncio.Server | None = None
+        self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._info: KvAgentInfo | None = None
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        # A large stream limit: fewer pause/resume cycles of the socket while a payload streams in.
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.host, self.port, limit=self.chunk_bytes
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        for backend in self.backends.values():
+            await backend.start(self)
+        extra: dict[str, object] = {}
+        for backend in self.backends.values():
+            extra.update(backend.advertise())
+        self._info = KvAgentInfo(
+            agent_id=self.agent_id,
+            host_id=self.host_id,
+            address=f"{self.host}:{self.port}",
+            layout=self.layout,
+            backends=list(self.backends),
+            device=self.memory.device if self.memory is not None else "none",
+            **extra,  # type: ignore[arg-type]
+        )
+        log.info("KV transfer agent on %s:%d, backends %s", self.host, self.port, ", ".join(self.backends))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        # Abort the connections rather than cancel their tasks: each handler then ends on its
+        # own (failing the transfer it was receiving), which asyncio's stream callbacks expect.
+        for writer in self._conns.values():
+            writer.transport.abort()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        for transfer_id in list(self._expected):
+            self._fail(transfer_id, TransferFailed("transfer agent closed"))
+        for backend in self.backends.values():
+            await backend.close()
+
+    async def __aenter__(self) -> KvTransferAgent:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def info(self) -> KvAgentInfo:
+        if self._info is None:
+            raise RuntimeError("transfer agent not started")
+        return self._info
+
+    # ----------------------------------------------------------------------------- receiver
+
+    def expect(self, transfer_id: str, dst_block_ids: list[int]) -> asyncio.Future[int]:
+        """Announce an incoming transfer into `dst_block_ids`; the future resolves (to the KV
+        bytes received) when every block has landed, or fails with TransferFailed."""
+        if transfer_id in self._expected:
+            raise ValueError(f"transfer {transfer_id} is already expected")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._expected[transfer_id] = _Expected(list(dst_block_ids), future)
+        return future
+
+    def forget(self, transfer_id: str) -> None:
+        """Stop waiting for a transfer (the caller gave up); data arriving later is refused."""
+        expected = self._expected.pop(transfer_id, None)
+        if expected is not None and not expected.future.done():
+            expected.future.cancel()
+
+    def _resolve(self, transfer_id: str, num_bytes: int) -> None:
+        expected = self._expected.pop(transfer_id, None)
+        if expected is not None and not expected.future.done():
+            self.stats.received_transfers += 1
+            self.stats.received_bytes += num_bytes
+            expected.future.set_result(num_bytes)
+
+    def _fail(self, transfer_id: str, error: Exception) -> None:
+        expected = self._expected.pop(transfer_id, None)
+        if expected is not None and not expected.future.done():
+            self.stats.failed_transfers += 1
+            expected.future.set_exception(error)
+            expected.future.exception()  # retrieved: a caller that gave up logs nothing
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns[task] = writer
+        current: str | None = None
+        try:
+            while True:
+                try:
+                    header = await read_header(reader)
+                except asyncio.IncompleteReadError as exc:
+                    if exc.partial:
+                        raise
+                    return  # clean end of the connection between frames
+                current = header.transfer_id
+                if header.kind == FRAME_ERROR:
+                    self._fail(current, TransferFailed(f"sender reported: {header.error}"))
+                elif header.kind == FRAME_DONE:
+                    self._check_count(current, header.num_blocks)
+                    self._resolve(current, header.payload_bytes)
+                elif header.kind == FRAME_DATA:
+                    await self._receive_data(reader, header)
+                else:
+                    raise TransferFailed(f"unknown transfer frame kind {header.kind}")
+                current = None
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if current is not None:
+                self._fail(current, TransferFailed(f"sender went away mid-transfer ({exc!r})"))
+        except Exception as exc:  # a bad frame ends this connection, and only this transfer
+            log.warning("KV transfer connection failed: %s", exc)
+            if current is not None:
+                self._fail(current, exc if isinstance(exc, errors.DynamoError) else TransferFailed(str(exc)))
+        finally:
+            self._conns.pop(task, None)
+            writer.close()
+
+    def _check_count(self, transfer_id: str, num_blocks: int) -> _Expected:
+        expected = self._expected.get(transfer_id)
+        if expected is None:
+            raise TransferFailed(f"transfer {transfer_id} is not expected (given up, or never asked for)")
+        if num_blocks != len(expected.dst_block_ids):
+            raise TransferFailed(
+                f"transfer {transfer_id}: {num_blocks} blocks sent, {len(expected.dst_block_ids)} expected"
+            )
+        return expected
+
+    async def _receive_data(self, reader: asyncio.StreamReader, header: TransferHeader) -> None:
+        expected = self._check_count(header.transfer_id, header.num_blocks)
+        if self.memory is None:
+            raise TransferFailed("this agent has no KV memory to receive blocks into")
+        size = header.num_blocks * self.block_bytes
+        if header.payload_bytes != size:
+            raise TransferFailed(f"payload of {header.payload_bytes} bytes; {size} expected for the layout")
+        memory = self.memory
+        self.buffer_bytes += size
+        try:
+            buffer = bytearray(size)
+            view = memoryview(buffer)
+            offset = 0
+            while offset < size:
+                chunk = await reader.readexactly(min(self.chunk_bytes, size - offset))
+                view[offset : offset + len(chunk)] = chunk
+                offset += len(chunk)
+            dst = expected.dst_block_ids
+            dtype = getattr(torch, self.layout.dtype)
+
+            def scatter() -> None:
+                flat = torch.frombuffer(buffer, dtype=dtype)
+                scatter_blocks(memory.k, memory.v, dst, flat.view(len(memory.k), 2, len(dst), *memory.k[0].shape[1:]))
+
+            if header.transfer_id in self._expected:  # not given up while the bytes streamed in
+                await memory.run(scatter)
+            self._resolve(header.transfer_id, size)
+        finally:
+            view.release()
+            del buffer
+            self.buffer_bytes -= size
+
+    # ------------------------------------------------------------------------------- sender
+
+    def choose_backend(self, peer: KvAgentInfo) -> TransferBackend:
+        local = self.info
+        for name in PREFERENCE:
+            backend = self.backends.get(name)
+            if backend is not None and backend.can_reach(local, peer):
+                return backend
+        raise TransferFailed(
+            f"no common KV transfer backend: this worker has {sorted(self.backends)}, the peer "
+            f"{peer.backends} on {'this' if peer.host_id == local.host_id else 'another'} host"
+        )
+
+    async def send(
+        self, peer: KvAgentInfo, transfer_id: str, src_block_ids: list[int], dst_block_ids: list[int]
+    ) -> tuple[int, str]:
+        """Move blocks `src_block_ids` of this agent's memory into the peer's `dst_block_ids`;
+        returns (KV bytes, backend name) once the peer has been told they are complete."""
+        check_compatible(self.layout, peer.layout)
+        if len(src_block_ids) != len(dst_block_ids):
+            raise ValueError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} target blocks")
+        backend = self.choose_backend(peer)
+        host, _, port = peer.address.rpartition(":")
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError as exc:
+            raise TransferFailed(f"cannot reach the peer's transfer agent at {peer.address}: {exc}") from exc
+        try:
+            num_bytes = await backend.send(self, peer, transfer_id, src_block_ids, dst_block_ids, writer)
+            await writer.drain()
+        except Exception as exc:
+            # Tell the receiver now rather than leaving it to notice the closed connection.
+            if not writer.is_closing():
+                try:
+                    writer.write(header_bytes(TransferHeader(transfer_id, FRAME_ERROR, error=str(exc))))
+                    await writer.drain()
+                except (ConnectionError, RuntimeError):
+                    pass  # the receiver is gone too: it sees the connection close instead
+            raise
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except ConnectionError:
+                pass
+        self.stats.sent_transfers += 1
+        self.stats.sent_bytes += num_bytes
+        self.stats.by_backend[backend.name] = self.stats.by_backend.get(backend.name, 0) + 1
+        return num_bytes, backend.name

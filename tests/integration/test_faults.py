@@ -1,0 +1,252 @@
+"""Fault injection on real processes: 64 concurrent streaming clients against two frontends
+(migration on / off) and mocker workers on their own nats-server and etcd, while a worker is
+SIGKILLed, nats-server restarts, and etcd is down for 10 s. Loopback only; every wait bounded.
+
+Tests run in order on one module-scoped fleet; each replaces what it destroyed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.procs import TINY_MODEL, Proc, Stack, base_env, free_port, http_ok, wait_until
+from tests.infra import ServerProcess, start_etcd, start_nats
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+MODEL = "tiny"
+CLIENTS = 64
+MAX_TOKENS = 160  # ~1.2 s per stream at --speedup-ratio 1 (7 ms a step)
+CLIENT_TIMEOUT_S = 45.0
+
+
+@dataclass
+class Fleet:
+    stack: Stack
+    nats: ServerProcess
+    etcd: ServerProcess
+    migrating: str  # base URL of the frontend with --migration-limit 3
+    strict: str  # base URL of the frontend with --migration-limit 0
+    workers: list[Proc] = field(default_factory=list)
+    spawned: int = 0
+
+    def start_worker(self) -> Proc:
+        self.spawned += 1
+        proc = self.stack.start(
+            f"worker-{self.spawned}", "dynamo.worker", "--engine", "mocker", "--model", TINY_MODEL,
+            "--served-model-name", MODEL, "--speedup-ratio", "1", "--graceful-shutdown-timeout-s", "1",
+        )
+        self.workers.append(proc)
+        return proc
+
+    def wait_for_workers(self, count: int) -> None:
+        for base in (self.migrating, self.strict):
+            wait_until(lambda: len(_instances(base)) == count, 60, f"{count} workers behind {base}")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()}" for p in self.stack.procs)
+
+
+def _instances(base: str) -> list[int]:
+    try:
+        body = httpx.get(f"{base}/ready", timeout=1.0).json()
+    except (httpx.HTTPError, ValueError):
+        return []
+    return next((list(m["instances"]) for m in body.get("models", []) if m.get("name") == MODEL), [])
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    # Our own servers: these tests kill and restart them, which the session fixtures must not see.
+    nats, etcd = start_nats(), start_etcd()
+    tmp: Path = tmp_path_factory.mktemp("faults")
+    env = base_env(
+        NATS_SERVER=nats.url,
+        ETCD_ENDPOINTS=etcd.url,
+        DYN_NAMESPACE=f"faults{free_port()}",
+        DYN_LEASE_TTL_S="2",
+        DYN_REQUEST_ACK_TIMEOUT_S="2",
+    )
+    stack = Stack(tmp, env)
+    ports = free_port(), free_port()
+    f = Fleet(stack, nats, etcd, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+    try:
+        for _ in range(3):
+            f.start_worker()
+        for port, limit in zip(ports, ("3", "0")):
+            stack.start(f"frontend-{limit}", "dynamo.frontend", "--http-port", str(port), "--migration-limit", limit)
+        for base in (f.migrating, f.strict):
+            wait_until(lambda: http_ok(f"{base}/ready"), 90, f"frontend {base} ready")
+        f.wait_for_workers(3)
+    except (TimeoutError, RuntimeError):
+        logs = f.logs()
+        stack.stop_all()
+        nats.stop()
+        etcd.stop()
+        raise AssertionError(f"fleet did not come up:\n{logs}") from None
+    yield f
+    stack.stop_all()
+    nats.stop()
+    etcd.stop()
+
+
+@dataclass
+class Outcome:
+    complete: int = 0  # finish_reason length with MAX_TOKENS tokens
+    clean_errors: int = 0  # an SSE error event (or a 5xx before the stream) then the end
+    bad: list[str] = field(default_factory=list)  # truncated, wrong count, hung, ...
+    errors: list[str] = field(default_factory=list)
+
+
+async def _one_stream(client: httpx.AsyncClient, base: str, index: int, outcome: Outcome, first: asyncio.Event,
+                      started: list[int]) -> None:
+    body = {
+        "model": MODEL, "prompt": f"request {index}: count slowly", "max_tokens": MAX_TOKENS,
+        "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }
+    try:
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode()
+                (outcome.errors if resp.status_code in (429, 502, 503, 504) else outcome.bad).append(text[:200])
+                if resp.status_code in (429, 502, 503, 504):
+                    outcome.clean_errors += 1
+                return
+            tokens = chunks = 0
+            reason = error = None
+            done = False
+            async for line in resp.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                    continue
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]
+                    continue
+                for choice in event.get("choices", []):
+                    chunks += 1
+                    if chunks == 1:
+                        started[0] += 1
+                        if started[0] >= CLIENTS:
+                            first.set()
+                    reason = choice.get("finish_reason") or reason
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        outcome.bad.append(f"transport error {exc!r}")
+        return
+    if error is not None and done:
+        outcome.clean_errors += 1
+        outcome.errors.append(str(error.get("code")))
+    elif done and reason == "length" and tokens == MAX_TOKENS:
+        outcome.complete += 1
+    else:
+        outcome.bad.append(f"done={done} reason={reason} tokens={tokens} error={error}")
+
+
+async def _load(base: str, fault: object, settle_s: float = 0.0) -> tuple[Outcome, float]:
+    """CLIENTS concurrent streams; `fault()` runs (in a thread: it blocks) once every stream
+    has its first token. Returns the outcome and the wall time."""
+    outcome = Outcome()
+    first = asyncio.Event()
+    started = [0]
+    limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=CLIENTS * 2)
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
+        tasks = [asyncio.create_task(_one_stream(client, base, i, outcome, first, started)) for i in range(CLIENTS)]
+        waiter = asyncio.create_task(first.wait())
+        await asyncio.wait([waiter, *tasks], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        await asyncio.to_thread(fault)  # type: ignore[arg-type]
+        done, pending = await asyncio.wait(tasks, timeout=CLIENT_TIMEOUT_S + settle_s)
+        for task in pending:
+            task.cancel()
+            outcome.bad.append("hung")
+        for task in done:
+            if task.exception() is not None:
+                outcome.bad.append(repr(task.exception()))
+    return outcome, time.perf_counter() - t0
+
+
+def _report(name: str, outcome: Outcome, wall_s: float) -> None:
+    print(f"\n[{name}] {CLIENTS} streams in {wall_s:.1f}s: {outcome.complete} complete, "
+          f"{outcome.clean_errors} clean errors {sorted(set(outcome.errors))}, {len(outcome.bad)} bad {outcome.bad[:3]}")
+
+
+def _kill_one_worker(fleet: Fleet) -> None:
+    victim = fleet.workers.pop(0)
+    victim.kill(signal.SIGKILL)
+
+
+async def test_sigkill_worker_with_migration_loses_nothing(fleet: Fleet) -> None:
+    outcome, wall_s = await _load(fleet.migrating, lambda: _kill_one_worker(fleet))
+    _report("sigkill, migration on", outcome, wall_s)
+    assert outcome.bad == [] and outcome.complete == CLIENTS, outcome
+    fleet.start_worker()
+    fleet.wait_for_workers(3)
+
+
+async def test_sigkill_worker_without_migration_ends_affected_streams_cleanly(fleet: Fleet) -> None:
+    outcome, wall_s = await _load(fleet.strict, lambda: _kill_one_worker(fleet))
+    _report("sigkill, migration off", outcome, wall_s)
+    assert outcome.bad == [], outcome
+    assert outcome.clean_errors > 0 and outcome.complete + outcome.clean_errors == CLIENTS
+    fleet.start_worker()
+    fleet.wait_for_workers(3)
+
+
+def _restart_nats(fleet: Fleet) -> None:
+    fleet.nats.kill(signal.SIGKILL)
+    fleet.nats.start()  # same port and data directory
+
+
+async def test_nats_restart_with_migration_loses_nothing(fleet: Fleet) -> None:
+    outcome, wall_s = await _load(fleet.migrating, lambda: _restart_nats(fleet))
+    _report("nats restart, migration on", outcome, wall_s)
+    assert outcome.bad == [] and outcome.complete == CLIENTS, outcome
+
+
+async def test_nats_restart_without_migration_ends_streams_cleanly(fleet: Fleet) -> None:
+    outcome, wall_s = await _load(fleet.strict, lambda: _restart_nats(fleet))
+    _report("nats restart, migration off", outcome, wall_s)
+    assert outcome.bad == [], outcome
+    assert outcome.complete + outcome.clean_errors == CLIENTS
+
+
+def _etcd_outage(fleet: Fleet, base: str, outcomes: list[Outcome]) -> None:
+    """etcd down for 10 s; meanwhile more requests must be served from last-known instances."""
+    fleet.etcd.kill(signal.SIGTERM)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        outcome, _ = asyncio.run(_load(base, lambda: None))
+        outcomes.append(outcome)
+    fleet.etcd.start()
+
+
+@pytest.mark.parametrize("frontend", ["migrating", "strict"])
+async def test_etcd_outage_keeps_serving(fleet: Fleet, frontend: str) -> None:
+    base = getattr(fleet, frontend)
+    during: list[Outcome] = []
+    outcome, wall_s = await _load(base, lambda: _etcd_outage(fleet, base, during))
+    _report(f"etcd down 10 s ({frontend})", outcome, wall_s)
+    for i, extra in enumerate(during):
+        _report(f"  during the outage, batch {i}", extra, 0.0)
+    everything = [outcome, *during]
+    assert all(o.bad == [] for o in everything), everything
+    if frontend == "migrating":
+        assert all(o.complete == CLIENTS for o in everything), everything
+    # etcd is back: every worker is still (or again) registered, and requests succeed.
+    fleet.wait_for_workers(3)
+    after, _ = await _load(base, lambda: None)
+    assert after.complete == CLIENTS, after

@@ -1,0 +1,125 @@
+"""KvTransferAgent over the host backend on CPU: blocks land bit-exact in the chosen target
+blocks with a notification, layouts are negotiated with a clear error, failures reach the
+waiting side, the simulated backend takes bytes / bandwidth, and buffers are freed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from dynamo.wire import KvLayoutSpec  # noqa: E402
+from kvbm.transfer.agent import KvTransferAgent, TransferFailed  # noqa: E402
+from kvbm.transfer.factory import make_agent  # noqa: E402
+from kvbm.transfer.host import HostBackend  # noqa: E402
+from kvbm.transfer.layout import KvLayoutMismatch, KvMemory, block_bytes, check_compatible  # noqa: E402
+
+T = TypeVar("T")
+LAYOUT = KvLayoutSpec(num_layers=3, block_size_tokens=4, num_kv_heads=2, head_dim=8, dtype="float32")
+
+
+async def run_inline(fn: Callable[[], T]) -> T:
+    return await asyncio.to_thread(fn)
+
+
+def memory(seed: int, num_blocks: int = 16, layout: KvLayoutSpec = LAYOUT) -> KvMemory:
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, layout.block_size_tokens, layout.num_kv_heads, layout.head_dim)
+    k = [torch.randn(shape, generator=g) for _ in range(layout.num_layers)]
+    v = [torch.randn(shape, generator=g) for _ in range(layout.num_layers)]
+    return KvMemory(k, v, layout, run_inline)
+
+
+async def test_host_backend_moves_blocks_into_the_expected_slots() -> None:
+    src_mem, dst_mem = memory(1), memory(2)
+    before = [t.clone() for t in dst_mem.k]
+    async with KvTransferAgent(LAYOUT, src_mem, [HostBackend()]) as src, \
+            KvTransferAgent(LAYOUT, dst_mem, [HostBackend()], chunk_bytes=1000) as dst:
+        src_ids, dst_ids = [3, 0, 7, 12], [9, 1, 2, 15]
+        landed = dst.expect("t1", dst_ids)
+        num_bytes, backend = await src.send(dst.info, "t1", src_ids, dst_ids)
+        assert (num_bytes, backend) == (4 * block_bytes(LAYOUT), "host")
+        assert await asyncio.wait_for(landed, 5) == num_bytes
+        for layer in range(LAYOUT.num_layers):
+            for s, d in zip(src_ids, dst_ids):
+                assert torch.equal(dst_mem.k[layer][d], src_mem.k[layer][s])
+                assert torch.equal(dst_mem.v[layer][d], src_mem.v[layer][s])
+            untouched = [b for b in range(16) if b not in dst_ids]
+            assert torch.equal(dst_mem.k[layer][untouched], before[layer][untouched])
+        assert src.buffer_bytes == 0 and dst.buffer_bytes == 0
+
+
+def test_layout_mismatch_is_a_clear_error() -> None:
+    other = KvLayoutSpec(num_layers=3, block_size_tokens=16, num_kv_heads=2, head_dim=8, dtype="bfloat16", tp_rank=1, tp_size=2)
+    with pytest.raises(KvLayoutMismatch) as info:
+        check_compatible(LAYOUT, other)
+    message = str(info.value)
+    assert "block_size_tokens: local 4, peer 16" in message
+    assert "dtype: local float32, peer bfloat16" in message
+    assert "tp_rank" in message and "--block-size" in message
+
+
+async def test_send_refuses_a_peer_with_another_layout() -> None:
+    other = KvLayoutSpec(num_layers=2, block_size_tokens=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    async with KvTransferAgent(LAYOUT, memory(1), [HostBackend()]) as src, \
+            KvTransferAgent(other, memory(2, layout=other), [HostBackend()]) as dst:
+        with pytest.raises(KvLayoutMismatch, match="num_layers: local 3, peer 2"):
+            await src.send(dst.info, "t", [0], [0])
+
+
+async def test_unexpected_or_mis_sized_transfers_fail_the_waiter_not_the_agent() -> None:
+    async with KvTransferAgent(LAYOUT, memory(1), [HostBackend()]) as src, \
+            KvTransferAgent(LAYOUT, memory(2), [HostBackend()]) as dst:
+        landed = dst.expect("t", [1, 2])
+        await src.send(dst.info, "t", [0], [1])  # one block where two are expected
+        with pytest.raises(TransferFailed, match="1 blocks sent, 2 expected"):
+            await asyncio.wait_for(landed, 5)
+        # Given up: a late sender is refused, the agent keeps working.
+        dst.forget("t")
+        await src.send(dst.info, "t", [0, 1], [1, 2])
+        ok = dst.expect("t2", [4])
+        await src.send(dst.info, "t2", [5], [4])
+        assert await asyncio.wait_for(ok, 5) == block_bytes(LAYOUT)
+        assert dst.buffer_bytes == 0
+
+
+async def test_closing_the_receiver_fails_pending_transfers() -> None:
+    dst = KvTransferAgent(LAYOUT, memory(2), [HostBackend()])
+    await dst.start()
+    landed = dst.expect("t", [1])
+    await dst.close()
+    with pytest.raises(TransferFailed, match="closed"):
+        await landed
+
+
+async def test_simulated_link_takes_bytes_over_bandwidth() -> None:
+    # 1 MB per block at 100 MB/s, sped up 10x: 4 blocks take 4 ms.
+    layout = KvLayoutSpec(num_layers=1, block_size_tokens=1, num_kv_heads=1, head_dim=125_000, dtype="float32")
+    src = await make_agent("auto", layout, None, simulated_link_bytes_per_s=100e6, speedup_ratio=10)
+    dst = await make_agent("auto", layout, None, simulated_link_bytes_per_s=100e6, speedup_ratio=10)
+    try:
+        landed = dst.expect("t", [0, 1, 2, 3])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        _, backend = await src.send(dst.info, "t", [0, 1, 2, 3], [0, 1, 2, 3])
+        assert await landed == 4 * block_bytes(layout) == 4_000_000
+        assert backend == "simulated" and loop.time() - start >= 0.004
+    finally:
+        await src.close()
+        await dst.close()
+
+
+def test_named_backends_say_what_they_need() -> None:
+    from kvbm.transfer.factory import make_backends
+    from kvbm.transfer.nixl import nixl_available
+
+    with pytest.raises(ValueError, match="needs the KV cache on a GPU"):
+        make_backends("cuda-ipc", memory(1))
+    assert [b.name for b in make_backends("auto", memory(1))] == ["host"]
+    if not nixl_available():
+        with pytest.raises(ImportError, match="pip install nixl"):
+            make_backends("nixl", memory(1))

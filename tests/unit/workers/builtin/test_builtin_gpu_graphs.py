@@ -1,0 +1,63 @@
+"""cuda_graphs.py and the decode metadata builders in attention.py, on CPU: bucket choice, the
+padding a graph bucket gets (slot -1, length 0), block tables cut to the blocks in use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.builtin.attention import SeqSlice, TritonPagedAttention, decode_slots_and_tables
+from workers.builtin.cuda_graphs import DecodeInputs, bucket_for, capture_sizes
+
+CPU = torch.device("cpu")
+
+
+def test_capture_sizes_cover_every_batch_up_to_the_cap() -> None:
+    assert capture_sizes(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(1000)[-1] == 256
+    for cap in (1, 3, 40, 256):
+        sizes = capture_sizes(cap)
+        for n in range(1, cap + 1):
+            b = bucket_for(n, sizes)
+            assert b is not None and b >= n
+            assert b == min(s for s in sizes if s >= n)
+        assert bucket_for(cap + 1, sizes) is None
+
+
+def test_decode_slots_and_tables() -> None:
+    seqs = [SeqSlice(0, 1, [7, 3]), SeqSlice(4, 1, [5, 9, 2]), SeqSlice(9, 1, [1, 6, 8, 4])]
+    positions, slots, lens, tables = decode_slots_and_tables(seqs, 4)
+    assert positions == [0, 4, 9]
+    assert slots == [7 * 4, 9 * 4, 8 * 4 + 1]
+    assert lens == [1, 5, 10]
+    assert tables == [[7], [5, 9], [1, 6, 8]]
+
+
+def test_decode_inputs_pad_rows_to_the_bucket() -> None:
+    inputs = DecodeInputs(max_batch=8, max_blocks_per_seq=4, device=CPU)
+    # A previous, larger step leaves stale rows behind: padding must overwrite them.
+    inputs.fill([1] * 6, [SeqSlice(3, 1, [2]) for _ in range(6)], 8, 4)
+    seqs = [SeqSlice(5, 1, [3, 6]), SeqSlice(0, 1, [9])]
+    inputs.fill([11, 12], seqs, 4, 4)
+    assert inputs.input_ids[:4].tolist() == [11, 12, 0, 0]
+    assert inputs.positions[:4].tolist() == [5, 0, 0, 0]
+    assert inputs.slot_mapping[:4].tolist() == [6 * 4 + 1, 9 * 4, -1, -1]
+    assert inputs.seq_lens[:4].tolist() == [6, 1, 0, 0]
+    assert inputs.block_tables[0, :2].tolist() == [3, 6] and inputs.block_tables[1, 0] == 9
+    meta = inputs.metadata(4, 4)
+    assert meta.num_seqs == 4 and meta.max_q == 1 and meta.seq_lens is not None
+    assert meta.block_tables.shape == (4, 4) and meta.max_kv == 16
+    with pytest.raises(ValueError, match="needs 5 blocks"):
+        inputs.fill([1], [SeqSlice(16, 1, [0, 1, 2, 3, 4])], 1, 4)
+
+
+def test_triton_backend_metadata_for_decode_and_mixed_steps() -> None:
+    backend = TritonPagedAttention()
+    meta = backend.build_metadata([SeqSlice(5, 1, [3, 6, 8]), SeqSlice(0, 1, [9])], 4, CPU)
+    assert meta.seq_lens is not None and meta.seq_lens.tolist() == [6, 1]
+    assert meta.block_tables.dtype == torch.int32 and meta.block_tables.tolist() == [[3, 6], [9, 0]]
+    assert meta.slot_mapping.tolist() == [25, 36]
+    mixed = backend.build_metadata([SeqSlice(5, 1, [3, 6]), SeqSlice(0, 3, [9])], 4, CPU)
+    assert mixed.seq_lens is None and mixed.max_q == 3  # the SDPA path's metadata

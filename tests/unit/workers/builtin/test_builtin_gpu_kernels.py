@@ -1,0 +1,170 @@
+"""gpu_kernels.py's Triton kernels on CUDA, or without a GPU in Triton's CPU interpreter (skipped
+where Triton is absent, as in CI's CPU torch): each kernel against its torch reference, the fused
+model forward against the plain one, the padded decode-graph path against eager steps."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton was imported before its interpreter could be chosen", allow_module_level=True)
+    # Read when @triton.jit runs, Triton's own library functions included: before any import.
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from workers.builtin import gpu_kernels  # noqa: E402
+from workers.builtin.attention import SdpaPagedAttention, SeqSlice, TritonPagedAttention  # noqa: E402
+from workers.builtin.config import load_model_config  # noqa: E402
+from workers.builtin.cuda_graphs import DecodeGraphs  # noqa: E402
+from workers.builtin.kv_cache import KVCache  # noqa: E402
+from workers.builtin.loader import load_model  # noqa: E402
+from workers.builtin.model import LlamaForCausalLM  # noqa: E402
+from workers.builtin.runner import ModelRunner, StepInput  # noqa: E402
+from workers.builtin.sampling import SampleRow, SamplingParams  # noqa: E402
+
+CPU = torch.device("cpu")
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def on_device() -> Iterator[None]:
+    with torch.device(DEV):
+        yield
+
+
+def test_paged_decode_attention_matches_sdpa_over_scattered_blocks() -> None:
+    torch.manual_seed(0)
+    heads, kv_heads, head_dim, page = 8, 2, 32, 4
+    k_cache = torch.randn(12, page, kv_heads, head_dim)
+    v_cache = torch.randn(12, page, kv_heads, head_dim)
+    tables = [[11, 2, 7, 5], [0], [3, 9], [4]]
+    lens = [15, 3, 8, 0]  # the last row is graph padding: zeros out
+    q = torch.randn(4, heads, head_dim)
+    bt = torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32)
+    out = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), 0.2)
+    for b in range(3):
+        keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lens[b]].repeat_interleave(4, dim=1)
+        values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lens[b]].repeat_interleave(4, dim=1)
+        scores = torch.einsum("hd,thd->ht", q[b], keys) * 0.2
+        ref = torch.einsum("ht,thd->hd", scores.softmax(-1), values)
+        torch.testing.assert_close(out[b], ref, atol=1e-4, rtol=1e-4)
+    assert torch.all(out[3] == 0)
+
+
+def test_store_kv_skips_padded_slots() -> None:
+    k_cache, v_cache = torch.zeros(3, 2, 2, 4), torch.zeros(3, 2, 2, 4)
+    kv = torch.randn(3, 16)  # rows of a wider qkv buffer: k and v are strided views
+    k, v = kv[:, :8].view(3, 2, 4), kv[:, 8:].view(3, 2, 4)
+    gpu_kernels.store_kv(k, v, k_cache, v_cache, torch.tensor([5, -1, 0]))
+    flat_k, flat_v = k_cache.view(6, 2, 4), v_cache.view(6, 2, 4)
+    torch.testing.assert_close(flat_k[5], k[0])
+    torch.testing.assert_close(flat_v[0], v[2])
+    assert flat_k[1:5].abs().sum() == 0
+
+
+def test_fused_elementwise_kernels_match_torch() -> None:
+    torch.manual_seed(1)
+    x, res, w = torch.randn(3, 48), torch.randn(3, 48), torch.randn(48)
+    h = x + res
+    ref = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+    out, new_res = gpu_kernels.rms_norm(x, w, 1e-6, res)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(new_res, h)
+    gate_up = torch.randn(3, 40)
+    torch.testing.assert_close(gpu_kernels.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :20]) * gate_up[:, 20:])
+    # RoPE over 3 q/k heads of a row that also holds a v head
+    head_dim, positions = 8, torch.tensor([0, 5, 17])
+    freqs = torch.arange(32).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat([freqs, freqs], -1)
+    qkv = torch.randn(3, 4 * head_dim)
+    expected = qkv.clone()
+    x3 = qkv[:, : 3 * head_dim].view(3, 3, head_dim)
+    rot = torch.cat([-x3[..., 4:], x3[..., :4]], -1)
+    expected[:, : 3 * head_dim] = (x3 * emb.cos()[positions][:, None] + rot * emb.sin()[positions][:, None]).reshape(3, -1)
+    before = qkv.clone()
+    gpu_kernels.rope_inplace(qkv, positions, emb.cos(), emb.sin(), 2, 1, head_dim)  # 2 q, 1 k, 1 v head
+    torch.testing.assert_close(qkv, expected)
+    # The decode form: q rotated in place, rotated k and v into cache slots, slot -1 skipped.
+    k_cache, v_cache = torch.zeros(4, 2, 1, head_dim), torch.zeros(4, 2, 1, head_dim)
+    qkv = before.clone()
+    gpu_kernels.rope_store_kv(qkv, positions, emb.cos(), emb.sin(), 2, 1, head_dim,
+                              k_cache, v_cache, torch.tensor([7, -1, 2]))
+    torch.testing.assert_close(qkv[:, : 2 * head_dim], expected[:, : 2 * head_dim])
+    flat_k, flat_v = k_cache.view(8, head_dim), v_cache.view(8, head_dim)
+    torch.testing.assert_close(flat_k[7], expected[0, 2 * head_dim : 3 * head_dim])
+    torch.testing.assert_close(flat_k[2], expected[2, 2 * head_dim : 3 * head_dim])
+    torch.testing.assert_close(flat_v[2], before[2, 3 * head_dim :])
+    assert flat_k[[0, 1, 3, 4, 5, 6]].abs().sum() == 0 and flat_v[[0, 1, 3, 4, 5, 6]].abs().sum() == 0
+
+
+def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
+    config = load_model_config(model_dir)
+    plain = load_model(config, torch.float32, CPU).to(DEV)
+    plain.rotary.build(DEV)
+    fused = LlamaForCausalLM(config, TritonPagedAttention())
+    fused.load_state_dict(plain.state_dict())
+    fused.rotary.build(DEV)
+    assert fused.fused and not plain.fused
+    return plain.eval(), fused.eval()
+
+
+@pytest.mark.parametrize("shape", ["llama-gqa", "qwen2-bias", "qwen3-qknorm", "llama-mha-tied"])
+def test_fused_forward_matches_plain(shape: str, model_dirs: Callable[[str], Path]) -> None:
+    plain, fused = _triton_model(model_dirs(shape))
+    config = plain.config
+    ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
+    blocks = [6, 1, 4, 0]
+    with torch.no_grad():
+        ref_kv = KVCache.allocate(config, 8, 4, torch.float32, DEV)
+        meta = SdpaPagedAttention().build_metadata([SeqSlice(0, 13, blocks)], 4, DEV)
+        ref = plain.compute_logits(plain(torch.tensor(ids), torch.arange(13), ref_kv, meta))
+        kv = KVCache.allocate(config, 8, 4, torch.float32, DEV)
+        backend = fused.model.layers[0].self_attn.backend
+        # prefill 12 tokens (SDPA path, fused ops), then decode the 13th (Triton paged kernel)
+        meta = backend.build_metadata([SeqSlice(0, 12, blocks)], 4, DEV)
+        first = fused.compute_logits(fused(torch.tensor(ids[:12]), torch.arange(12), kv, meta))
+        meta = backend.build_metadata([SeqSlice(12, 1, blocks)], 4, DEV)
+        assert meta.seq_lens is not None
+        last = fused.compute_logits(fused(torch.tensor(ids[12:]), torch.tensor([12]), kv, meta))
+    torch.testing.assert_close(torch.cat([first, last]), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
+def test_padded_graph_decode_matches_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path]) -> None:
+    _, fused = _triton_model(model_dirs("llama-gqa"))
+    config = fused.config
+    prompts = [[3, 4, 5, 6, 7], [9, 10], [20, 21, 22, 23, 24, 25, 26]]
+    tables = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    greedy = SampleRow(SamplingParams(), None)
+
+    def generate(runner: ModelRunner, steps: int) -> list[list[int]]:
+        tokens = [list(p) for p in prompts]
+        flat = [t for p in prompts for t in p]
+        positions = [i for p in prompts for i in range(len(p))]
+        slices = [SeqSlice(0, len(p), t) for p, t in zip(prompts, tables)]
+        ends = list(torch.tensor([len(p) for p in prompts]).cumsum(0) - 1)
+        out = runner.execute(StepInput(flat, positions, slices, [int(e) for e in ends], [greedy] * 3))
+        for _ in range(steps):
+            for seq, tok in zip(tokens, out.token_ids):
+                seq.append(tok)
+            slices = [SeqSlice(len(s) - 1, 1, t) for s, t in zip(tokens, tables)]
+            out = runner.execute(
+                StepInput([s[-1] for s in tokens], [len(s) - 1 for s in tokens], slices, [0, 1, 2], [greedy] * 3)
+            )
+        return tokens
+
+    eager = ModelRunner(fused, KVCache.allocate(config, 16, 4, torch.float32, DEV), DEV)
+    expected = generate(eager, 6)
+    padded = ModelRunner(fused, KVCache.allocate(config, 16, 4, torch.float32, DEV), DEV)
+    # Bucket 4 for 3 sequences: one padded row that must neither write nor disturb the others.
+    padded.graphs = DecodeGraphs(fused, padded.kv, DEV, [1, 4], max_blocks_per_seq=8, use_graphs=use_graphs)
+    padded.graphs.capture()
+    assert generate(padded, 6) == expected

@@ -1,0 +1,253 @@
+"""Triton kernels of the CUDA path: paged decode attention, KV-cache writes, and the fused
+elementwise ops (residual add + RMSNorm, RoPE in place, SiLU-and-mul) that keep a decode step at
+nine kernels a layer. Triton is imported at the first kernel call (CPU-only torch builds carry
+none), so a process can choose TRITON_INTERPRET before that; `triton_available()` says if it can."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from types import SimpleNamespace
+
+import torch
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _kernels() -> SimpleNamespace:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _store_kv_kernel(
+        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+        stride_k, stride_v,
+        ROW: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        slot = tl.load(slot_ptr + t)
+        offs = tl.arange(0, BLOCK)
+        # Slot -1 marks a padded row of a CUDA-graph bucket: it owns no cache slot. (Broadcast
+        # before comparing: Triton's CPU interpreter rejects a scalar bool in a block mask.)
+        mask = (offs < ROW) & ((offs * 0 + slot) >= 0)
+        dst = slot.to(tl.int64) * ROW + offs
+        tl.store(k_cache_ptr + dst, tl.load(k_ptr + t * stride_k + offs, mask=mask), mask=mask)
+        tl.store(v_cache_ptr + dst, tl.load(v_ptr + t * stride_v + offs, mask=mask), mask=mask)
+
+    @triton.jit
+    def _paged_decode_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
+        scale,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        stride_cb, stride_ct, stride_ch,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # One program per (sequence, KV head) computes all GROUP query heads that share that KV
+        # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot.
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        seq_len = tl.load(seq_lens_ptr + seq)
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, D_PAD)
+        n = tl.arange(0, BLOCK_N)
+        gmask = g < GROUP
+        dmask = d < HEAD_DIM
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + seq * stride_qt + heads[:, None] * stride_qh + d[None, :],
+            mask=gmask[:, None] & dmask[None, :], other=0.0,
+        )
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+        for start in range(0, seq_len, BLOCK_N):
+            tok = start + n
+            tmask = tok < seq_len
+            page = tl.load(block_tables_ptr + seq * stride_bt + tok // PAGE, mask=tmask, other=0)
+            off = page.to(tl.int64) * stride_cb + (tok % PAGE) * stride_ct + kvh * stride_ch
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = tl.where(tmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        # A padded row (seq_len 0) ran no iteration: it writes zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + seq * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :],
+        )
+
+    @triton.jit
+    def _add_rms_norm_kernel(
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps,
+        stride_x, stride_r, stride_o, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if HAS_RES:
+            # Round the sum to the model dtype before normalising, as the eager `h + r` does.
+            x = (x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)).to(x_ptr.dtype.element_ty)
+            tl.store(res_out_ptr + row * N + offs, x, mask=mask)
+        xf = x.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
+        normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(
+        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_t, stride_pos,
+        NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, KV_PAD: tl.constexpr, D_PAD: tl.constexpr,
+        STORE: tl.constexpr,
+    ):
+        # Rotates the q and k heads of one token's qkv row, neox style. STORE: k goes to its
+        # cache slot (not back into the row) and v with it, all in this one launch.
+        t = tl.program_id(0)
+        pos = tl.load(pos_ptr + t)
+        h = tl.arange(0, HEADS_PAD)
+        j = tl.arange(0, HALF_PAD)
+        jmask = j < HALF
+        c = tl.load(cos_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
+        s = tl.load(sin_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
+        mask = (h[:, None] < NUM_Q + NUM_KV) & jmask[None, :]
+        row = qkv_ptr + t * stride_t
+        base = row + h[:, None] * HEAD_DIM + j[None, :]
+        x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+        y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)
+        y2 = (x2 * c + x1 * s).to(qkv_ptr.dtype.element_ty)
+        if STORE:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            qmask = (h[:, None] < NUM_Q) & jmask[None, :]
+            tl.store(base, y1, mask=qmask)
+            tl.store(base + HALF, y2, mask=qmask)
+            # (Broadcast the slot before comparing: the CPU interpreter rejects a scalar bool
+            # in a block mask.) Slot -1: a padded CUDA-graph row owns no cache slot.
+            valid = (h[:, None] * 0 + slot) >= 0
+            kmask = (h[:, None] >= NUM_Q) & mask & valid
+            dst = slot * (NUM_KV * HEAD_DIM) + (h[:, None] - NUM_Q) * HEAD_DIM + j[None, :]
+            tl.store(k_cache_ptr + dst, y1, mask=kmask)
+            tl.store(k_cache_ptr + dst + HALF, y2, mask=kmask)
+            kv = tl.arange(0, KV_PAD)
+            d = tl.arange(0, D_PAD)
+            vmask = (kv[:, None] < NUM_KV) & (d[None, :] < HEAD_DIM) & ((kv[:, None] * 0 + slot) >= 0)
+            v = tl.load(row + (NUM_Q + NUM_KV + kv[:, None]) * HEAD_DIM + d[None, :], mask=vmask)
+            tl.store(v_cache_ptr + slot * (NUM_KV * HEAD_DIM) + kv[:, None] * HEAD_DIM + d[None, :], v, mask=vmask)
+        else:
+            tl.store(base, y1, mask=mask)
+            tl.store(base + HALF, y2, mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + N + offs, mask=mask, other=0.0)
+        act = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + row * N + offs, act * up, mask=mask)
+
+    return SimpleNamespace(
+        store_kv=_store_kv_kernel, paged_decode=_paged_decode_kernel, add_rms_norm=_add_rms_norm_kernel,
+        rope=_rope_kernel, silu_mul=_silu_mul_kernel, cdiv=triton.cdiv,
+    )
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """k, v [T, kv_heads, head_dim] (rows may be strided views) into their cache slots;
+    slot -1 is skipped."""
+    tokens, kv_heads, head_dim = k.shape
+    row = kv_heads * head_dim
+    _kernels().store_kv[(tokens,)](k, v, k_cache, v_cache, slots, k.stride(0), v.stride(0), ROW=row, BLOCK=_pow2(row))
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query token per sequence: q [B, heads, head_dim] over the paged cache
+    [num_blocks, page, kv_heads, head_dim]; seq_lens count the new token (already stored)."""
+    batch, heads, head_dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    if out is None:
+        out = torch.empty(batch, heads, head_dim, dtype=q.dtype, device=q.device)
+    # 128 keys a step: a short decode context takes few dependent (block table -> K) rounds.
+    block_n = 128
+    _kernels().paged_decode[(batch, kv_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, D_PAD=max(16, _pow2(head_dim)),
+        PAGE=page, BLOCK_N=block_n,
+        # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(x + residual) and the new residual (x + residual; x itself when none)."""
+    tokens, n = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    res = residual if residual is not None else x
+    _kernels().add_rms_norm[(tokens,)](
+        x, res, weight, out, res_out, eps, x.stride(0), res.stride(0), out.stride(0),
+        N=n, BLOCK=_pow2(n), HAS_RES=residual is not None,
+    )
+    return out, res_out
+
+
+def rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    """Rotate the q and k heads of each row of qkv [T, (heads + 2 * kv_heads) * head_dim] in
+    place; cos/sin are the [max_pos, head_dim] fp32 tables (only their first half is read)."""
+    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, None)
+
+
+def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  num_heads: int, num_kv_heads: int, head_dim: int,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """As rope_inplace for q; the rotated k and the v of each row go to their cache slot
+    (slot -1 skipped) instead, in the same launch: what a decode step needs."""
+    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, (k_cache, v_cache, slots))
+
+
+def _rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+          num_heads: int, num_kv_heads: int, head_dim: int,
+          store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+    k_cache, v_cache, slots = store if store is not None else (qkv, qkv, positions)
+    _kernels().rope[(qkv.shape[0],)](
+        qkv, positions, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
+        NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HALF_PAD=_pow2(head_dim // 2),
+        HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_heads + num_kv_heads), KV_PAD=_pow2(num_kv_heads),
+        D_PAD=_pow2(head_dim), STORE=store is not None,
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    tokens, two_n = gate_up.shape
+    n = two_n // 2
+    out = torch.empty(tokens, n, dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, _pow2(n))
+    k = _kernels()
+    k.silu_mul[(tokens, k.cdiv(n, block))](gate_up, out, gate_up.stride(0), N=n, BLOCK=block)
+    return out

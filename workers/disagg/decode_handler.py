@@ -1,0 +1,172 @@
+"""The decode role: the frontend routes requests here by load; this handler decides per request
+whether to prefill locally (short or mostly cached prompts, busy prefill pool, no prefill
+worker) or remotely: it reserves blocks, picks a prefill worker with a KV-aware router over the
+prefill component, asks it to prefill and send the KV, and decodes from the first token as soon
+as the blocks have landed. Any remote failure or timeout falls back to a local prefill."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dynamo import errors
+from dynamo.runtime import Client, ResponseStream, Runtime
+from dynamo.wire import (
+    REMOTE_PREFILL_RESULT_CODEC,
+    EngineOutput,
+    PreprocessedRequest,
+    RemotePrefillRequest,
+    RemotePrefillResult,
+    encode,
+)
+from kvbm.transfer.agent import KvTransferAgent
+from router.args import RouterConfig
+from router.base import Router
+from router.kv_router import KvRouter, make_router
+from workers.disagg.args import DisaggConfig
+from workers.disagg.engine_support import DisaggSupport, Reservation
+from workers.disagg.prefill_handler import PREFILL_ENDPOINT
+from workers.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DecodeStats:
+    local_prefills: int = 0
+    remote_prefills: int = 0
+    fallbacks: int = 0  # remote attempts that failed and were prefilled locally
+
+
+class DecodeHandler:
+    """Async context manager owning the prefill client and the prefill router."""
+
+    def __init__(
+        self, runtime: Runtime, engine: Engine, support: DisaggSupport, agent: KvTransferAgent, config: DisaggConfig
+    ) -> None:
+        self.runtime = runtime
+        self.engine = engine
+        self.support = support
+        self.agent = agent
+        self.config = config
+        self.stats = DecodeStats()
+        self.client: Client | None = None
+        self.router: Router | None = None
+
+    async def start(self) -> None:
+        comp = self.config.prefill_component
+        self.client = await self.runtime.endpoint(comp, PREFILL_ENDPOINT).client()
+        self.client.on_change(self._instance_changed)
+        config = RouterConfig(kv_block_size=self.support.block_size_tokens)
+        # Prefill workers are chosen by KV overlap (and prefill load): a prompt whose prefix a
+        # prefill worker holds costs only its uncached part.
+        self.router = make_router("kv", config, self.runtime.events, self.runtime.namespace, comp)
+        await self.router.start()
+
+    async def close(self) -> None:
+        if self.router is not None:
+            await self.router.close()
+        if self.client is not None:
+            await self.client.close()
+
+    def _instance_changed(self, instance_id: int, added: bool) -> None:
+        if not added and self.router is not None:
+            self.router.instance_removed(instance_id)
+
+    # ------------------------------------------------------------------------------ serving
+
+    def local_reason(self, request: PreprocessedRequest) -> str | None:
+        """Why this request is prefilled here, or None to prefill remotely."""
+        candidates = self.client.instance_ids() if self.client is not None else []
+        if not candidates:
+            return "no prefill worker"
+        uncached = len(request.token_ids) - self.support.cached_prefix_tokens(request.token_ids)
+        if uncached < self.config.min_prefill_tokens:
+            return "short"
+        router = self.router
+        if isinstance(router, KvRouter):
+            queued = min(router.load.load(w).prefill_tokens for w in candidates)
+            if queued > self.config.max_prefill_queue_tokens:
+                return "prefill queue full"
+        return None
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        if self.local_reason(request) is None:
+            prefilled = await self._remote_prefill(request)
+            if prefilled is not None:
+                self.stats.remote_prefills += 1
+                first, reservation = prefilled
+                async for output in self.support.generate_from_kv(request, first, reservation):
+                    yield output
+                return
+            self.stats.fallbacks += 1
+        self.stats.local_prefills += 1
+        async for output in self.engine.generate(request):
+            yield output
+
+    async def _remote_prefill(self, request: PreprocessedRequest) -> tuple[EngineOutput, Reservation] | None:
+        """The first token with the prompt's KV landed in reserved blocks, or None (reason
+        logged, everything released) when this request should be prefilled locally."""
+        assert self.client is not None and self.router is not None
+        reservation = self.support.reserve(request.token_ids)
+        if reservation is None:
+            return None
+        transfer_id = uuid.uuid4().hex
+        landed = self.agent.expect(transfer_id, reservation.transfer_block_ids)
+        instance_id: int | None = None
+        stream: ResponseStream | None = None
+        done = False
+        try:
+            decision = await self.router.select(request, self.client.instance_ids())
+            instance_id = decision.instance_id
+            body = RemotePrefillRequest(
+                request=request,
+                transfer_id=transfer_id,
+                decode_agent=self.agent.info,
+                dst_block_ids=reservation.transfer_block_ids,
+                skip_blocks=reservation.matched_blocks,
+            )
+            stream = await self.client.generate(encode(body), instance_id, request.request_id)
+            result = await asyncio.wait_for(self._await_prefill(stream, landed), self.config.prefill_timeout_s)
+            self.router.first_token(request.request_id, instance_id)
+            done = True
+            return result.first, reservation
+        except (errors.DynamoError, OSError, TimeoutError) as exc:
+            # Includes a dead or stopped prefill worker, a transfer cut short, a layout
+            # mismatch: the request is still answered, by prefilling here.
+            log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
+            return None
+        finally:
+            if not done:
+                self.agent.forget(transfer_id)
+                self.support.release(reservation.blocks)
+            if stream is not None:
+                await stream.aclose()
+            if instance_id is not None:
+                self.router.request_finished(request.request_id, instance_id)
+
+    async def _await_prefill(self, stream: ResponseStream, landed: asyncio.Future[int]) -> RemotePrefillResult:
+        """The prefill worker's answer and the landing notice, whichever fails first fails."""
+        answer = asyncio.ensure_future(self._read_result(stream))
+        try:
+            pending: set[asyncio.Future[object]] = {answer, landed}  # type: ignore[arg-type]
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in done:
+                    fut.result()  # raises the first failure
+            return answer.result()
+        finally:
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
+
+    @staticmethod
+    async def _read_result(stream: ResponseStream) -> RemotePrefillResult:
+        result: RemotePrefillResult | None = None
+        async for payload in stream:
+            result = REMOTE_PREFILL_RESULT_CODEC.decode(payload)
+        if result is None:
+            raise errors.StreamBroken("prefill worker ended without a result")
+        return result

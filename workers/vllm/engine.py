@@ -1,0 +1,199 @@
+"""VllmEngine: vLLM's AsyncLLM in this process (its engine core is a child process it spawns),
+behind our Engine interface: token-delta streams, aborts on cancel, re-hashed KV events, load."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from http import HTTPStatus
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm.config.kv_events import KVEventsConfig
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import GracefulHTTPError, VLLMClientError
+from vllm.inputs.engine import tokens_input
+from vllm.usage.usage_lib import UsageContext
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from dynamo import errors
+from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
+from kvbm.block_pool import KvEventSink
+from workers.engine import Engine, EngineInfo
+from workers.vllm.args import VllmConfig
+from workers.vllm.kv_events import KvEventSubscriber, KvEventTranslator
+from workers.vllm.sampling import FINISH_REASONS, sampling_params
+from workers.vllm.stats import SchedulerSnapshot, stat_logger_factory
+
+log = logging.getLogger(__name__)
+
+
+class VllmEngine(Engine):
+    name = "vllm"
+
+    def __init__(self, config: VllmConfig) -> None:
+        self.config = config
+        self.info: EngineInfo | None = None
+        self._llm: AsyncLLM | None = None
+        self._subscriber: KvEventSubscriber | None = None
+        self._translator: KvEventTranslator | None = None
+        self._stats = SchedulerSnapshot()
+        # Prompt tokens of requests that have not produced their first token yet.
+        self._prefill_pending: dict[str, int] = {}
+        self._num_inflight = 0
+
+    # ---------------------------------------------------------------------------- lifecycle
+
+    async def start(self, kv_events: KvEventSink | None = None) -> EngineInfo:
+        if self._llm is not None:
+            raise RuntimeError("vllm engine already started")
+        engine_args = self.config.engine_args
+        subscriber = None
+        if kv_events is not None and self.config.publish_kv_events:
+            engine_args, subscriber = self._kv_events_wiring(engine_args, kv_events)
+        try:
+            # Building AsyncLLM blocks for as long as the engine core takes to load the model and
+            # profile memory (tens of seconds): keep it off the event loop. AsyncLLM starts its
+            # output handler lazily on the first request, on this loop.
+            self._llm = await asyncio.to_thread(self._build, engine_args)
+        except BaseException:
+            if subscriber is not None:
+                await subscriber.stop()
+            raise
+        vllm_config = self._llm.vllm_config
+        hf_eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
+        eos_ids = (hf_eos,) if isinstance(hf_eos, int) else tuple(hf_eos or ())
+        self.info = EngineInfo(
+            context_length=vllm_config.model_config.max_model_len,
+            kv_block_size=vllm_config.cache_config.block_size,
+            kv_total_blocks=vllm_config.cache_config.num_gpu_blocks or 0,
+            eos_token_ids=eos_ids,
+        )
+        if subscriber is not None:
+            assert self._translator is not None
+            self._translator.block_size_tokens = self.info.kv_block_size
+            self._subscriber = subscriber
+            subscriber.start()
+        log.info(
+            "vLLM engine up: %d KV blocks of %d tokens, context %d",
+            self.info.kv_total_blocks, self.info.kv_block_size, self.info.context_length,
+        )
+        return self.info
+
+    async def stop(self) -> None:
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            await subscriber.stop()
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            # Joins the engine core process: blocking, so off the loop.
+            await asyncio.to_thread(llm.shutdown)
+
+    def _build(self, engine_args: AsyncEngineArgs) -> AsyncLLM:
+        return AsyncLLM.from_engine_args(
+            engine_args,
+            usage_context=UsageContext.ENGINE_CONTEXT,
+            stat_loggers=[stat_logger_factory(self._stats)],
+        )
+
+    def _kv_events_wiring(
+        self, engine_args: AsyncEngineArgs, kv_events: KvEventSink
+    ) -> tuple[AsyncEngineArgs, KvEventSubscriber]:
+        """Our SUB socket and the engine args that make vLLM publish to it. A user's own
+        zmq KVEventsConfig is kept and subscribed to; otherwise vLLM's PUB connects to us."""
+        # The real block size is known only once the engine is up; start() sets it.
+        self._translator = KvEventTranslator(kv_events, engine_args.block_size or 16)
+        user = engine_args.kv_events_config
+        if user is not None and user.enable_kv_cache_events and user.publisher == "zmq":
+            subscriber = KvEventSubscriber(self._translator, user.topic)
+            subscriber.connect(user.endpoint)
+            return engine_args, subscriber
+        subscriber = KvEventSubscriber(self._translator)
+        endpoint = subscriber.bind_loopback()
+        config = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=endpoint)
+        return dataclasses.replace(engine_args, kv_events_config=config), subscriber
+
+    # ------------------------------------------------------------------------------ serving
+
+    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        llm, info = self._llm, self.info
+        if llm is None or info is None:
+            raise errors.EngineError("vllm engine is not running")
+        if llm.errored:
+            raise errors.EngineError(f"vllm engine is dead: {llm.dead_error}")
+        params = sampling_params(request, info.context_length, info.eos_token_ids)
+        request_id = request.request_id
+        want_logprobs = request.sampling.logprobs
+        stream = llm.generate(tokens_input(list(request.token_ids)), params, request_id)
+        self._num_inflight += 1
+        self._prefill_pending[request_id] = len(request.token_ids)
+        first = True
+        try:
+            async for out in stream:
+                completion = out.outputs[0]
+                token_ids = list(completion.token_ids)
+                reason = completion.finish_reason
+                finish = FINISH_REASONS.get(reason, "stop") if reason is not None else None
+                if finish == "error":
+                    raise errors.EngineError(f"vLLM failed request {request_id}")
+                if not token_ids and finish is None:
+                    continue
+                chunk = EngineOutput(token_ids=token_ids, finish_reason=finish)
+                if first:
+                    first = False
+                    self._prefill_pending.pop(request_id, None)
+                    chunk.cached_tokens = out.num_cached_tokens
+                if want_logprobs and completion.logprobs is not None:
+                    chunk.logprobs = _sampled_logprobs(completion.logprobs, token_ids)
+                yield chunk
+                if finish is not None:
+                    return
+        except EngineDeadError as exc:
+            raise errors.EngineError(f"vllm engine died: {exc}") from None
+        except (VLLMClientError, ValueError) as exc:  # request validation: prompt too long, ...
+            raise errors.InvalidRequest(str(exc)) from None
+        except GracefulHTTPError as exc:  # admission control: the queue is full
+            if exc.http_status == HTTPStatus.SERVICE_UNAVAILABLE:
+                raise errors.Overloaded(exc.message) from None
+            raise errors.InvalidRequest(exc.message) from None
+        except EngineGenerateError as exc:
+            raise errors.EngineError(f"vLLM failed request {request_id}: {exc.__cause__!r}") from None
+        finally:
+            self._num_inflight -= 1
+            self._prefill_pending.pop(request_id, None)
+            # Closing vLLM's stream while the request runs (we were closed or cancelled) makes
+            # vLLM abort it, freeing its KV blocks at once.
+            await stream.aclose()
+
+    def load_metrics(self) -> LoadMetrics:
+        stats = self._stats
+        total = self.info.kv_total_blocks if self.info is not None else 0
+        if self._num_inflight == 0 or not stats.seen:
+            # vLLM reports stats only after a step; when nothing runs the last report is stale.
+            running = self._num_inflight - len(self._prefill_pending)
+            waiting = len(self._prefill_pending)
+            kv_active = round(stats.kv_cache_usage * total) if self._num_inflight else 0
+        else:
+            running, waiting = stats.num_running, stats.num_waiting
+            kv_active = round(stats.kv_cache_usage * total)
+        return LoadMetrics(
+            worker_id=0,
+            active_requests=running,
+            waiting_requests=waiting,
+            kv_active_blocks=kv_active,
+            kv_total_blocks=total,
+            waiting_prefill_tokens=sum(self._prefill_pending.values()),
+            timestamp_s=time.time(),
+        )
+
+    def kv_snapshot(self) -> list[KvEventData]:
+        return self._translator.snapshot() if self._translator is not None else []
+
+
+def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
+    """The sampled tokens' logprobs from vLLM's per-position {token_id: Logprob} maps."""
+    start = len(logprobs) - len(token_ids)  # DELTA: normally 0; tolerate a cumulative list
+    return [logprobs[start + i][tok].logprob for i, tok in enumerate(token_ids)]
