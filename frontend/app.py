@@ -1,5 +1,11 @@
 """The HTTP surface: a FastAPI app whose two hot routes are plain ASGI endpoints (no per-request
-dependency injection or pydantic), which also watch for client disconnects and cancel the work."""
+dependency injection or pydantic), which also watch for client disconnects and cancel the work.
+
+The completion routes are dispatched before FastAPI's middleware stack (`FrontendApp.__call__`):
+each of those middlewares wraps `send`, so every SSE write of a stream would pass through five
+of them. Whatever they would add is done on that path itself: API-key auth, the body limit,
+OpenAI error bodies (also for unexpected errors) and metrics; requests carrying an `Origin`
+header take the full stack when CORS is on, so CORS behaves exactly as it does elsewhere."""
 
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig
 from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
+from frontend.sse import DONE
 
 _encode = msgspec.json.encode
 
@@ -37,11 +44,12 @@ class _DisconnectWatch:
     """Cancels the request's task when the client disconnects, so whatever it awaits (a
     worker's next token) unwinds and closes the worker stream, which cancels the worker."""
 
-    __slots__ = ("disconnected", "finishing", "_task", "_watcher")
+    __slots__ = ("disconnected", "finishing", "started", "_task", "_watcher")
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
         self.finishing = False  # set before the last send: its own disconnect is no news
+        self.started = False  # the response's status line went out: errors can no longer change it
         task = asyncio.current_task()
         assert task is not None
         self._task = task
@@ -174,6 +182,13 @@ class CompletionEndpoint:
                 raise
             assert task is not None
             task.uncancel()  # the client left: the cancellation was ours, and it is done
+        except Exception as exc:
+            # A bug, not a request error (those are answered in _serve). Once the stream has
+            # started only the server can end it (it closes the connection); before that the
+            # client gets the same OpenAI 500 body that FastAPI's handlers would send.
+            if watch.started:
+                raise
+            await _send_error(send, exc)
         finally:
             watch.stop()
             self.limit.release()
@@ -196,21 +211,54 @@ class CompletionEndpoint:
                 await _send_error(send, exc)
                 return
             watch.finishing = True
+            watch.started = True
             await _send_bytes(send, 200, [(b"content-type", b"application/json")], payload)
             return
         chunks: AsyncIterator[bytes] = pipeline.stream(call)
         try:
+            watch.started = True
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             async for chunk in chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            watch.finishing = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if chunk.endswith(DONE):
+                    # The stream's last chunk (nothing else ends with [DONE]) also ends the HTTP
+                    # body: one write instead of a separate empty terminating chunk. The
+                    # generator still runs to its end, which settles the call's status.
+                    watch.finishing = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                else:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not watch.finishing:  # pragma: no cover - every stream ends with [DONE]
+                watch.finishing = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
 
 
+class FrontendApp(FastAPI):
+    """FastAPI with the completion routes served ahead of its middleware stack (see the module
+    docstring). `direct` maps a path to the ASGI app that serves POSTs to it directly."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.direct: dict[str, ASGIApp] = {}
+        # With CORS on, browser requests (they carry Origin) need CORSMiddleware's headers.
+        self.cors_enabled = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            direct = self.direct.get(scope["path"])
+            if direct is not None and not (self.cors_enabled and _has_origin(scope)):
+                await direct(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
+
+
+def _has_origin(scope: Scope) -> bool:
+    return any(name == b"origin" for name, _ in scope["headers"])
+
+
 def create_app(manager: ModelManager, metrics: FrontendMetrics, config: FrontendConfig) -> FastAPI:
-    app = FastAPI(title="dynamo frontend", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FrontendApp(title="dynamo frontend", version="0.1.0", docs_url=None, redoc_url=None)
     install_handlers(app)
     pipeline = Pipeline(
         manager,
@@ -227,7 +275,12 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
 
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
         endpoint = CompletionEndpoint(kind, pipeline, config.max_request_body_bytes, limit)  # type: ignore[arg-type]
+        # Also a route of the full stack, for requests that need its middleware (CORS).
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+        # ApiKeyMiddleware reads only the request headers: it does not wrap send.
+        direct: ASGIApp = ApiKeyMiddleware(endpoint, config.api_keys, metrics) if config.api_keys else endpoint
+        app.direct[path] = direct
+    app.cors_enabled = bool(config.cors_allow_origins)
     # The last middleware added runs first: CORS answers preflights before auth asks for a key.
     if config.api_keys:
         app.add_middleware(ApiKeyMiddleware, keys=config.api_keys, metrics=metrics)

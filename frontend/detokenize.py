@@ -63,7 +63,7 @@ class StopStringMatcher:
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text deltas. One per request; not thread-safe."""
 
-    __slots__ = ("_tokenizer", "_stream", "_stops")
+    __slots__ = ("_tokenizer", "_stream", "_stops", "has_stop_strings")
 
     def __init__(
         self, tokenizer: Tokenizer, stop: Sequence[str] = (), skip_special_tokens: bool = True
@@ -73,6 +73,8 @@ class IncrementalDetokenizer:
         # multi-byte character is still incomplete.
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self._stops = StopStringMatcher(stop) if stop else None
+        # A plain attribute: callers test it per token before asking `stopped`.
+        self.has_stop_strings = self._stops is not None
 
     @property
     def stopped(self) -> bool:

@@ -48,6 +48,11 @@ _decode_output = OUTPUT_CODEC.decode
 _json_encode = msgspec.json.encode
 
 
+def _nothing_ready() -> bytes | None:
+    """`next_ready` of a response stream that cannot tell what has arrived: never batch."""
+    return None
+
+
 _DRAIN_TIMEOUT_S = 1.0
 # How long a migrating request waits for some worker to take it (a bus restarting, the only
 # other worker still registering) before its stream ends with an error.
@@ -117,7 +122,7 @@ class _Decoder:
                 raise errors.EngineError(f"the worker ended the request with finish_reason={reason!r}")
         detok = self.detok
         text = detok.step(ids) if ids else ""
-        if detok.stopped:
+        if detok.has_stop_strings and detok.stopped:
             reason = "stop"
         if reason is not None:
             self.finish_reason = reason
@@ -212,6 +217,16 @@ class Call:
 async def _drain(stream: ResponseStream, request_id: str) -> None:
     """The worker said it finished: read its end frame so that closing sends no cancel. Bounded,
     because the client already has its answer and must not wait on a misbehaving worker."""
+    frames_ready = getattr(stream, "frames_ready", None)
+    if frames_ready is not None and frames_ready():
+        # Usually the end frame is already here: read it without arming a timeout.
+        try:
+            await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        except errors.DynamoError as exc:
+            log.debug("request %s: worker stream did not end cleanly after finishing: %r", request_id, exc)
+            return
     try:
         async with asyncio.timeout(_DRAIN_TIMEOUT_S):
             async for _ in stream:
@@ -414,45 +429,88 @@ class Pipeline:
     # ----------------------------------------------------------------------- streaming
 
     async def stream(self, call: Call) -> AsyncIterator[bytes]:
-        """SSE bytes for an opened call. Closing the generator early cancels the worker."""
+        """SSE bytes for an opened call. Closing the generator early cancels the worker.
+
+        Each engine output becomes one SSE event, but the events of every output that has
+        already arrived are yielded as one bytes object: one ASGI send and one socket write per
+        burst instead of per token. Nothing waits to batch: a lone output goes out at once."""
         decoder = self._decoder(call)
         prepared = call.prepared
         writer = ChunkWriter(call.kind, call.response_id, call.created, prepared.request.model, prepared.include_usage)
         status = "cancelled"
         itl = call.metrics.itl
         perf_counter = time.perf_counter
+        events: list[bytes] = []  # SSE events not yet yielded
         try:
             first = call.first
             assert first is not None and call.stream is not None
             text = decoder.feed(first)
-            yield writer.first(prepared.echo_text + text if prepared.echo_text else text)
-            text = ""  # sent; the tail below carries only text not yet sent
+            events.append(writer.first(prepared.echo_text + text if prepared.echo_text else text))
+            text = ""  # queued; from here `text` holds only what is not
             last = perf_counter()
             feed, text_chunk = decoder.feed, writer.text
+            # Outputs that arrived while the first one was being routed join its write.
+            next_ready: Callable[[], bytes | None] = getattr(call.stream, "next_ready", _nothing_ready)
+            n = 0
             while decoder.finish_reason is None:
+                more = next_ready()
+                if more is None:
+                    break
+                if text:
+                    events.append(text_chunk(text))
+                out = _decode_output(more)
+                n += len(out.token_ids)
+                text = feed(out)
+            if n:
+                itl.observe((perf_counter() - last) / n)
+            if decoder.finish_reason is None:
+                if text:
+                    events.append(text_chunk(text))
+                    text = ""
+                yield events[0] if len(events) == 1 else b"".join(events)
+                events.clear()
+            while decoder.finish_reason is None:
+                stream = call.stream
+                assert stream is not None
+                next_ready = getattr(stream, "next_ready", _nothing_ready)
                 try:
-                    async for raw in call.stream:
+                    async for raw in stream:
                         now = perf_counter()
                         out = _decode_output(raw)
                         n = len(out.token_ids)
-                        if n:
+                        text = feed(out)
+                        # Outputs that arrived together with this one join its write.
+                        while decoder.finish_reason is None:
+                            more = next_ready()
+                            if more is None:
+                                break
+                            if text:
+                                events.append(text_chunk(text))
+                            out = _decode_output(more)
+                            n += len(out.token_ids)
+                            text = feed(out)
+                        if n:  # one observation per burst: the mean gap of its tokens
                             itl.observe((now - last) / n)
                         last = now
-                        text = feed(out)
                         if decoder.finish_reason is not None:
                             break
                         if text:
-                            yield text_chunk(text)
+                            events.append(text_chunk(text))
+                        if events:
+                            yield events[0] if len(events) == 1 else b"".join(events)
+                            events.clear()
                     else:
                         call._stream_done = True
                         raise errors.StreamBroken("the worker ended the stream before finishing the request")
-                except _MIGRATABLE as exc:
+                except _MIGRATABLE as exc:  # raised only by the stream, so `events` is empty
                     text = feed(await self._migrate(call, decoder, exc))
                     last = perf_counter()
                     if text and decoder.finish_reason is None:
                         yield text_chunk(text)
                         text = ""
-            tail = [writer.text(text)] if text else []
+            tail = events
+            if text:
+                tail.append(writer.text(text))
             tail.append(writer.finish(decoder.finish_reason))
             if prepared.include_usage:
                 tail.append(writer.usage(call.usage(decoder.completion_tokens)))
@@ -463,7 +521,8 @@ class Pipeline:
             status = "error"
             log.warning("request %s failed mid-stream: %s", prepared.request.request_id, exc.message)
             _, info = error_info(exc)
-            yield error_event(info) + DONE
+            # Events of outputs that came before the failing one are still the client's.
+            yield b"".join((*events, error_event(info), DONE))
         finally:
             await call.close(status, decoder.completion_tokens, decoder.worker_finished)
 

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,10 +23,12 @@ from dynamo.model_registry import model_key
 from dynamo.runtime import RequestContext, Runtime, ServedEndpoint, Subscription
 from prometheus_client import CollectorRegistry
 
+from dynamo.runtime.streaming import Suspended, next_if_ready
 from dynamo.wire import (
     REQUEST_CODEC,
     SNAPSHOT_REQUEST_CODEC,
     AllBlocksCleared,
+    EngineOutput,
     KvEventData,
     ModelCard,
     WorkerRole,
@@ -56,6 +58,18 @@ class WorkerConfig:
     # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
     max_queued_requests: int = 0
     disagg: DisaggConfig | None = None  # prefill/decode roles (workers/disagg); None: defaults
+
+
+def _merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
+    """`first` followed by `second` as one output (None when logprobs would not line up)."""
+    if (first.logprobs is None) != (second.logprobs is None):
+        return None
+    return EngineOutput(
+        token_ids=first.token_ids + second.token_ids,
+        finish_reason=second.finish_reason,
+        cached_tokens=first.cached_tokens if first.cached_tokens is not None else second.cached_tokens,
+        logprobs=None if first.logprobs is None else first.logprobs + (second.logprobs or []),
+    )
 
 
 class Worker:
@@ -216,10 +230,39 @@ class Worker:
         self.metrics.inflight.inc()
         self._active += 1
         self._idle.clear()
+        tokens = 0
+        pending: Suspended[EngineOutput] | None = None
         try:
-            async for output in outputs:
-                self.metrics.output_tokens.inc(len(output.token_ids))
+            ended = False
+            while not ended:
+                step: Awaitable[EngineOutput]
+                step, pending = (pending, None) if pending is not None else (anext(outputs), None)
+                try:
+                    output = await step
+                except StopAsyncIteration:
+                    break
+                # Outputs the engine already holds go out with this one, in one response-plane
+                # message (one frame for the caller to receive and decode); an output that is
+                # not ready yet is never waited for.
+                while output.finish_reason is None:
+                    try:
+                        ready = next_if_ready(outputs)
+                    except StopAsyncIteration:
+                        ended = True
+                        break
+                    if isinstance(ready, Suspended):
+                        pending = ready
+                        break
+                    merged = _merge_outputs(output, ready)
+                    if merged is None:  # cannot be one output: send the first on its own
+                        tokens += len(output.token_ids)
+                        yield encode(output)
+                        merged = ready
+                    output = merged
+                tokens += len(output.token_ids)
                 yield encode(output)
+                if output.finish_reason is not None:
+                    break
             status = "ok"
         except errors.DynamoError as exc:
             status = exc.code
@@ -228,6 +271,9 @@ class Worker:
             status = "error"
             raise
         finally:
+            if pending is not None:
+                pending.close()  # the engine step we started and no longer want
+            self.metrics.output_tokens.inc(tokens)  # once per request, not per token
             self.metrics.inflight.dec()
             self.metrics.finished(status)
             self._active -= 1
