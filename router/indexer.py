@@ -171,12 +171,14 @@ class KvIndex:
         blocks = self._blocks.get(worker_id)
         if not blocks:
             return
+        # Set algebra runs in C; only blocks the worker really held reach the Python loop.
+        present = blocks.intersection(block_hashes)
+        if not present:
+            return
+        blocks -= present
         keep = ~(1 << self._slot_of[worker_id])
         holders = self._holders
-        for h in block_hashes:
-            if h not in blocks:
-                continue
-            blocks.discard(h)
+        for h in present:
             rest = holders[h] & keep
             if rest:
                 holders[h] = rest
