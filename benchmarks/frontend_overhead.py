@@ -2,7 +2,7 @@
 mocker worker) and NVIDIA Dynamo 1.6.1's (Rust frontend + its mocker), both at near-zero engine
 time, under the same streaming workload, with each frontend process's CPU sampled per level.
 
-    python benchmarks/frontend_overhead.py [--stacks ours,dynamo] [--levels 1,16,64,256]
+    python benchmarks/frontend_overhead.py [--stacks ours,ours-tcp,dynamo,null] [--levels 1,16,64,256]
         [--duration-s 10] [--c1-requests 300] [--out-dir benchmarks/results]
 """
 
@@ -136,8 +136,10 @@ class Stack:
                 proc.wait(timeout=5)
 
 
-def start_ours(args: argparse.Namespace, log_dir: Path) -> Stack:
-    stack = Stack("ours", free_port(), log_dir)
+def start_ours(args: argparse.Namespace, log_dir: Path, request_plane: str = "nats") -> Stack:
+    """Our distributed stack; `request_plane` is where the worker serves (nats: through
+    nats-server; tcp: the frontend connects to the worker directly, NATS carries events only)."""
+    stack = Stack("ours" if request_plane == "nats" else f"ours-{request_plane}", free_port(), log_dir)
     venv_bin = REPO / ".venv" / "bin"
     nats = find_binary("nats-server", [str(venv_bin / "nats-server")])
     etcd = find_binary("etcd", [str(venv_bin / "etcd"), "/tmp/etcdx/usr/bin/etcd"])
@@ -160,6 +162,8 @@ def start_ours(args: argparse.Namespace, log_dir: Path) -> Stack:
         "ETCD_ENDPOINTS": client_url,
         "DYN_NAMESPACE": f"bench{os.getpid()}",
         "DYN_LOG": args.our_log_level,
+        "DYN_REQUEST_PLANE": request_plane,
+        "DYN_REQUEST_PLANE_HOST": "127.0.0.1",
     }
     python = sys.executable if (REPO / ".venv").resolve() in Path(sys.executable).resolve().parents else str(venv_bin / "python")
     stack.spawn(
@@ -252,21 +256,29 @@ def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
             f"| {la['start']:.1f}/{la['end']:.1f} |"
         )
     by = {(r["stack"], r["concurrency"]): r for r in rows}
-    if any(s == "ours" for s, _ in by) and any(s == "dynamo" for s, _ in by):
+    ours_names = sorted({s for s, _ in by if isinstance(s, str) and s.startswith("ours")})
+    if ours_names and any(s == "dynamo" for s, _ in by):
+        has_null = any(s == "null" for s, _ in by)
         lines += [
             "",
-            "| conc | req/s ours/Dynamo | per-core ours/Dynamo | TTFT p50 ours - Dynamo (ms) |",
-            "|---:|---:|---:|---:|",
+            "| stack | conc | req/s vs Dynamo | per-core vs Dynamo | TTFT p50 - Dynamo (ms) "
+            "| TTFT p50 added over null (ms): ours / Dynamo |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for c in levels:
-            o, d = by.get(("ours", c)), by.get(("dynamo", c))
-            if not o or not d:
-                continue
-            opc, dpc = o["req_per_s_per_frontend_core"], d["req_per_s_per_frontend_core"]
-            per_core = f"{opc / dpc:.2f}" if isinstance(opc, float) and isinstance(dpc, float) and dpc else "n/a"
-            d_ttft = o["ttft_ms"]["p50"] - d["ttft_ms"]["p50"]  # type: ignore[index]
-            ratio = float(o["req_per_s"]) / float(d["req_per_s"]) if d["req_per_s"] else float("nan")  # type: ignore[arg-type]
-            lines.append(f"| {c} | {ratio:.2f} | {per_core} | {d_ttft:+.2f} |")
+        for name in ours_names:
+            for c in levels:
+                o, d, n = by.get((name, c)), by.get(("dynamo", c)), by.get(("null", c))
+                if not o or not d:
+                    continue
+                opc, dpc = o["req_per_s_per_frontend_core"], d["req_per_s_per_frontend_core"]
+                per_core = f"{opc / dpc:.2f}" if isinstance(opc, float) and isinstance(dpc, float) and dpc else "n/a"
+                d_ttft = o["ttft_ms"]["p50"] - d["ttft_ms"]["p50"]  # type: ignore[index]
+                ratio = float(o["req_per_s"]) / float(d["req_per_s"]) if d["req_per_s"] else float("nan")  # type: ignore[arg-type]
+                over_null = "n/a"
+                if has_null and n:
+                    floor = n["ttft_ms"]["p50"]  # type: ignore[index]
+                    over_null = f"{o['ttft_ms']['p50'] - floor:.2f} / {d['ttft_ms']['p50'] - floor:.2f}"  # type: ignore[index]
+                lines.append(f"| {name} | {c} | {ratio:.2f} | {per_core} | {d_ttft:+.2f} | {over_null} |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +286,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_load_args(parser)
     parser.set_defaults(tokenizer=str(REPO / "models" / "dynamo-tiny"), model=SERVED_MODEL)
-    parser.add_argument("--stacks", default="ours,dynamo", help="comma-separated: ours, dynamo, null (a do-nothing SSE server: the floor)")
+    parser.add_argument("--stacks", default="ours,dynamo", help="comma-separated: ours (requests over NATS), ours-tcp (direct TCP request plane), dynamo, "
+        "null (a do-nothing SSE server: the floor)")
     parser.add_argument("--levels", default="1,16,64,256", help="concurrency levels")
     parser.add_argument("--duration-s", type=float, default=10.0, help="measured seconds per level (c > 1)")
     parser.add_argument("--c1-requests", type=int, default=300, help="requests at concurrency 1")
@@ -292,7 +305,12 @@ def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="frontend-overhead-"))
     print(f"logs in {log_dir}", flush=True)
 
-    starters = {"ours": start_ours, "dynamo": start_dynamo, "null": start_null}
+    starters: dict[str, Callable[[argparse.Namespace, Path], Stack]] = {
+        "ours": start_ours,
+        "ours-tcp": lambda a, d: start_ours(a, d, "tcp"),
+        "dynamo": start_dynamo,
+        "null": start_null,
+    }
     stacks: list[Stack] = []
     rows: list[dict[str, object]] = []
     try:

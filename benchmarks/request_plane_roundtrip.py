@@ -1,5 +1,6 @@
 """Round-trip cost of the request plane: streaming requests of N small frames, over real NATS
-(server in a second process, as in a deployment) and over the embedded plane for reference.
+and over the direct TCP plane (the server in a second process, as in a deployment), and over
+the embedded plane for reference.
 
     python benchmarks/request_plane_roundtrip.py [--requests 1000] [--frames 32] [--nats-url URL]
 """
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dynamo.runtime.embedded import EmbeddedRequestPlane  # noqa: E402
 from dynamo.runtime.nats_planes import NatsConnection, NatsRequestPlane  # noqa: E402
 from dynamo.runtime.planes import RequestContext, RequestPlane  # noqa: E402
+from dynamo.runtime.tcp_plane import TcpRequestPlane  # noqa: E402
 from dynamo.wire import EngineOutput, encode  # noqa: E402
 
 ADDRESS = "bench.backend.generate.1"
@@ -37,16 +39,20 @@ def make_handler(frames: int):  # type: ignore[no-untyped-def]
 
 
 async def serve_forever(url: str, frames: int) -> None:
+    """Serves ADDRESS on NATS (`url`) and on a TCP plane; prints the TCP address."""
     plane = await NatsRequestPlane.create(await NatsConnection.connect([url], name="bench-server"), ack_timeout_s=5)
     await plane.serve(ADDRESS, make_handler(frames))
-    print("ready", flush=True)
+    tcp = TcpRequestPlane(ack_timeout_s=5, advertise_host="127.0.0.1")
+    served = await tcp.serve(ADDRESS, make_handler(frames))
+    print(f"ready {served.transport}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the parent closes stdin
+    await tcp.close()
     await plane.close()
 
 
-async def one(plane: RequestPlane, i: int, frames: int) -> float:
+async def one(plane: RequestPlane, i: int, frames: int, address: str = ADDRESS) -> float:
     start = time.perf_counter()
-    stream = await plane.call(ADDRESS, f"r{i}", b"prompt")
+    stream = await plane.call(address, f"r{i}", b"prompt")
     n = 0
     async for _ in stream:
         n += 1
@@ -54,20 +60,22 @@ async def one(plane: RequestPlane, i: int, frames: int) -> float:
     return time.perf_counter() - start
 
 
-async def measure(plane: RequestPlane, label: str, requests: int, frames: int, concurrency: int) -> None:
+async def measure(
+    plane: RequestPlane, label: str, requests: int, frames: int, concurrency: int, address: str = ADDRESS
+) -> None:
     for i in range(50):  # warm-up
-        await one(plane, -i, frames)
+        await one(plane, -i, frames, address)
     latencies = []
     start = time.perf_counter()
     for i in range(requests):
-        latencies.append(await one(plane, i, frames))
+        latencies.append(await one(plane, i, frames, address))
     sequential_s = time.perf_counter() - start
 
     sem = asyncio.Semaphore(concurrency)
 
     async def bounded(i: int) -> float:
         async with sem:
-            return await one(plane, i, frames)
+            return await one(plane, i, frames, address)
 
     start = time.perf_counter()
     await asyncio.gather(*(bounded(i) for i in range(requests)))
@@ -106,10 +114,15 @@ async def main(args: argparse.Namespace) -> None:
         text=True,
     )
     try:
-        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        assert server.stdout is not None
+        ready, tcp_address = server.stdout.readline().split()
+        assert ready == "ready"
         plane = await NatsRequestPlane.create(await NatsConnection.connect([url], name="bench-caller"), ack_timeout_s=5)
         await measure(plane, "nats", args.requests, args.frames, args.concurrency)
         await plane.close()
+        tcp = TcpRequestPlane(ack_timeout_s=5)
+        await measure(tcp, "tcp", args.requests, args.frames, args.concurrency, tcp_address)
+        await tcp.close()
     finally:
         assert server.stdin is not None
         server.stdin.close()

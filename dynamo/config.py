@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Backend = Literal["embedded", "distributed"]
+RequestPlaneKind = Literal["nats", "tcp"]
+# Direct TCP, as NVIDIA Dynamo defaults to: no broker hop per request and per response frame
+# (benchmarks/RESULTS.md, "Direct TCP request plane").
+DEFAULT_REQUEST_PLANE: RequestPlaneKind = "tcp"
 
 
 def env_default(name: str, default: str | None = None) -> str | None:
@@ -35,6 +39,11 @@ class RuntimeConfig:
     namespace: str = "dynamo"
     lease_ttl_s: float = 10.0
     request_ack_timeout_s: float = 5.0
+    # Distributed only: where workers serve requests (callers reach either kind). tcp: each
+    # worker listens on its own port, advertised in discovery as host:port; nats: via the broker.
+    request_plane: RequestPlaneKind = DEFAULT_REQUEST_PLANE
+    request_plane_host: str | None = None  # advertised (and bound) host; None: the default route's
+    request_plane_port: int = 0  # 0: an ephemeral port
     # Security: TLS roots and credentials. Secrets are excluded from repr so they never reach logs.
     nats_tls_ca: str | None = None
     nats_creds: str | None = field(default=None, repr=False)  # a NATS .creds file path
@@ -54,6 +63,9 @@ class RuntimeConfig:
             namespace=args.namespace,
             lease_ttl_s=args.lease_ttl_s,
             request_ack_timeout_s=args.request_ack_timeout_s,
+            request_plane=resolve_request_plane(args.request_plane, args),
+            request_plane_host=args.request_plane_host or None,
+            request_plane_port=args.request_plane_port,
             nats_tls_ca=args.nats_tls_ca or None,
             nats_creds=args.nats_creds or None,
             etcd_ca=args.etcd_ca or None,
@@ -63,6 +75,16 @@ class RuntimeConfig:
             # Only from the environment: a password on the command line shows in `ps`.
             etcd_password=os.environ.get("ETCD_PASSWORD") or None,
         )
+
+
+def resolve_request_plane(chosen: str | None, args: argparse.Namespace) -> RequestPlaneKind:
+    """The flag (or env) when given; otherwise tcp, unless the NATS connection is secured (TLS,
+    a creds file or a password in the URL): the TCP plane has neither, so a deployment that
+    secured its request path keeps it on NATS until it opts in."""
+    if chosen in ("nats", "tcp"):
+        return chosen  # type: ignore[return-value]
+    secured = bool(args.nats_tls_ca or args.nats_creds or _URL_USERINFO.search(args.nats_server or ""))
+    return "nats" if secured else DEFAULT_REQUEST_PLANE
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, default_backend: Backend) -> None:
@@ -99,6 +121,27 @@ def add_runtime_args(parser: argparse.ArgumentParser, default_backend: Backend) 
         type=float,
         default=float(env_default("DYN_REQUEST_ACK_TIMEOUT_S", "5") or 5),
         help="how long a caller waits for a worker to accept a request [env DYN_REQUEST_ACK_TIMEOUT_S]",
+    )
+    group.add_argument(
+        "--request-plane",
+        choices=["nats", "tcp"],
+        default=env_default("DYN_REQUEST_PLANE"),
+        help="distributed: how workers serve requests; tcp: direct connections to each worker "
+        "(no broker hop, no TLS or auth), nats: through nats-server. Default tcp, or nats when "
+        "NATS has TLS or credentials configured. Callers reach workers of either kind; events "
+        "stay on NATS [env DYN_REQUEST_PLANE]",
+    )
+    group.add_argument(
+        "--request-plane-host",
+        default=env_default("DYN_REQUEST_PLANE_HOST"),
+        help="tcp request plane: host to listen on and advertise to callers (default: this "
+        "host's address on its default route, listening on every interface) [env DYN_REQUEST_PLANE_HOST]",
+    )
+    group.add_argument(
+        "--request-plane-port",
+        type=int,
+        default=int(env_default("DYN_REQUEST_PLANE_PORT", "0") or 0),
+        help="tcp request plane: port to listen on; 0 = ephemeral [env DYN_REQUEST_PLANE_PORT]",
     )
     sec = parser.add_argument_group("runtime security")
     sec.add_argument(

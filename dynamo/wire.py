@@ -115,6 +115,40 @@ class RequestEnvelope(msgspec.Struct, array_like=True):
     payload: bytes
 
 
+class TcpRequest(msgspec.Struct, array_like=True, tag=0):
+    """Direct TCP request plane, caller -> server: start stream `sid` of this connection by
+    calling the handler served under `address` (the instance's name, as on NATS)."""
+
+    sid: int
+    address: str
+    request_id: str
+    payload: bytes
+
+
+class TcpCancel(msgspec.Struct, array_like=True, tag=1):
+    """Caller -> server: the caller gave up on stream `sid`; cancel its handler."""
+
+    sid: int
+
+
+class TcpAck(msgspec.Struct, array_like=True, tag=2, omit_defaults=True):
+    """Server -> caller: stream `sid` was accepted (empty `error`) or refused (nobody serves
+    the address: the NATS plane's "no responders")."""
+
+    sid: int
+    error: str = ""
+
+
+class TcpFrame(msgspec.Struct, array_like=True, tag=3):
+    """Server -> caller: one response frame of stream `sid`."""
+
+    sid: int
+    frame: StreamFrame
+
+
+TcpMessage = TcpRequest | TcpCancel | TcpAck | TcpFrame
+
+
 # ---------------------------------------------------------------------------------------------
 # Event plane: KV cache events and load metrics
 # ---------------------------------------------------------------------------------------------
@@ -272,3 +306,5 @@ KV_AGENT_CODEC = Codec(KvAgentInfo)
 REMOTE_PREFILL_CODEC = Codec(RemotePrefillRequest)
 REMOTE_PREFILL_RESULT_CODEC = Codec(RemotePrefillResult)
 TRANSFER_HEADER_CODEC = Codec(TransferHeader)
+# A union, not a Struct type: decoded by its tag (the first array element).
+TCP_MESSAGE_DECODER: msgspec.msgpack.Decoder[TcpMessage] = msgspec.msgpack.Decoder(TcpMessage)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""The distributed backend: request and event planes on NATS, discovery on etcd.
+"""The distributed backend: events on NATS, discovery on etcd, requests on NATS or direct TCP
+(`config.request_plane`: where this process serves; it calls workers on either).
 
 `connect_distributed` connects both with bounded waits and fails with a DynamoError that names
 the unreachable URL, so a worker started before its infrastructure says why it cannot start.
@@ -13,6 +14,7 @@ from dynamo.config import RuntimeConfig
 from dynamo.runtime.etcd_discovery import EtcdDiscovery, EtcdSecurity
 from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
 from dynamo.runtime.planes import Discovery, EventPlane, LeaseLostCallback, RequestPlane
+from dynamo.runtime.tcp_plane import SchemeRequestPlane, TcpRequestPlane
 
 CONNECT_TIMEOUT_S = 5.0
 
@@ -61,5 +63,12 @@ async def connect_distributed(
         await conn.close()
         await discovery.close()
         raise
+    # Always both: NATS callers stay possible (workers of a not-yet-migrated deployment), and
+    # the TCP plane opens nothing until it serves or calls.
+    tcp = TcpRequestPlane(
+        ack_timeout_s=config.request_ack_timeout_s,
+        advertise_host=config.request_plane_host,
+        port=config.request_plane_port,
+    )
     events = NatsEventPlane(conn, timeout_s=connect_timeout_s)
-    return discovery, requests, events
+    return discovery, SchemeRequestPlane(config.request_plane, requests, tcp), events

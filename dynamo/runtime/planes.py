@@ -73,6 +73,12 @@ class Served(ABC):
     @abstractmethod
     def inflight(self) -> int: ...
 
+    @property
+    def transport(self) -> str | None:
+        """The address callers pass to `RequestPlane.call`, when it is not the served address
+        itself (a direct TCP plane adds its host and port); goes into the discovery record."""
+        return None
+
 
 class RequestPlane(ABC):
     @abstractmethod

@@ -203,7 +203,7 @@ class Endpoint:
             namespace=self.path.namespace,
             component=self.path.component,
             endpoint=self.path.name,
-            transport=address,
+            transport=served.transport or address,
         )
         key = f"{self.path.key_prefix}{instance_id:x}"
         await self.runtime.register(key, encode(info))

@@ -1,5 +1,6 @@
-"""One contract, two backends: every test here runs on the embedded backend and on the
-distributed one (real nats-server and etcd), so both keep the same semantics."""
+"""One contract, three backends: every test here runs on the embedded backend and on the
+distributed one (real nats-server and etcd) with requests over NATS and over direct TCP, so all
+keep the same semantics."""
 
 from __future__ import annotations
 
@@ -43,10 +44,10 @@ class Backend:
             await rt.shutdown()
 
 
-@pytest.fixture(params=["embedded", "distributed"])
+@pytest.fixture(params=["embedded", "distributed-nats", "distributed-tcp"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     namespace = f"t{uuid.uuid4().hex[:10]}"
-    if request.param == "distributed":
+    if request.param.startswith("distributed"):
         config = RuntimeConfig(
             backend="distributed",
             nats_server=request.getfixturevalue("nats_server"),
@@ -54,6 +55,8 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
             namespace=namespace,
             lease_ttl_s=2.0,
             request_ack_timeout_s=2.0,
+            request_plane="tcp" if request.param.endswith("tcp") else "nats",
+            request_plane_host="127.0.0.1",
         )
     else:
         config = RuntimeConfig(backend="embedded", namespace=namespace, lease_ttl_s=2.0)
