@@ -30,6 +30,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens: the engine's prefix hits
     content_chunks: int = 0
     empty_chunks: int = 0  # chunks with "" text and no finish_reason (not counted as content)
     error: str = ""
@@ -165,6 +166,9 @@ class StreamParser:
         if usage:
             result.output_tokens = usage.get("completion_tokens") or 0
             result.prompt_tokens = usage.get("prompt_tokens") or 0
+            details = usage.get("prompt_tokens_details")
+            if isinstance(details, dict):
+                result.cached_tokens = details.get("cached_tokens") or 0
         choices = msg.get("choices")
         if not choices:
             return
