@@ -150,6 +150,21 @@ def test_removing_unknown_blocks_or_workers_is_harmless() -> None:
     assert index.find_matches(HASHES) == {1: 1}
 
 
+def test_removal_naming_unheld_and_repeated_blocks_touches_only_held_ones() -> None:
+    # remove() intersects with the worker's set first; blocks it never held, or named twice,
+    # must not disturb another worker's holders bit or the entry counts.
+    index = KvIndex()
+    index.apply_event(event(1, 0, BlockStored(HASHES[:3])))
+    index.apply_event(event(2, 0, BlockStored(HASHES)))
+    removal = [HASHES[2], HASHES[3], HASHES[2], 999_999]
+    assert index.apply_event(event(1, 1, BlockRemoved(removal))) is EventOutcome.APPLIED
+    assert index.blocks_of(1) == frozenset(HASHES[:2])
+    assert index.blocks_of(2) == frozenset(HASHES)
+    assert index.find_matches(HASHES) == {1: 2, 2: len(HASHES)}
+    assert index.num_entries() == 2 + len(HASHES)
+    assert index.num_blocks() == len(HASHES)
+
+
 # --------------------------------------------------------------------------- property test
 
 # A small universe of prompts sharing prefixes, so matches of every depth occur.
