@@ -5,6 +5,10 @@ and the engines' own prefix-hit rate; NVIDIA Dynamo 1.6.1's router and mocker on
     python benchmarks/routing_quality.py [--traces shared,multiturn]
         [--modes kv,round-robin,random,least-loaded,kv-approx] [--dynamo-modes kv,round-robin]
         [--time-scale S] [--json-out benchmarks/results/routing_quality.json]
+        [--shared-groups N] [--shared-prefix-tokens N] [--num-gpu-blocks N]
+
+The last three make the cache-pressure variant of the shared trace: more distinct system
+prompts than one worker's KV pool holds (both stacks' mockers get the same pool size).
 
 Time runs slowed down: both mockers get `--speedup-ratio TIME_SCALE` (< 1 stretches every
 simulated step) and requests are sent at RATE * TIME_SCALE per second of wall time; latencies
@@ -41,6 +45,7 @@ MAX_MODEL_LEN = 16384
 # Prompt token ids are drawn from this range of the served tokenizer's 8192-token vocabulary,
 # clear of its special tokens.
 TOKEN_ID_RANGE = (16, 8000)
+DEFAULT_GPU_BLOCKS = 24_576  # our mocker's default pool (workers/mocker/args.py), per worker
 DYNAMO_VENV = Path(os.environ.get("DYN_VENV", "/tmp/dyn"))
 
 
@@ -179,7 +184,8 @@ def model_dir(tmp: Path) -> Path:
 
 
 def start_ours(
-    mode: str, workers: int, time_scale: float, tmp: Path, model: Path, seed: int, overlap_weight: float | None
+    mode: str, workers: int, time_scale: float, tmp: Path, model: Path, seed: int, overlap_weight: float | None,
+    num_gpu_blocks: int,
 ) -> Stack:
     """`python -m dynamo.serve`: frontend, router and all mocker workers in one process on the
     embedded runtime (the mocker's time is sleeps, so one core serves eight of them)."""
@@ -198,7 +204,7 @@ def start_ours(
             "--http-port", str(stack.http_port), *router, "--router-seed", str(seed),
             "--speedup-ratio", str(time_scale), "--max-model-len", str(MAX_MODEL_LEN),
             "--block-size", str(BLOCK_SIZE_TOKENS), "--kv-cache-block-size", str(BLOCK_SIZE_TOKENS),
-            "--request-timeout-s", "3600",
+            "--num-gpu-blocks", str(num_gpu_blocks), "--request-timeout-s", "3600",
         ],
         {"DYN_LOG": "warning", "DYN_LOG_LEVEL": "warning"},
     )  # fmt: skip
@@ -217,7 +223,7 @@ def dynamo_timing_npz(path: Path) -> None:
     timing = TimingModel()
     isl = np.linspace(1, MAX_MODEL_LEN, 512)
     prefill_ms = [timing.prefill_time_s(int(n)) * 1e3 for n in isl]
-    kv = np.linspace(0, 24_576 * BLOCK_SIZE_TOKENS, 128)
+    kv = np.linspace(0, DEFAULT_GPU_BLOCKS * BLOCK_SIZE_TOKENS, 128)
     ctx = np.linspace(1, MAX_MODEL_LEN, 128)
     itl = np.array(
         [[timing.decode_time_s(max(1, round(k / c)), int(c)) * 1e3 for c in ctx] for k in kv]
@@ -226,7 +232,7 @@ def dynamo_timing_npz(path: Path) -> None:
              decode_active_kv_tokens=kv, decode_context_length=ctx, decode_itl=itl)  # fmt: skip
 
 
-def start_dynamo(mode: str, workers: int, time_scale: float, tmp: Path, model: Path) -> Stack:
+def start_dynamo(mode: str, workers: int, time_scale: float, tmp: Path, model: Path, num_gpu_blocks: int) -> Stack:
     """Dynamo's mocker (all workers in one process) and its Rust frontend with the same
     engine shape as ours: block size, KV pool, batch limits and the timing table above."""
     stack = Stack(f"dynamo-{mode}", free_port(), tmp)
@@ -244,7 +250,7 @@ def start_dynamo(mode: str, workers: int, time_scale: float, tmp: Path, model: P
         [
             python, "-m", "dynamo.mocker", "--model-path", str(model), "--model-name", SERVED_MODEL,
             "--num-workers", str(workers), "--speedup-ratio", str(time_scale),
-            "--block-size", str(BLOCK_SIZE_TOKENS), "--num-gpu-blocks-override", "24576",
+            "--block-size", str(BLOCK_SIZE_TOKENS), "--num-gpu-blocks-override", str(num_gpu_blocks),
             "--max-num-seqs", "256", "--max-num-batched-tokens", "8192", "--max-model-len", str(MAX_MODEL_LEN),
             "--planner-profile-data", str(npz),
         ],
@@ -370,9 +376,12 @@ def run_one_locked(stack_name: str, mode: str, trace: TraceSpec, args: argparse.
 
 def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespace, tmp: Path, model: Path) -> dict[str, object]:
     if stack_name == "ours":
-        stack = start_ours(mode, args.workers, trace.time_scale, tmp, model, args.seed, args.kv_overlap_score_weight)
+        stack = start_ours(
+            mode, args.workers, trace.time_scale, tmp, model, args.seed, args.kv_overlap_score_weight,
+            args.num_gpu_blocks,
+        )
     else:
-        stack = start_dynamo(mode, args.workers, trace.time_scale, tmp, model)
+        stack = start_dynamo(mode, args.workers, trace.time_scale, tmp, model, args.num_gpu_blocks)
     try:
         stack.wait_ready(120)
         stack_cpu = CpuWindow(stack.procs[0][1].pid)
@@ -391,6 +400,7 @@ def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespa
         summary = summarize(trace, sent, trace.time_scale)
         summary.update(
             stack=stack_name, mode=mode, trace=trace.name, time_scale=trace.time_scale,
+            num_gpu_blocks=args.num_gpu_blocks,
             wall_s=round(stack_cpu.wall_s, 1),
             client_cpu_cores=round(client_cpu_s / stack_cpu.wall_s, 3),
             stack_cpu_cores=round(stack_cores, 3),
@@ -419,7 +429,8 @@ def build_traces(args: argparse.Namespace) -> dict[str, TraceSpec]:
 
     traces = {
         "shared": shared_prefix_trace(
-            args.seed, args.shared_requests, args.shared_rate, groups=16, prefix_tokens=2000,
+            args.seed, args.shared_requests, args.shared_rate, groups=args.shared_groups,
+            prefix_tokens=args.shared_prefix_tokens,
             user_tokens=200, output_tokens=args.shared_output_tokens,
         ),
         "multiturn": multiturn_trace(
@@ -445,6 +456,10 @@ def main() -> None:
     p.add_argument("--shared-requests", type=int, default=1600)
     p.add_argument("--shared-rate", type=float, default=160.0, help="requests per simulated second")
     p.add_argument("--shared-output-tokens", type=int, default=100)
+    p.add_argument("--shared-groups", type=int, default=16, help="distinct system prompts")
+    p.add_argument("--shared-prefix-tokens", type=int, default=2000, help="system prompt length")
+    p.add_argument("--num-gpu-blocks", type=int, default=DEFAULT_GPU_BLOCKS,
+                   help=f"KV blocks ({BLOCK_SIZE_TOKENS} tokens) per worker, same for both stacks' mockers")
     p.add_argument("--multiturn-requests", type=int, default=1600)
     p.add_argument("--multiturn-rate", type=float, default=64.0, help="requests per simulated second")
     p.add_argument("--multiturn-active", type=int, default=96)
@@ -465,6 +480,13 @@ def main() -> None:
     for trace_name in args.traces.split(","):
         trace = traces[trace_name]
         print(f"trace {trace_name}: {trace.description}, {trace.rate_per_s} req/s", flush=True)
+        if trace_name == "shared":
+            prefix_blocks = args.shared_groups * (args.shared_prefix_tokens // BLOCK_SIZE_TOKENS)
+            print(
+                f"  prefixes {prefix_blocks} blocks = {prefix_blocks / args.num_gpu_blocks:.2f}x one worker's "
+                f"pool of {args.num_gpu_blocks} blocks, {prefix_blocks / (args.num_gpu_blocks * args.workers):.2f}x "
+                "the fleet's", flush=True,
+            )  # fmt: skip
         for stack_name, mode in plan:
             summary = run_one_locked(stack_name, mode, trace, args, tmp, model)
             runs.append(summary)
@@ -482,6 +504,7 @@ def write_json(path: Path, args: argparse.Namespace, traces: dict[str, TraceSpec
         "machine": f"{os.cpu_count()} CPUs, {os.uname().sysname} {os.uname().release}",
         "started_load_1m": os.getloadavg()[0],
         "traces": {n: {"description": t.description, "rate_per_s": t.rate_per_s, "time_scale": t.time_scale} for n, t in traces.items()},
+        "kv_pool_per_worker": {"blocks": args.num_gpu_blocks, "tokens": args.num_gpu_blocks * BLOCK_SIZE_TOKENS},
         "runs": runs,
     }
     path.write_text(json.dumps(doc, indent=1) + "\n")
