@@ -1,6 +1,12 @@
 """Same-host GPUs: the receiver exports CUDA IPC handles of its K and V tensors once; the
-sender opens them (cached per peer) and copies blocks GPU to GPU (gather, one peer copy over
-NVLink, scatter on the target GPU), with no bounce through host memory, then notifies.
+sender opens them (cached per peer) and copies blocks GPU to GPU with no bounce through host
+memory, then notifies: one Triton kernel reads every source block over NVLink and writes it
+straight into its target block (`BlockCopier`); without Triton, gather / peer copy / scatter.
+
+The kernel runs on the receiver's GPU (it pulls): torch maps another process's memory only
+for the GPU that memory lives on, so a kernel on the sender's GPU cannot touch it (measured:
+an illegal address), while the receiver's GPU reaches the sender's own memory through plain
+peer access. Pulling measured as fast as pushing (issue 4's table in benchmarks/RESULTS.md).
 
 Both processes must see the same GPUs under the same indices (do not narrow
 CUDA_VISIBLE_DEVICES per worker; pick the GPU with --device cuda:N instead)."""
@@ -8,6 +14,8 @@ CUDA_VISIBLE_DEVICES per worker; pick the GPU with --device cuda:N instead)."""
 from __future__ import annotations
 
 import asyncio
+import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -15,17 +23,26 @@ import torch
 from dynamo.wire import KvAgentInfo, TransferHeader
 from kvbm.transfer.backends import TransferBackend
 from kvbm.transfer.framing import FRAME_DONE, header_bytes
-from kvbm.transfer.torch_ops import copy_blocks, export_handles, open_handles
+from kvbm.transfer.torch_ops import BlockCopier, copy_blocks, export_handles, open_handles
 
 if TYPE_CHECKING:
     from kvbm.transfer.agent import KvTransferAgent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Peer:
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    copier: BlockCopier | None  # None: no direct kernel for this pair, the staged path
 
 
 class CudaIpcBackend(TransferBackend):
     name = "cuda-ipc"
 
     def __init__(self) -> None:
-        self._peers: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._peers: dict[str, _Peer] = {}
         self._handles = b""
 
     async def start(self, agent: KvTransferAgent) -> None:
@@ -57,13 +74,25 @@ class CudaIpcBackend(TransferBackend):
     ) -> int:
         memory = agent.memory
         assert memory is not None
-        peer_kv = self._peers.get(peer.agent_id)
-        if peer_kv is None:
-            tensors = await memory.run(lambda: open_handles(peer.cuda_ipc))
-            half = len(tensors) // 2
-            peer_kv = self._peers[peer.agent_id] = (tensors[:half], tensors[half:])
-        dst_k, dst_v = peer_kv
-        await memory.run(lambda: copy_blocks(memory.k, memory.v, src_block_ids, dst_k, dst_v, dst_block_ids))
+        entry = self._peers.get(peer.agent_id)
+        if entry is None:
+            entry = self._peers[peer.agent_id] = await memory.run(lambda: self._open(memory.k, memory.v, peer))
+        target = entry
+        await memory.run(
+            lambda: copy_blocks(memory.k, memory.v, src_block_ids, target.k, target.v, dst_block_ids, target.copier)
+        )
         size = len(src_block_ids) * agent.block_bytes
         writer.write(header_bytes(TransferHeader(transfer_id, FRAME_DONE, len(src_block_ids), size)))
         return size
+
+    @staticmethod
+    def _open(k: list[torch.Tensor], v: list[torch.Tensor], peer: KvAgentInfo) -> _Peer:
+        """Map the peer's KV (once per peer) and build the copy kernel's tables for the pair."""
+        tensors = open_handles(peer.cuda_ipc)
+        half = len(tensors) // 2
+        dst_k, dst_v = tensors[:half], tensors[half:]
+        reason = BlockCopier.reason_unsupported(k, v, dst_k, dst_v)
+        if reason:
+            log.warning("cuda-ipc to %s: gather / peer copy / scatter, not the direct kernel: %s", peer.agent_id, reason)
+            return _Peer(dst_k, dst_v, None)
+        return _Peer(dst_k, dst_v, BlockCopier(k, v, dst_k, dst_v, launch_device=dst_k[0].device))
