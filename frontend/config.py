@@ -21,6 +21,9 @@ class FrontendConfig:
     # None: follow models of the runtime's namespace.
     namespace: str | None = None
     graceful_shutdown_s: float = 5.0
+    # Longer than load balancers' idle timeouts (ALB 60 s) so the server never closes a
+    # keep-alive connection the balancer or a client is about to reuse (502s, resent requests).
+    keep_alive_s: float = 75.0
     # Times one request may move to another worker after its stream broke mid-generation.
     # None: each model's card decides (the worker's --migration-limit); set: overrides it.
     migration_limit: int | None = None
@@ -42,6 +45,7 @@ class FrontendConfig:
             max_request_body_bytes=args.max_request_body_bytes,
             max_dispatch_attempts=args.dispatch_attempts,
             graceful_shutdown_s=args.http_graceful_shutdown_s,
+            keep_alive_s=args.http_keep_alive_s,
             migration_limit=getattr(args, "migration_limit", None),
             request_timeout_s=args.request_timeout_s,
             max_inflight_requests=args.max_inflight_requests,
@@ -82,6 +86,13 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(env_default("DYN_DISPATCH_ATTEMPTS", "3") or 3),
         help="instances tried per request when one is found dead before answering [env DYN_DISPATCH_ATTEMPTS]",
+    )
+    group.add_argument(
+        "--http-keep-alive-s",
+        type=float,
+        default=float(env_default("DYN_HTTP_KEEP_ALIVE_S", "75") or 75),
+        help="how long an idle keep-alive connection stays open; keep it above the idle timeout "
+        "of any load balancer in front [env DYN_HTTP_KEEP_ALIVE_S]",
     )
     group.add_argument(
         "--http-graceful-shutdown-s",

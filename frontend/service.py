@@ -80,6 +80,7 @@ class Frontend:
             access_log=False,  # no per-request logging on the hot path
             log_level="warning",
             timeout_graceful_shutdown=self.config.graceful_shutdown_s,
+            timeout_keep_alive=self.config.keep_alive_s,
         )
         server = _Server(uv_config)
         self._server = server
