@@ -31,7 +31,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str | None = 
     group.add_argument(
         "--engine",
         default=env_default("DYN_ENGINE", "mocker"),
-        help="engine to serve: mocker or builtin [env DYN_ENGINE]",
+        help="engine to serve: mocker, builtin, vllm, sglang or trtllm (see docs/engines.md) "
+        "[env DYN_ENGINE]",
     )
     group.add_argument(
         "--model",

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from workers.engine import Engine
 
-ENGINE_NAMES = ("mocker", "builtin", "vllm")
+ENGINE_NAMES = ("mocker", "builtin", "vllm", "sglang", "trtllm")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +45,37 @@ def _vllm() -> EngineSpec:
     return EngineSpec(add_vllm_args, create)
 
 
-_SPECS: dict[str, Callable[[], EngineSpec]] = {"mocker": _mocker, "builtin": _builtin, "vllm": _vllm}
+def _sglang() -> EngineSpec:
+    # Building the flags imports sglang.srt.server_args; sglang.Engine is imported at start.
+    from workers.sglang.args import SglangConfig, add_sglang_args
+
+    def create(args: argparse.Namespace) -> Engine:
+        from workers.sglang.engine import SglangEngine
+
+        return SglangEngine(SglangConfig.from_args(args))
+
+    return EngineSpec(add_sglang_args, create)
+
+
+def _trtllm() -> EngineSpec:
+    # The flags need no TensorRT-LLM; tensorrt_llm is imported when the engine starts.
+    from workers.trtllm.args import TrtllmConfig, add_trtllm_args
+
+    def create(args: argparse.Namespace) -> Engine:
+        from workers.trtllm.engine import TrtllmEngine
+
+        return TrtllmEngine(TrtllmConfig.from_args(args))
+
+    return EngineSpec(add_trtllm_args, create)
+
+
+_SPECS: dict[str, Callable[[], EngineSpec]] = {
+    "mocker": _mocker,
+    "builtin": _builtin,
+    "vllm": _vllm,
+    "sglang": _sglang,
+    "trtllm": _trtllm,
+}
 
 
 def engine_spec(name: str) -> EngineSpec:

@@ -292,6 +292,13 @@ def serve_stack(vllm_model: Path, vllm_env: dict[str, str], tmp_path_factory: py
     )  # fmt: skip
     try:
         wait_until(lambda: http_ok(f"{base}/ready") or proc.popen.poll() is not None, 300, "frontend ready")
+        # /ready needs one worker; the second engine is still loading then, and a request
+        # served meanwhile races its registration. Wait for both workers' "serves" line.
+        wait_until(
+            lambda: proc.log_path.read_text(errors="replace").count(f" serves {MODEL} ") >= 2 or proc.popen.poll() is not None,
+            300,
+            "both workers up",
+        )
         if proc.popen.poll() is not None:
             raise TimeoutError("dynamo.serve exited")
     except TimeoutError:
@@ -321,11 +328,26 @@ def test_e2e_repeated_prompt_goes_to_the_worker_that_cached_it(serve_stack: str)
     import httpx
     import openai
 
+    def router_kv_events() -> float:
+        metrics = httpx.get(f"{serve_stack}/metrics", timeout=5).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("dynamo_router_kv_events") and not line.startswith("#") and "_created" not in line
+        )
+
     client = openai.OpenAI(base_url=f"{serve_stack}/v1", api_key="unused", max_retries=0, timeout=60)
+    seen_before = router_kv_events()
     first = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
     prompt_tokens = first.usage.prompt_tokens
     assert prompt_tokens >= 2 * BLOCK
     full_blocks = prompt_tokens // BLOCK * BLOCK
+    # KV events travel engine -> worker -> event plane -> router after the response: on a busy
+    # machine the repeat could be routed before they land. Wait for them (bounded), as a client
+    # would only expect routing to follow a cache the router has heard of.
+    from tests.e2e.procs import wait_until
+
+    wait_until(lambda: router_kv_events() > seen_before, 60, "the router hearing the first request's KV events")
     for _ in range(3):
         again = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
         details = again.usage.prompt_tokens_details
@@ -333,13 +355,7 @@ def test_e2e_repeated_prompt_goes_to_the_worker_that_cached_it(serve_stack: str)
         # no KV events, each repeat would land elsewhere half of the time.
         assert details is not None and details.cached_tokens >= full_blocks - BLOCK, again.usage
         assert again.choices[0].text == first.choices[0].text
-    metrics = httpx.get(f"{serve_stack}/metrics", timeout=5).text
-    kv_events = [
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("dynamo_router_kv_events") and not line.startswith("#") and "_created" not in line
-    ]
-    assert sum(kv_events) > 0, "the router saw no KV events"
+    assert router_kv_events() > 0, "the router saw no KV events"
 
 
 # ------------------------------------------------- the re-hashing translator (no vLLM needed)

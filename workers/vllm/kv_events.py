@@ -56,7 +56,9 @@ class VllmKvEventBatch(msgspec.Struct, array_like=True):
 
 BATCH_DECODER = msgspec.msgpack.Decoder(VllmKvEventBatch)
 
-_TIERS: dict[str | None, KvTier] = {None: "device", "GPU": "device", "CPU": "host", "STORAGE": "disk"}
+# vLLM's `medium` names. SGLang publishes the same wire format with its own names
+# (workers/sglang/kv_events.py passes its map to the translator).
+VLLM_TIERS: dict[str | None, KvTier] = {None: "device", "GPU": "device", "CPU": "host", "STORAGE": "disk"}
 
 
 @dataclass(slots=True)
@@ -72,9 +74,15 @@ class KvEventTranslator:
     (different LoRA or cache salt) may carry the same tokens and so the same hash of ours.
     A removal is forwarded only when no copy of our hash is left."""
 
-    def __init__(self, sink: KvEventSink, block_size_tokens: int) -> None:
+    def __init__(
+        self,
+        sink: KvEventSink,
+        block_size_tokens: int,
+        tiers: dict[str | None, KvTier] | None = None,
+    ) -> None:
         self._sink = sink
         self.block_size_tokens = block_size_tokens
+        self._tiers = VLLM_TIERS if tiers is None else tiers
         self._blocks: dict[tuple[KvTier, VllmBlockHash], _Block] = {}
         self._our_refs: dict[tuple[KvTier, int], int] = {}
         self.dropped_events = 0
@@ -117,7 +125,7 @@ class KvEventTranslator:
     def _stored(self, event: VllmBlockStored) -> None:
         if not self._accept(event.group_idx, event.block_size) or not event.block_hashes:
             return
-        tier = _TIERS.get(event.medium, "device")
+        tier = self._tiers.get(event.medium, "device")
         parent: int | None = None
         if event.parent_block_hash is not None:
             known = self._blocks.get((tier, event.parent_block_hash))
@@ -155,7 +163,7 @@ class KvEventTranslator:
     def _removed(self, event: VllmBlockRemoved) -> None:
         if not self._accept(event.group_idx, self.block_size_tokens):
             return
-        tier = _TIERS.get(event.medium, "device")
+        tier = self._tiers.get(event.medium, "device")
         gone: list[int] = []
         for vllm_hash in event.block_hashes:
             block = self._blocks.get((tier, vllm_hash))
