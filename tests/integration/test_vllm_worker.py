@@ -328,26 +328,31 @@ def test_e2e_repeated_prompt_goes_to_the_worker_that_cached_it(serve_stack: str)
     import httpx
     import openai
 
-    def router_kv_events() -> float:
+    def router_metric(name: str) -> float:
         metrics = httpx.get(f"{serve_stack}/metrics", timeout=5).text
         return sum(
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
-            if line.startswith("dynamo_router_kv_events") and not line.startswith("#") and "_created" not in line
+            if line.startswith(name) and not line.startswith("#") and "_created" not in line
         )
 
     client = openai.OpenAI(base_url=f"{serve_stack}/v1", api_key="unused", max_retries=0, timeout=60)
-    seen_before = router_kv_events()
+    indexed_before = router_metric("dynamo_router_index_blocks")
     first = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
     prompt_tokens = first.usage.prompt_tokens
     assert prompt_tokens >= 2 * BLOCK
     full_blocks = prompt_tokens // BLOCK * BLOCK
     # KV events travel engine -> worker -> event plane -> router after the response: on a busy
-    # machine the repeat could be routed before they land. Wait for them (bounded), as a client
-    # would only expect routing to follow a cache the router has heard of.
+    # machine the repeat could be routed before they land. Wait (bounded) until the router's
+    # index holds the prompt's blocks, as a client can only expect routing to follow a cache
+    # the router has heard of. (Counting events is not enough: startup clears count too.)
     from tests.e2e.procs import wait_until
 
-    wait_until(lambda: router_kv_events() > seen_before, 60, "the router hearing the first request's KV events")
+    wait_until(
+        lambda: router_metric("dynamo_router_index_blocks") - indexed_before >= full_blocks // BLOCK,
+        60,
+        "the router indexing the first request's blocks",
+    )
     for _ in range(3):
         again = client.completions.create(model=MODEL, prompt=LONG_PROMPT, max_tokens=2, temperature=0)
         details = again.usage.prompt_tokens_details
@@ -355,7 +360,7 @@ def test_e2e_repeated_prompt_goes_to_the_worker_that_cached_it(serve_stack: str)
         # no KV events, each repeat would land elsewhere half of the time.
         assert details is not None and details.cached_tokens >= full_blocks - BLOCK, again.usage
         assert again.choices[0].text == first.choices[0].text
-    assert router_kv_events() > 0, "the router saw no KV events"
+    assert router_metric("dynamo_router_kv_events_total") > 0, "the router saw no KV events"
 
 
 # ------------------------------------------------- the re-hashing translator (no vLLM needed)
