@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -23,18 +23,11 @@ from dynamo.config import DEFAULT_REQUEST_PLANE, RuntimeConfig, add_runtime_args
 from dynamo.runtime import RequestContext, Runtime
 from dynamo.runtime.tcp_plane import SchemeRequestPlane, TcpRequestPlane, parse_address, transport_address
 from dynamo.wire import TCP_MESSAGE_DECODER, StreamFrame, TcpAck, TcpFrame, TcpMessage, TcpRequest
+from tests.integration.test_runtime_contract import WAIT_S, Forever, within
 
 pytestmark = pytest.mark.integration
 
-WAIT_S = 5.0
 NAME = "ns.backend.generate.1"
-
-
-async def within(awaitable: Awaitable[object], what: str, timeout_s: float = WAIT_S) -> object:
-    try:
-        return await asyncio.wait_for(awaitable, timeout_s)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
 
 
 async def count_to(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -42,24 +35,6 @@ async def count_to(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         yield str(i).encode()
         if i % 7 == 0:
             await asyncio.sleep(0)  # interleave the streams on the connection
-
-
-class Forever:
-    def __init__(self) -> None:
-        self.started = asyncio.Event()
-        self.cancelled = asyncio.Event()
-        self.ctx: RequestContext | None = None
-
-    async def __call__(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        self.ctx = ctx
-        yield b"first"
-        self.started.set()
-        try:
-            await asyncio.Event().wait()
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        yield b"never"
 
 
 @pytest.fixture
