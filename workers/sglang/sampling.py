@@ -9,6 +9,7 @@ from typing import Any
 
 from dynamo import errors
 from dynamo.wire import FinishReason, PreprocessedRequest
+from workers.limits import stop_token_ids, tokens_to_generate
 
 # SGLang's "all tokens" top_k (sglang.srt.sampling.sampling_params.TOP_K_ALL, 1 << 30); -1 is
 # accepted by SGLang too but is normalized to this.
@@ -23,21 +24,9 @@ def sampling_params(
     """SGLang's SamplingParams as the dict `Engine.async_generate(sampling_params=...)` takes.
     Raises InvalidRequest when nothing is left to generate."""
     sampling, stop = request.sampling, request.stop
-    prompt_len = len(request.token_ids)
-    if stop.max_tokens is None:
-        # SGLang's default is 128 new tokens; ours (OpenAI's) is the rest of the context.
-        max_new = context_length - prompt_len
-    else:
-        max_new = stop.max_tokens - request.generated_before
-    if max_new <= 0:
-        raise errors.InvalidRequest(
-            f"nothing left to generate: max_tokens is {stop.max_tokens}, {request.generated_before} "
-            f"tokens were generated before and the prompt has {prompt_len} of {context_length}",
-            param="max_tokens",
-        )
-    stop_ids = list(stop.stop_token_ids)
-    if stop.ignore_eos:
-        stop_ids = [t for t in stop_ids if t not in eos_token_ids]
+    # SGLang's default is 128 new tokens; ours (OpenAI's) is the rest of the context.
+    max_new = tokens_to_generate(request, context_length)
+    stop_ids = stop_token_ids(request, eos_token_ids)
     params: dict[str, Any] = {
         # Our wire spells greedy as None or 0; SGLang's default temperature is 1.
         "temperature": sampling.temperature or 0.0,

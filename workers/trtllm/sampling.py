@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from dynamo import errors
 from dynamo.wire import FinishReason, PreprocessedRequest
+from workers.limits import stop_token_ids, tokens_to_generate
 
 # CompletionOutput.finish_reason values of TensorRT-LLM 1.2.
 FINISH_REASONS: dict[str, FinishReason] = {
@@ -24,20 +24,8 @@ def sampling_kwargs(
 ) -> dict[str, Any]:
     """Raises InvalidRequest when nothing is left to generate."""
     sampling, stop = request.sampling, request.stop
-    prompt_len = len(request.token_ids)
-    if stop.max_tokens is None:
-        max_tokens = max_seq_len - prompt_len
-    else:
-        max_tokens = stop.max_tokens - request.generated_before
-    if max_tokens <= 0:
-        raise errors.InvalidRequest(
-            f"nothing left to generate: max_tokens is {stop.max_tokens}, {request.generated_before} "
-            f"tokens were generated before and the prompt has {prompt_len} of {max_seq_len}",
-            param="max_tokens",
-        )
-    stop_ids = list(stop.stop_token_ids)
-    if stop.ignore_eos:
-        stop_ids = [t for t in stop_ids if t not in eos_token_ids]
+    max_tokens = tokens_to_generate(request, max_seq_len)
+    stop_ids = stop_token_ids(request, eos_token_ids)
     kwargs: dict[str, Any] = {
         "max_tokens": max_tokens,
         "min_tokens": max(0, stop.min_tokens - request.generated_before) or None,

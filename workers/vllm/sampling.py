@@ -11,6 +11,7 @@ from vllm.sampling_params import RequestOutputKind, SamplingParams
 
 from dynamo import errors
 from dynamo.wire import FinishReason, PreprocessedRequest
+from workers.limits import stop_token_ids, tokens_to_generate
 
 FINISH_REASONS: dict[str, FinishReason] = {
     "stop": "stop",
@@ -26,21 +27,9 @@ def sampling_params(
 ) -> SamplingParams:
     """Raises InvalidRequest for a request vLLM would reject or that has nothing left to do."""
     sampling, stop = request.sampling, request.stop
-    prompt_len = len(request.token_ids)
-    if stop.max_tokens is None:
-        # vLLM's own default is 16 tokens; ours (OpenAI's) is the rest of the context.
-        max_tokens = max_model_len - prompt_len
-    else:
-        max_tokens = stop.max_tokens - request.generated_before
-    if max_tokens <= 0:
-        raise errors.InvalidRequest(
-            f"nothing left to generate: max_tokens is {stop.max_tokens}, {request.generated_before} "
-            f"tokens were generated before and the prompt has {prompt_len} of {max_model_len}",
-            param="max_tokens",
-        )
-    stop_ids = list(stop.stop_token_ids)
-    if stop.ignore_eos:
-        stop_ids = [t for t in stop_ids if t not in eos_token_ids]
+    # vLLM's own default is 16 tokens; ours (OpenAI's) is the rest of the context.
+    max_tokens = tokens_to_generate(request, max_model_len)
+    stop_ids = stop_token_ids(request, eos_token_ids)
     try:
         return SamplingParams(
             # Our wire spells greedy as None or 0; vLLM's default temperature is 1.
