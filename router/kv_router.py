@@ -121,6 +121,7 @@ class _LoadAwareRouter(Router):
             best.worker_id,
             prefill_tokens=max(prompt_tokens - best.overlap_blocks * block_size, 0),
             decode_blocks=math.ceil(prompt_tokens / block_size),
+            prompt_tokens=prompt_tokens,
         )
         counter = self._decisions.get(best.worker_id)
         if counter is None:
