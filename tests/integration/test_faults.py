@@ -2,7 +2,10 @@
 (migration on / off) and mocker workers on their own nats-server and etcd, while a worker is
 SIGKILLed, nats-server restarts, and etcd is down for 10 s. Loopback only; every wait bounded.
 
-Tests run in order on one module-scoped fleet; each replaces what it destroyed.
+Every test runs on both request planes: the direct TCP plane (the default; NATS carries only
+events, so its restart must not touch a stream) and the NATS plane (a restart breaks every
+stream in flight: migration must save them all, and without it each must end cleanly).
+Tests run in order on one module-scoped fleet per plane; each replaces what it destroyed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Fleet:
     etcd: ServerProcess
     migrating: str  # base URL of the frontend with --migration-limit 3
     strict: str  # base URL of the frontend with --migration-limit 0
+    plane: str  # the request plane: "tcp" or "nats"
     workers: list[Proc] = field(default_factory=list)
     spawned: int = 0
 
@@ -64,21 +68,23 @@ def _instances(base: str) -> list[int]:
     return next((list(m["instances"]) for m in body.get("models", []) if m.get("name") == MODEL), [])
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+@pytest.fixture(scope="module", params=["tcp", "nats"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # Our own servers: these tests kill and restart them, which the session fixtures must not see.
+    plane: str = request.param
     nats, etcd = start_nats(), start_etcd()
-    tmp: Path = tmp_path_factory.mktemp("faults")
+    tmp: Path = tmp_path_factory.mktemp(f"faults-{plane}")
     env = base_env(
         NATS_SERVER=nats.url,
         ETCD_ENDPOINTS=etcd.url,
         DYN_NAMESPACE=f"faults{free_port()}",
         DYN_LEASE_TTL_S="2",
         DYN_REQUEST_ACK_TIMEOUT_S="2",
+        DYN_REQUEST_PLANE=plane,
     )
     stack = Stack(tmp, env)
     ports = free_port(), free_port()
-    f = Fleet(stack, nats, etcd, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+    f = Fleet(stack, nats, etcd, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", plane)
     try:
         for _ in range(3):
             f.start_worker()
@@ -191,7 +197,7 @@ def _kill_one_worker(fleet: Fleet) -> None:
 
 async def test_sigkill_worker_with_migration_loses_nothing(fleet: Fleet) -> None:
     outcome, wall_s = await _load(fleet.migrating, lambda: _kill_one_worker(fleet))
-    _report("sigkill, migration on", outcome, wall_s)
+    _report(f"sigkill, migration on, {fleet.plane} plane", outcome, wall_s)
     assert outcome.bad == [] and outcome.complete == CLIENTS, outcome
     fleet.start_worker()
     fleet.wait_for_workers(3)
@@ -199,7 +205,7 @@ async def test_sigkill_worker_with_migration_loses_nothing(fleet: Fleet) -> None
 
 async def test_sigkill_worker_without_migration_ends_affected_streams_cleanly(fleet: Fleet) -> None:
     outcome, wall_s = await _load(fleet.strict, lambda: _kill_one_worker(fleet))
-    _report("sigkill, migration off", outcome, wall_s)
+    _report(f"sigkill, migration off, {fleet.plane} plane", outcome, wall_s)
     assert outcome.bad == [], outcome
     assert outcome.clean_errors > 0 and outcome.complete + outcome.clean_errors == CLIENTS
     fleet.start_worker()
@@ -213,15 +219,30 @@ def _restart_nats(fleet: Fleet) -> None:
 
 async def test_nats_restart_with_migration_loses_nothing(fleet: Fleet) -> None:
     outcome, wall_s = await _load(fleet.migrating, lambda: _restart_nats(fleet))
-    _report("nats restart, migration on", outcome, wall_s)
+    _report(f"nats restart, migration on, {fleet.plane} plane", outcome, wall_s)
     assert outcome.bad == [] and outcome.complete == CLIENTS, outcome
+    await _served_after_nats_returned(fleet)
 
 
 async def test_nats_restart_without_migration_ends_streams_cleanly(fleet: Fleet) -> None:
     outcome, wall_s = await _load(fleet.strict, lambda: _restart_nats(fleet))
-    _report("nats restart, migration off", outcome, wall_s)
+    _report(f"nats restart, migration off, {fleet.plane} plane", outcome, wall_s)
     assert outcome.bad == [], outcome
-    assert outcome.complete + outcome.clean_errors == CLIENTS
+    if fleet.plane == "tcp":
+        # NATS carries only events here: no stream may notice its restart.
+        assert outcome.complete == CLIENTS, outcome
+    else:
+        # Streams ride on NATS: the restart breaks them, and each ends with an error event.
+        assert outcome.clean_errors > 0 and outcome.complete + outcome.clean_errors == CLIENTS, outcome
+    await _served_after_nats_returned(fleet)
+
+
+async def _served_after_nats_returned(fleet: Fleet) -> None:
+    """Clients reconnected to the restarted server: the fleet serves every request again."""
+    fleet.wait_for_workers(3)
+    for base in (fleet.migrating, fleet.strict):
+        after, _ = await _load(base, lambda: None)
+        assert after.bad == [] and after.complete == CLIENTS, after
 
 
 def _etcd_outage(fleet: Fleet, base: str, outcomes: list[Outcome]) -> None:
