@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dynamo.runtime.planes import EventPlane
 from dynamo.wire import KvCacheEvent, KvEventData, LoadMetrics, encode
 
@@ -33,7 +35,7 @@ class KvEventPublisher:
         self._next_event_id = 0
 
     async def publish(self, data: KvEventData) -> KvCacheEvent:
-        event = KvCacheEvent(self.worker_id, self._next_event_id, data)
+        event = KvCacheEvent(self.worker_id, self._next_event_id, data, time.time())
         self._next_event_id += 1
         await self._events.publish(self._subject, encode(event))
         return event

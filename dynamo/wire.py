@@ -182,6 +182,7 @@ class KvCacheEvent(msgspec.Struct, omit_defaults=True):
     worker_id: int
     event_id: int
     data: KvEventData
+    timestamp_s: float = 0.0  # wall clock at publication: routers measure event lag with it
 
 
 class LoadMetrics(msgspec.Struct, omit_defaults=True):

@@ -261,6 +261,7 @@ class KvRouter(_LoadAwareRouter):
     # ------------------------------------------------------------------------- KV events
 
     async def _consume_kv_events(self, sub: Subscription, index: KvIndex) -> None:
+        lag = self.metrics.kv_event_lag_s.labels(self._label)
         async for payload in sub:
             try:
                 event = KV_EVENT_CODEC.decode(payload)
@@ -274,6 +275,8 @@ class KvRouter(_LoadAwareRouter):
             self._known.add(worker)
             outcome = index.apply_event(event)
             self._event_outcomes[outcome].inc()
+            if event.timestamp_s > 0:
+                lag.observe(max(time.time() - event.timestamp_s, 0.0))
             if outcome is EventOutcome.GAP:
                 log.info("KV events of worker %x have a gap; asking for a snapshot", worker)
                 self._request_snapshot(worker)

@@ -46,6 +46,13 @@ class RouterMetrics:
             ["component"],
             registry=registry,
         )
+        self.kv_event_lag_s = Histogram(
+            "dynamo_router_kv_event_lag_seconds",
+            "Age of a worker's KV event when the router applies it (publication to index)",
+            ["component"],
+            buckets=_LAG_BUCKETS,
+            registry=registry,
+        )
         self.load_report_lag_s = Histogram(
             "dynamo_router_load_report_lag_seconds",
             "Age of a worker's load report when the router receives it",

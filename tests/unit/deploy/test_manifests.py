@@ -73,7 +73,8 @@ CONTRACT_METRICS = {
     "dynamo_worker_output_tokens_total", "dynamo_worker_requests_total",
     # docs/routing.md and docs/kvbm.md list these
     "dynamo_router_decisions_total", "dynamo_router_overlap_blocks", "dynamo_router_index_blocks",
-    "dynamo_router_kv_events_total", "dynamo_kvbm_blocks_used", "dynamo_kvbm_blocks_total",
+    "dynamo_router_kv_events_total", "dynamo_router_kv_event_lag_seconds", "dynamo_router_load_report_lag_seconds",
+    "dynamo_kvbm_blocks_used", "dynamo_kvbm_blocks_total",
     "dynamo_kvbm_hit_blocks_total", "dynamo_kvbm_offload_bytes_total", "dynamo_kvbm_onboard_bytes_total",
 }
 # Environment variables set in manifests that are not read by dynamo's Python code.

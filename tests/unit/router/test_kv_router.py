@@ -193,6 +193,10 @@ async def test_malformed_events_are_dropped(runtime: Runtime) -> None:
         await until(lambda: router.index is not None and router.index.find_matches(HASHES) == {A: 2})
         labels = {"component": f"{NS}/{COMP}", "outcome": "invalid"}
         assert registry.get_sample_value("dynamo_router_kv_events_total", labels) == 1
+        # The applied event's age was measured from its publication timestamp.
+        lag = {"component": f"{NS}/{COMP}"}
+        assert registry.get_sample_value("dynamo_router_kv_event_lag_seconds_count", lag) == 1
+        assert 0 <= registry.get_sample_value("dynamo_router_kv_event_lag_seconds_sum", lag) < 60
         await router.select(request("r1"), [A])
         assert registry.get_sample_value("dynamo_router_index_blocks", {"component": f"{NS}/{COMP}"}) == 2
         assert (
