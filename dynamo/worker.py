@@ -40,9 +40,10 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-queued-requests",
         type=int,
-        default=int(env_default("DYN_MAX_QUEUED_REQUESTS", "0") or 0),
+        default=int(env_default("DYN_MAX_QUEUED_REQUESTS", "1024") or 0),
         help="requests waiting for the engine before new ones are refused as overloaded, so the "
-        "frontend tries another worker or answers 503 (0: unbounded) [env DYN_MAX_QUEUED_REQUESTS]",
+        "frontend tries another worker or answers 503 (default 1024; 0: unbounded) "
+        "[env DYN_MAX_QUEUED_REQUESTS]",
     )
     group.add_argument(
         "--system-port",

@@ -30,7 +30,7 @@ class FrontendConfig:
     # Whole-request deadline (first byte to last token); 0: none.
     request_timeout_s: float = 0.0
     # Requests in flight in this frontend before new ones get 429; 0: unbounded.
-    max_inflight_requests: int = 0
+    max_inflight_requests: int = 8192  # 0: unbounded
     # Bearer tokens accepted on /v1/*; empty: no authentication.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Origins allowed by CORS; empty: CORS headers are never sent.
@@ -117,8 +117,8 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-inflight-requests",
         type=int,
-        default=int(env_default("DYN_MAX_INFLIGHT_REQUESTS", "0") or 0),
-        help="requests served at once; more get 429 with Retry-After (0: unbounded) "
+        default=int(env_default("DYN_MAX_INFLIGHT_REQUESTS", "8192") or 0),
+        help="requests served at once; more get 429 with Retry-After (default 8192; 0: unbounded) "
         "[env DYN_MAX_INFLIGHT_REQUESTS]",
     )
     group.add_argument(

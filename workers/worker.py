@@ -56,7 +56,7 @@ class WorkerConfig:
     load_publish_interval_s: float = 0.05
     # Requests allowed to wait for the engine (admitted but not yet scheduled); past it a new
     # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
-    max_queued_requests: int = 0
+    max_queued_requests: int = 1024  # waiting in the engine; 0: unbounded
     disagg: DisaggConfig | None = None  # prefill/decode roles (workers/disagg); None: defaults
 
 
