@@ -95,3 +95,41 @@ async def test_shared_prefix_follows_its_holder(fleet: tuple[Runtime, list[Worke
             await late.select(request("probe", [7] * BLOCK), ids)
             await until(lambda: late.index.find_matches(hashes).get(holder) == 8)
             assert late.index.blocks_of(holder) == router.index.blocks_of(holder)
+
+
+async def test_router_replicas_agree(fleet: tuple[Runtime, list[Worker], Client]) -> None:
+    """Two router replicas (two frontends) route alternately: both consume the same events,
+    so they hold the same index, and with nothing in flight they make the same decision."""
+    runtime, workers, client = fleet
+    ids = [w.instance_id for w in workers]
+    config = RouterConfig(kv_block_size=BLOCK, seed=0)
+    ns = runtime.namespace
+    async with KvRouter(config, runtime.events, ns, "backend") as one, KvRouter(
+        config, runtime.events, ns, "backend"
+    ) as two:
+        assert one.index is not None and two.index is not None
+        groups = [list(range(g * 1000, g * 1000 + 6 * BLOCK)) for g in range(1, 5)]
+        holders: dict[int, set[int]] = {}
+        for i in range(16):
+            router = (one, two)[i % 2]
+            group = i % len(groups)
+            worker = await run(client, router, request(f"rep{i}", groups[group] + [i + 1] * BLOCK), ids)
+            holders.setdefault(group, set()).add(worker)
+            # Routing follows what a router has heard: let both hear this request's events.
+            hashes = block_hashes(groups[group], BLOCK)
+            await until(lambda: all(r.index.find_matches(hashes).get(worker) == 6 for r in (one, two)))  # type: ignore[union-attr]
+
+        def same_index() -> bool:
+            return all(one.index.blocks_of(w) == two.index.blocks_of(w) for w in ids)  # type: ignore[union-attr]
+
+        await until(same_index)
+        assert sum(len(one.index.blocks_of(w)) for w in ids) > 0
+        # Each group stayed on the worker that first cached it, whichever replica routed it.
+        assert all(len(h) == 1 for h in holders.values()), holders
+        for group, tokens in enumerate(groups):
+            probe = request(f"probe{group}", tokens + [999] * BLOCK)
+            first, second = await one.select(probe, ids), await two.select(probe, ids)
+            one.request_finished(probe.request_id, first.instance_id)
+            two.request_finished(probe.request_id, second.instance_id)
+            assert first.instance_id == second.instance_id == next(iter(holders[group]))
+            assert first.overlap_blocks == second.overlap_blocks == 6
