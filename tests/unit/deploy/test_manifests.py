@@ -8,7 +8,9 @@ No cluster, Docker engine or AWS account is needed. What runs where:
   PATH, also by `kubectl kustomize`; the two renderings must agree.
 - Kubernetes objects of built-in kinds are validated in strict mode against the OpenAPI schemas
   that the `kubernetes-validate` package ships (skipped if it is not installed); KEDA
-  ScaledObjects, ServiceMonitors and LeaderWorkerSets get structural checks written here.
+  ScaledObjects, ServiceMonitors and LeaderWorkerSets are validated, strictly, against the OpenAPI
+  v3 schemas of their projects' published CRDs (tests/unit/deploy/schemas, with `jsonschema`),
+  and get project-specific checks written here.
 - ECS task definitions are rendered by `deploy.sh` (DRY_RUN=1) and validated against botocore's
   ECS service model, RegisterTaskDefinition input shape (skipped without botocore).
 - Consistency: every dynamo flag used in any manifest is one the CLI accepts (the real argparse
@@ -348,6 +350,165 @@ def test_custom_resources_are_well_formed(overlay):
             check_service_monitor(d, docs)
         elif d["kind"] == "LeaderWorkerSet":
             check_lws(d)
+
+
+# Custom resources against the OpenAPI v3 schemas their projects publish in their CRDs
+# (tests/unit/deploy/schemas/README.md says where each comes from), strictly, like
+# `kubeconform -strict` with CRD schemas: an object that declares `properties` admits no other
+# field unless it says `additionalProperties` or `x-kubernetes-preserve-unknown-fields`. The
+# schema files stay as published; strictness is added here when they are loaded. CEL rules
+# (`x-kubernetes-validations`) and `format` are not checked (kubeconform does not run CEL either).
+CRD_SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"
+CRD_SCHEMAS = {
+    ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobject_v1alpha1.json",
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitor_v1.json",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset.x-k8s.io_leaderworkerset_v1.json",
+}
+# CRDs leave the top-level metadata to the API server (`type: object`); check it minimally.
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+OBJECT_META = {"type": "object", "required": ["name"],
+               "properties": {"name": {"type": "string", "minLength": 1}, "namespace": {"type": "string"},
+                              "labels": STRING_MAP, "annotations": STRING_MAP}}
+
+
+def strict_schema(node, structural: bool = True):
+    """A copy of a CRD schema with kubeconform's -strict and the Kubernetes schema extensions
+    expressed in plain JSON Schema. `structural` is False inside anyOf/allOf/oneOf/not, which in a
+    structural schema only constrain values and must not forbid fields."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key == "properties":
+            out[key] = {name: strict_schema(sub, structural) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = strict_schema(value, structural)
+        elif key in ("anyOf", "allOf", "oneOf"):
+            out[key] = [strict_schema(sub, False) for sub in value]
+        elif key == "not":
+            out[key] = strict_schema(value, False)
+        else:  # description, enum, default, example, x-kubernetes-*: data, not schemas
+            out[key] = copy.deepcopy(value)
+    if out.get("x-kubernetes-embedded-resource"):
+        out.setdefault("properties", {})
+        out["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                             "metadata": {"type": "object"}, **out["properties"]}
+    if out.get("x-kubernetes-int-or-string") and "type" not in out and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (structural and "properties" in out and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+@cache
+def crd_validator(api_version: str, kind: str):
+    jsonschema = pytest.importorskip("jsonschema")
+    published = json.loads((CRD_SCHEMA_DIR / CRD_SCHEMAS[(api_version, kind)]).read_text())
+    schema = strict_schema(published)
+    schema["required"] = sorted({"apiVersion", "kind", "metadata", *schema.get("required", [])})
+    schema["properties"]["apiVersion"] = {"type": "string", "enum": [api_version]}
+    schema["properties"]["kind"] = {"type": "string", "enum": [kind]}
+    schema["properties"]["metadata"] = OBJECT_META
+    # OpenAPI v3.0 schemas are JSON Schema draft 4 (boolean exclusiveMinimum, no `const`).
+    jsonschema.Draft4Validator.check_schema(schema)
+    return jsonschema.Draft4Validator(schema)
+
+
+def crd_schema_errors(doc: dict) -> list[str]:
+    key = (doc.get("apiVersion"), doc.get("kind"))
+    if key not in CRD_SCHEMAS:
+        return [f"no published schema for apiVersion {key[0]!r} kind {key[1]!r}"]
+    validator = crd_validator(*key)
+    return sorted(f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+                  for e in validator.iter_errors(doc))
+
+
+CRD_SOURCES = ALL_K8S + ["lws-files"]
+
+
+def crd_objects(source: str) -> list[tuple[str, dict]]:
+    """(where, object) for each ScaledObject, ServiceMonitor and LeaderWorkerSet of a rendered
+    overlay, or ("lws-files") of the LeaderWorkerSet manifests as written."""
+    if source == "lws-files":
+        docs = [(f.relative_to(ROOT).as_posix(), d) for f in sorted((K8S / "lws").glob("*.yaml"))
+                if f.name != "kustomization.yaml" for d in load_docs(f)]
+    else:
+        docs = [(source, d) for d in docs_of(source)]
+    return [(f"{where}: {d['kind']}/{d.get('metadata', {}).get('name')}", d)
+            for where, d in docs if d.get("kind") in CRD_KINDS]
+
+
+@pytest.mark.parametrize("source", CRD_SOURCES)
+def test_custom_resources_match_published_crd_schemas_strict(source):
+    failures = [f"{where}: {err}" for where, d in crd_objects(source) for err in crd_schema_errors(d)]
+    assert not failures, "\n".join(failures)
+
+
+def test_every_custom_resource_kind_is_schema_validated():
+    """The schema test above is not vacuous: each kind occurs, and has a schema file."""
+    assert {kind for _, kind in CRD_SCHEMAS} == CRD_KINDS
+    counts = {kind: 0 for kind in CRD_KINDS}
+    for source in CRD_SOURCES:
+        for _, d in crd_objects(source):
+            counts[d["kind"]] += 1
+    assert all(n >= 1 for n in counts.values()), counts
+    files = {p.name for p in CRD_SCHEMA_DIR.glob("*.json")}
+    assert files == set(CRD_SCHEMAS.values()), files
+    readme = (CRD_SCHEMA_DIR / "README.md").read_text()
+    assert all(f in readme for f in files), "every schema file's source is recorded in README.md"
+
+
+def _first(kind: str) -> dict:
+    for source in CRD_SOURCES:
+        for _, d in crd_objects(source):
+            if d["kind"] == kind:
+                return copy.deepcopy(d)
+    raise AssertionError(f"no {kind} in the manifests")
+
+
+def _rename(mapping: dict, old: str, new: str) -> None:
+    mapping[new] = mapping.pop(old)
+
+
+def _lws_container(d: dict) -> dict:
+    return d["spec"]["leaderWorkerTemplate"]["workerTemplate"]["spec"]["containers"][0]
+
+
+BROKEN_CRS = {
+    # name: (kind, mutation, text the error must contain)
+    "scaledobject-misspelled-field": ("ScaledObject", lambda d: _rename(d["spec"], "scaleTargetRef", "scaleTargetRefx"),
+                                      "'scaleTargetRefx' was unexpected"),
+    "scaledobject-replicas-not-integer": ("ScaledObject", lambda d: d["spec"].update(minReplicaCount="one"),
+                                          "spec.minReplicaCount: 'one' is not of type 'integer'"),
+    "scaledobject-trigger-metadata-not-string": ("ScaledObject", lambda d: d["spec"]["triggers"][0]["metadata"].update(threshold=4),
+                                                 "spec.triggers.0.metadata.threshold: 4 is not of type 'string'"),
+    "scaledobject-no-triggers": ("ScaledObject", lambda d: d["spec"].pop("triggers"), "'triggers' is a required property"),
+    "scaledobject-wrong-api-version": ("ScaledObject", lambda d: d.update(apiVersion="keda.sh/v1"), "no published schema"),
+    "scaledobject-no-name": ("ScaledObject", lambda d: d["metadata"].pop("name"), "metadata: 'name' is a required property"),
+    "servicemonitor-misspelled-endpoint-field": ("ServiceMonitor", lambda d: _rename(d["spec"]["endpoints"][0], "interval", "intervall"),
+                                                 "'intervall' was unexpected"),
+    "servicemonitor-bad-relabel-action": ("ServiceMonitor", lambda d: d["spec"]["endpoints"][0]["relabelings"][0].update(action="rename"),
+                                          "spec.endpoints.0.relabelings.0.action: 'rename' is not one of"),
+    "lws-size-not-integer": ("LeaderWorkerSet", lambda d: d["spec"]["leaderWorkerTemplate"].update(size="2"),
+                             "spec.leaderWorkerTemplate.size: '2' is not of type 'integer'"),
+    "lws-bad-startup-policy": ("LeaderWorkerSet", lambda d: d["spec"].update(startupPolicy="WorkersFirst"),
+                               "spec.startupPolicy: 'WorkersFirst' is not one of"),
+    "lws-misspelled-container-field": ("LeaderWorkerSet", lambda d: _rename(_lws_container(d), "image", "imagee"),
+                                       "'imagee' was unexpected"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_CRS))
+def test_crd_schema_validation_rejects_broken_objects(case):
+    kind, mutate, expected = BROKEN_CRS[case]
+    doc = _first(kind)
+    assert crd_schema_errors(doc) == [], "the unbroken object must pass"
+    mutate(doc)
+    errors = crd_schema_errors(doc)
+    assert any(expected in e for e in errors), errors
 
 
 def selects(selector: dict, labels: dict) -> bool:
