@@ -1,0 +1,345 @@
+"""Multi-turn conversations over the built-in engine on a real GPU whose total KV is several
+times the device pool (G1): TTFT p50/p99 with KVBM's host (G2) and disk (G3) tiers against G1
+only. The workload is kvbm_multiturn.py's (conversations of turns behind a concurrency gate,
+the whole history resent each turn); the engine is BuiltinEngine over a random-weight Llama
+written to a temporary directory in Hugging Face layout (no download). TTFT is wall time from
+submitting a turn to its first token, over the turns after each conversation's first.
+
+GPU (~1.1B bf16 Llama, as builtin_gpu.py's):
+    python benchmarks/kvbm_multiturn_gpu.py --json-out results.json
+CPU (tiny model, for checking the script):
+    python benchmarks/kvbm_multiturn_gpu.py --device cpu --model-size tiny --conversations 4 \
+        --turns 3 --user-tokens 48 --output-tokens 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dynamo.wire import PreprocessedRequest, SamplingOptions, StopConditions  # noqa: E402
+from kvbm.config import KvbmConfig  # noqa: E402
+from workers.builtin.args import BuiltinConfig  # noqa: E402
+from workers.builtin.engine import BuiltinEngine  # noqa: E402
+from workers.builtin.testing_models import TinyModelSpec, build_random_model  # noqa: E402
+
+BLOCK = 16
+# builtin_gpu.py's shape (~1.1B parameters); HF's initializer range keeps bf16 activations tame.
+MODEL_SIZES: dict[str, TinyModelSpec] = {
+    "1b": TinyModelSpec(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                        num_heads=32, num_kv_heads=8, head_dim=64, rope_theta=500000.0,
+                        initializer_range=0.02),
+    "tiny": TinyModelSpec(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                          num_heads=4, num_kv_heads=2, head_dim=16),
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def build_model_dir(args: argparse.Namespace, out_dir: str, max_len: int) -> TinyModelSpec:
+    spec = MODEL_SIZES[args.model_size]
+    overrides = {k: getattr(args, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
+                                                "num_kv_heads", "head_dim", "vocab_size")
+                 if getattr(args, k) is not None}
+    spec = replace(spec, max_position_embeddings=max_len, dtype="bfloat16" if args.device == "cuda" else "float32",
+                   **overrides)
+    started = time.perf_counter()
+    # Initialised on the target device (fast on a GPU), then written in HF layout.
+    with torch.device(args.device):
+        build_random_model(spec, out_dir)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"model written to {out_dir} in {time.perf_counter() - started:.1f}s", flush=True)
+    return spec
+
+
+def request(rid: str, tokens: list[int], max_tokens: int) -> PreprocessedRequest:
+    return PreprocessedRequest(rid, "m", list(tokens), sampling=SamplingOptions(),
+                               stop=StopConditions(max_tokens=max_tokens, ignore_eos=True))
+
+
+async def warm_up(engine: BuiltinEngine, args: argparse.Namespace, vocab: int, max_prompt: int) -> None:
+    """Prompts unrelated to the conversations, at several lengths and at once: Triton compiles
+    its kernels and the allocator grows before anything is timed."""
+    rng = random.Random(12345)
+    lengths = sorted({min(n, max_prompt) for n in (17, args.user_tokens, 3 * args.user_tokens, max_prompt)})
+
+    async def one(i: int, n: int) -> None:
+        req = request(f"warm{i}", [rng.randrange(2, vocab) for _ in range(n)], 8)
+        async for _ in engine.generate(req):
+            pass
+
+    for rnd in range(2):
+        await asyncio.gather(*(one(10 * rnd + i, n) for i, n in enumerate(lengths)))
+
+
+async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab: int, g1_blocks: int,
+                     max_len: int, kvbm: KvbmConfig) -> dict[str, Any]:
+    config = BuiltinConfig(
+        model=model_dir, device=args.device, block_size_tokens=BLOCK, num_gpu_blocks=g1_blocks,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=max_len, enforce_eager=args.enforce_eager, kvbm=kvbm,
+    )
+    engine = BuiltinEngine(config)
+    rng = random.Random(0)  # the same conversations for every config
+    gate = asyncio.Semaphore(args.concurrency)
+    ttfts: list[float] = []  # later turns
+    first_ttfts: list[float] = []
+    cached: list[int] = []
+    by_turn: dict[int, list[float]] = {}
+    built = time.perf_counter()
+
+    async def conversation(cid: int) -> None:
+        history: list[int] = []
+        for turn in range(args.turns):
+            history += [rng.randrange(2, vocab) for _ in range(args.user_tokens)]
+            async with gate:
+                req = request(f"c{cid}t{turn}", history, args.output_tokens)
+                start = time.perf_counter()
+                first = True
+                async for out in engine.generate(req):
+                    if first:
+                        ttft = time.perf_counter() - start
+                        if turn:
+                            ttfts.append(ttft)
+                            cached.append(out.cached_tokens or 0)
+                            by_turn.setdefault(turn, []).append(ttft)
+                        else:
+                            first_ttfts.append(ttft)
+                        first = False
+                    history += out.token_ids
+
+    async with engine:
+        started = time.perf_counter()
+        startup_s = started - built
+        await warm_up(engine, args, vocab, args.turns * (args.user_tokens + args.output_tokens))
+        warm_s = time.perf_counter() - started
+        stats = engine.kvbm.cache.stats if engine.kvbm is not None else None
+        before = {k: dict(getattr(stats, k)) for k in ("hits", "onboard_blocks", "offload_blocks")} if stats else {}
+        skipped_before = stats.skipped if stats else 0
+        steps_before = engine.num_steps
+        profile = instrument(engine) if args.profile_kvbm else None
+        started = time.perf_counter()
+        await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
+        measured_s = time.perf_counter() - started
+        steps = engine.num_steps - steps_before
+
+    def delta(field: str, tier: str) -> float:
+        if stats is None:
+            return 0.0
+        return float(getattr(stats, field)[tier] - before[field].get(tier, 0))
+
+    ideal_cached = statistics.fmean(
+        t * (args.user_tokens + args.output_tokens) // BLOCK * BLOCK
+        for _ in range(args.conversations) for t in range(1, args.turns)
+    )
+    row = {
+        "config": name,
+        "g1_blocks": g1_blocks,
+        "host_blocks": kvbm.host_blocks or 0,
+        "disk_blocks": (kvbm.disk_blocks or 0) if kvbm.disk_dir else 0,
+        "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5),
+        "ttft_p99_ms": 1e3 * percentile(ttfts, 0.99),
+        "ttft_mean_ms": 1e3 * statistics.fmean(ttfts),
+        "first_turn_ttft_p50_ms": 1e3 * percentile(first_ttfts, 0.5),
+        "ttft_p50_ms_by_turn": {str(t): 1e3 * percentile(v, 0.5) for t, v in sorted(by_turn.items())},
+        "later_turn_cached_tokens_mean": statistics.fmean(cached) if cached else 0.0,
+        "later_turn_cached_tokens_ideal": ideal_cached,  # every earlier full block reused
+        "onboard_host_blocks": delta("onboard_blocks", "host"),
+        "onboard_disk_blocks": delta("onboard_blocks", "disk"),
+        "offload_host_blocks": delta("offload_blocks", "host"),
+        "offload_disk_blocks": delta("offload_blocks", "disk"),
+        "skipped_offloads": float((stats.skipped - skipped_before) if stats else 0),
+        "requests_timed": len(ttfts),
+        "engine_steps": steps,
+        "measured_s": measured_s,
+        "warmup_s": warm_s,
+        "engine_start_s": startup_s,
+    }
+    if profile is not None:
+        row["model_thread_profile"] = {k: {"s": v[0], "calls": int(v[1])} for k, v in profile.items()}
+    return row
+
+
+def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
+    """Wall time and calls of the model thread's work (forward passes, KVBM plan execution and
+    its parts), by wrapping the instances' methods: [seconds, calls] per name. CUDA copies that
+    do not block count only their launch."""
+    tally: dict[str, list[float]] = {}
+
+    def wrap(obj: Any, method: str, key: str) -> None:
+        fn = getattr(obj, method)
+        tally[key] = [0.0, 0.0]
+
+        def timed(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                tally[key][0] += time.perf_counter() - t
+                tally[key][1] += 1
+
+        setattr(obj, method, timed)
+
+    assert engine.runner is not None
+    wrap(engine.runner, "execute", "forward")
+    kvbm = engine.kvbm
+    if kvbm is not None:
+        wrap(kvbm, "execute", "kvbm_execute")
+        for method in ("onboard_from_host", "onboard_from_cpu", "offload_to_host", "to_cpu", "drain"):
+            wrap(kvbm.copier, method, f"copier_{method}")
+        if kvbm.disk is not None:
+            wrap(kvbm.disk, "read", "disk_read")
+            wrap(kvbm.disk, "write", "disk_write_enqueue")
+    return tally
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
+                            "cpus": os.cpu_count(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            info["triton"] = triton.__version__
+        except ImportError:
+            pass
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--model-size", default=None, choices=sorted(MODEL_SIZES),
+                   help="1b on cuda, tiny on cpu by default; the flags below override its fields")
+    for name in ("hidden-size", "intermediate-size", "num-layers", "num-heads", "num-kv-heads", "head-dim", "vocab-size"):
+        p.add_argument(f"--{name}", type=int, default=None)
+    p.add_argument("--conversations", type=int, default=16)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--user-tokens", type=int, default=448)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=3)
+    p.add_argument("--kv-ratio", type=float, default=4.0, help="total KV of all conversations over G1")
+    p.add_argument("--g1-blocks", type=int, default=None, help="default: total KV blocks / --kv-ratio")
+    p.add_argument("--host-blocks", type=int, default=None, help="config (b) G2: default 1.25x total KV")
+    p.add_argument("--small-host-blocks", type=int, default=None, help="config (c) G2: default G1 / 4")
+    p.add_argument("--disk-blocks", type=int, default=None, help="config (c) G3: default 1.25x total KV")
+    p.add_argument("--disk-root", default="/tmp")
+    p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--configs", nargs="+", default=["g1_only", "g1_g2", "g1_g2small_g3"],
+                   choices=["g1_only", "g1_g2", "g1_g2small_g3"])
+    p.add_argument("--profile-kvbm", action="store_true",
+                   help="time the model thread's forward passes and KVBM copies (method wrappers)")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    if args.model_size is None:
+        args.model_size = "1b" if args.device == "cuda" else "tiny"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available (use --device cpu)")
+
+    per_turn = args.user_tokens + args.output_tokens
+    final_tokens = args.turns * per_turn
+    final_blocks = -(-final_tokens // BLOCK)
+    total_blocks = args.conversations * final_blocks
+    g1 = args.g1_blocks or int(total_blocks / args.kv_ratio)
+    in_flight = args.concurrency * final_blocks
+    host = args.host_blocks if args.host_blocks is not None else int(1.25 * total_blocks)
+    small_host = args.small_host_blocks if args.small_host_blocks is not None else max(1, g1 // 4)
+    disk = args.disk_blocks if args.disk_blocks is not None else int(1.25 * total_blocks)
+    max_len = max(512, -(-(final_tokens + 2 * BLOCK) // 256) * 256)
+    workload = {
+        "conversations": args.conversations, "turns": args.turns, "user_tokens": args.user_tokens,
+        "output_tokens": args.output_tokens, "concurrency": args.concurrency,
+        "final_history_tokens": final_tokens, "total_kv_blocks": total_blocks, "g1_blocks": g1,
+        "total_kv_over_g1": total_blocks / g1, "in_flight_blocks_at_last_turn": in_flight,
+        "block_size_tokens": BLOCK, "max_num_batched_tokens": args.max_num_batched_tokens,
+        "max_num_seqs": args.max_num_seqs, "model_size": args.model_size, "device": args.device,
+    }
+    print("machine", json.dumps(machine()), flush=True)
+    print("workload", json.dumps(workload), flush=True)
+    if in_flight > g1:
+        print(f"warning: {args.concurrency} last-turn histories ({in_flight} blocks) exceed G1 ({g1}); "
+              "expect preemption", flush=True)
+
+    model_dir = tempfile.mkdtemp(prefix="kvbm_mt_model_")
+    results: dict[str, Any] = {"benchmark": "kvbm_multiturn_gpu", "machine": machine(), "workload": workload,
+                               "configs": {}}
+    try:
+        spec = build_model_dir(args, model_dir, max_len)
+        results["model"] = {k: getattr(spec, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                          "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                                                          "dtype")}
+        layers, kv_heads, head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
+        elem = 2 if args.device == "cuda" else 4
+        results["model"]["kv_block_bytes"] = 2 * layers * BLOCK * kv_heads * head_dim * elem
+        for name in args.configs:
+            disk_dir = None
+            if name == "g1_only":
+                kvbm = KvbmConfig()
+            elif name == "g1_g2":
+                kvbm = KvbmConfig(host_blocks=host)
+            else:
+                disk_dir = tempfile.mkdtemp(prefix="kvbm_mt_disk_", dir=args.disk_root)
+                kvbm = KvbmConfig(host_blocks=small_host, disk_dir=disk_dir, disk_blocks=disk)
+            try:
+                row = asyncio.run(run_config(args, name, model_dir, spec.vocab_size, g1, max_len, kvbm))
+            except Exception:  # keep the other configs' figures; the traceback is the finding
+                results.setdefault("errors", {})[name] = traceback.format_exc()
+                print(f"config {name} failed:\n{results['errors'][name]}", flush=True)
+                continue
+            finally:
+                if disk_dir is not None:
+                    shutil.rmtree(disk_dir, ignore_errors=True)
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
+            results["configs"][name] = row
+            print(json.dumps(row), flush=True)
+            write(args.json_out, results)  # partial results survive a timeout
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    base = results["configs"].get("g1_only")
+    if base:
+        results["ratios_vs_g1_only"] = {
+            name: {"ttft_p50": row["ttft_p50_ms"] / base["ttft_p50_ms"],
+                   "ttft_p99": row["ttft_p99_ms"] / base["ttft_p99_ms"]}
+            for name, row in results["configs"].items() if name != "g1_only"
+        }
+        results["goal"] = "TTFT p50 with KVBM tiers <= 0.5x G1 only"
+        print("ratios", json.dumps(results["ratios_vs_g1_only"]), flush=True)
+    write(args.json_out, results)
+
+
+def write(path: str | None, results: dict[str, Any]) -> None:
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
