@@ -13,7 +13,10 @@ from router.base import ROUTER_MODES
 @dataclass(frozen=True, slots=True)
 class RouterConfig:
     kv_block_size: int = 16  # tokens per KV block; must match the engines' block size
-    overlap_score_weight: float = 1.0  # weight of prefill cost against decode load (cost.py)
+    # Weight of prefill cost against decode load (cost.py). Dynamo's default is 1; for long
+    # shared prompts one uncached block costs far more time than one more active block, and a
+    # sweep (benchmarks/RESULTS.md, "Overlap weight sweep") found 4 better on every trace.
+    overlap_score_weight: float = 4.0
     temperature: float = 0.0  # 0: cheapest worker; > 0: softmax sampling
     use_kv_events: bool = True  # False: approximate mode, caches predicted from own decisions
     approx_ttl_s: float = 120.0  # approximate mode: how long a sent block counts as cached
@@ -75,8 +78,9 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "--kv-overlap-score-weight",
         type=float,
         default=float(env_default("DYN_KV_OVERLAP_SCORE_WEIGHT", str(d.overlap_score_weight))),
-        help="weight of prefill cost (uncached prompt blocks) against decode load; "
-        "0 = pure load balancing [env DYN_KV_OVERLAP_SCORE_WEIGHT]",
+        help="weight of prefill cost (uncached prompt blocks) against decode load (default "
+        f"{d.overlap_score_weight:g}; Dynamo's is 1); 0 = pure load balancing "
+        "[env DYN_KV_OVERLAP_SCORE_WEIGHT]",
     )
     group.add_argument(
         "--router-temperature",
