@@ -42,13 +42,17 @@ class Fleet:
     plane: str  # the request plane: "tcp" or "nats"
     workers: list[Proc] = field(default_factory=list)
     spawned: int = 0
+    system_ports: dict[str, int] = field(default_factory=dict)  # worker name -> /metrics port
 
     def start_worker(self) -> Proc:
         self.spawned += 1
+        name, port = f"worker-{self.spawned}", free_port()
         proc = self.stack.start(
-            f"worker-{self.spawned}", "dynamo.worker", "--engine", "mocker", "--model", TINY_MODEL,
+            name, "dynamo.worker", "--engine", "mocker", "--model", TINY_MODEL,
             "--served-model-name", MODEL, "--speedup-ratio", "1", "--graceful-shutdown-timeout-s", "1",
+            "--system-port", str(port),
         )
+        self.system_ports[name] = port
         self.workers.append(proc)
         return proc
 
@@ -188,6 +192,58 @@ async def _load(base: str, fault: object, settle_s: float = 0.0) -> tuple[Outcom
 def _report(name: str, outcome: Outcome, wall_s: float) -> None:
     print(f"\n[{name}] {CLIENTS} streams in {wall_s:.1f}s: {outcome.complete} complete, "
           f"{outcome.clean_errors} clean errors {sorted(set(outcome.errors))}, {len(outcome.bad)} bad {outcome.bad[:3]}")
+
+
+def _metric(url: str, name: str) -> float | None:
+    """Sum of a metric's samples on a /metrics page; None when it or the page is missing."""
+    try:
+        text = httpx.get(url, timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    samples = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    ]
+    return sum(samples) if samples else None  # a missing metric is not a zero
+
+
+async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> None:
+    """Clients that drop their connection after the first token, 64 at a time: every worker
+    process ends up with 0 requests and 0 KV blocks in use, and the frontend with 0 in flight."""
+    disconnected = 0
+    sem = asyncio.Semaphore(CLIENTS)
+    limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=0)
+
+    async def one(client: httpx.AsyncClient, index: int) -> None:
+        nonlocal disconnected
+        body = {"model": MODEL, "prompt": f"drop {index}", "max_tokens": 1000, "stream": True, "ignore_eos": True}
+        async with sem, client.stream("POST", f"{fleet.migrating}/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            async for line in resp.aiter_lines():
+                if line.startswith("data: {"):
+                    disconnected += 1
+                    break  # leaving the block closes the connection mid-stream
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
+        await asyncio.gather(*(one(client, i) for i in range(1000)))
+    assert disconnected == 1000
+    pages = [f"http://127.0.0.1:{fleet.system_ports[w.name]}/metrics" for w in fleet.workers]
+
+    def drained() -> bool:
+        for page in pages:
+            for name in ("dynamo_worker_inflight_requests", "dynamo_worker_requests_active", "dynamo_worker_kv_blocks_active"):
+                if _metric(page, name) != 0:
+                    return False
+        return _metric(f"{fleet.migrating}/metrics", "dynamo_frontend_inflight_requests") == 0
+
+    wait_until(drained, 20, "every disconnected request to end on its worker and free its KV blocks")
+    print(f"\n[1000 disconnects, {fleet.plane} plane] {time.perf_counter() - t0:.1f}s, then 0 requests and 0 KV "
+          f"blocks on {len(pages)} workers")
+    # The fleet still serves whole streams afterwards.
+    after, _ = await _load(fleet.migrating, lambda: None)
+    assert after.bad == [] and after.complete == CLIENTS, after
 
 
 def _kill_one_worker(fleet: Fleet) -> None:
