@@ -268,6 +268,35 @@ async def test_sigkill_worker_without_migration_ends_affected_streams_cleanly(fl
     fleet.wait_for_workers(3)
 
 
+def _sigterm_one_worker(fleet: Fleet, exit_codes: list[int | None]) -> None:
+    """SIGTERM: the worker deregisters, lets in-flight streams run for its 1 s graceful deadline,
+    cancels the rest (the frontend migrates them) and exits on its own."""
+    victim = fleet.workers.pop(0)
+    victim.popen.send_signal(signal.SIGTERM)
+    try:
+        exit_codes.append(victim.popen.wait(timeout=15))
+    except Exception:  # noqa: BLE001 - reported by the assertion below
+        victim.kill()
+        exit_codes.append(None)
+
+
+@pytest.mark.parametrize("frontend", ["migrating", "strict"])
+async def test_sigterm_drains_a_worker(fleet: Fleet, frontend: str) -> None:
+    exit_codes: list[int | None] = []
+    outcome, wall_s = await _load(getattr(fleet, frontend), lambda: _sigterm_one_worker(fleet, exit_codes))
+    _report(f"sigterm, {frontend}, {fleet.plane} plane", outcome, wall_s)
+    assert exit_codes == [0], f"the drained worker exited with {exit_codes}"
+    assert outcome.bad == [], outcome
+    if frontend == "migrating":
+        assert outcome.complete == CLIENTS, outcome
+    else:
+        assert outcome.complete + outcome.clean_errors == CLIENTS, outcome
+    # Deregistered: both frontends see two workers, then three once a replacement starts.
+    fleet.wait_for_workers(2)
+    fleet.start_worker()
+    fleet.wait_for_workers(3)
+
+
 def _restart_nats(fleet: Fleet) -> None:
     fleet.nats.kill(signal.SIGKILL)
     fleet.nats.start()  # same port and data directory
