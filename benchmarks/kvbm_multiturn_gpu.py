@@ -170,6 +170,7 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "offload_host_blocks": delta("offload_blocks", "host"),
         "offload_disk_blocks": delta("offload_blocks", "disk"),
         "skipped_offloads": float((stats.skipped - skipped_before) if stats else 0),
+        "disk_dropped_writes": float(engine.kvbm.disk.dropped_writes) if engine.kvbm and engine.kvbm.disk else 0.0,
         "requests_timed": len(ttfts),
         "engine_steps": steps,
         "measured_s": measured_s,
@@ -206,10 +207,13 @@ def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
     kvbm = engine.kvbm
     if kvbm is not None:
         wrap(kvbm, "execute", "kvbm_execute")
-        for method in ("onboard_from_host", "onboard_from_cpu", "offload_to_host", "to_cpu", "drain"):
+        for method in ("onboard_from_host", "onboard_from_pinned", "onboard_from_cpu", "offload_to_host",
+                       "to_pinned", "to_cpu", "drain"):
             wrap(kvbm.copier, method, f"copier_{method}")
         if kvbm.disk is not None:
-            wrap(kvbm.disk, "read", "disk_read")
+            # Reads run on the DiskReader's threads (off the model thread) unless an onboard
+            # was not read beforehand; their time here is summed over those threads.
+            wrap(kvbm.disk, "read", "disk_read_reader_threads")
             wrap(kvbm.disk, "write", "disk_write_enqueue")
     return tally
 

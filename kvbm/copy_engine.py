@@ -103,17 +103,22 @@ class BlockCopier:
     def onboard_from_host(self, slots: Sequence[int], block_ids: Sequence[int]) -> None:
         """Host slots -> device blocks."""
         assert self.host is not None
-        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        self.onboard_from_pinned(self.host, slots, block_ids)
+
+    def onboard_from_pinned(self, src: torch.Tensor, rows: Sequence[int], block_ids: Sequence[int]) -> None:
+        """Rows of a [n, 2L, E] host tensor (pinned on CUDA: the host tier, or blocks read
+        from disk) -> device blocks, asynchronously on the side stream."""
+        order = sorted(range(len(rows)), key=lambda i: rows[i])
         block_ids = [block_ids[i] for i in order]
-        slots = [slots[i] for i in order]
+        rows = [rows[i] for i in order]
         if self.stream is None:
-            self.scatter(block_ids, self.host[torch.tensor(slots, dtype=torch.long)])
+            self.scatter(block_ids, src[torch.tensor(rows, dtype=torch.long)])
             return
         with torch.cuda.stream(self.stream):
-            staged = torch.empty((len(slots), len(self.layers), self.elements_per_layer),
+            staged = torch.empty((len(rows), len(self.layers), self.elements_per_layer),
                                  dtype=self.dtype, device=self.device)
-            for first, start, n in contiguous_runs(slots):
-                staged[first : first + n].copy_(self.host[start : start + n], non_blocking=True)
+            for first, start, n in contiguous_runs(rows):
+                staged[first : first + n].copy_(src[start : start + n], non_blocking=src.is_pinned())
         self.scatter(block_ids, staged)
         self._mark_ready()
 
@@ -133,6 +138,21 @@ class BlockCopier:
         with torch.cuda.stream(self.stream):
             out = staged.to("cpu", non_blocking=False)
         return out
+
+    def to_pinned(self, block_ids: Sequence[int], pin: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Device blocks as a [n, 2L, E] CPU tensor (pinned when `pin`) and the event after
+        which it holds them: on CUDA the device-side gather is marked ready first and the
+        device-to-host copy runs in the background (disk-bound offloads; the disk thread
+        waits for the event). Without a stream the copy is done on return (event None)."""
+        staged = self.gather(block_ids)
+        if self.stream is None:
+            return (staged.clone() if staged.device.type == "cpu" else staged.cpu()), None
+        out = torch.empty(tuple(staged.shape), dtype=self.dtype, pin_memory=pin)
+        with torch.cuda.stream(self.stream):
+            self._mark_ready()
+            out.copy_(staged, non_blocking=pin)
+            done = self.stream.record_event()
+        return out, done
 
     def _mark_ready(self) -> None:
         if self.stream is not None:

@@ -1,12 +1,16 @@
 """KvBlockManager: KVBM for an engine with a real paged KV cache (the built-in engine). The
 scheduler talks to its TieredCache on the event loop's thread; the engine runs each step's
-TransferPlan with execute() on its model thread, before that step's forward pass."""
+TransferPlan with execute() on its model thread, before that step's forward pass. No disk I/O
+runs there: disk blocks a prompt needs are read beforehand by a DiskReader (the scheduler holds
+the request back meanwhile) and onboarded from pinned memory like host blocks; writes are queued
+for the disk thread, their device-to-host copies left running on the copier's side stream."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -15,7 +19,7 @@ import torch
 from kvbm.block_pool import KvEventSink
 from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
-from kvbm.disk_tier import DiskStore
+from kvbm.disk_tier import DiskReader, DiskStore
 from kvbm.host_tier import HostStore
 from kvbm.layout import KvLayout
 from kvbm.tiered import DISK, HOST, TieredCache, TransferPlan
@@ -44,6 +48,12 @@ class KvBlockManager:
             self.host = HostStore(self.cache.host.capacity_blocks, layout.num_layers, layout.elements_per_layer,
                                   k[0].dtype, pin=k[0].device.type == "cuda")
         self.copier = BlockCopier(k, v, self.host.data if self.host else None)
+        self.pin = k[0].device.type == "cuda"
+        self.reader: DiskReader | None = None
+        if self.disk is not None:
+            self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1))
+            self.cache.reader = self.reader
+        self._dropped: list[int] = []  # disk writes the full queue refused (model thread -> finish)
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -60,6 +70,8 @@ class KvBlockManager:
 
     async def stop(self) -> None:
         """Let queued disk writes finish (they are what a restart finds)."""
+        if self.reader is not None:
+            await asyncio.to_thread(self.reader.stop)
         if self.disk is not None:
             await asyncio.to_thread(self.disk.stop)
 
@@ -81,23 +93,37 @@ class KvBlockManager:
         if plan.spills:
             assert disk is not None and host is not None
             copier.drain()  # the slots may still be receiving the last plan's offloads
-            for op in plan.spills:
-                disk.write(op.block_hash, op.parent_hash, host.data[op.host_slot].clone())
+            # One batched copy out of the slots (phase 2 may overwrite them); the disk thread
+            # writes from it.
+            idx = torch.tensor([op.host_slot for op in plan.spills], dtype=torch.long)
+            data = torch.empty((len(plan.spills), *host.data.shape[1:]), dtype=host.data.dtype, pin_memory=self.pin)
+            torch.index_select(host.data, 0, idx, out=data)
+            for i, op in enumerate(plan.spills):
+                self._write(op.block_hash, op.parent_hash, data[i], None)
         to_host = [op for op in plan.offloads if op.tier == HOST]
         if to_host:
             copier.offload_to_host([op.device_block for op in to_host], [op.slot for op in to_host])
         to_disk = [op for op in plan.offloads if op.tier == DISK]
         if to_disk:
             assert disk is not None
-            data = copier.to_cpu([op.device_block for op in to_disk])
+            data, ready = copier.to_pinned([op.device_block for op in to_disk], self.pin)
             for i, op in enumerate(to_disk):
-                disk.write(op.block_hash, op.parent_hash, data[i])
+                self._write(op.block_hash, op.parent_hash, data[i], ready)
         from_host = [op for op in plan.onboards if op.tier == HOST]
         if from_host:
             copier.onboard_from_host([op.slot for op in from_host], [op.device_block for op in from_host])
+        staged: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+        for op in plan.onboards:
+            if op.tier == DISK and op.staged is not None:
+                buf, row = op.staged
+                group = staged.setdefault(id(buf), (buf, [], []))
+                group[1].append(row)
+                group[2].append(op.device_block)
+        for buf, rows, block_ids in staged.values():
+            copier.onboard_from_pinned(buf, rows, block_ids)
         failed: list[int] = []
-        from_disk = [op for op in plan.onboards if op.tier == DISK]
-        if from_disk:
+        from_disk = [op for op in plan.onboards if op.tier == DISK and op.staged is None]
+        if from_disk:  # not read beforehand (no reader was set): read here, blocking
             assert disk is not None
             buf = torch.empty((len(from_disk), 2 * self.layout.num_layers, self.layout.elements_per_layer),
                               dtype=copier.dtype)
@@ -108,15 +134,29 @@ class KvBlockManager:
         for op in plan.deletes:
             assert disk is not None
             disk.delete(op.block_hash)
+        if plan.reads_after:
+            assert self.reader is not None
+            for reads in plan.reads_after:  # their blocks' writes are queued now
+                self.reader.submit(reads)
         copier.end()
         onboard_bytes = (len(plan.onboards) - len(failed)) * self.layout.block_bytes
         if onboard_bytes:
             self.cache.stats.transfer("onboard", onboard_bytes, time.perf_counter() - started)
         return failed
 
+    def _write(self, block_hash: int, parent_hash: int | None, data: torch.Tensor, ready: object) -> None:
+        assert self.disk is not None
+        if not self.disk.write(block_hash, parent_hash, data, ready):
+            self._dropped.append(block_hash)
+
     def finish(self, plan: TransferPlan, failed: Sequence[int] = ()) -> None:
-        """On the event loop's thread after execute(): unpin, and forget unreadable files."""
+        """On the event loop's thread after execute(): unpin, and forget unreadable files
+        and writes the full disk queue dropped."""
         self.cache.finish(plan)
+        dropped, self._dropped = self._dropped, []
+        for block_hash in dropped:
+            self.cache.stats.skip()
+            self.cache.forget_disk(block_hash)
         if failed:
             bad = set(failed)
             for op in plan.onboards:

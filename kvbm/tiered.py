@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData
 from kvbm.block_pool import EvictedBlock, KvEventSink
@@ -47,6 +48,9 @@ class OnboardOp:
     tier: str
     slot: int
     device_block: int
+    # A disk block already read off the model thread (a DiskReads row the executor copies
+    # from); None: the executor reads the file itself.
+    staged: Any = None
 
 
 @dataclass(slots=True, frozen=True)
@@ -67,9 +71,12 @@ class TransferPlan:
     onboards: list[OnboardOp] = field(default_factory=list)
     deletes: list[DeleteOp] = field(default_factory=list)
     pinned: list[tuple[TierIndex, TierEntry]] = field(default_factory=list)
+    # Disk reads of blocks this plan writes: the executor starts them once the writes are
+    # queued (a queued write is readable, a merely planned one is not).
+    reads_after: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.spills or self.offloads or self.onboards or self.deletes)
+        return bool(self.spills or self.offloads or self.onboards or self.deletes or self.reads_after)
 
 
 @dataclass(slots=True, frozen=True)
@@ -79,6 +86,30 @@ class LowerHit:
     block_hash: int
     tier: str
     entry: TierEntry
+    staged: Any = None  # see OnboardOp.staged
+
+
+class DiskReads(Protocol):
+    """Reads of disk blocks started for one held-back request (kvbm/manager.py's executor
+    makes them). `done` turns true from another thread; `staged(h)` is then the block's bytes
+    (an opaque row for the executor), or None if it could not be read."""
+
+    hits: list[LowerHit]  # the request's lower-tier hits, pinned until TieredCache.close_reads
+
+    @property
+    def done(self) -> bool: ...
+
+    def staged(self, block_hash: int) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class DiskReader(Protocol):
+    def start(self, hashes: Sequence[int], defer: bool = False) -> DiskReads:
+        """Start reading; with `defer`, only once submit() is called."""
+        ...
+
+    def submit(self, reads: DiskReads) -> None: ...
 
 
 class TieredCache:
@@ -109,6 +140,9 @@ class TieredCache:
         self._disk_backlog = disk_backlog or (lambda: 0)
         self._plan = TransferPlan()
         self._planned_disk_writes = 0
+        # Set by an executor that reads disk blocks off the model thread: a prompt hitting
+        # the disk is then held back until its reads are done (see start_reads).
+        self.reader: DiskReader | None = None
 
     # ------------------------------------------------------------------------------ queries
 
@@ -141,6 +175,53 @@ class TieredCache:
                 break
         return hits
 
+    def start_reads(self, hits: Sequence[LowerHit]) -> DiskReads | None:
+        """With a reader set and some `hits` on disk: start reading those blocks off the
+        model thread and return the reads, which keep every hit pinned (so neither the host
+        blocks nor the files of the prefix go meanwhile). The caller holds its request back
+        until `done`, then admits it with lookup_staged(). None: nothing to read, admit now."""
+        if self.reader is None:
+            return None
+        on_disk = [hit.block_hash for hit in hits if hit.tier == DISK]
+        if not on_disk:
+            return None
+        plan = self._plan
+        writing = {op.block_hash for op in plan.spills}
+        writing.update(op.block_hash for op in plan.offloads if op.tier == DISK)
+        defer = not writing.isdisjoint(on_disk)
+        reads = self.reader.start(on_disk, defer=defer)
+        if defer:
+            plan.reads_after.append(reads)
+        reads.hits = list(hits)
+        return reads
+
+    def lookup_staged(self, block_hashes: Sequence[int], device_blocks: int, reads: DiskReads) -> list[LowerHit]:
+        """lookup() for a request whose disk reads are done: disk hits carry their staged
+        bytes, and the hits stop at the first disk block that was not read (it is
+        recomputed; an unreadable file is dropped from the index). Never starts new reads."""
+        hits = self.lookup(block_hashes, device_blocks)
+        kept: list[LowerHit] = []
+        for i, hit in enumerate(hits):
+            if hit.tier == DISK:
+                row = reads.staged(hit.block_hash)
+                if row is None:
+                    self.release(hits[i:])
+                    break
+                hit = LowerHit(hit.block_hash, hit.tier, hit.entry, row)
+            kept.append(hit)
+        return kept
+
+    def close_reads(self, reads: DiskReads) -> None:
+        """Drop reads (their request was admitted or aborted): unpin their entries and
+        forget the files that could not be read."""
+        self.release(reads.hits)
+        if reads.done:
+            for hit in reads.hits:
+                if hit.tier == DISK and reads.staged(hit.block_hash) is None:
+                    self.forget_disk(hit.block_hash)
+        reads.hits = []
+        reads.close()
+
     def release(self, hits: Sequence[LowerHit]) -> None:
         """Unpin hits that will not be onboarded (the request was not admitted)."""
         for hit in hits:
@@ -154,7 +235,7 @@ class TieredCache:
         for hit, block_id in zip(hits, device_block_ids, strict=True):
             tier = self._tier(hit.tier)
             tier.touch(hit.block_hash)
-            self._plan.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id))
+            self._plan.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id, hit.staged))
             self._plan.pinned.append((tier, hit.entry))
             self.stats.hit(hit.tier, 1)
             self.stats.onboarded(hit.tier, 1, self.block_bytes)

@@ -77,6 +77,10 @@ class BuiltinEngine(Engine):
         if self.config.kvbm.enabled:
             # Built on the model thread: the host tier is one large (pinned) allocation.
             self.kvbm = await loop.run_in_executor(self._executor, self._build_kvbm)
+            if self.kvbm.reader is not None:
+                # Disk reads end on a reader thread: wake the step loop for the held request.
+                wake = self._wake.set
+                self.kvbm.reader.notify = lambda: loop.call_soon_threadsafe(wake)
             await self.kvbm.start()
         kvbm = self.kvbm
         self.pool = BlockPool(
@@ -257,6 +261,8 @@ class BuiltinEngine(Engine):
                     self._wake.clear()
                     await self._wake.wait()
                 batch = scheduler.schedule()
+                if not batch.seqs and scheduler.num_loading and not scheduler.waiting and not scheduler.running:
+                    continue  # every request left waits for disk reads: sleep until one is done
                 if not batch.seqs:
                     raise RuntimeError(
                         f"scheduled nothing with {scheduler.num_running} running and "

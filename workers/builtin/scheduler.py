@@ -1,6 +1,8 @@
 """Continuous batching over kvbm's block pool, in the manner of vLLM v1's scheduler: one token
 budget per step shared by decodes and chunked prefills, FIFO admission with prefix-cache hits,
 recompute preemption of the newest request when blocks run out, and abort that frees at once.
+A request whose prefix continues on the KVBM disk tier is held back (in `loading`, not blocking
+the requests behind it) while its blocks are read off the model thread, then admitted first.
 No asyncio and no tensors here: the engine drives it, the runner computes."""
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 
 from dynamo.wire import EngineOutput
 from kvbm.block_pool import BlockPool
-from kvbm.tiered import TieredCache
+from kvbm.tiered import DiskReads, TieredCache
 from workers.builtin.sequence import Sequence, SeqStatus
 
 
@@ -42,6 +44,8 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest admission first
+        self.loading: list[Sequence] = []  # held back while their disk blocks are read
+        self._reads: dict[Sequence, DiskReads] = {}  # of those, and of requeued ones done reading
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------------------ queries
@@ -52,14 +56,19 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.loading)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self.loading)
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting)
+        """Something schedule() can run now (requests still loading do not count until done)."""
+        return bool(self.running or self.waiting or any(self._reads[s].done for s in self.loading))
 
     def waiting_prefill_tokens(self) -> int:
         """Prompt (or recompute) tokens not yet computed, of waiting and prefilling requests."""
-        pending = sum(len(s.token_ids) for s in self.waiting)
+        pending = sum(len(s.token_ids) for s in self.waiting) + sum(len(s.token_ids) for s in self.loading)
         for seq in self.running:
             if seq.num_computed_tokens < len(seq.token_ids) - 1:
                 pending += len(seq.token_ids) - seq.num_computed_tokens
@@ -85,7 +94,12 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
-            self.waiting.remove(seq)
+            if seq in self._reads:
+                self._close_reads(seq)
+            if seq in self.loading:
+                self.loading.remove(seq)
+            else:
+                self.waiting.remove(seq)
         else:
             return
         self._free(seq)
@@ -97,6 +111,7 @@ class Scheduler:
         """Pick this step's work and allocate its blocks."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
+        self._requeue_loaded()
         running = self.running
         preempted = False
         i = 0
@@ -174,7 +189,19 @@ class Scheduler:
             usable = (total - 1) // bs
             prefix = seq.hashes_upto(usable, bs)[:usable]
             matched = pool.match_prefix(prefix)
-            lower = self.kvbm.lookup(prefix, len(matched)) if self.kvbm is not None else []
+            lower = []
+            if self.kvbm is not None:
+                reads = self._reads.get(seq)
+                if reads is not None:  # read already: onboard what was read, recompute the rest
+                    lower = self.kvbm.lookup_staged(prefix, len(matched), reads)
+                else:
+                    lower = self.kvbm.lookup(prefix, len(matched))
+                    reads = self.kvbm.start_reads(lower)
+                    if reads is not None:  # on disk: hold it back, let the next ones in
+                        self.waiting.popleft()
+                        self.loading.append(seq)
+                        self._reads[seq] = reads
+                        continue
             computed = (len(matched) + len(lower)) * bs
             num_new = min(total - computed, budget)
             need = -(-(computed + num_new) // bs) - len(matched)
@@ -191,6 +218,8 @@ class Scheduler:
                 # The first fresh blocks receive the lower-tier hits before this step's
                 # forward pass; they are committed with the computed ones after it.
                 self.kvbm.onboard(prefix, len(matched), lower, [b.block_id for b in blocks[: len(lower)]])
+                if seq in self._reads:
+                    self._close_reads(seq)
             seq.block_table = matched + blocks
             seq.num_computed_tokens = computed
             seq.num_committed_blocks = len(matched)
@@ -200,6 +229,22 @@ class Scheduler:
             self.running.append(seq)
             batch.add(seq, num_new)
             budget -= num_new
+
+    def _requeue_loaded(self) -> None:
+        """Requests whose disk reads are done go back to the front of the queue, in order."""
+        if not self.loading:
+            return
+        # `done` turns true on reader threads: read it once per request.
+        done = [s for s in self.loading if self._reads[s].done]
+        if done:
+            moved = set(done)
+            self.loading = [s for s in self.loading if s not in moved]
+            self.waiting.extendleft(reversed(done))
+
+    def _close_reads(self, seq: Sequence) -> None:
+        reads = self._reads.pop(seq)
+        assert self.kvbm is not None
+        self.kvbm.close_reads(reads)
 
     def _commit_full_blocks(self, seq: Sequence) -> None:
         start = seq.num_committed_blocks

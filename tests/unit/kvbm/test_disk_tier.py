@@ -45,3 +45,32 @@ def test_layout_header_rejects_other_layouts() -> None:
     header = LAYOUT.header(5, None)
     assert LAYOUT.parse_header(header) == (5, None)
     assert KvLayout(2, 4, 2, 8, "bfloat16").parse_header(header) is None
+
+
+def test_full_write_queue_drops_the_write_without_blocking(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, LAYOUT, queue_blocks=1)  # not started: nothing drains the queue
+    results = [store.write(i, None, block(i)) for i in range(1, 6)]
+    assert results[:3] == [True] * 3 and results[3:] == [False, False]
+    assert store.dropped_writes == 2 and store.backlog() == 3
+    store.delete(1)  # a full queue never blocks a delete either
+
+
+def test_reader_reads_blocks_in_parallel_threads_and_reports_unreadable_ones(tmp_path: Path) -> None:
+    from kvbm.disk_tier import DiskReader
+
+    store = DiskStore(tmp_path, LAYOUT)
+    store.start()
+    blocks = {h: block(h) for h in (1, 2, 3)}
+    for h, data in blocks.items():
+        store.write(h, None, data)
+    store.stop()
+    store.path(2).unlink()
+    notified: list[bool] = []
+    reader = DiskReader(store, torch.float32, pin=False, threads=2, notify=lambda: notified.append(True))
+    reads = reader.start([1, 2, 3])
+    assert reads.wait(30) and reads.done and notified == [True]
+    for h in (1, 3):
+        staged = reads.staged(h)
+        assert staged is not None and torch.equal(staged[0][staged[1]], blocks[h])
+    assert reads.staged(2) is None and reads.staged(9) is None
+    reader.stop()

@@ -100,3 +100,45 @@ def test_offload_policies() -> None:
     cache = TieredCache(KvbmConfig(host_blocks=4, offload_policy="reused"), BLOCK_BYTES)
     cache.evicted([EvictedBlock(0, 7, None)])
     assert not cache.has_pending() and cache.stats.skipped == 1
+
+
+class _Reads:
+    def __init__(self, hashes: list[int], readable: set[int]) -> None:
+        self.hashes, self.readable, self.hits, self.done, self.closed = hashes, readable, [], False, False
+
+    def staged(self, block_hash: int) -> object:
+        return ("row", block_hash) if self.done and block_hash in self.readable else None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_disk_hits_are_read_before_admission_and_stop_at_the_first_unread_block() -> None:
+    events: list[KvEventData] = []
+    cache = TieredCache(KvbmConfig(host_blocks=2, disk_blocks=8), BLOCK_BYTES, events.append)
+    cache.adopt_disk([(1, None), (2, 1), (3, 2)])
+    started: list[_Reads] = []
+
+    class Reader:
+        def start(self, hashes: list[int], defer: bool = False) -> _Reads:
+            started.append(_Reads(list(hashes), readable={1, 2}))
+            return started[-1]
+
+    first = cache.lookup([1, 2, 3], 0)
+    assert cache.start_reads(first) is None  # no reader: admit now
+    cache.release(first)
+    cache.reader = Reader()  # type: ignore[assignment]
+    reads = cache.start_reads(cache.lookup([1, 2, 3], 0))
+    assert reads is started[0] and reads.hashes == [1, 2, 3]
+    assert cache.disk is not None and all(cache.disk.get(h).ref_count == 1 for h in (1, 2, 3))  # type: ignore[union-attr]
+    reads.done = True  # type: ignore[attr-defined]
+    hits = cache.lookup_staged([1, 2, 3], 0, reads)  # type: ignore[arg-type]
+    assert [(h.block_hash, h.staged) for h in hits] == [(1, ("row", 1)), (2, ("row", 2))]
+    cache.onboard([1, 2, 3], 0, hits, [7, 8])
+    cache.close_reads(reads)  # type: ignore[arg-type]
+    assert reads.closed and 3 not in cache.disk  # unreadable: forgotten
+    assert BlockRemoved(block_hashes=[3], tier="disk") in events
+    plan = cache.take_plan()
+    assert [(op.device_block, op.staged) for op in plan.onboards] == [(7, ("row", 1)), (8, ("row", 2))]
+    cache.finish(plan)
+    assert all(cache.disk.get(h).ref_count == 0 for h in (1, 2))  # type: ignore[union-attr]

@@ -4,14 +4,18 @@ cached_tokens count the onboarded blocks, and a restarted engine finds its disk 
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from dynamo.kv_hash import block_hashes
 from dynamo.wire import BlockRemoved, BlockStored, EngineOutput, KvEventData, PreprocessedRequest, SamplingOptions, StopConditions
 from kvbm.config import KvbmConfig
+from kvbm.tiered import TransferPlan
 from workers.builtin.args import BuiltinConfig
 from workers.builtin.engine import BuiltinEngine
 
@@ -131,3 +135,132 @@ async def test_unreadable_disk_block_is_recomputed(
         outs = await collect(second.generate(request("again", PROMPTS[0])))  # type: ignore[attr-defined]
     assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
     assert outs[0].cached_tokens == 0
+
+
+# ------------------------------------------------------------- disk I/O off the model thread
+
+FRESH = [(11 * i + 5) % 500 + 2 for i in range(25)]  # never written to disk
+
+
+async def fill_disk(model_dir: Path, kvbm: KvbmConfig) -> None:
+    async with engine(model_dir, kvbm) as first:
+        for i, prompt in enumerate(PROMPTS):
+            await collect(first.generate(request(f"r{i}", prompt)))  # type: ignore[attr-defined]
+
+
+async def test_disk_hit_is_read_off_the_model_thread_with_same_greedy_output(
+    tmp_path: Path, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    kvbm = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=64)
+    await fill_disk(model_dirs(SHAPE), kvbm)
+    async with engine(model_dirs(SHAPE), kvbm) as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.kvbm.disk is not None
+        disk = eng.kvbm.disk
+        threads: list[str] = []
+        read = disk.read
+
+        def traced(block_hash: int, out: torch.Tensor) -> bool:
+            threads.append(threading.current_thread().name)
+            return read(block_hash, out)
+
+        disk.read = traced  # type: ignore[method-assign]
+        plans: list[TransferPlan] = []
+        execute = eng.kvbm.execute
+
+        def spy(plan: TransferPlan) -> list[int]:
+            plans.append(plan)
+            return execute(plan)
+
+        eng.kvbm.execute = spy  # type: ignore[method-assign]
+        outs = await collect(eng.generate(request("again", PROMPTS[0])))
+        stats = eng.kvbm.cache.stats
+    assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
+    assert outs[0].cached_tokens == 24 and stats.onboard_blocks["disk"] == 6
+    assert len(threads) == 6 and all(name.startswith("kvbm-disk-read") for name in threads)
+    disk_ops = [op for plan in plans for op in plan.onboards if op.tier == "disk"]
+    assert len(disk_ops) == 6 and all(op.staged is not None for op in disk_ops)  # no read in execute()
+
+
+async def test_request_waiting_for_disk_reads_does_not_hold_up_others(
+    tmp_path: Path, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    kvbm = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=64)
+    await fill_disk(model_dirs(SHAPE), kvbm)
+    gate = threading.Event()
+    order: list[str] = []
+    async with engine(model_dirs(SHAPE), kvbm) as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.kvbm.disk is not None
+        disk = eng.kvbm.disk
+        read = disk.read
+
+        def slow(block_hash: int, out: torch.Tensor) -> bool:
+            gate.wait()  # the disk is "slow" until the test says so
+            return read(block_hash, out)
+
+        disk.read = slow  # type: ignore[method-assign]
+
+        async def run(rid: str, prompt: list[int]) -> list[EngineOutput]:
+            outs = []
+            async for out in eng.generate(request(rid, prompt)):
+                order.append(rid)
+                outs.append(out)
+            return outs
+
+        try:
+            held = asyncio.create_task(run("held", PROMPTS[0]))  # first in line, prefix on disk
+            await asyncio.sleep(0)
+            other = await asyncio.wait_for(run("other", FRESH), 60)  # runs to the end meanwhile
+            assert eng.scheduler is not None and eng.scheduler.num_loading == 1
+            assert not held.done() and "held" not in order
+            steps = eng.num_steps
+        finally:
+            gate.set()  # never leave a reader thread stuck
+        outs = await asyncio.wait_for(held, 60)
+        assert eng.num_steps > steps
+    assert order == ["other"] * 4 + ["held"] * 4
+    assert tokens(other) == hf_greedy(SHAPE, FRESH, 4)
+    assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
+    assert outs[0].cached_tokens == 24
+
+
+async def test_vanished_disk_file_is_recomputed(
+    tmp_path: Path, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    kvbm = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=64)
+    await fill_disk(model_dirs(SHAPE), kvbm)
+    hashes = block_hashes(PROMPTS[0], BLOCK)
+    async with engine(model_dirs(SHAPE), kvbm) as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.kvbm.disk is not None
+        eng.kvbm.disk.path(hashes[3]).unlink()  # gone after our scan (a neighbour's eviction)
+        outs = await asyncio.wait_for(collect(eng.generate(request("again", PROMPTS[0]))), 60)
+        disk_index = eng.kvbm.cache.disk
+        assert disk_index is not None and hashes[3] not in disk_index  # forgotten
+        assert eng.kvbm.cache.stats.onboard_blocks["disk"] == 3
+    assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
+    assert outs[0].cached_tokens == 12  # blocks 0-2 read, 3-5 recomputed
+
+
+async def test_full_disk_write_queue_skips_offloads_without_blocking(
+    tmp_path: Path, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    kvbm = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=64, disk_queue_blocks=2)
+    gate = threading.Event()
+    async with engine(model_dirs(SHAPE), kvbm) as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.kvbm.disk is not None
+        disk = eng.kvbm.disk
+        write_file = disk._write_file
+
+        def stuck(*args: object) -> None:
+            gate.wait()  # the disk thread cannot write until the test says so
+            write_file(*args)  # type: ignore[arg-type]
+
+        disk._write_file = stuck  # type: ignore[method-assign]
+        try:
+            for i, prompt in enumerate([*PROMPTS, FRESH]):  # evicts far more than 2 blocks
+                outs = await asyncio.wait_for(collect(eng.generate(request(f"r{i}", prompt))), 60)
+                assert tokens(outs) == hf_greedy(SHAPE, prompt, 4)
+            stats = eng.kvbm.cache.stats
+            assert disk.backlog() <= 2 and stats.offload_blocks["disk"] <= 2
+            assert stats.skipped > 0
+        finally:
+            gate.set()
