@@ -50,6 +50,27 @@ def stack(nats_server: str, etcd_server: str, tmp_path_factory: pytest.TempPathF
     s.stop_all()
 
 
+@pytest.fixture(scope="module")
+def kv_frontend(stack: tuple[Stack, str]) -> str:
+    """A second frontend on the same workers, with the KV router."""
+    s, _ = stack
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = s.start("frontend-kv", "dynamo.frontend", "--http-port", str(port), "--router-mode", "kv")
+    wait_until(lambda: len(_model_instances(base)) == 2 or proc.popen.poll() is not None, 90, "kv frontend sees both workers")
+    assert proc.popen.poll() is None, proc.log()
+    return base
+
+
+def _metric_samples(base: str, name: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    }
+
+
 def _model_instances(base: str) -> list[int]:
     """Instance ids behind the model, from the frontend's own view (the /ready detail)."""
     try:
@@ -156,9 +177,33 @@ def test_malformed_json_is_400(stack: tuple[Stack, str]) -> None:
     assert "JSON" in resp.json()["error"]["message"] or "json" in resp.json()["error"]["message"]
 
 
-def test_killed_worker_is_forgotten_and_requests_keep_succeeding(stack: tuple[Stack, str]) -> None:
-    """Last in this module: it kills one of the two workers."""
+def test_killed_worker_is_forgotten_and_requests_keep_succeeding(stack: tuple[Stack, str], kv_frontend: str) -> None:
+    """Last in this module: it kills one of the two workers. The KV router's index drops the
+    dead worker's blocks once its lease ends."""
     s, base = stack
+
+    # Distinct long prompts sent at once: the KV router spreads the burst over both workers
+    # (each sees the other's in-flight load), so both hold indexed blocks.
+    async def spread() -> None:
+        aclient = openai.AsyncOpenAI(base_url=f"{kv_frontend}/v1", api_key="unused", max_retries=0, timeout=30)
+        await asyncio.gather(
+            *(
+                aclient.completions.create(model=MODEL, prompt=f"prompt {i}: " + "lorem ipsum dolor " * 40, max_tokens=4)
+                for i in range(6)
+            )
+        )
+        await aclient.close()
+
+    asyncio.run(spread())
+    decisions = {k: v for k, v in _metric_samples(kv_frontend, "dynamo_router_decisions_total").items() if v > 0}
+    assert len(decisions) == 2, decisions
+
+    def index_blocks() -> float:
+        return sum(_metric_samples(kv_frontend, "dynamo_router_index_blocks").values())
+
+    wait_until(lambda: index_blocks() >= 6 * 8, 10, "the KV router indexing both workers' blocks")
+    indexed = index_blocks()
+
     victim = next(p for p in s.procs if p.name == "worker-b")
     victim.kill(signal.SIGKILL)
     # Requests right after the kill must still succeed: the frontend skips a worker that does
@@ -169,6 +214,9 @@ def test_killed_worker_is_forgotten_and_requests_keep_succeeding(stack: tuple[St
         )
         assert resp.choices[0].message.content is not None
     wait_until(lambda: len(_model_instances(base)) == 1, 30, "the killed worker's lease to expire")
+    wait_until(lambda: len(_model_instances(kv_frontend)) == 1, 30, "the kv frontend to forget the killed worker")
+    # The dead worker's blocks left the index; the survivor's stayed.
+    wait_until(lambda: 0 < index_blocks() < indexed, 10, "the dead worker's blocks to leave the KV index")
 
     async def burst() -> None:
         aclient = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
