@@ -133,3 +133,27 @@ async def test_router_replicas_agree(fleet: tuple[Runtime, list[Worker], Client]
             two.request_finished(probe.request_id, second.instance_id)
             assert first.instance_id == second.instance_id == next(iter(holders[group]))
             assert first.overlap_blocks == second.overlap_blocks == 6
+
+
+async def test_shared_prefix_leaves_its_holder_once_load_makes_another_cheaper(
+    fleet: tuple[Runtime, list[Worker], Client],
+) -> None:
+    """A burst of requests sharing a prefix: the first ones go to the worker holding it, and
+    once the holder's in-flight load outweighs the cached blocks, the rest go elsewhere."""
+    runtime, workers, client = fleet
+    ids = [w.instance_id for w in workers]
+    config = RouterConfig(kv_block_size=BLOCK, seed=0)
+    async with KvRouter(config, runtime.events, runtime.namespace, "backend") as router:
+        assert router.index is not None
+        holder = await run(client, router, request("warm", SHARED + [1] * BLOCK), ids)
+        await until(lambda: router.index.find_matches(block_hashes(SHARED, BLOCK)).get(holder) == 8)
+        # Arrivals faster than they finish: each decision counts the ones before it.
+        chosen = [(await router.select(request(f"b{i}", SHARED + [i + 2] * BLOCK), ids)).instance_id for i in range(12)]
+        assert chosen[0] == holder
+        first_elsewhere = next(i for i, w in enumerate(chosen) if w != holder)
+        assert first_elsewhere >= 2, chosen  # the cache was worth more than one request's load
+        assert len(set(chosen)) >= 2
+        for i, worker in enumerate(chosen):
+            router.request_finished(f"b{i}", worker)
+        # With the burst gone, the prefix goes back to its holder.
+        assert (await router.select(request("after", SHARED + [99] * BLOCK), ids)).instance_id == holder
