@@ -171,6 +171,8 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "offload_disk_blocks": delta("offload_blocks", "disk"),
         "skipped_offloads": float((stats.skipped - skipped_before) if stats else 0),
         "disk_dropped_writes": float(engine.kvbm.disk.dropped_writes) if engine.kvbm and engine.kvbm.disk else 0.0,
+        "disk_staging_pool": ({"rows": pool.rows, "takes": pool.takes, "misses": pool.misses}
+                              if (pool := getattr(getattr(engine.kvbm, "reader", None), "pool", None)) else None),
         "requests_timed": len(ttfts),
         "engine_steps": steps,
         "measured_s": measured_s,
@@ -215,7 +217,63 @@ def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
             # was not read beforehand; their time here is summed over those threads.
             wrap(kvbm.disk, "read", "disk_read_reader_threads")
             wrap(kvbm.disk, "write", "disk_write_enqueue")
+        if kvbm.reader is not None:
+            # On reader threads: the request's staging buffer (pinned on CUDA) and queueing its reads.
+            wrap(kvbm.reader, "_begin", "reader_alloc_staging_reader_threads")
+            instrument_held(kvbm, tally)
+    if engine.scheduler is not None:
+        wrap(engine.scheduler, "schedule", "schedule_event_loop")
     return tally
+
+
+def instrument_held(kvbm: Any, tally: dict[str, list[float]]) -> None:
+    """Held-back requests: seconds from the start of their reads to the last read done
+    (`held_reading`), and from then to their admission (`held_done_to_admit`, the step
+    boundary they wait for); deferred reads (behind this step's writes) are counted."""
+    from kvbm import disk_tier
+
+    for key in ("held_reading", "held_done_to_admit", "held_reads_deferred", "held_blocks"):
+        tally[key] = [0.0, 0.0]
+    tally["held_reading_max"] = [0.0, 0.0]
+    tally["held_done_to_admit_max"] = [0.0, 0.0]
+    cls = disk_tier.BlockReads
+    if not getattr(cls, "_profiled", False):
+        init, finish = cls.__init__, cls._finish
+
+        def __init__(self: Any, *a: Any, **k: Any) -> None:
+            self._t_start = time.perf_counter()
+            self._t_done = None
+            init(self, *a, **k)
+
+        def _finish(self: Any) -> None:
+            self._t_done = time.perf_counter()
+            finish(self)
+
+        cls.__init__, cls._finish, cls._profiled = __init__, _finish, True
+    start = kvbm.reader.start
+
+    def timed_start(hashes: Any, defer: bool = False) -> Any:
+        tally["held_reads_deferred"][0] += float(defer)
+        tally["held_reads_deferred"][1] += 1
+        tally["held_blocks"][0] += len(hashes)
+        tally["held_blocks"][1] += 1
+        return start(hashes, defer)
+
+    kvbm.reader.start = timed_start
+    lookup_staged = kvbm.cache.lookup_staged
+
+    def timed_lookup_staged(block_hashes: Any, device_blocks: int, reads: Any) -> Any:
+        now = time.perf_counter()
+        if getattr(reads, "_t_done", None) is not None and not getattr(reads, "_t_counted", False):
+            reads._t_counted = True
+            for key, v in (("held_reading", reads._t_done - reads._t_start), ("held_done_to_admit", now - reads._t_done)):
+                tally[key][0] += v
+                tally[key][1] += 1
+                tally[key + "_max"][0] = max(tally[key + "_max"][0], v)
+                tally[key + "_max"][1] += 1
+        return lookup_staged(block_hashes, device_blocks, reads)
+
+    kvbm.cache.lookup_staged = timed_lookup_staged
 
 
 def machine() -> dict[str, Any]:

@@ -85,17 +85,29 @@ class BlockCopier:
     def offload_to_host(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
         """Device blocks -> host slots. On CUDA the device-side gather is marked ready before
         the slow device-to-host copy is queued, so only the gather delays the next step."""
+        self.land_in_host(self.gather_for_host(block_ids, slots))
+
+    def gather_for_host(self, block_ids: Sequence[int], slots: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+        """offload_to_host's first half: the device-side gather (marked ready: the blocks may
+        be reused after it), for land_in_host() to copy into the slots, possibly after other
+        work queued meanwhile (onboards the next forward pass waits for)."""
         assert self.host is not None
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         block_ids = [block_ids[i] for i in order]
-        slots = [slots[i] for i in order]
         staged = self.gather(block_ids)
+        self._mark_ready()
+        return staged, [slots[i] for i in order]
+
+    def land_in_host(self, gathered: tuple[torch.Tensor, list[int]]) -> None:
+        """offload_to_host's second half: the device-to-host copy into the slots (in the
+        background on CUDA; drain() waits for it)."""
+        assert self.host is not None
+        staged, slots = gathered
         if self.stream is None:
             for first, start, n in contiguous_runs(slots):
                 self.host[start : start + n].copy_(staged[first : first + n])
             return
         with torch.cuda.stream(self.stream):
-            self._mark_ready()
             for first, start, n in contiguous_runs(slots):
                 self.host[start : start + n].copy_(staged[first : first + n], non_blocking=True)
             self._drained = self.stream.record_event()
@@ -145,14 +157,27 @@ class BlockCopier:
         device-to-host copy runs in the background (disk-bound offloads; the disk thread
         waits for the event). Without a stream the copy is done on return (event None)."""
         staged = self.gather(block_ids)
+        self._mark_ready()
+        return self.download(staged, pin)
+
+    def download(self, staged: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """to_pinned's second half, for a gather() already marked ready."""
         if self.stream is None:
             return (staged.clone() if staged.device.type == "cpu" else staged.cpu()), None
         out = torch.empty(tuple(staged.shape), dtype=self.dtype, pin_memory=pin)
         with torch.cuda.stream(self.stream):
-            self._mark_ready()
             out.copy_(staged, non_blocking=pin)
             done = self.stream.record_event()
         return out, done
+
+    def mark_ready(self) -> None:
+        """The next forward pass waits for everything queued on the side stream so far."""
+        self._mark_ready()
+
+    def fence(self) -> torch.cuda.Event | None:
+        """An event after everything queued on the side stream so far (None without one:
+        the copies are done)."""
+        return self.stream.record_event() if self.stream is not None else None
 
     def _mark_ready(self) -> None:
         if self.stream is not None:

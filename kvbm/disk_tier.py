@@ -3,7 +3,8 @@
 and deletes run in order on one owned thread fed by a bounded queue (a write may wait there for
 the device-to-host copy that fills its buffer); reads see blocks still queued for writing.
 DiskReader reads blocks in parallel on a small pool of threads (file reads release the GIL)
-into one (pinned, on CUDA) buffer per request, so onboarding from disk never blocks a step."""
+into rows of a StagingPool (pinned once, on CUDA, and reused), so onboarding from disk never
+blocks a step nor pins fresh host memory per request."""
 
 from __future__ import annotations
 
@@ -159,15 +160,79 @@ class DiskStore:
         os.replace(tmp, final)
 
 
+class StagingPool:
+    """A fixed [rows, 2L, E] host tensor (pinned on CUDA), allocated once, whose rows disk
+    reads borrow: pinning host memory (cudaHostAlloc) per request is slow and stalls other
+    CUDA calls. A released row is reused only after a fence, an event recorded by the
+    executor once the copies planned out of it are queued, has completed (None: at once).
+    take() never waits: None when too few rows are free (the caller allocates its own)."""
+
+    def __init__(self, rows: int, row_shape: Sequence[int], dtype: torch.dtype, pin: bool) -> None:
+        self.data = torch.empty((rows, *row_shape), dtype=dtype, pin_memory=pin)
+        self.rows = rows
+        self._free: list[int] = list(range(rows))  # ascending: reads get runs of rows
+        self._released: list[int] = []  # not fenced yet
+        self._fenced: list[tuple[Any, list[int]]] = []  # in fence order (= stream order)
+        self._lock = threading.Lock()
+        self.takes = 0
+        self.misses = 0
+
+    @property
+    def num_free(self) -> int:
+        with self._lock:
+            self._reclaim()
+            return len(self._free)
+
+    def take(self, n: int) -> list[int] | None:
+        with self._lock:
+            self._reclaim()
+            if n > len(self._free):
+                self.misses += 1
+                return None
+            rows, self._free = self._free[:n], self._free[n:]
+            self.takes += 1
+            return rows
+
+    def release(self, rows: Sequence[int]) -> None:
+        """Rows no longer read into nor handed to a plan (copies already planned out of them
+        are queued by the next executed plan, whose fence frees them)."""
+        if rows:
+            with self._lock:
+                self._released.extend(rows)
+
+    def fence(self, event: Any) -> None:
+        """On the model thread after a plan's copies are queued: the rows released so far
+        become free once `event` has completed (None: the copies are done)."""
+        with self._lock:
+            if self._released:
+                self._fenced.append((event, self._released))
+                self._released = []
+
+    def _reclaim(self) -> None:
+        freed = False
+        while self._fenced:
+            event, rows = self._fenced[0]
+            if event is not None and not event.query():
+                break  # later fences were recorded after it on the same stream
+            self._fenced.pop(0)
+            self._free.extend(rows)
+            freed = True
+        if freed:
+            self._free.sort()
+
+
 class BlockReads:
-    """The reads of one request's disk blocks (kvbm.tiered.DiskReads): row i of `buf` holds
-    `hashes[i]` once `done`, if `ok[i]`."""
+    """The reads of one request's disk blocks (kvbm.tiered.DiskReads): row rows[i] of `buf`
+    holds `hashes[i]` once `done`, if `ok[i]`."""
 
     def __init__(self, hashes: Sequence[int], on_done: Callable[[], None] | None) -> None:
         self.hashes = list(hashes)
         self.hits: list[Any] = []
         self.buf: torch.Tensor | None = None
+        self.rows: list[int] = []
         self.ok = [False] * len(self.hashes)
+        self._pool: StagingPool | None = None  # owner of `rows` of `buf`, if borrowed
+        self._closed = False
         self._left = len(self.hashes)
         self._lock = threading.Lock()
         self._done = threading.Event()
@@ -188,17 +253,27 @@ class BlockReads:
         i = self._rows.get(block_hash)
         if i is None or not self.done or not self.ok[i] or self.buf is None:
             return None
-        return self.buf, i
+        return self.buf, self.rows[i]
 
     def close(self) -> None:
-        """Drop the buffer reference (rows already handed to a plan keep theirs)."""
-        if self.done:
-            self.buf = None
+        """Drop the buffer (rows already handed to a plan keep theirs: pooled rows are
+        reused only after the plan's fence). Reads still running give theirs back when done."""
+        with self._lock:
+            self._closed = True
+            give_back = self._left == 0
+        if give_back:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        pool, rows = self._pool, self.rows
+        self._pool, self.buf = None, None
+        if pool is not None:
+            pool.release(rows)
 
     def _read_one(self, store: DiskStore, i: int) -> None:
         try:
             assert self.buf is not None
-            self.ok[i] = store.read(self.hashes[i], self.buf[i])
+            self.ok[i] = store.read(self.hashes[i], self.buf[self.rows[i]])
         except Exception:  # never leave a request waiting
             log.exception("kvbm disk read of %016x failed", self.hashes[i])
         finally:
@@ -208,7 +283,10 @@ class BlockReads:
         with self._lock:
             self._left -= n
             last = self._left == 0
+            closed = self._closed
         if last:
+            if closed:  # aborted while reading
+                self._give_back()
             self._finish()
 
     def _finish(self) -> None:
@@ -221,17 +299,22 @@ class BlockReads:
 
 
 class DiskReader:
-    """Reads blocks of a DiskStore on `threads` threads, into pinned host memory when `pin`
-    (allocated on a reader thread; the caching host allocator reuses it, and keeps it until
+    """Reads blocks of a DiskStore on `threads` threads, into rows of a StagingPool of
+    `staging_rows` rows (pinned host memory when `pin`); a request the pool cannot hold gets
+    its own buffer, allocated on a reader thread (the caching host allocator keeps it until
     the copies queued out of it end). `notify` is called from a reader thread when all reads
     of a request are done."""
 
     def __init__(self, store: DiskStore, dtype: torch.dtype, pin: bool, threads: int = 4,
-                 notify: Callable[[], None] | None = None) -> None:
+                 notify: Callable[[], None] | None = None, staging_rows: int = 0) -> None:
         self.store = store
         self.dtype = dtype
         self.pin = pin
         self.notify = notify
+        layout = store.layout
+        self.pool: StagingPool | None = None
+        if staging_rows > 0:
+            self.pool = StagingPool(staging_rows, (2 * layout.num_layers, layout.elements_per_layer), dtype, pin)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kvbm-disk-read")
 
     def start(self, hashes: Sequence[int], defer: bool = False) -> BlockReads:
@@ -252,13 +335,19 @@ class DiskReader:
 
     def _begin(self, reads: BlockReads) -> None:
         layout, n = self.store.layout, len(reads.hashes)
-        try:
-            reads.buf = torch.empty((n, 2 * layout.num_layers, layout.elements_per_layer),
-                                    dtype=self.dtype, pin_memory=self.pin)
-        except RuntimeError as exc:  # out of (pinned) host memory: recompute instead
-            log.warning("kvbm: no staging memory for %d disk blocks: %s", n, exc)
-            reads._count_down(n)
-            return
+        rows = self.pool.take(n) if self.pool is not None else None
+        if rows is not None:
+            assert self.pool is not None
+            reads.buf, reads.rows, reads._pool = self.pool.data, rows, self.pool
+        else:
+            try:
+                reads.buf = torch.empty((n, 2 * layout.num_layers, layout.elements_per_layer),
+                                        dtype=self.dtype, pin_memory=self.pin)
+                reads.rows = list(range(n))
+            except RuntimeError as exc:  # out of (pinned) host memory: recompute instead
+                log.warning("kvbm: no staging memory for %d disk blocks: %s", n, exc)
+                reads._count_down(n)
+                return
         for i in range(n):
             try:
                 self._pool.submit(reads._read_one, self.store, i)

@@ -26,6 +26,11 @@ from kvbm.tiered import DISK, HOST, TieredCache, TransferPlan
 
 log = logging.getLogger(__name__)
 
+# Disk reads land in one staging pool of this size (pinned on CUDA, allocated once with the
+# reader); a request it cannot hold at the moment gets a buffer of its own.
+STAGING_BYTES = 512 << 20
+STAGING_MAX_ROWS = 8192
+
 
 class KvBlockManager:
     """G2 (pinned host tensors) and G3 (files) below a device cache given as per-layer K and V
@@ -51,7 +56,9 @@ class KvBlockManager:
         self.pin = k[0].device.type == "cuda"
         self.reader: DiskReader | None = None
         if self.disk is not None:
-            self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1))
+            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // block_bytes))
+            self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1),
+                                     staging_rows=rows)
             self.cache.reader = self.reader
         self._dropped: list[int] = []  # disk writes the full queue refused (model thread -> finish)
 
@@ -94,24 +101,31 @@ class KvBlockManager:
             assert disk is not None and host is not None
             copier.drain()  # the slots may still be receiving the last plan's offloads
             # One batched copy out of the slots (phase 2 may overwrite them); the disk thread
-            # writes from it.
+            # writes from it, on the CPU only: pageable memory (pinning it per plan is slow).
             idx = torch.tensor([op.host_slot for op in plan.spills], dtype=torch.long)
-            data = torch.empty((len(plan.spills), *host.data.shape[1:]), dtype=host.data.dtype, pin_memory=self.pin)
-            torch.index_select(host.data, 0, idx, out=data)
+            data = torch.index_select(host.data, 0, idx)
             for i, op in enumerate(plan.spills):
                 self._write(op.block_hash, op.parent_hash, data[i], None)
+        # Device-side gathers of evicted blocks first (the onboards below may overwrite the
+        # blocks), then the onboards the forward pass waits for, and only then the slow
+        # device-to-host copies of the gathered blocks, which finish in the background.
         to_host = [op for op in plan.offloads if op.tier == HOST]
+        host_gathered = None
         if to_host:
-            copier.offload_to_host([op.device_block for op in to_host], [op.slot for op in to_host])
+            host_gathered = copier.gather_for_host([op.device_block for op in to_host], [op.slot for op in to_host])
         to_disk = [op for op in plan.offloads if op.tier == DISK]
+        disk_gathered = None
         if to_disk:
             assert disk is not None
-            data, ready = copier.to_pinned([op.device_block for op in to_disk], self.pin)
-            for i, op in enumerate(to_disk):
-                self._write(op.block_hash, op.parent_hash, data[i], ready)
+            disk_gathered = copier.gather([op.device_block for op in to_disk])
+            copier.mark_ready()
         from_host = [op for op in plan.onboards if op.tier == HOST]
-        if from_host:
-            copier.onboard_from_host([op.slot for op in from_host], [op.device_block for op in from_host])
+        # A host slot this plan also offloads into is read only after that copy lands.
+        landing = {op.slot for op in to_host}
+        early = [op for op in from_host if op.slot not in landing]
+        late = [op for op in from_host if op.slot in landing]
+        if early:
+            copier.onboard_from_host([op.slot for op in early], [op.device_block for op in early])
         staged: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
         for op in plan.onboards:
             if op.tier == DISK and op.staged is not None:
@@ -131,6 +145,17 @@ class KvBlockManager:
             failed = [from_disk[i].device_block for i in range(len(from_disk)) if i not in set(good)]
             if good:
                 copier.onboard_from_cpu(buf[good], [from_disk[i].device_block for i in good])
+        if self.reader is not None and self.reader.pool is not None:
+            # Staging rows released so far are reused once the copies queued out of them end.
+            self.reader.pool.fence(copier.fence())
+        if host_gathered is not None:
+            copier.land_in_host(host_gathered)
+        if disk_gathered is not None:
+            data, ready = copier.download(disk_gathered, self.pin)
+            for i, op in enumerate(to_disk):
+                self._write(op.block_hash, op.parent_hash, data[i], ready)
+        if late:
+            copier.onboard_from_host([op.slot for op in late], [op.device_block for op in late])
         for op in plan.deletes:
             assert disk is not None
             disk.delete(op.block_hash)

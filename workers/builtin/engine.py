@@ -262,6 +262,8 @@ class BuiltinEngine(Engine):
                     await self._wake.wait()
                 batch = scheduler.schedule()
                 if not batch.seqs and scheduler.num_loading and not scheduler.waiting and not scheduler.running:
+                    if self.kvbm is not None and self.kvbm.has_pending():
+                        await self._run_kvbm_plan(batch)  # it may start reads deferred behind its writes
                     continue  # every request left waits for disk reads: sleep until one is done
                 if not batch.seqs:
                     raise RuntimeError(

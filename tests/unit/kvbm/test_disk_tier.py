@@ -74,3 +74,74 @@ def test_reader_reads_blocks_in_parallel_threads_and_reports_unreadable_ones(tmp
         assert staged is not None and torch.equal(staged[0][staged[1]], blocks[h])
     assert reads.staged(2) is None and reads.staged(9) is None
     reader.stop()
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.completed = False
+
+    def query(self) -> bool:
+        return self.completed
+
+
+def test_staging_pool_is_bounded_and_reuses_rows_only_after_their_fence() -> None:
+    from kvbm.disk_tier import StagingPool
+
+    pool = StagingPool(4, (4, LAYOUT.elements_per_layer), torch.float32, pin=False)
+    data = pool.data
+    a = pool.take(3)
+    assert a == [0, 1, 2]
+    assert pool.take(2) is None and pool.misses == 1  # bounded: never grows
+    pool.release(a)
+    assert pool.take(2) is None  # released, but copies out of the rows may still be queued
+    event = FakeEvent()
+    pool.fence(event)
+    assert pool.take(2) is None  # the fence has not completed
+    event.completed = True
+    assert pool.take(4) == [0, 1, 2, 3]  # the same rows again, in one run
+    assert pool.data is data and pool.takes == 2
+    pool.release([3])
+    pool.fence(None)  # no stream: the copies are done
+    assert pool.take(1) == [3]
+
+
+def test_reader_stages_in_the_pool_across_requests_and_falls_back_when_it_is_full(tmp_path: Path) -> None:
+    from kvbm.disk_tier import DiskReader
+
+    store = DiskStore(tmp_path, LAYOUT)
+    store.start()
+    blocks = {h: block(h) for h in range(1, 6)}
+    for h, data in blocks.items():
+        store.write(h, None, data)
+    store.stop()
+    reader = DiskReader(store, torch.float32, pin=False, threads=2, staging_rows=3)
+    assert reader.pool is not None
+    first = reader.start([1, 2, 3])
+    assert first.wait(30)
+    rows_first = [first.staged(h)[1] for h in (1, 2, 3)]  # type: ignore[index]
+    assert all(first.staged(h)[0] is reader.pool.data for h in (1, 2, 3))  # type: ignore[index]
+    # The pool is taken: the next request gets a buffer of its own, with the right bytes.
+    second = reader.start([4, 5])
+    assert second.wait(30)
+    own = second.staged(4)
+    assert own is not None and own[0] is not reader.pool.data and torch.equal(own[0][own[1]], blocks[4])
+    second.close()
+    first.close()
+    reader.pool.fence(None)
+    third = reader.start([5, 4, 1])
+    assert third.wait(30)
+    for h in (5, 4, 1):
+        staged = third.staged(h)
+        assert staged is not None and staged[0] is reader.pool.data and torch.equal(staged[0][staged[1]], blocks[h])
+    assert sorted(third.staged(h)[1] for h in (5, 4, 1)) == sorted(rows_first)  # type: ignore[index]
+    assert reader.pool.takes == 2 and reader.pool.misses == 1
+    # Closed before its reads ran (deferred): the rows come back once they end.
+    third.close()
+    reader.pool.fence(None)
+    fourth = reader.start([1, 2], defer=True)
+    fourth.close()
+    reader.submit(fourth)
+    assert fourth.wait(30)
+    reader.pool.fence(None)
+    assert reader.pool.num_free == 3
+    reader.stop()
