@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from dynamo import errors
+from dynamo.runtime.tcp_plane import default_advertise_host
 from dynamo.wire import KvAgentInfo, KvLayoutSpec, TransferHeader
 from kvbm.transfer.backends import PREFERENCE, TransferBackend
 from kvbm.transfer.framing import FRAME_DATA, FRAME_DONE, FRAME_ERROR, header_bytes, read_header
@@ -64,7 +65,7 @@ class KvTransferAgent:
         layout: KvLayoutSpec,
         memory: KvMemory | None,
         backends: list[TransferBackend],
-        host: str = "127.0.0.1",
+        host: str | None = "127.0.0.1",
         port: int = 0,
         host_id: str | None = None,
         chunk_bytes: int = RECV_CHUNK_BYTES,
@@ -74,7 +75,10 @@ class KvTransferAgent:
         self.layout = layout
         self.memory = memory
         self.backends = {b.name: b for b in backends}
-        self.host = host
+        # None: listen on every interface and advertise this host's default-route address, as
+        # the TCP request plane does, so peers on other hosts (or containers) can connect.
+        self.bind_host = host if host is not None else "0.0.0.0"
+        self.host = host if host is not None else default_advertise_host()
         self.port = port
         self.host_id = host_id or local_host_id()
         self.agent_id = uuid.uuid4().hex
@@ -93,7 +97,7 @@ class KvTransferAgent:
     async def start(self) -> None:
         # A large stream limit: fewer pause/resume cycles of the socket while a payload streams in.
         self._server = await asyncio.start_server(
-            self._serve_connection, self.host, self.port, limit=self.chunk_bytes
+            self._serve_connection, self.bind_host, self.port, limit=self.chunk_bytes
         )
         self.port = self._server.sockets[0].getsockname()[1]
         for backend in self.backends.values():

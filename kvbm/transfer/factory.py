@@ -50,7 +50,7 @@ async def make_agent(
     choice: str,
     layout: KvLayoutSpec,
     memory: KvMemory | None,
-    host: str = "127.0.0.1",
+    host: str | None = "127.0.0.1",
     simulated_link_bytes_per_s: float | None = None,
     speedup_ratio: float = 1.0,
 ) -> KvTransferAgent:

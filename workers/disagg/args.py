@@ -17,7 +17,9 @@ class DisaggConfig:
     max_prefill_queue_tokens: int = 65536  # prefill pool busier than this: prefill locally
     prefill_timeout_s: float = 30.0  # remote prefill + transfer past this: prefill locally
     kv_transfer_backend: str = "auto"
-    kv_transfer_host: str = "127.0.0.1"  # address the transfer listener binds and advertises
+    # Address the transfer listener binds and advertises; None: every interface, advertising
+    # the default route's address (what peers on other hosts reach), like the request plane.
+    kv_transfer_host: str | None = None
     kv_link_gbs: float = 25.0  # the mocker's simulated link, GB/s
 
     def __post_init__(self) -> None:
@@ -73,8 +75,9 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--kv-transfer-host", default=env_default("DYN_KV_TRANSFER_HOST", d.kv_transfer_host),
-        help="address of this worker's KV transfer listener, as peers reach it (the pod IP "
-        "across hosts) [env DYN_KV_TRANSFER_HOST]",
+        help="address of this worker's KV transfer listener, as peers reach it (default: listen "
+        "on every interface and advertise this host's address on its default route) "
+        "[env DYN_KV_TRANSFER_HOST]",
     )
     group.add_argument(
         "--kv-link-gbs", type=float,

@@ -53,6 +53,22 @@ async def test_host_backend_moves_blocks_into_the_expected_slots() -> None:
         assert src.buffer_bytes == 0 and dst.buffer_bytes == 0
 
 
+async def test_agent_without_a_host_listens_everywhere_and_advertises_its_route_address() -> None:
+    """The default for workers: peers in other containers or hosts reach the advertised
+    address (not loopback, unless the host has no route at all)."""
+    from dynamo.runtime.tcp_plane import default_advertise_host
+
+    src_mem, dst_mem = memory(1), memory(2)
+    async with KvTransferAgent(LAYOUT, src_mem, [HostBackend()], host=None) as src, \
+            KvTransferAgent(LAYOUT, dst_mem, [HostBackend()], host=None) as dst:
+        assert dst.bind_host == "0.0.0.0"
+        assert dst.info.address == f"{default_advertise_host()}:{dst.port}"
+        landed = dst.expect("t1", [4])
+        await src.send(dst.info, "t1", [2], [4])
+        await asyncio.wait_for(landed, 5)
+        assert torch.equal(dst_mem.k[0][4], src_mem.k[0][2])
+
+
 def test_layout_mismatch_is_a_clear_error() -> None:
     other = KvLayoutSpec(num_layers=3, block_size_tokens=16, num_kv_heads=2, head_dim=8, dtype="bfloat16", tp_rank=1, tp_size=2)
     with pytest.raises(KvLayoutMismatch) as info:
