@@ -54,6 +54,11 @@ class DiskStore:
     def path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}.kvb"
 
+    def exists(self, block_hash: int) -> bool:
+        """Whether a block's file is on disk (written here or by a worker sharing the
+        directory; files appear by atomic rename, so one that exists is whole)."""
+        return self.path(block_hash).exists()
+
     def scan(self) -> list[tuple[int, int | None]]:
         """Blocks on disk with this layout, oldest first (blocking)."""
         found: list[tuple[float, int, int | None]] = []

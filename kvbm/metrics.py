@@ -36,6 +36,7 @@ class KvbmStats:
     onboard_blocks: Tally[str] = field(default_factory=Tally)
     onboard_bytes: Tally[str] = field(default_factory=Tally)
     skipped: int = 0
+    adopted: int = 0  # blocks a neighbour sharing the disk directory wrote, found on lookup
     metrics: KvbmMetrics | None = None
 
     def hit(self, tier: str, blocks: int) -> None:

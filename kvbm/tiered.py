@@ -143,6 +143,10 @@ class TieredCache:
         # Set by an executor that reads disk blocks off the model thread: a prompt hitting
         # the disk is then held back until its reads are done (see start_reads).
         self.reader: DiskReader | None = None
+        # Set by an executor whose disk tier is a directory other workers may share: whether
+        # a block's file exists there. A prompt block no tier knows is then looked for on
+        # disk (a neighbour may have written it since this worker started) and adopted.
+        self.disk_probe: Callable[[int], bool] | None = None
 
     # ------------------------------------------------------------------------------ queries
 
@@ -164,7 +168,8 @@ class TieredCache:
         (host preferred), up to the first miss. `block_hashes` is the prompt's usable
         prefix; the policy learns from it."""
         hits: list[LowerHit] = []
-        for h in block_hashes[device_blocks:]:
+        for i in range(device_blocks, len(block_hashes)):
+            h = block_hashes[i]
             for tier in self.tiers:
                 entry = tier.get(h)
                 if entry is not None:
@@ -172,8 +177,25 @@ class TieredCache:
                     hits.append(LowerHit(h, tier.name, entry))
                     break
             else:
-                break
+                entry = self._adopt_neighbours_block(h, block_hashes[i - 1] if i > 0 else None)
+                if entry is None:
+                    break
+                self.disk.pin(entry)  # type: ignore[union-attr]
+                hits.append(LowerHit(h, DISK, entry))
         return hits
+
+    def _adopt_neighbours_block(self, block_hash: int, parent_hash: int | None) -> TierEntry | None:
+        """A block another worker sharing the disk directory wrote after this one started:
+        index it (announcing it, tier disk), if the disk tier has room. One stat per prompt at
+        most: lookups stop at the first block found nowhere."""
+        disk, probe = self.disk, self.disk_probe
+        if disk is None or probe is None or len(disk) >= disk.capacity_blocks or not probe(block_hash):
+            return None
+        entry, _ = disk.insert(block_hash, parent_hash)
+        if entry is not None:
+            self.stats.adopted += 1
+            self._emit_changes({DISK: [(block_hash, parent_hash)]}, {})
+        return entry
 
     def start_reads(self, hits: Sequence[LowerHit]) -> DiskReads | None:
         """With a reader set and some `hits` on disk: start reading those blocks off the

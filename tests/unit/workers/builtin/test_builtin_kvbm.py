@@ -264,3 +264,30 @@ async def test_full_disk_write_queue_skips_offloads_without_blocking(
             assert stats.skipped > 0
         finally:
             gate.set()
+
+
+async def test_workers_sharing_a_disk_directory_reuse_each_others_blocks(
+    tmp_path: Path, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    """Two running engines on one host share a disk tier: blocks one writes after the other
+    started are found by the other on its next lookup, announced (tier disk) and onboarded."""
+    kvbm = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=64)
+    events: list[KvEventData] = []
+    async with engine(model_dirs(SHAPE), kvbm) as writer:
+        reader = engine(model_dirs(SHAPE), kvbm)
+        await reader.start(events.append)  # started before anything is on disk
+        try:
+            assert reader.kvbm is not None and len(reader.kvbm.cache.disk or ()) == 0
+            await churn(writer)  # prompt 0 evicted from the writer's device pool onto disk
+            ours = block_hashes(PROMPTS[0], BLOCK)
+            await asyncio.to_thread(writer.kvbm.disk.stop)  # type: ignore[union-attr]  # writes landed
+            assert all(writer.kvbm.disk.exists(h) for h in ours)  # type: ignore[union-attr]
+            outs = await collect(reader.generate(request("shared", PROMPTS[0])))
+            assert outs[0].cached_tokens == 6 * BLOCK
+            assert reader.kvbm.cache.stats.adopted == 6
+            assert reader.kvbm.cache.stats.onboard_blocks["disk"] == 6
+            adopted = [h for e in events if isinstance(e, BlockStored) and e.tier == "disk" for h in e.block_hashes]
+            assert adopted == ours
+            assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
+        finally:
+            await reader.stop()
