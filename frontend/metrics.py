@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from dynamo.system_server import live_asyncio_tasks
+
 PREFIX = "dynamo_frontend_"
 
 _LATENCY_BUCKETS_S = (
@@ -41,6 +43,8 @@ class FrontendMetrics:
         self.inflight = Gauge(
             f"{PREFIX}inflight_requests", "Requests in flight", ["model"], registry=registry
         )
+        Gauge(f"{PREFIX}asyncio_tasks", "asyncio tasks alive in the frontend's event loop",
+              registry=registry).set_function(live_asyncio_tasks)
         self.ttft = Histogram(
             f"{PREFIX}time_to_first_token_seconds",
             "Time from request arrival to the first output token",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from dynamo.system_server import live_asyncio_tasks
 from dynamo.wire import LoadMetrics
 
 
@@ -25,6 +26,8 @@ class WorkerMetrics:
         self._kv_active = Gauge("dynamo_worker_kv_blocks_active", "KV blocks in use", labels, registry=registry).labels(model)
         self._kv_total = Gauge("dynamo_worker_kv_blocks_total", "KV blocks in the pool", labels, registry=registry).labels(model)
         self._kv_usage = Gauge("dynamo_worker_kv_usage_ratio", "KV blocks in use / total", labels, registry=registry).labels(model)
+        Gauge("dynamo_worker_asyncio_tasks", "asyncio tasks alive in the worker's event loop",
+              registry=registry).set_function(live_asyncio_tasks)
 
     def finished(self, status: str) -> None:
         self.requests.labels(self._model, status).inc()

@@ -210,7 +210,8 @@ def _metric(url: str, name: str) -> float | None:
 
 async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> None:
     """Clients that drop their connection after the first token, 64 at a time: every worker
-    process ends up with 0 requests and 0 KV blocks in use, and the frontend with 0 in flight."""
+    process ends up with 0 requests and 0 KV blocks in use and no more asyncio tasks than
+    before, and the frontend likewise."""
     disconnected = 0
     sem = asyncio.Semaphore(CLIENTS)
     limits = httpx.Limits(max_connections=CLIENTS * 2, max_keepalive_connections=0)
@@ -225,22 +226,39 @@ async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> Non
                     disconnected += 1
                     break  # leaving the block closes the connection mid-stream
 
+    pages = [f"http://127.0.0.1:{fleet.system_ports[w.name]}/metrics" for w in fleet.workers]
+    frontend_page = f"{fleet.migrating}/metrics"
+    # Tasks alive before, once every connection and lazily started task exists (one warm-up load).
+    warm, _ = await _load(fleet.migrating, lambda: None)
+    assert warm.complete == CLIENTS, warm
+    wait_until(lambda: _metric(frontend_page, "dynamo_frontend_inflight_requests") == 0, 20, "warm-up to end")
+    tasks_before = [_metric(page, "dynamo_worker_asyncio_tasks") for page in pages]
+    frontend_tasks_before = _metric(frontend_page, "dynamo_frontend_asyncio_tasks")
+    assert all(t is not None and t > 0 for t in tasks_before) and frontend_tasks_before
+
     t0 = time.perf_counter()
     async with httpx.AsyncClient(timeout=CLIENT_TIMEOUT_S, limits=limits) as client:
         await asyncio.gather(*(one(client, i) for i in range(1000)))
     assert disconnected == 1000
-    pages = [f"http://127.0.0.1:{fleet.system_ports[w.name]}/metrics" for w in fleet.workers]
 
     def drained() -> bool:
-        for page in pages:
+        for page, before in zip(pages, tasks_before):
             for name in ("dynamo_worker_inflight_requests", "dynamo_worker_requests_active", "dynamo_worker_kv_blocks_active"):
                 if _metric(page, name) != 0:
                     return False
-        return _metric(f"{fleet.migrating}/metrics", "dynamo_frontend_inflight_requests") == 0
+            tasks = _metric(page, "dynamo_worker_asyncio_tasks")
+            if tasks is None or tasks > before:  # type: ignore[operator]
+                return False
+        tasks = _metric(frontend_page, "dynamo_frontend_asyncio_tasks")
+        return (
+            _metric(frontend_page, "dynamo_frontend_inflight_requests") == 0
+            and tasks is not None and tasks <= frontend_tasks_before  # type: ignore[operator]
+        )
 
-    wait_until(drained, 20, "every disconnected request to end on its worker and free its KV blocks")
-    print(f"\n[1000 disconnects, {fleet.plane} plane] {time.perf_counter() - t0:.1f}s, then 0 requests and 0 KV "
-          f"blocks on {len(pages)} workers")
+    wait_until(drained, 20, "every disconnected request to end on its worker, free its KV blocks and its tasks")
+    print(f"\n[1000 disconnects, {fleet.plane} plane] {time.perf_counter() - t0:.1f}s, then 0 requests, 0 KV "
+          f"blocks and no more tasks than before ({tasks_before}, frontend {frontend_tasks_before}) on "
+          f"{len(pages)} workers")
     # The fleet still serves whole streams afterwards.
     after, _ = await _load(fleet.migrating, lambda: None)
     assert after.bad == [] and after.complete == CLIENTS, after
