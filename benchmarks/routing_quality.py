@@ -10,6 +10,11 @@ and the engines' own prefix-hit rate; NVIDIA Dynamo 1.6.1's router and mocker on
 The last three make the cache-pressure variant of the shared trace: more distinct system
 prompts than one worker's KV pool holds (both stacks' mockers get the same pool size).
 
+`--sglang-modes cache_aware,round_robin` adds SGLang's router (PyPI sglang-router, in
+SGLANG_ROUTER_VENV, default /tmp/sgr) in front of 8 HTTP backends, each our frontend with one
+mocker worker; it takes only text prompts, so those runs (and every run with `--text-prompts`)
+send each prompt as the tokenizer's decoding of its ids.
+
 Time runs slowed down: both mockers get `--speedup-ratio TIME_SCALE` (< 1 stretches every
 simulated step) and requests are sent at RATE * TIME_SCALE per second of wall time; latencies
 and rates are reported back in simulated (H100) time. The CPU work per request is unchanged, so
@@ -33,9 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from frontend_overhead import Stack, free_port  # noqa: E402
+from frontend_overhead import Stack, _probe_completion, free_port, wait_until  # noqa: E402
 from loadgen import percentile  # noqa: E402
-from proc_cpu import CpuWindow  # noqa: E402
+from proc_cpu import CpuWindow, pid_listening_on  # noqa: E402
 from sse_client import RawConnection, RequestResult, one_request  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +52,9 @@ MAX_MODEL_LEN = 16384
 TOKEN_ID_RANGE = (16, 8000)
 DEFAULT_GPU_BLOCKS = 24_576  # our mocker's default pool (workers/mocker/args.py), per worker
 DYNAMO_VENV = Path(os.environ.get("DYN_VENV", "/tmp/dyn"))
+# SGLang's router (PyPI sglang-router, a Rust binary): `python3 -m venv /tmp/sgr &&
+# /tmp/sgr/bin/pip install sglang-router==0.3.2`.
+SGLANG_ROUTER_VENV = Path(os.environ.get("SGLANG_ROUTER_VENV", "/tmp/sgr"))
 
 
 # ---------------------------------------------------------------------------------- traces
@@ -265,6 +273,42 @@ def start_dynamo(mode: str, workers: int, time_scale: float, tmp: Path, model: P
     return stack
 
 
+def start_sglang_router(
+    policy: str, workers: int, time_scale: float, tmp: Path, model: Path, num_gpu_blocks: int
+) -> Stack:
+    """SGLang's router (`--policy cache_aware|round_robin|...`, its defaults otherwise) in
+    front of `workers` HTTP backends, each our frontend with one mocker worker (the same
+    engine as in our stack), since the router balances OpenAI-compatible servers. Its
+    cache_aware policy keeps a radix tree of the request text per worker."""
+    stack = Stack(f"sglang-{policy}", free_port(), tmp)
+    ports = [free_port() for _ in range(workers)]
+    for i, port in enumerate(ports):
+        stack.spawn(
+            f"backend{i}",
+            [
+                str(REPO / ".venv" / "bin" / "python"), "-m", "dynamo.serve", "--engine", "mocker",
+                "--model", str(model), "--served-model-name", SERVED_MODEL, "--num-workers", "1",
+                "--http-port", str(port), "--router-mode", "round-robin", "--namespace", f"sgl{i}",
+                "--speedup-ratio", str(time_scale), "--max-model-len", str(MAX_MODEL_LEN),
+                "--block-size", str(BLOCK_SIZE_TOKENS), "--num-gpu-blocks", str(num_gpu_blocks),
+                "--request-timeout-s", "3600",
+            ],
+            {"DYN_LOG": "warning", "DYN_LOG_LEVEL": "warning"},
+        )  # fmt: skip
+    stack.spawn(
+        "router",
+        [
+            str(SGLANG_ROUTER_VENV / "bin" / "python"), "-m", "sglang_router.launch_router",
+            "--host", "127.0.0.1", "--port", str(stack.http_port), "--policy", policy,
+            "--worker-urls", *[f"http://127.0.0.1:{port}" for port in ports],
+            "--worker-startup-timeout-secs", "120", "--log-level", "warn",
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port()),
+            "--request-timeout-secs", "3600",
+        ],
+    )  # fmt: skip
+    return stack
+
+
 # ------------------------------------------------------------------------------- the load
 
 
@@ -275,9 +319,12 @@ class Sent:
     resent: bool = False  # sent again on a fresh connection after a stale keep-alive one
 
 
-async def drive(base_url: str, trace: TraceSpec, time_scale: float, timeout_s: float) -> list[Sent]:
+async def drive(
+    base_url: str, trace: TraceSpec, time_scale: float, timeout_s: float, texts: list[str] | None = None
+) -> list[Sent]:
     """Sends each request at its arrival time (stretched by 1 / time_scale), a later turn only
-    after the previous turn of its conversation has finished."""
+    after the previous turn of its conversation has finished. `texts`: send each prompt as
+    this text instead of its token ids (for routers that take only text)."""
     host, port = base_url.removeprefix("http://").split(":")
     idle: list[RawConnection] = []
     done = [asyncio.Event() for _ in trace.requests]
@@ -291,7 +338,8 @@ async def drive(base_url: str, trace: TraceSpec, time_scale: float, timeout_s: f
             await done[req.after].wait()
             waited = loop.time() - due
         body = json.dumps({
-            "model": SERVED_MODEL, "prompt": req.token_ids, "max_tokens": req.max_tokens,
+            "model": SERVED_MODEL, "prompt": texts[i] if texts is not None else req.token_ids,
+            "max_tokens": req.max_tokens,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
         }).encode()  # fmt: skip
         retried = False
@@ -374,33 +422,59 @@ def run_one_locked(stack_name: str, mode: str, trace: TraceSpec, args: argparse.
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+_TEXTS: dict[str, list[str]] = {}
+
+
+def prompt_texts(trace: TraceSpec, model: Path) -> list[str]:
+    """The trace's prompts as text (the served tokenizer's decoding of their ids). Byte-level
+    BPE decodes a prefix of ids to a prefix of the text, so shared prefixes stay shared; the
+    frontend re-tokenizes them, so prompt lengths can differ from the ids' by a few tokens."""
+    if trace.name not in _TEXTS:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(model / "tokenizer.json"))
+        _TEXTS[trace.name] = tokenizer.decode_batch([r.token_ids for r in trace.requests], skip_special_tokens=False)
+    return _TEXTS[trace.name]
+
+
 def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespace, tmp: Path, model: Path) -> dict[str, object]:
     if stack_name == "ours":
         stack = start_ours(
             mode, args.workers, trace.time_scale, tmp, model, args.seed, args.kv_overlap_score_weight,
             args.num_gpu_blocks,
         )
+    elif stack_name == "sglang":
+        stack = start_sglang_router(mode, args.workers, trace.time_scale, tmp, model, args.num_gpu_blocks)
     else:
         stack = start_dynamo(mode, args.workers, trace.time_scale, tmp, model, args.num_gpu_blocks)
     try:
-        stack.wait_ready(120)
+        if stack_name == "sglang":  # its /v1/models names no model (ours has no /model_info for it)
+            wait_until(lambda: _probe_completion(stack.base_url), 180, f"{stack.name}: first completion", stack.dead)
+            stack.frontend_pid = pid_listening_on(stack.http_port)
+        else:
+            stack.wait_ready(180)
         stack_cpu = CpuWindow(stack.procs[0][1].pid)
         frontend_cpu = CpuWindow(stack.frontend_pid or stack.procs[-1][1].pid, include_children=False)
-        stack_cpu.start()
-        frontend_cpu.start()
+        # SGLang's stack: the router plus one process per backend, each its own tree.
+        backend_cpus = [CpuWindow(proc.pid) for _, proc in stack.procs[1:-1]] if stack_name == "sglang" else []
+        for window in (stack_cpu, frontend_cpu, *backend_cpus):
+            window.start()
         cpu0 = time.process_time()
-        sent = asyncio.run(drive(stack.base_url, trace, trace.time_scale, args.timeout_s))
+        texts = prompt_texts(trace, model) if args.text_prompts or stack_name == "sglang" else None
+        sent = asyncio.run(drive(stack.base_url, trace, trace.time_scale, args.timeout_s, texts))
         client_cpu_s = time.process_time() - cpu0
-        frontend_cpu.stop()
-        stack_cpu.stop()
+        for window in (frontend_cpu, stack_cpu, *backend_cpus):
+            window.stop()
         if stack.name.startswith("dynamo"):  # the mocker and the frontend are separate trees
             stack_cores = stack_cpu.cores + frontend_cpu.cores
+        elif stack_name == "sglang":
+            stack_cores = stack_cpu.cores + frontend_cpu.cores + sum(w.cores for w in backend_cpus)
         else:
             stack_cores = stack_cpu.cores
         summary = summarize(trace, sent, trace.time_scale)
         summary.update(
             stack=stack_name, mode=mode, trace=trace.name, time_scale=trace.time_scale,
-            num_gpu_blocks=args.num_gpu_blocks,
+            num_gpu_blocks=args.num_gpu_blocks, prompts_as="text" if texts is not None else "token ids",
             wall_s=round(stack_cpu.wall_s, 1),
             client_cpu_cores=round(client_cpu_s / stack_cpu.wall_s, 3),
             stack_cpu_cores=round(stack_cores, 3),
@@ -449,6 +523,10 @@ def main() -> None:
                    help="our router modes; kv-approx is kv with --no-kv-events, kv-wN kv with "
                    "--kv-overlap-score-weight N")
     p.add_argument("--dynamo-modes", default="kv,round-robin", help="Dynamo's router modes ('' for none)")
+    p.add_argument("--text-prompts", action="store_true",
+                   help="send prompts as text for every stack (SGLang's router takes only text)")
+    p.add_argument("--sglang-modes", default="",
+                   help="SGLang router policies, e.g. cache_aware,round_robin (needs SGLANG_ROUTER_VENV)")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--time-scale", type=float, default=None,
                    help="mocker speedup ratio and wall/simulated time ratio (< 1: slow motion)")
@@ -477,6 +555,7 @@ def main() -> None:
     print(f"logs in {tmp}", flush=True)
     runs: list[dict[str, object]] = []
     plan = [("ours", m) for m in args.modes.split(",") if m] + [("dynamo", m) for m in args.dynamo_modes.split(",") if m]
+    plan += [("sglang", m) for m in args.sglang_modes.split(",") if m]
     for trace_name in args.traces.split(","):
         trace = traces[trace_name]
         print(f"trace {trace_name}: {trace.description}, {trace.rate_per_s} req/s", flush=True)
