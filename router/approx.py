@@ -59,6 +59,15 @@ class ApproxIndex:
             if expired:
                 self._index.remove(worker_id, expired)
 
+    def forget(self, worker_id: int, block_hashes: Sequence[int]) -> None:
+        """The worker says it no longer holds these blocks: stop predicting them there."""
+        touched = self._touched.get(worker_id)
+        if touched is None:
+            return
+        gone = [h for h in block_hashes if touched.pop(h, None) is not None]
+        if gone:
+            self._index.remove(worker_id, gone)
+
     def remove_worker(self, worker_id: int) -> None:
         self._touched.pop(worker_id, None)
         self._index.remove_worker(worker_id)

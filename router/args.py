@@ -14,13 +14,18 @@ from router.base import ROUTER_MODES
 class RouterConfig:
     kv_block_size: int = 16  # tokens per KV block; must match the engines' block size
     # Weight of prefill cost against decode load (cost.py). Dynamo's default is 1; for long
-    # shared prompts one uncached block costs far more time than one more active block, and a
-    # sweep (benchmarks/RESULTS.md, "Overlap weight sweep") found 4 better on every trace.
-    overlap_score_weight: float = 4.0
+    # shared prompts one uncached block costs far more time than one more active block, and
+    # two sweeps (benchmarks/RESULTS.md, "Overlap weight sweep", "SGLang's router") found 8
+    # better than 1, 2 and 4 on every trace, and on par with 16.
+    overlap_score_weight: float = 8.0
     temperature: float = 0.0  # 0: cheapest worker; > 0: softmax sampling
     use_kv_events: bool = True  # False: approximate mode, caches predicted from own decisions
     approx_ttl_s: float = 120.0  # approximate mode: how long a sent block counts as cached
     approx_capacity_blocks: int = 65536  # approximate mode: predicted blocks kept per worker
+    # With KV events: a request's blocks also count as cached where it was just sent, for this
+    # long (0: off), so a burst sharing a prefix follows the first request before its events
+    # arrive instead of cold-starting the prefix on several workers.
+    prediction_ttl_s: float = 5.0
     snapshot_retry_s: float = 5.0  # a snapshot request unanswered this long is sent again
     seed: int | None = None  # for reproducible tie-breaks and sampling (tests, benchmarks)
     # A prompt block a worker holds only in KVBM's host / disk tier counts this fraction of a
@@ -33,6 +38,8 @@ class RouterConfig:
             raise ValueError(f"kv_block_size must be positive, got {self.kv_block_size}")
         if self.overlap_score_weight < 0:
             raise ValueError("overlap_score_weight must be >= 0")
+        if self.prediction_ttl_s < 0:
+            raise ValueError("prediction_ttl_s must be >= 0")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not (0 <= self.host_hit_weight <= 1 and 0 <= self.disk_hit_weight <= 1):
@@ -47,6 +54,7 @@ class RouterConfig:
             use_kv_events=args.kv_events,
             approx_ttl_s=args.router_approx_ttl_s,
             approx_capacity_blocks=args.router_approx_capacity_blocks,
+            prediction_ttl_s=getattr(args, "router_prediction_ttl_s", cls().prediction_ttl_s),
             seed=args.router_seed,
             host_hit_weight=getattr(args, "kv_host_hit_weight", cls().host_hit_weight),
             disk_hit_weight=getattr(args, "kv_disk_hit_weight", cls().disk_hit_weight),
@@ -114,6 +122,13 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
             env_default("DYN_ROUTER_APPROX_CAPACITY_BLOCKS", str(d.approx_capacity_blocks))
         ),
         help="approximate mode: predicted blocks kept per worker [env DYN_ROUTER_APPROX_CAPACITY_BLOCKS]",
+    )
+    group.add_argument(
+        "--router-prediction-ttl-s",
+        type=float,
+        default=float(env_default("DYN_ROUTER_PREDICTION_TTL_S", str(d.prediction_ttl_s))),
+        help="with KV events: seconds a request's blocks count as cached on the worker it was "
+        "just sent to, before its events arrive (0: off) [env DYN_ROUTER_PREDICTION_TTL_S]",
     )
     group.add_argument(
         "--kv-host-hit-weight",

@@ -23,6 +23,7 @@ from dynamo.wire import (
     KV_EVENT_CODEC,
     LOAD_CODEC,
     AllBlocksCleared,
+    BlockRemoved,
     KvSnapshotRequest,
     PreprocessedRequest,
     encode,
@@ -198,8 +199,12 @@ class KvRouter(_LoadAwareRouter):
         self._clock = clock
         self.index: KvIndex | None = None
         self.approx: ApproxIndex | None = None
+        # With events: this router's own recent decisions, until the events confirm them.
+        self.predicted: ApproxIndex | None = None
         if config.use_kv_events:
             self.index = KvIndex(tier_weights={"host": config.host_hit_weight, "disk": config.disk_hit_weight})
+            if config.prediction_ttl_s > 0:
+                self.predicted = ApproxIndex(config.prediction_ttl_s, config.approx_capacity_blocks)
         else:
             self.approx = ApproxIndex(config.approx_ttl_s, config.approx_capacity_blocks)
         # Workers heard from or asked for a snapshot; others get asked when first offered.
@@ -232,7 +237,11 @@ class KvRouter(_LoadAwareRouter):
         hashes = block_hashes(request.token_ids, self.config.kv_block_size)
         if self.index is not None:
             self._resync_as_needed(candidates, self.index)
-            overlaps = self.index.find_matches(hashes)
+            overlaps = dict(self.index.find_matches(hashes))
+            if self.predicted is not None:
+                for worker, blocks in self.predicted.find_matches(hashes, self._clock()).items():
+                    if blocks > overlaps.get(worker, 0):
+                        overlaps[worker] = blocks
         else:
             assert self.approx is not None
             overlaps = self.approx.find_matches(hashes, self._clock())
@@ -245,16 +254,18 @@ class KvRouter(_LoadAwareRouter):
             self.config.overlap_score_weight,
         )
         best = choose(costs, self.config.temperature, self._rng)
-        if self.approx is not None:
-            self.approx.record(best.worker_id, hashes, self._clock())
+        for predicted in (self.approx, self.predicted):
+            if predicted is not None:
+                predicted.record(best.worker_id, hashes, self._clock())
         return self._commit(request, best)
 
     def instance_removed(self, instance_id: int) -> None:
         super().instance_removed(instance_id)
         if self.index is not None:
             self.index.remove_worker(instance_id)
-        if self.approx is not None:
-            self.approx.remove_worker(instance_id)
+        for predicted in (self.approx, self.predicted):
+            if predicted is not None:
+                predicted.remove_worker(instance_id)
         self._known.discard(instance_id)
         self._snapshot_sent_at.pop(instance_id, None)
 
@@ -275,6 +286,11 @@ class KvRouter(_LoadAwareRouter):
             self._known.add(worker)
             outcome = index.apply_event(event)
             self._event_outcomes[outcome].inc()
+            if self.predicted is not None:  # an eviction or clear overrules a prediction
+                if isinstance(event.data, BlockRemoved):
+                    self.predicted.forget(worker, event.data.block_hashes)
+                elif isinstance(event.data, AllBlocksCleared):
+                    self.predicted.remove_worker(worker)
             if event.timestamp_s > 0:
                 lag.observe(max(time.time() - event.timestamp_s, 0.0))
             if outcome is EventOutcome.GAP:

@@ -251,3 +251,26 @@ async def test_factory_builds_every_mode(runtime: Runtime) -> None:
     assert isinstance(make_router("least_loaded", config, runtime.events, NS, COMP), LeastLoadedRouter)
     with pytest.raises(ValueError):
         make_router("fastest", config, runtime.events, NS, COMP)
+
+
+async def test_a_burst_sharing_a_prefix_follows_the_first_before_its_events(runtime: Runtime) -> None:
+    """With events on, the router also predicts from its own decisions (for a few seconds):
+    requests sharing a prefix, sent before the first one's KV events arrive, stay together
+    instead of cold-starting the prefix on every worker; an eviction event overrules it."""
+    async with kv_router(runtime) as router:
+        first = await router.select(request("p0", PROMPT + [1] * BLOCK), [A, B, C])
+        router.first_token("p0", first.instance_id)  # prefilled; its events are still on the way
+        second = await router.select(request("p1", PROMPT + [2] * BLOCK), [A, B, C])
+        assert second.instance_id == first.instance_id and second.overlap_blocks == 20
+        for rid, decision in (("p0", first), ("p1", second)):
+            router.request_finished(rid, decision.instance_id)
+        await KvEventPublisher(runtime.events, kv_events_subject(NS, COMP), first.instance_id).publish(
+            BlockRemoved(HASHES)
+        )
+        await until(lambda: router.predicted is not None and not router.predicted.find_matches(HASHES, 0.0))
+    async with kv_router(runtime, prediction_ttl_s=0.0) as plain:
+        assert plain.predicted is None
+        first = await plain.select(request("q0", PROMPT + [1] * BLOCK), [A, B, C])
+        plain.first_token("q0", first.instance_id)
+        second = await plain.select(request("q1", PROMPT + [2] * BLOCK), [A, B, C])
+        assert second.overlap_blocks == 0  # nothing heard yet: no overlap anywhere

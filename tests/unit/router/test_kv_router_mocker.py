@@ -155,5 +155,6 @@ async def test_shared_prefix_leaves_its_holder_once_load_makes_another_cheaper(
         assert len(set(chosen)) >= 2
         for i, worker in enumerate(chosen):
             router.request_finished(f"b{i}", worker)
-        # With the burst gone, the prefix goes back to its holder.
-        assert (await router.select(request("after", SHARED + [99] * BLOCK), ids)).instance_id == holder
+        # With the burst gone, the prefix goes where it is cached (or was just sent): no cold start.
+        after = await router.select(request("after", SHARED + [99] * BLOCK), ids)
+        assert after.instance_id in set(chosen) and after.overlap_blocks == 8
