@@ -90,6 +90,26 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def metric_samples(url: str, name: str) -> dict[str, float] | None:
+    """The samples on a /metrics page whose line starts with `name` (sample line without the
+    value -> value); None when the page cannot be fetched."""
+    try:
+        text = httpx.get(url, timeout=2.0).text
+    except httpx.HTTPError:
+        return None
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and not line.startswith("#")
+    }
+
+
+def metric_sum(url: str, name: str) -> float | None:
+    """Sum of those samples; None when the page or the metric is missing (not a zero)."""
+    samples = metric_samples(url, name)
+    return sum(samples.values()) if samples else None
+
+
 def http_ok(url: str) -> bool:
     try:
         return httpx.get(url, timeout=1.0).status_code == 200

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, http_ok, metric_samples, metric_sum, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
@@ -60,15 +60,6 @@ def kv_frontend(stack: tuple[Stack, str]) -> str:
     wait_until(lambda: len(_model_instances(base)) == 2 or proc.popen.poll() is not None, 90, "kv frontend sees both workers")
     assert proc.popen.poll() is None, proc.log()
     return base
-
-
-def _metric_samples(base: str, name: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=5).text
-    return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    }
 
 
 def _model_instances(base: str) -> list[int]:
@@ -195,11 +186,11 @@ def test_killed_worker_is_forgotten_and_requests_keep_succeeding(stack: tuple[St
         await aclient.close()
 
     asyncio.run(spread())
-    decisions = {k: v for k, v in _metric_samples(kv_frontend, "dynamo_router_decisions_total").items() if v > 0}
+    decisions = {k: v for k, v in (metric_samples(f"{kv_frontend}/metrics", "dynamo_router_decisions_total") or {}).items() if v > 0}
     assert len(decisions) == 2, decisions
 
     def index_blocks() -> float:
-        return sum(_metric_samples(kv_frontend, "dynamo_router_index_blocks").values())
+        return metric_sum(f"{kv_frontend}/metrics", "dynamo_router_index_blocks") or 0.0
 
     wait_until(lambda: index_blocks() >= 6 * 8, 10, "the KV router indexing both workers' blocks")
     indexed = index_blocks()

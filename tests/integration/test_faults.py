@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Proc, Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import TINY_MODEL, Proc, Stack, base_env, free_port, http_ok, metric_sum, wait_until
 from tests.infra import ServerProcess, start_etcd, start_nats
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -194,20 +194,6 @@ def _report(name: str, outcome: Outcome, wall_s: float) -> None:
           f"{outcome.clean_errors} clean errors {sorted(set(outcome.errors))}, {len(outcome.bad)} bad {outcome.bad[:3]}")
 
 
-def _metric(url: str, name: str) -> float | None:
-    """Sum of a metric's samples on a /metrics page; None when it or the page is missing."""
-    try:
-        text = httpx.get(url, timeout=2.0).text
-    except httpx.HTTPError:
-        return None
-    samples = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and not line.startswith("#")
-    ]
-    return sum(samples) if samples else None  # a missing metric is not a zero
-
-
 async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> None:
     """Clients that drop their connection after the first token, 64 at a time: every worker
     process ends up with 0 requests and 0 KV blocks in use and no more asyncio tasks than
@@ -231,9 +217,9 @@ async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> Non
     # Tasks alive before, once every connection and lazily started task exists (one warm-up load).
     warm, _ = await _load(fleet.migrating, lambda: None)
     assert warm.complete == CLIENTS, warm
-    wait_until(lambda: _metric(frontend_page, "dynamo_frontend_inflight_requests") == 0, 20, "warm-up to end")
-    tasks_before = [_metric(page, "dynamo_worker_asyncio_tasks") for page in pages]
-    frontend_tasks_before = _metric(frontend_page, "dynamo_frontend_asyncio_tasks")
+    wait_until(lambda: metric_sum(frontend_page, "dynamo_frontend_inflight_requests") == 0, 20, "warm-up to end")
+    tasks_before = [metric_sum(page, "dynamo_worker_asyncio_tasks") for page in pages]
+    frontend_tasks_before = metric_sum(frontend_page, "dynamo_frontend_asyncio_tasks")
     assert all(t is not None and t > 0 for t in tasks_before) and frontend_tasks_before
 
     t0 = time.perf_counter()
@@ -244,14 +230,14 @@ async def test_1000_client_disconnects_leave_nothing_behind(fleet: Fleet) -> Non
     def drained() -> bool:
         for page, before in zip(pages, tasks_before):
             for name in ("dynamo_worker_inflight_requests", "dynamo_worker_requests_active", "dynamo_worker_kv_blocks_active"):
-                if _metric(page, name) != 0:
+                if metric_sum(page, name) != 0:
                     return False
-            tasks = _metric(page, "dynamo_worker_asyncio_tasks")
+            tasks = metric_sum(page, "dynamo_worker_asyncio_tasks")
             if tasks is None or tasks > before:  # type: ignore[operator]
                 return False
-        tasks = _metric(frontend_page, "dynamo_frontend_asyncio_tasks")
+        tasks = metric_sum(frontend_page, "dynamo_frontend_asyncio_tasks")
         return (
-            _metric(frontend_page, "dynamo_frontend_inflight_requests") == 0
+            metric_sum(frontend_page, "dynamo_frontend_inflight_requests") == 0
             and tasks is not None and tasks <= frontend_tasks_before  # type: ignore[operator]
         )
 
