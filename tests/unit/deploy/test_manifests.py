@@ -793,6 +793,34 @@ def test_dockerfile():
     compile((DEPLOY / "docker" / "healthcheck.py").read_text(), "healthcheck.py", "exec")
 
 
+def _apt_packages(stage_body: str) -> set[str]:
+    """Packages a stage installs with apt-get (every `apt-get install` of its RUN lines)."""
+    body = stage_body.replace("\\\n", " ")
+    pkgs: set[str] = set()
+    for m in re.finditer(r"apt-get install ([^&;\n]+)", body):
+        pkgs |= {w for w in m.group(1).split() if not w.startswith("-")}
+    return pkgs
+
+
+def test_cuda_runtime_stage_can_build_triton_launchers():
+    """Triton compiles a C launcher (cuda_utils.c, driver.c) on a kernel's first launch in a
+    process, with the compiler in $CC (else cc/gcc/clang on PATH), libc headers and Python.h
+    of the interpreter that runs it. The final CUDA stage is what GPU workers run, so it must
+    carry all three, for the same python3 the venv was built with."""
+    stages = dockerfile_stages()
+    runtime, build = stages["cuda"], stages["cuda-build"]
+    pkgs = _apt_packages(runtime)
+    assert pkgs & {"gcc", "clang", "build-essential"}, f"no C compiler in the cuda stage: {sorted(pkgs)}"
+    assert "build-essential" in pkgs or "libc6-dev" in pkgs, "gcc without libc6-dev has no stdio.h (--no-install-recommends)"
+    assert pkgs & {"python3-dev"} or any(re.fullmatch(r"python3\.\d+-dev", p) for p in pkgs), "no Python headers"
+    # The venv copied from cuda-build is made by that stage's python3: same base image, same python3.
+    assert "python3 -m venv /opt/venv" in build and "python3" in pkgs
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS cuda-build$", dockerfile(), re.M)
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\} AS cuda$", dockerfile(), re.M)
+    # Triton writes its compiled launchers to a cache directory; the user's home may be read-only.
+    assert re.search(r"TRITON_CACHE_DIR=/tmp/", runtime)
+
+
 # ---------------------------------------------------------------------------------------------
 # ECS
 # ---------------------------------------------------------------------------------------------
