@@ -86,6 +86,7 @@ EXTERNAL_ENV = {
     "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA",  # libfabric / EFA
     "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "DEBIAN_FRONTEND", "POD_NAME", "POD_NAMESPACE",
     "HEALTHCHECK_PORTS",  # deploy/docker/healthcheck.py
+    "CC", "TRITON_CACHE_DIR",  # Triton: the C compiler for its launcher modules and where it caches them
     "GF_AUTH_ANONYMOUS_ENABLED", "GF_AUTH_ANONYMOUS_ORG_ROLE",  # grafana
 }
 CLUSTER_SCOPED = {"Namespace", "StorageClass", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
