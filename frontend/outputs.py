@@ -11,28 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from msgspec import Struct
-
-from frontend.schemas import Usage
-
-# ------------------------------------------------------------------------------------ logprobs
-
-
-class TopLogprob(Struct):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(Struct):
-    """One generated token with its logprob and the most likely alternatives (OpenAI's chat
-    `logprobs.content[i]`)."""
-
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
-
+from frontend.schemas import FunctionCall, TokenLogprob, ToolCall, Usage
 
 # ---------------------------------------------------------------------------------- tool calls
 
@@ -48,15 +27,7 @@ class ToolCallDelta:
     arguments: str = ""
 
 
-class FunctionCall(Struct):
-    name: str
-    arguments: str  # JSON object text
-
-
-class ToolCall(Struct):
-    id: str
-    function: FunctionCall
-    type: str = "function"
+__all__ = ["ChoiceAccumulator", "ChoiceDelta", "ChoiceResult", "FunctionCall", "Generation", "TokenLogprob", "ToolCall", "ToolCallDelta"]
 
 
 # ------------------------------------------------------------------------------------- choices

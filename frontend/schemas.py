@@ -12,6 +12,10 @@ from msgspec import Meta, Struct
 from dynamo import errors
 
 # ------------------------------------------------------------------------------------ requests
+#
+# Request Structs forbid unknown fields: a field this server does not know would otherwise be
+# dropped without a word, and a client must never believe a parameter was applied when it was
+# not. Every declared field is honoured (preprocess.py) or refused there with a 400 naming it.
 
 Temperature = Annotated[float, Meta(ge=0.0, le=2.0, description="0 to 2; 0 means greedy")]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
@@ -19,66 +23,165 @@ MaxTokens = Annotated[int, Meta(ge=1)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 StopList = Annotated[list[str], Meta(max_length=4)]
 TokenId = Annotated[int, Meta(ge=0)]
+NumChoices = Annotated[int, Meta(ge=1, le=128)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]
+Bias = Annotated[float, Meta(ge=-100.0, le=100.0)]
 
 
-class StreamOptions(Struct, omit_defaults=True):
+class StreamOptions(Struct, forbid_unknown_fields=True, omit_defaults=True):
     include_usage: bool = False
 
 
-class ContentPart(Struct, omit_defaults=True):
-    """One part of a multi-part message content; only text parts are understood."""
+class ContentPart(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One part of a multi-part message content; only text parts are understood (others are
+    refused by name in the tokenizer)."""
 
     type: str
     text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
 
 
-class ChatMessage(Struct, omit_defaults=True):
+class FunctionCallSpec(Struct, forbid_unknown_fields=True):
+    name: str
+    arguments: str  # JSON object text, as the model produced it
+
+
+class MessageToolCall(Struct, forbid_unknown_fields=True):
+    """A tool call of an earlier assistant turn, sent back in the history."""
+
+    id: str
+    function: FunctionCallSpec
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(Struct, forbid_unknown_fields=True, omit_defaults=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    # An earlier turn's reasoning, for templates that render it (Qwen3's, DeepSeek's).
+    reasoning_content: str | None = None
 
 
-class SamplingFields(Struct, kw_only=True, omit_defaults=True):
+class FunctionSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none means no arguments
+    strict: bool | None = None
+
+
+class Tool(Struct, forbid_unknown_fields=True):
+    function: FunctionSpec
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class NamedToolChoice(Struct, forbid_unknown_fields=True):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaSpec(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    name: str = "response"
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None  # always enforced here: the grammar makes the output valid
+
+
+class ResponseFormat(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputs(Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """vLLM's `structured_outputs` extension: exactly one of these constrains the output."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class SamplingFields(Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """Fields shared by chat and text completions, OpenAI's plus vLLM-style extensions."""
 
     model: str
     max_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: int = 1
+    n: NumChoices = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | StopList | None = None
     seed: int | None = None
     frequency_penalty: Penalty | None = None
     presence_penalty: Penalty | None = None
-    user: str | None = None
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string) -> bias
+    user: str | None = None  # an end-user id: logged with the request
     # Extensions, spelled as vLLM spells them.
     top_k: int | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
     min_tokens: Annotated[int, Meta(ge=0)] = 0
     ignore_eos: bool = False
     stop_token_ids: list[TokenId] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    # vLLM's older spellings of structured_outputs.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # OpenAI fields this server refuses with a 400 naming them when set (preprocess.py):
+    # declared so that the refusal says why instead of "unknown field".
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
 
 
-class ChatCompletionRequest(SamplingFields, kw_only=True, omit_defaults=True):
+class ChatCompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    # Variables for the chat template (vLLM's extension), e.g. {"enable_thinking": false}.
+    chat_template_kwargs: dict[str, Any] | None = None
+    # Refused when set (preprocess.py): the deprecated function-calling fields and the output
+    # modes this server has no engine for.
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    reasoning_effort: str | None = None
+    web_search_options: Any = None
 
 
-# A token-id list, a string, or a list of strings (a batch, rejected: n=1 only). msgspec cannot
+# A token-id list, a string, or a list of strings or of token-id lists (a batch). msgspec cannot
 # tell list[str] from list[int] in a union, so the items are a union checked in preprocess.
 PromptItem = str | TokenId | list[TokenId]
 
 
-class CompletionRequest(SamplingFields, kw_only=True, omit_defaults=True):
+class CompletionRequest(SamplingFields, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     prompt: str | Annotated[list[PromptItem], Meta(min_length=1)]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
     suffix: str | None = None
     best_of: int | None = None
+    response_format: ResponseFormat | None = None  # vLLM accepts it on completions too
 
 
 # ----------------------------------------------------------------------------------- responses
@@ -95,16 +198,58 @@ class Usage(Struct):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class ResponseMessage(Struct):
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(Struct):
+    """One generated token with its logprob and the most likely alternatives (chat's
+    `logprobs.content[i]`)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(Struct):
+    content: list[TokenLogprob] | None
+
+
+class CompletionLogprobs(Struct):
+    """The legacy completions shape: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # JSON object text
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ResponseMessage(Struct, omit_defaults=True):
     role: Literal["assistant"]
     content: str | None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(Struct):
     index: int
     message: ResponseMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(Struct):
@@ -120,7 +265,7 @@ class CompletionChoice(Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(Struct):
@@ -132,20 +277,34 @@ class CompletionResponse(Struct):
     object: Literal["text_completion"] = "text_completion"
 
 
+class FunctionDelta(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallChunk(Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta | None = None
+
+
 class ChunkDelta(Struct, omit_defaults=True):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ToolCallChunk] | None = None
 
 
 class ChatChunkChoice(Struct):
     index: int
     delta: ChunkDelta
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
-    logprobs: None = None
 
 
 class ChatCompletionChunk(Struct):
-    """The shape sse.py's byte templates produce (tests decode them into this)."""
+    """One chat stream chunk; sse.py derives its per-token byte templates from this Struct."""
 
     id: str
     object: Literal["chat.completion.chunk"]
@@ -206,6 +365,7 @@ _COMPLETION_DECODER = msgspec.json.Decoder(CompletionRequest)
 # "Expected `int`, got `str` - at `$.messages[0].role`" -> param "messages[0].role"
 _AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
+_UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
 
 
 def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
@@ -221,6 +381,12 @@ def _validation_error(text: str) -> errors.InvalidRequest:
     at = _AT_PATH.search(text)
     detail = text[: at.start()] if at else text
     param = at.group(1) if at else None
+    unknown = _UNKNOWN.search(detail)
+    if unknown is not None:
+        name = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
+        return errors.InvalidRequest(
+            f"Unrecognized request argument supplied: {name} (this server neither knows nor ignores it)", param=name
+        )
     missing = _MISSING.search(detail)
     if missing is not None:
         name = f"{param}.{missing.group(1)}" if param else missing.group(1)
