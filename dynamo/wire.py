@@ -42,6 +42,9 @@ class ModelCard(msgspec.Struct, frozen=True):
     instance_id: int = 0
     kv_total_blocks: int = 0
     migration_limit: int = 0
+    # How the frontend reads this model's output (frontend/parsers); "": from its chat template.
+    tool_call_parser: str = ""
+    reasoning_parser: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
