@@ -27,9 +27,11 @@ from frontend.config import FrontendConfig
 from frontend.errors import RequestTooLarge, TooManyRequests, Unauthorized, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
-from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig
+from dynamo import errors
+from frontend.errors import error_info
+from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
 from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
-from frontend.sse import DONE
+from frontend.sse import DONE, ChunkWriter, error_event, response_body
 
 _encode = msgspec.json.encode
 
@@ -196,33 +198,35 @@ class CompletionEndpoint:
     async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
         pipeline = self.pipeline
         try:
-            call = await pipeline.open(self.kind, body, arrived_s)
+            generation = await pipeline.open(self.kind, body, arrived_s, len(body))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
             await _send_error(send, exc)
             return
-        if not call.prepared.stream:
-            try:
-                payload = await pipeline.complete(call)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - mapped to a status in frontend/errors.py
-                await _send_error(send, exc)
-                return
-            watch.finishing = True
-            watch.started = True
-            await _send_bytes(send, 200, [(b"content-type", b"application/json")], payload)
-            return
-        chunks: AsyncIterator[bytes] = pipeline.stream(call)
         try:
+            if not generation.stream:
+                try:
+                    results = await generation.results()
+                    payload = response_body(
+                        generation.kind, generation.response_id, generation.created, generation.model,
+                        results, generation.usage(), generation.prepared.output.logprobs,
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status in frontend/errors.py
+                    await _send_error(send, exc)
+                    return
+                watch.finishing = True
+                watch.started = True
+                await _send_bytes(send, 200, [(b"content-type", b"application/json")], payload)
+                return
             watch.started = True
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-            async for chunk in chunks:
+            async for chunk in openai_stream(generation):
                 if chunk.endswith(DONE):
                     # The stream's last chunk (nothing else ends with [DONE]) also ends the HTTP
-                    # body: one write instead of a separate empty terminating chunk. The
-                    # generator still runs to its end, which settles the call's status.
+                    # body: one write instead of a separate empty terminating chunk.
                     watch.finishing = True
                     await send({"type": "http.response.body", "body": chunk, "more_body": False})
                 else:
@@ -231,7 +235,38 @@ class CompletionEndpoint:
                 watch.finishing = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await chunks.aclose()  # type: ignore[attr-defined]
+            await generation.close(generation.status)
+
+
+async def openai_stream(generation: RequestGeneration) -> AsyncIterator[bytes]:
+    """SSE bytes of an opened generation: one write per burst of outputs; the last write also
+    carries the finish chunks, the usage chunk and `data: [DONE]`. Errors after the first token
+    end the stream with an OpenAI error event."""
+    prepared = generation.prepared
+    writer = ChunkWriter(
+        generation.kind, generation.response_id, generation.created, generation.model,
+        prepared.include_usage, prepared.output.legacy_logprobs,
+    )
+    bursts = generation.bursts()
+    chunk = b""
+    try:
+        async for deltas in bursts:
+            chunk = writer.deltas(deltas)
+            if generation.finished:
+                # The last burst goes out with the usage chunk and [DONE], in one write.
+                tail = [chunk]
+                if prepared.include_usage:
+                    tail.append(writer.usage(generation.usage()))
+                tail.append(DONE)
+                chunk = b"".join(tail)
+            yield chunk
+            chunk = b""
+    except errors.DynamoError as exc:
+        _, info = error_info(exc)
+        # Events of outputs that came before the failing one are still the client's.
+        yield b"".join((chunk, error_event(info), DONE))
+    finally:
+        await bursts.aclose()  # type: ignore[attr-defined]
 
 
 class FrontendApp(FastAPI):
@@ -267,6 +302,8 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
             max_dispatch_attempts=config.max_dispatch_attempts,
             migration_limit=config.migration_limit,
             request_timeout_s=config.request_timeout_s,
+            tool_call_parser=config.tool_call_parser,
+            reasoning_parser=config.reasoning_parser,
         ),
     )
     app.state.pipeline = pipeline

@@ -80,6 +80,11 @@ class IncrementalDetokenizer:
     def stopped(self) -> bool:
         return self._stops is not None and self._stops.stopped
 
+    @property
+    def matched(self) -> str | None:
+        """The stop string that ended the text, once `stopped`."""
+        return self._stops.matched if self._stops is not None else None
+
     def step(self, token_ids: Sequence[int]) -> str:
         """Text that became final with these tokens ("" when nothing did)."""
         tokenizer, stream = self._tokenizer, self._stream

@@ -45,6 +45,8 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_sequence: str | None = None
+    # Completions with echo and logprobs, first delta only: per prompt token (the first has none).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(slots=True)
@@ -56,12 +58,13 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None
     finish_reason: str
     stop_sequence: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class ChoiceAccumulator:
     """Folds one choice's deltas into its result."""
 
-    __slots__ = ("index", "_content", "_reasoning", "_calls", "_logprobs", "_finish", "_stop")
+    __slots__ = ("index", "_content", "_reasoning", "_calls", "_logprobs", "_finish", "_stop", "_prompt_logprobs")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -71,6 +74,7 @@ class ChoiceAccumulator:
         self._logprobs: list[TokenLogprob] | None = None
         self._finish: str | None = None
         self._stop: str | None = None
+        self._prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         if delta.content:
@@ -91,6 +95,8 @@ class ChoiceAccumulator:
             if self._logprobs is None:
                 self._logprobs = []
             self._logprobs.extend(delta.logprobs)
+        if delta.prompt_logprobs is not None:
+            self._prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self._finish = delta.finish_reason
             self._stop = delta.stop_sequence
@@ -106,6 +112,7 @@ class ChoiceAccumulator:
             logprobs=self._logprobs,
             finish_reason=self._finish,
             stop_sequence=self._stop,
+            prompt_logprobs=self._prompt_logprobs,
         )
 
 

@@ -303,24 +303,26 @@ class ChatChunkChoice(Struct):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(Struct):
-    """One chat stream chunk; sse.py derives its per-token byte templates from this Struct."""
+class ChatCompletionChunk(Struct, omit_defaults=True):
+    """One chat stream chunk; sse.py derives its per-token byte templates from this Struct.
+    With stream_options.include_usage, every chunk carries `"usage": null` and the last one
+    the usage; without, `usage` is left out (UNSET)."""
 
     id: str
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
 
 
-class CompletionChunk(Struct):
+class CompletionChunk(Struct, omit_defaults=True):
     id: str
     object: Literal["text_completion"]
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Usage | None = None
+    usage: Usage | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class ModelObject(Struct):

@@ -152,6 +152,7 @@ class ModelTokenizer:
     # Same ids as `tokenizer` without special tokens, faster; None where it does not apply.
     fast_encoder: ByteLevelEncoder | None = field(default=None, compare=False)
     chat_template_globals: dict[str, Any] = field(default_factory=dict, compare=False)
+    chat_template_source: str = field(default="", compare=False)
 
     @classmethod
     def load(cls, model_path: str) -> ModelTokenizer:
@@ -193,6 +194,7 @@ class ModelTokenizer:
             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
             fast_encoder=fast_encoder,
             chat_template_globals=dict(chat_template.globals) if chat_template is not None else {},
+            chat_template_source=template_source or "",
         )
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -203,21 +205,41 @@ class ModelTokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True) -> str:
+    def check_tools_supported(self) -> None:
+        """Tools reach a model only through its chat template; one that never reads `tools`
+        would drop them without a word."""
+        if "tools" not in self.chat_template_source:
+            raise errors.InvalidRequest(
+                f"the chat template of model {self.model_path!r} cannot present tools to the model",
+                param="tools",
+            )
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text for a conversation. `tools` are OpenAI tool objects
+        ({"type": "function", "function": {...}}), as transformers passes them to templates;
+        `template_kwargs` are extra template variables (e.g. enable_thinking)."""
         if self.chat_template is None:
             raise errors.InvalidRequest(
                 f"model at {self.model_path!r} has no chat template; use /v1/completions"
             )
+        if tools:
+            self.check_tools_supported()
+        variables: dict[str, Any] = dict(template_kwargs or {})
+        variables.update(
+            messages=[_message_dict(i, m) for i, m in enumerate(messages)],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+            tools=tools or None,
+        )
         try:
-            return _render(
-                self.chat_template,
-                self.chat_template_globals or dict(self.chat_template.globals),
-                messages=[_message_dict(m) for m in messages],
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                tools=None,
-            )
+            return _render(self.chat_template, self.chat_template_globals or dict(self.chat_template.globals), **variables)
         except jinja2.TemplateError as exc:
             # Templates reject conversations they cannot express (e.g. roles out of order).
             raise errors.InvalidRequest(f"chat template rejected the messages: {exc}", param="messages") from None
@@ -236,7 +258,7 @@ def _render(template: jinja2.Template, template_globals: dict[str, Any], **varia
         raise  # pragma: no cover - handle_exception never returns
 
 
-def _message_dict(message: ChatMessage) -> dict[str, Any]:
+def _message_dict(index: int, message: ChatMessage) -> dict[str, Any]:
     """Templates index messages as dicts: the one place a Struct becomes a dict, for jinja."""
     content = message.content
     if isinstance(content, list):
@@ -244,8 +266,8 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
         for i, part in enumerate(content):
             if part.type != "text" or part.text is None:
                 raise errors.InvalidRequest(
-                    f"content part of type {part.type!r} is not supported; only text parts",
-                    param=f"messages.content[{i}]",
+                    f"content part of type {part.type!r} is not supported; this model takes text parts only",
+                    param=f"messages[{index}].content[{i}].type",
                 )
             texts.append(part.text)
         content = "".join(texts)
@@ -254,7 +276,27 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
         out["name"] = message.name
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
+    if message.reasoning_content is not None:
+        out["reasoning_content"] = message.reasoning_content
+    if message.tool_calls:
+        # Templates (Qwen's, Llama's, Hermes') iterate arguments as a mapping, as transformers
+        # hands them over; clients send them as JSON text.
+        out["tool_calls"] = [
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": _arguments(call.function.arguments)},
+            }
+            for call in message.tool_calls
+        ]
     return out
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 class TokenizerCache:

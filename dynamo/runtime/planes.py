@@ -54,6 +54,29 @@ class ResponseStream(ABC):
     def abort(self, error: Exception) -> None:
         """Fail the stream from the caller's side (its instance died); wakes the reader."""
 
+    # Batching: a reader that got one payload takes every payload that has already arrived
+    # with it, so a burst of tokens costs one write downstream. Streams that cannot tell what
+    # has arrived keep these defaults and are read one payload at a time.
+
+    def next_ready(self) -> bytes | None:
+        """The next payload if it has already arrived as plain data, without waiting; None
+        otherwise (nothing yet, or an end or error that `__anext__` reports as usual)."""
+        return None
+
+    def frames_ready(self) -> bool:
+        """Whether `__anext__` would return (or raise) without waiting."""
+        return False
+
+    async def next_burst(self) -> list[bytes]:
+        """Wait for the next payload, then take every payload already behind it. Raises what
+        `__anext__` raises (StopAsyncIteration at the end) only when nothing was taken."""
+        burst = [await self.__anext__()]
+        more = self.next_ready()
+        while more is not None:
+            burst.append(more)
+            more = self.next_ready()
+        return burst
+
     async def __aenter__(self) -> ResponseStream:
         return self
 

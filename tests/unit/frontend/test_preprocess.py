@@ -46,7 +46,7 @@ def test_sampling_and_extensions_reach_the_wire(tokenizer: ModelTokenizer) -> No
     assert (s.temperature, s.top_p, s.seed, s.top_k) == (0.5, 0.9, 11, 5)
     assert (stop.max_tokens, stop.min_tokens, stop.ignore_eos) == (7, 2, True)
     assert stop.stop_token_ids == [42]  # ignore_eos: EOS ids not added
-    assert p.stop_strings == ("##",) and p.stream and p.include_usage
+    assert p.output.stop_strings == ("##",) and p.stream and p.include_usage
 
 
 def test_completion_prompt_forms(tokenizer: ModelTokenizer) -> None:
@@ -62,4 +62,4 @@ def test_completion_prompt_forms(tokenizer: ModelTokenizer) -> None:
 
 def test_echo(tokenizer: ModelTokenizer) -> None:
     req = decode_completion_request(b'{"model":"tiny","prompt":"Hello","echo":true}')
-    assert preprocess_completion(req, CARD, tokenizer, "r").echo_text == "Hello"
+    assert preprocess_completion(req, CARD, tokenizer, "r").choices[0].echo_text == "Hello"

@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 
+from dynamo import errors
+
 from frontend.schemas import decode_chat_request, openapi_schema
 from tests.unit.frontend.conftest import CONTEXT, MODEL, Stack, start_worker
 
@@ -31,7 +33,31 @@ MSG = [{"role": "user", "content": "x"}]
         ({"model": MODEL, "messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "messages": MSG, "max_tokens": "ten"}, 400, "max_tokens"),
         ({"model": MODEL, "messages": MSG, "max_tokens": CONTEXT}, 400, "max_tokens"),
-        ({"model": MODEL, "messages": MSG, "n": 2}, 400, "n"),
+        ({"model": MODEL, "messages": MSG, "n": 0}, 400, "n"),
+        ({"model": MODEL, "messages": MSG, "n": 129}, 400, "n"),
+        ({"model": MODEL, "messages": MSG, "unknown_field": 1}, 400, "unknown_field"),
+        ({"model": MODEL, "messages": MSG, "logit_bias": {"99999": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": MSG, "logit_bias": {"x": 5}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": MSG, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"model": MODEL, "messages": MSG, "top_logprobs": 3}, 400, "top_logprobs"),
+        ({"model": MODEL, "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+        ({"model": MODEL, "messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),
+        ({"model": MODEL, "messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+        ({"model": MODEL, "messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
+        ({"model": MODEL, "messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
+        ({"model": MODEL, "messages": MSG, "store": True}, 400, "store"),
+        ({"model": MODEL, "messages": MSG, "reasoning_effort": "high"}, 400, "reasoning_effort"),
+        ({"model": MODEL, "messages": MSG, "modalities": ["audio"]}, 400, "modalities"),
+        (
+            {"model": MODEL, "messages": MSG, "response_format": {"type": "json_object"}, "guided_regex": "a+"},
+            400,
+            "guided_regex",
+        ),
+        (
+            {"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            400,
+            "tools",
+        ),
         ({"model": MODEL, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "messages": MSG, "stop": [""]}, 400, "stop"),
         ({"model": MODEL, "messages": MSG, "stream": "yes"}, 400, "stream"),
@@ -55,7 +81,9 @@ async def test_bad_chat_input(stack: Stack, body: dict[str, Any], status: int, n
     ("body", "needle"),
     [
         ({"model": MODEL}, "prompt"),
-        ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
+        ({"model": MODEL, "prompt": [1, "b"]}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "suffix": "y"}, "suffix"),
+        ({"model": MODEL, "prompt": "x", "logprobs": 21}, "logprobs"),
         ({"model": MODEL, "prompt": []}, "prompt"),
         ({"model": MODEL, "prompt": [1, 2, 100000]}, "prompt"),
         ({"model": MODEL, "prompt": [1, -2]}, "prompt"),
@@ -115,6 +143,9 @@ def test_schema_generation_is_stable() -> None:
 def test_decode_keeps_extensions() -> None:
     req = decode_chat_request(
         b'{"model":"m","messages":[{"role":"user","content":"x"}],"ignore_eos":true,'
-        b'"min_tokens":2,"stop_token_ids":[5],"seed":7,"unknown_field":1}'
+        b'"min_tokens":2,"stop_token_ids":[5],"seed":7}'
     )
     assert req.ignore_eos and req.min_tokens == 2 and req.stop_token_ids == [5] and req.seed == 7
+    with pytest.raises(errors.InvalidRequest) as info:
+        decode_chat_request(b'{"model":"m","messages":[{"role":"user","content":"x"}],"unknown_field":1}')
+    assert info.value.param == "unknown_field"
