@@ -297,12 +297,13 @@ class RequestGeneration:
         async def pump(i: int) -> None:
             stream, output = self.streams[i], self.outputs[i]
             try:
-                queue.put_nowait((i, [self._firsts[i], *stream.take_pending()]))
-                while output.finish_reason is None:
+                outs = [self._firsts[i], *stream.take_pending()]
+                queue.put_nowait((i, outs))
+                # Read until the worker says it is done (the consumer may finish the choice
+                # earlier, on max_tokens or a stop string, and then cancels this task).
+                while not any(o.finish_reason is not None for o in outs):
                     outs = await stream.next_burst(output.generated)
                     queue.put_nowait((i, outs))
-                    if any(o.finish_reason is not None for o in outs):
-                        return  # the worker is done; the consumer decides when the choice is
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it

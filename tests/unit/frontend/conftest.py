@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from dynamo.config import RuntimeConfig
 from dynamo.model_registry import ModelWatcher, register_model
 from dynamo.runtime import RequestContext, Runtime, ServedEndpoint
-from dynamo.wire import REQUEST_CODEC, EngineOutput, ModelCard, PreprocessedRequest, encode
+from dynamo.wire import REQUEST_CODEC, EngineOutput, ModelCard, PreprocessedRequest, PromptTokenLogprob, encode
 from frontend.app import create_app
 from frontend.config import FrontendConfig
 from frontend.metrics import FrontendMetrics
@@ -50,6 +50,7 @@ class ScriptedWorker:
     fail_after: int | None = None
     served: ServedEndpoint | None = None
     instance_id: int = 0
+    model_path: str = TINY_MODEL
 
     async def handle(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         request = REQUEST_CODEC.decode(payload)
@@ -65,7 +66,17 @@ class ScriptedWorker:
                     await self.gate.wait()
                 last = i == len(tokens) - 1
                 reason = ("stop" if token in request.stop.stop_token_ids else self.finish) if last else None
-                yield encode(EngineOutput([token], reason, self.cached_tokens if i == 0 else None))
+                out = EngineOutput([token], reason, self.cached_tokens if i == 0 else None)
+                if request.sampling.logprobs:
+                    # Scripted, but shaped like an engine's: the chosen token is the most likely.
+                    out.logprobs = [-0.25 - 0.01 * i]
+                    k = request.sampling.top_logprobs
+                    out.top_logprobs = [[(token + j, -0.25 - 0.01 * i - j) for j in range(k)]]
+                if i == 0 and request.prompt_logprobs is not None:
+                    out.prompt_logprobs = [None] + [
+                        PromptTokenLogprob(-1.0, [(t, -1.0)][: request.prompt_logprobs]) for t in request.token_ids[1:]
+                    ]
+                yield encode(out)
         finally:
             if ctx.cancelled.is_set():
                 self.cancelled.set()
@@ -76,7 +87,7 @@ class ScriptedWorker:
         self.served = await self.runtime.endpoint("backend", "generate").serve(self.handle)
         card = ModelCard(
             served_model_name=name,
-            model_path=TINY_MODEL,
+            model_path=self.model_path,
             context_length=CONTEXT,
             kv_block_size=16,
             namespace=self.runtime.namespace,
