@@ -38,6 +38,8 @@ class FrontendConfig:
     # Output parsers for every model (frontend/parsers); None: each model's card, else its template.
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    # How long /v1/responses keeps a stored response (GET, previous_response_id).
+    response_store_ttl_s: float = 3600.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
@@ -56,6 +58,7 @@ class FrontendConfig:
             cors_allow_origins=_split(args.cors_allow_origins),
             tool_call_parser=args.dyn_tool_call_parser or None,
             reasoning_parser=args.dyn_reasoning_parser or None,
+            response_store_ttl_s=args.response_store_ttl_s,
         )
 
 
@@ -151,4 +154,11 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         help="how <think> reasoning is split from every model's answer into reasoning_content: "
         "deepseek_r1, qwen3 (default: the model's worker setting, else recognised from its chat "
         "template) [env DYN_REASONING_PARSER]",
+    )
+    group.add_argument(
+        "--response-store-ttl-s",
+        type=float,
+        default=float(env_default("DYN_RESPONSE_STORE_TTL_S", "3600") or 3600),
+        help="how long a stored /v1/responses response can be read or continued by "
+        "previous_response_id, on any frontend of the namespace (default 3600) [env DYN_RESPONSE_STORE_TTL_S]",
     )

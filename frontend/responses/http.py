@@ -1,0 +1,182 @@
+"""A raw ASGI endpoint for the POST routes beside chat/completions (Responses, Anthropic
+Messages, tokenize): the body limit, the frontend's in-flight limit, cancellation when the client
+disconnects, JSON or SSE replies, and errors in the route's own API shape.
+
+It is app.py's CompletionEndpoint with the request handling and the error body passed in; the
+two belong together once app.py's endpoint takes them too (it lives here until then, because
+app.py imports the route modules and so cannot be imported by them)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from starlette.types import Message, Receive, Scope, Send
+
+from frontend.errors import HttpError, RequestTooLarge
+from frontend.models import ServedModel
+from frontend.pipeline import Pipeline
+from frontend.preprocess import ParserNames, _reasoning_parser
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
+]
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+@dataclass(frozen=True, slots=True)
+class JsonReply:
+    body: bytes
+    status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReply:
+    """SSE bytes; the endpoint closes the iterator when done or when the client leaves (which
+    must cancel the work behind it). Errors after the first byte are the iterator's to encode."""
+
+    events: AsyncIterator[bytes]
+
+
+Reply = JsonReply | StreamReply
+# (body, arrival time from time.perf_counter()) -> the reply. Raising before the reply is an error
+# status, encoded by the endpoint's ErrorEncoder.
+Handler = Callable[[bytes, float], Awaitable[Reply]]
+ErrorEncoder = Callable[[BaseException], HttpError]
+
+
+class Limit(Protocol):
+    """app.py's InflightLimit: acquire() raises TooManyRequests when full."""
+
+    def acquire(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class _Watch:
+    """Cancels the serving task when the client disconnects: whatever it awaits (a worker's next
+    output) unwinds and closes the worker stream, which cancels the request on the worker."""
+
+    __slots__ = ("disconnected", "finishing", "started", "_task", "_watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self.finishing = False  # the last send is under way: its disconnect is no news
+        self.started = False  # the status line went out: an error can no longer change it
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._watcher = asyncio.create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                if not self.finishing:
+                    self.disconnected = True
+                    self._task.cancel()
+                return
+
+    def stop(self) -> None:
+        self._watcher.cancel()
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message: Message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError  # nobody to answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLarge(f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_bytes(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send: Send, error: HttpError) -> None:
+    await send_bytes(send, error.status, list(error.headers), error.body)
+
+
+class ApiEndpoint:
+    """POST handler as a raw ASGI app; mount it with starlette's `Route(path, endpoint)`."""
+
+    def __init__(self, handler: Handler, on_error: ErrorEncoder, max_body_bytes: int, limit: Limit | None) -> None:
+        self.handler = handler
+        self.on_error = on_error
+        self.max_body_bytes = max_body_bytes
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        arrived_s = time.perf_counter()
+        try:
+            body = await read_body(receive, self.max_body_bytes)
+            if self.limit is not None:
+                self.limit.acquire()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # noqa: BLE001 - too large, too many: the API's error body
+            await send_error(send, self.on_error(exc))
+            return
+        watch = _Watch(receive)
+        task = asyncio.current_task()
+        try:
+            await self._serve(body, arrived_s, send, watch)
+        except asyncio.CancelledError:
+            if not watch.disconnected:
+                raise
+            assert task is not None
+            task.uncancel()  # the client left: the cancellation was ours, and it is done
+        except Exception as exc:
+            if watch.started:
+                raise  # only the server can end a started response: it closes the connection
+            await send_error(send, self.on_error(exc))
+        finally:
+            watch.stop()
+            if self.limit is not None:
+                self.limit.release()
+
+    async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _Watch) -> None:
+        reply = await self.handler(body, arrived_s)
+        if isinstance(reply, JsonReply):
+            watch.finishing = watch.started = True
+            await send_bytes(send, reply.status, _JSON_HEADERS, reply.body)
+            return
+        events = reply.events
+        try:
+            watch.started = True
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            async for chunk in events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            watch.finishing = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+def reasoning_available(pipeline: Pipeline, model: ServedModel) -> bool:
+    """Whether the pipeline splits this model's reasoning from its answer (a reasoning parser
+    configured for the frontend or the model, or recognised from its chat template): what
+    Anthropic's `thinking` and the Responses `reasoning` need. Call after `model.wait_open()`."""
+    assert model.tokenizer is not None
+    names = ParserNames(None, pipeline.config.reasoning_parser or model.card.reasoning_parser or None)
+    return _reasoning_parser(model.tokenizer, names, {}) is not None

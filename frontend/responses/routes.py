@@ -1,0 +1,124 @@
+"""The Responses API routes: POST /v1/responses (JSON or SSE), GET and DELETE
+/v1/responses/{id}; errors in OpenAI's shape."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from dynamo import errors
+from frontend.config import FrontendConfig
+from frontend.errors import HttpError, error_body, error_info, http_error, to_response
+from frontend.models import ModelManager
+from frontend.pipeline import Pipeline
+from frontend.responses.convert import to_chat_request
+from frontend.responses.encode import base_response, new_id, response_events, response_object
+from frontend.responses.http import ApiEndpoint, JsonReply, Reply, StreamReply, reasoning_available
+from frontend.responses.schemas import DeletedResponse, ResponseObject, StoredResponse, decode_responses_request
+from frontend.responses.store import DiscoveryResponseStore, ResponseNotFound, ResponseStore
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.json.encode
+
+ENDPOINT_LABEL = "responses"
+
+
+class PreviousResponseNotFound(errors.InvalidRequest):
+    """OpenAI answers an unknown previous_response_id with 400 and this code."""
+
+    api_code = "previous_response_not_found"
+
+
+def openai_http_error(exc: BaseException) -> HttpError:
+    """frontend/errors.py's status, headers and body, with the Responses API's own codes for
+    the errors that have one (the status still comes from the project error they derive from)."""
+    error = http_error(exc)
+    if isinstance(exc, PreviousResponseNotFound):
+        code: str | None = PreviousResponseNotFound.api_code
+    elif isinstance(exc, ResponseNotFound):
+        code = None  # OpenAI's 404 for an unknown response id carries no code
+    else:
+        return error
+    status, info = error_info(exc)
+    return HttpError(status, error_body(msgspec.structs.replace(info, code=code)), error.headers)
+
+
+def register_responses_routes(
+    app: FastAPI, pipeline: Pipeline, manager: ModelManager, config: FrontendConfig
+) -> ResponseStore:
+    """Add the routes to `app` (after create_app set `app.state.inflight_limit`). Returns the
+    store, kept in the runtime's discovery under the frontend's namespace."""
+    store = DiscoveryResponseStore(
+        manager.runtime.discovery, config.namespace or manager.runtime.namespace, config.response_store_ttl_s
+    )
+    app.state.response_store = store
+
+    async def create(body: bytes, arrived_s: float) -> Reply:
+        request = decode_responses_request(body)
+        previous = None
+        if request.previous_response_id is not None:
+            record = await store.get(request.previous_response_id)
+            if record is None:
+                raise PreviousResponseNotFound(
+                    f"Previous response with id '{request.previous_response_id}' not found.",
+                    param="previous_response_id",
+                )
+            previous = record.conversation()
+        model = manager.get(request.model)
+        await model.wait_open()
+        tokenizer = model.tokenizer
+        assert tokenizer is not None
+        converted = to_chat_request(request, previous, reasoning_available(pipeline, model))
+        generation = await pipeline.open_request(ENDPOINT_LABEL, converted.chat, arrived_s, len(body))
+        base = base_response(request, new_id("resp"), generation.model)
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer.encode(text, add_special_tokens=False))
+
+        async def save(response: ResponseObject) -> None:
+            if not request.store:
+                return
+            record = StoredResponse(response=response, input=converted.conversation, expires_at_s=store.expires_at())
+            try:
+                await store.put(record)
+            except errors.DynamoError as exc:
+                # The answer is still the client's; continuing it will get the not-found 400.
+                log.error("response %s could not be stored: %s", response.id, exc.message)
+
+        if request.stream:
+            return StreamReply(response_events(generation, base, count_tokens, save))
+        results = await generation.results()
+        response = response_object(base, results[0], generation.usage(), count_tokens)
+        await save(response)
+        return JsonReply(_encode(response))
+
+    async def retrieve(request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        try:
+            record = await store.get(response_id)
+            if record is None:
+                raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
+            return to_response(openai_http_error(exc))
+        return Response(_encode(record.response), media_type="application/json")
+
+    async def delete(request: Request) -> Response:
+        response_id = request.path_params["response_id"]
+        try:
+            if not await store.delete(response_id):
+                raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
+            return to_response(openai_http_error(exc))
+        return Response(_encode(DeletedResponse(response_id)), media_type="application/json")
+
+    endpoint = ApiEndpoint(create, openai_http_error, config.max_request_body_bytes, app.state.inflight_limit)
+    app.router.routes.append(Route("/v1/responses", endpoint, methods=["POST"]))
+    app.router.routes.append(Route("/v1/responses/{response_id}", retrieve, methods=["GET"]))
+    app.router.routes.append(Route("/v1/responses/{response_id}", delete, methods=["DELETE"]))
+    return store
