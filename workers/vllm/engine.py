@@ -9,7 +9,6 @@ import logging
 import time
 from http import HTTPStatus
 from collections.abc import AsyncIterator
-from typing import Any
 
 from vllm.config.kv_events import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -25,7 +24,9 @@ from kvbm.block_pool import KvEventSink
 from workers.engine import Engine, EngineInfo
 from workers.vllm.args import VllmConfig
 from workers.vllm.kv_events import KvEventSubscriber, KvEventTranslator
-from workers.vllm.sampling import FINISH_REASONS, sampling_params
+from workers.vllm.logprobs import prompt_logprobs, sample_logprobs
+from workers.vllm.replay import PROCESSOR_FQCN
+from workers.vllm.sampling import FINISH_REASONS, ConstraintValidator, invalid_request, sampling_params
 from workers.vllm.stats import SchedulerSnapshot, stat_logger_factory
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class VllmEngine(Engine):
         # Prompt tokens of requests that have not produced their first token yet.
         self._prefill_pending: dict[str, int] = {}
         self._num_inflight = 0
+        # Whether vLLM runs our migration-replay logits processor (workers/vllm/replay.py).
+        self._replay = False
+        self._validator: ConstraintValidator | None = None
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -54,6 +58,7 @@ class VllmEngine(Engine):
         subscriber = None
         if kv_events is not None and self.config.publish_kv_events:
             engine_args, subscriber = self._kv_events_wiring(engine_args, kv_events)
+        engine_args = self._with_replay(engine_args)
         try:
             # Building AsyncLLM blocks for as long as the engine core takes to load the model and
             # profile memory (tens of seconds): keep it off the event loop. AsyncLLM starts its
@@ -64,6 +69,10 @@ class VllmEngine(Engine):
                 await subscriber.stop()
             raise
         vllm_config = self._llm.vllm_config
+        processor = self._llm.input_processor
+        self._validator = ConstraintValidator(
+            processor.model_config, processor.structured_outputs_config, processor.tokenizer
+        )
         hf_eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
         eos_ids = (hf_eos,) if isinstance(hf_eos, int) else tuple(hf_eos or ())
         self.info = EngineInfo(
@@ -99,6 +108,19 @@ class VllmEngine(Engine):
             stat_loggers=[stat_logger_factory(self._stats)],
         )
 
+    def _with_replay(self, engine_args: AsyncEngineArgs) -> AsyncEngineArgs:
+        """The engine args with our migration-replay logits processor added to the user's own,
+        so that a migrated request resumes its grammar and penalties. vLLM refuses custom logits
+        processors with speculative decoding: there, such migrations are refused instead."""
+        self._replay = engine_args.speculative_config is None
+        if not self._replay:
+            log.warning("speculative decoding is on: migrated constrained or penalised requests will be refused")
+            return engine_args
+        processors = list(engine_args.logits_processors or [])
+        if PROCESSOR_FQCN not in processors:
+            processors.append(PROCESSOR_FQCN)
+        return dataclasses.replace(engine_args, logits_processors=processors)
+
     def _kv_events_wiring(
         self, engine_args: AsyncEngineArgs, kv_events: KvEventSink
     ) -> tuple[AsyncEngineArgs, KvEventSubscriber]:
@@ -124,9 +146,13 @@ class VllmEngine(Engine):
             raise errors.EngineError("vllm engine is not running")
         if llm.errored:
             raise errors.EngineError(f"vllm engine is dead: {llm.dead_error}")
-        params = sampling_params(request, info.context_length, info.eos_token_ids)
+        params = sampling_params(
+            request, info.context_length, info.eos_token_ids, replay_available=self._replay, validator=self._validator
+        )
         request_id = request.request_id
-        want_logprobs = request.sampling.logprobs
+        want_logprobs = params.logprobs is not None
+        top_k = request.sampling.top_logprobs
+        want_prompt_logprobs = params.prompt_logprobs is not None
         stream = llm.generate(tokens_input(list(request.token_ids)), params, request_id)
         self._num_inflight += 1
         self._prefill_pending[request_id] = len(request.token_ids)
@@ -146,15 +172,18 @@ class VllmEngine(Engine):
                     first = False
                     self._prefill_pending.pop(request_id, None)
                     chunk.cached_tokens = out.num_cached_tokens
+                if want_prompt_logprobs and out.prompt_logprobs is not None:
+                    want_prompt_logprobs = False  # DELTA: vLLM sends them once, with the first output
+                    chunk.prompt_logprobs = prompt_logprobs(out.prompt_logprobs, request.token_ids, params.prompt_logprobs)
                 if want_logprobs and completion.logprobs is not None:
-                    chunk.logprobs = _sampled_logprobs(completion.logprobs, token_ids)
+                    chunk.logprobs, chunk.top_logprobs = sample_logprobs(completion.logprobs, token_ids, top_k)
                 yield chunk
                 if finish is not None:
                     return
         except EngineDeadError as exc:
             raise errors.EngineError(f"vllm engine died: {exc}") from None
         except (VLLMClientError, ValueError) as exc:  # request validation: prompt too long, ...
-            raise errors.InvalidRequest(str(exc)) from None
+            raise invalid_request(exc) from None
         except GracefulHTTPError as exc:  # admission control: the queue is full
             if exc.http_status == HTTPStatus.SERVICE_UNAVAILABLE:
                 raise errors.Overloaded(exc.message) from None
@@ -192,8 +221,3 @@ class VllmEngine(Engine):
     def kv_snapshot(self) -> list[KvEventData]:
         return self._translator.snapshot() if self._translator is not None else []
 
-
-def _sampled_logprobs(logprobs: Any, token_ids: list[int]) -> list[float]:
-    """The sampled tokens' logprobs from vLLM's per-position {token_id: Logprob} maps."""
-    start = len(logprobs) - len(token_ids)  # DELTA: normally 0; tolerate a cumulative list
-    return [logprobs[start + i][tok].logprob for i, tok in enumerate(token_ids)]
