@@ -1,0 +1,53 @@
+"""A Generation that yields scripted ChoiceDelta bursts: drives the API encoders in their unit
+tests (the routes are tested over the real pipeline in test_routes.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from dynamo import errors
+from frontend.outputs import ChoiceAccumulator, ChoiceDelta, ChoiceResult
+from frontend.schemas import PromptTokensDetails, Usage
+
+
+@dataclass
+class ScriptedGeneration:
+    script: list[list[ChoiceDelta]]
+    prompt_tokens: int = 10
+    cached_tokens: int = 4
+    fail_after: int | None = None  # bursts delivered before a StreamBroken
+    response_id: str = "chatcmpl-0123abcd"
+    created: int = 1700000000
+    model: str = "tiny"
+    num_choices: int = 1
+    closed: bool = False
+    completion_tokens: int = 0
+    delivered: list[list[ChoiceDelta]] = field(default_factory=list)
+
+    async def bursts(self) -> AsyncIterator[list[ChoiceDelta]]:
+        try:
+            for i, burst in enumerate(self.script):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise errors.StreamBroken("the worker went away")
+                # One token per non-empty delta, for the usage count.
+                self.completion_tokens += sum(1 for d in burst if d.content or d.reasoning or d.tool_calls)
+                self.delivered.append(burst)
+                yield burst
+        finally:
+            self.closed = True
+
+    def usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=self.prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=self.cached_tokens),
+        )
+
+    async def results(self) -> list[ChoiceResult]:
+        accumulators = [ChoiceAccumulator(i) for i in range(self.num_choices)]
+        async for burst in self.bursts():
+            for delta in burst:
+                accumulators[delta.index].add(delta)
+        return [a.result() for a in accumulators]
