@@ -49,8 +49,9 @@ from frontend.schemas import (
 )
 from frontend.schemas import ToolChoice as ChatToolChoice
 
-# Anthropic's own limits for extended thinking.
-MIN_THINKING_BUDGET_TOKENS = 1024
+# Anthropic asks for budget_tokens >= 1024; served models may have less context than that, so
+# only Anthropic's other rule (budget below max_tokens) is kept.
+MIN_THINKING_BUDGET_TOKENS = 1
 # The chat schema's limit on stop strings (OpenAI's); Anthropic allows more, this server does not.
 MAX_STOP_SEQUENCES = 4
 

@@ -102,7 +102,7 @@ def test_thinking_needs_a_reasoning_parser() -> None:
 
 
 def test_thinking_budget_rules() -> None:
-    refused("thinking.budget_tokens", True, thinking={"type": "enabled", "budget_tokens": 100}, max_tokens=4096)
+    refused("thinking.budget_tokens", True, thinking={"type": "enabled", "budget_tokens": 0}, max_tokens=4096)
     refused("thinking.budget_tokens", True, thinking={"type": "enabled", "budget_tokens": 4096}, max_tokens=4096)
     refused("thinking.budget_tokens", True, thinking={"type": "enabled"}, max_tokens=4096)
 

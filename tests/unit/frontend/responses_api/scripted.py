@@ -51,3 +51,38 @@ class ScriptedGeneration:
             for delta in burst:
                 accumulators[delta.index].add(delta)
         return [a.result() for a in accumulators]
+
+
+def serve_apis(stack: object, ttl_s: float = 3600.0) -> object:
+    """Register the Anthropic, Responses and tokenize routes on a test stack's app (as
+    create_app does); returns the response store."""
+    from frontend.anthropic import register_anthropic_routes
+    from frontend.config import FrontendConfig
+    from frontend.responses import register_responses_routes
+    from frontend.tokenize_api import register_tokenize_routes
+
+    app = stack.app  # type: ignore[attr-defined]
+    manager = stack.manager  # type: ignore[attr-defined]
+    config = FrontendConfig(max_request_body_bytes=1 << 20, response_store_ttl_s=ttl_s)
+    register_anthropic_routes(app, app.state.pipeline, manager, config)
+    store = register_responses_routes(app, app.state.pipeline, manager, config)
+    register_tokenize_routes(app, manager, config)
+    return store
+
+
+def think_model(tmp_path: object) -> str:
+    """The tiny model with a template that reads tools and mentions <think> (so the reasoning
+    parser is recognised) and honours enable_thinking."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tests.unit.frontend.conftest import TINY_MODEL
+    from tests.unit.frontend.test_api_surface import TOOLS_TEMPLATE
+
+    root = Path(str(tmp_path)) / "think-model"
+    shutil.copytree(TINY_MODEL, root, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    config = json.loads((root / "tokenizer_config.json").read_text())
+    config["chat_template"] = TOOLS_TEMPLATE + "{# <think> #}"
+    (root / "tokenizer_config.json").write_text(json.dumps(config))
+    return str(root)
