@@ -22,6 +22,7 @@ its records go with it: see docs/api.md."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -79,6 +80,7 @@ class DiscoveryResponseStore(ResponseStore):
         self.bucket_s = ttl_s / BUCKETS_PER_TTL
         self._clock = clock  # wall clock: expiry times are compared across replicas
         self._leases: dict[int, int] = {}  # bucket number -> lease id
+        self._granting = asyncio.Lock()  # concurrent first writes of a bucket share one lease
 
     def key(self, response_id: str) -> str:
         return self.prefix + response_id
@@ -89,10 +91,11 @@ class DiscoveryResponseStore(ResponseStore):
     async def put(self, record: StoredResponse) -> None:
         await self._revoke_due()
         bucket = math.floor(self._clock() / self.bucket_s)
-        lease = self._leases.get(bucket)
-        if lease is None:
-            lease = await self.discovery.create_lease(self.ttl_s + self.bucket_s)
-            self._leases[bucket] = lease
+        async with self._granting:
+            lease = self._leases.get(bucket)
+            if lease is None:
+                lease = await self.discovery.create_lease(self.ttl_s + self.bucket_s)
+                self._leases[bucket] = lease
         await self.discovery.put(self.key(record.response.id), _encode(record), lease_id=lease)
 
     async def get(self, response_id: str) -> StoredResponse | None:
