@@ -1,5 +1,6 @@
 """The router as a standalone service (`python -m dynamo.router`): serves `router/select` on the
-request plane for frontends, which use RemoteRouter in place of an embedded router.
+request plane for frontends, which use RemoteRouter (router/remote.py) in place of an embedded
+router.
 
 Replicas stay consistent the way embedded routers do: each consumes every worker's KV events
 and load reports, and every frontend's feedback reaches every replica. A replica's in-flight
@@ -9,10 +10,8 @@ predictions cover the requests it routed itself; the workers' load reports cover
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from typing import Any
+from collections.abc import AsyncIterator
 
 import msgspec
 
@@ -21,18 +20,14 @@ from dynamo.runtime.planes import RequestContext, Subscription
 from dynamo.runtime.runtime import Client, Runtime, ServedEndpoint
 from dynamo.wire import PreprocessedRequest, encode
 from router.args import RouterConfig
-from router.base import Router, RoutingDecision
-from router.kv_router import make_router
 from router.metrics import RouterMetrics
+from router.modes import make_router
 from router.protocol import (
-    ROUTE_DECISION_CODEC,
     ROUTE_FEEDBACK_CODEC,
     ROUTE_REQUEST_CODEC,
     ROUTER_COMPONENT,
     SELECT_ENDPOINT,
     RouteDecision,
-    RouteFeedback,
-    RouteRequest,
     feedback_subject,
 )
 
@@ -132,68 +127,3 @@ async def serve_router(
     """Serve the router until cancelled."""
     async with RouterService(runtime, config, mode=mode, component=component, metrics=metrics):
         await asyncio.Event().wait()
-
-
-class RemoteRouter(Router):
-    """A frontend's Router that asks a router service (any replica) for each decision."""
-
-    mode = "remote"
-
-    def __init__(self, runtime: Runtime, *, namespace: str | None = None, wait_s: float = 5.0) -> None:
-        self.runtime = runtime
-        self._namespace = namespace or runtime.namespace
-        self._wait_s = wait_s
-        self._client: Client | None = None
-        self._replica = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def start(self) -> None:
-        endpoint = self.runtime.endpoint(ROUTER_COMPONENT, SELECT_ENDPOINT, self._namespace)
-        self._client = await endpoint.client()
-
-    async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        if self._client is not None:
-            await self._client.close()
-
-    async def select(
-        self, request: PreprocessedRequest, candidates: Sequence[int]
-    ) -> RoutingDecision:
-        if not candidates:
-            raise errors.NoInstances("no live worker serves this model")
-        assert self._client is not None, "start() the router first"
-        replicas = self._client.instance_ids() or await self._client.wait_for_instances(self._wait_s)
-        replica = replicas[next(self._replica) % len(replicas)]
-        payload = encode(RouteRequest(request.request_id, request.token_ids, list(candidates)))
-        stream = await self._client.generate(payload, replica, f"route-{request.request_id}")
-        async with stream:
-            async for data in stream:
-                decision = ROUTE_DECISION_CODEC.decode(data)
-                return RoutingDecision(decision.instance_id, decision.overlap_blocks)
-        raise errors.StreamBroken("router service answered no decision")
-
-    def request_finished(self, request_id: str, instance_id: int) -> None:
-        self._send(RouteFeedback("finished", instance_id, request_id))
-
-    def first_token(self, request_id: str, instance_id: int) -> None:
-        self._send(RouteFeedback("first_token", instance_id, request_id))
-
-    def instance_removed(self, instance_id: int) -> None:
-        self._send(RouteFeedback("removed", instance_id))
-
-    def _send(self, feedback: RouteFeedback) -> None:
-        # The Router callbacks are synchronous; publishing is not: own the task until it ends.
-        self._spawn(self.runtime.events.publish(feedback_subject(self._namespace), encode(feedback)))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("could not send router feedback: %s", task.exception())

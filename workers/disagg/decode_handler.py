@@ -25,7 +25,8 @@ from dynamo.wire import (
 from kvbm.transfer.agent import KvTransferAgent
 from router.args import RouterConfig
 from router.base import Router
-from router.kv_router import KvRouter, make_router
+from router.kv_router import KvRouter
+from router.modes import make_router
 from workers.disagg.args import DisaggConfig
 from workers.disagg.engine_support import DisaggSupport, Reservation
 from workers.disagg.prefill_handler import PREFILL_ENDPOINT

@@ -33,7 +33,9 @@ from dynamo.wire import (
 )
 from router.args import RouterConfig
 from router.base import RandomRouter, RoundRobinRouter
-from router.kv_router import KvRouter, LeastLoadedRouter, make_router
+from router.kv_router import KvRouter
+from router.load_aware import LeastLoadedRouter
+from router.modes import make_router
 from router.metrics import RouterMetrics
 
 NS, COMP = "test", "backend"

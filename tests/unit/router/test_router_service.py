@@ -16,7 +16,8 @@ from dynamo.runtime.planes import RequestContext
 from dynamo.wire import BlockStored, PreprocessedRequest
 from router.args import RouterConfig
 from router.kv_router import KvRouter
-from router.service import RemoteRouter, RouterService
+from router.remote import RemoteRouter
+from router.service import RouterService
 
 BLOCK = 16
 PROMPT = list(range(10 * BLOCK))
