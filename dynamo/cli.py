@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
+from collections.abc import Callable
 
-SUBCOMMANDS = {
-    "serve": "dynamo.serve",
-    "frontend": "dynamo.frontend",
-    "worker": "dynamo.worker",
-    "router": "dynamo.router",
+from frontend.cli import main as frontend_main
+from router.cli import main as router_main
+from serve.cli import main as serve_main
+from workers.cli import main as worker_main
+
+SUBCOMMANDS: dict[str, Callable[[list[str] | None], None]] = {
+    "serve": serve_main,
+    "frontend": frontend_main,
+    "worker": worker_main,
+    "router": router_main,
 }
 
 
@@ -19,8 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
         print("usage: dynamo {" + ",".join(SUBCOMMANDS) + "} [flags]   (see dynamo <cmd> --help)")
         raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    module = importlib.import_module(SUBCOMMANDS[argv[0]])
-    module.main(argv[1:])
+    SUBCOMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Runtime settings shared by every entry point: flags with environment-variable fallbacks.
+"""Runtime settings shared by every entry point: flags with environment-variable fallbacks,
+declared once (dynamo/flags.py), and the frozen `RuntimeConfig` they are turned into.
 
 Each entry point calls `add_runtime_args` once and turns the result into a `RuntimeConfig`
 with `RuntimeConfig.from_args`; library code takes the dataclass, never the environment.
@@ -12,6 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dynamo.flags import Flag, FlagGroup
+
 Backend = Literal["embedded", "distributed"]
 RequestPlaneKind = Literal["nats", "tcp"]
 # Direct TCP, as NVIDIA Dynamo defaults to: no broker hop per request and per response frame
@@ -20,6 +23,8 @@ DEFAULT_REQUEST_PLANE: RequestPlaneKind = "tcp"
 
 
 def env_default(name: str, default: str | None = None) -> str | None:
+    """The environment's value of `name`. For flag modules not yet declared with
+    dynamo/flags.py (frontend/config.py, the engines' args modules); new flags use `Flag`."""
     return os.environ.get(name, default)
 
 
@@ -81,85 +86,94 @@ def resolve_request_plane(chosen: str | None, args: argparse.Namespace) -> Reque
     """The flag (or env) when given; otherwise tcp, unless the NATS connection is secured (TLS,
     a creds file or a password in the URL): the TCP plane has neither, so a deployment that
     secured its request path keeps it on NATS until it opts in."""
-    if chosen in ("nats", "tcp"):
-        return chosen  # type: ignore[return-value]
+    if chosen == "nats" or chosen == "tcp":
+        return chosen
     secured = bool(args.nats_tls_ca or args.nats_creds or _URL_USERINFO.search(args.nats_server or ""))
     return "nats" if secured else DEFAULT_REQUEST_PLANE
 
 
+_D = RuntimeConfig()
+
+RUNTIME_FLAGS = FlagGroup(
+    "runtime",
+    [
+        Flag(
+            "--runtime",
+            "embedded: one process, no servers; distributed: NATS + etcd",
+            default="distributed",
+            env="DYN_RUNTIME",
+            choices=("embedded", "distributed"),
+            default_doc="distributed (dynamo.serve: embedded)",
+        ),
+        Flag("--nats-server", "NATS URL(s), comma separated", default=_D.nats_server, env="NATS_SERVER"),
+        Flag(
+            "--etcd-endpoints",
+            "etcd endpoints, comma separated",
+            default=",".join(_D.etcd_endpoints),
+            env="ETCD_ENDPOINTS",
+        ),
+        Flag(
+            "--namespace",
+            "namespace that groups the components of one deployment",
+            default=_D.namespace,
+            env="DYN_NAMESPACE",
+        ),
+        Flag(
+            "--lease-ttl-s",
+            "discovery lease TTL in seconds; a dead worker is forgotten within it",
+            default=_D.lease_ttl_s,
+            env="DYN_LEASE_TTL_S",
+            type=float,
+        ),
+        Flag(
+            "--request-ack-timeout-s",
+            "how long a caller waits for a worker to accept a request",
+            default=_D.request_ack_timeout_s,
+            env="DYN_REQUEST_ACK_TIMEOUT_S",
+            type=float,
+        ),
+        Flag(
+            "--request-plane",
+            "distributed: how workers serve requests; tcp: direct connections to each worker "
+            "(no broker hop, no TLS or auth), nats: through nats-server. Callers reach workers of "
+            "either kind; events stay on NATS",
+            env="DYN_REQUEST_PLANE",
+            choices=("nats", "tcp"),
+            default_doc=f"{DEFAULT_REQUEST_PLANE}, or nats when NATS has TLS or credentials configured",
+        ),
+        Flag(
+            "--request-plane-host",
+            "tcp request plane: host to listen on and advertise to callers",
+            env="DYN_REQUEST_PLANE_HOST",
+            default_doc="this host's address on its default route, listening on every interface",
+        ),
+        Flag(
+            "--request-plane-port",
+            "tcp request plane: port to listen on; 0 = ephemeral",
+            default=_D.request_plane_port,
+            env="DYN_REQUEST_PLANE_PORT",
+            type=int,
+        ),
+    ],
+)
+
+RUNTIME_SECURITY_FLAGS = FlagGroup(
+    "runtime security",
+    [
+        Flag(
+            "--nats-tls-ca",
+            "CA bundle to verify the NATS server (enables TLS); user:password may go in the NATS URL",
+            env="NATS_TLS_CA",
+        ),
+        Flag("--nats-creds", "NATS credentials file (JWT + nkey seed)", env="NATS_CREDS"),
+        Flag("--etcd-ca", "CA bundle to verify etcd (enables TLS)", env="ETCD_CA"),
+        Flag("--etcd-cert", "client certificate for etcd mTLS", env="ETCD_CERT"),
+        Flag("--etcd-key", "client key for etcd mTLS", env="ETCD_KEY"),
+        Flag("--etcd-user", "etcd user; the password is read from env ETCD_PASSWORD only", env="ETCD_USER"),
+    ],
+)
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, default_backend: Backend) -> None:
-    group = parser.add_argument_group("runtime")
-    group.add_argument(
-        "--runtime",
-        choices=["embedded", "distributed"],
-        default=env_default("DYN_RUNTIME", default_backend),
-        help="embedded: one process, no servers; distributed: NATS + etcd [env DYN_RUNTIME]",
-    )
-    group.add_argument(
-        "--nats-server",
-        default=env_default("NATS_SERVER", "nats://127.0.0.1:4222"),
-        help="NATS URL(s), comma separated [env NATS_SERVER]",
-    )
-    group.add_argument(
-        "--etcd-endpoints",
-        default=env_default("ETCD_ENDPOINTS", "http://127.0.0.1:2379"),
-        help="etcd endpoints, comma separated [env ETCD_ENDPOINTS]",
-    )
-    group.add_argument(
-        "--namespace",
-        default=env_default("DYN_NAMESPACE", "dynamo"),
-        help="namespace that groups the components of one deployment [env DYN_NAMESPACE]",
-    )
-    group.add_argument(
-        "--lease-ttl-s",
-        type=float,
-        default=float(env_default("DYN_LEASE_TTL_S", "10") or 10),
-        help="discovery lease TTL; a dead worker is forgotten within it [env DYN_LEASE_TTL_S]",
-    )
-    group.add_argument(
-        "--request-ack-timeout-s",
-        type=float,
-        default=float(env_default("DYN_REQUEST_ACK_TIMEOUT_S", "5") or 5),
-        help="how long a caller waits for a worker to accept a request [env DYN_REQUEST_ACK_TIMEOUT_S]",
-    )
-    group.add_argument(
-        "--request-plane",
-        choices=["nats", "tcp"],
-        default=env_default("DYN_REQUEST_PLANE"),
-        help="distributed: how workers serve requests; tcp: direct connections to each worker "
-        "(no broker hop, no TLS or auth), nats: through nats-server. Default tcp, or nats when "
-        "NATS has TLS or credentials configured. Callers reach workers of either kind; events "
-        "stay on NATS [env DYN_REQUEST_PLANE]",
-    )
-    group.add_argument(
-        "--request-plane-host",
-        default=env_default("DYN_REQUEST_PLANE_HOST"),
-        help="tcp request plane: host to listen on and advertise to callers (default: this "
-        "host's address on its default route, listening on every interface) [env DYN_REQUEST_PLANE_HOST]",
-    )
-    group.add_argument(
-        "--request-plane-port",
-        type=int,
-        default=int(env_default("DYN_REQUEST_PLANE_PORT", "0") or 0),
-        help="tcp request plane: port to listen on; 0 = ephemeral [env DYN_REQUEST_PLANE_PORT]",
-    )
-    sec = parser.add_argument_group("runtime security")
-    sec.add_argument(
-        "--nats-tls-ca",
-        default=env_default("NATS_TLS_CA"),
-        help="CA bundle to verify the NATS server (enables TLS); user:password may go in the "
-        "NATS URL [env NATS_TLS_CA]",
-    )
-    sec.add_argument(
-        "--nats-creds",
-        default=env_default("NATS_CREDS"),
-        help="NATS credentials file (JWT + nkey seed) [env NATS_CREDS]",
-    )
-    sec.add_argument("--etcd-ca", default=env_default("ETCD_CA"), help="CA bundle to verify etcd (enables TLS) [env ETCD_CA]")
-    sec.add_argument("--etcd-cert", default=env_default("ETCD_CERT"), help="client certificate for etcd mTLS [env ETCD_CERT]")
-    sec.add_argument("--etcd-key", default=env_default("ETCD_KEY"), help="client key for etcd mTLS [env ETCD_KEY]")
-    sec.add_argument(
-        "--etcd-user",
-        default=env_default("ETCD_USER"),
-        help="etcd user; the password is read from env ETCD_PASSWORD only [env ETCD_USER]",
-    )
+    RUNTIME_FLAGS.add_to(parser, defaults={"runtime": default_backend})
+    RUNTIME_SECURITY_FLAGS.add_to(parser)

@@ -1,14 +1,20 @@
-"""A small HTTP server for processes that have no other (workers, the router): /health,
-/ready and /metrics for probes and Prometheus."""
+"""A small HTTP server for probes and Prometheus: /health, /ready and /metrics, for processes
+that have no other HTTP server (workers, the router) and for `dynamo.serve --system-port`,
+whose one page merges the frontend's, the router's and every worker's metrics."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -27,6 +33,54 @@ def live_asyncio_tasks() -> float:
         return float("nan")
 
 
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal handlers (the entry point owns the signals), with an event
+    for 'listening or failed' to synchronise on."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.startup_done = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        try:
+            await super().startup(sockets)
+        finally:
+            self.startup_done.set()
+
+
+class MergedMetrics(Collector):
+    """Several registries as one: families of one name are merged, and each registry's
+    samples get its own extra labels (e.g. the worker instance) so that samples of two workers
+    of one process stay distinct on one page."""
+
+    def __init__(self, sources: Sequence[tuple[CollectorRegistry, Mapping[str, str]]]) -> None:
+        self._sources = list(sources)
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for registry, labels in self._sources:
+            for family in registry.collect():
+                into = merged.get(family.name)
+                if into is None:
+                    into = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    into.samples.append(
+                        Sample(sample.name, {**sample.labels, **labels}, sample.value, sample.timestamp, sample.exemplar)
+                    )
+        yield from merged.values()
+
+
+def merged_registry(sources: Sequence[tuple[CollectorRegistry, Mapping[str, str]]]) -> CollectorRegistry:
+    """One registry that reads `sources` at every scrape (see MergedMetrics)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MergedMetrics(sources))
+    return registry
+
+
 class SystemServer:
     def __init__(
         self,
@@ -37,6 +91,7 @@ class SystemServer:
     ) -> None:
         self._registry = registry
         self._ready = ready
+        self._host, self._port = host, port
 
         async def health(_: Request) -> Response:
             return JSONResponse({"status": "ok"})
@@ -52,16 +107,17 @@ class SystemServer:
             routes=[Route("/health", health), Route("/ready", readiness), Route("/metrics", metrics)]
         )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server = _QuietServer(config)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SystemServer:
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()  # raises the bind error
-            await asyncio.sleep(0.01)
+        self._task = asyncio.create_task(self._server.serve(), name="system-server")
+        started = asyncio.create_task(self._server.startup_done.wait())
+        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if not self._server.started:
+            await asyncio.gather(self._task, return_exceptions=True)
+            raise OSError(f"system server could not listen on {self._host}:{self._port}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -1,12 +1,13 @@
-"""Router flags in Dynamo's spelling (with DYN_* environment fallbacks), declared once, and the
-frozen RouterConfig the rest of the router takes."""
+"""Router flags in Dynamo's spelling (with DYN_* environment fallbacks), declared once
+(dynamo/flags.py), and the frozen RouterConfig the rest of the router takes. Defaults are the
+RouterConfig's own."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 from router.base import ROUTER_MODES
 
 
@@ -54,98 +55,103 @@ class RouterConfig:
             use_kv_events=args.kv_events,
             approx_ttl_s=args.router_approx_ttl_s,
             approx_capacity_blocks=args.router_approx_capacity_blocks,
-            prediction_ttl_s=getattr(args, "router_prediction_ttl_s", cls().prediction_ttl_s),
+            prediction_ttl_s=args.router_prediction_ttl_s,
             seed=args.router_seed,
-            host_hit_weight=getattr(args, "kv_host_hit_weight", cls().host_hit_weight),
-            disk_hit_weight=getattr(args, "kv_disk_hit_weight", cls().disk_hit_weight),
+            host_hit_weight=args.kv_host_hit_weight,
+            disk_hit_weight=args.kv_disk_hit_weight,
         )
 
 
-def _env_bool(name: str, default: bool) -> bool:
-    value = env_default(name)
-    if value is None:
-        return default
-    return value.strip().lower() not in ("0", "false", "no", "off", "")
+_D = RouterConfig()
 
-
-def _env_seed() -> int | None:
-    value = env_default("DYN_ROUTER_SEED")
-    return int(value) if value else None
-
-
-def add_router_args(parser: argparse.ArgumentParser) -> None:
-    d = RouterConfig()
-    group = parser.add_argument_group("router")
-    group.add_argument(
-        "--router-mode",
-        choices=ROUTER_MODES,
-        default=env_default("DYN_ROUTER_MODE", "round-robin"),
-        help="how requests are spread over a model's workers [env DYN_ROUTER_MODE]",
-    )
-    group.add_argument(
-        "--kv-overlap-score-weight",
-        type=float,
-        default=float(env_default("DYN_KV_OVERLAP_SCORE_WEIGHT", str(d.overlap_score_weight))),
-        help="weight of prefill cost (uncached prompt blocks) against decode load (default "
-        f"{d.overlap_score_weight:g}; Dynamo's is 1); 0 = pure load balancing "
-        "[env DYN_KV_OVERLAP_SCORE_WEIGHT]",
-    )
-    group.add_argument(
-        "--router-temperature",
-        type=float,
-        default=float(env_default("DYN_ROUTER_TEMPERATURE", str(d.temperature))),
-        help="0 = always the cheapest worker; > 0 = softmax sampling [env DYN_ROUTER_TEMPERATURE]",
-    )
-    group.add_argument(
-        "--kv-cache-block-size",
-        type=int,
-        default=int(env_default("DYN_KV_CACHE_BLOCK_SIZE", str(d.kv_block_size))),
-        help="tokens per KV block when the workers do not register one [env DYN_KV_CACHE_BLOCK_SIZE]",
-    )
-    group.add_argument(
-        "--kv-events",
-        action=argparse.BooleanOptionalAction,
-        default=_env_bool("DYN_KV_EVENTS", d.use_kv_events),
-        help="track caches from the workers' KV events; --no-kv-events predicts them from "
-        "the router's own decisions (approximate mode) [env DYN_KV_EVENTS]",
-    )
-    group.add_argument(
-        "--router-approx-ttl-s",
-        type=float,
-        default=float(env_default("DYN_ROUTER_APPROX_TTL_S", str(d.approx_ttl_s))),
-        help="approximate mode: seconds a routed block counts as cached [env DYN_ROUTER_APPROX_TTL_S]",
-    )
-    group.add_argument(
-        "--router-approx-capacity-blocks",
-        type=int,
-        default=int(
-            env_default("DYN_ROUTER_APPROX_CAPACITY_BLOCKS", str(d.approx_capacity_blocks))
+ROUTER_FLAGS = FlagGroup(
+    "router",
+    [
+        Flag(
+            "--router-mode",
+            "how requests are spread over a model's workers (docs/routing.md)",
+            default="round-robin",
+            env="DYN_ROUTER_MODE",
+            choices=ROUTER_MODES,
         ),
-        help="approximate mode: predicted blocks kept per worker [env DYN_ROUTER_APPROX_CAPACITY_BLOCKS]",
-    )
-    group.add_argument(
-        "--router-prediction-ttl-s",
-        type=float,
-        default=float(env_default("DYN_ROUTER_PREDICTION_TTL_S", str(d.prediction_ttl_s))),
-        help="with KV events: seconds a request's blocks count as cached on the worker it was "
-        "just sent to, before its events arrive (0: off) [env DYN_ROUTER_PREDICTION_TTL_S]",
-    )
-    group.add_argument(
-        "--kv-host-hit-weight",
-        type=float,
-        default=float(env_default("DYN_KV_HOST_HIT_WEIGHT", str(d.host_hit_weight))),
-        help="a prompt block cached only in a worker's host-memory tier counts this fraction "
-        "of a device-cached block [env DYN_KV_HOST_HIT_WEIGHT]",
-    )
-    group.add_argument(
-        "--kv-disk-hit-weight",
-        type=float,
-        default=float(env_default("DYN_KV_DISK_HIT_WEIGHT", str(d.disk_hit_weight))),
-        help="likewise for a worker's disk tier [env DYN_KV_DISK_HIT_WEIGHT]",
-    )
-    group.add_argument(
-        "--router-seed",
-        type=int,
-        default=_env_seed(),
-        help="seed for tie-breaks and temperature sampling [env DYN_ROUTER_SEED]",
-    )
+        Flag(
+            "--kv-overlap-score-weight",
+            "weight of prefill cost (uncached prompt blocks) against decode load (Dynamo's is 1); "
+            "0 = pure load balancing",
+            default=_D.overlap_score_weight,
+            env="DYN_KV_OVERLAP_SCORE_WEIGHT",
+            type=float,
+        ),
+        Flag(
+            "--router-temperature",
+            "0 = always the cheapest worker; > 0 = softmax sampling over the costs",
+            default=_D.temperature,
+            env="DYN_ROUTER_TEMPERATURE",
+            type=float,
+        ),
+        Flag(
+            "--kv-cache-block-size",
+            "tokens per KV block when the workers do not register one",
+            default=_D.kv_block_size,
+            env="DYN_KV_CACHE_BLOCK_SIZE",
+            type=int,
+        ),
+        Flag(
+            "--kv-events",
+            "track caches from the workers' KV events; --no-kv-events predicts them from the "
+            "router's own decisions (approximate mode)",
+            default=_D.use_kv_events,
+            env="DYN_KV_EVENTS",
+            type=bool,
+        ),
+        Flag(
+            "--router-approx-ttl-s",
+            "approximate mode: seconds a routed block counts as cached",
+            default=_D.approx_ttl_s,
+            env="DYN_ROUTER_APPROX_TTL_S",
+            type=float,
+        ),
+        Flag(
+            "--router-approx-capacity-blocks",
+            "approximate mode: predicted blocks kept per worker",
+            default=_D.approx_capacity_blocks,
+            env="DYN_ROUTER_APPROX_CAPACITY_BLOCKS",
+            type=int,
+        ),
+        Flag(
+            "--router-prediction-ttl-s",
+            "with KV events: seconds a request's blocks count as cached on the worker it was just "
+            "sent to, before its events arrive (0: off)",
+            default=_D.prediction_ttl_s,
+            env="DYN_ROUTER_PREDICTION_TTL_S",
+            type=float,
+        ),
+        Flag(
+            "--kv-host-hit-weight",
+            "a prompt block cached only in a worker's host-memory tier counts this fraction of a "
+            "device-cached block",
+            default=_D.host_hit_weight,
+            env="DYN_KV_HOST_HIT_WEIGHT",
+            type=float,
+        ),
+        Flag(
+            "--kv-disk-hit-weight",
+            "likewise for a worker's disk tier",
+            default=_D.disk_hit_weight,
+            env="DYN_KV_DISK_HIT_WEIGHT",
+            type=float,
+        ),
+        Flag(
+            "--router-seed",
+            "seed for tie-breaks and temperature sampling (unset: random)",
+            default=_D.seed,
+            env="DYN_ROUTER_SEED",
+            type=int,
+        ),
+    ],
+)
+
+
+def add_router_args(parser: argparse.ArgumentParser, *, default_mode: str | None = None) -> None:
+    """The router's flags; `default_mode` is an entry point's own default for --router-mode."""
+    ROUTER_FLAGS.add_to(parser, defaults={} if default_mode is None else {"router_mode": default_mode})

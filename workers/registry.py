@@ -1,5 +1,9 @@
 """The engines a worker can serve, by `--engine` name: each contributes its flags and builds
-itself from them. Imports are lazy so that a worker pulls in torch only for engines that need it."""
+itself from them.
+
+The imports below are function-local on purpose, and the only ones of the command lines: an
+engine's modules pull in torch (builtin), vllm, sglang or tensorrt_llm, which a process serving
+another engine must neither need installed nor pay seconds of import time for."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from dataclasses import dataclass
 
 from workers.engine import Engine
 
-ENGINE_NAMES = ("mocker", "builtin", "vllm", "sglang", "trtllm")
+ENGINE_NAMES = ("builtin", "mocker", "vllm", "sglang", "trtllm")
+# The engine every entry point serves unless told otherwise (README: the built-in engine).
+DEFAULT_ENGINE = "builtin"
 
 
 @dataclass(frozen=True, slots=True)

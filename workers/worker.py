@@ -7,9 +7,9 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from dynamo import errors
 from dynamo.events import (
@@ -24,6 +24,7 @@ from dynamo.runtime import RequestContext, Runtime, ServedEndpoint, Subscription
 from prometheus_client import CollectorRegistry
 
 from dynamo.runtime.streaming import Suspended, next_if_ready
+from dynamo.tasks import TaskSet
 from dynamo.wire import (
     REQUEST_CODEC,
     SNAPSHOT_REQUEST_CODEC,
@@ -35,9 +36,7 @@ from dynamo.wire import (
     encode,
 )
 from workers.engine import Engine, EngineInfo
-
-if TYPE_CHECKING:
-    from workers.disagg import DisaggConfig, DisaggRole
+from workers.disagg import DisaggConfig, DisaggRole, start_disagg
 from kvbm.metrics import KvbmMetrics
 from workers.metrics import WorkerMetrics
 
@@ -93,7 +92,7 @@ class Worker:
         self.served: ServedEndpoint | None = None
         self._pending_events: deque[KvEventData] = deque()
         self._events_ready = asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("worker task", log=log)
         self._snapshot_sub: Subscription | None = None
         self._kv_publisher: KvEventPublisher | None = None
         self._card_key: str | None = None
@@ -121,8 +120,6 @@ class Worker:
         self._spawn(self._answer_snapshots(self._snapshot_sub))
 
         if self.config.role != "aggregated":
-            from workers.disagg import DisaggConfig, start_disagg
-
             self.disagg = await start_disagg(
                 self.runtime, self.engine, self.config.role, comp, self.config.disagg or DisaggConfig()
             )
@@ -186,10 +183,7 @@ class Worker:
             self.disagg = None
         if self._snapshot_sub is not None:
             await self._snapshot_sub.close()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
+        await self._tasks.cancel_all()
         await self.engine.stop()
 
     async def __aenter__(self) -> Worker:
@@ -199,15 +193,8 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("worker task failed", exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.spawn(coro)
 
     # ----------------------------------------------------------------------------- serving
 

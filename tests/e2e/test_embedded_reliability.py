@@ -58,7 +58,7 @@ async def fleet(
     from frontend.config import FrontendConfig
     from frontend.service import Frontend
     from router.base import RoundRobinRouter
-    from workers.engines import engine_spec
+    from workers.registry import engine_spec
     from workers.worker import Worker, WorkerConfig
 
     args = build_parser(["--engine", "mocker"]).parse_args(

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[4]
 def test_importing_the_adapter_does_not_import_sglang() -> None:
     # In a fresh interpreter: other tests in this process may have tried (and failed) to
     # import sglang themselves, e.g. to build the worker's parser.
-    code = "import sys, workers.sglang.engine, workers.engines; sys.exit('sglang' in sys.modules)"
+    code = "import sys, workers.sglang.engine, workers.registry; sys.exit('sglang' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[4]
 def test_importing_the_adapter_does_not_import_tensorrt_llm() -> None:
     # In a fresh interpreter: other tests in this process may have tried (and failed) to
     # import tensorrt_llm themselves, e.g. to build the worker's parser.
-    code = "import sys, workers.trtllm.engine, workers.engines; sys.exit('tensorrt_llm' in sys.modules)"
+    code = "import sys, workers.trtllm.engine, workers.registry; sys.exit('tensorrt_llm' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 

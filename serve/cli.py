@@ -1,0 +1,118 @@
+"""`python -m dynamo.serve`: frontend, router and worker(s) in one process on the embedded
+runtime, the local default; with --runtime distributed it joins a NATS/etcd deployment.
+
+It composes the other packages' command lines (frontend/cli.py, workers/cli.py), so it lives
+above all of them: in frontend/ it would make the frontend import the engines, in workers/ it
+would make the workers import the HTTP service, and in dynamo/ it would make the runtime import
+everything built on it again."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from dataclasses import replace
+
+from prometheus_client import CollectorRegistry
+
+from dynamo.config import RuntimeConfig
+from dynamo.entry import SYSTEM_FLAGS, run, wait_for_shutdown
+from dynamo.flags import Flag, FlagGroup
+from dynamo.runtime import Runtime
+from dynamo.system_server import SystemServer, merged_registry
+from frontend.cli import add_args as add_frontend_args
+from frontend.cli import router_factory
+from frontend.config import FrontendConfig
+from frontend.service import Frontend
+from workers.cli import add_model_args, add_worker_args, chosen_engine, default_model_dir, worker_config
+from workers.registry import engine_spec
+from workers.worker import Worker
+
+SERVE_FLAGS = FlagGroup(
+    "serve",
+    [
+        Flag("--num-workers", "workers to run in this process", default=1, env="DYN_NUM_WORKERS", type=int),
+        Flag(
+            "--num-prefill-workers",
+            "prefill workers in this process; when > 0 the --num-workers workers become decode "
+            "workers (disaggregated prefill, docs/disaggregation.md)",
+            default=0,
+            env="DYN_NUM_PREFILL_WORKERS",
+            type=int,
+        ),
+    ],
+)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dynamo.serve", description="Frontend, router and worker(s) in one process."
+    )
+    add_frontend_args(parser, default_backend="embedded")
+    add_model_args(parser, default_model=default_model_dir())
+    # One --migration-limit, the frontend's: in one process it is the number for every request.
+    add_worker_args(parser, skip=("--migration-limit",))
+    SYSTEM_FLAGS.add_to(parser)
+    SERVE_FLAGS.add_to(parser)
+    engine_spec(chosen_engine(argv)).add_args(parser)
+    return parser
+
+
+async def serve_all(args: argparse.Namespace) -> None:
+    """Serve until SIGINT/SIGTERM, then drain the HTTP server and the workers."""
+    spec = engine_spec(args.engine)
+    registry = CollectorRegistry()
+    async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
+        async with contextlib.AsyncExitStack() as stack:
+            workers: list[Worker] = []
+            config = worker_config(args)
+            roles = [config] * args.num_workers
+            if args.num_prefill_workers > 0:  # disaggregated: decode workers + prefill workers
+                assert config.disagg is not None
+                roles = [replace(config, role="decode")] * args.num_workers + [
+                    replace(config, role="prefill", component=config.disagg.prefill_component)
+                ] * args.num_prefill_workers
+            for i, role_config in enumerate(roles):
+                # Each worker needs its own lease (its instance id) on the shared planes.
+                worker_runtime = runtime if i == 0 else runtime.sibling()
+                if i > 0:
+                    await stack.enter_async_context(worker_runtime)
+                workers.append(
+                    await stack.enter_async_context(Worker(worker_runtime, spec.create(args), role_config))
+                )
+            frontend = await stack.enter_async_context(
+                Frontend(
+                    runtime,
+                    FrontendConfig.from_args(args),
+                    router_factory(runtime, args, registry),
+                    registry=registry,
+                )
+            )
+            if args.system_port:
+                # One page: the frontend's and router's metrics, and each worker's (its KVBM
+                # tiers included), labelled by worker instance.
+                sources = [(registry, {})] + [
+                    (w.registry, {"worker_instance": f"{w.instance_id:x}"}) for w in workers
+                ]
+                await stack.enter_async_context(
+                    SystemServer(
+                        args.system_host,
+                        args.system_port,
+                        merged_registry(sources),
+                        lambda: all(w.ready() for w in workers),
+                    )
+                )
+            await wait_for_shutdown()
+            # The HTTP server drains first (in-flight requests finish within
+            # --http-graceful-shutdown-s), then the workers, which then have nothing left.
+            await frontend.stop()
+            await asyncio.gather(*(w.drain(args.graceful_shutdown_timeout_s) for w in workers))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    if args.num_workers < 1:
+        raise SystemExit("--num-workers must be at least 1")
+    run(lambda: serve_all(args), args)
