@@ -1,18 +1,24 @@
 """The engine interface: what a worker handler needs from any engine (built-in, mocker, vLLM,
-SGLang, TensorRT-LLM). A handler never knows which engine it serves."""
+SGLang, TensorRT-LLM). A handler never knows which engine it serves. Optional capabilities
+(KVBM tiers, KV transfer, disaggregated prefill/decode) are protocols checked with isinstance."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
+from dynamo.wire import EngineOutput, KvEventData, KvLayoutSpec, LoadMetrics, PreprocessedRequest
 
 # Engines report KV cache changes synchronously (KvEventSink, defined with the block pool), at
 # the exact place the state changes; the worker numbers and publishes them in order off the
 # engine's critical path.
 from kvbm.block_pool import KvEventSink as KvEventSink
+
+if TYPE_CHECKING:
+    from kvbm.tiered import TieredCache
+    from kvbm.transfer.layout import KvMemory
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +64,92 @@ class Engine(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+# ------------------------------------------------------------------------ optional capabilities
+
+
+class KvbmTiers(Protocol):
+    """KVBM below an engine's device pool: its tier bookkeeping (capacities, stats, events)."""
+
+    @property
+    def cache(self) -> TieredCache: ...
+
+
+@runtime_checkable
+class KvbmEngine(Protocol):
+    """An engine that may run KVBM tiers (None when they are off); the worker binds their
+    metrics."""
+
+    @property
+    def kvbm(self) -> KvbmTiers | None: ...
+
+
+@runtime_checkable
+class KvTransferEngine(Protocol):
+    """An engine whose KV blocks a transfer agent can send and receive."""
+
+    # How much faster than the hardware it models the engine runs (the mocker's speedup
+    # ratio; 1 for real engines): simulated transfers are scaled by it.
+    speedup_ratio: float
+
+    def kv_layout(self) -> KvLayoutSpec: ...
+
+    def kv_memory(self) -> KvMemory | None:
+        """The KV tensors to move; None when there are no bytes (transfers are simulated)."""
+        ...
+
+
+@dataclass(slots=True)
+class HeldPrefill:
+    """A finished prefill whose blocks stay referenced until their KV is sent; give it back
+    with DisaggEngine.release."""
+
+    first: EngineOutput
+    block_ids: list[int]
+
+
+@dataclass(slots=True)
+class Reservation:
+    """Blocks a decode worker holds for an incoming prompt: the first `matched_blocks` were
+    cached here already; the rest receive the transferred KV. Consumed by generate_from_kv, or
+    given back with release."""
+
+    block_ids: list[int]
+    matched_blocks: int
+
+    @property
+    def transfer_block_ids(self) -> list[int]:
+        return self.block_ids[self.matched_blocks :]
+
+
+@runtime_checkable
+class DisaggEngine(KvTransferEngine, Protocol):
+    """What a prefill or decode role (workers/disagg) needs from an engine."""
+
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]: ...
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """Prompt tokens whose KV this engine's prefix cache holds now."""
+        ...
+
+    async def prefill_held(self, request: PreprocessedRequest) -> HeldPrefill:
+        """Run the prompt and sample its first token (max_tokens=1 semantics), keeping the
+        prompt's blocks so their KV can be exported."""
+        ...
+
+    def reserve(self, token_ids: list[int]) -> Reservation | None:
+        """Blocks for a whole prompt (its cached prefix plus fresh ones), or None when there
+        is no room now."""
+        ...
+
+    def release(self, handle: HeldPrefill | Reservation) -> None:
+        """Give the blocks back (a second call does nothing)."""
+        ...
+
+    def generate_from_kv(
+        self, request: PreprocessedRequest, first: EngineOutput, reservation: Reservation
+    ) -> AsyncIterator[EngineOutput]:
+        """Decode `request` whose prompt KV landed in `reservation` (now the engine's) and
+        whose first token `first` came from the prefill worker."""
+        ...

@@ -35,7 +35,7 @@ from dynamo.wire import (
     WorkerRole,
     encode,
 )
-from workers.engine import Engine, EngineInfo
+from workers.engine import Engine, EngineInfo, KvbmEngine
 from workers.disagg import DisaggConfig, DisaggRole, start_disagg
 from kvbm.metrics import KvbmMetrics
 from workers.metrics import WorkerMetrics
@@ -111,7 +111,7 @@ class Worker:
             self.runtime.events, kv_events_subject(ns, comp), self.instance_id
         )
         self.info = await self.engine.start(self._on_kv_event)
-        kvbm = getattr(self.engine, "kvbm", None)  # engines with KVBM tiers expose them here
+        kvbm = self.engine.kvbm if isinstance(self.engine, KvbmEngine) else None
         if kvbm is not None:
             kvbm.cache.bind_metrics(KvbmMetrics(self.registry, self.config.served_model_name))
         self._spawn(self._publish_kv_events())

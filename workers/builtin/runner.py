@@ -20,7 +20,7 @@ from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.sampling import SampleResult, SampleRow, sample
 
 if TYPE_CHECKING:  # the scheduler pulls in the wire types (msgspec); the runner needs only torch
-    from workers.builtin.scheduler import ScheduledBatch
+    from workers.paged.scheduler import ScheduledBatch
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class StepInput:
 
 
 def build_step_input(batch: ScheduledBatch) -> StepInput:
+    """Each sampling request's row is its SampleRow (its Sequence's `exec_state`), with its
+    stop ids banned while it is short of min_tokens."""
     input_ids: list[int] = []
     positions: list[int] = []
     slices: list[SeqSlice] = []
@@ -47,7 +49,9 @@ def build_step_input(batch: ScheduledBatch) -> StepInput:
         slices.append(SeqSlice(start, num_new, [b.block_id for b in seq.block_table]))
         if samples:
             sample_indices.append(len(input_ids) - 1)
-            rows.append(seq.sample_row())
+            row: SampleRow = seq.exec_state
+            banned = seq.banned_token_ids()
+            rows.append(SampleRow(row.params, row.generator, banned) if banned else row)
     return StepInput(input_ids, positions, slices, sample_indices, rows)
 
 

@@ -1,5 +1,5 @@
-"""Disaggregated prefill/decode: the per-role handlers a Worker attaches (start_disagg), their
-flags, and what they need from an engine."""
+"""Disaggregated prefill/decode: the per-role handlers a Worker attaches (start_disagg) and their
+flags. What they need from an engine is workers.engine.DisaggEngine (PagedEngine has it)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from dynamo import errors
 from dynamo.wire import EngineOutput, PreprocessedRequest
 from workers.disagg.args import DisaggConfig
+from workers.engine import DisaggEngine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -55,13 +56,12 @@ async def start_disagg(runtime: Runtime, engine: Engine, role: str, component: s
     from workers.disagg.decode_handler import DecodeHandler
     from workers.disagg.prefill_handler import PREFILL_ENDPOINT, PrefillHandler
 
-    if not all(hasattr(engine, name) for name in ("kv_layout", "kv_memory", "disagg_support")):
+    if not isinstance(engine, DisaggEngine):
         raise errors.EngineError(f"the {engine.name} engine cannot serve as a {role} worker (no KV export/import)")
-    support = engine.disagg_support()  # type: ignore[attr-defined]
-    speedup = getattr(getattr(engine, "timing", None), "speedup_ratio", 1.0)
     agent = await make_agent(
-        config.kv_transfer_backend, engine.kv_layout(), engine.kv_memory(),  # type: ignore[attr-defined]
-        host=config.kv_transfer_host, simulated_link_bytes_per_s=config.kv_link_gbs * 1e9, speedup_ratio=speedup,
+        config.kv_transfer_backend, engine.kv_layout(), engine.kv_memory(),
+        host=config.kv_transfer_host, simulated_link_bytes_per_s=config.kv_link_gbs * 1e9,
+        speedup_ratio=engine.speedup_ratio,
     )
     try:
         decode = None
@@ -70,9 +70,9 @@ async def start_disagg(runtime: Runtime, engine: Engine, role: str, component: s
             if component != config.prefill_component:
                 log.warning("prefill worker on component %r; decode workers look for %r",
                             component, config.prefill_component)
-            served = await runtime.endpoint(component, PREFILL_ENDPOINT).serve(PrefillHandler(support, agent).handle)
+            served = await runtime.endpoint(component, PREFILL_ENDPOINT).serve(PrefillHandler(engine, agent).handle)
         elif role == "decode":
-            decode = DecodeHandler(runtime, engine, support, agent, config)
+            decode = DecodeHandler(runtime, engine, agent, config)
             await decode.start()
         else:
             raise ValueError(f"role {role!r} is not disaggregated")

@@ -28,9 +28,8 @@ from router.base import Router
 from router.kv_router import KvRouter
 from router.modes import make_router
 from workers.disagg.args import DisaggConfig
-from workers.disagg.engine_support import DisaggSupport, Reservation
 from workers.disagg.prefill_handler import PREFILL_ENDPOINT
-from workers.engine import Engine
+from workers.engine import DisaggEngine, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +45,10 @@ class DecodeHandler:
     """Async context manager owning the prefill client and the prefill router."""
 
     def __init__(
-        self, runtime: Runtime, engine: Engine, support: DisaggSupport, agent: KvTransferAgent, config: DisaggConfig
+        self, runtime: Runtime, engine: DisaggEngine, agent: KvTransferAgent, config: DisaggConfig
     ) -> None:
         self.runtime = runtime
         self.engine = engine
-        self.support = support
         self.agent = agent
         self.config = config
         self.stats = DecodeStats()
@@ -61,7 +59,7 @@ class DecodeHandler:
         comp = self.config.prefill_component
         self.client = await self.runtime.endpoint(comp, PREFILL_ENDPOINT).client()
         self.client.on_change(self._instance_changed)
-        config = RouterConfig(kv_block_size=self.support.block_size_tokens)
+        config = RouterConfig(kv_block_size=self.engine.kv_layout().block_size_tokens)
         # Prefill workers are chosen by KV overlap (and prefill load): a prompt whose prefix a
         # prefill worker holds costs only its uncached part.
         self.router = make_router("kv", config, self.runtime.events, self.runtime.namespace, comp)
@@ -84,7 +82,7 @@ class DecodeHandler:
         candidates = self.client.instance_ids() if self.client is not None else []
         if not candidates:
             return "no prefill worker"
-        uncached = len(request.token_ids) - self.support.cached_prefix_tokens(request.token_ids)
+        uncached = len(request.token_ids) - self.engine.cached_prefix_tokens(request.token_ids)
         if uncached < self.config.min_prefill_tokens:
             return "short"
         router = self.router
@@ -100,7 +98,7 @@ class DecodeHandler:
             if prefilled is not None:
                 self.stats.remote_prefills += 1
                 first, reservation = prefilled
-                async for output in self.support.generate_from_kv(request, first, reservation):
+                async for output in self.engine.generate_from_kv(request, first, reservation):
                     yield output
                 return
             self.stats.fallbacks += 1
@@ -112,7 +110,7 @@ class DecodeHandler:
         """The first token with the prompt's KV landed in reserved blocks, or None (reason
         logged, everything released) when this request should be prefilled locally."""
         assert self.client is not None and self.router is not None
-        reservation = self.support.reserve(request.token_ids)
+        reservation = self.engine.reserve(request.token_ids)
         if reservation is None:
             return None
         transfer_id = uuid.uuid4().hex
@@ -143,7 +141,7 @@ class DecodeHandler:
         finally:
             if not done:
                 self.agent.forget(transfer_id)
-                self.support.release(reservation.blocks)
+                self.engine.release(reservation)
             if stream is not None:
                 await stream.aclose()
             if instance_id is not None:

@@ -46,12 +46,15 @@ class TimingModel:
     def step_time_s(self, num_tokens: int, kv_tokens: int, attn_pairs: int) -> float:
         """One forward pass over `num_tokens` new tokens that attend over `kv_tokens` of KV
         (new ones included) in `attn_pairs` (query, key) pairs in all."""
+        return self.model_time_s(num_tokens, kv_tokens, attn_pairs) / self.speedup_ratio
+
+    def model_time_s(self, num_tokens: int, kv_tokens: int, attn_pairs: int) -> float:
+        """step_time_s on the modelled hardware, before the speedup ratio."""
         if num_tokens <= 0:
             return 0.0
         flops = 2.0 * self.num_params * num_tokens + 4.0 * self.num_layers * self.hidden_size * attn_pairs
         bytes_moved = self.weight_bytes + self.kv_bytes_per_token * kv_tokens
-        model_s = self.step_overhead_s + max(flops / self.flops_per_s, bytes_moved / self.hbm_bytes_per_s)
-        return model_s / self.speedup_ratio
+        return self.step_overhead_s + max(flops / self.flops_per_s, bytes_moved / self.hbm_bytes_per_s)
 
     def prefill_time_s(self, num_new_tokens: int, num_cached_tokens: int = 0) -> float:
         """One request's prompt in a single step, its first `num_cached_tokens` already cached."""

@@ -136,16 +136,16 @@ async def test_prefill_worker_dying_mid_transfer_falls_back_to_local_prefill(mon
 
 @pytest.mark.parametrize("how", ["hangs", "stopped"])
 async def test_hung_or_stopped_prefill_worker_falls_back(how: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from workers.disagg.engine_support import DisaggSupport
+    from workers.paged.engine import PagedEngine
 
     expected = await aggregated(PROMPTS[:1])
     entered = asyncio.Event()
 
-    async def hang(self: DisaggSupport, request: PreprocessedRequest) -> None:
+    async def hang(self: PagedEngine, request: PreprocessedRequest) -> None:
         entered.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(DisaggSupport, "prefill_held", hang)  # only prefill workers call it
+    monkeypatch.setattr(PagedEngine, "prefill_held", hang)  # only prefill workers call it
     timeout_s = 0.3 if how == "hangs" else 30.0
     config = DisaggConfig(min_prefill_tokens=8, kv_transfer_backend="host", prefill_timeout_s=timeout_s)
     async with fleet(config) as (rt, decode, prefill):

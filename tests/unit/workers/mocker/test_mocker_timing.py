@@ -7,11 +7,14 @@ import random
 
 import pytest
 
+from dynamo.wire import SamplingOptions
 from kvbm.block_pool import BlockPool
 from workers.mocker.args import MockerConfig
-from workers.mocker.scheduler import Scheduler
-from workers.mocker.sequence import MockSequence
+from workers.mocker.executor import batch_model_time_s
 from workers.mocker.timing import TimingModel, attn_pairs
+from workers.paged.executor import StepResult
+from workers.paged.scheduler import Scheduler
+from workers.paged.sequence import Sequence
 
 
 def test_decode_step_at_batch_one_is_seven_to_eight_ms() -> None:
@@ -52,16 +55,18 @@ def test_attn_pairs_is_causal() -> None:
 def simulated_request_time_s(timing: TimingModel, prompt_len: int, max_tokens: int) -> float:
     """Drive one request through a real scheduler, adding the model's step durations."""
     config = MockerConfig(num_gpu_blocks=256, max_num_batched_tokens=512)
-    scheduler = Scheduler(config, BlockPool(config.num_gpu_blocks, config.block_size_tokens))
+    pool = BlockPool(config.num_gpu_blocks, config.block_size_tokens)
+    scheduler = Scheduler(pool, config.max_num_seqs, config.max_num_batched_tokens)
     outputs: list[object] = []
-    seq = MockSequence("r", list(range(prompt_len)), max_tokens, config.max_model_len, frozenset(),
-                       0, 0, random.Random(1), outputs.append)
+    seq = Sequence("r", list(range(prompt_len)), SamplingOptions(), max_tokens, config.max_model_len, frozenset(),
+                   0, 0, outputs.append)
     scheduler.add(seq)
+    rng = random.Random(1)
     total = 0.0
     while scheduler.has_work():
         batch = scheduler.schedule()
-        total += timing.step_time_s(batch.num_tokens, batch.kv_tokens, batch.attn_pairs)
-        scheduler.finish_step(batch)
+        total += batch_model_time_s(timing, batch) / timing.speedup_ratio
+        scheduler.finish_step(batch, StepResult([rng.randrange(config.vocab_size) for s in batch.samples if s]))
     assert len(outputs) == max_tokens
     return total
 

@@ -1,26 +1,48 @@
-"""The mocker's scheduler on its own (no asyncio): chunked prefill under the token budget,
-prefix reuse, max_num_seqs, and recompute preemption of the newest request."""
+"""The paged scheduler on its own (no asyncio, no executor: a seeded stream per request stands in
+for sampling): chunked prefill under the token budget, prefix reuse, max_num_seqs, recompute
+preemption of the newest request, abort, and the hold-back of a request whose prefix continues
+on the KVBM disk tier."""
 
 from __future__ import annotations
 
 import random
 
-from dynamo.wire import BlockStored, EngineOutput, KvEventData
+from dynamo.kv_hash import block_hashes
+from dynamo.wire import BlockStored, EngineOutput, KvEventData, SamplingOptions
 from kvbm.block_pool import BlockPool
-from workers.mocker.args import MockerConfig
-from workers.mocker.scheduler import Scheduler
-from workers.mocker.sequence import MockSequence, SeqStatus
+from kvbm.config import KvbmConfig
+from kvbm.simulated import SimulatedDiskReader
+from kvbm.tiered import TieredCache
+from workers.paged.executor import StepResult
+from workers.paged.scheduler import ScheduledBatch, Scheduler
+from workers.paged.sequence import Sequence, SeqStatus
+
+VOCAB = 1000
 
 
-def make(config: MockerConfig, events: list[KvEventData] | None = None) -> Scheduler:
-    pool = BlockPool(config.num_gpu_blocks, config.block_size_tokens,
-                     on_event=None if events is None else events.append)
-    return Scheduler(config, pool)
+def make(
+    block_size: int = 4, num_blocks: int = 64, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+    events: list[KvEventData] | None = None, kvbm: TieredCache | None = None,
+) -> Scheduler:
+    pool = BlockPool(num_blocks, block_size, on_event=None if events is None else events.append,
+                     on_evict=kvbm.evicted if kvbm is not None else None)
+    return Scheduler(pool, max_num_seqs, max_num_batched_tokens, kvbm)
 
 
-def seq(prompt: list[int], max_tokens: int, out: list[EngineOutput], seed: int = 0) -> MockSequence:
-    return MockSequence(f"r{seed}", list(prompt), max_tokens, 10_000, frozenset(), 0, 0,
-                        random.Random(seed), out.append)
+def seq(prompt: list[int], max_tokens: int, out: list[EngineOutput], seed: int = 0) -> Sequence:
+    return Sequence(f"r{seed}", list(prompt), SamplingOptions(), max_tokens, 10_000, frozenset(), 0, 0,
+                    out.append, exec_state=random.Random(seed))
+
+
+def sample(batch: ScheduledBatch) -> StepResult:
+    """One token per sampling row from each request's own stream, as the mocker does."""
+    return StepResult([s.exec_state.randrange(VOCAB) for s, samples in zip(batch.seqs, batch.samples) if samples])
+
+
+def step(scheduler: Scheduler) -> ScheduledBatch:
+    batch = scheduler.schedule()
+    scheduler.finish_step(batch, sample(batch))
+    return batch
 
 
 def run(scheduler: Scheduler) -> int:
@@ -28,20 +50,20 @@ def run(scheduler: Scheduler) -> int:
     while scheduler.has_work():
         batch = scheduler.schedule()
         assert batch.seqs, "no progress"
-        assert batch.num_tokens <= scheduler.config.max_num_batched_tokens
-        assert len(scheduler.running) <= scheduler.config.max_num_seqs
-        scheduler.finish_step(batch)
+        assert batch.num_tokens <= scheduler.max_num_batched_tokens
+        assert len(scheduler.running) <= scheduler.max_num_seqs
+        scheduler.finish_step(batch, sample(batch))
         steps += 1
     return steps
 
 
 def test_chunked_prefill_respects_the_token_budget() -> None:
-    s = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64, max_num_batched_tokens=16))
+    s = make(max_num_batched_tokens=16)
     out: list[EngineOutput] = []
     s.add(seq(list(range(40)), 3, out))
     first = s.schedule()
-    assert first.num_new_tokens == [16]
-    s.finish_step(first)
+    assert first.num_new_tokens == [16] and first.samples == [False]
+    s.finish_step(first, sample(first))
     assert out == []  # a prefill chunk produces no token
     steps = run(s)
     assert steps == 2 + 2  # two more chunks (16 + 8), then two decode steps
@@ -50,11 +72,11 @@ def test_chunked_prefill_respects_the_token_budget() -> None:
 
 
 def test_max_num_seqs_limits_the_running_set() -> None:
-    s = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64, max_num_seqs=2))
-    outs = [[] for _ in range(5)]  # type: list[list[EngineOutput]]
+    s = make(max_num_seqs=2)
+    outs: list[list[EngineOutput]] = [[] for _ in range(5)]
     for i, out in enumerate(outs):
         s.add(seq([i] * 5, 4, out, seed=i))
-    s.finish_step(s.schedule())
+    step(s)
     assert s.num_running == 2 and s.num_waiting == 3
     run(s)
     assert all(len(o) == 4 for o in outs)
@@ -62,7 +84,7 @@ def test_max_num_seqs_limits_the_running_set() -> None:
 
 def test_full_blocks_are_committed_as_they_complete_and_reused() -> None:
     events: list[KvEventData] = []
-    s = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64), events)
+    s = make(events=events)
     out: list[EngineOutput] = []
     s.add(seq(list(range(10)), 7, out))
     run(s)
@@ -78,8 +100,7 @@ def test_full_blocks_are_committed_as_they_complete_and_reused() -> None:
 
 
 def test_preemption_requeues_the_newest_and_everything_completes() -> None:
-    config = MockerConfig(block_size_tokens=4, num_gpu_blocks=10, max_num_batched_tokens=64)
-    s = make(config)
+    s = make(num_blocks=10, max_num_batched_tokens=64)
     outs: list[list[EngineOutput]] = [[] for _ in range(4)]
     for i, out in enumerate(outs):
         s.add(seq([100 + i] * 9, 14, out, seed=i))
@@ -91,14 +112,14 @@ def test_preemption_requeues_the_newest_and_everything_completes() -> None:
     # Recompute does not change a request's tokens: same as running each alone.
     for i, out in enumerate(outs):
         alone: list[EngineOutput] = []
-        solo = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64))
+        solo = make()
         solo.add(seq([100 + i] * 9, 14, alone, seed=i))
         run(solo)
         assert [o.token_ids for o in out] == [o.token_ids for o in alone]
 
 
 def test_abort_frees_blocks_wherever_the_request_is() -> None:
-    s = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64, max_num_seqs=1))
+    s = make(max_num_seqs=1)
     out: list[EngineOutput] = []
     running, waiting = seq([1] * 9, 5, out, seed=1), seq([2] * 9, 5, out, seed=2)
     s.add(running)
@@ -107,17 +128,74 @@ def test_abort_frees_blocks_wherever_the_request_is() -> None:
     assert s.pool.num_active_blocks == 3
     s.abort(running)
     s.abort(waiting)
-    s.finish_step(batch)  # the aborted request's step result is dropped
+    s.finish_step(batch, sample(batch))  # the aborted request's step result is dropped
     assert out == [] and s.pool.num_active_blocks == 0 and not s.has_work()
     assert running.status is SeqStatus.FINISHED
     s.abort(running)  # idempotent
 
 
 def test_waiting_prefill_tokens_counts_uncomputed_prompts() -> None:
-    s = make(MockerConfig(block_size_tokens=4, num_gpu_blocks=64, max_num_batched_tokens=8))
+    s = make(max_num_batched_tokens=8)
     out: list[EngineOutput] = []
     s.add(seq([1] * 20, 5, out, seed=1))
     s.add(seq([2] * 6, 5, out, seed=2))
     assert s.waiting_prefill_tokens() == 26
-    s.finish_step(s.schedule())  # 8 tokens of the first prompt
+    step(s)  # 8 tokens of the first prompt
     assert s.waiting_prefill_tokens() == 12 + 6
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def on_disk(prompt: list[int], block_size: int) -> tuple[TieredCache, Clock, SimulatedDiskReader]:
+    """A disk tier (with a reader that takes 1 s a block) that holds the prompt's full blocks."""
+    cache = TieredCache(KvbmConfig(disk_blocks=16), 1 << 20)
+    clock = Clock()
+    cache.reader = reader = SimulatedDiskReader(clock, 1.0)
+    hashes = block_hashes(prompt, block_size)
+    assert cache.adopt_disk(list(zip(hashes, [None, *hashes[:-1]]))) == len(hashes)
+    return cache, clock, reader
+
+
+def test_disk_hit_is_held_back_while_the_requests_behind_it_run() -> None:
+    prompt = list(range(17))  # four full blocks on disk, the last token computed
+    cache, clock, reader = on_disk(prompt, 4)
+    s = make(kvbm=cache)
+    held_out: list[EngineOutput] = []
+    other_out: list[EngineOutput] = []
+    held, other = seq(prompt, 2, held_out, seed=1), seq([500] * 6, 2, other_out, seed=2)
+    s.add(held)
+    s.add(other)
+    batch = step(s)
+    assert batch.seqs == [other] and s.num_loading == 1 and s.num_waiting == 1
+    assert s.waiting_prefill_tokens() == 17  # the held prompt is still to be computed
+    run(s)  # the other request completes; the held one is still being read
+    assert len(other_out) == 2 and held_out == [] and s.num_loading == 1 and not s.has_work()
+    assert s.only_loading()
+    clock.now_s = 4.0  # four blocks, one second each
+    assert s.has_work()
+    batch = step(s)
+    assert batch.seqs == [held] and batch.num_new_tokens == [1]  # 16 tokens onboarded, 1 computed
+    assert cache.has_pending() and [op.staged is not None for op in cache.take_plan().onboards] == [True] * 4
+    run(s)
+    assert len(held_out) == 2 and held_out[0].cached_tokens == 16 and not reader.pending
+    assert s.pool.num_active_blocks == 0
+
+
+def test_aborting_a_held_request_closes_its_reads() -> None:
+    prompt = list(range(17))
+    cache, clock, reader = on_disk(prompt, 4)
+    s = make(kvbm=cache)
+    out: list[EngineOutput] = []
+    held = seq(prompt, 2, out)
+    s.add(held)
+    assert not s.schedule().seqs and s.only_loading() and reader.pending
+    assert reader.next_end_s() == 4.0
+    s.abort(held)
+    assert not reader.pending and s.num_loading == 0 and not s.has_work() and held.status is SeqStatus.FINISHED
+    assert all(entry.ref_count == 0 for entry in cache.disk)  # type: ignore[union-attr]
