@@ -64,7 +64,9 @@ class DetokenizeResponse(Struct):
 
 
 class _Kind(Struct):
-    messages: msgspec.Raw | None = None
+    """Which request this is: a body with `messages` is the chat form."""
+
+    messages: Any = None
 
 
 _KIND = msgspec.json.Decoder(_Kind)
