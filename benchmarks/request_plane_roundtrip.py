@@ -3,6 +3,7 @@ and over the direct TCP plane (the server in a second process, as in a deploymen
 the embedded plane for reference.
 
     python benchmarks/request_plane_roundtrip.py [--requests 1000] [--frames 32] [--nats-url URL]
+        [--nats-public-api]   (NATS without dynamo/runtime/nats_fastpath.py, on both sides)
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ def make_handler(frames: int):  # type: ignore[no-untyped-def]
     return handler
 
 
-async def serve_forever(url: str, frames: int) -> None:
+async def serve_forever(url: str, frames: int, fastpath: bool = True) -> None:
     """Serves ADDRESS on NATS (`url`) and on a TCP plane; prints the TCP address."""
-    plane = await NatsRequestPlane.create(await NatsConnection.connect([url], name="bench-server"), ack_timeout_s=5)
+    conn = await NatsConnection.connect([url], name="bench-server", fastpath=fastpath)
+    plane = await NatsRequestPlane.create(conn, ack_timeout_s=5)
     await plane.serve(ADDRESS, make_handler(frames))
     tcp = TcpRequestPlane(ack_timeout_s=5, advertise_host="127.0.0.1")
     served = await tcp.serve(ADDRESS, make_handler(frames))
@@ -108,7 +110,8 @@ async def main(args: argparse.Namespace) -> None:
         url = nats_proc.url
     server = subprocess.Popen(
         [sys.executable, __file__, "--serve", url, "--frames", str(args.frames)]
-        + (["--no-uvloop"] if args.no_uvloop else []),
+        + (["--no-uvloop"] if args.no_uvloop else [])
+        + (["--nats-public-api"] if args.nats_public_api else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -117,8 +120,10 @@ async def main(args: argparse.Namespace) -> None:
         assert server.stdout is not None
         ready, tcp_address = server.stdout.readline().split()
         assert ready == "ready"
-        plane = await NatsRequestPlane.create(await NatsConnection.connect([url], name="bench-caller"), ack_timeout_s=5)
-        await measure(plane, "nats", args.requests, args.frames, args.concurrency)
+        conn = await NatsConnection.connect([url], name="bench-caller", fastpath=not args.nats_public_api)
+        plane = await NatsRequestPlane.create(conn, ack_timeout_s=5)
+        label = "nats-api" if args.nats_public_api else "nats"
+        await measure(plane, label, args.requests, args.frames, args.concurrency)
         await plane.close()
         tcp = TcpRequestPlane(ack_timeout_s=5)
         await measure(tcp, "tcp", args.requests, args.frames, args.concurrency, tcp_address)
@@ -138,9 +143,12 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--nats-url", default=None, help="use this server instead of starting one")
     parser.add_argument("--no-uvloop", action="store_true")
+    parser.add_argument(
+        "--nats-public-api", action="store_true", help="NATS without the response fast path (both sides)"
+    )
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    coro = serve_forever(args.serve, args.frames) if args.serve else main(args)
+    coro = serve_forever(args.serve, args.frames, not args.nats_public_api) if args.serve else main(args)
     if args.no_uvloop or os.name == "nt":
         asyncio.run(coro)
     else:

@@ -50,6 +50,9 @@ class RuntimeConfig:
     request_plane_host: str | None = None  # advertised (and bound) host; None: the default route's
     request_plane_port: int = 0  # 0: an ephemeral port
     # Security: TLS roots and credentials. Secrets are excluded from repr so they never reach logs.
+    # The NATS request plane's response fast path (dynamo/runtime/nats_fastpath.py), where the
+    # installed nats-py is one it was tested with; False: nats-py's public API only.
+    nats_fastpath: bool = True
     nats_tls_ca: str | None = None
     nats_creds: str | None = field(default=None, repr=False)  # a NATS .creds file path
     etcd_ca: str | None = None
@@ -71,6 +74,7 @@ class RuntimeConfig:
             request_plane=resolve_request_plane(args.request_plane, args),
             request_plane_host=args.request_plane_host or None,
             request_plane_port=args.request_plane_port,
+            nats_fastpath=args.nats_fastpath,
             nats_tls_ca=args.nats_tls_ca or None,
             nats_creds=args.nats_creds or None,
             etcd_ca=args.etcd_ca or None,
@@ -153,6 +157,15 @@ RUNTIME_FLAGS = FlagGroup(
             default=_D.request_plane_port,
             env="DYN_REQUEST_PLANE_PORT",
             type=int,
+        ),
+        Flag(
+            "--nats-fastpath",
+            "NATS request plane: hand response frames from nats-py's protocol parser straight to "
+            "the stream (dynamo/runtime/nats_fastpath.py; on only for the nats-py versions it was "
+            "tested with); --no-nats-fastpath uses nats-py's public API only",
+            default=_D.nats_fastpath,
+            env="DYN_NATS_FASTPATH",
+            type=bool,
         ),
     ],
 )

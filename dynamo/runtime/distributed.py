@@ -42,6 +42,7 @@ async def connect_distributed(
         timeout_s=connect_timeout_s,
         tls_ca=config.nats_tls_ca,
         creds_path=config.nats_creds,
+        fastpath=config.nats_fastpath,
     )
     security = EtcdSecurity(
         ca_path=config.etcd_ca,

@@ -13,16 +13,17 @@ import itertools
 import logging
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSub
-from nats.protocol.parser import AWAITING_CONTROL_LINE, Parser
 
 from dynamo import errors
 from dynamo.config import redact_url
+from dynamo.runtime.nats_fastpath import add_direct, make_client, remove_direct
 from dynamo.runtime.planes import (
     EventPlane,
     Handler,
@@ -47,83 +48,6 @@ _MUX_PENDING_MSGS = 1 << 20
 _MUX_PENDING_BYTES = 1 << 30
 
 
-class _FastParser(Parser):
-    """nats-py's protocol parser with a fast path for what a response inbox mostly receives:
-    complete `MSG` lines without headers. They are split with bytes.find instead of nats-py's
-    regular expression, the buffer is trimmed once per read rather than twice per message, and
-    messages of direct subscriptions are handed over without an awaited call. Anything else
-    (HMSG, PING, INFO, -ERR, a message cut by the read) goes to nats-py's parser unchanged."""
-
-    async def parse(self, data: bytes = b"") -> None:
-        buf = self.buf
-        buf.extend(data)
-        nc = self.nc
-        direct: dict[int, Callable[[bytes, bytes], None]] = nc.direct
-        stats = nc.stats
-        pos = 0
-        size = len(buf)
-        while self.state == AWAITING_CONTROL_LINE and buf.startswith(b"MSG ", pos):
-            eol = buf.find(b"\r\n", pos)
-            if eol < 0:
-                break
-            args = bytes(buf[pos + 4 : eol]).split()
-            if len(args) == 3:
-                subject, sid_text, length_text = args
-                reply = b""
-            elif len(args) == 4:
-                subject, sid_text, reply, length_text = args
-            else:
-                break  # malformed: nats-py's parser reports it
-            try:
-                sid = int(sid_text)
-                end = eol + 2 + int(length_text)
-            except ValueError:
-                break  # malformed: nats-py's parser reports it
-            start = eol + 2
-            if end + 2 > size:
-                break  # the payload is still on its way
-            payload = bytes(buf[start:end])
-            pos = end + 2
-            handler = direct.get(sid)
-            if handler is not None:
-                stats["in_msgs"] += 1
-                stats["in_bytes"] += len(payload)
-                handler(subject, payload)
-            else:
-                await nc._process_msg(sid, subject, reply, payload, None)
-                if self.buf is not buf:
-                    return  # the connection was reset meanwhile: the rest is stale
-        if pos:
-            del buf[:pos]
-        if buf:
-            await super().parse()
-
-
-class _DirectClient(NatsClient):
-    """nats-py's client with a direct path for chosen subscriptions: a message for one of them
-    goes from the protocol parser straight to a plain function, skipping the Msg object, the
-    subscription's pending queue and its task, and one awaited callback. The response inbox
-    receives one message per streamed token, so that is the frontend's per-token cost. Messages
-    with headers (never sent by our workers) take nats-py's ordinary path."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.direct: dict[int, Callable[[bytes, bytes], None]] = {}
-        self._ps = _FastParser(self)
-
-    async def _process_msg(  # type: ignore[override]
-        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        direct = self.direct.get(sid)
-        if direct is None or headers:
-            await super()._process_msg(sid, subject, reply, data, headers)
-            return
-        stats = self.stats
-        stats["in_msgs"] += 1
-        stats["in_bytes"] += len(data)
-        direct(subject, data)
-
-
 class NatsConnection:
     """One NATS connection shared by the planes of a runtime; closed when the last user
     releases it. Reconnects forever; listeners hear about disconnects."""
@@ -144,12 +68,15 @@ class NatsConnection:
         reconnect_wait_s: float = 0.5,
         tls_ca: str | None = None,
         creds_path: str | None = None,
+        fastpath: bool = True,
     ) -> NatsConnection:
         """`user:password@` in a server URL authenticates (nats-py reads it); `tls_ca` turns on
-        TLS verified against that CA; `creds_path` is a NATS .creds file (JWT + nkey)."""
+        TLS verified against that CA; `creds_path` is a NATS .creds file (JWT + nkey);
+        `fastpath` lets the request plane's response inbox use dynamo/runtime/nats_fastpath.py
+        where this nats-py supports it (False: nats-py's public API only)."""
         holder: list[NatsConnection] = []
         where = redact_url(", ".join(servers))  # URLs may carry passwords: never log them
-        options: dict[str, object] = {}
+        options: dict[str, Any] = {}
         if tls_ca:
             try:
                 options["tls"] = ssl.create_default_context(cafile=tls_ca)
@@ -174,7 +101,7 @@ class NatsConnection:
         async def on_closed() -> None:
             log.info("NATS connection to %s closed", where)
 
-        nc = _DirectClient()
+        nc = make_client(fastpath)
         try:
             await asyncio.wait_for(
                 nc.connect(
@@ -188,7 +115,7 @@ class NatsConnection:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     closed_cb=on_closed,
-                    **options,  # type: ignore[arg-type]
+                    **options,
                 ),
                 timeout_s,
             )
@@ -403,8 +330,9 @@ class NatsRequestPlane(RequestPlane):
             pending_msgs_limit=_MUX_PENDING_MSGS,
             pending_bytes_limit=_MUX_PENDING_BYTES,
         )
-        if isinstance(plane._nc, _DirectClient):
-            plane._nc.direct[plane._mux._id] = plane._on_frame_direct
+        # Header-less frames skip nats-py's Msg path where the fast path is on; the server's
+        # no-responders status (a header) still comes to _on_frame.
+        add_direct(plane._nc, plane._mux._id, plane._on_frame_direct)
         return plane
 
     async def _on_frame(self, msg: Msg) -> None:
@@ -504,8 +432,8 @@ class NatsRequestPlane(RequestPlane):
             stream.abort(errors.StreamBroken(f"request plane closed during request {stream.request_id}"))
         if self._background:  # cancels of calls that were cancelled while waiting for the ack
             await asyncio.gather(*self._background, return_exceptions=True)
-        if self._mux is not None and isinstance(self._nc, _DirectClient):
-            self._nc.direct.pop(self._mux._id, None)
+        if self._mux is not None:
+            remove_direct(self._nc, self._mux._id)
         if self._mux is not None and not self._nc.is_closed:
             try:
                 await self._mux.unsubscribe()

@@ -1,5 +1,7 @@
 """The NATS request and event planes against a real nats-server: payload limits, connection
-loss mid-stream and reconnection, slow event subscribers, and clear connect errors."""
+loss mid-stream and reconnection, slow event subscribers, and clear connect errors. The
+request plane's tests run twice: with the response fast path (dynamo/runtime/nats_fastpath.py)
+and with nats-py's public API only."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from dynamo import errors
-from dynamo.runtime import nats_planes
+from nats.aio.client import Client as NatsClient
+
+from dynamo.runtime import nats_fastpath, nats_planes
+from dynamo.runtime.nats_fastpath import DirectClient
 from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
 from dynamo.runtime.planes import RequestContext
 from tests.infra import ServerProcess, free_port, start_nats
@@ -19,15 +24,20 @@ from tests.infra import ServerProcess, free_port, start_nats
 pytestmark = pytest.mark.integration
 
 
-async def connect(url: str) -> NatsConnection:
-    return await NatsConnection.connect([url], name="test", timeout_s=2.0)
+async def connect(url: str, fastpath: bool = True) -> NatsConnection:
+    return await NatsConnection.connect([url], name="test", timeout_s=2.0, fastpath=fastpath)
+
+
+@pytest.fixture(params=[True, False], ids=["fastpath", "public-api"])
+def fastpath(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
 
 
 @pytest.fixture
-async def planes(nats_server: str) -> AsyncIterator[tuple[NatsRequestPlane, NatsRequestPlane]]:
+async def planes(nats_server: str, fastpath: bool) -> AsyncIterator[tuple[NatsRequestPlane, NatsRequestPlane]]:
     """A serving plane and a calling plane, each on its own connection (as two processes)."""
-    server = await NatsRequestPlane.create(await connect(nats_server), ack_timeout_s=2.0)
-    caller = await NatsRequestPlane.create(await connect(nats_server), ack_timeout_s=2.0)
+    server = await NatsRequestPlane.create(await connect(nats_server, fastpath), ack_timeout_s=2.0)
+    caller = await NatsRequestPlane.create(await connect(nats_server, fastpath), ack_timeout_s=2.0)
     try:
         yield server, caller
     finally:
@@ -41,6 +51,43 @@ def address() -> str:
 
 async def echo(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
     yield payload
+
+
+async def test_the_fast_path_is_what_was_asked_for(planes: tuple[NatsRequestPlane, NatsRequestPlane], fastpath: bool) -> None:
+    """On the pinned nats-py the fast path is on when asked for; a nats-py upgrade past
+    TESTED_VERSIONS fails here, so that its internals are re-read before the range is widened."""
+    assert nats_fastpath.fastpath_supported(), (
+        f"nats-py {nats_fastpath.nats_py_version()} is outside nats_fastpath.TESTED_VERSIONS "
+        f"{nats_fastpath.TESTED_VERSIONS}: re-read its Parser/Client internals, then widen the range"
+    )
+    for plane in planes:
+        nc = plane._nc
+        assert isinstance(nc, DirectClient) is fastpath
+        assert isinstance(nc, NatsClient)
+        assert (plane._mux is not None and plane._mux._id in nc.direct) if isinstance(nc, DirectClient) else True
+
+
+async def test_streams_many_frames_in_order(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
+    async def count(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        for i in range(int(payload)):
+            yield str(i).encode()
+
+    server, caller = planes
+    addr = address()
+    await server.serve(addr, count)
+    streams = [await caller.call(addr, f"r-{i}", b"500") for i in range(8)]
+    for stream in streams:
+        assert [x async for x in stream] == [str(i).encode() for i in range(500)]
+
+
+async def test_no_responders_is_unavailable_at_once(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
+    """The server's no-responders status carries a header: it takes nats-py's ordinary path
+    even on the fast path, and the call fails at once instead of after the ack timeout."""
+    _, caller = planes
+    start = time.monotonic()
+    with pytest.raises(errors.InstanceUnavailable, match="no server at"):
+        await caller.call(address(), "r-nobody", b"")
+    assert time.monotonic() - start < 1.5
 
 
 async def test_large_payloads_within_max_payload(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
@@ -92,7 +139,7 @@ def private_nats() -> Iterator[ServerProcess]:
         proc.stop()
 
 
-async def test_connection_loss_breaks_streams_then_reconnects(private_nats: ServerProcess) -> None:
+async def test_connection_loss_breaks_streams_then_reconnects(private_nats: ServerProcess, fastpath: bool) -> None:
     started = asyncio.Event()
 
     async def forever(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -101,8 +148,8 @@ async def test_connection_loss_breaks_streams_then_reconnects(private_nats: Serv
         await asyncio.Event().wait()
         yield b"never"
 
-    server = await NatsRequestPlane.create(await connect(private_nats.url), ack_timeout_s=1.0)
-    caller = await NatsRequestPlane.create(await connect(private_nats.url), ack_timeout_s=1.0)
+    server = await NatsRequestPlane.create(await connect(private_nats.url, fastpath), ack_timeout_s=1.0)
+    caller = await NatsRequestPlane.create(await connect(private_nats.url, fastpath), ack_timeout_s=1.0)
     try:
         addr = address()
         await server.serve(addr, forever)
