@@ -21,7 +21,8 @@ INSTALL_HINT = (
 # `--model-path` (alias `--model`); we map our --model onto it.
 OWNED_BY_ENTRY_POINT = ("--model", "--model-path", "--served-model-name", "--log-level", "-h", "--help")
 # Forced so the worker sends token ids and gets token ids back: the frontend tokenizes,
-# detokenizes and applies stop strings.
+# detokenizes and applies stop strings. --sglang-structured-outputs lifts it: SGLang builds its
+# grammar backend only with its tokenizer loaded (it then also detokenizes, unused by us).
 FORCED_SERVER_ARGS: dict[str, Any] = {"skip_tokenizer_init": True}
 
 
@@ -34,25 +35,39 @@ class SglangConfig:
     publish_kv_events: bool = True
     load_poll_s: float = 0.25
 
+    @property
+    def grammar_available(self) -> bool:
+        """Whether SGLang will build a grammar backend (it does not without its tokenizer)."""
+        kwargs = self.server_kwargs
+        return not kwargs.get("skip_tokenizer_init") and kwargs.get("grammar_backend") != "none"
+
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> SglangConfig:
         dests = getattr(args, "_sglang_dests", ())
         return cls(
-            server_kwargs=server_kwargs_from_namespace(args, dests),
+            server_kwargs=server_kwargs_from_namespace(args, dests, args.sglang_structured_outputs),
             publish_kv_events=args.publish_kv_events,
             load_poll_s=args.sglang_load_poll_s,
         )
 
     @classmethod
-    def for_model(cls, model: str, publish_kv_events: bool = True, **server_kwargs: Any) -> SglangConfig:
+    def for_model(
+        cls, model: str, publish_kv_events: bool = True, structured_outputs: bool = False, **server_kwargs: Any
+    ) -> SglangConfig:
         """For code and tests: ServerArgs(model_path=model, **server_kwargs)."""
-        return cls({"model_path": model, **server_kwargs, **FORCED_SERVER_ARGS}, publish_kv_events)
+        return cls({"model_path": model, **server_kwargs, **forced_server_args(structured_outputs)}, publish_kv_events)
 
     def with_server_args(self, **changes: Any) -> SglangConfig:
         return replace(self, server_kwargs={**self.server_kwargs, **changes})
 
 
-def server_kwargs_from_namespace(args: argparse.Namespace, dests: Iterable[str]) -> dict[str, Any]:
+def forced_server_args(structured_outputs: bool = False) -> dict[str, Any]:
+    return {**FORCED_SERVER_ARGS, "skip_tokenizer_init": not structured_outputs}
+
+
+def server_kwargs_from_namespace(
+    args: argparse.Namespace, dests: Iterable[str], structured_outputs: bool = False
+) -> dict[str, Any]:
     """The SGLang dests' values, our --model as model_path, our served name if set.
 
     Only flags SGLang itself defines are passed (our own flags never reach ServerArgs), and
@@ -63,7 +78,7 @@ def server_kwargs_from_namespace(args: argparse.Namespace, dests: Iterable[str])
     kwargs["model_path"] = args.model
     if getattr(args, "served_model_name", None):
         kwargs["served_model_name"] = args.served_model_name
-    kwargs.update(FORCED_SERVER_ARGS)
+    kwargs.update(forced_server_args(structured_outputs))
     return kwargs
 
 
@@ -116,6 +131,15 @@ def add_sglang_args(parser: argparse.ArgumentParser, foreign: argparse.ArgumentP
         type=float,
         default=float(env_default("DYN_SGLANG_LOAD_POLL_S", "0.25") or "0.25"),
         help="how often to read SGLang's load snapshot for load metrics [env DYN_SGLANG_LOAD_POLL_S]",
+    )
+    group.add_argument(
+        "--sglang-structured-outputs",
+        action=argparse.BooleanOptionalAction,
+        default=(env_default("DYN_SGLANG_STRUCTURED_OUTPUTS", "0") or "0") not in ("0", "false"),
+        help="load SGLang's tokenizer (no skip_tokenizer_init) so that its grammar backend serves "
+        "response_format, regex, choice and grammar constraints; SGLang then also detokenizes "
+        "every output, which costs CPU per token. Off: constrained requests are refused "
+        "[env DYN_SGLANG_STRUCTURED_OUTPUTS]",
     )
     dests = copy_foreign_actions(
         parser,

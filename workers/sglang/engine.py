@@ -17,7 +17,14 @@ from kvbm.block_pool import KvEventSink
 from workers.engine import Engine, EngineInfo
 from workers.sglang.args import INSTALL_HINT, SglangConfig
 from workers.sglang.kv_events import wire_kv_events
-from workers.sglang.sampling import OutputDeltas, abort_error, finish_reason, sampling_params
+from workers.sglang.sampling import (
+    OutputDeltas,
+    abort_error,
+    finish_reason,
+    logprob_args,
+    prompt_logprobs,
+    sampling_params,
+)
 from workers.sglang.stats import load_from_snapshots
 from workers.vllm.kv_events import KvEventSubscriber, KvEventTranslator
 
@@ -116,18 +123,22 @@ class SglangEngine(Engine):
         engine, info = self._engine, self.info
         if engine is None or info is None:
             raise errors.EngineError("sglang engine is not running")
-        params = sampling_params(request, info.context_length, info.eos_token_ids)
+        params = sampling_params(
+            request, info.context_length, info.eos_token_ids, grammar=self.config.grammar_available
+        )
         # SGLang keys its request state by rid; ours may repeat after a migration, so make it unique.
         rid = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
-        want_logprobs = request.sampling.logprobs
+        logprobs = logprob_args(request)
+        want_logprobs = request.sampling.logprobs or request.sampling.top_logprobs > 0
+        top_k = request.sampling.top_logprobs
+        prompt_k = request.prompt_logprobs if logprobs.get("logprob_start_len") == 0 else None
         try:
             stream = await engine.async_generate(
                 input_ids=list(request.token_ids),
                 sampling_params=params,
                 stream=True,
                 rid=rid,
-                return_logprob=want_logprobs,
-                top_logprobs_num=0 if want_logprobs else None,
+                **logprobs,
             )
         except ValueError as exc:  # SGLang's request validation (prompt too long, ...)
             raise errors.InvalidRequest(str(exc)) from None
@@ -151,8 +162,11 @@ class SglangEngine(Engine):
                     first = False
                     self._prefill_pending.pop(rid, None)
                     chunk.cached_tokens = int(meta.get("cached_tokens", 0))
+                    if prompt_k is not None:
+                        chunk.prompt_logprobs = prompt_logprobs(meta, prompt_k)
                 if want_logprobs:
                     chunk.logprobs = deltas.logprobs(out, len(token_ids))
+                    chunk.top_logprobs = deltas.top_logprobs(out, len(token_ids), top_k)
                 yield chunk
                 if finish is not None:
                     finished = True

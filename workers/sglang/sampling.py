@@ -1,6 +1,18 @@
 """Our request as SGLang's sampling-params dict, and SGLang's streamed outputs (dicts with
-`output_ids` and `meta_info`) as our token deltas and finish reasons. Pure Python: no SGLang
-import, so it is unit-tested on any machine."""
+`output_ids` and `meta_info`) as our token deltas, logprobs and finish reasons. Pure Python: no
+SGLang import, so it is unit-tested on any machine.
+
+What SGLang cannot do as our API means it is refused (InvalidRequest naming the parameter):
+- repetition_penalty: SGLang's counts generated tokens only; ours (vLLM's) counts the prompt too.
+- output constraints while SGLang runs with skip_tokenizer_init (this worker's default): SGLang
+  then builds no grammar backend (--sglang-structured-outputs keeps its tokenizer).
+- a migrated request with a constraint, or with frequency/presence penalties: SGLang can neither
+  start a grammar part-way nor count tokens it did not generate.
+
+Logprobs (SGLang's own definition, not the raw model distribution our wire describes and vLLM
+returns): log-softmax of the logits after logit_bias, penalties and the grammar mask, divided by
+the temperature (SGLANG_RETURN_ORIGINAL_LOGPROB=1 in SGLang's environment drops the division);
+greedy requests run at temperature 1 there, so theirs are the processed logits' log-softmax."""
 
 from __future__ import annotations
 
@@ -8,8 +20,15 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from dynamo import errors
-from dynamo.wire import FinishReason, PreprocessedRequest
-from workers.limits import stop_token_ids, tokens_to_generate
+from dynamo.wire import FinishReason, OutputConstraint, PreprocessedRequest, PromptTokenLogprob
+from workers.limits import (
+    choice_list,
+    choice_regex,
+    json_schema_text,
+    refuse_unresumable,
+    stop_token_ids,
+    tokens_to_generate,
+)
 
 # SGLang's "all tokens" top_k (sglang.srt.sampling.sampling_params.TOP_K_ALL, 1 << 30); -1 is
 # accepted by SGLang too but is normalized to this.
@@ -18,12 +37,50 @@ TOP_K_ALL = 1 << 30
 FINISH_TYPES: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
+# What SGLang's grammar backends take (one of json_schema, regex, ebnf), per constraint kind.
+JSON_OBJECT_SCHEMA = '{"type": "object"}'
+
+
+def constraint_params(constraint: OutputConstraint) -> dict[str, str]:
+    kind = constraint.kind
+    if kind == "json_schema":
+        return {"json_schema": json_schema_text(constraint)}
+    if kind == "json_object":
+        return {"json_schema": JSON_OBJECT_SCHEMA}
+    if kind == "regex":
+        return {"regex": constraint.spec}
+    if kind == "choice":
+        return {"regex": choice_regex(choice_list(constraint))}
+    if kind == "grammar":
+        return {"ebnf": constraint.spec}
+    raise errors.InvalidRequest(f"unknown constraint kind {kind!r}", param="response_format")
+
+
 def sampling_params(
-    request: PreprocessedRequest, context_length: int, eos_token_ids: Collection[int] = ()
+    request: PreprocessedRequest,
+    context_length: int,
+    eos_token_ids: Collection[int] = (),
+    *,
+    grammar: bool = False,
 ) -> dict[str, Any]:
     """SGLang's SamplingParams as the dict `Engine.async_generate(sampling_params=...)` takes.
-    Raises InvalidRequest when nothing is left to generate."""
+    `grammar`: SGLang runs a grammar backend (its tokenizer is loaded). Raises InvalidRequest
+    for what SGLang cannot do (module docstring) and when nothing is left to generate."""
     sampling, stop = request.sampling, request.stop
+    refuse_unresumable(request, "SGLang")
+    if sampling.repetition_penalty not in (None, 1.0):
+        raise errors.InvalidRequest(
+            "repetition_penalty: SGLang's repetition penalty counts generated tokens only, not the "
+            "prompt as this API's (vLLM's) does",
+            param="repetition_penalty",
+        )
+    if request.constraint is not None and not grammar:
+        raise errors.InvalidRequest(
+            "response_format: this SGLang worker runs without SGLang's tokenizer "
+            "(skip_tokenizer_init), so SGLang has no grammar backend; start it with "
+            "--sglang-structured-outputs to serve output constraints",
+            param="response_format",
+        )
     # SGLang's default is 128 new tokens; ours (OpenAI's) is the rest of the context.
     max_new = tokens_to_generate(request, context_length)
     stop_ids = stop_token_ids(request, eos_token_ids)
@@ -43,7 +100,32 @@ def sampling_params(
         params["stop_token_ids"] = stop_ids
     if sampling.seed is not None:
         params["sampling_seed"] = sampling.seed
+    if sampling.min_p:
+        params["min_p"] = sampling.min_p
+    if sampling.frequency_penalty:
+        params["frequency_penalty"] = sampling.frequency_penalty
+    if sampling.presence_penalty:
+        params["presence_penalty"] = sampling.presence_penalty
+    if sampling.logit_bias:
+        params["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+    if request.constraint is not None:
+        params.update(constraint_params(request.constraint))
     return params
+
+
+def logprob_args(request: PreprocessedRequest) -> dict[str, Any]:
+    """async_generate's logprob arguments. SGLang takes one top-k for prompt and output and
+    computes prompt logprobs from `logprob_start_len` (0: the whole prompt; -1: none)."""
+    sampling = request.sampling
+    prompt_k = request.prompt_logprobs if request.generated_before == 0 else None
+    want = sampling.logprobs or sampling.top_logprobs > 0 or prompt_k is not None
+    if not want:
+        return {"return_logprob": False}
+    return {
+        "return_logprob": True,
+        "top_logprobs_num": max(sampling.top_logprobs, prompt_k or 0),
+        "logprob_start_len": 0 if prompt_k is not None else -1,
+    }
 
 
 def finish_reason(meta_info: Mapping[str, Any]) -> FinishReason | None:
@@ -95,3 +177,32 @@ class OutputDeltas:
         if not entries or count == 0:
             return None
         return [float(entry[0]) for entry in entries[-count:]]
+
+    def top_logprobs(self, out: Mapping[str, Any], count: int, k: int) -> list[list[tuple[int, float]]] | None:
+        """Per token of this delta: the k best (token id, logprob), best first, from SGLang's
+        meta_info["output_top_logprobs"] (per position a list of (logprob, token_id, text))."""
+        entries = (out.get("meta_info") or {}).get("output_top_logprobs")
+        if not entries or count == 0 or k <= 0:
+            return None
+        return [_top(position, k) for position in entries[-count:]]
+
+
+def _top(position: Any, k: int) -> list[tuple[int, float]]:
+    ranked = sorted(position or (), key=lambda entry: -float(entry[0]))
+    return [(int(entry[1]), float(entry[0])) for entry in ranked[:k]]
+
+
+def prompt_logprobs(meta_info: Mapping[str, Any], k: int) -> list[PromptTokenLogprob | None] | None:
+    """SGLang's input_token_logprobs ((logprob | None, token_id, text) per prompt token, None
+    for the first) and input_top_logprobs as one entry per prompt token."""
+    tokens = meta_info.get("input_token_logprobs")
+    if not tokens:
+        return None
+    tops = meta_info.get("input_top_logprobs") or [None] * len(tokens)
+    out: list[PromptTokenLogprob | None] = []
+    for entry, top in zip(tokens, tops):
+        if entry is None or entry[0] is None:
+            out.append(None)
+        else:
+            out.append(PromptTokenLogprob(logprob=float(entry[0]), top=_top(top, k)))
+    return out

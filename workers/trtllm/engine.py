@@ -18,7 +18,7 @@ from kvbm.block_pool import KvEventSink
 from workers.engine import Engine, EngineInfo
 from workers.trtllm.args import INSTALL_HINT, TrtllmConfig, with_kv_events
 from workers.trtllm.kv_events import TrtllmKvEvents
-from workers.trtllm.sampling import finish_reason, sampled_logprobs, sampling_kwargs
+from workers.trtllm.sampling import finish_reason, sampled_logprobs, sampling_kwargs, top_logprobs
 from workers.trtllm.stats import load_from_stats
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,7 @@ class TrtllmEngine(Engine):
         self.info: EngineInfo | None = None
         self._llm: Any = None
         self._sampling_cls: Any = None
+        self._guided_cls: Any = None
         self._events: TrtllmKvEvents | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._load = LoadMetrics(worker_id=0)
@@ -45,6 +46,7 @@ class TrtllmEngine(Engine):
             raise RuntimeError("trtllm engine already started")
         try:
             from tensorrt_llm import LLM, SamplingParams
+            from tensorrt_llm.sampling_params import GuidedDecodingParams
         except ImportError as exc:
             raise SystemExit(f"{INSTALL_HINT} ({exc})") from None
         kwargs = dict(self.config.llm_kwargs)
@@ -54,6 +56,7 @@ class TrtllmEngine(Engine):
         # Building loads (or compiles) the model in TensorRT-LLM's worker processes: off the loop.
         self._llm = await asyncio.to_thread(lambda: LLM(model=self.config.model, **kwargs))
         self._sampling_cls = SamplingParams
+        self._guided_cls = GuidedDecodingParams
         args = self._llm.args
         tokens_per_block = _tokens_per_block(args)
         max_seq_len = int(getattr(args, "max_seq_len", None) or _model_max_len(self.config.model) or 0)
@@ -108,13 +111,25 @@ class TrtllmEngine(Engine):
         llm, info = self._llm, self.info
         if llm is None or info is None:
             raise errors.EngineError("trtllm engine is not running")
-        params = self._sampling_cls(**sampling_kwargs(request, info.context_length, info.eos_token_ids))
+        kwargs = sampling_kwargs(
+            request,
+            info.context_length,
+            info.eos_token_ids,
+            guided_decoding_backend=self.config.llm_kwargs.get("guided_decoding_backend"),
+        )
+        if "guided_decoding" in kwargs:
+            kwargs["guided_decoding"] = self._guided_cls(**kwargs["guided_decoding"])
+        try:
+            params = self._sampling_cls(**kwargs)
+        except ValueError as exc:  # SamplingParams._validate
+            raise errors.InvalidRequest(str(exc)) from None
         try:
             result = llm.generate_async(list(request.token_ids), sampling_params=params, streaming=True)
         except ValueError as exc:  # argument checks: prompt too long, ...
             raise errors.InvalidRequest(str(exc)) from None
         rid = request.request_id
-        want_logprobs = request.sampling.logprobs
+        want_logprobs = request.sampling.logprobs or request.sampling.top_logprobs > 0
+        top_k = request.sampling.top_logprobs
         self._num_inflight += 1
         self._prefill_pending[rid] = len(request.token_ids)
         first = True
@@ -134,7 +149,9 @@ class TrtllmEngine(Engine):
                     self._prefill_pending.pop(rid, None)
                     chunk.cached_tokens = int(getattr(out, "cached_tokens", 0) or 0)
                 if want_logprobs:
-                    chunk.logprobs = sampled_logprobs(list(completion.logprobs_diff or []), token_ids)
+                    diff = list(completion.logprobs_diff or [])
+                    chunk.logprobs = sampled_logprobs(diff, token_ids)
+                    chunk.top_logprobs = top_logprobs(diff, token_ids, top_k)
                 yield chunk
                 if finish is not None:
                     finished = True

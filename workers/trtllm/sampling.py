@@ -1,14 +1,38 @@
-"""Our request as TensorRT-LLM SamplingParams keyword arguments, and its finish reasons as ours.
-Pure Python (the engine module builds the SamplingParams from the dict), so it is unit-tested
-without TensorRT-LLM."""
+"""Our request as TensorRT-LLM SamplingParams keyword arguments, and its finish reasons and
+logprobs as ours. Pure Python (the engine module builds the SamplingParams, and its
+GuidedDecodingParams from the "guided_decoding" dict), so it is unit-tested without TensorRT-LLM.
+
+Mapping notes (TensorRT-LLM 1.2's LLM API):
+- logit_bias has no SamplingParams field: it becomes a per-request logits processor (LogitBias).
+- frequency/presence penalties count prompt tokens too unless `prompt_ignore_length` says how
+  many to skip: set to the prompt's length, which also makes a migrated request count the tokens
+  another worker generated (they sit at the end of its prompt), as our wire asks.
+- output constraints need the LLM built with `guided_decoding_backend` (xgrammar or llguidance,
+  in --extra_llm_api_options); without it they are refused. TensorRT-LLM's GuidedDecodingParams
+  has no choice list: a choice becomes a regex.
+
+Refused (InvalidRequest naming the parameter): constraints without a guided-decoding backend; a
+migrated request with a constraint (a grammar cannot start part-way); prompt_logprobs (the worker
+does not map TensorRT-LLM's prompt-logprob positions, which nobody here has verified).
+Logprobs are what TensorRT-LLM returns for `logprobs=k` (the sampled token's and the top k);
+its documentation gives `logprobs_mode` a RAW default (the model's distribution, as our wire
+asks) where that field exists; not verified against a running TensorRT-LLM."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from dynamo.wire import FinishReason, PreprocessedRequest
-from workers.limits import stop_token_ids, tokens_to_generate
+from dynamo import errors
+from dynamo.wire import FinishReason, OutputConstraint, PreprocessedRequest
+from workers.limits import (
+    choice_list,
+    choice_regex,
+    json_schema_text,
+    refuse_unresumable,
+    stop_token_ids,
+    tokens_to_generate,
+)
 
 # CompletionOutput.finish_reason values of TensorRT-LLM 1.2.
 FINISH_REASONS: dict[str, FinishReason] = {
@@ -19,11 +43,69 @@ FINISH_REASONS: dict[str, FinishReason] = {
 }
 
 
+class LogitBias:
+    """A TensorRT-LLM per-request logits processor (its LogitsProcessor call signature) that adds
+    OpenAI-style biases to the logits in place."""
+
+    def __init__(self, bias: Mapping[int, float]) -> None:
+        self.bias = dict(bias)
+        self._index: Any = None
+
+    def __call__(self, req_id: int, logits: Any, token_ids: Any, stream_ptr: Any, client_id: Any) -> None:
+        import torch
+
+        if self._index is None or self._index[0].device != logits.device:
+            ids = torch.tensor(list(self.bias), dtype=torch.long, device=logits.device)
+            values = torch.tensor(list(self.bias.values()), dtype=logits.dtype, device=logits.device)
+            self._index = (ids, values)
+        ids, values = self._index
+        logits[..., ids] += values
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LogitBias) and other.bias == self.bias
+
+    def __repr__(self) -> str:
+        return f"LogitBias({self.bias})"
+
+
+def guided_decoding(constraint: OutputConstraint) -> dict[str, Any]:
+    """GuidedDecodingParams keyword arguments for our constraint."""
+    kind = constraint.kind
+    if kind == "json_schema":
+        return {"json": json_schema_text(constraint)}
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "regex":
+        return {"regex": constraint.spec}
+    if kind == "choice":
+        return {"regex": choice_regex(choice_list(constraint))}
+    if kind == "grammar":
+        return {"grammar": constraint.spec}
+    raise errors.InvalidRequest(f"unknown constraint kind {kind!r}", param="response_format")
+
+
 def sampling_kwargs(
-    request: PreprocessedRequest, max_seq_len: int, eos_token_ids: Collection[int] = ()
+    request: PreprocessedRequest,
+    max_seq_len: int,
+    eos_token_ids: Collection[int] = (),
+    *,
+    guided_decoding_backend: str | None = None,
 ) -> dict[str, Any]:
-    """Raises InvalidRequest when nothing is left to generate."""
+    """`guided_decoding_backend`: the LLM's (None: built without one). Raises InvalidRequest
+    for what TensorRT-LLM cannot do (module docstring) and when nothing is left to generate."""
     sampling, stop = request.sampling, request.stop
+    refuse_unresumable(request, "TensorRT-LLM", penalties=False)
+    if request.prompt_logprobs is not None and request.generated_before == 0:
+        raise errors.InvalidRequest(
+            "prompt_logprobs: this TensorRT-LLM worker does not return prompt logprobs",
+            param="prompt_logprobs",
+        )
+    if request.constraint is not None and not guided_decoding_backend:
+        raise errors.InvalidRequest(
+            "response_format: this TensorRT-LLM worker's LLM was built without a guided decoding "
+            "backend (set `guided_decoding_backend: xgrammar` in --extra_llm_api_options)",
+            param="response_format",
+        )
     max_tokens = tokens_to_generate(request, max_seq_len)
     stop_ids = stop_token_ids(request, eos_token_ids)
     kwargs: dict[str, Any] = {
@@ -34,8 +116,20 @@ def sampling_kwargs(
         "seed": sampling.seed,
         # The frontend detokenizes and applies stop strings.
         "detokenize": False,
-        "logprobs": 0 if sampling.logprobs else None,
+        # 0: the sampled token's logprob only; k: the top k and the sampled token.
+        "logprobs": sampling.top_logprobs if sampling.logprobs or sampling.top_logprobs else None,
+        "min_p": sampling.min_p or None,
+        "repetition_penalty": sampling.repetition_penalty,
+        "frequency_penalty": sampling.frequency_penalty or None,
+        "presence_penalty": sampling.presence_penalty or None,
     }
+    if sampling.frequency_penalty or sampling.presence_penalty:
+        # Count output tokens only (OpenAI's definition), the earlier worker's included.
+        kwargs["prompt_ignore_length"] = len(request.token_ids) - request.generated_before
+    if sampling.logit_bias:
+        kwargs["logits_processor"] = LogitBias(sampling.logit_bias)
+    if request.constraint is not None:
+        kwargs["guided_decoding"] = guided_decoding(request.constraint)
     if not sampling.temperature:
         # Greedy, spelled the way every TensorRT-LLM sampler honours: keep the top token only.
         kwargs["top_k"] = 1
@@ -70,3 +164,22 @@ def sampled_logprobs(diff: list[Any], token_ids: list[int]) -> list[float] | Non
         else:
             out.append(float(entry))
     return out
+
+
+def top_logprobs(diff: list[Any], token_ids: list[int], k: int) -> list[list[tuple[int, float]]] | None:
+    """Per token: the k best (token id, logprob) of TensorRT-LLM's {token_id: Logprob(logprob,
+    rank)} maps, best first (the sampled token is in the map even when it is not among them)."""
+    if not diff or k <= 0:
+        return None
+    out: list[list[tuple[int, float]]] = []
+    for entry in diff[-len(token_ids):]:
+        if not isinstance(entry, dict):
+            return None  # bare floats: no alternatives to give
+        ranked = sorted(entry.items(), key=lambda item: _rank(item[1]))
+        out.append([(int(tok), float(getattr(lp, "logprob", lp))) for tok, lp in ranked[:k]])
+    return out
+
+
+def _rank(logprob: Any) -> float:
+    rank = getattr(logprob, "rank", None)
+    return float(rank) if rank is not None else -float(getattr(logprob, "logprob", logprob))

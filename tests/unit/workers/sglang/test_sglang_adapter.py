@@ -24,13 +24,23 @@ from dynamo.wire import (
     BlockRemoved,
     BlockStored,
     KvEventData,
+    OutputConstraint,
     PreprocessedRequest,
+    PromptTokenLogprob,
     SamplingOptions,
     StopConditions,
 )
 from workers.sglang.args import SglangConfig, add_sglang_args
 from workers.sglang.kv_events import kv_events_config, translator, user_zmq_endpoint, wire_kv_events
-from workers.sglang.sampling import TOP_K_ALL, OutputDeltas, abort_error, finish_reason, sampling_params
+from workers.sglang.sampling import (
+    TOP_K_ALL,
+    OutputDeltas,
+    abort_error,
+    finish_reason,
+    logprob_args,
+    prompt_logprobs,
+    sampling_params,
+)
 from workers.sglang.stats import load_from_snapshots
 from workers.vllm.kv_events import BATCH_DECODER
 
@@ -144,6 +154,127 @@ def test_max_tokens_default_is_the_rest_of_the_context_and_migration_counts() ->
     assert params["max_new_tokens"] == 7 and params["min_new_tokens"] == 1
     with pytest.raises(errors.InvalidRequest):
         sampling_params(req(prompt_len=100), 100)
+
+
+# SGLang 0.5.23's SamplingParams fields (sglang/srt/sampling/sampling_params.py) and the
+# logprob keywords of Engine.async_generate: every key we send must be one of them.
+SGLANG_SAMPLING_FIELDS = frozenset({
+    "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
+    "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
+    "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
+    "no_stop_trim", "custom_params", "stream_interval", "logit_bias", "sampling_seed",
+})  # fmt: skip
+SGLANG_LOGPROB_KWARGS = frozenset({"return_logprob", "top_logprobs_num", "logprob_start_len"})
+
+
+def constrained(kind: str, spec: str = "", **kw: Any) -> PreprocessedRequest:
+    return PreprocessedRequest(request_id="r", model="m", token_ids=list(range(10)), stop=StopConditions(max_tokens=5),
+                               constraint=OutputConstraint(kind=kind, spec=spec), **kw)  # type: ignore[arg-type]
+
+
+def test_every_new_sampling_option_maps_onto_sglang_fields() -> None:
+    s = SamplingOptions(temperature=0.5, min_p=0.1, frequency_penalty=0.4, presence_penalty=-0.3,
+                        logit_bias={7: -100.0, 12: 3.5}, logprobs=True, top_logprobs=3)
+    params = sampling_params(req(sampling=s, max_tokens=4), 100)
+    assert params["min_p"] == 0.1
+    assert (params["frequency_penalty"], params["presence_penalty"]) == (0.4, -0.3)
+    assert params["logit_bias"] == {"7": -100.0, "12": 3.5}  # SGLang keys token ids as strings
+    assert set(params) <= SGLANG_SAMPLING_FIELDS
+    assert set(sampling_params(req(), 100)) <= SGLANG_SAMPLING_FIELDS
+    assert "logit_bias" not in sampling_params(req(), 100) and "min_p" not in sampling_params(req(), 100)
+
+
+def test_repetition_penalty_is_refused_because_sglang_counts_output_only() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_params(req(sampling=SamplingOptions(repetition_penalty=1.2)), 100)
+    assert info.value.param == "repetition_penalty" and "SGLang" in info.value.message
+    assert "repetition_penalty" not in sampling_params(req(sampling=SamplingOptions(repetition_penalty=1.0)), 100)
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "want"),
+    [
+        ("json_schema", '{"type": "object"}', {"json_schema": '{"type": "object"}'}),
+        ("json_object", "", {"json_schema": '{"type": "object"}'}),
+        ("regex", "[a-z]+", {"regex": "[a-z]+"}),
+        ("choice", '["a.b", "c d"]', {"regex": "(a\\.b)|(c d)"}),
+        ("grammar", 'root ::= "x"', {"ebnf": 'root ::= "x"'}),
+    ],
+)
+def test_constraints_map_onto_sglang_grammar_fields(kind: str, spec: str, want: dict[str, str]) -> None:
+    params = sampling_params(constrained(kind, spec), 100, grammar=True)
+    assert {k: params[k] for k in want} == want
+    assert set(params) <= SGLANG_SAMPLING_FIELDS
+
+
+def test_choice_regex_matches_exactly_the_choices() -> None:
+    import re
+
+    regex = sampling_params(constrained("choice", json.dumps(["1+1", "(x)", "a|b", "plain"])), 100, grammar=True)["regex"]
+    assert [bool(re.fullmatch(regex, s)) for s in ("1+1", "(x)", "a|b", "plain", "11", "x", "a")] == [True] * 4 + [False] * 3
+
+
+@pytest.mark.parametrize(("kind", "spec"), [("json_schema", "{nope"), ("json_schema", "[1]"), ("choice", "[1]"), ("choice", "[]")])
+def test_malformed_constraints_are_invalid_requests(kind: str, spec: str) -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_params(constrained(kind, spec), 100, grammar=True)
+    assert info.value.param == "response_format"
+
+
+def test_constraints_are_refused_without_sglangs_grammar_backend() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_params(constrained("regex", "[a-z]+"), 100, grammar=False)
+    assert info.value.param == "response_format" and "--sglang-structured-outputs" in info.value.message
+    # The flag keeps SGLang's tokenizer, which is what gives SGLang its grammar backend.
+    assert parse(["--model", "/m"]).grammar_available is False
+    on = parse(["--model", "/m", "--sglang-structured-outputs"])
+    assert on.grammar_available is True and on.server_kwargs["skip_tokenizer_init"] is False
+    assert SglangConfig.for_model("/m", structured_outputs=True).grammar_available is True
+    assert SglangConfig.for_model("/m", structured_outputs=True, grammar_backend="none").grammar_available is False
+
+
+def test_migrated_constrained_or_penalised_requests_are_refused() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_params(constrained("regex", "[a-z]+", generated_before=3), 100, grammar=True)
+    assert info.value.param == "response_format" and "migration" in info.value.message
+    moved = PreprocessedRequest(request_id="r", model="m", token_ids=[1] * 12, generated_before=3,
+                                sampling=SamplingOptions(frequency_penalty=0.5), stop=StopConditions(max_tokens=10))
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_params(moved, 100)
+    assert info.value.param == "frequency_penalty"
+    # Other migrated requests go on.
+    plain = PreprocessedRequest(request_id="r", model="m", token_ids=[1] * 12, generated_before=3,
+                                sampling=SamplingOptions(logit_bias={3: 1.0}), stop=StopConditions(max_tokens=10))
+    assert sampling_params(plain, 100)["max_new_tokens"] == 7
+
+
+def test_logprob_arguments() -> None:
+    assert logprob_args(req()) == {"return_logprob": False}
+    assert logprob_args(req(sampling=SamplingOptions(logprobs=True))) == {
+        "return_logprob": True, "top_logprobs_num": 0, "logprob_start_len": -1}
+    with_prompt = PreprocessedRequest(request_id="r", model="m", token_ids=[1, 2], prompt_logprobs=4,
+                                      sampling=SamplingOptions(logprobs=True, top_logprobs=2))
+    assert logprob_args(with_prompt) == {"return_logprob": True, "top_logprobs_num": 4, "logprob_start_len": 0}
+    migrated = msgspec.structs.replace(with_prompt, generated_before=1)
+    assert logprob_args(migrated)["logprob_start_len"] == -1  # the first worker sent them
+    for args in (logprob_args(with_prompt), logprob_args(req())):
+        assert set(args) <= SGLANG_LOGPROB_KWARGS
+
+
+def test_top_logprobs_and_prompt_logprobs_from_meta_info() -> None:
+    d = OutputDeltas(incremental=False)
+    meta = {
+        "output_token_logprobs": [(-0.5, 5, None), (-1.5, 6, None)],
+        "output_top_logprobs": [[(-0.5, 5, None), (-0.9, 8, None)], [(-1.1, 9, None), (-1.5, 6, None), (-2.0, 1, None)]],
+    }
+    out = {"output_ids": [5, 6], "meta_info": meta}
+    assert d.top_logprobs(out, 1, 2) == [[(9, -1.1), (6, -1.5)]]
+    assert d.top_logprobs(out, 2, 1) == [[(5, -0.5)], [(9, -1.1)]]
+    assert d.top_logprobs(out, 1, 0) is None
+    prompt = prompt_logprobs({"input_token_logprobs": [(None, 1, None), (-2.0, 2, None)],
+                              "input_top_logprobs": [None, [(-0.1, 4, None), (-2.0, 2, None)]]}, 1)
+    assert prompt == [None, PromptTokenLogprob(logprob=-2.0, top=[(4, -0.1)])]
+    assert prompt_logprobs({}, 1) is None
 
 
 @pytest.mark.parametrize(

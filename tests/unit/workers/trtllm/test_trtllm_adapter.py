@@ -16,10 +16,19 @@ import pytest
 
 from dynamo import errors
 from dynamo.kv_hash import block_hashes
-from dynamo.wire import AllBlocksCleared, BlockRemoved, BlockStored, KvEventData, PreprocessedRequest, SamplingOptions, StopConditions
+from dynamo.wire import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KvEventData,
+    OutputConstraint,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+)
 from workers.trtllm.args import DEFAULT_EVENT_BUFFER, TrtllmConfig, add_trtllm_args, with_kv_events
 from workers.trtllm.kv_events import TrtllmKvEvents
-from workers.trtllm.sampling import finish_reason, sampled_logprobs, sampling_kwargs
+from workers.trtllm.sampling import LogitBias, finish_reason, sampled_logprobs, sampling_kwargs, top_logprobs
 from workers.trtllm.stats import load_from_stats
 
 REPO = Path(__file__).resolve().parents[4]
@@ -114,6 +123,7 @@ def test_sampled_request_maps_every_option() -> None:
     assert kw == {"max_tokens": 9, "min_tokens": 3, "ignore_eos": True, "stop_token_ids": [7], "seed": 5,
                   "detokenize": False, "logprobs": 0, "temperature": 0.8, "top_p": 0.95, "top_k": 20,
                   "end_id": 2, "pad_id": 2}
+    assert set(kw) <= TRTLLM_SAMPLING_FIELDS
 
 
 def test_budget_and_migration() -> None:
@@ -122,6 +132,93 @@ def test_budget_and_migration() -> None:
                                 stop=StopConditions(max_tokens=4), generated_before=4)
     with pytest.raises(errors.InvalidRequest):
         sampling_kwargs(moved, 100)
+
+
+# TensorRT-LLM 1.2's SamplingParams and GuidedDecodingParams fields (tensorrt_llm/sampling_params.py):
+# every keyword we pass must be one of them.
+TRTLLM_SAMPLING_FIELDS = frozenset({
+    "end_id", "pad_id", "max_tokens", "bad", "bad_token_ids", "stop", "stop_token_ids", "include_stop_str_in_output",
+    "embedding_bias", "logits_processor", "apply_batched_logits_processor", "n", "best_of", "use_beam_search",
+    "top_k", "top_p", "top_p_min", "top_p_reset_ids", "top_p_decay", "seed", "temperature", "min_tokens",
+    "beam_search_diversity_rate", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "prompt_ignore_length", "length_penalty", "early_stopping", "no_repeat_ngram_size", "min_p",
+    "beam_width_array", "logprobs", "prompt_logprobs", "return_context_logits", "return_generation_logits",
+    "exclude_input_from_output", "return_encoder_output", "return_perf_metrics", "additional_model_outputs",
+    "lookahead_config", "guided_decoding", "ignore_eos", "detokenize", "add_special_tokens",
+    "truncate_prompt_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+})  # fmt: skip
+TRTLLM_GUIDED_FIELDS = frozenset({"json", "regex", "grammar", "json_object", "structural_tag"})
+
+
+def constrained(kind: str, spec: str = "", **kw: Any) -> PreprocessedRequest:
+    return PreprocessedRequest(request_id="r", model="m", token_ids=list(range(10)), stop=StopConditions(max_tokens=5),
+                               constraint=OutputConstraint(kind=kind, spec=spec), **kw)  # type: ignore[arg-type]
+
+
+def test_every_new_sampling_option_maps_onto_trtllm_fields() -> None:
+    s = SamplingOptions(temperature=0.5, min_p=0.1, repetition_penalty=1.2, frequency_penalty=0.4,
+                        presence_penalty=-0.3, logit_bias={7: -100.0}, logprobs=True, top_logprobs=3)
+    kw = sampling_kwargs(req(prompt_len=12, sampling=s, max_tokens=4), 100)
+    assert (kw["min_p"], kw["repetition_penalty"], kw["frequency_penalty"], kw["presence_penalty"]) == (0.1, 1.2, 0.4, -0.3)
+    assert kw["prompt_ignore_length"] == 12  # output tokens only, as OpenAI counts them
+    assert kw["logprobs"] == 3 and kw["logits_processor"] == LogitBias({7: -100.0})
+    assert set(kw) <= TRTLLM_SAMPLING_FIELDS
+
+
+def test_migrated_penalties_count_the_earlier_workers_tokens() -> None:
+    moved = PreprocessedRequest(request_id="r", model="m", token_ids=[1] * 15, generated_before=5,
+                                sampling=SamplingOptions(presence_penalty=0.5), stop=StopConditions(max_tokens=10))
+    assert sampling_kwargs(moved, 100)["prompt_ignore_length"] == 10  # the last 5 prompt tokens are output
+
+
+def test_logit_bias_processor_adds_in_place() -> None:
+    torch = pytest.importorskip("torch")
+    logits = torch.zeros(1, 1, 10)
+    LogitBias({2: 5.0, 7: -100.0})(0, logits, [[1, 2]], None, None)
+    assert logits[0, 0, 2] == 5.0 and logits[0, 0, 7] == -100.0 and logits.sum() == -95.0
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "want"),
+    [
+        ("json_schema", '{"type": "object"}', {"json": '{"type": "object"}'}),
+        ("json_object", "", {"json_object": True}),
+        ("regex", "[a-z]+", {"regex": "[a-z]+"}),
+        ("choice", '["a.b", "c"]', {"regex": "(a\\.b)|(c)"}),
+        ("grammar", 'root ::= "x"', {"grammar": 'root ::= "x"'}),
+    ],
+)
+def test_constraints_map_onto_guided_decoding(kind: str, spec: str, want: dict[str, Any]) -> None:
+    kw = sampling_kwargs(constrained(kind, spec), 100, guided_decoding_backend="xgrammar")
+    assert kw["guided_decoding"] == want and set(want) <= TRTLLM_GUIDED_FIELDS
+
+
+def test_what_trtllm_cannot_do_is_refused_naming_the_parameter() -> None:
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_kwargs(constrained("regex", "[a-z]+"), 100)  # no guided decoding backend
+    assert info.value.param == "response_format" and "guided_decoding_backend" in info.value.message
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_kwargs(constrained("regex", "[a-z]+", generated_before=2), 100, guided_decoding_backend="xgrammar")
+    assert info.value.param == "response_format" and "migration" in info.value.message
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_kwargs(constrained("json_schema", "{bad"), 100, guided_decoding_backend="xgrammar")
+    assert info.value.param == "response_format"
+    with_prompt = PreprocessedRequest(request_id="r", model="m", token_ids=[1, 2], prompt_logprobs=1)
+    with pytest.raises(errors.InvalidRequest) as info:
+        sampling_kwargs(with_prompt, 100)
+    assert info.value.param == "prompt_logprobs"
+
+
+def test_top_logprobs_best_first_from_rank_maps() -> None:
+    class Lp:
+        def __init__(self, v: float, rank: int) -> None:
+            self.logprob, self.rank = v, rank
+
+    # The sampled token (rank 9) comes with the top 2.
+    diff = [{4: Lp(-3.0, 9), 1: Lp(-0.2, 1), 2: Lp(-0.9, 2)}]
+    assert top_logprobs(diff, [4], 2) == [[(1, -0.2), (2, -0.9)]]
+    assert sampled_logprobs(diff, [4]) == [-3.0]
+    assert top_logprobs(diff, [4], 0) is None and top_logprobs([-0.1], [4], 2) is None
 
 
 @pytest.mark.parametrize(("reason", "want"), [(None, None), ("stop", "stop"), ("length", "length"),
