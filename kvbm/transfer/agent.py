@@ -16,9 +16,9 @@ import torch
 
 from dynamo import errors
 from dynamo.runtime.tcp_plane import default_advertise_host
-from dynamo.wire import KvAgentInfo, KvLayoutSpec, TransferHeader
+from dynamo.wire import FRAME_DATA, FRAME_END, FRAME_ERROR, KvAgentInfo, KvLayoutSpec, TransferHeader
 from kvbm.transfer.backends import PREFERENCE, TransferBackend
-from kvbm.transfer.framing import FRAME_DATA, FRAME_DONE, FRAME_ERROR, header_bytes, read_header
+from kvbm.transfer.framing import header_bytes, read_header
 from kvbm.transfer.layout import KvMemory, block_bytes, check_compatible
 from kvbm.transfer.torch_ops import scatter_blocks
 
@@ -192,7 +192,7 @@ class KvTransferAgent:
                 current = header.transfer_id
                 if header.kind == FRAME_ERROR:
                     self._fail(current, TransferFailed(f"sender reported: {header.error}"))
-                elif header.kind == FRAME_DONE:
+                elif header.kind == FRAME_END:
                     self._check_count(current, header.num_blocks)
                     self._resolve(current, header.payload_bytes)
                 elif header.kind == FRAME_DATA:

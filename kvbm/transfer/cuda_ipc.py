@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dynamo.wire import KvAgentInfo, TransferHeader
+from dynamo.wire import FRAME_END, KvAgentInfo, TransferHeader
 from kvbm.transfer.backends import TransferBackend
-from kvbm.transfer.framing import FRAME_DONE, header_bytes
+from kvbm.transfer.framing import header_bytes
 from kvbm.transfer.torch_ops import BlockCopier, copy_blocks, export_handles, open_handles
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class CudaIpcBackend(TransferBackend):
             lambda: copy_blocks(memory.k, memory.v, src_block_ids, target.k, target.v, dst_block_ids, target.copier)
         )
         size = len(src_block_ids) * agent.block_bytes
-        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_DONE, len(src_block_ids), size)))
+        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_END, len(src_block_ids), size)))
         return size
 
     @staticmethod

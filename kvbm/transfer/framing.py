@@ -1,5 +1,6 @@
 """Frames on a transfer connection: a 4-byte big-endian header length, a msgpack
-TransferHeader, then `payload_bytes` of raw KV for data frames."""
+TransferHeader, then `payload_bytes` of raw KV for data frames. Their kinds are the response
+streams' own (dynamo.wire FRAME_DATA, FRAME_END: the sender wrote the blocks itself, FRAME_ERROR)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from dynamo.wire import TRANSFER_HEADER_CODEC, TransferHeader, encode
 
 _LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 1 << 16
-
-FRAME_DATA = 0
-FRAME_DONE = 1
-FRAME_ERROR = 2
 
 
 def header_bytes(header: TransferHeader) -> bytes:

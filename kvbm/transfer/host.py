@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dynamo.wire import KvAgentInfo, TransferHeader
+from dynamo.wire import FRAME_DATA, KvAgentInfo, TransferHeader
 from kvbm.transfer.backends import TransferBackend
-from kvbm.transfer.framing import FRAME_DATA, header_bytes
+from kvbm.transfer.framing import header_bytes
 from kvbm.transfer.torch_ops import buffer_shape, gather_blocks
 
 if TYPE_CHECKING:

@@ -13,9 +13,9 @@ import importlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from dynamo.wire import KvAgentInfo, TransferHeader
+from dynamo.wire import FRAME_END, KvAgentInfo, TransferHeader
 from kvbm.transfer.backends import TransferBackend
-from kvbm.transfer.framing import FRAME_DONE, header_bytes
+from kvbm.transfer.framing import header_bytes
 
 if TYPE_CHECKING:
     from kvbm.transfer.agent import KvTransferAgent
@@ -115,5 +115,5 @@ class NixlBackend(TransferBackend):
             remote = self._remote_names[peer.agent_id] = self._agent.add_remote_agent(peer.nixl_metadata)
         await asyncio.to_thread(self._write, remote, peer, src_block_ids, dst_block_ids, transfer_id)
         size = len(src_block_ids) * agent.block_bytes
-        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_DONE, len(src_block_ids), size)))
+        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_END, len(src_block_ids), size)))
         return size

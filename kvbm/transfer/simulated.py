@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from dynamo.wire import KvAgentInfo, TransferHeader
+from dynamo.wire import FRAME_END, KvAgentInfo, TransferHeader
 from kvbm.transfer.backends import TransferBackend
-from kvbm.transfer.framing import FRAME_DONE, header_bytes
+from kvbm.transfer.framing import header_bytes
 
 if TYPE_CHECKING:
     from kvbm.transfer.agent import KvTransferAgent
@@ -38,5 +38,5 @@ class SimulatedBackend(TransferBackend):
     ) -> int:
         size = len(src_block_ids) * agent.block_bytes
         await asyncio.sleep(self.transfer_time_s(size))
-        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_DONE, len(src_block_ids), size)))
+        writer.write(header_bytes(TransferHeader(transfer_id, FRAME_END, len(src_block_ids), size)))
         return size
