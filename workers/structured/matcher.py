@@ -13,7 +13,10 @@ class GrammarMatcher:
     """Per-request grammar state. Made by `CompiledGrammar.matcher()`.
 
     A stop token (EOS) is allowed exactly when the grammar can end; accepting one terminates
-    the matcher (`is_terminated`), after which nothing else is accepted until `rollback`."""
+    the matcher (`is_terminated`), after which nothing else is accepted until `rollback`.
+    Where the grammar forces bytes (`{"` opening an object), the mask offers only their
+    canonical tokenization, a subset of what `is_allowed` / `accept` take (any tokenization
+    of valid bytes: replayed output from another worker is never refused for its spelling)."""
 
     __slots__ = ("_m", "_vocab", "_stops", "_tokens", "_terminated")
 
@@ -49,10 +52,12 @@ class GrammarMatcher:
         """Take `token_id` if the grammar allows it; False (state unchanged) if not."""
         if not self.is_allowed(token_id):
             return False
-        if not self._m.consume_token(token_id):  # pragma: no cover - is_allowed said yes
+        if token_id in self._stops:
+            # Kept out of llguidance: its rollback does not count a stop token it consumed.
+            self._terminated = True
+        elif not self._m.consume_token(token_id):  # pragma: no cover - is_allowed said yes
             raise RuntimeError(f"llguidance rejected token {token_id} it had validated: {self._m.get_error()}")
         self._tokens.append(token_id)
-        self._terminated = token_id in self._stops
         return True
 
     def accept_many(self, token_ids: list[int]) -> bool:
@@ -62,23 +67,21 @@ class GrammarMatcher:
             return True
         if self._terminated:
             return False
-        # A stop token can only be last (nothing follows it); validate_tokens does not count it.
-        body = token_ids[:-1] if token_ids[-1] in self._stops else token_ids
-        if any(t in self._stops for t in body) or any(not 0 <= t < self._vocab.vocab_size for t in body):
+        # A stop token can only be last (nothing follows it); validate_tokens does not take it.
+        ends = token_ids[-1] in self._stops
+        body = token_ids[:-1] if ends else token_ids
+        if any(t in self._stops or not 0 <= t < self._vocab.vocab_size for t in body):
             return False
         if self._m.validate_tokens(body) != len(body):
             return False
         if body and not self._m.consume_tokens(body):  # pragma: no cover - validated above
             raise RuntimeError(f"llguidance rejected tokens it had validated: {self._m.get_error()}")
-        self._tokens.extend(body)
-        if len(body) < len(token_ids):
-            if not self._m.is_accepting():
+        if ends and not self._m.is_accepting():
+            if body:
                 self._m.rollback(len(body))
-                del self._tokens[len(self._tokens) - len(body) :]
-                return False
-            self._m.consume_token(token_ids[-1])
-            self._tokens.append(token_ids[-1])
-            self._terminated = True
+            return False
+        self._tokens.extend(token_ids)
+        self._terminated = ends
         return True
 
     def is_accepting(self) -> bool:
@@ -91,7 +94,7 @@ class GrammarMatcher:
 
     def must_stop(self) -> bool:
         """Nothing but a stop token can come next (the grammar allows no longer output)."""
-        return self._terminated or (self._m.is_stopped() and self._m.is_accepting())
+        return self._terminated or self._m.is_stopped()
 
     def rollback(self, num_tokens: int) -> None:
         """Undo the last `num_tokens` accepted tokens (speculative decoding, a cut stop string)."""
@@ -99,10 +102,11 @@ class GrammarMatcher:
             raise ValueError(f"cannot roll back {num_tokens} of {len(self._tokens)} tokens")
         if num_tokens == 0:
             return
-        if not self._m.rollback(num_tokens):  # pragma: no cover - within what was accepted
-            raise RuntimeError(f"llguidance could not roll back {num_tokens} tokens")
+        grammar_tokens = num_tokens - 1 if self._terminated else num_tokens
+        if grammar_tokens and not self._m.rollback(grammar_tokens):  # pragma: no cover
+            raise RuntimeError(f"llguidance could not roll back {grammar_tokens} tokens")
         del self._tokens[len(self._tokens) - num_tokens :]
-        self._terminated = bool(self._tokens) and self._tokens[-1] in self._stops
+        self._terminated = False
 
     def reset(self) -> None:
         self.rollback(len(self._tokens))
