@@ -98,14 +98,14 @@ class MistralParser(StreamingToolParser):
                 return None
             self._name = ""
             return k
-        pos = _NAME.match(buf, k).end()
+        pos = _run_end(_NAME, buf, k)
         if pos == len(buf):
             return None
         if pos == k:
             return -1
         self._name = buf[k:pos]
         if buf.startswith(CALL_ID, pos):
-            pos = _ALNUM.match(buf, pos + len(CALL_ID)).end()
+            pos = _run_end(_ALNUM, buf, pos + len(CALL_ID))
             if pos == len(buf):
                 return None
         elif CALL_ID.startswith(buf[pos:]):
@@ -146,3 +146,9 @@ class MistralParser(StreamingToolParser):
         self._buf = self._buf[upto:]
         self._in_call = False
         self._scanner = None
+
+
+def _run_end(chars: re.Pattern[str], buf: str, pos: int) -> int:
+    """End of the run of `chars` (a `[...]*` pattern) starting at pos."""
+    m = chars.match(buf, pos)
+    return m.end() if m else pos

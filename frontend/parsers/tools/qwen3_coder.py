@@ -14,19 +14,20 @@ JSON and as strings otherwise. A bare `<function=...>` without `<tool_call>` is 
 
 from __future__ import annotations
 
-import ast
 import json
 import re
+from json.encoder import encode_basestring
 from typing import Any
 
 from frontend.parsers.tools.base import (
     ParsedDelta,
     StreamingToolParser,
+    ToolCallDelta,
     ToolSpec,
     find_markers,
     hold_point,
-    strict_loads,
 )
+from frontend.parsers.tools.schema_values import convert_value, schema_types
 
 START = "<tool_call>"
 END = "</tool_call>"
@@ -93,21 +94,23 @@ class Qwen3CoderParser(StreamingToolParser):
         self._scan_from = 0
 
     def feed(self, text: str) -> ParsedDelta:
-        if self._state == _CONTENT and "<" not in text and not self._buf and not self._strip_ws:
+        state = self._state
+        if state == _CONTENT and "<" not in text and not self._buf and not self._strip_ws:
             return ParsedDelta(text)  # fast path: nothing here can start a call
+        if state == _VALUE and self._streaming and self._value_started and "<" not in text and "<" not in self._buf:
+            # Fast path inside a streamed string value (a file's content, say): no tag can end
+            # here, so all of it goes out but a last newline, which may be the layout one.
+            held = self._buf + text
+            safe = len(held) - 1 if held[-1] == "\n" else len(held)
+            self._buf = held[safe:]
+            if not safe:
+                return ParsedDelta()
+            return ParsedDelta("", [ToolCallDelta(self._index, arguments=_escape(held[:safe]))])
         return StreamingToolParser.feed(self, text)
 
     def _run(self, final: bool) -> None:
-        step = (
-            self._step_content,
-            self._step_wrap,
-            self._step_func_name,
-            self._step_in_func,
-            self._step_param_name,
-            self._step_value,
-            self._step_after_func,
-        )
-        while step[self._state](final):
+        steps = _STEPS
+        while steps[self._state](self, final):
             pass
 
     # Each step consumes what it can decide and returns True to go on, False when it needs
@@ -217,7 +220,7 @@ class Qwen3CoderParser(StreamingToolParser):
         self._param = name
         self._param_schema = self._props.get(name)
         duplicate = name in self._seen
-        self._streaming = not duplicate and _types(self._param_schema) == {"string"}
+        self._streaming = not duplicate and schema_types(self._param_schema) == {"string"}
         self._value_started = False
         self._scan_from = 0
         self._state = _VALUE
@@ -313,72 +316,22 @@ class Qwen3CoderParser(StreamingToolParser):
         self._state = _CONTENT
 
 
+_STEPS = (
+    Qwen3CoderParser._step_content,
+    Qwen3CoderParser._step_wrap,
+    Qwen3CoderParser._step_func_name,
+    Qwen3CoderParser._step_in_func,
+    Qwen3CoderParser._step_param_name,
+    Qwen3CoderParser._step_value,
+    Qwen3CoderParser._step_after_func,
+)
+
+
 def _escape(text: str) -> str:
-    """`text` as it appears inside a JSON string: pieces escape to the whole's escaping."""
-    return json.dumps(text, ensure_ascii=False)[1:-1] if text else ""
-
-
-def _types(schema: Any) -> set[str]:
-    if not isinstance(schema, dict):
-        return set()
-    declared = schema.get("type")
-    if isinstance(declared, str):
-        return {declared}
-    if isinstance(declared, list):
-        return {t for t in declared if isinstance(t, str)}
-    out: set[str] = set()
-    for key in ("anyOf", "oneOf"):
-        for sub in schema.get(key) or ():
-            out |= _types(sub)
-    return out
-
-
-_NOT_JSON = object()
-_CHECKS = {
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "null": lambda v: v is None,
-}
-
-
-def convert_value(text: str, schema: Any) -> Any:
-    """A parameter's text as the JSON value its schema asks for. Text that does not fit the
-    schema stays a string (the client validates); without a schema, JSON if it parses."""
-    types = _types(schema)
-    if types == {"string"}:
-        return text
-    stripped = text.strip()
-    try:
-        value = strict_loads(stripped)
-    except (ValueError, RecursionError):
-        value = _NOT_JSON
-    if not types:
-        return text if value is _NOT_JSON else value
-    if value is not _NOT_JSON and any(_CHECKS.get(t, _never)(value) for t in types):
-        return value
-    lowered = stripped.lower()
-    if "boolean" in types and lowered in ("true", "false"):
-        return lowered == "true"
-    if "integer" in types and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if "null" in types and lowered in ("null", "none"):
-        return None
-    if types & {"object", "array"}:
-        try:  # a Python literal: single quotes, True/False/None
-            literal = ast.literal_eval(stripped)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            literal = _NOT_JSON
-        if isinstance(literal, dict) and "object" in types or isinstance(literal, list) and "array" in types:
-            return literal
-    return text
-
-
-def _never(value: Any) -> bool:
-    return False
+    """`text` as it appears inside a JSON string (what json.dumps(..., ensure_ascii=False)
+    writes between the quotes; it calls this same encoder). JSON escapes each character on its
+    own, so the pieces of a string escape to the whole's escaping."""
+    return encode_basestring(text)[1:-1] if text else ""
 
 
 def _dump_value(text: str, schema: Any) -> str:

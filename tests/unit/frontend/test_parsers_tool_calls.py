@@ -88,7 +88,7 @@ def expected_calls(generated: list[tuple[str, dict[str, Any]]]) -> list[tuple[st
 
 # -- properties, one per family -------------------------------------------------------------
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(
     before=plain("<tool_call>"),
     generated=calls,
@@ -108,7 +108,7 @@ def test_hermes_property(before, generated, gaps, ascii_json, cuts):
     assert result.has_tool_calls
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lead=st.sampled_from(["", " ", "\n", "<|python_tag|>", "\n<|python_tag|>"]),
     generated=calls,
@@ -125,7 +125,7 @@ def test_llama3_json_property(lead, generated, seps, key, after, cuts):
     assert result.content == after.lstrip()
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(
     before=plain("[TOOL_CALLS]"),
     generated=calls,
@@ -149,7 +149,7 @@ def _py_call(name: str, args: dict[str, Any]) -> str:
     return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lead=st.sampled_from(["", " ", "\n"]),
     tagged=st.booleans(),
@@ -192,7 +192,7 @@ def _xml_tools(generated: list[tuple[str, dict[str, Any]]]) -> list[ToolSpec]:
     ]
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
 @given(
     before=plain("<tool_call>", "<function="),
     generated=xml_calls,
