@@ -11,20 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from frontend.parsers import ToolCallDelta
 from frontend.schemas import FunctionCall, TokenLogprob, ToolCall, Usage
 
 # ---------------------------------------------------------------------------------- tool calls
-
-
-@dataclass(slots=True)
-class ToolCallDelta:
-    """One streamed fragment of a tool call (OpenAI's `delta.tool_calls[i]`). `id` and `name`
-    come on a call's first fragment only; the `arguments` pieces concatenate to its JSON text."""
-
-    index: int
-    id: str | None = None
-    name: str | None = None
-    arguments: str = ""
 
 
 __all__ = ["ChoiceAccumulator", "ChoiceDelta", "ChoiceResult", "FunctionCall", "Generation", "TokenLogprob", "ToolCall", "ToolCallDelta"]

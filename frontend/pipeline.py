@@ -111,6 +111,9 @@ class Pipeline:
             # Unknown names are not used as labels: clients control them (unbounded cardinality).
             self.metrics.count(model_label, endpoint, "unary", "error")
             raise
+        if body.user is not None:
+            # OpenAI's `user` identifies the end user for abuse monitoring: it goes to the log.
+            log.info("request %s: user %r", request_id, body.user)
         kind: EndpointKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
         generation = RequestGeneration(kind, endpoint, model, prepared, arrived_s, self)
         await generation.open(self.config.request_timeout_s)

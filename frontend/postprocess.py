@@ -10,7 +10,8 @@ import uuid
 from dynamo import errors
 from dynamo.wire import EngineOutput, PromptTokenLogprob
 from frontend.detokenize import IncrementalDetokenizer
-from frontend.outputs import ChoiceDelta, ToolCallDelta
+from frontend.outputs import ChoiceDelta
+from frontend.parsers import ReasoningParser, ToolCallDelta, ToolCallParser, ToolSpec, reasoning_parser, tool_call_parser
 from frontend.preprocess import OutputSpec, ToolSpecs
 from frontend.schemas import TokenLogprob, TopLogprob
 from frontend.tokenizer import ModelTokenizer
@@ -125,21 +126,17 @@ class ChoiceOutput:
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.worker_finished = False  # the worker sent a finish_reason (vs. we cut it short)
-        self._reasoning = None
-        self._tools = None
+        self._reasoning: ReasoningParser | None = None
+        self._tools: ToolCallParser | None = None
         self._forced: _ForcedCalls | None = None
         self._has_calls = False
         self._echo = echo_text  # completions' echo: the prompt text leads the first delta
         self._first = True
         self._prompt_ids = prompt_ids or []
         if spec.reasoning_parser is not None:
-            from frontend.parsers import reasoning_parser as make_reasoning
-
-            self._reasoning = make_reasoning(spec.reasoning_parser)
+            self._reasoning = reasoning_parser(spec.reasoning_parser)
         tools = spec.tools
         if tools.mode == "parse":
-            from frontend.parsers import ToolSpec, tool_call_parser
-
             assert tools.parser is not None
             self._tools = tool_call_parser(tools.parser, [ToolSpec(n, s) for n, s in tools.schemas.items()])
         elif tools.mode in ("named", "required"):
@@ -222,7 +219,7 @@ class ChoiceOutput:
                 tail = self._tools.finish()
                 content += tail.content
                 calls += tail.tool_calls
-            delta.tool_calls = [ToolCallDelta(c.index, c.id, c.name, c.arguments) for c in calls]
+            delta.tool_calls = calls
             if not self._spec.tools.parallel:
                 delta.tool_calls = [c for c in delta.tool_calls if c.index == 0]
         elif self._forced is not None:

@@ -104,6 +104,7 @@ class Stack:
     client: httpx.AsyncClient
     app: object
     make_worker: Callable[..., ScriptedWorker]
+    workers: list[ScriptedWorker] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -137,6 +138,7 @@ async def stack(tokenizer: ModelTokenizer) -> AsyncIterator[Stack]:
 
 async def start_worker(stack: Stack, script: list[int], **kwargs: object) -> ScriptedWorker:
     worker = stack.make_worker(script, **kwargs)
+    stack.workers.append(worker)
     await worker.start()
     await stack.manager.wait_until(
         lambda: stack.manager.ready() and worker.instance_id in stack.manager.models[MODEL].instance_ids(), 5

@@ -168,7 +168,7 @@ async def test_named_tool_choice_constrains_and_returns_the_call(
     stack: Stack, tokenizer: ModelTokenizer, tools_model: str
 ) -> None:
     args = '{"city": "Paris"}'
-    worker = await start_worker(stack, ids(tokenizer, args), model_path=tools_model)
+    worker = await start_worker(stack, ids(tokenizer, args), model_path=tools_model, finish="stop")
     body = chat(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=50)
     resp = await stack.client.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text

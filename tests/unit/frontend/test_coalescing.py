@@ -471,7 +471,7 @@ _HEADERS = b"NATS/1.0\r\nA: b\r\n\r\n"
 
 @pytest.mark.parametrize("cut", [1, 3, 7, 64, 100_000])
 async def test_fast_parser_reads_every_message_whatever_the_read_boundaries(cut: int) -> None:
-    from dynamo.runtime.nats_planes import _FastParser
+    from dynamo.runtime.nats_fastpath import _FastParser
 
     wire = b"".join(
         [
