@@ -14,7 +14,7 @@ from tests.unit.frontend.test_api_surface import WEATHER, tools_model  # noqa: F
 @pytest.fixture
 async def served(stack: Stack, tokenizer: ModelTokenizer) -> Stack:
     serve_apis(stack)
-    await start_worker(stack, [1])
+    stack.worker = await start_worker(stack, [1])  # type: ignore[attr-defined]
     return stack
 
 
@@ -34,7 +34,7 @@ async def test_tokenize_chat_matches_the_prompt_a_worker_gets(served: Stack, tok
     resp = await served.client.post("/tokenize", json={"model": MODEL, "messages": messages})
     chat = await served.client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 1})
     assert chat.status_code == 200
-    assert resp.json()["tokens"] == served.workers[0].requests[-1].token_ids
+    assert resp.json()["tokens"] == served.worker.requests[-1].token_ids  # type: ignore[attr-defined]
     no_prompt = await served.client.post(
         "/tokenize", json={"model": MODEL, "messages": messages, "add_generation_prompt": False}
     )
