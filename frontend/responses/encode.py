@@ -27,6 +27,7 @@ from frontend.responses.schemas import (
     IncompleteDetails,
     InputTokensDetails,
     Item,
+    ItemStatus,
     MessageItem,
     OutputText,
     OutputTokensDetails,
@@ -126,7 +127,7 @@ def output_items(result: ChoiceResult) -> list[Item]:
     if result.reasoning:
         items.append(ReasoningItem(id=new_id("rs"), content=[ReasoningText(result.reasoning)], status="completed"))
     if result.content or not (result.reasoning or result.tool_calls):
-        status = "incomplete" if result.finish_reason == "length" else "completed"
+        status: ItemStatus = "incomplete" if result.finish_reason == "length" else "completed"
         items.append(MessageItem(role="assistant", content=[OutputText(result.content)], id=new_id("msg"), status=status))
     for call in result.tool_calls:
         items.append(
@@ -259,7 +260,7 @@ class ResponseStream:
             LifecycleEvent, "response.in_progress", response=self.base
         )
 
-    def _add(self, kind: str, item: Item, open_item: _Open, out: list[bytes]) -> None:
+    def _add(self, item: Item, open_item: _Open, out: list[bytes]) -> None:
         self.output.append(None)
         out.append(self._event(OutputItemEvent, "response.output_item.added", output_index=open_item.output_index, item=item))
 
@@ -277,7 +278,7 @@ class ResponseStream:
         else:
             item = MessageItem(role="assistant", content=[], id=opened.id, status="in_progress")
             part = OutputText("")
-        self._add(kind, item, opened, out)
+        self._add(item, opened, out)
         out.append(
             self._event(
                 ContentPartEvent, "response.content_part.added",
@@ -287,7 +288,7 @@ class ResponseStream:
         self._text = opened
         return opened
 
-    def _close_text(self, out: list[bytes], status: str) -> None:
+    def _close_text(self, out: list[bytes], status: ItemStatus) -> None:
         current, self._text = self._text, None
         if current is None:
             return
@@ -300,7 +301,7 @@ class ResponseStream:
         else:
             out.append(self._event(TextDoneEvent, "response.output_text.done", text=text, **where))
             part = OutputText(text)
-            item = MessageItem(role="assistant", content=[OutputText(text)], id=current.id, status=status)  # type: ignore[arg-type]
+            item = MessageItem(role="assistant", content=[OutputText(text)], id=current.id, status=status)
         out.append(self._event(ContentPartEvent, "response.content_part.done", part=part, **where))
         out.append(self._event(OutputItemEvent, "response.output_item.done", output_index=current.output_index, item=item))
         self.output[current.output_index] = item
@@ -346,7 +347,7 @@ class ResponseStream:
                 call = _Open("call", new_id("fc"), len(self.output), fragment.id or "", fragment.name or "")
                 self._calls[fragment.index] = call
                 added = FunctionCallItem(call_id=call.call_id, name=call.name, arguments="", id=call.id, status="in_progress")
-                self._add("call", added, call, out)
+                self._add(added, call, out)
             if fragment.arguments:
                 call.parts.append(fragment.arguments)
                 out.append(
