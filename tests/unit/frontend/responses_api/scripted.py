@@ -54,14 +54,16 @@ class ScriptedGeneration:
 
 
 def serve_apis(stack: object, ttl_s: float = 3600.0) -> object:
-    """Register the Anthropic, Responses and tokenize routes on a test stack's app (as
-    create_app does); returns the response store."""
+    """Register the Anthropic, Responses and tokenize routes on a test stack's app, unless
+    create_app already did; returns the response store serving them."""
     from frontend.anthropic import register_anthropic_routes
     from frontend.config import FrontendConfig
     from frontend.responses import register_responses_routes
     from frontend.tokenize_api import register_tokenize_routes
 
     app = stack.app  # type: ignore[attr-defined]
+    if any(getattr(r, "path", None) == "/v1/messages" for r in app.router.routes):
+        return app.state.response_store
     manager = stack.manager  # type: ignore[attr-defined]
     config = FrontendConfig(max_request_body_bytes=1 << 20, response_store_ttl_s=ttl_s)
     register_anthropic_routes(app, app.state.pipeline, manager, config)
