@@ -90,8 +90,10 @@ def resolve_request_plane(chosen: str | None, args: argparse.Namespace) -> Reque
     """The flag (or env) when given; otherwise tcp, unless the NATS connection is secured (TLS,
     a creds file or a password in the URL): the TCP plane has neither, so a deployment that
     secured its request path keeps it on NATS until it opts in."""
-    if chosen == "nats" or chosen == "tcp":
-        return chosen
+    if chosen == "nats":
+        return "nats"
+    if chosen == "tcp":
+        return "tcp"
     secured = bool(args.nats_tls_ca or args.nats_creds or _URL_USERINFO.search(args.nats_server or ""))
     return "nats" if secured else DEFAULT_REQUEST_PLANE
 

@@ -19,7 +19,9 @@ from dynamo.wire import PreprocessedRequest
 @dataclass(frozen=True, slots=True)
 class RoutingDecision:
     instance_id: int
-    overlap_blocks: int = 0  # prompt blocks the router expects to be cached on that instance
+    # Prompt blocks the router expects cached on that instance; a block held only in a KVBM
+    # host or disk tier counts its tier's weight (--kv-host-hit-weight, --kv-disk-hit-weight).
+    overlap_blocks: float = 0
 
 
 class Router(ABC):

@@ -106,7 +106,7 @@ class LoadAwareRouter(Router):
         self.load.add(
             request.request_id,
             best.worker_id,
-            prefill_tokens=max(prompt_tokens - best.overlap_blocks * block_size, 0),
+            prefill_tokens=max(prompt_tokens - round(best.overlap_blocks * block_size), 0),
             decode_blocks=math.ceil(prompt_tokens / block_size),
             prompt_tokens=prompt_tokens,
         )

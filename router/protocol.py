@@ -26,7 +26,7 @@ class RouteRequest(msgspec.Struct, frozen=True, array_like=True):
 
 class RouteDecision(msgspec.Struct, frozen=True, array_like=True):
     instance_id: int
-    overlap_blocks: int = 0
+    overlap_blocks: float = 0  # tier-weighted, as RoutingDecision's
 
 
 FeedbackKind = Literal["first_token", "finished", "removed"]

@@ -92,7 +92,7 @@ async def serve_all(args: argparse.Namespace) -> None:
             if args.system_port:
                 # One page: the frontend's and router's metrics, and each worker's (its KVBM
                 # tiers included), labelled by worker instance.
-                sources = [(registry, {})] + [
+                sources: list[tuple[CollectorRegistry, dict[str, str]]] = [(registry, {})] + [
                     (w.registry, {"worker_instance": f"{w.instance_id:x}"}) for w in workers
                 ]
                 await stack.enter_async_context(
