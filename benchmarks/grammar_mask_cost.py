@@ -35,6 +35,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,8 @@ class _Xgrammar:
         self.batch.batch_fill_next_token_bitmask(matchers, bitmask)
 
     def apply(self, logits: Any, bitmask: Any) -> None:
-        self.xgr.apply_token_bitmask_inplace(logits, bitmask)
+        # CPU: its C++ kernel; CUDA: its Triton kernel, on the bitmask copied over.
+        self.xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
 
     def accept(self, matcher: Any, token: int) -> bool:
         return matcher.accept_token(token)
@@ -215,7 +217,10 @@ class _Llguidance:
         self.llg.torch.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], bitmask)
 
     def apply(self, logits: Any, bitmask: Any) -> None:
-        _apply_unpackbits(logits, bitmask)
+        if self.compiled_apply:  # its own apply: a torch.compile kernel (Triton on a GPU)
+            self.llg.torch.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True))
+        else:
+            _Ours.apply_to(logits, bitmask)
 
     def accept(self, matcher: Any, token: int) -> bool:
         return matcher.consume_token(token)
@@ -224,33 +229,92 @@ class _Llguidance:
         matcher.reset()
 
 
-def _apply_unpackbits(logits: Any, bitmask: Any) -> None:
-    """The apply that workers/structured uses with llguidance (whose own torch apply is a
-    torch.compile kernel): numpy unpacks the bits, one masked_fill_ over the batch."""
-    import numpy as np
-    import torch
+class _Ours:
+    """What workers/structured ships: llguidance through GrammarCompiler / GrammarMatcher /
+    MaskFiller, our apply (numpy unpack + masked_fill_). Counts our wrapper's overhead too."""
 
-    vocab = logits.shape[-1]
-    # Unpack the complement: a 1 byte is a banned token, and a uint8 0/1 array is a bool array.
-    banned = np.unpackbits(np.invert(bitmask.numpy()).view(np.uint8), axis=-1, count=vocab, bitorder="little")
-    logits.masked_fill_(torch.from_numpy(banned.view(np.bool_)), float("-inf"))
+    name = "ours"
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, stop_ids: list[int], threads: int) -> None:
+        from tokenizers import Tokenizer
+
+        from workers.structured import GrammarCompiler, MaskFiller
+        from workers.structured.vocab import vocab_from_tokenizer
+
+        self.vocab_size = vocab_size
+        self.compiler = GrammarCompiler(vocab_from_tokenizer(Tokenizer.from_str(tokenizer_json), vocab_size, stop_ids))
+        self.filler = MaskFiller(threads)
+
+    def compile(self, schema: str) -> Any:
+        from dynamo.wire import OutputConstraint
+
+        return self.compiler.compile(OutputConstraint(kind="json_schema", spec=schema))
+
+    def clear_cache(self) -> None:
+        raise NotImplementedError
+
+    def matcher(self, compiled: Any) -> Any:
+        return compiled.matcher()
+
+    def allocate(self, batch: int) -> Any:
+        from workers.structured import allocate_bitmask
+
+        return allocate_bitmask(batch, self.vocab_size)
+
+    def fill_one(self, matcher: Any, bitmask: Any) -> None:
+        matcher.fill_mask(bitmask, 0)
+
+    def fill_batch(self, matchers: list[Any], bitmask: Any) -> None:
+        self.filler.fill(bitmask, list(enumerate(matchers)))
+
+    def apply(self, logits: Any, bitmask: Any) -> None:
+        _Ours.apply_to(logits, bitmask)
+
+    _maskers: dict[int, Any] = {}
+
+    @staticmethod
+    def apply_to(logits: Any, bitmask: Any) -> None:
+        """workers/structured/logits.py's apply of a filled bitmask to every row."""
+        import numpy as np
+
+        from workers.structured.logits import LogitsMasker
+
+        vocab = logits.shape[-1]
+        masker = _Ours._maskers.get(vocab)
+        if masker is None:
+            masker = _Ours._maskers[vocab] = LogitsMasker(vocab, num_threads=1)
+        words = bitmask if isinstance(bitmask, np.ndarray) else bitmask.numpy()
+        masker.apply_bitmask(logits, words, range(logits.shape[0]))
+
+    def accept(self, matcher: Any, token: int) -> bool:
+        return matcher.accept(token)
+
+    def reset(self, matcher: Any) -> None:
+        matcher.reset()
 
 
 def _apply_torch_shift(logits: Any, bitmask: Any) -> None:
     """Pure-torch apply (shift and and), for comparison."""
+    import numpy as np
     import torch
 
+    if isinstance(bitmask, np.ndarray):
+        bitmask = torch.from_numpy(bitmask)
+    bitmask = bitmask.to(logits.device, non_blocking=True)
     vocab = logits.shape[-1]
-    shifts = torch.arange(32, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1
     logits.masked_fill_(bits.view(bitmask.shape[0], -1)[:, :vocab] == 0, float("-inf"))
 
 
-def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int], steps_b32: int, threads: int) -> dict[str, Any]:
+def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int], steps_b32: int, threads: int,
+             compiled_apply: bool = False, device: str = "cpu") -> dict[str, Any]:
     import torch
     from tokenizers import Tokenizer
 
     torch.set_num_threads(threads)
+    dev = torch.device(device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tokenizer_json = Path(tokenizer_path).read_text()
     tok = Tokenizer.from_str(tokenizer_json)
     doc_ids = tok.encode(json.dumps(INSTANCE, separators=(",", ":")), add_special_tokens=False).ids
@@ -258,7 +322,8 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
     out: dict[str, Any] = {"lib": lib, "vocab_size": vocab_size, "doc_tokens": len(doc_ids)}
 
     started = time.perf_counter()
-    side = (_Xgrammar if lib == "xgrammar" else _Llguidance)(tokenizer_json, vocab_size, stop_ids, threads)
+    side = {"xgrammar": _Xgrammar, "llguidance": _Llguidance, "ours": _Ours}[lib](tokenizer_json, vocab_size, stop_ids, threads)
+    side.compiled_apply = compiled_apply
     out["tokenizer_setup_ms"] = 1e3 * (time.perf_counter() - started)
 
     # Compile: cold (a schema the compiler has not seen; a fresh variant each time so no cache
@@ -285,7 +350,7 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
     # Batch 1: walk the document.
     matcher = side.matcher(compiled)
     bitmask = side.allocate(1)
-    logits = torch.randn(1, vocab_size)
+    logits = torch.randn(1, vocab_size, device=dev)
     fill, apply, accept = [], [], []
     for _ in range(3):
         side.reset(matcher)
@@ -294,6 +359,7 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
             side.fill_one(matcher, bitmask)
             t1 = time.perf_counter()
             side.apply(logits, bitmask)
+            sync()
             t2 = time.perf_counter()
             ok = side.accept(matcher, token)
             t3 = time.perf_counter()
@@ -312,13 +378,14 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
         for token in doc_ids[:p]:
             assert side.accept(m, token)
     bitmask = side.allocate(batch)
-    logits = torch.randn(batch, vocab_size)
+    logits = torch.randn(batch, vocab_size, device=dev)
     fill, apply, accept = [], [], []
     for step in range(-5, steps_b32):  # 5 warm-up steps
         t0 = time.perf_counter()
         side.fill_batch(matchers, bitmask)
         t1 = time.perf_counter()
         side.apply(logits, bitmask)
+        sync()
         t2 = time.perf_counter()
         for i, m in enumerate(matchers):
             assert side.accept(m, doc_ids[positions[i]])
@@ -335,15 +402,18 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
                   "fill_plus_apply": _stats_ms([a + b for a, b in zip(fill, apply)])}
 
     # The apply variants on the same bitmask (the library's own where it has one).
-    variants: dict[str, Any] = {"unpackbits": _apply_unpackbits, "torch_shift": _apply_torch_shift}
+    variants: dict[str, Any] = {"ours": _Ours.apply_to, "torch_shift": _apply_torch_shift}
     if lib == "xgrammar":
-        variants["xgrammar_cpu_kernel"] = side.apply
+        variants["xgrammar_kernel"] = side.apply
+    if lib == "llguidance" and compiled_apply:
+        variants["llguidance_compiled"] = side.apply
     for name, fn in variants.items():
         fn(logits, bitmask)
         samples = []
         for _ in range(30):
             t0 = time.perf_counter()
             fn(logits, bitmask)
+            sync()
             samples.append(time.perf_counter() - t0)
         out.setdefault("apply_b32_variants", {})[name] = _stats_ms(samples)
     # The floor an unconstrained greedy sampler pays anyway: argmax over the same logits.
@@ -391,7 +461,9 @@ def _merge(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--libs", default="xgrammar,llguidance")
+    ap.add_argument("--libs", default="xgrammar,llguidance,ours", help="ours: workers/structured (llguidance + our apply)")
+    ap.add_argument("--device", default="cpu", help="where the logits live (cuda: the apply runs there)")
+    ap.add_argument("--compiled-apply", action="store_true", help="also time llguidance's torch.compile apply (slow to compile)")
     ap.add_argument("--work-dir", default="/tmp/grammar_mask_cost")
     ap.add_argument("--large-vocab", type=int, default=150_000)
     ap.add_argument("--rounds", type=int, default=3)
@@ -403,7 +475,7 @@ def main() -> None:
 
     if args.side:
         lib, path, vocab, stops = args.side.split(",", 3)
-        result = run_side(lib, path, int(vocab), json.loads(stops), args.steps_b32, args.threads)
+        result = run_side(lib, path, int(vocab), json.loads(stops), args.steps_b32, args.threads, args.compiled_apply, args.device)
         print(json.dumps(result))
         return
 
@@ -421,8 +493,10 @@ def main() -> None:
             for lib in args.libs.split(","):
                 side = f"{lib},{path},{vocab_size},{json.dumps(_stop_ids(path))}"
                 proc = subprocess.run(
-                    [sys.executable, __file__, "--side", side, "--steps-b32", str(args.steps_b32), "--threads", str(args.threads)],
-                    capture_output=True, text=True, check=False,
+                    [sys.executable, __file__, "--side", side, "--steps-b32", str(args.steps_b32), "--threads", str(args.threads)]
+                    + (["--compiled-apply"] if args.compiled_apply else []) + ["--device", args.device],
+                    capture_output=True, text=True, check=False, cwd=REPO,
+                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
                 )
                 if proc.returncode != 0:
                     raise SystemExit(f"{lib} on {vocab_name} failed:\n{proc.stderr}")
@@ -430,25 +504,31 @@ def main() -> None:
                 print(f"round {rnd} {vocab_name} {lib} done", file=sys.stderr)
 
     import llguidance
-    import xgrammar
 
+    try:
+        xgrammar_version: str | None = version("xgrammar")
+    except PackageNotFoundError:
+        xgrammar_version = None
     merged = {v: {lib: _merge(runs) for lib, runs in by_lib.items()} for v, by_lib in results.items()}
     report = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_end": os.getloadavg()},
-        "versions": {"xgrammar": getattr(xgrammar, "__version__", "?"), "llguidance": llguidance.__version__},
+        "versions": {"xgrammar": xgrammar_version, "llguidance": llguidance.__version__},
         "threads": args.threads,
+        "device": args.device,
         "rounds": args.rounds,
         "results": merged,
     }
     for vocab_name, by_lib in merged.items():
         print(f"\n{vocab_name}")
         print("| lib | setup s | compile cold ms | +matcher | cached+matcher ms | b1 fill ms | b1 fill+apply ms (p99) | b1 accept ms "
-              "| b32 fill ms (p99) | b32 apply | b32 fill+apply (p99) | b32 apply: unpackbits / shift / xgr kernel | argmax b32 |")
+              "| b32 fill ms (p99) | b32 apply | b32 fill+apply (p99) | b32 apply p50: ours / torch shift / lib kernel | argmax b32 |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for lib, r in by_lib.items():
             v = r["apply_b32_variants"]
-            kernel = f"{v['xgrammar_cpu_kernel']['p50_ms']:.2f}" if "xgrammar_cpu_kernel" in v else "-"
+            kernel = f"{v['xgrammar_kernel']['p50_ms']:.2f}" if "xgrammar_kernel" in v else "-"
+            if "llguidance_compiled" in v:
+                kernel = f"{v['llguidance_compiled']['p50_ms']:.2f} (llguidance compiled)"
             print(
                 f"| {lib} | {r['tokenizer_setup_ms'] / 1e3:.2f} | {r['compile_cold']['p50_ms']:.2f} | {r['compile_cold_plus_matcher']['p50_ms']:.2f} "
                 f"| {r['cached_compile_plus_matcher']['p50_ms']:.3f} | {r['b1']['fill']['mean_ms']:.3f} "
@@ -456,7 +536,7 @@ def main() -> None:
                 f"| {r['b1']['accept']['mean_ms']:.4f} "
                 f"| {r['b32']['fill']['mean_ms']:.2f} ({r['b32']['fill']['p99_ms']:.2f}) | {r['b32']['apply']['mean_ms']:.2f} "
                 f"| {r['b32']['fill_plus_apply']['mean_ms']:.2f} ({r['b32']['fill_plus_apply']['p99_ms']:.2f}) "
-                f"| {v['unpackbits']['p50_ms']:.2f} / {v['torch_shift']['p50_ms']:.2f} / {kernel} | {r['argmax_b32']['p50_ms']:.2f} |"
+                f"| {v['ours']['p50_ms']:.2f} / {v['torch_shift']['p50_ms']:.2f} / {kernel} | {r['argmax_b32']['p50_ms']:.2f} |"
             )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")

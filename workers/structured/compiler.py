@@ -10,7 +10,7 @@ from pathlib import Path
 from llguidance import LLMatcher
 
 from dynamo.wire import OutputConstraint
-from workers.structured.grammar import constraint_error, validated_grammar_text
+from workers.structured.grammar import constraint_error, grammar_text
 from workers.structured.matcher import GrammarMatcher
 from workers.structured.vocab import GrammarVocab, load_vocab
 
@@ -63,7 +63,8 @@ class GrammarCompiler:
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        grammar = validated_grammar_text(constraint, field=field)
+        # LLMatcher validates as it builds (a separate validate_grammar would build it twice).
+        grammar = grammar_text(constraint, field=field)
         template = LLMatcher(self.vocab.ll_tokenizer, grammar, log_level=0)
         if template.is_error():
             raise constraint_error(constraint, template.get_error(), field)

@@ -47,14 +47,18 @@ class LogitsMasker:
     def apply(self, logits: torch.Tensor, constrained: Sequence[tuple[int, GrammarMatcher]]) -> None:
         """Ban, in `logits` (batch, vocab) in place, every token that the grammar of each
         (row, matcher) in `constrained` does not allow next. Other rows are left untouched."""
-        if not constrained:
+        if constrained:
+            self.apply_bitmask(logits, self.fill(constrained), [row for row, _ in constrained])
+
+    def apply_bitmask(self, logits: torch.Tensor, bitmask: np.ndarray, rows: Sequence[int]) -> None:
+        """The second half of `apply`, for an executor that fills (CPU work) while the forward
+        pass runs on the GPU: bitmask row i bans tokens in logits row rows[i]."""
+        if not rows:
             return
         if logits.dim() != 2 or logits.shape[1] != self.vocab_size:
             raise ValueError(f"logits must be (batch, {self.vocab_size}), got {tuple(logits.shape)}")
-        bitmask = self.fill(constrained)
-        banned = self._banned(bitmask, logits.device)
-        rows = [row for row, _ in constrained]
-        if rows == list(range(logits.shape[0])):
+        banned = self._banned(bitmask[: len(rows)], logits.device)
+        if len(rows) == logits.shape[0] and all(row == i for i, row in enumerate(rows)):
             logits.masked_fill_(banned, float("-inf"))
             return
         index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
