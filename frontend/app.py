@@ -23,6 +23,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from frontend.anthropic import register_anthropic_routes
 from frontend.config import FrontendConfig
 from frontend.errors import RequestTooLarge, TooManyRequests, Unauthorized, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
@@ -31,7 +32,9 @@ from dynamo import errors
 from frontend.errors import error_info
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
 from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
+from frontend.responses import register_responses_routes
 from frontend.sse import DONE, ChunkWriter, error_event, response_body
+from frontend.tokenize_api import register_tokenize_routes
 
 _encode = msgspec.json.encode
 
@@ -124,7 +127,7 @@ class InflightLimit:
 
 
 class ApiKeyMiddleware:
-    """`Authorization: Bearer <key>` on /v1/*; /health, /ready, /metrics and the schema stay
+    """`Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on /v1/*; /health, /ready, /metrics and the schema stay
     open for probes and scrapers. Keys are compared in constant time."""
 
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], metrics: FrontendMetrics) -> None:
@@ -138,10 +141,14 @@ class ApiKeyMiddleware:
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() != b"bearer":
                     return False
-                token = token.strip()
-                # No short-circuit: every key is compared, so timing says nothing about which matched.
-                return sum(hmac.compare_digest(token, key) for key in self._keys) > 0
+                return self._known(token.strip())
+            if name == b"x-api-key":  # how Anthropic's clients send their key
+                return self._known(value.strip())
         return False
+
+    def _known(self, token: bytes) -> bool:
+        # No short-circuit: every key is compared, so timing says nothing about which matched.
+        return sum(hmac.compare_digest(token, key) for key in self._keys) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._allowed(scope):
@@ -317,6 +324,10 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
         # ApiKeyMiddleware reads only the request headers: it does not wrap send.
         direct: ASGIApp = ApiKeyMiddleware(endpoint, config.api_keys, metrics) if config.api_keys else endpoint
         app.direct[path] = direct
+    # The other APIs, each in its own package, on the same pipeline.
+    register_anthropic_routes(app, pipeline, manager, config)
+    register_responses_routes(app, pipeline, manager, config)
+    register_tokenize_routes(app, manager, config)
     app.cors_enabled = bool(config.cors_allow_origins)
     # The last middleware added runs first: CORS answers preflights before auth asks for a key.
     if config.api_keys:

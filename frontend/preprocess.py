@@ -103,10 +103,10 @@ def preprocess_chat(
         raise errors.InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     tools = _tool_specs(body, tokenizer, parsers)
     template_kwargs = dict(body.chat_template_kwargs or {})
-    reasoning = _reasoning_parser(tokenizer, parsers, template_kwargs)
+    reasoning = reasoning_parser_for(tokenizer, parsers, template_kwargs)
     tool_dicts = None
     if body.tools and tools.mode != "none":
-        tool_dicts = [{"type": "function", "function": _function_dict(t)} for t in body.tools]
+        tool_dicts = [{"type": "function", "function": function_dict(t)} for t in body.tools]
     prompt = tokenizer.render_chat(body.messages, tools=tool_dicts, template_kwargs=template_kwargs)
     # The template already spells BOS and other special tokens as text.
     token_ids = tokenizer.encode(prompt, add_special_tokens=False)
@@ -207,7 +207,7 @@ def _refuse_common(body: SamplingFields) -> None:
 # --------------------------------------------------------------------------------- tools
 
 
-def _function_dict(tool: Tool) -> dict[str, Any]:
+def function_dict(tool: Tool) -> dict[str, Any]:
     f = tool.function
     out: dict[str, Any] = {"name": f.name}
     if f.description is not None:
@@ -226,7 +226,7 @@ def _tool_specs(body: ChatCompletionRequest, tokenizer: ModelTokenizer, parsers:
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
         raise errors.InvalidRequest("tool names must be unique", param="tools")
-    schemas = {t.function.name: _function_dict(t)["parameters"] for t in tools}
+    schemas = {t.function.name: function_dict(t)["parameters"] for t in tools}
     for t in tools:
         if not isinstance(schemas[t.function.name], dict) or schemas[t.function.name].get("type", "object") != "object":
             raise errors.InvalidRequest(
@@ -267,7 +267,7 @@ def detect_tool_call_parser(template: str) -> str | None:
     return None
 
 
-def _reasoning_parser(tokenizer: ModelTokenizer, parsers: ParserNames, template_kwargs: dict[str, Any]) -> str | None:
+def reasoning_parser_for(tokenizer: ModelTokenizer, parsers: ParserNames, template_kwargs: dict[str, Any]) -> str | None:
     if template_kwargs.get("enable_thinking") is False or template_kwargs.get("thinking") is False:
         return None
     if parsers.reasoning is not None:

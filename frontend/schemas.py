@@ -370,16 +370,16 @@ _MISSING = re.compile(r"missing required field `([^`]+)`")
 _UNKNOWN = re.compile(r"Object contains unknown field `([^`]+)`")
 
 
-def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+def decode_struct(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     try:
         return decoder.decode(body)
     except msgspec.ValidationError as exc:
-        raise _validation_error(str(exc)) from None
+        raise validation_error(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise errors.InvalidRequest(f"Malformed JSON in request body: {exc}") from None
 
 
-def _validation_error(text: str) -> errors.InvalidRequest:
+def validation_error(text: str) -> errors.InvalidRequest:
     at = _AT_PATH.search(text)
     detail = text[: at.start()] if at else text
     param = at.group(1) if at else None
@@ -399,11 +399,11 @@ def _validation_error(text: str) -> errors.InvalidRequest:
 
 
 def decode_chat_request(body: bytes) -> ChatCompletionRequest:
-    return _decode(_CHAT_DECODER, body)
+    return decode_struct(_CHAT_DECODER, body)
 
 
 def decode_completion_request(body: bytes) -> CompletionRequest:
-    return _decode(_COMPLETION_DECODER, body)
+    return decode_struct(_COMPLETION_DECODER, body)
 
 
 # ------------------------------------------------------------------------------------- OpenAPI

@@ -15,9 +15,9 @@ from dynamo import errors
 from frontend.config import FrontendConfig
 from frontend.errors import http_error
 from frontend.models import ModelManager, ServedModel
-from frontend.preprocess import _function_dict
+from frontend.preprocess import function_dict
 from frontend.responses.http import ApiEndpoint, JsonReply, Reply
-from frontend.schemas import ChatMessage, TokenId, Tool, _decode
+from frontend.schemas import ChatMessage, TokenId, Tool, decode_struct
 from frontend.tokenizer import ModelTokenizer
 
 _encode = msgspec.json.encode
@@ -82,7 +82,7 @@ def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
     """Tools as chat templates take them (the same dicts the chat route renders)."""
     if not tools:
         return None
-    return [{"type": "function", "function": _function_dict(t)} for t in tools]
+    return [{"type": "function", "function": function_dict(t)} for t in tools]
 
 
 def chat_prompt_ids(
@@ -139,9 +139,9 @@ async def _model(manager: ModelManager, name: str | None) -> ServedModel:
 
 
 async def tokenize(manager: ModelManager, body: bytes) -> TokenizeResponse:
-    kind = _decode(_KIND, body)
+    kind = decode_struct(_KIND, body)
     if kind.messages is not None:
-        chat = _decode(_CHAT, body)
+        chat = decode_struct(_CHAT, body)
         for name in ("chat_template", "mm_processor_kwargs"):
             if getattr(chat, name) is not None:
                 raise errors.InvalidRequest(f"{name} is not supported by this server", param=name)
@@ -161,7 +161,7 @@ async def tokenize(manager: ModelManager, body: bytes) -> TokenizeResponse:
         )
         return_strs = chat.return_token_strs
     else:
-        plain = _decode(_PROMPT, body)
+        plain = decode_struct(_PROMPT, body)
         model = await _model(manager, plain.model)
         tokenizer = model.tokenizer
         assert tokenizer is not None
@@ -172,7 +172,7 @@ async def tokenize(manager: ModelManager, body: bytes) -> TokenizeResponse:
 
 
 async def detokenize(manager: ModelManager, body: bytes) -> DetokenizeResponse:
-    request = _decode(_DETOKENIZE, body)
+    request = decode_struct(_DETOKENIZE, body)
     model = await _model(manager, request.model)
     tokenizer = model.tokenizer
     assert tokenizer is not None

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from frontend.schemas import _decode
+from frontend.schemas import decode_struct
 
 # ------------------------------------------------------------------------------------ requests
 
@@ -152,11 +152,11 @@ _COUNT_DECODER = msgspec.json.Decoder(CountTokensRequest)
 
 def decode_messages_request(body: bytes) -> MessagesRequest:
     """Raises InvalidRequest naming the offending field (e.g. `max_tokens` when missing)."""
-    return _decode(_MESSAGES_DECODER, body)
+    return decode_struct(_MESSAGES_DECODER, body)
 
 
 def decode_count_tokens_request(body: bytes) -> CountTokensRequest:
-    return _decode(_COUNT_DECODER, body)
+    return decode_struct(_COUNT_DECODER, body)
 
 
 # ----------------------------------------------------------------------------------- responses

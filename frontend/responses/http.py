@@ -19,7 +19,7 @@ from starlette.types import Message, Receive, Scope, Send
 from frontend.errors import HttpError, RequestTooLarge
 from frontend.models import ServedModel
 from frontend.pipeline import Pipeline
-from frontend.preprocess import ParserNames, _reasoning_parser
+from frontend.preprocess import ParserNames, reasoning_parser_for
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -179,4 +179,4 @@ def reasoning_available(pipeline: Pipeline, model: ServedModel) -> bool:
     Anthropic's `thinking` and the Responses `reasoning` need. Call after `model.wait_open()`."""
     assert model.tokenizer is not None
     names = ParserNames(None, pipeline.config.reasoning_parser or model.card.reasoning_parser or None)
-    return _reasoning_parser(model.tokenizer, names, {}) is not None
+    return reasoning_parser_for(model.tokenizer, names, {}) is not None

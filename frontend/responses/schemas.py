@@ -12,7 +12,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from dynamo import errors
-from frontend.schemas import _decode, _validation_error
+from frontend.schemas import decode_struct, validation_error
 
 # ---------------------------------------------------------------------------- content parts
 
@@ -189,7 +189,7 @@ _AT_PATH = re.compile(r" - at `\$")
 def decode_responses_request(body: bytes) -> ResponsesRequest:
     """Parse a request; input items without a `type` are messages (OpenAI's "easy" form).
     Raises InvalidRequest naming the offending field (`input[2].content[0].type`, ...)."""
-    raw = _decode(_RAW_INPUT, body)  # malformed JSON is reported here
+    raw = decode_struct(_RAW_INPUT, body)  # malformed JSON is reported here
     items: list[Item] | None = None
     if isinstance(raw.input, list):
         items = [_decode_item(i, r) for i, r in enumerate(raw.input)]
@@ -201,7 +201,7 @@ def decode_responses_request(body: bytes) -> ResponsesRequest:
     try:
         request = msgspec.convert(data, ResponsesRequest)
     except msgspec.ValidationError as exc:
-        raise _validation_error(str(exc)) from None
+        raise validation_error(str(exc)) from None
     if items is not None:
         request.input = items
     return request
@@ -212,7 +212,7 @@ def _decode_item(index: int, raw: msgspec.Raw) -> Item:
     try:
         kind = msgspec.json.decode(raw, type=_ItemType).type
     except msgspec.ValidationError as exc:
-        raise _validation_error(_AT_PATH.sub(f" - at `$.{param}", str(exc))) from None
+        raise validation_error(_AT_PATH.sub(f" - at `$.{param}", str(exc))) from None
     decoder = _ITEM_DECODERS.get(kind)
     if decoder is None:
         raise errors.InvalidRequest(
@@ -225,7 +225,7 @@ def _decode_item(index: int, raw: msgspec.Raw) -> Item:
     except msgspec.ValidationError as exc:
         text = str(exc)
         text = _AT_PATH.sub(f" - at `$.{param}", text) if _AT_PATH.search(text) else f"{text} - at `$.{param}`"
-        raise _validation_error(text) from None
+        raise validation_error(text) from None
     return item
 
 

@@ -193,6 +193,9 @@ async def test_api_key_guards_v1_but_not_probes(stack: Stack) -> None:
         assert wrong.status_code == 401
         ok = await client.post("/v1/completions", json=_body(stream=False), headers={"Authorization": "Bearer k2"})
         assert ok.status_code == 200
+        # Anthropic's clients send x-api-key.
+        assert (await client.get("/v1/models", headers={"x-api-key": "k1"})).status_code == 200
+        assert (await client.get("/v1/models", headers={"x-api-key": "nope"})).status_code == 401
         for path in ("/health", "/ready", "/metrics", "/openapi.json"):
             assert (await client.get(path)).status_code == 200, path
 
