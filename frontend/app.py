@@ -1,5 +1,6 @@
-"""The HTTP surface: a FastAPI app whose two hot routes are plain ASGI endpoints (no per-request
-dependency injection or pydantic), which also watch for client disconnects and cancel the work.
+"""The HTTP surface: a FastAPI app whose POST API routes are plain ASGI endpoints
+(frontend/endpoint.py: no per-request dependency injection or pydantic; they also watch for
+client disconnects and cancel the work).
 
 The completion routes are dispatched before FastAPI's middleware stack (`FrontendApp.__call__`):
 each of those middlewares wraps `send`, so every SSE write of a stream would pass through five
@@ -9,9 +10,7 @@ header take the full stack when CORS is on, so CORS behaves exactly as it does e
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,108 +22,20 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dynamo import errors
 from frontend.anthropic import register_anthropic_routes
 from frontend.config import FrontendConfig
-from frontend.errors import RequestTooLarge, TooManyRequests, Unauthorized, http_error, install_handlers
+from frontend.endpoint import ApiEndpoint, Handler, InflightLimit, JsonReply, Reply, StreamReply, send_bytes
+from frontend.errors import Unauthorized, error_info, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
-from dynamo import errors
-from frontend.errors import error_info
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
-from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
 from frontend.responses import register_responses_routes
+from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
 from frontend.sse import DONE, ChunkWriter, error_event, response_body
 from frontend.tokenize_api import register_tokenize_routes
 
 _encode = msgspec.json.encode
-
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),  # proxies must not buffer the stream
-]
-
-
-class _DisconnectWatch:
-    """Cancels the request's task when the client disconnects, so whatever it awaits (a
-    worker's next token) unwinds and closes the worker stream, which cancels the worker."""
-
-    __slots__ = ("disconnected", "finishing", "started", "_task", "_watcher")
-
-    def __init__(self, receive: Receive) -> None:
-        self.disconnected = False
-        self.finishing = False  # set before the last send: its own disconnect is no news
-        self.started = False  # the response's status line went out: errors can no longer change it
-        task = asyncio.current_task()
-        assert task is not None
-        self._task = task
-        self._watcher = asyncio.create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                if not self.finishing:
-                    self.disconnected = True
-                    self._task.cancel()
-                return
-
-    def stop(self) -> None:
-        self._watcher.cancel()
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError  # nobody to answer
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLarge(f"request body exceeds {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _send_bytes(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _send_error(send: Send, exc: BaseException) -> None:
-    error = http_error(exc)
-    await _send_bytes(send, error.status, list(error.headers), error.body)
-
-
-class InflightLimit:
-    """Requests this frontend serves at once, across both completion routes; past `limit`
-    (0: none) a request is refused at once with 429 instead of queueing for unbounded time."""
-
-    __slots__ = ("limit", "count", "_metrics")
-
-    def __init__(self, limit: int, metrics: FrontendMetrics) -> None:
-        self.limit = limit
-        self.count = 0
-        self._metrics = metrics
-
-    def acquire(self) -> None:
-        if self.limit and self.count >= self.limit:
-            self._metrics.rejected.labels("overloaded").inc()
-            raise TooManyRequests(f"this frontend is serving its limit of {self.limit} requests; retry later")
-        self.count += 1
-
-    def release(self) -> None:
-        self.count -= 1
-
 
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on /v1/*; /health, /ready, /metrics and the schema stay
@@ -154,95 +65,35 @@ class ApiKeyMiddleware:
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._allowed(scope):
             self._metrics.rejected.labels("unauthorized").inc()
             error = http_error(Unauthorized("invalid or missing API key: send `Authorization: Bearer <key>`"))
-            await _send_bytes(send, error.status, [*error.headers, (b"www-authenticate", b"Bearer")], error.body)
+            await send_bytes(send, error.status, [*error.headers, (b"www-authenticate", b"Bearer")], error.body)
             return
         await self.app(scope, receive, send)
 
 
-class CompletionEndpoint:
-    """POST /v1/chat/completions or /v1/completions as a raw ASGI app."""
+def openai_handler(kind: EndpointKind, pipeline: Pipeline) -> Handler:
+    """POST /v1/chat/completions or /v1/completions: open the request, then one JSON body or
+    the SSE stream."""
 
-    def __init__(self, kind: EndpointKind, pipeline: Pipeline, max_body_bytes: int, limit: InflightLimit) -> None:
-        self.kind = kind
-        self.pipeline = pipeline
-        self.max_body_bytes = max_body_bytes
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        arrived_s = time.perf_counter()
+    async def handle(body: bytes, arrived_s: float) -> Reply:
+        generation = await pipeline.open(kind, body, arrived_s, len(body))
+        if generation.stream:
+            return StreamReply(openai_stream(generation), _ends_stream, generation.aclose)
         try:
-            body = await _read_body(receive, self.max_body_bytes)
-        except asyncio.CancelledError:
-            return
-        except RequestTooLarge as exc:
-            await _send_error(send, exc)
-            return
-        try:
-            self.limit.acquire()
-        except TooManyRequests as exc:
-            await _send_error(send, exc)
-            return
-        watch = _DisconnectWatch(receive)
-        task = asyncio.current_task()
-        try:
-            await self._serve(body, arrived_s, send, watch)
-        except asyncio.CancelledError:
-            if not watch.disconnected:
-                raise
-            assert task is not None
-            task.uncancel()  # the client left: the cancellation was ours, and it is done
-        except Exception as exc:
-            # A bug, not a request error (those are answered in _serve). Once the stream has
-            # started only the server can end it (it closes the connection); before that the
-            # client gets the same OpenAI 500 body that FastAPI's handlers would send.
-            if watch.started:
-                raise
-            await _send_error(send, exc)
+            results = await generation.results()
         finally:
-            watch.stop()
-            self.limit.release()
+            await generation.aclose()
+        return JsonReply(
+            response_body(
+                generation.kind, generation.response_id, generation.created, generation.model,
+                results, generation.usage(), generation.prepared.output.logprobs,
+            )
+        )
 
-    async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
-        pipeline = self.pipeline
-        try:
-            generation = await pipeline.open(self.kind, body, arrived_s, len(body))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
-            await _send_error(send, exc)
-            return
-        try:
-            if not generation.stream:
-                try:
-                    results = await generation.results()
-                    payload = response_body(
-                        generation.kind, generation.response_id, generation.created, generation.model,
-                        results, generation.usage(), generation.prepared.output.logprobs,
-                    )
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status in frontend/errors.py
-                    await _send_error(send, exc)
-                    return
-                watch.finishing = True
-                watch.started = True
-                await _send_bytes(send, 200, [(b"content-type", b"application/json")], payload)
-                return
-            watch.started = True
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-            async for chunk in openai_stream(generation):
-                if chunk.endswith(DONE):
-                    # The stream's last chunk (nothing else ends with [DONE]) also ends the HTTP
-                    # body: one write instead of a separate empty terminating chunk.
-                    watch.finishing = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                else:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if not watch.finishing:  # pragma: no cover - every stream ends with [DONE]
-                watch.finishing = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await generation.close(generation.status)
+    return handle
+
+
+def _ends_stream(chunk: bytes) -> bool:
+    return chunk.endswith(DONE)  # nothing but an OpenAI stream's last chunk does
 
 
 async def openai_stream(generation: RequestGeneration) -> AsyncIterator[bytes]:
@@ -318,7 +169,7 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
     app.state.inflight_limit = limit
 
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):
-        endpoint = CompletionEndpoint(kind, pipeline, config.max_request_body_bytes, limit)  # type: ignore[arg-type]
+        endpoint = ApiEndpoint(openai_handler(kind, pipeline), http_error, config.max_request_body_bytes, limit)  # type: ignore[arg-type]
         # Also a route of the full stack, for requests that need its middleware (CORS).
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
         # ApiKeyMiddleware reads only the request headers: it does not wrap send.

@@ -128,3 +128,7 @@ class Generation(Protocol):
     async def results(self) -> list[ChoiceResult]:
         """Run to the end and fold every choice (non-streaming answers)."""
         ...
+
+    async def aclose(self) -> None:
+        """Release the workers' streams; idempotent, and done by `bursts()` when it ends."""
+        ...

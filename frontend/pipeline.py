@@ -23,7 +23,7 @@ from frontend.metrics import FrontendMetrics, ModelMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.outputs import ChoiceAccumulator, ChoiceDelta, ChoiceResult
 from frontend.postprocess import ChoiceOutput, TokenTexts
-from frontend.preprocess import ParserNames, Prepared, preprocess_chat, preprocess_completion
+from frontend.preprocess import ParserNames, Prepared, preprocess_chat, preprocess_completion, reasoning_parser_for
 from frontend.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -342,6 +342,10 @@ class RequestGeneration:
 
     # ---------------------------------------------------------------------------- closing
 
+    async def aclose(self) -> None:
+        """Close with the status reached so far (cancelled unless it ran to its end)."""
+        await self.close(self.status)
+
     async def close(self, status: str) -> None:
         if self._closed:
             return
@@ -358,3 +362,12 @@ class RequestGeneration:
             if status == "success":
                 m.output_tokens.observe(sum(o.completion_tokens for o in self.outputs))
             self._frontend_metrics.count(self._model.name, self.endpoint, self.request_type, status)
+
+
+def reasoning_available(pipeline: Pipeline, model: ServedModel) -> bool:
+    """Whether the pipeline splits this model's reasoning from its answer (a reasoning parser
+    configured for the frontend or the model, or recognised from its chat template): what
+    Anthropic's `thinking` and the Responses `reasoning` need. Call after `model.wait_open()`."""
+    assert model.tokenizer is not None
+    names = ParserNames(None, pipeline.config.reasoning_parser or model.card.reasoning_parser or None)
+    return reasoning_parser_for(model.tokenizer, names, {}) is not None

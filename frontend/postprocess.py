@@ -117,7 +117,9 @@ class ChoiceOutput:
     ) -> None:
         self.index = index
         self._spec = spec
-        self.detok = IncrementalDetokenizer(tokenizer.tokenizer, spec.stop_strings)
+        # Mistral's [TOOL_CALLS] is a special token: its parser must see it in the text.
+        keep_special = spec.tools.mode == "parse" and spec.tools.parser == "mistral"
+        self.detok = IncrementalDetokenizer(tokenizer.tokenizer, spec.stop_strings, skip_special_tokens=not keep_special)
         self._texts = texts if texts is not None else TokenTexts(tokenizer)
         # Every token the workers produced so far: a migrated request resends them as prompt.
         self.generated: list[int] = []

@@ -16,7 +16,7 @@ from frontend.config import FrontendConfig
 from frontend.errors import http_error
 from frontend.models import ModelManager, ServedModel
 from frontend.preprocess import function_dict
-from frontend.responses.http import ApiEndpoint, JsonReply, Reply
+from frontend.endpoint import ApiEndpoint, JsonReply, Reply
 from frontend.schemas import ChatMessage, TokenId, Tool, decode_struct
 from frontend.tokenizer import ModelTokenizer
 

@@ -14,7 +14,8 @@ from frontend.anthropic.schemas import TokenCount, decode_count_tokens_request, 
 from frontend.config import FrontendConfig
 from frontend.models import ModelManager
 from frontend.pipeline import Pipeline
-from frontend.responses.http import ApiEndpoint, JsonReply, Reply, StreamReply, reasoning_available
+from frontend.endpoint import ApiEndpoint, JsonReply, Reply, StreamReply
+from frontend.pipeline import reasoning_available
 from frontend.tokenize_api import chat_prompt_ids, tool_dicts
 
 _encode = msgspec.json.encode
@@ -32,7 +33,7 @@ def register_anthropic_routes(app: FastAPI, pipeline: Pipeline, manager: ModelMa
         converted = to_chat_request(request, reasoning_available(pipeline, model))
         generation = await pipeline.open_request(ENDPOINT_LABEL, converted.chat, arrived_s, len(body))
         if request.stream:
-            return StreamReply(message_events(generation, converted.omit_thinking))
+            return StreamReply(message_events(generation, converted.omit_thinking), close=generation.aclose)
         results = await generation.results()
         return JsonReply(message_body(generation, results[0], generation.usage(), converted.omit_thinking))
 

@@ -18,7 +18,8 @@ from frontend.models import ModelManager
 from frontend.pipeline import Pipeline
 from frontend.responses.convert import to_chat_request
 from frontend.responses.encode import base_response, new_id, response_events, response_object
-from frontend.responses.http import ApiEndpoint, JsonReply, Reply, StreamReply, reasoning_available
+from frontend.endpoint import ApiEndpoint, JsonReply, Reply, StreamReply
+from frontend.pipeline import reasoning_available
 from frontend.responses.schemas import DeletedResponse, ResponseObject, StoredResponse, decode_responses_request
 from frontend.responses.store import DiscoveryResponseStore, ResponseNotFound, ResponseStore
 
@@ -92,7 +93,7 @@ def register_responses_routes(
                 log.error("response %s could not be stored: %s", response.id, exc.message)
 
         if request.stream:
-            return StreamReply(response_events(generation, base, count_tokens, save))
+            return StreamReply(response_events(generation, base, count_tokens, save), close=generation.aclose)
         results = await generation.results()
         response = response_object(base, results[0], generation.usage(), count_tokens)
         await save(response)

@@ -1,10 +1,9 @@
-"""A raw ASGI endpoint for the POST routes beside chat/completions (Responses, Anthropic
-Messages, tokenize): the body limit, the frontend's in-flight limit, cancellation when the client
-disconnects, JSON or SSE replies, and errors in the route's own API shape.
+"""The raw ASGI endpoint every POST API route uses (chat and text completions, Responses,
+Anthropic Messages, tokenize): the body limit, the frontend's in-flight limit, cancellation when
+the client disconnects, a JSON or SSE reply, and errors in the route's own API shape.
 
-It is app.py's CompletionEndpoint with the request handling and the error body passed in; the
-two belong together once app.py's endpoint takes them too (it lives here until then, because
-app.py imports the route modules and so cannot be imported by them)."""
+The routes skip FastAPI's per-request machinery (dependency injection, pydantic) and, for the
+completion routes, its middleware stack (app.py says why): this is the per-token path."""
 
 from __future__ import annotations
 
@@ -12,14 +11,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from starlette.types import Message, Receive, Scope, Send
 
-from frontend.errors import HttpError, RequestTooLarge
-from frontend.models import ServedModel
-from frontend.pipeline import Pipeline
-from frontend.preprocess import ParserNames, reasoning_parser_for
+from frontend.errors import HttpError, RequestTooLarge, TooManyRequests
+from frontend.metrics import FrontendMetrics
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -38,9 +34,15 @@ class JsonReply:
 @dataclass(frozen=True, slots=True)
 class StreamReply:
     """SSE bytes; the endpoint closes the iterator when done or when the client leaves (which
-    must cancel the work behind it). Errors after the first byte are the iterator's to encode."""
+    must cancel the work behind it). Errors after the first byte are the iterator's to encode.
+    `is_last(chunk)`, when given, recognises the stream's final chunk, which then also ends the
+    HTTP body: one write instead of a separate empty terminating one."""
 
     events: AsyncIterator[bytes]
+    is_last: Callable[[bytes], bool] | None = None
+    # Releases the work behind the stream, also when `events` never started (the client left
+    # before the first write): closing a generator that never ran skips its own cleanup.
+    close: Callable[[], Awaitable[None]] | None = None
 
 
 Reply = JsonReply | StreamReply
@@ -50,15 +52,28 @@ Handler = Callable[[bytes, float], Awaitable[Reply]]
 ErrorEncoder = Callable[[BaseException], HttpError]
 
 
-class Limit(Protocol):
-    """app.py's InflightLimit: acquire() raises TooManyRequests when full."""
+class InflightLimit:
+    """Requests this frontend serves at once, across every API route; past `limit` (0: none) a
+    request is refused at once with 429 instead of queueing for unbounded time."""
 
-    def acquire(self) -> None: ...
+    __slots__ = ("limit", "count", "_metrics")
 
-    def release(self) -> None: ...
+    def __init__(self, limit: int, metrics: FrontendMetrics) -> None:
+        self.limit = limit
+        self.count = 0
+        self._metrics = metrics
+
+    def acquire(self) -> None:
+        if self.limit and self.count >= self.limit:
+            self._metrics.rejected.labels("overloaded").inc()
+            raise TooManyRequests(f"this frontend is serving its limit of {self.limit} requests; retry later")
+        self.count += 1
+
+    def release(self) -> None:
+        self.count -= 1
 
 
-class _Watch:
+class _DisconnectWatch:
     """Cancels the serving task when the client disconnects: whatever it awaits (a worker's next
     output) unwinds and closes the worker stream, which cancels the request on the worker."""
 
@@ -120,7 +135,9 @@ async def send_error(send: Send, error: HttpError) -> None:
 class ApiEndpoint:
     """POST handler as a raw ASGI app; mount it with starlette's `Route(path, endpoint)`."""
 
-    def __init__(self, handler: Handler, on_error: ErrorEncoder, max_body_bytes: int, limit: Limit | None) -> None:
+    def __init__(
+        self, handler: Handler, on_error: ErrorEncoder, max_body_bytes: int, limit: InflightLimit | None
+    ) -> None:
         self.handler = handler
         self.on_error = on_error
         self.max_body_bytes = max_body_bytes
@@ -137,7 +154,7 @@ class ApiEndpoint:
         except Exception as exc:  # noqa: BLE001 - too large, too many: the API's error body
             await send_error(send, self.on_error(exc))
             return
-        watch = _Watch(receive)
+        watch = _DisconnectWatch(receive)
         task = asyncio.current_task()
         try:
             await self._serve(body, arrived_s, send, watch)
@@ -155,28 +172,29 @@ class ApiEndpoint:
             if self.limit is not None:
                 self.limit.release()
 
-    async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _Watch) -> None:
+    async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
         reply = await self.handler(body, arrived_s)
         if isinstance(reply, JsonReply):
             watch.finishing = watch.started = True
             await send_bytes(send, reply.status, _JSON_HEADERS, reply.body)
             return
-        events = reply.events
+        events, is_last = reply.events, reply.is_last
         try:
             watch.started = True
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             async for chunk in events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            watch.finishing = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if is_last is not None and is_last(chunk):
+                    # The iterator still runs to its end afterwards, which settles its work.
+                    watch.finishing = True
+                    await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                else:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not watch.finishing:
+                watch.finishing = True
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
-
-
-def reasoning_available(pipeline: Pipeline, model: ServedModel) -> bool:
-    """Whether the pipeline splits this model's reasoning from its answer (a reasoning parser
-    configured for the frontend or the model, or recognised from its chat template): what
-    Anthropic's `thinking` and the Responses `reasoning` need. Call after `model.wait_open()`."""
-    assert model.tokenizer is not None
-    names = ParserNames(None, pipeline.config.reasoning_parser or model.card.reasoning_parser or None)
-    return reasoning_parser_for(model.tokenizer, names, {}) is not None
+            try:
+                await events.aclose()  # type: ignore[attr-defined]
+            finally:
+                if reply.close is not None:
+                    await reply.close()
