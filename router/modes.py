@@ -48,11 +48,14 @@ def model_router_factory(
     workers registered; all of them report into `metrics` (the frontend's registry)."""
 
     def make(card: ModelCard) -> Router:
-        if mode == "remote":
+        # An embedding model leaves no KV to reuse: its requests go by load (least-loaded
+        # instead of the kv and remote modes; round-robin and random stay as asked).
+        model_mode = "least-loaded" if card.model_type == "embedding" and mode in ("kv", "remote") else mode
+        if model_mode == "remote":
             return RemoteRouter(runtime, namespace=card.namespace)
         block_size = card.kv_block_size or config.kv_block_size
         return make_router(
-            mode,
+            model_mode,
             replace(config, kv_block_size=block_size),
             runtime.events,
             card.namespace,

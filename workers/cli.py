@@ -14,6 +14,7 @@ from dynamo.flags import Flag, FlagGroup
 from dynamo.runtime import Runtime
 from dynamo.system_server import SystemServer
 from workers.disagg.args import DisaggConfig, add_disagg_args
+from workers.embedding import EMBED_ENDPOINT, EMBEDDING_FLAGS, embedding_config
 from workers.registry import DEFAULT_ENGINE, ENGINE_NAMES, engine_spec
 from workers.worker import Worker, WorkerConfig
 
@@ -99,6 +100,7 @@ def add_worker_args(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = 
     """The worker's flags and the prefill/decode roles' flags; `skip` leaves out flags an
     entry point declares itself (dynamo.serve: --migration-limit, which its frontend has)."""
     WORKER_FLAGS.add_to(parser, skip=skip)
+    EMBEDDING_FLAGS.add_to(parser)
     add_disagg_args(parser)
 
 
@@ -135,16 +137,23 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     migration_limit = args.migration_limit
     if migration_limit is None:  # dynamo.serve with no --migration-limit: the worker's default
         migration_limit = WORKER_FLAGS["--migration-limit"].default
+    embedding = embedding_config(args, args.model)
+    endpoint = args.endpoint
+    if embedding is not None and endpoint == WORKER_FLAGS["--endpoint"].default:
+        endpoint = EMBED_ENDPOINT  # an embedding model serves its own endpoint, not generate
+    if embedding is not None and args.role != "aggregated":
+        raise SystemExit("an embedding model (--runner pooling) is served aggregated: --role must be aggregated")
     return WorkerConfig(
         served_model_name=served_model_name(args),
         model_path=args.model,
         engine_name=args.engine,
         component=component,
         disagg=DisaggConfig.from_args(args),
-        endpoint=args.endpoint,
+        endpoint=endpoint,
         role=args.role,
         migration_limit=migration_limit,
         max_queued_requests=args.max_queued_requests,
+        embedding=embedding,
     )
 
 

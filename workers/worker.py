@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from dynamo.runtime.streaming import Suspended, next_if_ready
 from dynamo.tasks import TaskSet
 from dynamo.wire import (
+    EMBEDDING_REQUEST_CODEC,
     REQUEST_CODEC,
     SNAPSHOT_REQUEST_CODEC,
     AllBlocksCleared,
@@ -35,6 +36,7 @@ from dynamo.wire import (
     WorkerRole,
     encode,
 )
+from workers.embedding import EmbeddingConfig, EmbeddingEngine, check_request, finish
 from workers.engine import Engine, EngineInfo, KvbmEngine
 from workers.disagg import DisaggConfig, DisaggRole, start_disagg
 from kvbm.metrics import KvbmMetrics
@@ -57,6 +59,9 @@ class WorkerConfig:
     # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
     max_queued_requests: int = 1024  # waiting in the engine; 0: unbounded
     disagg: DisaggConfig | None = None  # prefill/decode roles (workers/disagg); None: defaults
+    # Set: the model is an embedding model, served by handle_embed on `endpoint` instead of
+    # generate (workers/embedding.py).
+    embedding: EmbeddingConfig | None = None
 
 
 def _merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
@@ -110,6 +115,13 @@ class Worker:
         self._kv_publisher = KvEventPublisher(
             self.runtime.events, kv_events_subject(ns, comp), self.instance_id
         )
+        embedding = self.config.embedding
+        if embedding is not None:
+            if not isinstance(self.engine, EmbeddingEngine):
+                raise errors.EngineError(
+                    f"the {self.config.engine_name} engine cannot serve embedding models (--runner pooling)"
+                )
+            self.engine.enable_embeddings(embedding)
         self.info = await self.engine.start(self._on_kv_event)
         kvbm = self.engine.kvbm if isinstance(self.engine, KvbmEngine) else None
         if kvbm is not None:
@@ -124,7 +136,7 @@ class Worker:
                 self.runtime, self.engine, self.config.role, comp, self.config.disagg or DisaggConfig()
             )
         endpoint = self.runtime.endpoint(comp, self.config.endpoint)
-        self.served = await endpoint.serve(self.handle)
+        self.served = await endpoint.serve(self.handle if embedding is None else self.handle_embed)
         card = ModelCard(
             served_model_name=self.config.served_model_name,
             model_path=self.config.model_path,
@@ -138,6 +150,8 @@ class Worker:
             instance_id=self.instance_id,
             kv_total_blocks=self.info.kv_total_blocks,
             migration_limit=self.config.migration_limit,
+            model_type="generate" if embedding is None else "embedding",
+            embedding_dim=self.engine.embedding_dim if isinstance(self.engine, EmbeddingEngine) and embedding else 0,
         )
         self._card_key = model_key(card)
         await self.runtime.register(self._card_key, encode(card))
@@ -269,6 +283,35 @@ class Worker:
             # Closing the engine's stream is what aborts the request and frees its blocks when
             # the caller cancels.
             await outputs.aclose()  # type: ignore[attr-defined]
+
+    async def handle_embed(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        """An embedding model's endpoint: one EmbeddingRequest in, one EmbeddingOutput out."""
+        request = EMBEDDING_REQUEST_CODEC.decode(payload)
+        config, engine, info = self.config.embedding, self.engine, self.info
+        assert config is not None and info is not None and isinstance(engine, EmbeddingEngine)
+        pooling = check_request(request, config, info.context_length, engine.embedding_dim)
+        if self.draining:
+            raise errors.Overloaded(f"worker {self.instance_id:x} is shutting down")
+        status = "cancelled"
+        self.metrics.inflight.inc()
+        self._active += 1
+        self._idle.clear()
+        try:
+            output = finish(await engine.embed(request, pooling), request, config)
+            status = "ok"
+        except errors.DynamoError as exc:
+            status = exc.code
+            raise
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.finished(status)
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
+        yield encode(output)
 
     def ready(self) -> bool:
         return self.served is not None

@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from dynamo import errors
@@ -21,10 +22,12 @@ from kvbm.manager import KvBlockManager
 from kvbm.transfer.layout import KvMemory
 from workers.builtin.args import BuiltinConfig
 from workers.builtin.config import ModelConfig, load_model_config
+from workers.builtin.embedding import pool_batch
 from workers.builtin.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_bytes
 from workers.builtin.loader import load_model, resolve_dtype
 from workers.builtin.runner import ModelRunner, build_step_input
 from workers.builtin.sampling import SampleRow, SamplingParams
+from workers.paged.embedding import PoolingBatch
 from workers.paged.executor import ExecutorInfo, StepResult
 from workers.paged.scheduler import ScheduledBatch
 from workers.paged.sequence import Sequence
@@ -141,6 +144,18 @@ class TorchExecutor:
         kvbm.finish(plan, failed)
         if failed and batch is not None:
             batch.recompute_from(set(failed), kvbm.layout.block_size_tokens)
+
+    # ---------------------------------------------------------------------------- embeddings
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.model_config.hidden_size
+
+    async def pool(self, batch: PoolingBatch) -> np.ndarray:
+        """An embedding pass (workers/paged/embedding.py), on the model thread like a step."""
+        assert self.runner is not None, "engine not started"
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, pool_batch, self.runner, batch)
 
     # ----------------------------------------------------------------------------- KV memory
 

@@ -16,9 +16,19 @@ import msgspec
 
 from dynamo import errors
 from dynamo.kv_hash import block_hashes
-from dynamo.wire import EngineOutput, KvEventData, KvLayoutSpec, LoadMetrics, PreprocessedRequest
+from dynamo.wire import (
+    EmbeddingRequest,
+    EngineOutput,
+    KvEventData,
+    KvLayoutSpec,
+    LoadMetrics,
+    PoolingType,
+    PreprocessedRequest,
+)
 from kvbm.block_pool import Block, BlockPool, KvEventSink
+from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo, HeldPrefill, KvbmTiers, Reservation
+from workers.paged.embedding import EmbeddingBatcher, PoolingExecutor
 from workers.paged.executor import StepExecutor
 from workers.paged.scheduler import Scheduler
 from workers.paged.sequence import Sequence
@@ -53,6 +63,7 @@ class PagedEngine(Engine, Generic[E]):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._streams: dict[Sequence, Queue] = {}
+        self.embeddings: EmbeddingBatcher | None = None  # set by enable_embeddings
 
     # ------------------------------------------------------------------------------ state
 
@@ -94,6 +105,8 @@ class PagedEngine(Engine, Generic[E]):
         self._max_len = min(info.max_model_len, info.num_blocks * info.block_size_tokens)
         self._eos_token_ids = frozenset(info.eos_token_ids)
         self._task = asyncio.create_task(self._step_loop(), name=f"{self.name}-step-loop")
+        if self.embeddings is not None:
+            self.embeddings.start(self._pool)
         return EngineInfo(
             context_length=info.max_model_len,
             kv_block_size=info.block_size_tokens,
@@ -106,6 +119,8 @@ class PagedEngine(Engine, Generic[E]):
         if task is not None:
             task.cancel()
             await asyncio.wait([task])  # unlike awaiting it, does not swallow our own cancel
+        if self.embeddings is not None:
+            await self.embeddings.close()
         await self.executor.stop()
         self._fail_all(errors.EngineError(f"{self.name} engine stopped"))
 
@@ -118,7 +133,7 @@ class PagedEngine(Engine, Generic[E]):
         scheduler, pool = self._scheduler, self._pool
         if scheduler is None or pool is None:
             return LoadMetrics(worker_id=0, timestamp_s=time.time())
-        return LoadMetrics(
+        metrics = LoadMetrics(
             worker_id=0,
             active_requests=scheduler.num_running,
             waiting_requests=scheduler.num_waiting,
@@ -127,6 +142,30 @@ class PagedEngine(Engine, Generic[E]):
             waiting_prefill_tokens=scheduler.waiting_prefill_tokens(),
             timestamp_s=time.time(),
         )
+        embeddings = self.embeddings
+        if embeddings is not None:  # embedding inputs count as requests and prefill tokens
+            metrics.active_requests += embeddings.num_running
+            metrics.waiting_requests += embeddings.num_waiting
+            metrics.waiting_prefill_tokens += embeddings.waiting_tokens
+        return metrics
+
+    # ------------------------------------------- embeddings (workers/paged/embedding.py)
+
+    def enable_embeddings(self, config: EmbeddingConfig) -> None:
+        """Serve embeddings: inputs are batched into passes of their own on the executor."""
+        if not isinstance(self.executor, PoolingExecutor):
+            raise errors.EngineError(f"the {self.name} engine cannot serve embedding models")
+        self.embeddings = EmbeddingBatcher(self.executor, self.max_num_seqs, self.max_num_batched_tokens)
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.embeddings.executor.embedding_dim if self.embeddings is not None else 0
+
+    async def embed(self, request: EmbeddingRequest, pooling: PoolingType) -> PooledBatch:
+        if self.embeddings is None:
+            raise errors.InvalidRequest(f"the {self.name} engine serves no embedding model")
+        self._check_running()
+        return await self.embeddings.embed(request.inputs, pooling)
 
     def kv_snapshot(self) -> list[KvEventData]:
         return self._pool.snapshot() if self._pool is not None else []
