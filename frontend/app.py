@@ -25,6 +25,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dynamo import errors
 from frontend.anthropic import register_anthropic_routes
 from frontend.config import FrontendConfig
+from frontend.embeddings import register_embeddings
 from frontend.endpoint import ApiEndpoint, Handler, InflightLimit, JsonReply, Reply, StreamReply, send_bytes
 from frontend.errors import Unauthorized, error_info, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
@@ -160,8 +161,6 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
             max_dispatch_attempts=config.max_dispatch_attempts,
             migration_limit=config.migration_limit,
             request_timeout_s=config.request_timeout_s,
-            tool_call_parser=config.tool_call_parser,
-            reasoning_parser=config.reasoning_parser,
         ),
     )
     app.state.pipeline = pipeline
@@ -179,6 +178,7 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
     register_anthropic_routes(app, pipeline, manager, config)
     register_responses_routes(app, pipeline, manager, config)
     register_tokenize_routes(app, manager, config)
+    register_embeddings(app, manager, metrics, config)
     app.cors_enabled = bool(config.cors_allow_origins)
     # The last middleware added runs first: CORS answers preflights before auth asks for a key.
     if config.api_keys:
@@ -201,7 +201,12 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
     @app.get("/v1/models", include_in_schema=False)
     async def list_models() -> Response:
         models = [
-            ModelObject(id=name, created=0)
+            ModelObject(
+                id=name,
+                created=0,
+                capabilities=["embeddings"] if model.card.model_type == "embedding" else ["chat", "completions"],
+                max_model_len=model.card.context_length,
+            )
             for name, model in sorted(manager.models.items())
             if model.entry.cards
         ]

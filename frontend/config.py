@@ -35,9 +35,6 @@ class FrontendConfig:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Origins allowed by CORS; empty: CORS headers are never sent.
     cors_allow_origins: tuple[str, ...] = ()
-    # Output parsers for every model (frontend/parsers); None: each model's card, else its template.
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
     # How long /v1/responses keeps a stored response (GET, previous_response_id).
     response_store_ttl_s: float = 3600.0
 
@@ -56,8 +53,6 @@ class FrontendConfig:
             max_inflight_requests=args.max_inflight_requests,
             api_keys=_split(args.api_key),
             cors_allow_origins=_split(args.cors_allow_origins),
-            tool_call_parser=args.dyn_tool_call_parser or None,
-            reasoning_parser=args.dyn_reasoning_parser or None,
             response_store_ttl_s=args.response_store_ttl_s,
         )
 
@@ -140,20 +135,6 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         default=env_default("DYN_CORS_ALLOW_ORIGINS"),
         help="comma-separated origins allowed by CORS, `*` for any (default: CORS off) "
         "[env DYN_CORS_ALLOW_ORIGINS]",
-    )
-    group.add_argument(
-        "--dyn-tool-call-parser",
-        default=env_default("DYN_TOOL_CALL_PARSER"),
-        help="how tool calls are read from every model's output with tool_choice auto: hermes, "
-        "llama3_json, mistral, pythonic, qwen3_coder (default: the model's worker setting, else "
-        "recognised from its chat template) [env DYN_TOOL_CALL_PARSER]",
-    )
-    group.add_argument(
-        "--dyn-reasoning-parser",
-        default=env_default("DYN_REASONING_PARSER"),
-        help="how <think> reasoning is split from every model's answer into reasoning_content: "
-        "deepseek_r1, qwen3 (default: the model's worker setting, else recognised from its chat "
-        "template) [env DYN_REASONING_PARSER]",
     )
     group.add_argument(
         "--response-store-ttl-s",

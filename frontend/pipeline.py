@@ -59,9 +59,6 @@ class PipelineConfig:
     # None: each model's card decides; otherwise overrides every card (frontend/config.py).
     migration_limit: int | None = None
     request_timeout_s: float = 0.0
-    # Parsers for every model (None: each model's card, else recognised from its template).
-    tool_call_parser: str | None = None
-    reasoning_parser: str | None = None
 
 
 class Pipeline:
@@ -96,14 +93,16 @@ class Pipeline:
         try:
             model = self.manager.get(body.model)
             model_label = model.name
+            if model.card.model_type == "embedding":
+                raise errors.InvalidRequest(
+                    f"model {model.name!r} is an embedding model: it serves /v1/embeddings, not chat or completions",
+                    param="model",
+                )
             await model.wait_open()
             assert model.tokenizer is not None
             request_id = uuid.uuid4().hex
             if isinstance(body, ChatCompletionRequest):
-                parsers = ParserNames(
-                    self.config.tool_call_parser or model.card.tool_call_parser or None,
-                    self.config.reasoning_parser or model.card.reasoning_parser or None,
-                )
+                parsers = ParserNames(model.card.tool_call_parser or None, model.card.reasoning_parser or None)
                 prepared = await _run(body_bytes, preprocess_chat, body, model.card, model.tokenizer, request_id, parsers)
             else:
                 prepared = await _run(body_bytes, preprocess_completion, body, model.card, model.tokenizer, request_id)
@@ -369,5 +368,5 @@ def reasoning_available(pipeline: Pipeline, model: ServedModel) -> bool:
     configured for the frontend or the model, or recognised from its chat template): what
     Anthropic's `thinking` and the Responses `reasoning` need. Call after `model.wait_open()`."""
     assert model.tokenizer is not None
-    names = ParserNames(None, pipeline.config.reasoning_parser or model.card.reasoning_parser or None)
+    names = ParserNames(None, model.card.reasoning_parser or None)
     return reasoning_parser_for(model.tokenizer, names, {}) is not None

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from dynamo import errors
 from dynamo.wire import ModelCard, OutputConstraint, PreprocessedRequest, SamplingOptions, StopConditions
+from frontend.parsers import REASONING_PARSERS, TOOL_CALL_PARSERS
 from frontend.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -251,6 +252,11 @@ def _tool_specs(body: ChatCompletionRequest, tokenizer: ModelTokenizer, parsers:
             "required or a named function",
             param="tool_choice",
         )
+    if parser not in TOOL_CALL_PARSERS:
+        raise errors.DynamoError(
+            f"this model's worker was started with --dyn-tool-call-parser {parser!r}, which is none "
+            f"of {', '.join(TOOL_CALL_PARSERS)}"
+        )
     return ToolSpecs("parse", parser=parser, parallel=body.parallel_tool_calls, schemas=schemas)
 
 
@@ -271,6 +277,11 @@ def reasoning_parser_for(tokenizer: ModelTokenizer, parsers: ParserNames, templa
     if template_kwargs.get("enable_thinking") is False or template_kwargs.get("thinking") is False:
         return None
     if parsers.reasoning is not None:
+        if parsers.reasoning not in REASONING_PARSERS:
+            raise errors.DynamoError(
+                f"this model's worker was started with --dyn-reasoning-parser {parsers.reasoning!r}, "
+                f"which is none of {', '.join(REASONING_PARSERS)}"
+            )
         return parsers.reasoning
     template = tokenizer.chat_template_source
     if "<think>" not in template:

@@ -75,6 +75,22 @@ WORKER_FLAGS = FlagGroup(
             env="DYN_GRACEFUL_SHUTDOWN_TIMEOUT_S",
             type=float,
         ),
+        # Read by the frontend from the model card (frontend/parsers): how this model writes
+        # tool calls and reasoning. Unset: recognised from the model's chat template.
+        Flag(
+            "--dyn-tool-call-parser",
+            "how the frontend reads tool calls from this model's output with tool_choice auto: "
+            "hermes, llama3_json, mistral, pythonic, qwen3_coder",
+            env="DYN_TOOL_CALL_PARSER",
+            default_doc="recognised from the chat template",
+        ),
+        Flag(
+            "--dyn-reasoning-parser",
+            "how the frontend splits <think> reasoning from this model's answer into "
+            "reasoning_content: deepseek_r1, qwen3",
+            env="DYN_REASONING_PARSER",
+            default_doc="recognised from the chat template",
+        ),
         Flag(
             "--max-queued-requests",
             "requests waiting for the engine before new ones are refused as overloaded, so the "
@@ -153,6 +169,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         role=args.role,
         migration_limit=migration_limit,
         max_queued_requests=args.max_queued_requests,
+        tool_call_parser=args.dyn_tool_call_parser or "",
+        reasoning_parser=args.dyn_reasoning_parser or "",
         embedding=embedding,
     )
 

@@ -54,6 +54,8 @@ class WorkerConfig:
     endpoint: str = "generate"
     role: WorkerRole = "aggregated"
     migration_limit: int = 0
+    tool_call_parser: str = ""  # frontend/parsers names, carried to the frontend in the card
+    reasoning_parser: str = ""
     load_publish_interval_s: float = 0.05
     # Requests allowed to wait for the engine (admitted but not yet scheduled); past it a new
     # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
@@ -150,6 +152,8 @@ class Worker:
             instance_id=self.instance_id,
             kv_total_blocks=self.info.kv_total_blocks,
             migration_limit=self.config.migration_limit,
+            tool_call_parser=self.config.tool_call_parser,
+            reasoning_parser=self.config.reasoning_parser,
             model_type="generate" if embedding is None else "embedding",
             embedding_dim=self.engine.embedding_dim if isinstance(self.engine, EmbeddingEngine) and embedding else 0,
         )
