@@ -52,6 +52,7 @@ class RouterService:
         self.router = make_router(
             mode, config, runtime.events, runtime.namespace, component, metrics=metrics
         )
+        self._component = component
         self._worker_endpoint = runtime.endpoint(component, worker_endpoint)
         self._workers: Client | None = None
         self._served: ServedEndpoint | None = None
@@ -68,6 +69,10 @@ class RouterService:
         self._task = asyncio.create_task(self._consume_feedback(self._feedback))
         endpoint = self.runtime.endpoint(ROUTER_COMPONENT, SELECT_ENDPOINT)
         self._served = await endpoint.serve(self._select)
+        log.info(
+            "router service serves %s/%s (%s mode) for the workers of %s/%s",
+            self.runtime.namespace, ROUTER_COMPONENT, self.router.mode, self.runtime.namespace, self._component,
+        )
 
     async def close(self) -> None:
         if self._served is not None:
