@@ -1,26 +1,41 @@
-"""Grammar-constrained decoding on the CPU: what one decode step's token mask costs with xgrammar
-and with llguidance (issue 14, item 3), for one realistic JSON schema over two vocabularies.
+"""Grammar-constrained decoding: what one decode step's token mask costs with xgrammar, with
+llguidance, and through workers/structured (llguidance + our apply), for one realistic JSON
+schema over two vocabularies (issue 14, item 3).
 
-Per library and vocabulary:
-- tokenizer setup (once per model) and schema compile: cold (first time this schema is seen)
-  and cached (the same schema again: the library's cache, or our grammar-text cache, plus a new
-  matcher);
-- per decode step, batch 1: fill the request's bitmask row + apply it to a (1, vocab) float32
-  logits tensor, then (timed apart) accept the token;
-- per decode step, batch 32: 32 requests at staggered positions of the same document, the
-  library's parallel batch fill (xgrammar BatchGrammarMatcher, llguidance LLExecutor) + one
-  apply over the (32, vocab) logits.
-The tokens walked are the BPE tokenization of a valid instance of the schema, so every step is
-a real state of a real decode (strings, numbers, keys, enum values, nested array).
+Sides ("--libs"):
+- xgrammar: GrammarCompiler (its cache) + GrammarMatcher, BatchGrammarMatcher for the batch
+  fill, its apply_token_bitmask_inplace (a C++ kernel on CPU, Triton on CUDA);
+- llguidance: LLMatcher (no compiled-grammar object: one fresh matcher per grammar is kept and
+  deep-copied), LLExecutor for the batch fill, our apply (its own is a torch.compile kernel:
+  --compiled-apply times it too);
+- ours: workers.structured's GrammarCompiler / GrammarMatcher / MaskFiller / LogitsMasker, the
+  wrapper's overhead included, and check_constraint's cost per constraint kind.
 
-Vocabularies: `models/dynamo-tiny` (8,192 tokens, byte-level BPE) and a ~150k-token byte-level
+Per side and vocabulary:
+- tokenizer setup (once per model); compile cold (a schema not seen before: a fresh variant
+  each time) and cached (the same schema again, plus a new matcher);
+- per decode step, batch 1: fill the request's bitmask row, apply it to (1, vocab) float32
+  logits, then (timed apart) accept the token;
+- per decode step, batch 32: 32 requests at staggered positions of the same document, one
+  parallel batch fill + one apply over the (32, vocab) logits;
+- the apply alone by each implementation on the same bitmask, and an argmax over the same
+  logits (what an unconstrained greedy sampler pays anyway).
+The tokens walked are the BPE tokenization of a valid instance of the schema (strings, numbers,
+keys, an enum value, nested objects and arrays), so every step is a state of a real decode.
+
+Vocabularies: `models/dynamo-tiny` (8,192 tokens, byte-level BPE) and a 150k-token byte-level
 BPE trained here with `tokenizers` on the Python sources on disk (no model hub is reachable;
 cached under --work-dir, ~35 s to build on the 2-core box).
 
-    python benchmarks/grammar_mask_cost.py --json-out benchmarks/results/grammar_mask_cost.json
+    python benchmarks/grammar_mask_cost.py --json-out benchmarks/results/grammar_mask_cost_cpu.json
+    python benchmarks/grammar_mask_cost.py --device cuda --compiled-apply   # logits on a GPU
 
-Each library runs in its own subprocess (so neither's thread pool or allocator state affects
-the other), alternating for --rounds rounds; figures are medians over rounds of per-round means.
+xgrammar is not a dependency of the project; to run its side:
+`pip install --no-deps xgrammar==0.2.8 apache-tvm-ffi` (it also declares torch, triton,
+transformers and pydantic; torch, transformers and pydantic are already installed).
+
+Each side runs in its own subprocess (so no thread pool or allocator state is shared), the
+sides alternating for --rounds rounds; figures are medians over rounds of per-round statistics.
 """
 
 from __future__ import annotations
@@ -307,6 +322,30 @@ def _apply_torch_shift(logits: Any, bitmask: Any) -> None:
     logits.masked_fill_(bits.view(bitmask.shape[0], -1)[:, :vocab] == 0, float("-inf"))
 
 
+def _check_costs(schema: str) -> dict[str, Any]:
+    """workers.structured.check_constraint (the frontend's pre-routing check), per kind."""
+    from dynamo.wire import OutputConstraint
+    from workers.structured import check_constraint
+
+    cases = {
+        "json_schema": OutputConstraint(kind="json_schema", spec=schema),
+        "json_object": OutputConstraint(kind="json_object"),
+        "regex": OutputConstraint(kind="regex", spec=r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)"),
+        "choice": OutputConstraint(kind="choice", spec=json.dumps(["red", "green", "blue"])),
+        "grammar": OutputConstraint(kind="grammar", spec='root ::= item ("," item)*\nitem ::= [a-z]+ "=" [0-9]+'),
+    }
+    out = {}
+    for name, constraint in cases.items():
+        check_constraint(constraint)
+        samples = []
+        for _ in range(50):
+            t0 = time.perf_counter()
+            check_constraint(constraint)
+            samples.append(time.perf_counter() - t0)
+        out[name] = _stats_ms(samples)
+    return out
+
+
 def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int], steps_b32: int, threads: int,
              compiled_apply: bool = False, device: str = "cpu") -> dict[str, Any]:
     import torch
@@ -345,6 +384,9 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
     out["compile_cold"] = _stats_ms(cold)
     out["compile_cold_plus_matcher"] = _stats_ms(cold_matcher)
     out["cached_compile_plus_matcher"] = _stats_ms(hit)
+
+    if lib == "ours":
+        out["check_constraint"] = _check_costs(schema)
 
     compiled = side.compile(schema)
     # Batch 1: walk the document.
@@ -538,6 +580,10 @@ def main() -> None:
                 f"| {r['b32']['fill_plus_apply']['mean_ms']:.2f} ({r['b32']['fill_plus_apply']['p99_ms']:.2f}) "
                 f"| {v['ours']['p50_ms']:.2f} / {v['torch_shift']['p50_ms']:.2f} / {kernel} | {r['argmax_b32']['p50_ms']:.2f} |"
             )
+        ours = by_lib.get("ours")
+        if ours and "check_constraint" in ours:
+            costs = ", ".join(f"{k} {v['p50_ms']:.3f} ms" for k, v in ours["check_constraint"].items())
+            print(f"check_constraint p50: {costs}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -96,35 +96,32 @@ class GrammarTokenChooser:
         return out
 
     def _search_exit(self, matcher: GrammarMatcher) -> int | None:
-        """The first token of a shortest byte path to a state where the grammar can end."""
+        """The first token of a shortest byte path to a state where the grammar can end
+        (iterative deepening; None if none within SEARCH_DEPTH bytes and SEARCH_NODES tries)."""
         budget = [SEARCH_NODES]
-
-        def walk(depth: int) -> bool:
-            for token in self._byte_tokens_allowed(matcher):
-                if budget[0] <= 0:
-                    return False
-                budget[0] -= 1
-                matcher.accept(token)
-                try:
-                    if matcher.is_accepting() or (depth > 1 and walk(depth - 1)):
-                        return True
-                finally:
-                    matcher.rollback(1)
-            return False
-
         candidates = self._byte_tokens_allowed(matcher)
         for depth in range(1, SEARCH_DEPTH + 1):
             for token in candidates:
+                if self._ends_within(matcher, token, depth, budget):
+                    return token
                 if budget[0] <= 0:
                     return None
-                budget[0] -= 1
-                matcher.accept(token)
-                try:
-                    if matcher.is_accepting() or (depth > 1 and walk(depth - 1)):
-                        return token
-                finally:
-                    matcher.rollback(1)
         return None
+
+    def _ends_within(self, matcher: GrammarMatcher, token: int, depth: int, budget: list[int]) -> bool:
+        """Whether, after `token`, the grammar can end within depth - 1 more bytes. The matcher
+        is left as it was."""
+        if budget[0] <= 0 or not matcher.accept(token):
+            return False
+        budget[0] -= 1
+        try:
+            if matcher.is_accepting():
+                return True
+            return depth > 1 and any(
+                self._ends_within(matcher, t, depth - 1, budget) for t in self._byte_tokens_allowed(matcher)
+            )
+        finally:
+            matcher.rollback(1)
 
     def _from_witness(self, matcher: GrammarMatcher) -> int | None:
         witness = self._witness

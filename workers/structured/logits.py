@@ -6,8 +6,10 @@ The bitmask is filled on the CPU by llguidance (workers/structured/masks.py). Ap
   2-core box (benchmarks/RESULTS.md, "Structured outputs"), this beats xgrammar's C++ CPU
   kernel (3.8 vs 12.3 ms at 32 x 150k) and needs no compiler, unlike llguidance's own apply (a
   torch.compile kernel).
-- CUDA logits: the packed bitmask (32x smaller than the logits) is copied from pinned memory and
-  unpacked on the device with shifts.
+- CUDA logits: the packed bitmask (32x smaller than the logits) is copied over and unpacked on
+  the device with shifts: 0.18 ms at 32 x 150k on an H100, against 0.10 ms for xgrammar's Triton
+  kernel and 0.13 ms for llguidance's torch.compile one (a cost paid once per step, beside a
+  fill of 1-2 ms that the executor can run while the forward pass is on the GPU).
 Rows without a constraint are not touched."""
 
 from __future__ import annotations
@@ -28,14 +30,11 @@ class LogitsMasker:
         self.vocab_size = vocab_size
         self._filler = MaskFiller(num_threads)
         self._bitmask = allocate_bitmask(max_batch, vocab_size)
-        self._pinned: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None  # the last pinned-to-device copy
         self._shifts: dict[torch.device, torch.Tensor] = {}
 
     def _buffer(self, rows: int) -> np.ndarray:
         if rows > self._bitmask.shape[0]:
             self._bitmask = allocate_bitmask(max(rows, 2 * self._bitmask.shape[0]), self.vocab_size)
-            self._pinned = None
         return self._bitmask[:rows]
 
     def fill(self, constrained: Sequence[tuple[int, GrammarMatcher]]) -> np.ndarray:
@@ -67,18 +66,12 @@ class LogitsMasker:
     def _banned(self, bitmask: np.ndarray, device: torch.device) -> torch.Tensor:
         if device.type == "cpu":
             return torch.from_numpy(banned_tokens(bitmask, self.vocab_size))
-        rows = bitmask.shape[0]
-        if self._pinned is None or self._pinned.shape[0] < rows:
-            self._pinned = torch.empty(self._bitmask.shape, dtype=torch.int32, pin_memory=True)
-        if self._copied is not None:
-            self._copied.synchronize()  # the previous step's copy has read the pinned buffer
-        staged = self._pinned[:rows]
-        staged.numpy()[:] = bitmask
-        words = staged.to(device, non_blocking=True)
-        self._copied = torch.cuda.Event()
-        self._copied.record()
+        # A plain copy: it waits behind the forward pass that is still queued, which sampling
+        # waits for anyway. (A pinned buffer with an event to guard its reuse measured slower
+        # on the H100: 0.25 against 0.18 ms at 32 x 150k.)
+        words = torch.from_numpy(bitmask).to(device)
         shifts = self._shifts.get(device)
         if shifts is None:
             shifts = self._shifts[device] = torch.arange(32, dtype=torch.int32, device=device)
-        allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(rows, -1)[:, : self.vocab_size]
+        allowed = ((words.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, : self.vocab_size]
         return allowed == 0
