@@ -42,6 +42,12 @@ MSG = [{"role": "user", "content": "x"}]
         ({"model": MODEL, "messages": MSG, "top_logprobs": 3}, 400, "top_logprobs"),
         ({"model": MODEL, "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
         ({"model": MODEL, "messages": MSG, "tool_choice": "required"}, 400, "tool_choice"),
+        (
+            {"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+             "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            400,
+            "tool_choice",
+        ),
         ({"model": MODEL, "messages": MSG, "response_format": {"type": "json_schema"}}, 400, "response_format"),
         ({"model": MODEL, "messages": MSG, "response_format": {"type": "xml"}}, 400, "response_format"),
         ({"model": MODEL, "messages": MSG, "functions": [{"name": "f"}]}, 400, "functions"),
@@ -54,7 +60,7 @@ MSG = [{"role": "user", "content": "x"}]
             "guided_regex",
         ),
         (
-            {"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            {"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
             400,
             "tools",
         ),
