@@ -330,6 +330,9 @@ class ModelObject(Struct):
     created: int
     owned_by: str = "dynamo"
     object: Literal["model"] = "model"
+    # The APIs it serves: ["chat", "completions"] (generative) or ["embeddings"].
+    capabilities: list[str] = []
+    max_model_len: int | None = None  # its context length, as vLLM reports it
 
 
 class ModelList(Struct):
