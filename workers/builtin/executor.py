@@ -25,12 +25,14 @@ from workers.builtin.config import ModelConfig, load_model_config
 from workers.builtin.embedding import pool_batch
 from workers.builtin.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_bytes
 from workers.builtin.loader import load_model, resolve_dtype
-from workers.builtin.runner import ModelRunner, build_step_input
-from workers.builtin.sampling import SampleRow, SamplingParams
+from workers.builtin.penalties import SlotPool
+from workers.builtin.runner import ModelRunner, RequestState, build_step_input
+from workers.builtin.sampling import sampling_params
 from workers.paged.embedding import PoolingBatch
 from workers.paged.executor import ExecutorInfo, StepResult
 from workers.paged.scheduler import ScheduledBatch
 from workers.paged.sequence import Sequence
+from workers.structured import GrammarCompiler, GrammarMatcher
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,9 @@ CPU_DEFAULT_KV_BYTES = GiB // 4  # 64k tokens of the default model: plenty for C
 
 
 class TorchExecutor:
-    """A StepExecutor on a torch device. A request's `exec_state` is its SampleRow: validated
-    sampling parameters and, unless greedy, its seeded torch.Generator."""
+    """A StepExecutor on a torch device. A request's `exec_state` is its RequestState (runner.py):
+    validated sampling parameters, its seeded draws unless greedy, its grammar matcher, its
+    penalty counts' row and its prompt logprobs as the prefill computes them."""
 
     speedup_ratio = 1.0
 
@@ -57,6 +60,10 @@ class TorchExecutor:
         self._on_event = on_event
         self._thread: ThreadPoolExecutor | None = None
         self._seeds = random.Random(config.seed)
+        self._penalty_slots = SlotPool()
+        # Output constraints need the model's tokenizer; why not, when it cannot be loaded.
+        self._grammar: GrammarCompiler | None = None
+        self._no_grammar = "the engine is not started"
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -68,6 +75,7 @@ class TorchExecutor:
         loop = asyncio.get_running_loop()
         try:
             self.runner = await loop.run_in_executor(self._thread, self._build_runner)
+            await asyncio.to_thread(self._load_grammar)
             if self.config.kvbm.enabled:
                 # Built on the model thread: the host tier is one large (pinned) allocation.
                 self.kvbm = await loop.run_in_executor(self._thread, self._build_kvbm)
@@ -97,24 +105,60 @@ class TorchExecutor:
 
     # ------------------------------------------------------------------------------ requests
 
-    def new_request_state(self, request: PreprocessedRequest) -> SampleRow:
+    def new_request_state(self, request: PreprocessedRequest) -> RequestState:
         prompt = request.token_ids
         vocab_size = self.model_config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise errors.InvalidRequest(f"prompt has token ids outside [0, {vocab_size})", param="prompt")
-        params = _sampling_params(request)
-        generator = None
+        params = sampling_params(request, vocab_size)
+        rng = None
         if not params.greedy:
             seed = request.sampling.seed
             if seed is None:
                 seed = self._seeds.getrandbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        return SampleRow(params, generator)
+            rng = random.Random(seed)
+        state = RequestState(params, rng)
+        if request.constraint is not None:
+            state.matcher = self._matcher(request)
+        if request.prompt_logprobs is not None:
+            state.prompt_logprobs = request.prompt_logprobs
+            state.prompt_entries = [None] * len(prompt)
+        if params.penalized:  # last: nothing after it may fail and leak the row
+            state.penalty_slot = self._penalty_slots.take()
+        return state
 
-    def imported(self, seq: Sequence) -> None:
+    def imported(self, seq: Sequence, token_id: int) -> None:
         # The prefill worker's draw is not replayed here: a seeded request that samples gets
-        # other later tokens than when served aggregated (greedy ones get the same).
-        pass
+        # other later tokens than when served aggregated (greedy ones get the same). Penalty
+        # counts start from the sequence's tokens, this one included, when it first samples.
+        state: RequestState = seq.exec_state
+        if state.matcher is not None and not state.matcher.accept(token_id):
+            raise errors.InvalidRequest(
+                f"the first token {token_id}, sampled by the prefill worker, does not follow the "
+                "output constraint", param="response_format",
+            )
+
+    def release(self, seq: Sequence) -> None:
+        state: RequestState = seq.exec_state
+        if state.penalty_slot >= 0:
+            self._penalty_slots.give(state.penalty_slot)
+            state.penalty_slot = -1
+        state.prompt_entries = None
+
+    def _matcher(self, request: PreprocessedRequest) -> GrammarMatcher:
+        """A fresh matcher for the request's constraint, past the tokens generated before a
+        migration, so the output continues its grammar exactly."""
+        assert request.constraint is not None
+        if self._grammar is None:
+            raise errors.InvalidRequest(f"response_format: no structured outputs here: {self._no_grammar}",
+                                        param="response_format")
+        matcher = self._grammar.compile(request.constraint).matcher()
+        if request.generated_before and not matcher.accept_many(request.token_ids[-request.generated_before :]):
+            raise errors.InvalidRequest(
+                f"response_format: the {request.generated_before} tokens generated before the migration "
+                "do not follow the output constraint", param="response_format",
+            )
+        return matcher
 
     # ------------------------------------------------------------------------------- steps
 
@@ -125,7 +169,17 @@ class TorchExecutor:
         step = build_step_input(batch)
         assert self.runner is not None
         result = await loop.run_in_executor(self._thread, self.runner.execute, step)
-        return StepResult(result.token_ids, result.logprobs)
+        prompt_logprobs = None
+        if step.prompt_logits:
+            for work, entries in zip(step.prompt_logits, result.prompt_logprobs):
+                gathered = work.state.prompt_entries
+                if gathered is not None:  # None: released (aborted) while the step ran
+                    gathered[work.first_target : work.first_target + len(entries)] = entries
+        rows = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
+        if any(seq.needs_prompt_logits for seq in rows):
+            # With the first token: the prompt's entries, gathered over its prefill chunks.
+            prompt_logprobs = [seq.exec_state.prompt_entries if seq.needs_prompt_logits else None for seq in rows]
+        return StepResult(result.token_ids, result.logprobs, result.top_logprobs, prompt_logprobs)
 
     async def wait_for_reads(self) -> None:
         kvbm = self.kvbm
@@ -195,6 +249,19 @@ class TorchExecutor:
             max_num_seqs=config.max_num_seqs, max_model_len=self._max_len,
         )
 
+    def _load_grammar(self) -> None:
+        """The model's vocabulary for output constraints (structured outputs, forced tool
+        calls), from its tokenizer files; without them constrained requests are refused."""
+        mc = self.model_config
+        if not (mc.model_dir / "tokenizer.json").is_file():
+            self._no_grammar = f"the model directory {str(mc.model_dir)!r} has no tokenizer.json"
+            return
+        try:
+            self._grammar = GrammarCompiler.from_model_dir(mc.model_dir, mc.vocab_size, list(mc.eos_token_ids) or None)
+        except errors.DynamoError as exc:
+            self._no_grammar = f"the model's tokenizer cannot drive a grammar: {exc.message}"
+            log.warning("builtin engine: structured outputs off: %s", self._no_grammar)
+
     def _num_blocks_from_memory(self, model: torch.nn.Module) -> int:
         config, mc = self.config, self.model_config
         if config.kv_cache_memory_gb is not None:
@@ -227,15 +294,3 @@ def _resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available")
     return device
-
-
-def _sampling_params(request: PreprocessedRequest) -> SamplingParams:
-    s = request.sampling
-    temperature = 0.0 if s.temperature is None else s.temperature
-    top_p = 1.0 if s.top_p is None else s.top_p
-    top_k = 0 if s.top_k is None or s.top_k < 0 else s.top_k  # -1 is vLLM's "off"
-    if temperature < 0:
-        raise errors.InvalidRequest(f"temperature must be >= 0, got {temperature}", param="temperature")
-    if not 0 < top_p <= 1:
-        raise errors.InvalidRequest(f"top_p must be in (0, 1], got {top_p}", param="top_p")
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, logprobs=s.logprobs)

@@ -37,6 +37,8 @@ class MockerConfig:
     # Ids never generated (special tokens), so detokenized output is always visible text.
     exclude_token_ids: frozenset[int] = frozenset()
     kvbm: KvbmConfig = KvbmConfig()  # simulated host/disk tiers (kvbm/simulated.py); off by default
+    # The served model's directory: its tokenizer drives output constraints (structured outputs).
+    model_dir: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size_tokens", "num_gpu_blocks", "max_num_seqs",
@@ -73,6 +75,7 @@ class MockerConfig:
             seed=args.seed,
             exclude_token_ids=special,
             kvbm=KvbmConfig.from_args(args),
+            model_dir=str(model_dir) if model_dir else None,
         )
 
 

@@ -203,6 +203,7 @@ class PagedEngine(Engine, Generic[E]):
         finally:
             del self._streams[seq]
             scheduler.abort(seq)  # frees them if it never finished (cancelled, failed)
+            self.executor.release(seq)
             if seq.block_table:  # finished, but we were cancelled before taking the blocks
                 self.pool.release(seq.take_blocks())
 
@@ -258,13 +259,15 @@ class PagedEngine(Engine, Generic[E]):
                 scheduler.add(seq)
             else:
                 first, reservation = prefilled
-                self.executor.imported(seq)
+                self.executor.imported(seq, first.token_ids[0])
                 matched = reservation.matched_blocks
                 # Commits the prompt's full blocks: KV events, and reuse by later prompts.
                 reason = scheduler.add_prefilled(seq, self._take(reservation), matched, first)
                 if reason is not None:
                     scheduler.abort(seq)
-                queue.put_nowait(EngineOutput([first.token_ids[0]], reason, first.cached_tokens, first.logprobs))
+                # The prefill worker's first output as it sent it (logprobs, prompt logprobs),
+                # its one token and this engine's finish reason.
+                queue.put_nowait(msgspec.structs.replace(first, token_ids=first.token_ids[:1], finish_reason=reason))
             self._wake.set()
             while True:
                 item = await queue.get()
@@ -277,6 +280,7 @@ class PagedEngine(Engine, Generic[E]):
             # Closed early (GeneratorExit) or cancelled: abort now so the blocks free at once.
             del self._streams[seq]
             scheduler.abort(seq)
+            self.executor.release(seq)
 
     def _check_running(self) -> None:
         if self._task is None or self._task.done():
@@ -331,6 +335,7 @@ class PagedEngine(Engine, Generic[E]):
             on_output=queue.put_nowait,
             exec_state=state,
             hold_blocks=hold_blocks,
+            prompt_logprobs=request.prompt_logprobs,
         )
 
     async def _step_loop(self) -> None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from dynamo.wire import KvLayoutSpec, PreprocessedRequest
+    from dynamo.wire import KvLayoutSpec, PreprocessedRequest, PromptTokenLogprob
     from kvbm.transfer.layout import KvMemory
     from workers.engine import KvbmTiers
     from workers.paged.scheduler import ScheduledBatch
@@ -27,14 +27,21 @@ class ExecutorInfo:
     eos_token_ids: tuple[int, ...] = ()
 
 
+TopLogprobs = list[tuple[int, float]]  # (token id, logprob), best first
+
+
 @dataclass(slots=True)
 class StepResult:
     """What one step produced: one row per sampling entry of its batch (ScheduledBatch.samples),
-    in batch order. Per-row extras (the top logprobs a request asked for, ...) belong here as
-    further per-row lists, None when no row asked, like `logprobs`."""
+    in batch order. Per-row extras are further per-row lists, None when no row has any; a row
+    that did not ask holds None (or anything, for `logprobs`: the scheduler sends what the
+    request asked for)."""
 
     token_ids: list[int]
     logprobs: list[float] | None = None  # the chosen token's, under the raw model distribution
+    top_logprobs: list[TopLogprobs | None] | None = None  # the k most likely, raw distribution
+    # With a request's first token: every prompt token's logprob (the first token's is None).
+    prompt_logprobs: list[list[PromptTokenLogprob | None] | None] | None = None
 
 
 class StepExecutor(Protocol):
@@ -62,9 +69,15 @@ class StepExecutor(Protocol):
         per-request state, which its Sequence carries as `exec_state`."""
         ...
 
-    def imported(self, seq: Sequence) -> None:
-        """`seq`'s first token was sampled by another engine (disaggregated prefill): bring its
-        per-request state to where sampling that token here would have left it."""
+    def imported(self, seq: Sequence, token_id: int) -> None:
+        """`seq`'s first token `token_id` was sampled by another engine (disaggregated prefill):
+        bring its per-request state to where sampling that token here would have left it."""
+        ...
+
+    def release(self, seq: Sequence) -> None:
+        """`seq` is done (finished, aborted or failed) and will not be scheduled again: free
+        what its state holds beyond itself. May be called while a step that includes it runs
+        (that step may still use it) and more than once."""
         ...
 
     async def run(self, batch: ScheduledBatch) -> StepResult:

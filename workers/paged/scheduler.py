@@ -159,6 +159,7 @@ class Scheduler:
         """Apply a computed step: commit newly full blocks, append each sampled token (one per
         sampling row, in batch order) and send it."""
         token_ids, logprobs = result.token_ids, result.logprobs
+        top_logprobs, prompt_logprobs = result.top_logprobs, result.prompt_logprobs
         row = -1
         any_finished = False
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
@@ -177,9 +178,18 @@ class Scheduler:
                     self.pool.release(seq.take_blocks())
                 seq.finish()
                 any_finished = True
-            cached = seq.cached_tokens if seq.num_generated == 1 else None
-            lp = [logprobs[row]] if logprobs is not None and seq.sampling.logprobs else None
-            seq.on_output(EngineOutput([token], reason, cached, lp))
+            first = seq.num_generated == 1
+            cached = seq.cached_tokens if first else None
+            out = EngineOutput([token], reason, cached)
+            sampling = seq.sampling
+            if logprobs is not None and (sampling.logprobs or sampling.top_logprobs):
+                out.logprobs = [logprobs[row]]
+                top = top_logprobs[row] if top_logprobs is not None else None
+                if top is not None and sampling.top_logprobs:
+                    out.top_logprobs = [top]
+            if first and prompt_logprobs is not None:
+                out.prompt_logprobs = prompt_logprobs[row]
+            seq.on_output(out)
         if any_finished:
             self.running = [s for s in self.running if s.status is SeqStatus.RUNNING]
 
@@ -211,6 +221,8 @@ class Scheduler:
             total = len(seq.token_ids)
             # At least one token must be computed to produce the next token's logits.
             usable = (total - 1) // bs
+            if seq.needs_prompt_logits:
+                usable = 0  # every prompt position's logits are wanted: compute them all
             prefix = seq.hashes_upto(usable, bs)[:usable]
             matched = pool.match_prefix(prefix)
             lower = []

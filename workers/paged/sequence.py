@@ -27,8 +27,10 @@ class Sequence:
 
     `sampling` is the request's SamplingOptions as sent; `exec_state` is what the step executor
     derived from them once (StepExecutor.new_request_state: the built-in engine's validated
-    parameters and seeded torch.Generator, the mocker's seeded token stream). An executor reads
-    both, with `banned_token_ids()` and the tokens so far, for each row it samples."""
+    parameters, seeded draws, grammar matcher and penalty row; the mocker's seeded token stream).
+    An executor reads both, with `banned_token_ids()` and the tokens so far, for each row it
+    samples. The last `generated_before` ids of the prompt are output another worker generated
+    (migration): `output_token_ids()` counts them."""
 
     request_id: str
     token_ids: list[int]
@@ -52,6 +54,9 @@ class Sequence:
     cached_tokens: int | None = None  # prefix-cache hit at first admission; sent with token one
     # A disaggregated prefill: its blocks outlive it until their KV is sent (PagedEngine.prefill_held).
     hold_blocks: bool = False
+    # Return each prompt token's logprob and this many alternatives with the first token: every
+    # prompt position must be computed here, so such a prompt takes no prefix-cache hit.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -59,6 +64,20 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SeqStatus.FINISHED
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Its prompt positions' logits are still wanted (prompt_logprobs, first token not sent)."""
+        return self.prompt_logprobs is not None and self.num_generated == 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        """Output tokens so far, those generated before a migration included."""
+        return self.generated_before + self.num_generated
+
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens (for penalties and grammars), those before a migration included."""
+        return self.token_ids[self.num_prompt_tokens - self.generated_before :]
 
     def hashes_upto(self, num_blocks: int, block_size_tokens: int) -> list[int]:
         """Make sure the first `num_blocks` block hashes exist; returns the hash list."""

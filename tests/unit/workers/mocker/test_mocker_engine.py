@@ -95,9 +95,12 @@ async def test_stop_token_ends_with_stop_unless_below_min_tokens(engine: MockerE
     k = free.index(stop_id)
     out = await collect(engine, request(prompt, 30, stop_token_ids=[stop_id]))
     assert tokens(out) == free[: k + 1] and out[-1].finish_reason == "stop"
-    # min_tokens suppresses the stop before it: generation runs on past that token.
+    # min_tokens bans the stop before it, as a real engine does: the stream's next candidate
+    # takes its place, and generation runs on past it.
     out = await collect(engine, request(prompt, 30, stop_token_ids=[stop_id], min_tokens=k + 2))
-    assert len(out) > k + 1 and tokens(out) == free[: len(out)]
+    got = tokens(out)
+    assert len(out) > k + 1 and stop_id not in got[: k + 2]
+    assert got[:k] == free[:k] and got[k + 1] == free[k + 1]
 
 
 async def test_context_length_ends_with_length() -> None:
