@@ -13,28 +13,33 @@ from pathlib import Path
 
 import pytest
 
-from dynamo.config import RUNTIME_FLAGS, RUNTIME_SECURITY_FLAGS
-from dynamo.entry import LOGGING_FLAGS, SYSTEM_FLAGS
 from dynamo.flags import Flag, FlagGroup, flag_table_in, parse_bool, replace_flag_table
-from router.args import ROUTER_FLAGS
-from router.cli import SERVICE_FLAGS
-from serve.cli import SERVE_FLAGS
-from workers.cli import MODEL_FLAGS, WORKER_FLAGS
 
 ROOT = Path(__file__).resolve().parents[3]
 
-# Table name in the docs (`<!-- flags: NAME -->`) -> the declarations it is rendered from.
-TABLES: dict[str, FlagGroup] = {
-    "runtime": RUNTIME_FLAGS,
-    "runtime-security": RUNTIME_SECURITY_FLAGS,
-    "logging": LOGGING_FLAGS,
-    "system": SYSTEM_FLAGS,
-    "model": MODEL_FLAGS,
-    "worker": WORKER_FLAGS,
-    "serve": SERVE_FLAGS,
-    "router": ROUTER_FLAGS,
-    "router-service": SERVICE_FLAGS,
-}
+
+def tables() -> dict[str, FlagGroup]:
+    """Table name in the docs (`<!-- flags: NAME -->`) -> the declarations it is rendered from.
+    Imported here, not at collection: importing the real `frontend` package before pytest
+    collects tests/unit/frontend (a package of that name) would shadow it."""
+    from dynamo.config import RUNTIME_FLAGS, RUNTIME_SECURITY_FLAGS
+    from dynamo.entry import LOGGING_FLAGS, SYSTEM_FLAGS
+    from router.args import ROUTER_FLAGS
+    from router.cli import SERVICE_FLAGS
+    from serve.cli import SERVE_FLAGS
+    from workers.cli import MODEL_FLAGS, WORKER_FLAGS
+
+    return {
+        "runtime": RUNTIME_FLAGS,
+        "runtime-security": RUNTIME_SECURITY_FLAGS,
+        "logging": LOGGING_FLAGS,
+        "system": SYSTEM_FLAGS,
+        "model": MODEL_FLAGS,
+        "worker": WORKER_FLAGS,
+        "serve": SERVE_FLAGS,
+        "router": ROUTER_FLAGS,
+        "router-service": SERVICE_FLAGS,
+    }
 
 
 def doc_pages() -> list[Path]:
@@ -43,6 +48,7 @@ def doc_pages() -> list[Path]:
 
 def test_docs_flag_tables_are_the_rendered_ones() -> None:
     update = os.environ.get("DYN_UPDATE_FLAG_TABLES") == "1"
+    TABLES = tables()
     found: dict[str, list[Path]] = {}
     for page in doc_pages():
         text = page.read_text()
