@@ -90,8 +90,11 @@ class PagedEngine(Engine, Generic[E]):
             raise RuntimeError(f"{self.name} engine already started")
         self._kv_events = kv_events
         loop = asyncio.get_running_loop()
-        wake = self._wake.set
-        info = await self.executor.start(lambda: loop.call_soon_threadsafe(wake))
+
+        def wake() -> None:  # from any thread
+            loop.call_soon_threadsafe(self._wake.set)
+
+        info = await self.executor.start(wake)
         kvbm = self.executor.kvbm
         cache = kvbm.cache if kvbm is not None else None
         self._pool = BlockPool(
