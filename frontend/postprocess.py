@@ -17,6 +17,10 @@ from frontend.schemas import TokenLogprob, TopLogprob
 from frontend.tokenizer import ModelTokenizer
 
 
+# A masked token's logprob is -inf, which JSON cannot carry: clamped as vLLM's server does.
+_MIN_LOGPROB = -9999.0
+
+
 def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
@@ -44,8 +48,8 @@ class TokenTexts:
         alternatives = []
         for alt_id, alt_logprob in top:
             alt_text, alt_raw = self.get(alt_id)
-            alternatives.append(TopLogprob(alt_text, alt_logprob, alt_raw))
-        return TokenLogprob(text, logprob, raw, alternatives)
+            alternatives.append(TopLogprob(alt_text, max(alt_logprob, _MIN_LOGPROB), alt_raw))
+        return TokenLogprob(text, max(logprob, _MIN_LOGPROB), raw, alternatives)
 
     def prompt_logprobs(self, token_ids: list[int], entries: list[PromptTokenLogprob | None]) -> list[TokenLogprob | None]:
         out: list[TokenLogprob | None] = []

@@ -352,7 +352,8 @@ def _vllm_constraint(kind: str, value: Any, param: str) -> OutputConstraint:
 def _schema_text(schema: Any, param: str) -> str:
     if not isinstance(schema, dict):
         raise errors.InvalidRequest("a JSON schema must be an object", param=param)
-    return json.dumps(schema, ensure_ascii=False, sort_keys=True)
+    # The client's key order: it is the order the grammar makes the model write properties in.
+    return json.dumps(schema, ensure_ascii=False)
 
 
 def _required_calls_schema(tools: ToolSpecs) -> dict[str, Any]:

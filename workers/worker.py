@@ -68,13 +68,19 @@ class WorkerConfig:
 
 def _merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
     """`first` followed by `second` as one output (None when logprobs would not line up)."""
-    if (first.logprobs is None) != (second.logprobs is None):
+    if (first.logprobs is None) != (second.logprobs is None) or (first.top_logprobs is None) != (
+        second.top_logprobs is None
+    ):
+        return None
+    if second.prompt_logprobs is not None:  # only ever on a request's first output
         return None
     return EngineOutput(
         token_ids=first.token_ids + second.token_ids,
         finish_reason=second.finish_reason,
         cached_tokens=first.cached_tokens if first.cached_tokens is not None else second.cached_tokens,
         logprobs=None if first.logprobs is None else first.logprobs + (second.logprobs or []),
+        top_logprobs=None if first.top_logprobs is None else first.top_logprobs + (second.top_logprobs or []),
+        prompt_logprobs=first.prompt_logprobs,
     )
 
 

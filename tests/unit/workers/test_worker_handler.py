@@ -115,3 +115,22 @@ async def test_caller_cancellation_frees_the_engines_blocks() -> None:
                 await asyncio.sleep(0.001)
             assert engine.pool.num_active_blocks == 0
             await client.close()
+
+
+def test_coalesced_outputs_keep_every_logprob() -> None:
+    """A worker merges outputs that are ready together into one frame; logprobs, top logprobs
+    and the first output's prompt logprobs must survive the merge, token for token."""
+    from dynamo.wire import EngineOutput, PromptTokenLogprob
+    from workers.worker import _merge_outputs
+
+    first = EngineOutput([5], logprobs=[-0.1], top_logprobs=[[(5, -0.1), (6, -2.0)]],
+                         prompt_logprobs=[None, PromptTokenLogprob(-1.0, [(3, -1.0)])])
+    second = EngineOutput([7], "stop", logprobs=[-0.2], top_logprobs=[[(7, -0.2), (8, -3.0)]])
+    merged = _merge_outputs(first, second)
+    assert merged is not None
+    assert merged.token_ids == [5, 7] and merged.finish_reason == "stop"
+    assert merged.logprobs == [-0.1, -0.2]
+    assert merged.top_logprobs == [[(5, -0.1), (6, -2.0)], [(7, -0.2), (8, -3.0)]]
+    assert merged.prompt_logprobs == first.prompt_logprobs
+    # Outputs whose logprobs would not line up are not merged.
+    assert _merge_outputs(EngineOutput([1]), second) is None
