@@ -81,16 +81,20 @@ class TimingExecutor:
         pass
 
     def new_request_state(self, request: PreprocessedRequest) -> MockRequest:
-        """The request's token stream: the same prompt and seed give the same tokens."""
-        seed = request.sampling.seed
-        if seed is None:
-            seed = block_hash(None, request.token_ids)
-        seed = hash((self.config.seed, seed))
-        state = MockRequest(random.Random(seed), MockSampling.from_request(request, self.config.vocab_size))
-        if request.prompt_logprobs is not None and request.prompt_logprobs < 0:
-            raise errors.InvalidRequest("prompt_logprobs must be >= 0", param="prompt_logprobs")
+        """The request's token stream: the same prompt and seed give the same tokens. A migrated
+        request's stream is its original prompt's, past the draws of the tokens generated
+        before: it goes on as if it had not moved."""
         prompt = request.token_ids
         before = request.generated_before
+        seed = request.sampling.seed
+        if seed is None:
+            seed = block_hash(None, prompt[: len(prompt) - before])
+        seed = hash((self.config.seed, seed))
+        state = MockRequest(random.Random(seed), MockSampling.from_request(request, self.config.vocab_size))
+        for _ in range(before):
+            self.vocab.draw(state.rng)
+        if request.prompt_logprobs is not None and request.prompt_logprobs < 0:
+            raise errors.InvalidRequest("prompt_logprobs must be >= 0", param="prompt_logprobs")
         if state.sampling.penalized:
             state.penalties = PenaltyState(frozenset(prompt[: len(prompt) - before]),
                                            Counter(prompt[len(prompt) - before :]))

@@ -1,14 +1,15 @@
 """The paged scheduler on its own (no asyncio, no executor: a seeded stream per request stands in
 for sampling): chunked prefill under the token budget, prefix reuse, max_num_seqs, recompute
 preemption of the newest request, abort, and the hold-back of a request whose prefix continues
-on the KVBM disk tier."""
+on the KVBM disk tier; a request that wants prompt logprobs takes no prefix hit; per-row step
+extras (logprobs, top logprobs, prompt logprobs) reach only the requests that asked."""
 
 from __future__ import annotations
 
 import random
 
 from dynamo.kv_hash import block_hashes
-from dynamo.wire import BlockStored, EngineOutput, KvEventData, SamplingOptions
+from dynamo.wire import BlockStored, EngineOutput, KvEventData, PromptTokenLogprob, SamplingOptions
 from kvbm.block_pool import BlockPool
 from kvbm.config import KvbmConfig
 from kvbm.simulated import SimulatedDiskReader
@@ -199,3 +200,47 @@ def test_aborting_a_held_request_closes_its_reads() -> None:
     s.abort(held)
     assert not reader.pending and s.num_loading == 0 and not s.has_work() and held.status is SeqStatus.FINISHED
     assert all(entry.ref_count == 0 for entry in cache.disk)  # type: ignore[union-attr]
+
+
+def test_prompt_logprobs_take_no_prefix_hit_until_their_first_token() -> None:
+    s = make()
+    prompt = list(range(20))
+    first: list[EngineOutput] = []
+    s.add(seq(prompt, 2, first))
+    run(s)
+    out: list[EngineOutput] = []
+    wants = seq(prompt, 2, out, seed=1)
+    wants.prompt_logprobs = 0
+    s.add(wants)
+    batch = s.schedule()
+    assert batch.num_new_tokens == [20]  # every prompt position computed, though cached
+    s.finish_step(batch, sample(batch))
+    assert out[0].cached_tokens == 0 and not wants.needs_prompt_logits
+    # Preempted after its first token, it recomputes from the cache like any request.
+    s.running.remove(wants)
+    s._preempt(wants)
+    batch = s.schedule()
+    assert batch.num_new_tokens[0] < 21
+
+
+def test_step_extras_go_only_to_the_requests_that_asked() -> None:
+    s = make()
+    outs: list[list[EngineOutput]] = [[], [], []]
+    options = [SamplingOptions(), SamplingOptions(logprobs=True), SamplingOptions(logprobs=True, top_logprobs=1)]
+    seqs = []
+    for i, (out, sampling) in enumerate(zip(outs, options)):
+        sq = Sequence(f"r{i}", [i, i + 1], sampling, 3, 100, frozenset(), 0, 0, out.append, exec_state=None)
+        seqs.append(sq)
+        s.add(sq)
+    seqs[2].prompt_logprobs = 1
+    batch = s.schedule()
+    entries = [None, PromptTokenLogprob(-1.0, [(5, -0.5)])]
+    s.finish_step(batch, StepResult([7, 8, 9], [-0.1, -0.2, -0.3], [None, [(8, -0.2)], [(9, -0.3)]],
+                                    [None, None, entries]))
+    plain, lp, top = (o[0] for o in outs)
+    assert plain.logprobs is None and plain.top_logprobs is None and plain.prompt_logprobs is None
+    assert lp.logprobs == [-0.2] and lp.top_logprobs is None  # top_logprobs 0: none sent
+    assert top.logprobs == [-0.3] and top.top_logprobs == [[(9, -0.3)]] and top.prompt_logprobs == entries
+    batch = s.schedule()
+    s.finish_step(batch, StepResult([1, 2, 3], [-1.0] * 3, [[(1, -1.0)]] * 3, [entries] * 3))
+    assert outs[2][1].prompt_logprobs is None  # with the first token only
