@@ -6,9 +6,9 @@ ordinary path costs, per message, a regular-expression match, two buffer trims, 
 trip through the subscription's pending queue and task, and an awaited callback. The fast path
 splits complete `MSG` lines with bytes.find, trims the buffer once per read, and calls the
 plane's frame handler directly. Measured (benchmarks/RESULTS.md, "NATS request plane: the
-response fast path"; request_plane_roundtrip.py, 32 one-token frames a request, medians of
-alternating runs on a loaded 2-core VM): sequential p50 per request 0.73 ms against 1.00 ms
-(1.36 against 2.42 in a noisier batch), and 1.3-1.7x the frames per second at concurrency 64.
+response fast path"; request_plane_roundtrip.py, 32 one-token frames a request, medians of 5
+alternating pairs on a quiet 16-core host): p50 per request 508 us against 767 us with
+nats-py's public API, 1.5x the frames per second sequentially and 2.1x at concurrency 64.
 
 It subclasses nats-py's private `Parser` and reaches into `Client._ps` and
 `Client._process_msg`, so it is used only on nats-py versions it was read and tested against
