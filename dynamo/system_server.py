@@ -48,6 +48,10 @@ class _QuietServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         try:
             await super().startup(sockets)
+        except SystemExit as exc:
+            # uvicorn exits the process when it cannot bind; a SystemExit in a task would stop
+            # the whole event loop, so it becomes an error of this server's task instead.
+            raise OSError(f"system server could not start (uvicorn exit {exc.code})") from None
         finally:
             self.startup_done.set()
 
