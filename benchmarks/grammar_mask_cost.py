@@ -141,6 +141,7 @@ def _stats_ms(samples_s: list[float]) -> dict[str, float]:
 
 class _Xgrammar:
     name = "xgrammar"
+    compiled_apply = False
 
     def __init__(self, tokenizer_json: str, vocab_size: int, stop_ids: list[int], threads: int) -> None:
         import xgrammar as xgr
@@ -185,6 +186,7 @@ class _Xgrammar:
 
 class _Llguidance:
     name = "llguidance"
+    compiled_apply = False
 
     def __init__(self, tokenizer_json: str, vocab_size: int, stop_ids: list[int], threads: int) -> None:
         import llguidance
@@ -249,6 +251,7 @@ class _Ours:
     MaskFiller, our apply (numpy unpack + masked_fill_). Counts our wrapper's overhead too."""
 
     name = "ours"
+    compiled_apply = False
 
     def __init__(self, tokenizer_json: str, vocab_size: int, stop_ids: list[int], threads: int) -> None:
         from tokenizers import Tokenizer
@@ -361,7 +364,8 @@ def run_side(lib: str, tokenizer_path: str, vocab_size: int, stop_ids: list[int]
     out: dict[str, Any] = {"lib": lib, "vocab_size": vocab_size, "doc_tokens": len(doc_ids)}
 
     started = time.perf_counter()
-    side = {"xgrammar": _Xgrammar, "llguidance": _Llguidance, "ours": _Ours}[lib](tokenizer_json, vocab_size, stop_ids, threads)
+    sides: dict[str, Any] = {"xgrammar": _Xgrammar, "llguidance": _Llguidance, "ours": _Ours}
+    side = sides[lib](tokenizer_json, vocab_size, stop_ids, threads)
     side.compiled_apply = compiled_apply
     out["tokenizer_setup_ms"] = 1e3 * (time.perf_counter() - started)
 
@@ -476,8 +480,9 @@ def _stop_ids(tokenizer_path: Path) -> list[int]:
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     for name in ("<|im_end|>", "<|endoftext|>"):
-        if tok.token_to_id(name) is not None:
-            return [tok.token_to_id(name)]
+        token = tok.token_to_id(name)
+        if token is not None:
+            return [token]
     raise SystemExit(f"no stop token in {tokenizer_path}")
 
 
