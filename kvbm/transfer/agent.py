@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from dynamo import errors
 from dynamo.runtime.tcp_plane import default_advertise_host
 from dynamo.wire import FRAME_DATA, FRAME_END, FRAME_ERROR, KvAgentInfo, KvLayoutSpec, TransferHeader
-from kvbm.transfer.backends import PREFERENCE, TransferBackend
+from kvbm.transfer.backends import PREFERENCE, BackendUnavailable, TransferBackend
 from kvbm.transfer.framing import header_bytes, read_header
 from kvbm.transfer.layout import KvMemory, block_bytes, check_compatible
+from kvbm.transfer.locality import local_host_id, split_host_id
 from kvbm.transfer.torch_ops import scatter_blocks
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,6 @@ class TransferStats:
     by_backend: dict[str, int] = field(default_factory=dict)
 
 
-def local_host_id() -> str:
-    """Same host_id, same machine (and kernel): CUDA IPC between the two can work."""
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    boot_id = boot.read_text().strip() if boot.exists() else ""
-    return f"{socket.gethostname()}/{boot_id}"
-
-
 class KvTransferAgent:
     """Use as an async context manager. `info` is what peers need; `expect` (receiver) and
     `send` (sender) are the whole transfer API."""
@@ -80,7 +72,10 @@ class KvTransferAgent:
         self.bind_host = host if host is not None else "0.0.0.0"
         self.host = host if host is not None else default_advertise_host()
         self.port = port
-        self.host_id = host_id or local_host_id()
+        # Equal host_ids: CUDA IPC between the two agents works (same machine, PID and IPC
+        # namespaces, and the same GPUs under the same indices; kvbm/transfer/locality.py).
+        on_gpu = memory is not None and memory.k[0].device.type == "cuda"
+        self.host_id = host_id or local_host_id(cuda=on_gpu)
         self.agent_id = uuid.uuid4().hex
         self.chunk_bytes = chunk_bytes
         self.block_bytes = block_bytes(layout)
@@ -91,6 +86,10 @@ class KvTransferAgent:
         self._server: asyncio.Server | None = None
         self._conns: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._info: KvAgentInfo | None = None
+        # (backend, peer agent_id) pairs that failed before moving any data (a CUDA IPC handle
+        # that would not open): later transfers to that peer skip the backend.
+        self._unreachable: set[tuple[str, str]] = set()
+        self._explained: set[str] = set()  # peers whose backend choice was logged
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -114,7 +113,8 @@ class KvTransferAgent:
             device=self.memory.device if self.memory is not None else "none",
             **extra,  # type: ignore[arg-type]
         )
-        log.info("KV transfer agent on %s:%d, backends %s", self.host, self.port, ", ".join(self.backends))
+        log.info("KV transfer agent on %s:%d, backends %s, host id %s",
+                 self.host, self.port, ", ".join(self.backends), self.host_id)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -259,12 +259,30 @@ class KvTransferAgent:
         local = self.info
         for name in PREFERENCE:
             backend = self.backends.get(name)
-            if backend is not None and backend.can_reach(local, peer):
+            if backend is None or (name, peer.agent_id) in self._unreachable:
+                continue
+            if backend.can_reach(local, peer):
+                self._explain(peer, backend)
                 return backend
         raise TransferFailed(
             f"no common KV transfer backend: this worker has {sorted(self.backends)}, the peer "
             f"{peer.backends} on {'this' if peer.host_id == local.host_id else 'another'} host"
         )
+
+    def _explain(self, peer: KvAgentInfo, chosen: TransferBackend) -> None:
+        """Once per peer: why a peer on this very machine does not get CUDA IPC."""
+        if peer.agent_id in self._explained:
+            return
+        self._explained.add(peer.agent_id)
+        machine, domain = split_host_id(self.host_id)
+        peer_machine, peer_domain = split_host_id(peer.host_id)
+        if (chosen.name != "cuda-ipc" and "cuda-ipc" in self.backends and "cuda-ipc" in peer.backends
+                and machine == peer_machine):
+            why = ("it could not open the peer's CUDA IPC handles" if ("cuda-ipc", peer.agent_id) in self._unreachable
+                   else f"the peer's GPUs are not reachable from this process (GPU domain {peer_domain or 'unknown'}, "
+                   f"here {domain}: other visible GPUs or device order, or another PID/IPC namespace)")
+            log.warning("KV transfer to %s (%s) on this machine uses %s, not cuda-ipc: %s",
+                        peer.agent_id, peer.address, chosen.name, why)
 
     async def send(
         self, peer: KvAgentInfo, transfer_id: str, src_block_ids: list[int], dst_block_ids: list[int]
@@ -281,7 +299,17 @@ class KvTransferAgent:
         except OSError as exc:
             raise TransferFailed(f"cannot reach the peer's transfer agent at {peer.address}: {exc}") from exc
         try:
-            num_bytes = await backend.send(self, peer, transfer_id, src_block_ids, dst_block_ids, writer)
+            while True:
+                try:
+                    num_bytes = await backend.send(self, peer, transfer_id, src_block_ids, dst_block_ids, writer)
+                    break
+                except BackendUnavailable as exc:
+                    # Nothing was written yet: the same connection carries the next backend.
+                    self._unreachable.add((backend.name, peer.agent_id))
+                    log.warning("KV transfer to %s: %s unavailable (%s); trying the next backend",
+                                peer.agent_id, backend.name, exc)
+                    self._explained.discard(peer.agent_id)
+                    backend = self.choose_backend(peer)
             await writer.drain()
         except Exception as exc:
             # Tell the receiver now rather than leaving it to notice the closed connection.

@@ -17,6 +17,12 @@ BACKEND_CHOICES = ("auto", "host", "cuda-ipc", "nixl")
 PREFERENCE = ("cuda-ipc", "nixl", "host", "simulated")
 
 
+class BackendUnavailable(Exception):
+    """Raised by a backend's `send` before it wrote anything to the connection: this peer
+    cannot be reached this way after all (e.g. its CUDA IPC handles do not open here). The
+    agent remembers it for the peer and sends with the next backend instead."""
+
+
 class TransferBackend(ABC):
     name: str = "backend"
 

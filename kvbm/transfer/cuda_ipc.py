@@ -9,7 +9,11 @@ an illegal address), while the receiver's GPU reaches the sender's own memory th
 peer access. Pulling measured as fast as pushing (issue 4's table in benchmarks/RESULTS.md).
 
 Both processes must see the same GPUs under the same indices (do not narrow
-CUDA_VISIBLE_DEVICES per worker; pick the GPU with --device cuda:N instead)."""
+CUDA_VISIBLE_DEVICES per worker; pick the GPU with --device cuda:N instead) and share the PID
+and IPC namespaces: `can_reach` requires equal host_ids, which encode all of that
+(locality.py), so containers that share only a hostname and boot id (host networking) get
+another backend. Should a peer's handles still fail to open, `send` raises BackendUnavailable
+before writing anything and the agent moves this and later transfers to the next backend."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dynamo.wire import FRAME_END, KvAgentInfo, TransferHeader
-from kvbm.transfer.backends import TransferBackend
+from kvbm.transfer.backends import BackendUnavailable, TransferBackend
 from kvbm.transfer.framing import header_bytes
 from kvbm.transfer.torch_ops import BlockCopier, copy_blocks, export_handles, open_handles
 
@@ -76,7 +80,11 @@ class CudaIpcBackend(TransferBackend):
         assert memory is not None
         entry = self._peers.get(peer.agent_id)
         if entry is None:
-            entry = self._peers[peer.agent_id] = await memory.run(lambda: self._open(memory.k, memory.v, peer))
+            try:
+                entry = await memory.run(lambda: self._open(memory.k, memory.v, peer))
+            except Exception as exc:  # the driver refused the handles: nothing sent yet
+                raise BackendUnavailable(f"the peer's CUDA IPC handles do not open here: {exc}") from exc
+            self._peers[peer.agent_id] = entry
         target = entry
         await memory.run(
             lambda: copy_blocks(memory.k, memory.v, src_block_ids, target.k, target.v, dst_block_ids, target.copier)
