@@ -943,3 +943,44 @@ def test_translator_decodes_vllm_wire_batches() -> None:
     batch = BATCH_DECODER.decode(msgspec.msgpack.encode([1.5, [stored, removed], 0]))
     assert isinstance(batch.events[0], VllmBlockStored) and batch.events[0].medium == "GPU"
     assert isinstance(batch.events[1], VllmBlockRemoved) and batch.events[1].medium == "CPU"
+
+
+# ------------------------------------------------------------------------------- embeddings
+
+
+@pytest.mark.vllm
+async def test_embeddings_through_vllms_pooling_runner(vllm_model: Path) -> None:
+    """--runner pooling on vLLM: the worker's pooling type reaches vLLM's pooler, the vectors
+    (normalised by the worker) equal a transformers forward pooled the same way; a pooling type
+    other than the worker's is refused."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from dynamo import errors
+    from dynamo.wire import EmbeddingRequest
+    from workers.embedding import EmbeddingConfig, EmbeddingEngine, finish
+    from workers.vllm.args import VllmConfig
+    from workers.vllm.engine import VllmEngine
+
+    engine = VllmEngine(VllmConfig.for_model(str(vllm_model), dtype="float32", max_model_len=512, block_size=BLOCK, enforce_eager=True))
+    assert isinstance(engine, EmbeddingEngine)
+    config = EmbeddingConfig(pooling="last")
+    engine.enable_embeddings(config)
+    await engine.start()
+    try:
+        assert engine.embedding_dim == 128
+        inputs = [p[:40] for p in PROMPTS]
+        request_ = EmbeddingRequest(request_id="e", model="tiny", inputs=inputs)
+        out = finish(await engine.embed(request_, "last"), request_, config)
+        assert out.dim == 128 and out.prompt_tokens == sum(len(i) for i in inputs)
+        got = np.frombuffer(out.data, dtype="<f4").reshape(len(inputs), 128)
+        hf = transformers.AutoModel.from_pretrained(str(vllm_model), dtype=torch.float64).eval()
+        for ids, row in zip(inputs, got):
+            with torch.no_grad():
+                last = hf(torch.tensor([ids])).last_hidden_state[0, -1].numpy()
+            np.testing.assert_allclose(row, last / np.linalg.norm(last), atol=1e-5)
+        with pytest.raises(errors.InvalidRequest, match="pools with 'last'"):
+            await engine.embed(request_, "mean")
+    finally:
+        await engine.stop()

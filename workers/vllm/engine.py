@@ -19,10 +19,12 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from dynamo import errors
-from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
+from dynamo.wire import EmbeddingRequest, EngineOutput, KvEventData, LoadMetrics, PoolingType, PreprocessedRequest
 from kvbm.block_pool import KvEventSink
+from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo
 from workers.vllm.args import VllmConfig
+from workers.vllm.embedding import embed, pooling_engine_args
 from workers.vllm.kv_events import KvEventSubscriber, KvEventTranslator
 from workers.vllm.logprobs import prompt_logprobs, sample_logprobs
 from workers.vllm.replay import PROCESSOR_FQCN
@@ -48,6 +50,7 @@ class VllmEngine(Engine):
         # Whether vLLM runs our migration-replay logits processor (workers/vllm/replay.py).
         self._replay = False
         self._validator: ConstraintValidator | None = None
+        self._embedding: EmbeddingConfig | None = None  # serving an embedding model (workers/vllm/embedding.py)
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -58,7 +61,10 @@ class VllmEngine(Engine):
         subscriber = None
         if kv_events is not None and self.config.publish_kv_events:
             engine_args, subscriber = self._kv_events_wiring(engine_args, kv_events)
-        engine_args = self._with_replay(engine_args)
+        if self._embedding is not None:  # the pooling runner: no sampling, no replay processor
+            engine_args = pooling_engine_args(engine_args, self._embedding)
+        else:
+            engine_args = self._with_replay(engine_args)
         try:
             # Building AsyncLLM blocks for as long as the engine core takes to load the model and
             # profile memory (tens of seconds): keep it off the event loop. AsyncLLM starts its
@@ -220,4 +226,24 @@ class VllmEngine(Engine):
 
     def kv_snapshot(self) -> list[KvEventData]:
         return self._translator.snapshot() if self._translator is not None else []
+
+    # ------------------------------------------- embeddings (workers/vllm/embedding.py)
+
+    def enable_embeddings(self, config: EmbeddingConfig) -> None:
+        self._embedding = config
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self._llm.vllm_config.model_config.embedding_size) if self._llm is not None else 0
+
+    async def embed(self, request: EmbeddingRequest, pooling: PoolingType) -> PooledBatch:
+        llm, config = self._llm, self._embedding
+        if llm is None or config is None:
+            raise errors.EngineError("vllm engine is not running an embedding model")
+        try:
+            return await embed(llm, request, pooling, config)
+        except EngineDeadError as exc:
+            raise errors.EngineError(f"vllm engine died: {exc}") from None
+        except (VLLMClientError, ValueError) as exc:
+            raise invalid_request(exc) from None
 
