@@ -178,7 +178,7 @@ async def sync(nc: NatsClient, timeout_s: float) -> None:
     commands like any publish; the server answers it "no responders" only after processing
     them. Public API only, so it holds on both of the request plane's paths."""
     try:
-        await nc.request(nc.new_inbox(), b"", timeout=timeout_s)  # type: ignore[arg-type]
+        await nc.request(nc.new_inbox(), b"", timeout=timeout_s)
     except nats_errors.NoRespondersError:
         return
 
