@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Deploy dynamo-py on Amazon ECS with the AWS CLI v2, in dependency order:
 #
-#   1. CloudWatch log group, HF token secret (placeholder unless HF_TOKEN is set)
+#   1. CloudWatch log group, HF token secret (placeholder unless HF_TOKEN is set), API key
+#      secret (a random key unless API_KEY is set or dynamo/api-key exists)
 #   2. Cloud Map private DNS namespace (default dynamo.local) with names for etcd and nats
 #   3. task definitions (deploy/ecs/task-definitions/*.json, ${VARS} filled in from below)
 #   4. etcd and NATS services on Fargate (awsvpc), registered in Cloud Map; wait until stable
@@ -23,7 +24,8 @@
 #   MODEL_NAME (dynamo-tiny), MAX_MODEL_LEN (2048), DYN_NAMESPACE (dynamo),
 #   CLOUDMAP_NAMESPACE (dynamo.local), LOG_GROUP (/ecs/dynamo),
 #   EXECUTION_ROLE_NAME (ecsTaskExecutionRole), TASK_ROLE_NAME (ecsTaskExecutionRole),
-#   HF_TOKEN_SECRET_ARN (created as dynamo/hf-token), HF_TOKEN, GPU_INSTANCE_TYPE_PATTERN (g6e.*),
+#   HF_TOKEN_SECRET_ARN (created as dynamo/hf-token), HF_TOKEN, API_KEY_SECRET_ARN (created as
+#   dynamo/api-key), API_KEY, GPU_INSTANCE_TYPE_PATTERN (g6e.*),
 #   WORKER_COUNT (1 per role), FRONTEND_COUNT (1), FRONTEND_TARGET_GROUP_ARN, ASSIGN_PUBLIC_IP
 #   (DISABLED), DRY_RUN=1 (render the task definitions into $OUT_DIR and stop).
 set -euo pipefail
@@ -53,7 +55,7 @@ mkdir -p "$OUT_DIR"
 # The placeholders the task definition templates may use; render() fills exactly these.
 TEMPLATE_VARS=(AWS_REGION AWS_ACCOUNT_ID LOG_GROUP EXECUTION_ROLE_NAME TASK_ROLE_NAME
   IMAGE_CPU IMAGE_CUDA EFS_FILE_SYSTEM_ID NATS_SERVER ETCD_ENDPOINTS DYN_NAMESPACE ROUTER_MODE
-  ENGINE MODEL_NAME MAX_MODEL_LEN HF_TOKEN_SECRET_ARN GPU_INSTANCE_TYPE_PATTERN)
+  ENGINE MODEL_NAME MAX_MODEL_LEN HF_TOKEN_SECRET_ARN API_KEY_SECRET_ARN GPU_INSTANCE_TYPE_PATTERN)
 
 case "$TOPOLOGY" in
   agg) WORKER_ROLES=(worker) ;;
@@ -79,6 +81,7 @@ render() {  # render TEMPLATE OUT: replace ${VAR} for each VAR in TEMPLATE_VARS
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
   : "${AWS_ACCOUNT_ID:=123456789012}" "${HF_TOKEN_SECRET_ARN:=arn:aws:secretsmanager:${AWS_REGION:-us-east-1}:123456789012:secret:dynamo/hf-token}"
+  : "${API_KEY_SECRET_ARN:=arn:aws:secretsmanager:${AWS_REGION:-us-east-1}:123456789012:secret:dynamo/api-key}"
   for f in task-definitions/*.json; do render "$f" "$OUT_DIR/$(basename "$f")"; done
   echo "rendered into $OUT_DIR"
   exit 0
@@ -96,6 +99,17 @@ if [ -z "${HF_TOKEN_SECRET_ARN:-}" ]; then
   if [ -z "$HF_TOKEN_SECRET_ARN" ] || [ "$HF_TOKEN_SECRET_ARN" = None ]; then
     HF_TOKEN_SECRET_ARN="$(aws secretsmanager create-secret --name dynamo/hf-token \
       --secret-string "${HF_TOKEN:-placeholder-no-token}" --query ARN --output text)"
+  fi
+fi
+
+# The frontend's API key (DYN_API_KEY): /v1/* requires `Authorization: Bearer <key>`. Created
+# once with a random key unless it exists; read it with
+#   aws secretsmanager get-secret-value --secret-id dynamo/api-key --query SecretString --output text
+if [ -z "${API_KEY_SECRET_ARN:-}" ]; then
+  API_KEY_SECRET_ARN="$(aws secretsmanager describe-secret --secret-id dynamo/api-key --query ARN --output text 2>/dev/null || true)"
+  if [ -z "$API_KEY_SECRET_ARN" ] || [ "$API_KEY_SECRET_ARN" = None ]; then
+    API_KEY_SECRET_ARN="$(aws secretsmanager create-secret --name dynamo/api-key \
+      --secret-string "${API_KEY:-$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')}" --query ARN --output text)"
   fi
 fi
 

@@ -37,7 +37,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-OVERLAYS = ["agg", "agg-kv", "disagg", "eks", "gke", "aks"]
+OVERLAYS = ["agg", "agg-kv", "agg-router", "agg-kv-tls", "disagg", "eks", "gke", "aks"]
+# One LeaderWorkerSet overlay per engine (deploy/k8s/lws/<engine>), applied on top of a topology.
+LWS_OVERLAYS = ["lws/vllm", "lws/sglang", "lws/trtllm"]
 CODE_DIRS = ["dynamo", "frontend", "router", "workers", "kvbm"]
 NAMESPACE = "dynamo"
 
@@ -55,7 +57,7 @@ CONTRACT_FLAGS = {
                                      "--served-model-name", "--num-workers"},
 }
 CHOICES = {
-    "--router-mode": {"round-robin", "random", "kv", "least-loaded"},
+    "--router-mode": {"round-robin", "random", "kv", "least-loaded", "remote"},
     "--role": {"aggregated", "prefill", "decode"},
     "--engine": {"mocker", "builtin", "vllm", "sglang", "trtllm"},
 }
@@ -83,11 +85,22 @@ CONTRACT_METRICS = {
 EXTERNAL_ENV = {
     "HF_TOKEN", "HF_HOME",  # huggingface_hub
     "LD_LIBRARY_PATH", "PATH", "NVIDIA_VISIBLE_DEVICES", "NVIDIA_DRIVER_CAPABILITIES",
-    "FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA",  # libfabric / EFA
     "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR", "PIP_DISABLE_PIP_VERSION_CHECK", "DEBIAN_FRONTEND", "POD_NAME", "POD_NAMESPACE",
     "HEALTHCHECK_PORTS",  # deploy/docker/healthcheck.py
     "CC", "TRITON_CACHE_DIR",  # Triton: the C compiler for its launcher modules and where it caches them
     "GF_AUTH_ANONYMOUS_ENABLED", "GF_AUTH_ANONYMOUS_ORG_ROLE",  # grafana
+}
+# Secrets the manifests reference but never contain (a placeholder would overwrite the real
+# value on every `kubectl apply -k`): name -> (keys, optional). docs/deploy/kubernetes.md shows
+# how to create each (test_deploy_behaviour.py checks that).
+OUT_OF_BAND_SECRETS = {
+    "hf-token": ({"HF_TOKEN"}, True),
+    "dynamo-api-key": ({"DYN_API_KEY"}, False),
+    "dynamo-frontend-tls": ({"tls.crt", "tls.key"}, False),
+    "dynamo-trtllm-ssh": ({"id_ed25519", "authorized_keys", "ssh_host_ed25519_key"}, False),
+    "dynamo-nats-tls": ({"tls.crt", "tls.key", "ca.crt"}, False),
+    "dynamo-etcd-server-tls": ({"tls.crt", "tls.key", "ca.crt"}, False),
+    "dynamo-etcd-client-tls": ({"tls.crt", "tls.key", "ca.crt"}, False),
 }
 CLUSTER_SCOPED = {"Namespace", "StorageClass", "ClusterRole", "ClusterRoleBinding", "PersistentVolume",
                   "CustomResourceDefinition", "IngressClass", "PriorityClass"}
@@ -176,6 +189,8 @@ def apply_kustomization(docs, directory: Path, kz=None, include_resources=True):
     if include_resources:
         for res in kz.get("resources", []):
             docs = docs + load_docs(directory / res)
+        for comp in kz.get("components", []):  # a component's own components
+            docs = apply_kustomization(docs, directory / comp)
     for patch in kz.get("patches", []):
         body = yaml.safe_load((directory / patch["path"]).read_text()) if "path" in patch else yaml.safe_load(patch["patch"])
         target = patch.get("target")
@@ -186,7 +201,9 @@ def apply_kustomization(docs, directory: Path, kz=None, include_resources=True):
             if matches(d, target):
                 docs[i] = json6902(d, body) if isinstance(body, list) else smp_merge(d, {k: v for k, v in body.items() if k != "metadata"})
                 hit = True
-        assert hit, f"patch {patch} in {directory} matched nothing"
+        # kustomize: a patch with a target selector may match nothing (a component's LWS patch in
+        # an overlay without LeaderWorkerSets); one that names its object must find it
+        assert hit or "target" in patch, f"patch {patch} in {directory} matched nothing"
     if "namespace" in kz:
         for d in docs:
             if d["kind"] not in CLUSTER_SCOPED:
@@ -215,9 +232,13 @@ def pod_containers(doc: dict) -> list[dict]:
     return [c for ps in pod_spec(doc) for c in ps.get("containers", []) + ps.get("initContainers", [])]
 
 
+def overlay_path(overlay: str) -> Path:
+    return K8S / overlay if overlay.startswith(("lws/", "combo/")) else K8S / "overlays" / overlay
+
+
 @cache
 def rendered(overlay: str, renderer: str) -> tuple:
-    path = K8S / overlay if overlay == "lws" else K8S / "overlays" / overlay
+    path = overlay_path(overlay)
     if renderer == "python":
         docs = kustomize(path)
     else:
@@ -233,7 +254,7 @@ def docs_of(overlay: str, renderer: str = "python") -> list[dict]:
 
 RENDERERS = ["python", pytest.param("kubectl", marks=pytest.mark.skipif(
     shutil.which("kubectl") is None, reason="kubectl (kustomize) not on PATH"))]
-ALL_K8S = OVERLAYS + ["lws"]
+ALL_K8S = OVERLAYS + LWS_OVERLAYS
 
 
 def find(docs, kind, name=None):
@@ -254,10 +275,12 @@ def test_every_yaml_file_parses():
 
 
 def test_every_kustomization_is_built():
-    """Each kustomization directory is reachable from an overlay the tests render."""
+    """Each kustomization directory is rendered by these tests: the overlays directly, the
+    components through them or through the combinations of test_deploy_behaviour.py."""
     dirs = {p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml")}
-    assert dirs == {"base", "lws", *(f"overlays/{o}" for o in OVERLAYS),
-                    *(f"components/{c}" for c in ("eks", "gke", "aks", "standalone-router"))}
+    assert dirs == {"base", *LWS_OVERLAYS, *(f"overlays/{o}" for o in OVERLAYS),
+                    *(f"components/{c}" for c in ("eks", "gke", "aks", "eks-gpu", "gke-gpu", "aks-gpu",
+                                                  "standalone-router", "kvbm", "tls"))}
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
@@ -283,7 +306,7 @@ def test_python_renderer_agrees_with_kustomize(overlay):
         assert a == b, key(a)
 
 
-CRD_KINDS = {"ScaledObject", "ServiceMonitor", "LeaderWorkerSet"}
+CRD_KINDS = {"ScaledObject", "ServiceMonitor", "LeaderWorkerSet", "BackendConfig"}
 
 
 @pytest.mark.parametrize("overlay", ALL_K8S)
@@ -364,6 +387,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "ScaledObject"): "keda.sh_scaledobject_v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "monitoring.coreos.com_servicemonitor_v1.json",
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkerset.x-k8s.io_leaderworkerset_v1.json",
+    ("cloud.google.com/v1", "BackendConfig"): "cloud.google.com_backendconfig_v1.json",
 }
 # CRDs leave the top-level metadata to the API server (`type: object`); check it minimally.
 STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
@@ -434,7 +458,7 @@ def crd_objects(source: str) -> list[tuple[str, dict]]:
     """(where, object) for each ScaledObject, ServiceMonitor and LeaderWorkerSet of a rendered
     overlay, or ("lws-files") of the LeaderWorkerSet manifests as written."""
     if source == "lws-files":
-        docs = [(f.relative_to(ROOT).as_posix(), d) for f in sorted((K8S / "lws").glob("*.yaml"))
+        docs = [(f.relative_to(ROOT).as_posix(), d) for f in sorted((K8S / "lws").rglob("*.yaml"))
                 if f.name != "kustomization.yaml" for d in load_docs(f)]
     else:
         docs = [(source, d) for d in docs_of(source)]
@@ -456,7 +480,7 @@ def test_every_custom_resource_kind_is_schema_validated():
         for _, d in crd_objects(source):
             counts[d["kind"]] += 1
     assert all(n >= 1 for n in counts.values()), counts
-    files = {p.name for p in CRD_SCHEMA_DIR.glob("*.json")}
+    files = {p.name for p in CRD_SCHEMA_DIR.glob("*.json")} - {"eksctl.io_clusterconfig_v1alpha5.json"}
     assert files == set(CRD_SCHEMAS.values()), files
     readme = (CRD_SCHEMA_DIR / "README.md").read_text()
     assert all(f in readme for f in files), "every schema file's source is recorded in README.md"
@@ -499,6 +523,10 @@ BROKEN_CRS = {
                                "spec.startupPolicy: 'WorkersFirst' is not one of"),
     "lws-misspelled-container-field": ("LeaderWorkerSet", lambda d: _rename(_lws_container(d), "image", "imagee"),
                                        "'imagee' was unexpected"),
+    "backendconfig-timeout-as-string": ("BackendConfig", lambda d: d["spec"].update(timeoutSec="3600s"),
+                                        "spec.timeoutSec: '3600s' is not of type 'integer'"),
+    "backendconfig-misspelled-health-check": ("BackendConfig", lambda d: _rename(d["spec"], "healthCheck", "healthcheck"),
+                                              "'healthcheck' was unexpected"),
 }
 
 
@@ -523,17 +551,20 @@ def template_labels(d):
     return [d["spec"]["template"]["metadata"]["labels"]] if pod_spec(d) else []
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", ALL_K8S)
 def test_references_resolve(overlay):
     docs = docs_of(overlay)
-    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in find(docs, "ConfigMap")}
-    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})} for d in find(docs, "Secret")}
-    pvcs = {d["metadata"]["name"] for d in find(docs, "PersistentVolumeClaim")}
-    storage_classes = {d["metadata"]["name"] for d in find(docs, "StorageClass")}
+    # a LeaderWorkerSet overlay is applied on top of a topology overlay, which provides the rest
+    context = docs + (docs_of("agg-kv") if overlay in LWS_OVERLAYS else [])
+    configmaps = {d["metadata"]["name"]: d.get("data", {}) for d in find(context, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: {**d.get("data", {}), **d.get("stringData", {})} for d in find(context, "Secret")}
+    secrets |= {name: dict.fromkeys(keys, "") for name, (keys, _) in OUT_OF_BAND_SECRETS.items() if name not in secrets}
+    pvcs = {d["metadata"]["name"] for d in find(context, "PersistentVolumeClaim")}
+    storage_classes = {d["metadata"]["name"] for d in find(context, "StorageClass")}
     all_pod_labels = [lbl for d in docs for lbl in template_labels(d)]
     for d in docs:
         kind, name = d["kind"], d["metadata"]["name"]
-        if pod_spec(d) and kind != "Job":
+        if pod_spec(d) and kind not in ("Job", "LeaderWorkerSet"):
             sel = d["spec"]["selector"]["matchLabels"]
             assert all(selects(sel, lbl) for lbl in template_labels(d)), f"{kind}/{name} selector"
         for ps in pod_spec(d):
@@ -544,8 +575,14 @@ def test_references_resolve(overlay):
                     assert v["persistentVolumeClaim"]["claimName"] in pvcs
                 if "configMap" in v:
                     assert v["configMap"]["name"] in configmaps
+                if "secret" in v:
+                    assert v["secret"]["secretName"] in secrets, f"{kind}/{name}: Secret {v['secret']['secretName']}"
+                    for item in v["secret"].get("items", []):
+                        assert item["key"] in secrets[v["secret"]["secretName"]]
             for c in ps.get("containers", []) + ps.get("initContainers", []):
                 env = {e["name"] for e in c.get("env", [])}
+                if kind == "LeaderWorkerSet":  # the LWS pod webhook adds these to every container
+                    env |= {"LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX", "LWS_NAME"}
                 for src in c.get("envFrom", []):
                     env |= set(configmaps[src["configMapRef"]["name"]])
                 for e in c.get("env", []):
@@ -570,6 +607,8 @@ def test_references_resolve(overlay):
         if kind == "HorizontalPodAutoscaler":
             assert find(docs, d["spec"]["scaleTargetRef"]["kind"], d["spec"]["scaleTargetRef"]["name"])
         if kind == "Ingress":
+            for tls in d["spec"].get("tls", []):
+                assert tls["secretName"] in secrets, f"Ingress/{name}: TLS Secret {tls['secretName']}"
             for rule in d["spec"]["rules"]:
                 for p in rule["http"]["paths"]:
                     svc = find(docs, "Service", p["backend"]["service"]["name"])
@@ -579,7 +618,7 @@ def test_references_resolve(overlay):
             assert sc in storage_classes or sc in {"azurefile-csi-premium", "managed-csi-premium"}, sc
         if kind == "StatefulSet":
             assert find(docs, "Service", d["spec"]["serviceName"])
-            sc = d["spec"]["volumeClaimTemplates"][0]["spec"].get("storageClassName")
+            sc = (d["spec"].get("volumeClaimTemplates") or [{"spec": {}}])[0]["spec"].get("storageClassName")
             assert sc is None or sc in storage_classes or sc == "managed-csi-premium", sc
 
 
@@ -648,13 +687,10 @@ def test_eks_overlay():
     ing = find(docs, "Ingress", "dynamo-frontend")[0]
     assert ing["spec"]["ingressClassName"] == "alb"
     assert ing["metadata"]["annotations"]["alb.ingress.kubernetes.io/target-type"] == "ip"
-    for ps in gpu_worker_specs(docs):
-        c = ps["containers"][0]
-        assert c["resources"]["limits"]["vpc.amazonaws.com/efa"] == "1"
-        assert ps["nodeSelector"]["eks.amazonaws.com/nodegroup"] == "gpu-efa"
     cluster = load_docs(K8S / "clusters" / "eks-cluster.yaml")[0]
-    gpu = next(g for g in cluster["managedNodeGroups"] if g["name"] == "gpu-efa")
-    assert gpu["efaEnabled"] is True
+    groups = {g["name"] for g in cluster["managedNodeGroups"]}
+    for ps in gpu_worker_specs(docs):
+        assert ps["nodeSelector"]["eks.amazonaws.com/nodegroup"] in groups
 
 
 def test_gke_overlay():
@@ -718,7 +754,7 @@ def test_compose_structure():
             assert (DEPLOY / s["build"]["context"] / s["build"]["dockerfile"]).is_file()
             assert compose_default(s["build"]["target"]) in {"cpu", "cuda"}
     nats = services["nats"]
-    assert "-js" in nats["command"] and any(v.startswith("nats-data:") for v in nats["volumes"])
+    assert nats["command"][0] == "nats-server" and "-js" not in nats["command"], "core NATS: JetStream is unused"
     assert "etcd" in services and "profiles" not in nats and "profiles" not in services["etcd"]
     for name, s in services.items():
         if name.startswith(("frontend", "worker", "prefill", "decode")):
@@ -1060,6 +1096,8 @@ def test_environment_variables_are_read_by_the_code_or_used():
         for n in names:
             if n.startswith("DYN_") or n in ("NATS_SERVER", "ETCD_ENDPOINTS"):
                 assert f'"{n}"' in code, f"{where}: {n} is not read by the code"
+            elif f'"{n}"' in code:  # read by the code under a name of its own (NATS_TLS_CA, ETCD_CA...)
+                continue
             else:
                 assert n in EXTERNAL_ENV or n in used, f"{where}: {n} is neither external nor used in a command"
 
