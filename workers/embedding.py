@@ -63,6 +63,9 @@ EMBEDDING_FLAGS = FlagGroup(
 
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
+_ST_TRANSFORMER = "sentence_transformers.models.Transformer"
+# Engines that apply a sentence-transformers model's other modules (Dense projections, ...).
+_ENGINES_WITH_ST_MODULES = ("vllm",)
 # sentence-transformers' 1_Pooling/config.json keys -> our pooling types (None: not supported).
 _ST_MODES: dict[str, PoolingType | None] = {
     "pooling_mode_lasttoken": "last",
@@ -93,6 +96,7 @@ class SentenceTransformersInfo:
     pooling: PoolingType | None  # None: a mode we do not implement (max, weighted mean, ...)
     pooling_mode: str  # its own name for the mode, for messages
     normalize: bool
+    other_modules: tuple[str, ...] = ()  # e.g. a Dense projection after pooling
 
 
 def read_sentence_transformers(model_dir: str | Path) -> SentenceTransformersInfo | None:
@@ -108,6 +112,8 @@ def read_sentence_transformers(model_dir: str | Path) -> SentenceTransformersInf
     if pooling_path is None:
         return None
     normalize = any(isinstance(m, dict) and m.get("type") == _ST_NORMALIZE for m in modules)
+    known = (_ST_POOLING, _ST_NORMALIZE, _ST_TRANSFORMER)
+    others = tuple(str(m.get("type")) for m in modules if isinstance(m, dict) and m.get("type") not in known)
     config = _read_json(root / pooling_path / "config.json")
     if not isinstance(config, dict):
         config = {}
@@ -115,11 +121,11 @@ def read_sentence_transformers(model_dir: str | Path) -> SentenceTransformersInf
     if isinstance(mode, str):
         key = {"lasttoken": "pooling_mode_lasttoken", "mean": "pooling_mode_mean_tokens",
                "cls": "pooling_mode_cls_token"}.get(mode, mode)
-        return SentenceTransformersInfo(_ST_MODES.get(key), mode, normalize)
+        return SentenceTransformersInfo(_ST_MODES.get(key), mode, normalize, others)
     for key, pooling in _ST_MODES.items():
         if config.get(key):
-            return SentenceTransformersInfo(pooling, key.removeprefix("pooling_mode_"), normalize)
-    return SentenceTransformersInfo("mean", "mean_tokens", normalize)  # its default mode
+            return SentenceTransformersInfo(pooling, key.removeprefix("pooling_mode_"), normalize, others)
+    return SentenceTransformersInfo("mean", "mean_tokens", normalize, others)  # its default mode
 
 
 def embedding_config(args: argparse.Namespace, model_dir: str) -> EmbeddingConfig | None:
@@ -129,6 +135,12 @@ def embedding_config(args: argparse.Namespace, model_dir: str) -> EmbeddingConfi
     runner: Runner = args.runner
     if runner == "generate" or (runner == "auto" and st is None):
         return None
+    engine = getattr(args, "engine", "builtin")
+    if st is not None and st.other_modules and engine not in _ENGINES_WITH_ST_MODULES:
+        raise SystemExit(
+            f"{model_dir}: the {engine} engine does not apply sentence-transformers modules "
+            f"{', '.join(st.other_modules)}; serve this model with --engine vllm"
+        )
     pooling: PoolingType
     if args.pooling_type != "auto":
         pooling = args.pooling_type

@@ -302,6 +302,10 @@ class Worker:
         pooling = check_request(request, config, info.context_length, engine.embedding_dim)
         if self.draining:
             raise errors.Overloaded(f"worker {self.instance_id:x} is shutting down")
+        limit = self.config.max_queued_requests  # counted in inputs for an embedding model
+        if limit and self.engine.load_metrics().waiting_requests >= limit:
+            self.metrics.finished("overloaded")
+            raise errors.Overloaded(f"worker {self.instance_id:x} has {limit} inputs queued already")
         status = "cancelled"
         self.metrics.inflight.inc()
         self._active += 1

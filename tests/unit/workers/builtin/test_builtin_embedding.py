@@ -296,6 +296,16 @@ def test_sentence_transformers_directories(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="max_tokens"):
         embedding_config(flags(), str(maxed))
     assert embedding_config(flags("--pooling-type", "mean"), str(maxed)).pooling == "mean"  # type: ignore[union-attr]
+    # Modules the built-in engine does not run (a Dense projection) are refused, not skipped.
+    dense = st_dir(tmp_path / "dense", {"pooling_mode_mean_tokens": True})
+    modules = json.loads((dense / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
+    (dense / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(SystemExit, match="models.Dense"):
+        embedding_config(flags(), str(dense))
+    args = flags()
+    args.engine = "vllm"  # which applies them
+    assert embedding_config(args, str(dense)) is not None
     # --runner generate wins over the directory.
     assert embedding_config(flags("--runner", "generate"), str(qwen)) is None
 
