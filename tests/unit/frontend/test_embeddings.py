@@ -287,3 +287,36 @@ def test_embedding_models_are_routed_by_load() -> None:
     for mode, expected in (("kv", LeastLoadedRouter), ("remote", LeastLoadedRouter), ("round-robin", RoundRobinRouter)):
         make = model_router_factory(FakeRuntime(), mode, RouterConfig(), metrics)  # type: ignore[arg-type]
         assert type(make(card)) is expected
+
+
+async def test_a_full_or_dead_worker_is_retried_on_another(served: Stack) -> None:
+    """A second instance of the model that answers Overloaded: every request still succeeds,
+    on the real worker, and the full one was tried."""
+    from dynamo import errors
+    from dynamo.model_registry import register_model
+    from dynamo.runtime import RequestContext
+
+    tried: list[int] = []
+
+    async def full(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        tried.append(1)
+        raise errors.Overloaded("queue full")
+        yield b""  # pragma: no cover - makes this an async generator
+
+    runtime = served.runtime.sibling()
+    try:
+        lease = await runtime.primary_lease()
+        await runtime.endpoint("backend", "embed").serve(full)
+        real = served.manager.models[EMBED].card
+        card = ModelCard(
+            served_model_name=EMBED, model_path=real.model_path, context_length=CONTEXT, kv_block_size=16,
+            namespace=runtime.namespace, endpoint="embed", instance_id=lease, model_type="embedding", embedding_dim=64,
+        )
+        await register_model(runtime.discovery, card, lease)
+        await served.manager.wait_until(lambda: lease in served.manager.models[EMBED].instance_ids(), 5)
+        for _ in range(4):
+            resp = await served.client.post("/v1/embeddings", json={"model": EMBED, "input": "hello"})
+            assert resp.status_code == 200, resp.text
+        assert tried  # round-robin sent some of them to the full worker first
+    finally:
+        await runtime.shutdown()
