@@ -1,3 +1,12 @@
-"""Shared pytest setup: real nats-server/etcd fixtures live in tests/infra.py."""
+"""Shared pytest setup: real nats-server/etcd fixtures live in tests/infra.py.
+
+Hypothesis: no per-example deadline and no "too slow" health check anywhere. Both measure wall
+time, so a property test would fail when CI runs on a loaded machine although every example
+passed; the properties themselves are what the tests assert."""
+
+from hypothesis import HealthCheck, settings
 
 pytest_plugins = ["tests.infra"]
+
+settings.register_profile("dynamo", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("dynamo")
