@@ -69,7 +69,11 @@ def load_model_config(model_dir: str | Path) -> ModelConfig:
         raise ModelConfigError(f"{path} has no config.json; expected a Hugging Face model directory")
     raw: dict[str, Any] = json.loads(config_path.read_text())
     archs = raw.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    # A base model (`Qwen3Model`, as AutoModel saves embedding checkpoints) is the causal LM
+    # without its head: the same layers.
+    arch = next(
+        (c for a in archs for c in (a, a.removesuffix("Model") + "ForCausalLM") if c in SUPPORTED_ARCHITECTURES), None
+    )
     if arch is None:
         raise ModelConfigError(
             f"{config_path}: architectures {archs or '(none)'} not supported by the builtin engine; "

@@ -3,12 +3,16 @@ and gate/up into their packed parameters, converts to the serving dtype on the t
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from safetensors import safe_open
 
 from workers.builtin.attention import attention_backend
 from workers.builtin.config import ModelConfig, ModelConfigError
 from workers.builtin.model import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
 
 # checkpoint name fragment -> (packed parameter fragment, shard index)
 PACKED_MODULES = {
@@ -54,22 +58,38 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) ->
 
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    bare = False  # saved from a base model (transformers' AutoModel): no `model.` prefix, no LM head
     for path in config.weight_files:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
+            for key in f.keys():
+                name = key
                 if name.endswith("rotary_emb.inv_freq"):
                     continue  # derived, not learned
                 if name == "lm_head.weight" and config.tie_word_embeddings:
                     continue
+                if name.startswith(_BARE_PREFIXES):
+                    bare = True
+                    name = "model." + name
                 target, shard = _target(name)
                 param = params.get(target)
                 if param is None:
                     raise ModelConfigError(f"{path.name}: unexpected tensor {name!r}")
-                _copy(param, f.get_tensor(name), shard, config, target)
+                _copy(param, f.get_tensor(key), shard, config, target)
                 loaded.add(target if shard is None else f"{target}#{shard}")
+    if bare and "lm_head.weight" not in loaded and not config.tie_word_embeddings:
+        # Embedding checkpoints (e.g. Qwen3-Embedding) are base models: they pool hidden states
+        # and have no LM head. The head is tied to the embeddings only to give the module one;
+        # text generated from such a checkpoint means nothing, and the worker serves it for
+        # embeddings (--runner pooling).
+        log.info("%s is a base model without an LM head: serve it for embeddings", config.model_dir)
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
     _check_complete(model, loaded, config)
     model.eval()
     return model
+
+
+_BARE_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
 
 def _target(name: str) -> tuple[str, int | None]:
