@@ -1,8 +1,14 @@
 """Starting and stopping the project's own processes (frontend, workers) for end-to-end tests,
-with bounded waits on observable conditions instead of sleeps."""
+with bounded waits on observable conditions instead of sleeps.
+
+Every process started through `base_env` binds and advertises loopback only (`LOOPBACK_ENV`):
+left to their defaults, workers listen on every interface and advertise the host's
+default-route address, which would send test traffic off 127.0.0.0/8.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -83,11 +89,90 @@ class Stack:
                 proc.popen.wait()
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def host_env(host: str) -> dict[str, str]:
+    """The variables that make a frontend, worker, router or `dynamo.serve` bind `host` and
+    advertise it: the HTTP server, the system server (/metrics), the TCP request plane's
+    listener (advertised in discovery) and the KV transfer listener (advertised to peers)."""
+    return {
+        "DYN_HTTP_HOST": host,
+        "DYN_SYSTEM_HOST": host,
+        "DYN_REQUEST_PLANE_HOST": host,
+        "DYN_KV_TRANSFER_HOST": host,
+    }
+
+
+LOOPBACK_ENV = host_env(LOOPBACK)
+
+
 def base_env(**extra: str) -> dict[str, str]:
+    """This environment plus loopback-only hosts (whatever the caller's environment says),
+    unbuffered output and `extra`."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
+    env.update(LOOPBACK_ENV)
     env.update(extra)
     return env
+
+
+_TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "0A": "LISTEN"}
+
+
+def _proc_address(text: str, width: int) -> tuple[str, int]:
+    hex_addr, hex_port = text.split(":")
+    raw = bytes.fromhex(hex_addr)
+    # /proc prints each 32-bit word in host (little-endian) order.
+    raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
+    return str(ipaddress.ip_address(raw)), int(hex_port, 16)
+
+
+def tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:
+    """(state, (local address, port), (remote address, port)) of the TCP sockets process `pid`
+    holds that are listening, connecting or connected, read from /proc in the process's own
+    network namespace; [] when the process is gone."""
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        found = []
+        for table, width in (("tcp", 4), ("tcp6", 16)):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    state = _TCP_STATES.get(fields[3])
+                    if state is None or fields[9] not in inodes:
+                        continue
+                    found.append((state, _proc_address(fields[1], width), _proc_address(fields[2], width)))
+        return found
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on."""
+    return [local for state, local, _ in tcp_sockets(pid) if state == "LISTEN"]
+
+
+def in_networks(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether `host` (an IP literal, IPv4-mapped IPv6 included, or "localhost") is loopback
+    or inside one of `networks`."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or any(ip in net for net in networks)
 
 
 def metric_samples(url: str, name: str) -> dict[str, float] | None:
