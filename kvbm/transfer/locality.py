@@ -5,11 +5,14 @@ A host_id is `<machine>|gpu:<domain>`:
 
 - `machine` is the hostname and the kernel's boot id: the same machine (and boot);
 - `domain` is a fingerprint of what CUDA IPC between two processes of that machine also needs:
-  the PID namespace (the driver refuses handles from another one: "invalid device context"),
   the IPC namespace and the /dev/shm device (torch's reduction passes a reference-count file
-  in shared memory by name), and the GPUs the process sees, in CUDA index order (torch
-  rebuilds a handle on the exporter's device *index*: the same index must name the same GPU
-  on both sides, and the peer's GPU must be visible here at all).
+  in shared memory by name), the GPUs the process sees, in CUDA index order (torch rebuilds a
+  handle on the exporter's device *index*: the same index must name the same GPU on both
+  sides, and the peer's GPU must be visible here at all), and the PID namespace. The last is
+  conservative: UCX's CUDA IPC has been reported to fail across PID namespaces ("invalid device
+  context"), while torch's handles opened across `unshare --pid` on an H100 here
+  (tests/unit/kvbm/transfer/test_same_host_cuda.py); such peers lose the fast path, never
+  correctness. Handles that fail to open anyway are caught by the agent's fallback.
 
 Hostname and boot id alone are not enough: containers with host networking (ECS tasks, a
 `network_mode: host` compose service) share both, yet each sees only its own GPUs and lives in
