@@ -28,7 +28,7 @@ async def test_lost_lease_is_regranted_and_registrations_reput(
 ) -> None:
     config = RuntimeConfig(
         backend="distributed", nats_server=nats_server, etcd_endpoints=(etcd_server,),
-        namespace=f"relet{free_port()}", lease_ttl_s=1.0,
+        namespace=f"relet{free_port()}", lease_ttl_s=1.0, request_plane_host="127.0.0.1",
     )
     caplog.set_level(logging.INFO)
     async with await Runtime.create(config) as server, await Runtime.create(config) as caller:

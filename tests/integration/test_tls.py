@@ -42,6 +42,7 @@ class Secured:
             etcd_cert=self.client_cert,
             etcd_key=self.client_key,
             namespace=f"tls{uuid.uuid4().hex[:8]}",
+            request_plane_host="127.0.0.1",  # should a test serve on the TCP plane: loopback
         )
         settings.update(overrides)
         return RuntimeConfig(**settings)  # type: ignore[arg-type]
