@@ -100,6 +100,8 @@ class TorchExecutor:
         # A step may still be computing on the model thread; let it finish before the cache it
         # writes goes away.
         await asyncio.to_thread(thread.shutdown, True)
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.sampler.close)
         if self.kvbm is not None:
             await self.kvbm.stop()
 

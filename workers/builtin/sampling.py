@@ -17,12 +17,13 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NoReturn
 
+import numpy as np
 import torch
 
 from dynamo import errors
 from dynamo.wire import PreprocessedRequest, PromptTokenLogprob
+from workers.builtin.grammar_masks import GrammarMasks
 from workers.builtin.penalties import PenaltyCounts
-from workers.structured.logits import LogitsMasker
 
 if TYPE_CHECKING:
     from workers.structured import GrammarMatcher
@@ -90,22 +91,23 @@ class SampleResult:
 
 class Sampler:
     """Samples a step's rows on one device. Holds what outlives a step: the penalty counts
-    (rows handed out by the executor) and, once a constrained row comes, the grammar masker."""
+    (rows handed out by the executor) and, once a constrained row comes, the grammar masks
+    (filled a step ahead on a CPU: grammar_masks.py)."""
 
     def __init__(self, vocab_size: int, device: torch.device, *, max_batch: int = 64) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self.max_batch = max_batch
         self.penalties = PenaltyCounts(vocab_size, device)
-        self._masker: LogitsMasker | None = None
+        self._grammar: GrammarMasks | None = None
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         """`logits` [N, vocab] (the model's dtype), one row per entry of `rows`."""
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         bitmask = None
         if constrained:
-            # CPU work first: on a GPU it overlaps the forward pass still queued.
-            bitmask = self._grammar_masker().fill(constrained)
+            # CPU work first: on a GPU, what was not filled ahead overlaps the queued forward pass.
+            bitmask = self._grammar_masks().masks(constrained)
         raw = logits.float()
         wants_lp = [i for i, r in enumerate(rows) if r.params.wants_logprobs]
         raw_lp = None
@@ -128,6 +130,8 @@ class Sampler:
         for i, matcher in constrained:
             if not matcher.accept(token_ids[i]):  # the mask allowed it: a bug if refused
                 raise RuntimeError(f"grammar refused token {token_ids[i]} that its mask allowed")
+        if constrained:
+            self._grammar_masks().fill_ahead([m for _, m in constrained])
 
         logprobs: list[float] | None = None
         top: list[list[tuple[int, float]] | None] | None = None
@@ -152,7 +156,7 @@ class Sampler:
 
     def _process(
         self, raw: torch.Tensor, rows: list[SampleRow],
-        constrained: list[tuple[int, GrammarMatcher]], bitmask: object,
+        constrained: list[tuple[int, GrammarMatcher]], bitmask: np.ndarray | None,
     ) -> torch.Tensor:
         """The logits that sampling chooses from: grammar, bias, penalties, min_tokens ban."""
         bias_rows: list[int] = []
@@ -176,8 +180,8 @@ class Sampler:
             return raw
         x = raw.clone()
         if constrained:
-            assert self._masker is not None
-            self._masker.apply_bitmask(x, bitmask, [i for i, _ in constrained])  # type: ignore[arg-type]
+            assert bitmask is not None
+            self._grammar_masks().apply(x, bitmask, [i for i, _ in constrained])
         if bias_rows:
             x.index_put_(
                 (self._index(bias_rows), self._index(bias_ids)),
@@ -253,10 +257,16 @@ class Sampler:
 
     # ------------------------------------------------------------------------------ helpers
 
-    def _grammar_masker(self) -> LogitsMasker:
-        if self._masker is None:  # llguidance's fill threads start with the first constrained row
-            self._masker = LogitsMasker(self.vocab_size, max_batch=self.max_batch)
-        return self._masker
+    def _grammar_masks(self) -> GrammarMasks:
+        if self._grammar is None:  # llguidance's fill threads start with the first constrained row
+            # Ahead on a CPU only: on a GPU the fill in the step overlaps the queued forward pass.
+            self._grammar = GrammarMasks(self.vocab_size, max_batch=self.max_batch, ahead=self.device.type == "cpu")
+        return self._grammar
+
+    def close(self) -> None:
+        """Stop the grammar masks' helper thread (the sampler is done)."""
+        if self._grammar is not None:
+            self._grammar.close()
 
     def _index(self, values: list[int]) -> torch.Tensor:
         return self._tensor(values, torch.long)
