@@ -9,7 +9,8 @@ vocabulary (excluded ids have none), so they are consistent: the chosen token's 
 of its top_logprobs when nothing but the model picked it. logit_bias and penalties (vLLM's
 repetition, OpenAI's frequency and presence) modify the logits of the candidates and the biased
 tokens; the choice is then the best of them (greedy) or a draw from their softmax at the
-request's temperature, with the request's stream. Plain Python: the mocker's rows are few."""
+request's temperature (after top-k, min-p and top-p among them), with the request's stream.
+Plain Python: the mocker's rows are few."""
 
 from __future__ import annotations
 
@@ -99,6 +100,9 @@ class MockSampling:
     """A request's options, as the synthetic model applies them."""
 
     temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
@@ -131,6 +135,9 @@ class MockSampling:
             raise errors.InvalidRequest(f"top_logprobs must be in [0, {vocab_size}]", param="top_logprobs")
         return cls(
             temperature=s.temperature or 0.0,
+            top_k=s.top_k if s.top_k is not None and s.top_k > 0 else 0,
+            top_p=1.0 if s.top_p is None else s.top_p,
+            min_p=s.min_p or 0.0,
             logit_bias=tuple(s.logit_bias.items()),
             repetition_penalty=s.repetition_penalty or 1.0,
             frequency_penalty=s.frequency_penalty or 0.0,
@@ -169,10 +176,21 @@ def choose(
     if not logits:  # pragma: no cover - banned ids are stop ids, never all the candidates
         return candidates[0]
     ranked = sorted(logits.items(), key=lambda item: -item[1])  # stable: candidates' order on ties
-    if sampling.temperature <= 0:
+    if sampling.temperature <= 0 or sampling.top_k == 1:
         return ranked[0][0]
+    if sampling.top_k:
+        ranked = ranked[: sampling.top_k]
     best = ranked[0][1]
     weights = [math.exp((value - best) / sampling.temperature) for _, value in ranked]
+    # min_p against the best token's weight (1), then the smallest prefix whose mass reaches top_p.
+    kept = [w for w in weights if w >= sampling.min_p]
+    total, mass, cut = sum(kept), 0.0, len(kept)
+    for i, weight in enumerate(kept):
+        if mass >= sampling.top_p * total:
+            cut = i
+            break
+        mass += weight
+    ranked, weights = ranked[:cut], kept[:cut]
     point = rng.random() * sum(weights)
     for (token, _), weight in zip(ranked, weights):
         point -= weight

@@ -7,6 +7,8 @@ migration); a constraint without a tokenizer is refused. Tests wait on tokens, n
 from __future__ import annotations
 
 import json
+import math
+import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -20,7 +22,7 @@ from dynamo import errors
 from dynamo.wire import EngineOutput, OutputConstraint, PreprocessedRequest, SamplingOptions, StopConditions
 from workers.mocker.args import MockerConfig
 from workers.mocker.engine import MockerEngine
-from workers.mocker.sampling import CANDIDATES, SyntheticVocab
+from workers.mocker.sampling import CANDIDATES, MockSampling, SyntheticVocab, choose
 from workers.mocker.timing import TimingModel
 
 MODEL_DIR = Path(__file__).resolve().parents[4] / "models" / "dynamo-tiny"
@@ -74,8 +76,6 @@ async def test_logprobs_are_consistent_and_do_not_change_the_tokens() -> None:
 
 
 def test_synthetic_distribution_sums_to_one() -> None:
-    import math
-
     for vocab in (SyntheticVocab(1000, frozenset({0, 1})), SyntheticVocab(30, frozenset())):
         cands = vocab.candidates(5, 7)
         assert len(set(cands)) == len(cands) == min(CANDIDATES, 30)
@@ -166,6 +166,25 @@ async def test_constrained_output_validates_and_migrates(constraint: OutputConst
     assert all(o.logprobs is not None for o in outs)
 
 
+async def test_disaggregated_constrained_request_equals_the_aggregated_one() -> None:
+    """Prefill on one engine (first token, its logprobs and the prompt's), decode on another from
+    the first token: the decode side's grammar takes that token, and the output is the same."""
+    cfg = config(vocab_size=8192, model_dir=str(MODEL_DIR), exclude_token_ids=frozenset({0, 1, 2, 3, 4}))
+    req = request(PROMPT, 60, constraint=CONSTRAINTS[0], stop=[EOS], logprobs=True, top_logprobs=2,
+                  prompt_logprobs=1, presence_penalty=0.5)
+    async with MockerEngine(cfg) as engine:
+        aggregated = await collect(engine, req)
+        held = await engine.prefill_held(req)
+        engine.release(held)
+    async with MockerEngine(cfg) as decode:
+        reservation = decode.reserve(PROMPT)
+        assert reservation is not None
+        outs = [o async for o in decode.generate_from_kv(req, held.first, reservation)]
+    assert tokens(outs) == tokens(aggregated)
+    assert outs[0].prompt_logprobs == aggregated[0].prompt_logprobs is not None
+    assert [o.top_logprobs for o in outs] == [o.top_logprobs for o in aggregated]
+
+
 async def test_constraints_need_a_tokenizer_and_a_valid_spec() -> None:
     async with MockerEngine(config()) as engine:
         with pytest.raises(errors.InvalidRequest, match="--model") as info:
@@ -189,3 +208,17 @@ def test_constrained_rows_cost_a_little_time() -> None:
     assert timing.grammar_time_s(0, 5e-3) == 0.0
     assert timing.grammar_time_s(32, 5e-3) == timing.mask_apply_s  # the fill hides under the forward pass
     assert timing.grammar_time_s(10_000, 1e-3) > timing.mask_apply_s
+
+
+def test_choose_applies_top_k_top_p_and_min_p_among_the_candidates() -> None:
+    vocab = SyntheticVocab(1000, frozenset())
+    cands = vocab.candidates(5, 1)
+    bias = ((cands[0], 0.1),)  # a modification, so the options are consulted
+    picks = {
+        name: {choose(vocab, MockSampling(temperature=5.0, logit_bias=bias, **kw), cands, random.Random(s), (), None)
+               for s in range(200)}
+        for name, kw in {"free": {}, "top_k": {"top_k": 2}, "top_p": {"top_p": 0.01}, "min_p": {"min_p": 0.99}}.items()
+    }
+    assert len(picks["free"]) > 2
+    assert picks["top_k"] <= set(cands[:2]) and len(picks["top_k"]) == 2
+    assert picks["top_p"] == picks["min_p"] == {cands[0]}
