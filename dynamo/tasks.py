@@ -42,3 +42,9 @@ class TaskSet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.difference_update(tasks)
+
+    async def wait_all(self) -> None:
+        """Wait until every task started so far has ended (their errors are not raised)."""
+        tasks = list(self._tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.difference_update(tasks)

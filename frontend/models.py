@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from dynamo import errors
+from dynamo.tasks import TaskSet
 from dynamo.model_registry import ModelEntry, ModelWatcher
 from dynamo.runtime import Client, Runtime
 from dynamo.wire import ModelCard
@@ -73,7 +75,7 @@ class ModelManager:
         self.router_factory = router_factory
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerCache()
         self.models: dict[str, ServedModel] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet("model manager task", log=log)
         self._changed = asyncio.Condition()
 
     async def start(self) -> None:
@@ -83,8 +85,7 @@ class ModelManager:
                 self._add(name, entry)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            await asyncio.gather(task, return_exceptions=True)
+        await self._tasks.wait_all()  # opens and closes under way finish; nothing is cut short
         for model in list(self.models.values()):
             await self._close_model(model)
         self.models.clear()
@@ -182,12 +183,5 @@ class ModelManager:
         async with self._changed:
             self._changed.notify_all()
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("model manager task failed", exc_info=task.exception())
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._tasks.spawn(coro)

@@ -133,9 +133,14 @@ def preprocess_completion(
         )
     prompts: list[list[int]] = []
     texts: list[str | None] = []
-    items = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-    if all(isinstance(p, int) for p in items):
-        items = [list(items)]  # type: ignore[arg-type]  # one prompt given as token ids
+    raw = body.prompt
+    items: list[str | int | list[int]]
+    if isinstance(raw, str):
+        items = [raw]
+    elif all(isinstance(p, int) for p in raw):
+        items = [[p for p in raw if isinstance(p, int)]]  # one prompt given as token ids
+    else:
+        items = list(raw)
     for i, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{i}]"
         if isinstance(item, str):
@@ -160,13 +165,8 @@ def preprocess_completion(
     )
     if not body.echo:
         return prepared
-    choices = [
-        ChoiceSpec(
-            c.index, c.request, c.prompt_index,
-            texts[c.prompt_index] if texts[c.prompt_index] is not None else tokenizer.decode(prompts[c.prompt_index]),
-        )
-        for c in prepared.choices
-    ]
+    echoes = [text if text is not None else tokenizer.decode(ids) for text, ids in zip(texts, prompts)]
+    choices = [ChoiceSpec(c.index, c.request, c.prompt_index, echoes[c.prompt_index]) for c in prepared.choices]
     return Prepared(
         prepared.request_id, prepared.model, choices, prepared.output, prepared.stream,
         prepared.include_usage, prepared.prompt_tokens,

@@ -4,6 +4,8 @@ model's last norm, before the LM head): last token, mean over tokens, or first (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -26,7 +28,7 @@ def pool_batch(runner: ModelRunner, batch: PoolingBatch) -> np.ndarray:
     return pool_hidden(hidden, lengths, batch.pooling).cpu().numpy()
 
 
-def pool_hidden(hidden: torch.Tensor, lengths: list[int], pooling: list[str]) -> torch.Tensor:
+def pool_hidden(hidden: torch.Tensor, lengths: list[int], pooling: Sequence[str]) -> torch.Tensor:
     """Pool a flat [tokens, hidden] batch of sequences of `lengths` into [sequences, hidden]
     float32, row i with `pooling[i]`."""
     device = hidden.device

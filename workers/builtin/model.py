@@ -243,7 +243,7 @@ class LlamaForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta)
+            h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta)  # type: ignore[operator]
         norm = self.model.norm
         return gpu_kernels.rms_norm(h, norm.weight, norm.eps, residual)[0]
 

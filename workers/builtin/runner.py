@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dynamo.wire import PromptTokenLogprob
-from workers.builtin.attention import SeqSlice, to_device
+from workers.builtin.attention import AttentionBackend, SeqSlice, to_device
 from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
@@ -117,7 +117,7 @@ class ModelRunner:
         self.model = model
         self.kv = kv
         self.device = device
-        self.backend = model.model.layers[0].self_attn.backend
+        self.backend: AttentionBackend = model.model.layers[0].self_attn.backend  # type: ignore[union-attr,assignment]
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(model.config.vocab_size, device, max_batch=max_num_seqs)
         if not enforce_eager and device.type == "cuda" and model.fused:

@@ -12,6 +12,8 @@ nothing but a stop token, that token is still chosen (a row is never all -inf)."
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 import random
 from dataclasses import dataclass, field
@@ -271,7 +273,7 @@ class Sampler:
     def _index(self, values: list[int]) -> torch.Tensor:
         return self._tensor(values, torch.long)
 
-    def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:  # type: ignore[type-arg]
+    def _tensor(self, values: Sequence[int | float | bool], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type != "cuda":
             return torch.tensor(values, dtype=dtype)
         return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
