@@ -334,7 +334,7 @@ class RemotePrefillResult(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class TransferHeader(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
-    """Frame header on a transfer connection. kind: 0 = data (payload follows), 1 = done (the
+    """Frame header on a transfer connection. kind: 0 = data (payload follows), 1 = end (the
     sender wrote the blocks itself), 2 = error."""
 
     transfer_id: str

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from kvbm.layout import HEADER_BYTES, KvLayout
+from dynamo.wire import KvLayoutSpec
+from kvbm.layout import HEADER_BYTES, block_bytes, block_header, elements_per_layer, fingerprint, parse_block_header
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ _STOP = object()
 
 
 class DiskStore:
-    def __init__(self, root: str | Path, layout: KvLayout, queue_blocks: int = 256) -> None:
+    def __init__(self, root: str | Path, layout: KvLayoutSpec, queue_blocks: int = 256) -> None:
         self.layout = layout
-        self.dir = Path(root) / layout.fingerprint
+        self.dir = Path(root) / fingerprint(layout)
         self._queue: queue.Queue[object] = queue.Queue(maxsize=2 * queue_blocks + 1)
         self._inflight: dict[int, tuple[torch.Tensor, Any]] = {}  # bytes, and the event filling them
         self._lock = threading.Lock()
@@ -69,8 +70,8 @@ class DiskStore:
                 continue
             try:
                 with open(entry.path, "rb") as f:
-                    parsed = self.layout.parse_header(f.read(HEADER_BYTES))
-                size_ok = entry.stat().st_size == HEADER_BYTES + self.layout.block_bytes
+                    parsed = parse_block_header(self.layout, f.read(HEADER_BYTES))
+                size_ok = entry.stat().st_size == HEADER_BYTES + block_bytes(self.layout)
                 mtime = entry.stat().st_mtime
             except OSError:
                 continue
@@ -119,10 +120,10 @@ class DiskStore:
             return True
         try:
             with open(self.path(block_hash), "rb") as f:
-                if self.layout.parse_header(f.read(HEADER_BYTES)) is None:
+                if parse_block_header(self.layout, f.read(HEADER_BYTES)) is None:
                     return False
                 view = memoryview(out.view(torch.uint8).numpy().reshape(-1))
-                return f.readinto(view) == self.layout.block_bytes
+                return f.readinto(view) == block_bytes(self.layout)
         except OSError as exc:
             log.warning("kvbm disk read of %016x failed: %s", block_hash, exc)
             return False
@@ -159,7 +160,7 @@ class DiskStore:
         final = self.path(block_hash)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
-            f.write(self.layout.header(block_hash, parent_hash))
+            f.write(block_header(self.layout, block_hash, parent_hash))
             f.write(memoryview(data.contiguous().view(torch.uint8).numpy().reshape(-1)))
         # Atomic rename: a reader (or a neighbour's scan) never sees half a block.
         os.replace(tmp, final)
@@ -319,7 +320,7 @@ class DiskReader:
         layout = store.layout
         self.pool: StagingPool | None = None
         if staging_rows > 0:
-            self.pool = StagingPool(staging_rows, (2 * layout.num_layers, layout.elements_per_layer), dtype, pin)
+            self.pool = StagingPool(staging_rows, (2 * layout.num_layers, elements_per_layer(layout)), dtype, pin)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kvbm-disk-read")
 
     def start(self, hashes: Sequence[int], defer: bool = False) -> BlockReads:
@@ -346,7 +347,7 @@ class DiskReader:
             reads.buf, reads.rows, reads._pool = self.pool.data, rows, self.pool
         else:
             try:
-                reads.buf = torch.empty((n, 2 * layout.num_layers, layout.elements_per_layer),
+                reads.buf = torch.empty((n, 2 * layout.num_layers, elements_per_layer(layout)),
                                         dtype=self.dtype, pin_memory=self.pin)
                 reads.rows = list(range(n))
             except RuntimeError as exc:  # out of (pinned) host memory: recompute instead

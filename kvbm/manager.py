@@ -21,7 +21,8 @@ from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
 from kvbm.disk_tier import DiskReader, DiskStore
 from kvbm.host_tier import HostStore
-from kvbm.layout import KvLayout
+from dynamo.wire import KvLayoutSpec
+from kvbm.layout import block_bytes, elements_per_layer
 from kvbm.tiered import DISK, HOST, TieredCache, TransferPlan
 
 log = logging.getLogger(__name__)
@@ -37,26 +38,26 @@ class KvBlockManager:
     tensors of shape [num_blocks, block_size, kv_heads, head_dim]. Build it on the model
     thread (the host tier is a large pinned allocation); start() scans the disk tier."""
 
-    def __init__(self, config: KvbmConfig, layout: KvLayout, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+    def __init__(self, config: KvbmConfig, layout: KvLayoutSpec, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
                  on_event: KvEventSink | None = None) -> None:
-        block_bytes = layout.block_bytes
+        size = block_bytes(layout)
         self.layout = layout
         self.disk: DiskStore | None = None
-        if config.disk_dir and config.disk_capacity_blocks(block_bytes) > 0:
+        if config.disk_dir and config.disk_capacity_blocks(size) > 0:
             self.disk = DiskStore(config.disk_dir, layout, config.disk_queue_blocks)
         else:
             # A real disk tier needs a directory; without one the tier is off.
             config = dataclasses.replace(config, disk_blocks=0, disk_gb=None)
-        self.cache = TieredCache(config, block_bytes, on_event, self.disk.backlog if self.disk else None)
+        self.cache = TieredCache(config, size, on_event, self.disk.backlog if self.disk else None)
         self.host: HostStore | None = None
         if self.cache.host is not None:
-            self.host = HostStore(self.cache.host.capacity_blocks, layout.num_layers, layout.elements_per_layer,
+            self.host = HostStore(self.cache.host.capacity_blocks, layout.num_layers, elements_per_layer(layout),
                                   k[0].dtype, pin=k[0].device.type == "cuda")
         self.copier = BlockCopier(k, v, self.host.data if self.host else None)
         self.pin = k[0].device.type == "cuda"
         self.reader: DiskReader | None = None
         if self.disk is not None:
-            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // block_bytes))
+            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size))
             self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1),
                                      staging_rows=rows)
             self.cache.reader = self.reader
@@ -140,7 +141,7 @@ class KvBlockManager:
         from_disk = [op for op in plan.onboards if op.tier == DISK and op.staged is None]
         if from_disk:  # not read beforehand (no reader was set): read here, blocking
             assert disk is not None
-            buf = torch.empty((len(from_disk), 2 * self.layout.num_layers, self.layout.elements_per_layer),
+            buf = torch.empty((len(from_disk), 2 * self.layout.num_layers, elements_per_layer(self.layout)),
                               dtype=copier.dtype)
             good = [i for i, op in enumerate(from_disk) if disk.read(op.block_hash, buf[i])]
             failed = [from_disk[i].device_block for i in range(len(from_disk)) if i not in set(good)]
@@ -165,7 +166,7 @@ class KvBlockManager:
             for reads in plan.reads_after:  # their blocks' writes are queued now
                 self.reader.submit(reads)
         copier.end()
-        onboard_bytes = (len(plan.onboards) - len(failed)) * self.layout.block_bytes
+        onboard_bytes = (len(plan.onboards) - len(failed)) * block_bytes(self.layout)
         if onboard_bytes:
             self.cache.stats.transfer("onboard", onboard_bytes, time.perf_counter() - started)
         return failed

@@ -9,11 +9,9 @@ from typing import Any, TypeVar
 
 from dynamo import errors
 from dynamo.wire import KvLayoutSpec
+from kvbm.layout import block_bytes
 
 T = TypeVar("T")
-
-_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "float8_e4m3fn": 1, "uint8": 1}
-
 
 class KvLayoutMismatch(errors.DynamoError):
     """The two workers' KV caches differ in shape or type: their blocks are not exchangeable."""
@@ -39,14 +37,6 @@ def check_compatible(local: KvLayoutSpec, peer: KvLayoutSpec) -> None:
             "KV layouts of prefill and decode workers differ (" + "; ".join(mismatches) + "): run "
             "both roles with the same model, dtype, --block-size and tensor parallelism"
         )
-
-
-def block_bytes(layout: KvLayoutSpec) -> int:
-    """Bytes of one block over all layers, K and V."""
-    element = _DTYPE_BYTES.get(layout.dtype)
-    if element is None:
-        raise ValueError(f"unknown KV dtype {layout.dtype!r}")
-    return layout.num_layers * 2 * layout.block_size_tokens * layout.num_kv_heads * layout.head_dim * element
 
 
 @dataclass(slots=True)

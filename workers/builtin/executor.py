@@ -17,7 +17,6 @@ import torch
 from dynamo import errors
 from dynamo.wire import KvLayoutSpec, PreprocessedRequest
 from kvbm.block_pool import KvEventSink
-from kvbm.layout import KvLayout
 from kvbm.manager import KvBlockManager
 from kvbm.transfer.layout import KvMemory
 from workers.builtin.args import BuiltinConfig
@@ -284,7 +283,7 @@ class TorchExecutor:
     def _build_kvbm(self) -> KvBlockManager:
         assert self.runner is not None
         mc, kv = self.model_config, self.runner.kv
-        layout = KvLayout(mc.num_layers, kv.block_size_tokens, mc.num_kv_heads, mc.head_dim,
+        layout = KvLayoutSpec(mc.num_layers, kv.block_size_tokens, mc.num_kv_heads, mc.head_dim,
                           str(self.dtype).removeprefix("torch."))
         return KvBlockManager(self.config.kvbm, layout, kv.k, kv.v, on_event=self._on_event)
 

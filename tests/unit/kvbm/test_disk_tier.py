@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from kvbm.disk_tier import DiskStore
-from kvbm.layout import KvLayout
+from dynamo.wire import KvLayoutSpec as KvLayout
+from kvbm.layout import block_header, elements_per_layer, fingerprint, parse_block_header
 
 LAYOUT = KvLayout(num_layers=2, block_size_tokens=4, num_kv_heads=2, head_dim=8, dtype="float32")
 
 
 def block(seed: int) -> torch.Tensor:
-    return torch.randn((4, LAYOUT.elements_per_layer), generator=torch.Generator().manual_seed(seed))
+    return torch.randn((4, elements_per_layer(LAYOUT)), generator=torch.Generator().manual_seed(seed))
 
 
 def test_round_trip_scan_and_delete(tmp_path: Path) -> None:
@@ -28,8 +29,8 @@ def test_round_trip_scan_and_delete(tmp_path: Path) -> None:
     store.stop()
     assert store.backlog() == 0
     other = KvLayout(num_layers=3, block_size_tokens=4, num_kv_heads=2, head_dim=8, dtype="float32")
-    (tmp_path / other.fingerprint).mkdir()
-    (tmp_path / LAYOUT.fingerprint / "junk.kvb").write_bytes(b"not a block")
+    (tmp_path / fingerprint(other)).mkdir()
+    (tmp_path / fingerprint(LAYOUT) / "junk.kvb").write_bytes(b"not a block")
     again = DiskStore(tmp_path, LAYOUT)
     assert sorted(again.scan()) == [(0x11, None), (0x22, 0x11)]
     assert DiskStore(tmp_path, other).scan() == []
@@ -42,9 +43,9 @@ def test_round_trip_scan_and_delete(tmp_path: Path) -> None:
 
 
 def test_layout_header_rejects_other_layouts() -> None:
-    header = LAYOUT.header(5, None)
-    assert LAYOUT.parse_header(header) == (5, None)
-    assert KvLayout(2, 4, 2, 8, "bfloat16").parse_header(header) is None
+    header = block_header(LAYOUT, 5, None)
+    assert parse_block_header(LAYOUT, header) == (5, None)
+    assert parse_block_header(KvLayout(2, 4, 2, 8, "bfloat16"), header) is None
 
 
 def test_full_write_queue_drops_the_write_without_blocking(tmp_path: Path) -> None:
@@ -87,7 +88,7 @@ class FakeEvent:
 def test_staging_pool_is_bounded_and_reuses_rows_only_after_their_fence() -> None:
     from kvbm.disk_tier import StagingPool
 
-    pool = StagingPool(4, (4, LAYOUT.elements_per_layer), torch.float32, pin=False)
+    pool = StagingPool(4, (4, elements_per_layer(LAYOUT)), torch.float32, pin=False)
     data = pool.data
     a = pool.take(3)
     assert a == [0, 1, 2]

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from kvbm.config import KvbmConfig
-from kvbm.layout import KvLayout
+from dynamo.wire import KvLayoutSpec as KvLayout
+from kvbm.layout import block_header, elements_per_layer, fingerprint, parse_block_header
 from kvbm.manager import KvBlockManager
 from kvbm.tiered import DISK, HOST, OffloadOp, OnboardOp, TransferPlan
 
@@ -61,7 +62,7 @@ def test_staged_disk_blocks_are_onboarded_and_their_rows_reused(tmp_path: Path) 
     assert mgr.reader is not None and mgr.reader.pool is not None and mgr.disk is not None
     pool = mgr.reader.pool
     mgr.disk.start()
-    want = {h: torch.randn((4, LAYOUT.elements_per_layer), generator=torch.Generator().manual_seed(h)) for h in (1, 2)}
+    want = {h: torch.randn((4, elements_per_layer(LAYOUT)), generator=torch.Generator().manual_seed(h)) for h in (1, 2)}
     for h, data in want.items():
         mgr.disk.write(h, None, data)
     mgr.disk.stop()
