@@ -26,8 +26,19 @@ class WorkerMetrics:
         self._kv_active = Gauge("dynamo_worker_kv_blocks_active", "KV blocks in use", labels, registry=registry).labels(model)
         self._kv_total = Gauge("dynamo_worker_kv_blocks_total", "KV blocks in the pool", labels, registry=registry).labels(model)
         self._kv_usage = Gauge("dynamo_worker_kv_usage_ratio", "KV blocks in use / total", labels, registry=registry).labels(model)
+        self._prefills = Counter(
+            "dynamo_worker_prefills_total",
+            "Prompts a decode worker had prefilled, by where (remote: on a prefill worker, KV "
+            "transferred; local: here) and why local (short, no prefill worker, prefill queue full, "
+            "remote failed)",
+            ["model", "where", "reason"],
+            registry=registry,
+        )
         Gauge("dynamo_worker_asyncio_tasks", "asyncio tasks alive in the worker's event loop",
               registry=registry).set_function(live_asyncio_tasks)
+
+    def prefilled(self, where: str, reason: str) -> None:
+        self._prefills.labels(self._model, where, reason).inc()
 
     def finished(self, status: str) -> None:
         self.requests.labels(self._model, status).inc()

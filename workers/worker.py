@@ -141,7 +141,8 @@ class Worker:
 
         if self.config.role != "aggregated":
             self.disagg = await start_disagg(
-                self.runtime, self.engine, self.config.role, comp, self.config.disagg or DisaggConfig()
+                self.runtime, self.engine, self.config.role, comp, self.config.disagg or DisaggConfig(),
+                on_prefill=self.metrics.prefilled,
             )
         endpoint = self.runtime.endpoint(comp, self.config.endpoint)
         self.served = await endpoint.serve(self.handle if embedding is None else self.handle_embed)

@@ -4,6 +4,7 @@ flags. What they need from an engine is workers.engine.DisaggEngine (PagedEngine
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from dynamo import errors
@@ -49,7 +50,14 @@ class DisaggRole:
         await self.agent.close()
 
 
-async def start_disagg(runtime: Runtime, engine: Engine, role: str, component: str, config: DisaggConfig) -> DisaggRole:
+async def start_disagg(
+    runtime: Runtime,
+    engine: Engine,
+    role: str,
+    component: str,
+    config: DisaggConfig,
+    on_prefill: Callable[[str, str], None] | None = None,
+) -> DisaggRole:
     """Start the transfer agent and the role's handler for a started engine. A prefill worker
     serves `prefill` on its own component (which should be config.prefill_component)."""
     from kvbm.transfer.factory import make_agent
@@ -72,7 +80,7 @@ async def start_disagg(runtime: Runtime, engine: Engine, role: str, component: s
                             component, config.prefill_component)
             served = await runtime.endpoint(component, PREFILL_ENDPOINT).serve(PrefillHandler(engine, agent).handle)
         elif role == "decode":
-            decode = DecodeHandler(runtime, engine, agent, config)
+            decode = DecodeHandler(runtime, engine, agent, config, on_prefill)
             await decode.start()
         else:
             raise ValueError(f"role {role!r} is not disaggregated")

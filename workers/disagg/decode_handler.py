@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from dynamo import errors
@@ -45,9 +45,16 @@ class DecodeHandler:
     """Async context manager owning the prefill client and the prefill router."""
 
     def __init__(
-        self, runtime: Runtime, engine: DisaggEngine, agent: KvTransferAgent, config: DisaggConfig
+        self,
+        runtime: Runtime,
+        engine: DisaggEngine,
+        agent: KvTransferAgent,
+        config: DisaggConfig,
+        on_prefill: Callable[[str, str], None] | None = None,
     ) -> None:
         self.runtime = runtime
+        # (where, why local): the worker's dynamo_worker_prefills_total.
+        self._on_prefill = on_prefill
         self.engine = engine
         self.agent = agent
         self.config = config
@@ -93,18 +100,27 @@ class DecodeHandler:
         return None
 
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
-        if self.local_reason(request) is None:
+        reason = self.local_reason(request)
+        if reason is None:
             prefilled = await self._remote_prefill(request)
             if prefilled is not None:
                 self.stats.remote_prefills += 1
+                self._count("remote", "")
                 first, reservation = prefilled
                 async for output in self.engine.generate_from_kv(request, first, reservation):
                     yield output
                 return
             self.stats.fallbacks += 1
+            reason = "remote failed"
         self.stats.local_prefills += 1
+        self._count("local", reason)
+        log.debug("request %s: prefilled locally (%s)", request.request_id, reason)
         async for output in self.engine.generate(request):
             yield output
+
+    def _count(self, where: str, reason: str) -> None:
+        if self._on_prefill is not None:
+            self._on_prefill(where, reason)
 
     async def _remote_prefill(self, request: PreprocessedRequest) -> tuple[EngineOutput, Reservation] | None:
         """The first token with the prompt's KV landed in reserved blocks, or None (reason
@@ -132,6 +148,10 @@ class DecodeHandler:
             result = await asyncio.wait_for(self._await_prefill(stream, landed), self.config.prefill_timeout_s)
             self.router.first_token(request.request_id, instance_id)
             done = True
+            log.debug(
+                "request %s: prefilled on worker %x, %d blocks (%d bytes) over %s",
+                request.request_id, instance_id, result.num_blocks, result.kv_bytes, result.backend,
+            )
             return result.first, reservation
         except (errors.DynamoError, OSError, TimeoutError) as exc:
             # Includes a dead or stopped prefill worker, a transfer cut short, a layout

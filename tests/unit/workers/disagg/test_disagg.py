@@ -183,4 +183,11 @@ async def test_disaggregated_through_the_http_frontend() -> None:
                     tokenizer = await frontend.manager.tokenizers.get(DEFAULT_MODEL)
                     assert text == tokenizer.decode(want)
         assert decode.disagg.decode.stats.remote_prefills == 2  # type: ignore[union-attr]
+        # ...and the worker's metrics say so.
+        samples = {
+            (s.labels["where"], s.labels["reason"]): s.value
+            for m in decode.registry.collect() if m.name == "dynamo_worker_prefills"
+            for s in m.samples if s.name == "dynamo_worker_prefills_total"
+        }
+        assert samples == {("remote", ""): 2.0}
         assert_released(decode, prefill)
