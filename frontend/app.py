@@ -10,8 +10,9 @@ header take the full stack when CORS is on, so CORS behaves exactly as it does e
 
 from __future__ import annotations
 
-import hmac
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,44 +32,75 @@ from frontend.errors import Unauthorized, error_info, http_error, install_handle
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
+from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Clock, RateLimiter
 from frontend.responses import register_responses_routes
-from frontend.schemas import ModelList, ModelObject, ReadyModel, ReadyStatus, openapi_schema
+from frontend.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    ReadyModel,
+    ReadyStatus,
+    openapi_schema,
+)
 from frontend.sse import DONE, ChunkWriter, error_event, response_body
+from frontend.tenants import Tenant, TenantRegistry
 from frontend.tokenize_api import register_tokenize_routes
 
 _encode = msgspec.json.encode
 
 class ApiKeyMiddleware:
     """`Authorization: Bearer <key>` (or Anthropic's `x-api-key: <key>`) on /v1/*; /health, /ready, /metrics and the schema stay
-    open for probes and scrapers. Keys are compared in constant time."""
+    open for probes and scrapers. The key is looked up by its SHA-256 digest (frontend/tenants.py),
+    so timing says nothing about the stored keys; its tenant's TenantQuota goes into the scope
+    (`TENANT_SCOPE_KEY`) for the endpoint's rate-limit admission."""
 
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], metrics: FrontendMetrics) -> None:
+    def __init__(self, app: ASGIApp, tenants: TenantRegistry, limiter: RateLimiter, metrics: FrontendMetrics) -> None:
         self.app = app
-        self._keys = tuple(k.encode() for k in keys)
+        self._tenants = tenants
+        self._limiter = limiter
         self._metrics = metrics
 
-    def _allowed(self, scope: Scope) -> bool:
+    def _tenant(self, scope: Scope) -> Tenant | None:
         for name, value in scope["headers"]:
             if name == b"authorization":
                 scheme, _, token = value.partition(b" ")
                 if scheme.lower() != b"bearer":
-                    return False
-                return self._known(token.strip())
+                    return None
+                return self._tenants.lookup(token.strip())
             if name == b"x-api-key":  # how Anthropic's clients send their key
-                return self._known(value.strip())
-        return False
-
-    def _known(self, token: bytes) -> bool:
-        # No short-circuit: every key is compared, so timing says nothing about which matched.
-        return sum(hmac.compare_digest(token, key) for key in self._keys) > 0
+                return self._tenants.lookup(value.strip())
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/") and not self._allowed(scope):
-            self._metrics.rejected.labels("unauthorized").inc()
-            error = http_error(Unauthorized("invalid or missing API key: send `Authorization: Bearer <key>`"))
-            await send_bytes(send, error.status, [*error.headers, (b"www-authenticate", b"Bearer")], error.body)
-            return
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            self._tenants.start()  # the file's poller; no-op once running or without a file
+            tenant = self._tenant(scope)
+            if tenant is None:
+                self._metrics.rejected.labels("unauthorized").inc()
+                error = http_error(Unauthorized("invalid or missing API key: send `Authorization: Bearer <key>`"))
+                await send_bytes(send, error.status, [*error.headers, (b"www-authenticate", b"Bearer")], error.body)
+                return
+            scope[TENANT_SCOPE_KEY] = self._limiter.quota(tenant)
         await self.app(scope, receive, send)
+
+
+class _MeteredPipeline(Pipeline):
+    """Tells the request's rate-limit admission (if any) each generation it opens: the real
+    prompt size, and where to read the output count when the request ends."""
+
+    async def open_request(
+        self,
+        endpoint: str,
+        body: ChatCompletionRequest | CompletionRequest,
+        arrived_s: float,
+        body_bytes: int = 0,
+    ) -> RequestGeneration:
+        generation = await super().open_request(endpoint, body, arrived_s, body_bytes)
+        admission = CURRENT_ADMISSION.get()
+        if admission is not None:
+            admission.opened(generation.prepared.prompt_tokens, lambda: generation.usage().completion_tokens)
+        return generation
 
 
 def openai_handler(kind: EndpointKind, pipeline: Pipeline) -> Handler:
@@ -151,10 +183,21 @@ def _has_origin(scope: Scope) -> bool:
     return any(name == b"origin" for name, _ in scope["headers"])
 
 
-def create_app(manager: ModelManager, metrics: FrontendMetrics, config: FrontendConfig) -> FastAPI:
+def create_app(
+    manager: ModelManager, metrics: FrontendMetrics, config: FrontendConfig, clock: Clock = time.monotonic
+) -> FastAPI:
+    """`clock` drives the tenants' token buckets (tests pass a fake one)."""
     app = FrontendApp(title="dynamo frontend", version="0.1.0", docs_url=None, redoc_url=None)
     install_handlers(app)
-    pipeline = Pipeline(
+    # Tenants: --api-key's keys (tenant `default`) and the keys file's; no keys: no auth.
+    tenants = TenantRegistry(
+        Path(config.tenants_file) if config.tenants_file else None, config.api_keys, config.tenants_poll_s
+    )
+    limiter = RateLimiter(metrics, clock)
+    app.state.tenants = tenants
+    app.state.rate_limiter = limiter
+    auth = bool(config.api_keys or config.tenants_file)
+    pipeline = _MeteredPipeline(
         manager,
         metrics,
         PipelineConfig(
@@ -172,7 +215,7 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
         # Also a route of the full stack, for requests that need its middleware (CORS).
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
         # ApiKeyMiddleware reads only the request headers: it does not wrap send.
-        direct: ASGIApp = ApiKeyMiddleware(endpoint, config.api_keys, metrics) if config.api_keys else endpoint
+        direct: ASGIApp = ApiKeyMiddleware(endpoint, tenants, limiter, metrics) if auth else endpoint
         app.direct[path] = direct
     # The other APIs, each in its own package, on the same pipeline.
     register_anthropic_routes(app, pipeline, manager, config)
@@ -181,8 +224,8 @@ def create_app(manager: ModelManager, metrics: FrontendMetrics, config: Frontend
     register_embeddings(app, manager, metrics, config)
     app.cors_enabled = bool(config.cors_allow_origins)
     # The last middleware added runs first: CORS answers preflights before auth asks for a key.
-    if config.api_keys:
-        app.add_middleware(ApiKeyMiddleware, keys=config.api_keys, metrics=metrics)
+    if auth:
+        app.add_middleware(ApiKeyMiddleware, tenants=tenants, limiter=limiter, metrics=metrics)
     if config.cors_allow_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -33,6 +33,11 @@ class FrontendConfig:
     max_inflight_requests: int = 8192  # 0: unbounded
     # Bearer tokens accepted on /v1/*; empty: no authentication.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
+    # Keys file of tenants (key -> tenant, priority, limits; docs/tenants.md); None: no tenants
+    # beyond `api_keys`, which are the tenant `default`.
+    tenants_file: str | None = None
+    # How often the tenants file's mtime is checked for a change.
+    tenants_poll_s: float = 2.0
     # Origins allowed by CORS; empty: CORS headers are never sent.
     cors_allow_origins: tuple[str, ...] = ()
     # How long /v1/responses keeps a stored response (GET, previous_response_id).
@@ -52,6 +57,8 @@ class FrontendConfig:
             request_timeout_s=args.request_timeout_s,
             max_inflight_requests=args.max_inflight_requests,
             api_keys=_split(args.api_key),
+            tenants_file=args.tenants_file or None,
+            tenants_poll_s=args.tenants_poll_s,
             cors_allow_origins=_split(args.cors_allow_origins),
             response_store_ttl_s=args.response_store_ttl_s,
         )
@@ -129,6 +136,19 @@ def add_frontend_args(parser: argparse.ArgumentParser) -> None:
         default=env_default("DYN_API_KEY"),
         help="require `Authorization: Bearer KEY` on /v1/*; comma-separated keys allowed. Prefer "
         "the env var: command lines are visible in `ps` [env DYN_API_KEY]",
+    )
+    group.add_argument(
+        "--tenants-file",
+        default=env_default("DYN_TENANTS_FILE"),
+        help="YAML or JSON keys file: API key -> tenant, priority class and per-minute limits "
+        "(requests, input and output tokens); re-read when it changes; --api-key's keys are the "
+        "tenant `default` (docs/tenants.md) [env DYN_TENANTS_FILE]",
+    )
+    group.add_argument(
+        "--tenants-poll-s",
+        type=float,
+        default=float(env_default("DYN_TENANTS_POLL_S", "2") or 2),
+        help="how often the tenants file is checked for changes (default 2) [env DYN_TENANTS_POLL_S]",
     )
     group.add_argument(
         "--cors-allow-origins",

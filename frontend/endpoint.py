@@ -1,6 +1,7 @@
 """The raw ASGI endpoint every POST API route uses (chat and text completions, Responses,
-Anthropic Messages, tokenize): the body limit, the frontend's in-flight limit, cancellation when
-the client disconnects, a JSON or SSE reply, and errors in the route's own API shape.
+Anthropic Messages, tokenize): the body limit, the frontend's in-flight limit, the caller's
+tenant rate limits (frontend/rate_limit.py), cancellation when the client disconnects, a JSON
+or SSE reply, and errors in the route's own API shape.
 
 The routes skip FastAPI's per-request machinery (dependency injection, pydantic) and, for the
 completion routes, its middleware stack (app.py says why): this is the per-token path."""
@@ -16,6 +17,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from frontend.errors import HttpError, RequestTooLarge, TooManyRequests
 from frontend.metrics import FrontendMetrics
+from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Admission, RateLimited, TenantQuota
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -145,19 +147,32 @@ class ApiEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrived_s = time.perf_counter()
+        admission: Admission | None = None
         try:
             body = await read_body(receive, self.max_body_bytes)
             if self.limit is not None:
                 self.limit.acquire()
+                # The tenant's rate limits apply where the in-flight limit does: the routes
+                # that do work on workers (not tokenize or count_tokens).
+                quota: TenantQuota | None = scope.get(TENANT_SCOPE_KEY)
+                if quota is not None:
+                    try:
+                        admission = quota.admit(len(body))
+                    except BaseException:
+                        self.limit.release()
+                        raise
         except asyncio.CancelledError:
             return
         except Exception as exc:  # noqa: BLE001 - too large, too many: the API's error body
-            await send_error(send, self.on_error(exc))
+            await send_error(send, self._error(exc))
             return
         watch = _DisconnectWatch(receive)
         task = asyncio.current_task()
+        failed = True
+        reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
         try:
             await self._serve(body, arrived_s, send, watch)
+            failed = False
         except asyncio.CancelledError:
             if not watch.disconnected:
                 raise
@@ -169,8 +184,20 @@ class ApiEndpoint:
             await send_error(send, self.on_error(exc))
         finally:
             watch.stop()
+            if reset is not None:
+                CURRENT_ADMISSION.reset(reset)
+            if admission is not None:
+                admission.finish(failed)  # output tokens: what the stream actually produced
             if self.limit is not None:
                 self.limit.release()
+
+    def _error(self, exc: BaseException) -> HttpError:
+        error = self.on_error(exc)
+        if isinstance(exc, RateLimited):
+            # The tenant's Retry-After and x-ratelimit-* replace the generic Retry-After.
+            kept = tuple(h for h in error.headers if h[0] != b"retry-after")
+            error = HttpError(error.status, error.body, kept + exc.headers)
+        return error
 
     async def _serve(self, body: bytes, arrived_s: float, send: Send, watch: _DisconnectWatch) -> None:
         reply = await self.handler(body, arrived_s)

@@ -31,6 +31,17 @@ class ModelMetrics:
     duration: Histogram
 
 
+@dataclass(slots=True)
+class TenantMetrics:
+    """The labelled children for one tenant (tenant names come from the tenants file, not
+    from clients: bounded)."""
+
+    admitted: Counter
+    limited: Counter
+    input_tokens: Counter
+    output_tokens: Counter
+
+
 class FrontendMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -79,11 +90,25 @@ class FrontendMetrics:
         )
         self.rejected = Counter(
             f"{PREFIX}rejected_requests",
-            "Requests refused before any work: reason is overloaded (429) or unauthorized (401)",
+            "Requests refused before any work: reason is overloaded (429), rate_limited (429, a "
+            "tenant's limit) or unauthorized (401)",
             ["reason"],
             registry=registry,
         )
+        self.tenant_requests = Counter(
+            f"{PREFIX}tenant_requests",  # exposed as ..._tenant_requests_total
+            "Requests of each tenant at admission: outcome is admitted or limited (429)",
+            ["tenant", "outcome"],
+            registry=registry,
+        )
+        self.tenant_tokens = Counter(
+            f"{PREFIX}tenant_tokens",  # exposed as ..._tenant_tokens_total
+            "Tokens charged to each tenant's limits: direction is input (prompt) or output",
+            ["tenant", "direction"],
+            registry=registry,
+        )
         self._models: dict[str, ModelMetrics] = {}
+        self._tenants: dict[str, TenantMetrics] = {}
 
     def for_model(self, model: str) -> ModelMetrics:
         metrics = self._models.get(model)
@@ -97,6 +122,17 @@ class FrontendMetrics:
                 duration=self.duration.labels(model),
             )
             self._models[model] = metrics
+        return metrics
+
+    def for_tenant(self, tenant: str) -> TenantMetrics:
+        metrics = self._tenants.get(tenant)
+        if metrics is None:
+            metrics = self._tenants[tenant] = TenantMetrics(
+                admitted=self.tenant_requests.labels(tenant, "admitted"),
+                limited=self.tenant_requests.labels(tenant, "limited"),
+                input_tokens=self.tenant_tokens.labels(tenant, "input"),
+                output_tokens=self.tenant_tokens.labels(tenant, "output"),
+            )
         return metrics
 
     def count(self, model: str, endpoint: str, request_type: str, status: str) -> None:
