@@ -289,3 +289,16 @@ async def test_unknown_key_is_401_and_no_tenant_is_charged(stack: Stack, tenant_
     assert (await tenant_app.client.post("/v1/chat/completions", json=_chat())).status_code == 401
     # Open routes stay open.
     assert (await tenant_app.client.get("/health")).status_code == 200
+
+
+async def test_a_request_failing_before_any_work_gets_its_input_estimate_back(
+    stack: Stack, tenant_app: TenantApp
+) -> None:
+    resp = await tenant_app.client.post(
+        "/v1/chat/completions", json=_chat() | {"model": "no-such-model"}, headers=_auth("key-a")
+    )
+    assert resp.status_code == 404
+    registry = tenant_app.registry
+    assert _counter(registry, "dynamo_frontend_tenant_requests_total", tenant="team-a", outcome="admitted") == 1
+    assert _counter(registry, "dynamo_frontend_tenant_tokens_total", tenant="team-a", direction="input") == 0
+    assert _counter(registry, "dynamo_frontend_tenant_tokens_total", tenant="team-a", direction="output") == 0
