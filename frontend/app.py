@@ -32,7 +32,7 @@ from frontend.errors import Unauthorized, error_info, http_error, install_handle
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
-from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Clock, RateLimiter
+from frontend.rate_limit import TENANT_SCOPE_KEY, Clock, RateLimiter
 from frontend.responses import register_responses_routes
 from frontend.schemas import (
     ChatCompletionRequest,
@@ -83,24 +83,6 @@ class ApiKeyMiddleware:
                 return
             scope[TENANT_SCOPE_KEY] = self._limiter.quota(tenant)
         await self.app(scope, receive, send)
-
-
-class _MeteredPipeline(Pipeline):
-    """Tells the request's rate-limit admission (if any) each generation it opens: the real
-    prompt size, and where to read the output count when the request ends."""
-
-    async def open_request(
-        self,
-        endpoint: str,
-        body: ChatCompletionRequest | CompletionRequest,
-        arrived_s: float,
-        body_bytes: int = 0,
-    ) -> RequestGeneration:
-        generation = await super().open_request(endpoint, body, arrived_s, body_bytes)
-        admission = CURRENT_ADMISSION.get()
-        if admission is not None:
-            admission.opened(generation.prepared.prompt_tokens, lambda: generation.usage().completion_tokens)
-        return generation
 
 
 def openai_handler(kind: EndpointKind, pipeline: Pipeline) -> Handler:
@@ -197,7 +179,7 @@ def create_app(
     app.state.tenants = tenants
     app.state.rate_limiter = limiter
     auth = bool(config.api_keys or config.tenants_file)
-    pipeline = _MeteredPipeline(
+    pipeline = Pipeline(
         manager,
         metrics,
         PipelineConfig(

@@ -161,7 +161,12 @@ class ChoiceStream:
         stream = self._stream
         assert stream is not None and self.state is ChoiceState.STREAMING
         try:
-            burst = await stream.next_burst()
+            # ResponseStream.next_burst, inlined: one coroutine less per burst on the token path.
+            burst = [await stream.__anext__()]
+            more = stream.next_ready()
+            while more is not None:
+                burst.append(more)
+                more = stream.next_ready()
         except StopAsyncIteration:
             self._stream_done = True
             exc: errors.DynamoError = errors.StreamBroken("the worker ended the stream before finishing the request")

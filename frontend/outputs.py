@@ -7,8 +7,8 @@ Non-streaming answers are built by folding the very deltas a stream would carry
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from frontend.parsers import ToolCallDelta
@@ -31,7 +31,7 @@ class ChoiceDelta:
     index: int
     content: str = ""
     reasoning: str = ""
-    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    tool_calls: Sequence[ToolCallDelta] = ()  # a tuple by default: no list per token
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     stop_sequence: str | None = None

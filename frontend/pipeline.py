@@ -24,6 +24,7 @@ from frontend.models import ModelManager, ServedModel
 from frontend.outputs import ChoiceAccumulator, ChoiceDelta, ChoiceResult
 from frontend.postprocess import ChoiceOutput, TokenTexts
 from frontend.preprocess import ParserNames, Prepared, preprocess_chat, preprocess_completion, reasoning_parser_for
+from frontend.rate_limit import CURRENT_ADMISSION
 from frontend.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -116,6 +117,11 @@ class Pipeline:
         kind: EndpointKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
         generation = RequestGeneration(kind, endpoint, model, prepared, arrived_s, self)
         await generation.open(self.config.request_timeout_s)
+        admission = CURRENT_ADMISSION.get()
+        if admission is not None:
+            # The tenant's token buckets (frontend/rate_limit.py): the real prompt size now,
+            # and where to read the output count when the request ends.
+            admission.opened(prepared.prompt_tokens, lambda: generation.usage().completion_tokens)
         return generation
 
 
@@ -253,12 +259,40 @@ class RequestGeneration:
                 return
 
     async def bursts(self) -> AsyncIterator[list[ChoiceDelta]]:
-        """Every choice's deltas, a burst at a time: all that had arrived when asked."""
+        """Every choice's deltas, a burst at a time: all that had arrived when asked.
+
+        The one-choice case (nearly every request) is this generator's own loop rather than a
+        generator it delegates to: each level of async generators costs every burst a resume."""
         self.status = "cancelled"
         try:
             if len(self.streams) == 1:
-                async for burst in self._single():
-                    yield burst
+                stream, output = self.streams[0], self.outputs[0]
+                feed = output.feed
+                itl = self.metrics.itl
+                perf_counter = time.perf_counter
+                deltas: list[ChoiceDelta] = []
+                self._feed(0, [self._firsts[0], *stream.take_pending()], deltas)
+                last = perf_counter()
+                if deltas:
+                    yield deltas
+                while output.finish_reason is None:
+                    outs = await stream.next_burst(output.generated)
+                    now = perf_counter()
+                    deltas = []
+                    n = 0
+                    for out in outs:
+                        n += len(out.token_ids)
+                        delta = feed(out)
+                        if delta is not None:
+                            deltas.append(delta)
+                        if output.finish_reason is not None:
+                            stream.finished()
+                            break
+                    if n:  # one observation per burst: the mean gap of its tokens
+                        itl.observe((now - last) / n)
+                    last = now
+                    if deltas:
+                        yield deltas
             else:
                 async for burst in self._merged():
                     yield burst
@@ -269,27 +303,6 @@ class RequestGeneration:
             raise
         finally:
             await self.close(self.status)
-
-    async def _single(self) -> AsyncIterator[list[ChoiceDelta]]:
-        stream, output = self.streams[0], self.outputs[0]
-        itl = self.metrics.itl
-        perf_counter = time.perf_counter
-        deltas: list[ChoiceDelta] = []
-        self._feed(0, [self._firsts[0], *stream.take_pending()], deltas)
-        last = perf_counter()
-        if deltas:
-            yield deltas
-        while output.finish_reason is None:
-            outs = await stream.next_burst(output.generated)
-            now = perf_counter()
-            deltas = []
-            self._feed(0, outs, deltas)
-            n = sum(len(o.token_ids) for o in outs)
-            if n:  # one observation per burst: the mean gap of its tokens
-                itl.observe((now - last) / n)
-            last = now
-            if deltas:
-                yield deltas
 
     async def _merged(self) -> AsyncIterator[list[ChoiceDelta]]:
         """n choices (or several prompts): one reader task per choice feeding one queue; each

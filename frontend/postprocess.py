@@ -186,7 +186,8 @@ class ChoiceOutput:
         if self._plain:
             if not text and reason is None:
                 return None
-            return ChoiceDelta(self.index, content=text, finish_reason=reason, stop_sequence=stop_sequence)
+            # Positional: the per-token path (index, content, reasoning, tool_calls, logprobs, ...).
+            return ChoiceDelta(self.index, text, "", (), None, reason, stop_sequence)
         return self._delta(text, out, kept, reason, stop_sequence)
 
     def _first_delta(self, text: str, out: EngineOutput, kept: int, reason: str | None, stop_sequence: str | None) -> ChoiceDelta:
@@ -232,7 +233,7 @@ class ChoiceOutput:
             delta.tool_calls = self._forced.feed(content)
             content = ""
             if reason is not None:
-                delta.tool_calls += self._forced.finish()
+                delta.tool_calls = [*delta.tool_calls, *self._forced.finish()]
         delta.content = content
         if delta.tool_calls:
             self._has_calls = True

@@ -70,6 +70,7 @@ class Frontend:
     async def start(self) -> None:
         await self.watcher.start()
         await self.manager.start()
+        self.app.state.tenants.start()  # the tenants file's poller (frontend/tenants.py)
         uv_config = uvicorn.Config(
             self.app,
             host=self.config.http_host,
@@ -107,6 +108,7 @@ class Frontend:
                 log.debug("HTTP server ended with %r", exc)
             self._server = None
             self._server_task = None
+        await self.app.state.tenants.aclose()
         await self.manager.close()
         await self.watcher.close()
 

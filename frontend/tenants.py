@@ -176,8 +176,8 @@ class TenantRegistry:
         return True
 
     def start(self) -> None:
-        """Start the poller (idempotent; needs a running loop). The app has no lifespan of its
-        own, so ApiKeyMiddleware calls this on its first request."""
+        """Start the poller (idempotent; needs a running loop). Frontend.start() calls it; so
+        does ApiKeyMiddleware on a request, for apps served without the Frontend service."""
         if self._task is None and self.path is not None:
             self._task = asyncio.get_running_loop().create_task(self._poll(), name="tenants-file-poll")
 
