@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -34,6 +35,7 @@ from dynamo.runtime.planes import (
     Subscription,
 )
 from dynamo.runtime.streaming import FrameStream, run_handler
+from dynamo.runtime.tcp_plane import enable_keepalive
 from dynamo.wire import ENVELOPE_CODEC, FRAME_CODEC, RequestEnvelope, StreamFrame, encode
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,12 @@ EVENT_QUEUE_LIMIT = 65536
 # callback only decodes and enqueues, so this is reached only if the event loop is starved.
 _MUX_PENDING_MSGS = 1 << 20
 _MUX_PENDING_BYTES = 1 << 30
+# A connection whose server stopped answering (a cut link, a host gone without closing the
+# socket) is declared stale after PING_MAX_OUTSTANDING pings of PING_INTERVAL_S went unanswered
+# (4-6 s), then reconnected: its caller streams fail at once instead of waiting for frames that
+# cannot come. nats-py's defaults (120 s, 2) took 4-6 minutes.
+PING_INTERVAL_S = 2.0
+PING_MAX_OUTSTANDING = 2
 
 
 class NatsConnection:
@@ -97,6 +105,7 @@ class NatsConnection:
                 conn._notify_disconnect()
 
         async def on_reconnect() -> None:
+            _bound_dead_peer(nc)
             log.info("NATS reconnected to %s", where)
             for conn in holder:
                 conn._notify_reconnect()
@@ -114,6 +123,8 @@ class NatsConnection:
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=reconnect_wait_s,  # type: ignore[arg-type]
+                    ping_interval=PING_INTERVAL_S,  # type: ignore[arg-type]
+                    max_outstanding_pings=PING_MAX_OUTSTANDING,
                     error_cb=on_error,
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
@@ -127,6 +138,7 @@ class NatsConnection:
             raise errors.DynamoError(
                 f"cannot connect to NATS at {where} within {timeout_s}s: {redact_url(repr(exc))}"
             ) from exc
+        _bound_dead_peer(nc)
         conn = cls(nc, servers)
         holder.append(conn)
         return conn
@@ -181,6 +193,25 @@ async def sync(nc: NatsClient, timeout_s: float) -> None:
         await nc.request(nc.new_inbox(), b"", timeout=timeout_s)
     except nats_errors.NoRespondersError:
         return
+
+
+def _bound_dead_peer(nc: NatsClient) -> None:
+    """Give the connection's socket the TCP request plane's dead-peer bound (keepalive and
+    TCP_USER_TIMEOUT, tcp_plane.enable_keepalive). Without it a link cut while the socket holds
+    unsent data (a worker streaming frames) stays unnoticed for the kernel's ~15 minutes: the
+    PING that nats-py's stale check sends never gets its PONG, but its reconnect then waits
+    for the old transport to close, which waits for that data to be sent. With it the kernel
+    fails the socket after DEAD_PEER_S and nats-py reconnects. nats-py takes no socket
+    options, so this reaches its transport's stream writer (a private attribute, present
+    throughout nats-py 2.x); where it is missing the socket keeps the kernel's defaults."""
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        enable_keepalive(sock)
+    except OSError as exc:  # a socket that is already gone: the reconnect handles it
+        log.debug("NATS socket options: %r", exc)
 
 
 async def _close_quietly(nc: NatsClient) -> None:

@@ -109,8 +109,9 @@ KEEPALIVE_PROBES = 3
 DEAD_PEER_S = KEEPALIVE_IDLE_S + KEEPALIVE_INTERVAL_S * KEEPALIVE_PROBES
 
 
-def _enable_keepalive(sock: socket.socket) -> None:
-    """Find a silent dead peer within DEAD_PEER_S, even while no request is open to it."""
+def enable_keepalive(sock: socket.socket) -> None:
+    """Find a silent dead peer within DEAD_PEER_S, even while no request is open to it (also
+    used on the NATS connections: dynamo/runtime/nats_planes.py)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (
         ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),
@@ -154,7 +155,7 @@ class _Connection:
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            _enable_keepalive(sock)
+            enable_keepalive(sock)
         self._transport.set_write_buffer_limits(high=_HIGH_WATER)
         self._read_task: asyncio.Task[None] = asyncio.create_task(self._read_loop(), name=f"tcp-plane-read {label}")
 

@@ -172,8 +172,9 @@ class Outcome:
                 f"{len(self.lost)} lost {self.lost[:3]}; longest pause {self.max_pause_s:.1f}s")
 
 
-async def _stream(client: httpx.AsyncClient, base: str, index: int, out: Outcome, started: Callable[[], None]) -> None:
-    body = {"model": MODEL, "prompt": f"partition {index}: count slowly", "max_tokens": MAX_TOKENS,
+async def _stream(client: httpx.AsyncClient, base: str, index: int, out: Outcome, started: Callable[[], None],
+                  max_tokens: int) -> None:
+    body = {"model": MODEL, "prompt": f"partition {index}: count slowly", "max_tokens": max_tokens,
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     tokens = chunks = 0
     reason = error = None
@@ -212,15 +213,17 @@ async def _stream(client: httpx.AsyncClient, base: str, index: int, out: Outcome
     if error is not None and done:
         out.clean_errors += 1
         out.codes.add(str(error.get("code")))
-    elif done and reason == "length" and tokens == MAX_TOKENS:
+    elif done and reason == "length" and tokens == max_tokens:
         out.complete += 1
     else:
         out.lost.append(f"done={done} reason={reason} tokens={tokens} error={error}")
 
 
-async def load(bases: list[str], fault: Callable[[], object] = lambda: None, streams: int = STREAMS) -> list[Outcome]:
-    """`streams` concurrent streams on each frontend in `bases`; `fault()` runs in a thread once
-    every stream has its first token; then every stream must end within STREAM_BOUND_S."""
+async def load(bases: list[str], fault: Callable[[], object] = lambda: None, streams: int = STREAMS,
+               max_tokens: int = MAX_TOKENS) -> list[Outcome]:
+    """`streams` concurrent streams of `max_tokens` on each frontend in `bases`; `fault()` runs
+    in a thread once every stream has its first token; then every stream must end within
+    STREAM_BOUND_S."""
     outs = [Outcome() for _ in bases]
     total = streams * len(bases)
     first = asyncio.Event()
@@ -234,7 +237,7 @@ async def load(bases: list[str], fault: Callable[[], object] = lambda: None, str
     limits = httpx.Limits(max_connections=total * 2, max_keepalive_connections=total * 2)
     t0 = time.monotonic()
     async with httpx.AsyncClient(timeout=httpx.Timeout(STREAM_BOUND_S + 30), limits=limits, trust_env=False) as client:
-        tasks = [asyncio.create_task(_stream(client, base, i, out, started))
+        tasks = [asyncio.create_task(_stream(client, base, i, out, started, max_tokens))
                  for base, out in zip(bases, outs) for i in range(streams)]
         waiter = asyncio.create_task(first.wait())
         await asyncio.wait([waiter, asyncio.gather(*tasks)], timeout=30, return_when=asyncio.FIRST_COMPLETED)
@@ -302,3 +305,140 @@ async def test_frontend_cut_from_a_worker_mid_stream(fleet: Fleet) -> None:
     # After the heal: w1 takes requests from both frontends again.
     await served_everywhere(fleet)
     print(f"[frontend-worker heal, {fleet.plane} plane] serving on all three workers {time.monotonic() - t_heal:.1f}s after the heal")
+
+
+def _quiet(fleet: Fleet, host: str) -> bool:
+    """The worker has no request in flight and no KV block in use (its /metrics say so)."""
+    url = fleet.metrics_url(host)
+    return all(metric_sum(url, name) == 0 for name in
+               ("dynamo_worker_inflight_requests", "dynamo_worker_requests_active", "dynamo_worker_kv_blocks_active"))
+
+
+async def test_worker_cut_from_etcd(fleet: Fleet) -> None:
+    """w1 loses etcd but keeps its links to the frontends and NATS. Its lease expires (TTL 2 s):
+    both frontends forget it, the migrating one moves its streams to w2/w3, the strict one ends
+    them cleanly, and both cancel them on w1, which ends with nothing in flight. When the link
+    returns w1 finds its lease gone and re-registers under the same instance id."""
+    cut = [("w1", "etcd")]
+    forgot: list[float] = []
+    fronts = (fleet.migrating, fleet.strict)
+
+    def fault() -> None:
+        t0 = time.monotonic()
+        fleet.rig.cut_many(cut)
+        for base in fronts:
+            fleet.wait_for_view(base, ("w2", "w3"), 30)
+        forgot.append(time.monotonic() - t0)
+
+    try:
+        # Streams of ~7 s: the lease expires (2-3 s) while w1's are running.
+        outs = await load(list(fronts), fault, max_tokens=1000)
+        wait_until(lambda: _quiet(fleet, "w1"), 20, "w1 to end its cancelled streams and free their KV blocks")
+    finally:
+        t_heal = time.monotonic()
+        fleet.rig.heal_many(cut)
+    for base in fronts:
+        fleet.wait_for_view(base, WORKERS, 60)
+    back_s = time.monotonic() - t_heal
+    report("worker-etcd link cut", fleet, outs, **{"forgotten by both frontends after": forgot[0],
+                                                   "back in both frontends' view after the heal": back_s})
+    migrating, strict = outs
+    assert migrating.lost == [] and strict.lost == [], outs
+    assert migrating.complete == STREAMS, migrating
+    assert strict.clean_errors > 0 and strict.complete + strict.clean_errors == STREAMS, strict
+    assert "re-registered" in fleet.workers["w1"].log_path.read_text(errors="replace")
+    await served_everywhere(fleet)
+
+
+async def test_worker_cut_from_nats(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """w1 loses NATS (8 s) but keeps etcd and the frontends. On the TCP plane NATS carries only
+    w1's KV events and load reports: no stream notices. On the NATS plane w1's requests and
+    frames ride on it: the frontends cannot tell a silent worker from a slow one, so w1's
+    streams pause for the cut; w1 detects its dead connection (pings), reconnects after the
+    heal, and what its old connection held is lost: those streams end with a sequence gap,
+    migrated or cleanly errored. None may hang."""
+    cut = [("w1", "nats")]
+    w1 = fleet.workers["w1"]
+
+    def logged(text: str) -> Callable[[], bool]:
+        return lambda: text in w1.log_path.read_text(errors="replace")
+
+    def fault() -> None:
+        fleet.rig.cut_many(cut)
+        wait_until(logged("NATS disconnected"), 20, "w1 to find its NATS connection dead")
+        time.sleep(2.0)  # the cut's duration (the fault itself), not a synchronisation
+        fleet.rig.heal_many(cut)
+
+    t0 = time.monotonic()
+    try:
+        outs = await load([fleet.migrating, fleet.strict], fault)
+    finally:
+        fleet.rig.heal_many(cut)
+    wait_until(logged("NATS reconnected"), 30, "w1 to reconnect to NATS")
+    report("worker-NATS link cut", fleet, outs, **{"w1 reconnected": time.monotonic() - t0})
+    migrating, strict = outs
+    assert migrating.lost == [] and strict.lost == [], outs
+    assert migrating.complete == STREAMS, migrating
+    if fleet.plane == "tcp":
+        assert strict.complete == STREAMS, strict
+    else:
+        assert strict.complete + strict.clean_errors == STREAMS, strict
+    await served_everywhere(fleet)
+
+
+async def test_frontends_cut_from_etcd(fleet: Fleet) -> None:
+    """Both frontends lose etcd. They keep serving from the instances they know; meanwhile w3
+    is drained away (SIGTERM: it deregisters and exits), which they cannot see: requests they
+    send to it are refused at once and go to w1/w2. After the heal their watches resume and
+    drop w3; a new w3 is then seen by both."""
+    cut = [("fe", "etcd"), ("fe0", "etcd")]
+    fronts = (fleet.migrating, fleet.strict)
+    w3 = fleet.workers["w3"]
+    fleet.rig.cut_many(cut)
+    try:
+        w3.popen.terminate()
+        assert w3.popen.wait(timeout=20) == 0, w3.log()
+        for base in fronts:
+            assert len(fleet.instances(base)) == 3  # their last-known view
+        during = await load(list(fronts))
+        report("frontends cut from etcd, w3 gone meanwhile", fleet, during)
+        for out in during:
+            assert out.lost == [] and out.complete == STREAMS, out
+    finally:
+        t_heal = time.monotonic()
+        fleet.rig.heal_many(cut)
+    for base in fronts:
+        fleet.wait_for_view(base, ("w1", "w2"), 60)
+    converged = time.monotonic() - t_heal
+    fleet.start_worker("w3")
+    for base in fronts:
+        fleet.wait_for_view(base, WORKERS, 60)
+    print(f"[frontends cut from etcd, {fleet.plane} plane] both frontends dropped w3 {converged:.1f}s after the heal, "
+          f"and see its replacement")
+    await served_everywhere(fleet)
+
+
+async def test_flapping_link(fleet: Fleet) -> None:
+    """The link between both frontends and w1 flaps: down 1.5 s, up 0.5 s, six times, while
+    streams run. Each outage is shorter than the dead-peer bound, so TCP retransmits carry the
+    streams through; none may be lost."""
+    cut = [("fe", "w1"), ("fe0", "w1")]
+
+    def fault() -> None:
+        for _ in range(6):  # the fault's own timing
+            fleet.rig.cut_many(cut)
+            time.sleep(1.5)
+            fleet.rig.heal_many(cut)
+            time.sleep(0.5)
+
+    try:
+        outs = await load([fleet.migrating, fleet.strict], fault)
+    finally:
+        fleet.rig.heal_many(cut)
+    report("flapping frontend-worker link", fleet, outs)
+    for out in outs:
+        assert out.lost == [] and out.complete + out.clean_errors == STREAMS, out
+    assert outs[0].complete == STREAMS, outs[0]
+    for base in (fleet.migrating, fleet.strict):
+        fleet.wait_for_view(base, WORKERS, 30)
+    await served_everywhere(fleet)
