@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ class FrontendConfig:
         return cls(
             http_host=args.http_host,
             http_port=args.http_port,
-            router_mode=getattr(args, "router_mode", cls.router_mode),
+            router_mode=getattr(args, "router_mode", _D.router_mode),
             max_request_body_bytes=args.max_request_body_bytes,
             max_dispatch_attempts=args.dispatch_attempts,
             graceful_shutdown_s=args.http_graceful_shutdown_s,
@@ -68,98 +68,77 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in (value or "").split(",") if v.strip())
 
 
-def _optional_int(value: str | None) -> int | None:
-    return int(value) if value not in (None, "") else None
+_D = FrontendConfig()  # the declared defaults (a slots dataclass has no class attributes to read)
+
+FRONTEND_FLAGS = FlagGroup(
+    "frontend",
+    [
+        Flag("--http-host", "address the HTTP server binds", default=_D.http_host, env="DYN_HTTP_HOST"),
+        Flag("--http-port", "HTTP port of the OpenAI-compatible API", default=_D.http_port, env="DYN_HTTP_PORT", type=int),
+        Flag(
+            "--max-request-body-bytes", "larger request bodies get 413",
+            default=_D.max_request_body_bytes, env="DYN_MAX_REQUEST_BODY_BYTES", type=int,
+        ),
+        Flag(
+            "--dispatch-attempts", "instances tried per request when one is found dead before answering",
+            default=_D.max_dispatch_attempts, env="DYN_DISPATCH_ATTEMPTS", type=int,
+        ),
+        Flag(
+            "--http-keep-alive-s",
+            "how long an idle keep-alive connection stays open; keep it above the idle timeout of "
+            "any load balancer in front",
+            default=_D.keep_alive_s, env="DYN_HTTP_KEEP_ALIVE_S", type=float,
+        ),
+        Flag(
+            "--http-graceful-shutdown-s", "how long open HTTP requests may finish at shutdown",
+            default=_D.graceful_shutdown_s, env="DYN_HTTP_GRACEFUL_SHUTDOWN_S", type=float,
+        ),
+        Flag(
+            "--migration-limit",
+            "times a request may move to another worker when its stream breaks mid-generation; "
+            "overrides the limit each worker registers",
+            env="DYN_MIGRATION_LIMIT", type=int, default_doc="the worker's",
+        ),
+        Flag(
+            "--request-timeout-s",
+            "cancel a request that runs longer than this; 504 before the first token, an SSE error "
+            "event after (0: no limit)",
+            default=_D.request_timeout_s, env="DYN_REQUEST_TIMEOUT_S", type=float,
+        ),
+        Flag(
+            "--max-inflight-requests", "requests served at once; more get 429 with Retry-After (0: unbounded)",
+            default=_D.max_inflight_requests, env="DYN_MAX_INFLIGHT_REQUESTS", type=int,
+        ),
+        Flag(
+            "--api-key",
+            "require `Authorization: Bearer KEY` (or `x-api-key`) on /v1/*; comma-separated keys "
+            "allowed. Prefer the env var: command lines are visible in `ps`",
+            env="DYN_API_KEY", default_doc="no authentication",
+        ),
+        Flag(
+            "--tenants-file",
+            "YAML or JSON keys file: API key -> tenant, priority class and per-minute limits "
+            "(requests, input and output tokens); re-read when it changes; --api-key's keys are "
+            "the tenant `default` (docs/tenants.md)",
+            env="DYN_TENANTS_FILE", default_doc="none",
+        ),
+        Flag(
+            "--tenants-poll-s", "how often the tenants file is checked for changes",
+            default=_D.tenants_poll_s, env="DYN_TENANTS_POLL_S", type=float,
+        ),
+        Flag(
+            "--cors-allow-origins", "comma-separated origins allowed by CORS, `*` for any",
+            env="DYN_CORS_ALLOW_ORIGINS", default_doc="CORS off",
+        ),
+        Flag(
+            "--response-store-ttl-s",
+            "how long a stored /v1/responses response can be read or continued by "
+            "previous_response_id, on any frontend of the namespace",
+            default=_D.response_store_ttl_s, env="DYN_RESPONSE_STORE_TTL_S", type=float,
+        ),
+    ],
+)
 
 
 def add_frontend_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("frontend")
-    group.add_argument(
-        "--http-host",
-        default=env_default("DYN_HTTP_HOST", "0.0.0.0"),
-        help="address the HTTP server binds [env DYN_HTTP_HOST]",
-    )
-    group.add_argument(
-        "--http-port",
-        type=int,
-        default=int(env_default("DYN_HTTP_PORT", "8000") or 8000),
-        help="HTTP port of the OpenAI-compatible API [env DYN_HTTP_PORT]",
-    )
-    group.add_argument(
-        "--max-request-body-bytes",
-        type=int,
-        default=int(env_default("DYN_MAX_REQUEST_BODY_BYTES", str(16 * 1024 * 1024)) or 0),
-        help="larger request bodies get 413 [env DYN_MAX_REQUEST_BODY_BYTES]",
-    )
-    group.add_argument(
-        "--dispatch-attempts",
-        type=int,
-        default=int(env_default("DYN_DISPATCH_ATTEMPTS", "3") or 3),
-        help="instances tried per request when one is found dead before answering [env DYN_DISPATCH_ATTEMPTS]",
-    )
-    group.add_argument(
-        "--http-keep-alive-s",
-        type=float,
-        default=float(env_default("DYN_HTTP_KEEP_ALIVE_S", "75") or 75),
-        help="how long an idle keep-alive connection stays open; keep it above the idle timeout "
-        "of any load balancer in front [env DYN_HTTP_KEEP_ALIVE_S]",
-    )
-    group.add_argument(
-        "--http-graceful-shutdown-s",
-        type=float,
-        default=float(env_default("DYN_HTTP_GRACEFUL_SHUTDOWN_S", "5") or 5),
-        help="how long open HTTP requests may finish at shutdown [env DYN_HTTP_GRACEFUL_SHUTDOWN_S]",
-    )
-    group.add_argument(
-        "--migration-limit",
-        type=int,
-        default=_optional_int(env_default("DYN_MIGRATION_LIMIT")),
-        help="times a request may move to another worker when its stream breaks mid-generation; "
-        "overrides the limit each worker registers (default: the worker's) [env DYN_MIGRATION_LIMIT]",
-    )
-    group.add_argument(
-        "--request-timeout-s",
-        type=float,
-        default=float(env_default("DYN_REQUEST_TIMEOUT_S", "0") or 0),
-        help="cancel a request that runs longer than this; 504 before the first token, an SSE "
-        "error event after (0: no limit) [env DYN_REQUEST_TIMEOUT_S]",
-    )
-    group.add_argument(
-        "--max-inflight-requests",
-        type=int,
-        default=int(env_default("DYN_MAX_INFLIGHT_REQUESTS", "8192") or 0),
-        help="requests served at once; more get 429 with Retry-After (default 8192; 0: unbounded) "
-        "[env DYN_MAX_INFLIGHT_REQUESTS]",
-    )
-    group.add_argument(
-        "--api-key",
-        default=env_default("DYN_API_KEY"),
-        help="require `Authorization: Bearer KEY` on /v1/*; comma-separated keys allowed. Prefer "
-        "the env var: command lines are visible in `ps` [env DYN_API_KEY]",
-    )
-    group.add_argument(
-        "--tenants-file",
-        default=env_default("DYN_TENANTS_FILE"),
-        help="YAML or JSON keys file: API key -> tenant, priority class and per-minute limits "
-        "(requests, input and output tokens); re-read when it changes; --api-key's keys are the "
-        "tenant `default` (docs/tenants.md) [env DYN_TENANTS_FILE]",
-    )
-    group.add_argument(
-        "--tenants-poll-s",
-        type=float,
-        default=float(env_default("DYN_TENANTS_POLL_S", "2") or 2),
-        help="how often the tenants file is checked for changes (default 2) [env DYN_TENANTS_POLL_S]",
-    )
-    group.add_argument(
-        "--cors-allow-origins",
-        default=env_default("DYN_CORS_ALLOW_ORIGINS"),
-        help="comma-separated origins allowed by CORS, `*` for any (default: CORS off) "
-        "[env DYN_CORS_ALLOW_ORIGINS]",
-    )
-    group.add_argument(
-        "--response-store-ttl-s",
-        type=float,
-        default=float(env_default("DYN_RESPONSE_STORE_TTL_S", "3600") or 3600),
-        help="how long a stored /v1/responses response can be read or continued by "
-        "previous_response_id, on any frontend of the namespace (default 3600) [env DYN_RESPONSE_STORE_TTL_S]",
-    )
+    FRONTEND_FLAGS.add_to(parser)

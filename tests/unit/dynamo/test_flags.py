@@ -24,6 +24,7 @@ def tables() -> dict[str, FlagGroup]:
     collects tests/unit/frontend (a package of that name) would shadow it."""
     from dynamo.config import RUNTIME_FLAGS, RUNTIME_SECURITY_FLAGS
     from dynamo.entry import LOGGING_FLAGS, SYSTEM_FLAGS
+    from frontend.config import FRONTEND_FLAGS
     from router.args import ROUTER_FLAGS
     from router.cli import SERVICE_FLAGS
     from serve.cli import SERVE_FLAGS
@@ -33,6 +34,7 @@ def tables() -> dict[str, FlagGroup]:
         "runtime": RUNTIME_FLAGS,
         "runtime-security": RUNTIME_SECURITY_FLAGS,
         "logging": LOGGING_FLAGS,
+        "frontend": FRONTEND_FLAGS,
         "system": SYSTEM_FLAGS,
         "model": MODEL_FLAGS,
         "worker": WORKER_FLAGS,
