@@ -129,7 +129,7 @@ def _pick_subnet() -> ipaddress.IPv4Network:
     pid = os.getpid()
     for attempt in range(2048):
         k = (pid + attempt) % 2048
-        net = ipaddress.ip_network(f"10.{200 + k // 256}.{k % 256}.0/24")
+        net = ipaddress.IPv4Network(f"10.{200 + k // 256}.{k % 256}.0/24")
         if f"10.{200 + k // 256}.{k % 256}." not in used:
             return net
     raise RuntimeError("no free /24 in 10.200.0.0/13 for the rig")
@@ -292,18 +292,4 @@ class Rig:
         self.close()
 
 
-def host_ports(rig: Rig, host: str) -> list[tuple[str, int]]:
-    """(address, port) of every TCP listener in `host`'s namespace (for checks)."""
-    ns = rig.netns(host)
-    cmd = [*rig.wrap(host), "cat", "/proc/net/tcp"] if ns else ["cat", "/proc/net/tcp"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.splitlines()[1:]
-    found = []
-    for line in out:
-        fields = line.split()
-        if fields[3] == "0A":
-            addr, port = fields[1].split(":")
-            found.append((str(ipaddress.ip_address(bytes.fromhex(addr)[::-1])), int(port, 16)))
-    return found
-
-
-__all__ = ["Rig", "TEST_HOST", "clean_leftovers", "host_ports", "netns_unavailable", "require_netns"]
+__all__ = ["Rig", "TEST_HOST", "clean_leftovers", "netns_unavailable", "require_netns"]
