@@ -127,7 +127,10 @@ def _proc_address(text: str, width: int) -> tuple[str, int]:
     raw = bytes.fromhex(hex_addr)
     # /proc prints each 32-bit word in host (little-endian) order.
     raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
-    return str(ipaddress.ip_address(raw)), int(hex_port, 16)
+    ip = ipaddress.ip_address(raw)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # an IPv4 peer of a dual-stack socket
+    return str(ip), int(hex_port, 16)
 
 
 def tcp_sockets(pid: int) -> list[tuple[str, tuple[str, int], tuple[str, int]]]:

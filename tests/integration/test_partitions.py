@@ -24,7 +24,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Proc, Stack, base_env, host_env, metric_sum, wait_until
+from dynamo.runtime.etcd_discovery import EtcdDiscovery
+from dynamo.runtime.tcp_plane import parse_address
+from dynamo.wire import INSTANCE_CODEC
+from tests.e2e.procs import (
+    TINY_MODEL,
+    Proc,
+    Stack,
+    base_env,
+    host_env,
+    in_networks,
+    metric_sum,
+    tcp_sockets,
+    wait_until,
+)
 from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
 from tests.netns import Rig, require_netns
 
@@ -290,6 +303,28 @@ async def served_everywhere(fleet: Fleet) -> None:
 
 
 # ----------------------------------------------------------------------------------- tests
+
+
+async def test_every_process_binds_and_advertises_its_own_host(fleet: Fleet) -> None:
+    """What the workers registered names their own host's address; every process listens on
+    its host's address (or loopback) and talks to addresses of the rig's subnet only."""
+    discovery = await EtcdDiscovery.connect(fleet.etcd.url)
+    try:
+        records = await discovery.get_prefix("v1/instances/partitions/")
+    finally:
+        await discovery.close()
+    by_address = {addr: host for host, addr in fleet.rig.addresses.items()}
+    transports = [INSTANCE_CODEC.decode(v).transport for v in records.values()]
+    assert len(transports) == len(WORKERS), records
+    if fleet.plane == "tcp":
+        assert sorted(by_address.get(parse_address(t)[0], t) for t in transports) == sorted(WORKERS), transports
+    subnet = [fleet.rig.subnet]
+    for proc in fleet.stack.procs:
+        own = fleet.address(proc.name)
+        for state, local, remote in tcp_sockets(proc.popen.pid):
+            assert local[0] == own or in_networks(local[0], []), f"{proc.name} ({own}) has a {state} socket on {local}"
+            if state != "LISTEN":
+                assert in_networks(remote[0], subnet), f"{proc.name} is connected to {remote}"
 
 
 async def test_frontend_cut_from_a_worker_mid_stream(fleet: Fleet) -> None:
