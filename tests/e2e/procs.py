@@ -166,7 +166,7 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
     return [local for state, local, _ in tcp_sockets(pid) if state == "LISTEN"]
 
 
-def in_networks(host: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def in_networks(host: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     """Whether `host` (an IP literal, IPv4-mapped IPv6 included, or "localhost") is loopback
     or inside one of `networks`."""
     if host == "localhost":
