@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ from tests.e2e.procs import (
     wait_until,
 )
 from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
-from tests.netns import Rig, require_netns
+from tests.netns import PREFIX, Rig, clean_leftovers, require_netns
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -494,3 +496,29 @@ async def test_flapping_link(fleet: Fleet) -> None:
     for base in (fleet.migrating, fleet.strict):
         fleet.wait_for_view(base, WORKERS, 30)
     await served_everywhere(fleet)
+
+
+def test_rig_cleans_up_after_a_crashed_run(tmp_path: Path) -> None:
+    """A run killed after building its rig leaves namespaces and interfaces behind; the next
+    rig removes them (by name prefix and dead pid) before building its own."""
+    require_netns()
+    script = tmp_path / "crash.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from tests.netns import Rig\n"
+        "rig = Rig(['a', 'b']).build()\n"
+        "print(rig.tag, flush=True)\n"
+        "os._exit(0)  # no close(): what a SIGKILLed test run leaves\n"
+    )
+    tag = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    pid = tag.removeprefix(PREFIX)
+
+    def leftovers() -> list[str]:
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
+        return [line.split()[0] for line in (names + links).splitlines() if line.startswith((tag + "-", f"dy{pid}-"))]
+
+    assert leftovers(), "the crashed run left nothing to clean"
+    assert any(name.startswith(tag) for name in clean_leftovers())
+    wait_until(lambda: not leftovers(), 10, f"{tag}'s namespaces and interfaces to go")
