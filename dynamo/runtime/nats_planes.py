@@ -186,13 +186,24 @@ async def sync(nc: NatsClient, timeout_s: float) -> None:
     back before the server has seen a SUB made just before. A caller on another connection then
     gets "no responders" from an address serve() already returned (measured with nats-py 2.16,
     fast path or not: 5% of calls made right after serve() on an idle 2-core VM, 6-11% with
-    both cores busy). A request to an inbox nobody subscribes to is queued behind those
-    commands like any publish; the server answers it "no responders" only after processing
-    them. Public API only, so it holds on both of the request plane's paths."""
+    both cores busy). Instead, a message to a fresh inbox of our own is queued behind those
+    commands like any publish; it comes back to us (NATS echoes a connection's messages to its
+    own subscriptions) only after the server has processed them. Public API only, so it holds
+    on both of the request plane's paths; another client's wildcard subscription that also
+    receives it changes nothing."""
+    inbox = nc.new_inbox()
+    echoed: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    sub = await nc.subscribe(inbox, future=echoed, max_msgs=1)
+    await sub.unsubscribe(limit=1)  # the server drops the interest after the echo
+    await nc.publish(inbox, b"")
     try:
-        await nc.request(nc.new_inbox(), b"", timeout=timeout_s)
-    except nats_errors.NoRespondersError:
-        return
+        await asyncio.wait_for(echoed, timeout_s)
+    except TimeoutError:
+        try:
+            await sub.unsubscribe()
+        except nats_errors.Error as exc:
+            log.debug("unsubscribing %s: %r", inbox, exc)
+        raise
 
 
 def _bound_dead_peer(nc: NatsClient) -> None:

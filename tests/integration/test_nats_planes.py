@@ -14,6 +14,7 @@ import pytest
 
 from dynamo import errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from dynamo.runtime import nats_fastpath, nats_planes
 from dynamo.runtime.nats_fastpath import DirectClient
@@ -94,6 +95,33 @@ async def test_a_call_right_after_serve_is_served(planes: tuple[NatsRequestPlane
         await served.stop()
         with pytest.raises(errors.InstanceUnavailable, match="no server at"):
             await caller.call(addr, f"r-{i}-gone", b"")
+
+
+async def test_serve_is_confirmed_with_a_catch_all_subscriber_present(
+    planes: tuple[NatsRequestPlane, NatsRequestPlane], nats_server: str
+) -> None:
+    """The confirmation does not depend on nobody else listening: a `>` subscriber (a
+    debugging `nats sub '>'`) receives it too, and serve() still returns at once."""
+    watcher = await connect(nats_server)
+    seen: list[str] = []
+
+    async def note(msg: Msg) -> None:
+        seen.append(msg.subject)
+
+    sub = await watcher.nc.subscribe(">", cb=note)
+    await watcher.sync(2.0)
+    try:
+        server, caller = planes
+        addr = address()
+        start = time.monotonic()
+        await server.serve(addr, echo)
+        assert time.monotonic() - start < 1.0
+        stream = await caller.call(addr, "r-watched", b"x")
+        assert [x async for x in stream] == [b"x"]
+    finally:
+        await sub.unsubscribe()
+        await watcher.close()
+    assert any(subject == addr for subject in seen)
 
 
 async def test_no_responders_is_unavailable_at_once(planes: tuple[NatsRequestPlane, NatsRequestPlane]) -> None:
