@@ -25,8 +25,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dynamo import errors
 from frontend.anthropic import register_anthropic_routes
+from frontend.anthropic.routes import OPENAPI_OPERATIONS as ANTHROPIC_OPERATIONS
 from frontend.config import FrontendConfig
-from frontend.embeddings import register_embeddings
+from frontend.embeddings import OPENAPI_OPERATIONS as EMBEDDINGS_OPERATIONS, register_embeddings
 from frontend.endpoint import ApiEndpoint, Handler, InflightLimit, JsonReply, Reply, StreamReply, send_bytes
 from frontend.errors import Unauthorized, error_info, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
@@ -34,6 +35,7 @@ from frontend.models import ModelManager
 from frontend.pipeline import EndpointKind, Pipeline, PipelineConfig, RequestGeneration
 from frontend.rate_limit import TENANT_SCOPE_KEY, Clock, RateLimiter
 from frontend.responses import register_responses_routes
+from frontend.responses.routes import OPENAPI_OPERATIONS as RESPONSES_OPERATIONS
 from frontend.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -45,7 +47,7 @@ from frontend.schemas import (
 )
 from frontend.sse import DONE, ChunkWriter, error_event, response_body
 from frontend.tenants import Tenant, TenantRegistry
-from frontend.tokenize_api import register_tokenize_routes
+from frontend.tokenize_api import OPENAPI_OPERATIONS as TOKENIZE_OPERATIONS, register_tokenize_routes
 
 _encode = msgspec.json.encode
 
@@ -216,7 +218,11 @@ def create_app(
             allow_headers=["authorization", "content-type"],
         )
 
-    schema = openapi_schema(app.title, app.version)
+    schema = openapi_schema(
+        app.title,
+        app.version,
+        [*ANTHROPIC_OPERATIONS, *RESPONSES_OPERATIONS, *TOKENIZE_OPERATIONS, *EMBEDDINGS_OPERATIONS],
+    )
 
     def openapi() -> dict[str, Any]:
         return schema

@@ -25,7 +25,7 @@ from frontend.errors import http_error
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
 from frontend.endpoint import ApiEndpoint, InflightLimit, JsonReply, Reply
-from frontend.schemas import PromptItem, decode_struct
+from frontend.schemas import ApiOperation, PromptItem, decode_struct
 from frontend.tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
@@ -242,3 +242,6 @@ def register_embeddings(app: FastAPI, manager: ModelManager, metrics: FrontendMe
     service = EmbeddingsService(manager, metrics, config)
     endpoint = ApiEndpoint(service.handle, http_error, config.max_request_body_bytes, limit)
     app.router.routes.append(Route("/v1/embeddings", endpoint, methods=["POST"]))
+
+
+OPENAPI_OPERATIONS = (ApiOperation("/v1/embeddings", "post", "Embeddings", EmbeddingsResponse, EmbeddingsBody),)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -411,62 +413,77 @@ def decode_completion_request(body: bytes) -> CompletionRequest:
 
 # ------------------------------------------------------------------------------------- OpenAPI
 
-_REF = "#/components/schemas/{name}"
+
+@dataclass(frozen=True)
+class ApiOperation:
+    """One route of /openapi.json. Each API package lists its own (`OPENAPI_OPERATIONS`), so the
+    document is generated from the same Structs that decode and encode the route's bodies."""
+
+    path: str
+    method: Literal["get", "post", "delete"]
+    summary: str
+    response: Any  # a Struct type (or a union of them); None for text/plain
+    request: Any = None  # a Struct type, or a tuple of alternatives
+    error: Any = None  # defaults to OpenAI's ErrorResponse
+    error_statuses: tuple[int, ...] = (400, 404, 413, 429, 500, 502, 503)
+    streams: bool = False
 
 
-def _json_body(name: str) -> dict[str, Any]:
-    return {"content": {"application/json": {"schema": {"$ref": _REF.format(name=name)}}}}
-
-
-def _errors(*statuses: int) -> dict[str, Any]:
-    return {str(s): {"description": "error", **_json_body("ErrorResponse")} for s in statuses}
-
-
-def openapi_schema(title: str, version: str) -> dict[str, Any]:
-    """An OpenAPI 3.1 document for the routes, generated from the Structs above."""
-    _, components = msgspec.json.schema_components(
-        [
-            ChatCompletionRequest,
-            CompletionRequest,
-            ChatCompletionResponse,
-            CompletionResponse,
-            ChatCompletionChunk,
-            CompletionChunk,
-            ModelList,
-            ErrorResponse,
-            ReadyStatus,
-        ],
-        ref_template=_REF,
-    )
-
-    def post(request: str, response: str, summary: str) -> dict[str, Any]:
-        ok = _json_body(response)
-        ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
-        return {
-            "post": {
-                "summary": summary,
-                "requestBody": {"required": True, **_json_body(request)},
-                "responses": {"200": {"description": "completion", **ok}, **_errors(400, 404, 413, 500, 502, 503)},
-            }
-        }
-
-    def get(response: str | None, summary: str, *statuses: int) -> dict[str, Any]:
-        content = _json_body(response) if response else {"content": {"text/plain": {"schema": {"type": "string"}}}}
-        responses: dict[str, Any] = {"200": {"description": "ok", **content}}
-        for status in statuses:
-            responses[str(status)] = {"description": "not ready", **content}
-        return {"get": {"summary": summary, "responses": responses}}
-
+def openapi_schema(title: str, version: str, operations: Sequence[ApiOperation] = ()) -> dict[str, Any]:
+    """An OpenAPI 3.1 document for the core routes and `operations`, generated from their Structs."""
+    ops = [*CORE_OPERATIONS, *operations]
+    types: list[Any] = []
+    for op in ops:
+        requests = op.request if isinstance(op.request, tuple) else (op.request,)
+        types += [t for t in (*requests, op.response, op.error or ErrorResponse) if t is not None]
+    schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
+    schema_of = iter(schemas)
+    paths: dict[str, dict[str, Any]] = {}
+    for op in ops:
+        request: dict[str, Any] | None = None
+        if isinstance(op.request, tuple):  # alternatives msgspec cannot express as one union
+            request = {"anyOf": [next(schema_of) for _ in op.request]}
+        elif op.request is not None:
+            request = next(schema_of)
+        response = next(schema_of) if op.response is not None else None
+        error = next(schema_of)
+        ok: dict[str, Any] = (
+            {"application/json": {"schema": response}} if response is not None
+            else {"text/plain": {"schema": {"type": "string"}}}
+        )
+        if op.streams:
+            ok["text/event-stream"] = {"schema": {"type": "string"}}
+        responses: dict[str, Any] = {"200": {"description": "ok", "content": ok}}
+        for status in op.error_statuses:
+            content = {"application/json": {"schema": error}} if op.method != "get" or op.response is not None else ok
+            responses[str(status)] = {"description": "error", "content": content}
+        operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
+        if request is not None:
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": request}}}
+        params = _PATH_PARAM.findall(op.path)
+        if params:
+            operation["parameters"] = [
+                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in params
+            ]
+        paths.setdefault(op.path, {})[op.method] = operation
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
-        "paths": {
-            "/v1/chat/completions": post("ChatCompletionRequest", "ChatCompletionResponse", "Chat completion"),
-            "/v1/completions": post("CompletionRequest", "CompletionResponse", "Text completion"),
-            "/v1/models": get("ModelList", "Models served by at least one live worker"),
-            "/health": get(None, "Liveness"),
-            "/ready": get("ReadyStatus", "Readiness: every known model has a live worker", 503),
-            "/metrics": get(None, "Prometheus metrics"),
-        },
+        "paths": paths,
         "components": {"schemas": components},
     }
+
+
+_REF = "#/components/schemas/{name}"
+_PATH_PARAM = re.compile(r"\{(\w+)\}")
+
+CORE_OPERATIONS: tuple[ApiOperation, ...] = (
+    ApiOperation("/v1/chat/completions", "post", "Chat completion", ChatCompletionResponse,
+                 ChatCompletionRequest, streams=True),
+    ApiOperation("/v1/completions", "post", "Text completion", CompletionResponse, CompletionRequest, streams=True),
+    ApiOperation("/v1/models", "get", "Models served by at least one live worker", ModelList, error_statuses=()),
+    ApiOperation("/health", "get", "Liveness", None, error_statuses=()),
+    ApiOperation("/ready", "get", "Readiness: every known model has a live worker", ReadyStatus,
+                 error=ReadyStatus, error_statuses=(503,)),
+    ApiOperation("/metrics", "get", "Prometheus metrics", None, error_statuses=()),
+)

@@ -17,7 +17,7 @@ from frontend.errors import http_error
 from frontend.models import ModelManager, ServedModel
 from frontend.preprocess import function_dict
 from frontend.endpoint import ApiEndpoint, JsonReply, Reply
-from frontend.schemas import ChatMessage, TokenId, Tool, decode_struct
+from frontend.schemas import ApiOperation, ChatMessage, TokenId, Tool, decode_struct
 from frontend.tokenizer import ModelTokenizer
 
 _encode = msgspec.json.encode
@@ -194,3 +194,10 @@ def register_tokenize_routes(app: FastAPI, manager: ModelManager, config: Fronte
     for path, handler in (("/tokenize", on_tokenize), ("/detokenize", on_detokenize)):
         endpoint = ApiEndpoint(handler, http_error, config.max_request_body_bytes, None)
         app.router.routes.append(Route(path, endpoint, methods=["POST"]))
+
+
+OPENAPI_OPERATIONS = (
+    ApiOperation("/tokenize", "post", "Token ids of a prompt or chat", TokenizeResponse,
+                 (TokenizeCompletionRequest, TokenizeChatRequest)),
+    ApiOperation("/detokenize", "post", "Text of token ids", DetokenizeResponse, DetokenizeRequest),
+)

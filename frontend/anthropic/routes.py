@@ -10,12 +10,21 @@ from starlette.routing import Route
 from frontend.anthropic.convert import count_tokens_request, to_chat_request
 from frontend.anthropic.encode import message_body, message_events
 from frontend.anthropic.errors import anthropic_http_error
-from frontend.anthropic.schemas import TokenCount, decode_count_tokens_request, decode_messages_request
+from frontend.anthropic.schemas import (
+    CountTokensRequest,
+    ErrorBody,
+    Message,
+    MessagesRequest,
+    TokenCount,
+    decode_count_tokens_request,
+    decode_messages_request,
+)
 from frontend.config import FrontendConfig
 from frontend.models import ModelManager
 from frontend.pipeline import Pipeline
 from frontend.endpoint import ApiEndpoint, JsonReply, Reply, StreamReply
 from frontend.pipeline import reasoning_available
+from frontend.schemas import ApiOperation
 from frontend.tokenize_api import chat_prompt_ids, tool_dicts
 
 _encode = msgspec.json.encode
@@ -54,3 +63,10 @@ def register_anthropic_routes(app: FastAPI, pipeline: Pipeline, manager: ModelMa
     counting = ApiEndpoint(count_tokens, anthropic_http_error, config.max_request_body_bytes, None)
     app.router.routes.append(Route("/v1/messages", messages, methods=["POST"]))
     app.router.routes.append(Route("/v1/messages/count_tokens", counting, methods=["POST"]))
+
+
+OPENAPI_OPERATIONS = (
+    ApiOperation("/v1/messages", "post", "Anthropic Messages", Message, MessagesRequest, error=ErrorBody, streams=True),
+    ApiOperation("/v1/messages/count_tokens", "post", "Anthropic token count", TokenCount, CountTokensRequest,
+                 error=ErrorBody),
+)

@@ -20,7 +20,14 @@ from frontend.responses.convert import to_chat_request
 from frontend.responses.encode import base_response, new_id, response_events, response_object
 from frontend.endpoint import ApiEndpoint, JsonReply, Reply, StreamReply
 from frontend.pipeline import reasoning_available
-from frontend.responses.schemas import DeletedResponse, ResponseObject, StoredResponse, decode_responses_request
+from frontend.responses.schemas import (
+    DeletedResponse,
+    ResponseObject,
+    ResponsesRequest,
+    StoredResponse,
+    decode_responses_request,
+)
+from frontend.schemas import ApiOperation
 from frontend.responses.store import DiscoveryResponseStore, ResponseNotFound, ResponseStore
 
 log = logging.getLogger(__name__)
@@ -123,3 +130,11 @@ def register_responses_routes(
     app.router.routes.append(Route("/v1/responses/{response_id}", retrieve, methods=["GET"]))
     app.router.routes.append(Route("/v1/responses/{response_id}", delete, methods=["DELETE"]))
     return store
+
+
+OPENAPI_OPERATIONS = (
+    ApiOperation("/v1/responses", "post", "Create a response", ResponseObject, ResponsesRequest, streams=True),
+    ApiOperation("/v1/responses/{response_id}", "get", "A stored response", ResponseObject, error_statuses=(404,)),
+    ApiOperation("/v1/responses/{response_id}", "delete", "Delete a stored response", DeletedResponse,
+                 error_statuses=(404,)),
+)

@@ -142,6 +142,21 @@ async def test_openapi_json_describes_routes(stack: Stack) -> None:
     assert set(chat["required"]) == {"model", "messages"}
 
 
+async def test_openapi_json_lists_every_route_served(stack: Stack) -> None:
+    from starlette.routing import Route
+
+    schema = (await stack.client.get("/openapi.json")).json()
+    served = {
+        (route.path, method.lower())
+        for route in stack.app.router.routes  # type: ignore[attr-defined]
+        if isinstance(route, Route) and route.include_in_schema
+        for method in (route.methods or ()) - {"HEAD"}
+    }
+    documented = {(path, method) for path, ops in schema["paths"].items() for method in ops}
+    assert served - {("/openapi.json", "get")} <= documented, served - documented
+    assert ("/v1/responses/{response_id}", "delete") in documented
+
+
 def test_schema_generation_is_stable() -> None:
     assert openapi_schema("a", "1") == openapi_schema("a", "1")
 
