@@ -165,11 +165,12 @@ class EmbeddedDiscovery(Discovery):
             if event.key.startswith(watch.prefix):
                 watch.queue.put_nowait(event)
 
-    async def create_lease(self, ttl_s: float) -> int:
+    async def create_lease(self, ttl_s: float, keep_alive: bool = True) -> int:
         lease_id = next(self._ids)
         self._leases[lease_id] = ttl_s
         # In one process nothing can stop the keep-alive except revoking, so no timer is armed;
-        # `expire_lease` lets tests reproduce an expiry.
+        # `expire_lease` lets tests reproduce an expiry. A lease not kept alive is not expired
+        # here either: its holders revoke it when due (the store lives and dies with the process).
         return lease_id
 
     def expire_lease(self, lease_id: int) -> None:

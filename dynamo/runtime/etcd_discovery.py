@@ -252,9 +252,11 @@ class EtcdDiscovery(Discovery):
 
     # ------------------------------------------------------------------------------- leases
 
-    async def create_lease(self, ttl_s: float) -> int:
+    async def create_lease(self, ttl_s: float, keep_alive: bool = True) -> int:
         lease = await self._call("grant lease", self._client.lease(max(1, math.ceil(ttl_s))))
         lease_id = int(lease.id)
+        if not keep_alive:
+            return lease_id  # etcd expires it; close() revokes only the leases kept alive
         self._keepalives[lease_id] = asyncio.create_task(
             self._keep_alive(lease_id, float(lease.ttl)), name=f"etcd-keepalive:{lease_id:x}"
         )

@@ -166,8 +166,10 @@ LeaseLostCallback = Callable[[int], Awaitable[None]]
 
 class Discovery(ABC):
     @abstractmethod
-    async def create_lease(self, ttl_s: float) -> int:
-        """Grant a lease and keep it alive until revoked or the discovery is closed."""
+    async def create_lease(self, ttl_s: float, keep_alive: bool = True) -> int:
+        """Grant a lease. Kept alive (the default), it lasts until revoked or the discovery is
+        closed, and a dead holder's keys vanish a TTL later; not kept alive, it expires at its TTL
+        whatever becomes of the holder, and closing the discovery leaves it be."""
 
     @abstractmethod
     async def revoke_lease(self, lease_id: int) -> None: ...

@@ -15,10 +15,11 @@ count stays at BUCKETS_PER_TTL + 1 per replica, not one per response), and the l
 once the bucket's last record is `ttl_s` old. A record is thus kept between ttl_s and ttl_s plus
 one bucket; reads check the record's own expiry, so what a client sees expires at exactly ttl_s.
 Leases are revoked lazily, by the store's next call past the due time (no timer task to own).
-A lease is granted with TTL ttl_s + one bucket: if its writer dies, etcd drops the keys once
-that TTL passes without a keep-alive, which is after every record under it is due anyway. A
-writer that shuts down cleanly revokes its leases with the discovery (EtcdDiscovery.close), so
-its records go with it: see docs/api.md."""
+A lease is granted with TTL ttl_s + one bucket and is not kept alive: granted at the bucket's
+first write, it expires no earlier than the bucket's last record is due, so etcd frees the
+records by itself when no store call comes. Nothing ties them to the writer's life: a frontend
+that crashes, restarts or shuts down cleanly (a rolling update) leaves the responses it stored
+readable by the other replicas for their whole TTL (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ class DiscoveryResponseStore(ResponseStore):
         async with self._granting:
             lease = self._leases.get(bucket)
             if lease is None:
-                lease = await self.discovery.create_lease(self.ttl_s + self.bucket_s)
+                lease = await self.discovery.create_lease(self.ttl_s + self.bucket_s, keep_alive=False)
                 self._leases[bucket] = lease
         await self.discovery.put(self.key(record.response.id), _encode(record), lease_id=lease)
 
@@ -124,9 +125,3 @@ class DiscoveryResponseStore(ResponseStore):
                 await self.discovery.revoke_lease(lease)
             except errors.DynamoError as exc:  # etcd drops it at its own TTL anyway
                 log.warning("could not revoke response-store lease %x: %s", lease, exc)
-
-    async def close(self) -> None:
-        """Revoke every lease now (records go at once instead of at their TTL)."""
-        for lease in self._leases.values():
-            await self.discovery.revoke_lease(lease)
-        self._leases.clear()

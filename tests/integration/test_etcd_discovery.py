@@ -178,6 +178,28 @@ async def test_close_revokes_leases_so_keys_vanish_at_once(etcd_server: str, pre
         await observer.close()
 
 
+async def test_lease_not_kept_alive_outlives_close_and_expires_at_its_ttl(etcd_server: str, prefix: str) -> None:
+    # The response store's leases: its records stay for their TTL whatever becomes of the writer.
+    observer = await EtcdDiscovery.connect(etcd_server, timeout_s=2.0)
+    d = await EtcdDiscovery.connect(etcd_server, timeout_s=2.0)
+    try:
+        watch = await observer.watch_prefix(prefix)
+        long_lease = await d.create_lease(300.0, keep_alive=False)
+        await d.put(prefix + "kept", b"v", lease_id=long_lease)
+        short_lease = await d.create_lease(TTL_S, keep_alive=False)
+        await d.put(prefix + "short", b"v", lease_id=short_lease)
+        assert {(await next_event(watch)).key for _ in range(2)} == {prefix + "kept", prefix + "short"}
+        # Not refreshed, the short lease expires although its holder is alive...
+        assert await next_event(watch, timeout_s=15.0) == WatchEvent("delete", prefix + "short")
+        await d.close()
+        # ...and closing the holder leaves the long one be.
+        assert prefix + "kept" in await observer.get_prefix(prefix)
+        await observer.revoke_lease(long_lease)
+    finally:
+        await d.close()
+        await observer.close()
+
+
 async def test_connect_to_unreachable_etcd_names_the_url() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     start = time.monotonic()

@@ -1,6 +1,7 @@
 """The response store on the embedded runtime's discovery: records under per-bucket leases,
 expiry at exactly the TTL on read, leases revoked once every record under them is due, and a
-second store on the same discovery (another replica) reading what the first wrote."""
+second store on the same discovery (another replica) reading what the first wrote, also after
+the first is gone. On etcd: tests/integration/test_etcd_discovery.py."""
 
 from __future__ import annotations
 
@@ -72,12 +73,15 @@ async def test_one_lease_per_bucket_and_expiry() -> None:
     assert leases(discovery) == 0 and not await discovery.get_prefix("v1/responses/")
 
 
-async def test_close_revokes_its_leases() -> None:
+async def test_records_outlive_their_writer() -> None:
+    # A rolling update replaces frontends: what one stored stays readable by the others.
     discovery, clock = EmbeddedDiscovery(), Clock()
-    store = DiscoveryResponseStore(discovery, "ns", ttl_s=100, clock=clock)
-    await store.put(record("resp_1", store))
-    await store.close()
-    assert leases(discovery) == 0 and await store.get("resp_1") is None
+    writer = DiscoveryResponseStore(discovery, "ns", ttl_s=100, clock=clock)
+    await writer.put(record("resp_1", writer))
+    del writer
+    await discovery.close()
+    reader = DiscoveryResponseStore(discovery, "ns", ttl_s=100, clock=clock)
+    assert await reader.get("resp_1") is not None
 
 
 def test_ttl_must_be_positive() -> None:
