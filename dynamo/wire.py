@@ -298,6 +298,10 @@ class KvLayoutSpec(msgspec.Struct, frozen=True):
     dtype: str  # torch dtype name without the "torch." prefix: "bfloat16", "float32", ...
     tp_rank: int = 0
     tp_size: int = 1
+    # Order of one block's K (and V) on the wire: "NHD" [tokens, heads, head dim] (the built-in
+    # engine; vLLM on GPUs) or "HND" [heads, tokens, head dim] (vLLM on CPUs). Same bytes per
+    # block, different meaning: blocks move only between equal orders.
+    block_order: str = "NHD"
 
 
 class KvAgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -334,6 +338,9 @@ class RemotePrefillResult(msgspec.Struct, frozen=True, omit_defaults=True):
     num_blocks: int
     kv_bytes: int
     backend: str
+    # An engine that moves KV through its own connector (vLLM): what the decode worker's engine
+    # needs to pull the blocks (opaque here; the KV has not moved yet when this is sent).
+    kv_params: bytes = b""
 
 
 class TransferHeader(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):

@@ -36,6 +36,8 @@ def block_bytes(layout: KvLayoutSpec) -> int:
 def fingerprint(layout: KvLayoutSpec) -> str:
     """16 hex digits naming the layout: the disk tier's subdirectory and header check."""
     text = f"{layout.num_layers}/{layout.block_size_tokens}/{layout.num_kv_heads}/{layout.head_dim}/{layout.dtype}"
+    if layout.block_order != "NHD":  # appended only here: existing NHD directories keep their names
+        text += f"/{layout.block_order}"
     return blake2b(text.encode(), digest_size=8).hexdigest()
 
 

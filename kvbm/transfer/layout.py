@@ -23,7 +23,8 @@ def layout_mismatches(local: KvLayoutSpec, peer: KvLayoutSpec) -> list[str]:
     """Fields that differ, as 'name: local X, peer Y'. TP rank must match too: with tensor
     parallelism each rank holds its own heads, so rank r only talks to rank r."""
     out = []
-    for name in ("num_layers", "block_size_tokens", "num_kv_heads", "head_dim", "dtype", "tp_size", "tp_rank"):
+    for name in ("num_layers", "block_size_tokens", "num_kv_heads", "head_dim", "dtype", "block_order", "tp_size",
+                 "tp_rank"):
         a, b = getattr(local, name), getattr(peer, name)
         if a != b:
             out.append(f"{name}: local {a}, peer {b}")
@@ -35,7 +36,8 @@ def check_compatible(local: KvLayoutSpec, peer: KvLayoutSpec) -> None:
     if mismatches:
         raise KvLayoutMismatch(
             "KV layouts of prefill and decode workers differ (" + "; ".join(mismatches) + "): run "
-            "both roles with the same model, dtype, --block-size and tensor parallelism"
+            "both roles with the same engine, model, dtype, --block-size and tensor parallelism "
+            "(vLLM on CPUs keeps blocks in HND order, the built-in engine in NHD)"
         )
 
 
