@@ -28,7 +28,8 @@ from frontend.anthropic import register_anthropic_routes
 from frontend.anthropic.routes import OPENAPI_OPERATIONS as ANTHROPIC_OPERATIONS
 from frontend.config import FrontendConfig
 from frontend.embeddings import OPENAPI_OPERATIONS as EMBEDDINGS_OPERATIONS, register_embeddings
-from frontend.endpoint import ApiEndpoint, Handler, InflightLimit, JsonReply, Reply, StreamReply, send_bytes
+from frontend.admission import AdmissionConfig, AdmissionGate, router_ttft_predictor
+from frontend.endpoint import ApiEndpoint, Handler, JsonReply, Reply, StreamReply, send_bytes
 from frontend.errors import Unauthorized, error_info, http_error, install_handlers
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager
@@ -191,7 +192,12 @@ def create_app(
         ),
     )
     app.state.pipeline = pipeline
-    limit = InflightLimit(config.max_inflight_requests, metrics)
+    limit = AdmissionGate(
+        AdmissionConfig(config.max_inflight_requests, config.max_waiting_requests, config.queue_timeout_s),
+        metrics,
+        lambda: tenants.table,  # re-read per request: the tenants file's classes are hot-reloaded
+        router_ttft_predictor(manager, config.slo_prefill_tokens_per_s),
+    )
     app.state.inflight_limit = limit
 
     for path, kind in (("/v1/chat/completions", "chat"), ("/v1/completions", "completion")):

@@ -31,6 +31,14 @@ class FrontendConfig:
     request_timeout_s: float = 0.0
     # Requests in flight in this frontend before new ones get 429; 0: unbounded.
     max_inflight_requests: int = 8192  # 0: unbounded
+    # Requests that wait for a slot past max_inflight_requests, by priority class and fairly
+    # between tenants (frontend/admission.py); 0: none wait, past the limit is 429 at once.
+    max_waiting_requests: int = 0
+    # How long a request may wait for admission before a 503 (a class may set its own).
+    queue_timeout_s: float = 30.0
+    # Prompt tokens a worker prefills per second, for TTFT predictions against a class's
+    # target (SLO-aware admission); 0: no predictions, targets unused.
+    slo_prefill_tokens_per_s: float = 0.0
     # Bearer tokens accepted on /v1/*; empty: no authentication.
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     # Keys file of tenants (key -> tenant, priority, limits; docs/tenants.md); None: no tenants
@@ -56,6 +64,9 @@ class FrontendConfig:
             migration_limit=getattr(args, "migration_limit", None),
             request_timeout_s=args.request_timeout_s,
             max_inflight_requests=args.max_inflight_requests,
+            max_waiting_requests=args.max_waiting_requests,
+            queue_timeout_s=args.queue_timeout_s,
+            slo_prefill_tokens_per_s=args.slo_prefill_tokens_per_s,
             api_keys=_split(args.api_key),
             tenants_file=args.tenants_file or None,
             tenants_poll_s=args.tenants_poll_s,
@@ -106,8 +117,29 @@ FRONTEND_FLAGS = FlagGroup(
             default=_D.request_timeout_s, env="DYN_REQUEST_TIMEOUT_S", type=float,
         ),
         Flag(
-            "--max-inflight-requests", "requests served at once; more get 429 with Retry-After (0: unbounded)",
+            "--max-inflight-requests",
+            "requests served at once; more wait (--max-waiting-requests) or get 429 with Retry-After "
+            "(0: unbounded)",
             default=_D.max_inflight_requests, env="DYN_MAX_INFLIGHT_REQUESTS", type=int,
+        ),
+        Flag(
+            "--max-waiting-requests",
+            "requests that wait for a slot past --max-inflight-requests, highest priority class first "
+            "and fairly between tenants; more get 429 (0: none wait; docs/tenants.md)",
+            default=_D.max_waiting_requests, env="DYN_MAX_WAITING_REQUESTS", type=int,
+        ),
+        Flag(
+            "--queue-timeout-s",
+            "a request waiting longer than this for admission gets 503 with Retry-After (a priority "
+            "class may set its own)",
+            default=_D.queue_timeout_s, env="DYN_QUEUE_TIMEOUT_S", type=float,
+        ),
+        Flag(
+            "--slo-prefill-tokens-per-s",
+            "prompt tokens a worker prefills per second: predicts a request's TTFT from the router's "
+            "load view against its priority class's ttft_target_ms (0: no predictions; needs "
+            "--router-mode kv or least-loaded)",
+            default=_D.slo_prefill_tokens_per_s, env="DYN_SLO_PREFILL_TOKENS_PER_S", type=float,
         ),
         Flag(
             "--api-key",

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from starlette.types import Message, Receive, Scope, Send
 
-from frontend.errors import HttpError, RequestTooLarge, TooManyRequests
-from frontend.metrics import FrontendMetrics
+from frontend.admission import PRIORITY_HEADER, AdmissionGate
+from frontend.errors import HttpError, RequestTooLarge
 from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Admission, RateLimited, TenantQuota
 
 _SSE_HEADERS = [
@@ -54,25 +54,16 @@ Handler = Callable[[bytes, float], Awaitable[Reply]]
 ErrorEncoder = Callable[[BaseException], HttpError]
 
 
-class InflightLimit:
-    """Requests this frontend serves at once, across every API route; past `limit` (0: none) a
-    request is refused at once with 429 instead of queueing for unbounded time."""
+# Requests this frontend serves at once, across every API route that runs work on workers:
+# past the limit a request waits in a bounded priority queue, or gets 429 (frontend/admission.py).
+InflightLimit = AdmissionGate
 
-    __slots__ = ("limit", "count", "_metrics")
 
-    def __init__(self, limit: int, metrics: FrontendMetrics) -> None:
-        self.limit = limit
-        self.count = 0
-        self._metrics = metrics
-
-    def acquire(self) -> None:
-        if self.limit and self.count >= self.limit:
-            self._metrics.rejected.labels("overloaded").inc()
-            raise TooManyRequests(f"this frontend is serving its limit of {self.limit} requests; retry later")
-        self.count += 1
-
-    def release(self) -> None:
-        self.count -= 1
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
 
 
 class _DisconnectWatch:
@@ -150,27 +141,32 @@ class ApiEndpoint:
         admission: Admission | None = None
         try:
             body = await read_body(receive, self.max_body_bytes)
-            if self.limit is not None:
-                self.limit.acquire()
-                # The tenant's rate limits apply where the in-flight limit does: the routes
-                # that do work on workers (not tokenize or count_tokens).
-                quota: TenantQuota | None = scope.get(TENANT_SCOPE_KEY)
-                if quota is not None:
-                    try:
-                        admission = quota.admit(len(body))
-                    except BaseException:
-                        self.limit.release()
-                        raise
         except asyncio.CancelledError:
             return
-        except Exception as exc:  # noqa: BLE001 - too large, too many: the API's error body
+        except Exception as exc:  # noqa: BLE001 - too large: the API's error body
             await send_error(send, self._error(exc))
             return
+        # Watching from here on: a client that leaves while its request waits for a slot
+        # leaves the queue.
         watch = _DisconnectWatch(receive)
         task = asyncio.current_task()
         failed = True
-        reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
+        holds_slot = False
+        reset = None
         try:
+            if self.limit is not None:
+                # The tenant's rate limits and the admission queue apply to the routes that do
+                # work on workers (not tokenize or count_tokens). Rate limits first: a request
+                # over them is refused at once rather than after its wait.
+                quota: TenantQuota | None = scope.get(TENANT_SCOPE_KEY)
+                ticket = self.limit.ticket(
+                    quota.tenant if quota is not None else None, _header(scope, PRIORITY_HEADER), body
+                )
+                if quota is not None:
+                    admission = quota.admit(len(body))
+                await self.limit.acquire(ticket)
+                holds_slot = True
+            reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
             await self._serve(body, arrived_s, send, watch)
             failed = False
         except asyncio.CancelledError:
@@ -181,14 +177,17 @@ class ApiEndpoint:
         except Exception as exc:
             if watch.started:
                 raise  # only the server can end a started response: it closes the connection
-            await send_error(send, self.on_error(exc))
+            await send_error(send, self._error(exc))
         finally:
             watch.stop()
             if reset is not None:
                 CURRENT_ADMISSION.reset(reset)
             if admission is not None:
-                admission.finish(failed)  # output tokens: what the stream actually produced
-            if self.limit is not None:
+                # Output tokens: what the stream actually produced. A request refused by the
+                # admission queue gets its input estimate back, like any that failed early.
+                admission.finish(failed)
+            if holds_slot:
+                assert self.limit is not None
                 self.limit.release()
 
     def _error(self, exc: BaseException) -> HttpError:

@@ -30,6 +30,32 @@ class TooManyRequests(errors.Overloaded):
     code = "too_many_requests"
 
 
+class PriorityNotAllowed(errors.DynamoError):
+    """A caller that is not a trusted tenant chose its request's priority class."""
+
+    code = "priority_not_allowed"
+
+
+class Shed(errors.Overloaded):
+    """Refused by admission (frontend/admission.py) with its own Retry-After."""
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class QueueTimeout(Shed):
+    """The request waited its class's queue timeout for admission."""
+
+    code = "queue_timeout"
+
+
+class TtftTargetMissed(Shed):
+    """Its predicted time to first token exceeds its class's target."""
+
+    code = "ttft_target_unattainable"
+
+
 class Unauthorized(errors.DynamoError):
     """Missing or wrong API key."""
 
@@ -56,6 +82,9 @@ _STATUS: dict[str, tuple[int, str]] = {
     RequestTooLarge.code: (413, "invalid_request_error"),
     Unauthorized.code: (401, "invalid_request_error"),
     TooManyRequests.code: (429, "rate_limit_exceeded"),
+    PriorityNotAllowed.code: (403, "permission_error"),
+    QueueTimeout.code: (503, "service_unavailable"),
+    TtftTargetMissed.code: (503, "service_unavailable"),
     errors.RequestTimeout.code: (504, "timeout"),
     errors.ModelNotFound.code: (404, "invalid_request_error"),
     errors.NoInstances.code: (503, "service_unavailable"),
@@ -93,7 +122,8 @@ def http_error(exc: BaseException) -> HttpError:
         log.error("unexpected error serving a request", exc_info=exc)
     headers = _JSON_HEADERS
     if status in _RETRY_LATER:
-        headers = headers + ((b"retry-after", b"1"),)
+        retry_after_s = exc.retry_after_s if isinstance(exc, Shed) else 1
+        headers = headers + ((b"retry-after", str(retry_after_s).encode()),)
     return HttpError(status, error_body(info), headers)
 
 

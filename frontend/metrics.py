@@ -91,7 +91,8 @@ class FrontendMetrics:
         self.rejected = Counter(
             f"{PREFIX}rejected_requests",
             "Requests refused before any work: reason is overloaded (429), rate_limited (429, a "
-            "tenant's limit) or unauthorized (401)",
+            "tenant's limit), unauthorized (401), queue_timeout (503), ttft_target (503: predicted "
+            "to miss its class's TTFT target) or priority_not_allowed (403)",
             ["reason"],
             registry=registry,
         )
@@ -105,6 +106,19 @@ class FrontendMetrics:
             f"{PREFIX}tenant_tokens",  # exposed as ..._tenant_tokens_total
             "Tokens charged to each tenant's limits: direction is input (prompt) or output",
             ["tenant", "direction"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}queue_depth",
+            "Requests waiting for admission (frontend/admission.py), by priority class and tenant",
+            ["priority", "tenant"],
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}queue_wait_seconds",
+            "Time a request waited for admission, by priority class (admitted ones only)",
+            ["priority"],
+            buckets=_LATENCY_BUCKETS_S,
             registry=registry,
         )
         self._models: dict[str, ModelMetrics] = {}

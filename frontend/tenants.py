@@ -35,9 +35,30 @@ class TenantLimits:
 @dataclass(frozen=True, slots=True)
 class Tenant:
     name: str
-    # Read by nothing yet: priority queuing is the next slice of issue 20.
+    # The priority class its requests queue in when the frontend is saturated (frontend/admission.py).
     priority: str = "default"
     limits: TenantLimits = field(default_factory=TenantLimits)
+    # Its share of a class's capacity against the class's other tenants (weighted fair queuing).
+    weight: float = 1.0
+    # May choose a request's class with the `x-dynamo-priority` header.
+    trusted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClass:
+    """A priority band of the admission queue, with its TTFT target (SLO-aware admission)."""
+
+    name: str
+    # 0: no target. A request predicted to miss it is shed (503) or held back, by `over_target`.
+    ttft_target_s: float = 0.0
+    over_target: str = "shed"  # "shed" | "queue"
+    # How long a request of this class may wait for admission; None: --queue-timeout-s.
+    queue_timeout_s: float | None = None
+
+
+# Without `priority_classes:` in the file: these bands, highest first.
+DEFAULT_CLASSES = (PriorityClass("interactive"), PriorityClass("default"), PriorityClass("batch"))
+OVER_TARGET_POLICIES = ("shed", "queue")
 
 
 class TenantsFileError(ValueError):
@@ -53,6 +74,14 @@ class TenantTable:
     """Key digest -> tenant: what ApiKeyMiddleware looks a key up in."""
 
     by_digest: dict[bytes, Tenant]
+    # Highest first.
+    classes: tuple[PriorityClass, ...] = DEFAULT_CLASSES
+
+    def priority_class(self, name: str) -> PriorityClass | None:
+        for cls in self.classes:
+            if cls.name == name:
+                return cls
+        return None
 
     def lookup(self, key: bytes) -> Tenant | None:
         return self.by_digest.get(key_digest(key))
@@ -75,6 +104,11 @@ def parse_tenants(data: Any, default_keys: Iterable[str] = ()) -> TenantTable:
         data = {}
     if not isinstance(data, dict) or not isinstance(data.get("tenants", {}), dict):
         raise TenantsFileError("the tenants file must be a mapping with a `tenants:` mapping of name -> tenant")
+    unknown_top = set(data) - {"tenants", "priority_classes"}
+    if unknown_top:
+        raise TenantsFileError(f"unknown top-level fields {sorted(unknown_top)}")
+    classes = _classes(data.get("priority_classes"))
+    class_names = {c.name for c in classes}
     by_digest: dict[bytes, Tenant] = {}
     tenants: dict[str, Tenant] = {}
 
@@ -87,10 +121,21 @@ def parse_tenants(data: Any, default_keys: Iterable[str] = ()) -> TenantTable:
         spec = spec or {}
         if not isinstance(spec, dict):
             raise TenantsFileError(f"tenant {name!r}: expected a mapping")
-        unknown = set(spec) - {"priority", "limits", "keys", "keys_sha256"}
+        unknown = set(spec) - {"priority", "limits", "keys", "keys_sha256", "weight", "trusted"}
         if unknown:
             raise TenantsFileError(f"tenant {name!r}: unknown fields {sorted(unknown)}")
-        tenant = Tenant(str(name), str(spec.get("priority", "default")), _limits(str(name), spec.get("limits") or {}))
+        priority = str(spec.get("priority", "default"))
+        if priority not in class_names:
+            raise TenantsFileError(f"tenant {name!r}: priority {priority!r} is not one of {sorted(class_names)}")
+        weight = _number(f"tenant {name!r}: weight", spec.get("weight", 1.0))
+        if weight <= 0:
+            raise TenantsFileError(f"tenant {name!r}: weight must be > 0")
+        trusted = spec.get("trusted", False)
+        if not isinstance(trusted, bool):
+            raise TenantsFileError(f"tenant {name!r}: trusted is true or false")
+        tenant = Tenant(
+            str(name), priority, _limits(str(name), spec.get("limits") or {}), weight=weight, trusted=trusted
+        )
         tenants[tenant.name] = tenant
         for key in spec.get("keys") or ():
             add(key_digest(str(key).encode()), tenant)
@@ -105,7 +150,45 @@ def parse_tenants(data: Any, default_keys: Iterable[str] = ()) -> TenantTable:
     default = tenants.get(DEFAULT_TENANT) or Tenant(DEFAULT_TENANT)
     for key in default_keys:
         add(key_digest(key.encode()), default)
-    return TenantTable(by_digest)
+    return TenantTable(by_digest, classes)
+
+
+def _number(what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TenantsFileError(f"{what} must be a number")
+    return float(value)
+
+
+def _classes(spec: Any) -> tuple[PriorityClass, ...]:
+    """`priority_classes:`, a list highest first: name, ttft_target_ms, over_target, queue_timeout_s.
+    A class `default` is appended (lowest) when the list lacks it: tenants without a `priority`
+    are in it."""
+    if spec is None:
+        return DEFAULT_CLASSES
+    if not isinstance(spec, list) or not spec:
+        raise TenantsFileError("priority_classes must be a non-empty list, highest priority first")
+    classes: list[PriorityClass] = []
+    for entry in spec:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise TenantsFileError("each of priority_classes is a mapping with a `name`")
+        name = entry["name"]
+        unknown = set(entry) - {"name", "ttft_target_ms", "over_target", "queue_timeout_s"}
+        if unknown:
+            raise TenantsFileError(f"priority class {name!r}: unknown fields {sorted(unknown)}")
+        if any(c.name == name for c in classes):
+            raise TenantsFileError(f"priority class {name!r} is declared twice")
+        target_ms = _number(f"priority class {name!r}: ttft_target_ms", entry.get("ttft_target_ms", 0))
+        over_target = entry.get("over_target", "shed")
+        if over_target not in OVER_TARGET_POLICIES:
+            raise TenantsFileError(f"priority class {name!r}: over_target is one of {list(OVER_TARGET_POLICIES)}")
+        timeout = entry.get("queue_timeout_s")
+        timeout_s = None if timeout is None else _number(f"priority class {name!r}: queue_timeout_s", timeout)
+        if target_ms < 0 or (timeout_s is not None and timeout_s <= 0):
+            raise TenantsFileError(f"priority class {name!r}: ttft_target_ms >= 0 and queue_timeout_s > 0")
+        classes.append(PriorityClass(name, target_ms / 1000.0, over_target, timeout_s))
+    if not any(c.name == "default" for c in classes):
+        classes.append(PriorityClass("default"))
+    return tuple(classes)
 
 
 def _limits(name: str, spec: Any) -> TenantLimits:
