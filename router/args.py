@@ -33,6 +33,13 @@ class RouterConfig:
     # device-cached block (it is copied back, not recomputed, but the copy costs time).
     host_hit_weight: float = 0.5
     disk_hit_weight: float = 0.25
+    # Session affinity (router/session.py): a request carrying a session id goes to the worker
+    # its session is pinned to, for this long after the session's last request (0: off).
+    session_ttl_s: float = 300.0
+    # The pinned worker is overloaded, and the request scored normally, when its load (queued
+    # prefill + active decode blocks) exceeds this multiple of the other candidates' mean load
+    # plus the request's own blocks.
+    session_overload_ratio: float = 2.0
 
     def __post_init__(self) -> None:
         if self.kv_block_size <= 0:
@@ -45,6 +52,10 @@ class RouterConfig:
             raise ValueError("temperature must be >= 0")
         if not (0 <= self.host_hit_weight <= 1 and 0 <= self.disk_hit_weight <= 1):
             raise ValueError("host_hit_weight and disk_hit_weight must be in [0, 1]")
+        if self.session_ttl_s < 0:
+            raise ValueError("session_ttl_s must be >= 0")
+        if self.session_overload_ratio < 1:
+            raise ValueError("session_overload_ratio must be >= 1")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
@@ -59,10 +70,15 @@ class RouterConfig:
             seed=args.router_seed,
             host_hit_weight=args.kv_host_hit_weight,
             disk_hit_weight=args.kv_disk_hit_weight,
+            session_ttl_s=args.router_session_affinity_ttl_s,
+            session_overload_ratio=args.router_session_overload_ratio,
         )
 
 
 _D = RouterConfig()
+
+# The header NVIDIA Dynamo's frontend reads for its session affinity (and aiperf sends).
+SESSION_HEADER = "x-dynamo-session-id"
 
 ROUTER_FLAGS = FlagGroup(
     "router",
@@ -140,6 +156,39 @@ ROUTER_FLAGS = FlagGroup(
             default=_D.disk_hit_weight,
             env="DYN_KV_DISK_HIT_WEIGHT",
             type=float,
+        ),
+        Flag(
+            "--router-session-affinity-ttl-s",
+            "kv mode: a request with a session id goes to its session's worker while that worker "
+            "lives and is not overloaded; the pin lasts this many seconds after the session's last "
+            "request (0: off)",
+            default=_D.session_ttl_s,
+            env="DYN_ROUTER_SESSION_AFFINITY_TTL_S",
+            type=float,
+        ),
+        Flag(
+            "--router-session-overload-ratio",
+            "a session's worker counts as overloaded (the request is scored normally and the "
+            "session re-pinned) when its load exceeds this multiple of the other candidates' mean load "
+            "plus the request's blocks",
+            default=_D.session_overload_ratio,
+            env="DYN_ROUTER_SESSION_OVERLOAD_RATIO",
+            type=float,
+        ),
+        Flag(
+            "--router-session-header",
+            "frontend: the request header that carries the session id (Dynamo's clients send "
+            "x-dynamo-session-id)",
+            default=SESSION_HEADER,
+            env="DYN_ROUTER_SESSION_HEADER",
+        ),
+        Flag(
+            "--router-session-from-user",
+            "frontend: a request without the session header uses the OpenAI `user` field as its "
+            "session id",
+            default=False,
+            env="DYN_ROUTER_SESSION_FROM_USER",
+            type=bool,
         ),
         Flag(
             "--router-seed",

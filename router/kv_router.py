@@ -24,10 +24,11 @@ from dynamo.wire import (
 from router.approx import ApproxIndex
 from router.args import RouterConfig
 from router.base import RoutingDecision
-from router.cost import choose, score_workers
+from router.cost import WorkerCost, choose, score_workers
 from router.indexer import EventOutcome, KvIndex
 from router.load_aware import LoadAwareRouter
 from router.metrics import RouterMetrics
+from router.session import Affinity, SessionTable
 
 __all__ = ["KvRouter"]
 
@@ -78,6 +79,14 @@ class KvRouter(LoadAwareRouter):
             outcome: self.metrics.kv_events.labels(self._label, outcome.value)
             for outcome in EventOutcome
         }
+        self.sessions: SessionTable | None = None
+        if config.session_ttl_s > 0:
+            self.sessions = SessionTable(config.session_ttl_s, clock)
+            self.metrics.sessions.labels(self._label).set_function(self.sessions.__len__)
+            self._affinity = {
+                outcome: self.metrics.session_affinity.labels(self._label, outcome.value)
+                for outcome in Affinity
+            }
 
     async def start(self) -> None:
         await super().start()
@@ -88,7 +97,7 @@ class KvRouter(LoadAwareRouter):
 
     async def close(self) -> None:
         await super().close()
-        self.metrics.forget_index(self._label)
+        self.metrics.forget_index(self._label)  # the sessions gauge too
 
     async def select(
         self, request: PreprocessedRequest, candidates: Sequence[int]
@@ -113,11 +122,51 @@ class KvRouter(LoadAwareRouter):
             self.load,
             self.config.overlap_score_weight,
         )
-        best = choose(costs, self.config.temperature, self._rng)
+        if self.sessions is not None and request.session_id:
+            best = self._session_choice(request.session_id, self.sessions, costs, len(hashes))
+        else:
+            best = choose(costs, self.config.temperature, self._rng)
         for predicted in (self.approx, self.predicted):
             if predicted is not None:
                 predicted.record(best.worker_id, hashes, self._clock())
         return self._commit(request, best)
+
+    def _session_choice(
+        self, session: str, table: SessionTable, costs: list[WorkerCost], request_blocks: int
+    ) -> WorkerCost:
+        """The session's pinned worker while it is a candidate and not overloaded; otherwise
+        normal scoring's choice, to which the session is (re-)pinned."""
+        pinned = table.get(session)
+        outcome = Affinity.MISS
+        if pinned is not None:
+            outcome = Affinity.REPIN
+            for cost in costs:
+                if cost.worker_id == pinned:
+                    if not self._overloaded(pinned, costs, request_blocks):
+                        table.pin(session, pinned)
+                        self._affinity[Affinity.HIT].inc()
+                        return cost
+                    outcome = Affinity.OVERLOADED
+                    break
+        best = choose(costs, self.config.temperature, self._rng)
+        table.pin(session, best.worker_id)
+        self._affinity[outcome].inc()
+        return best
+
+    def _overloaded(self, pinned: int, costs: list[WorkerCost], request_blocks: int) -> bool:
+        """Past the ratio of the other candidates' mean load plus this request's blocks (so a
+        lightly loaded fleet overloads nobody). Load is queued prefill plus active decode
+        blocks, this router's in-flight requests included (router/load.py). Normal scoring
+        still weighs the pinned worker's cache, so it often keeps the session there."""
+        others = [self._load_blocks(c.worker_id) for c in costs if c.worker_id != pinned]
+        if not others:
+            return False
+        mine = self._load_blocks(pinned)
+        return mine > self.config.session_overload_ratio * (sum(others) / len(others) + request_blocks)
+
+    def _load_blocks(self, worker: int) -> float:
+        load = self.load.load(worker)
+        return load.prefill_tokens / self.config.kv_block_size + load.decode_blocks
 
     def instance_removed(self, instance_id: int) -> None:
         super().instance_removed(instance_id)

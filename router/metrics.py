@@ -61,12 +61,27 @@ class RouterMetrics:
             registry=registry,
         )
 
+        self.session_affinity = Counter(
+            "dynamo_router_session_affinity",
+            "Requests with a session id, by outcome: hit (sent to its pinned worker), miss (no "
+            "live pin), repin (pinned worker gone), overloaded (pinned worker overloaded)",
+            ["component", "outcome"],
+            registry=registry,
+        )
+        self.sessions = Gauge(
+            "dynamo_router_sessions",
+            "Sessions pinned to a worker in this router's table",
+            ["component"],
+            registry=registry,
+        )
+
     def watch_index(self, component: str, size: Callable[[], int]) -> None:
         """Report the index size at scrape time: no bookkeeping on the event path."""
         self.index_blocks.labels(component).set_function(size)
 
     def forget_index(self, component: str) -> None:
-        try:
-            self.index_blocks.remove(component)
-        except KeyError:
-            pass
+        for gauge in (self.index_blocks, self.sessions):
+            try:
+                gauge.remove(component)
+            except KeyError:
+                pass

@@ -22,6 +22,7 @@ class RouteRequest(msgspec.Struct, frozen=True, array_like=True):
     request_id: str
     token_ids: list[int]
     candidates: list[int]  # live instance ids serving the request's model
+    session_id: str = ""  # session affinity (router/session.py); "" for none
 
 
 class RouteDecision(msgspec.Struct, frozen=True, array_like=True):

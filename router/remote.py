@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 from collections.abc import Sequence
@@ -54,8 +55,13 @@ class RemoteRouter(Router):
             raise errors.NoInstances("no live worker serves this model")
         assert self._client is not None, "start() the router first"
         replicas = self._client.instance_ids() or await self._client.wait_for_instances(self._wait_s)
-        replica = replicas[next(self._replica) % len(replicas)]
-        payload = encode(RouteRequest(request.request_id, request.token_ids, list(candidates)))
+        if request.session_id:
+            # Each replica keeps its own session table: a session's requests go to one replica
+            # (while the set of replicas stays the same) so they find their pin there.
+            replica = session_replica(request.session_id, replicas)
+        else:
+            replica = replicas[next(self._replica) % len(replicas)]
+        payload = encode(RouteRequest(request.request_id, request.token_ids, list(candidates), request.session_id))
         stream = await self._client.generate(payload, replica, f"route-{request.request_id}")
         async with stream:
             async for data in stream:
@@ -74,3 +80,14 @@ class RemoteRouter(Router):
 
     def _send(self, feedback: RouteFeedback) -> None:
         self._tasks.spawn(self.runtime.events.publish(feedback_subject(self._namespace), encode(feedback)))
+
+
+def session_replica(session_id: str, replicas: Sequence[int]) -> int:
+    """The replica a session's requests go to: rendezvous hashing, so a replica that joins or
+    leaves moves only the sessions it wins or held (they re-pin there by normal scoring)."""
+    key = session_id.encode()
+
+    def weight(replica: int) -> bytes:
+        return hashlib.blake2b(key + replica.to_bytes(8, "little"), digest_size=8).digest()
+
+    return max(replicas, key=weight)

@@ -5,6 +5,8 @@ router.
 Replicas stay consistent the way embedded routers do: each consumes every worker's KV events
 and load reports, and every frontend's feedback reaches every replica. A replica's in-flight
 predictions cover the requests it routed itself; the workers' load reports cover the rest.
+Session pins (router/session.py) are per replica too: frontends send all of a session's requests
+to the same replica (router/remote.py).
 """
 
 from __future__ import annotations
@@ -98,7 +100,9 @@ class RouterService:
             route = ROUTE_REQUEST_CODEC.decode(payload)
         except msgspec.MsgspecError as exc:
             raise errors.InvalidRequest(f"malformed route request: {exc}") from None
-        request = PreprocessedRequest(request_id=route.request_id, model="", token_ids=route.token_ids)
+        request = PreprocessedRequest(
+            request_id=route.request_id, model="", token_ids=route.token_ids, session_id=route.session_id
+        )
         decision = await self.router.select(request, route.candidates)
         yield encode(RouteDecision(decision.instance_id, decision.overlap_blocks))
 
