@@ -427,6 +427,7 @@ class ApiOperation:
     error: Any = None  # defaults to OpenAI's ErrorResponse
     error_statuses: tuple[int, ...] = (400, 404, 413, 429, 500, 502, 503)
     streams: bool = False
+    query: tuple[tuple[str, dict[str, Any]], ...] = ()  # optional query parameters: name, schema
 
 
 def openapi_schema(title: str, version: str, operations: Sequence[ApiOperation] = ()) -> dict[str, Any]:
@@ -460,11 +461,13 @@ def openapi_schema(title: str, version: str, operations: Sequence[ApiOperation] 
         operation: dict[str, Any] = {"summary": op.summary, "responses": responses}
         if request is not None:
             operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": request}}}
-        params = _PATH_PARAM.findall(op.path)
+        params = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in _PATH_PARAM.findall(op.path)
+        ]
+        params += [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in op.query]
         if params:
-            operation["parameters"] = [
-                {"name": name, "in": "path", "required": True, "schema": {"type": "string"}} for name in params
-            ]
+            operation["parameters"] = params
         paths.setdefault(op.path, {})[op.method] = operation
     return {
         "openapi": "3.1.0",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import msgspec
 from fastapi import FastAPI
@@ -27,6 +28,7 @@ from frontend.responses.schemas import (
     StoredResponse,
     decode_responses_request,
 )
+from frontend.responses.input_items import InputItemList, list_input_items, with_ids
 from frontend.schemas import ApiOperation
 from frontend.responses.store import DiscoveryResponseStore, ResponseNotFound, ResponseStore
 
@@ -92,7 +94,9 @@ def register_responses_routes(
         async def save(response: ResponseObject) -> None:
             if not request.store:
                 return
-            record = StoredResponse(response=response, input=converted.conversation, expires_at_s=store.expires_at())
+            record = StoredResponse(
+                response=response, input=with_ids(converted.conversation), expires_at_s=store.expires_at()
+            )
             try:
                 await store.put(record)
             except errors.DynamoError as exc:
@@ -106,19 +110,33 @@ def register_responses_routes(
         await save(response)
         return JsonReply(_encode(response))
 
-    async def retrieve(request: Request) -> Response:
+    async def stored(request: Request) -> StoredResponse:
         response_id = request.path_params["response_id"]
+        record = await store.get(response_id)
+        if record is None:
+            raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+        return record
+
+    async def retrieve(request: Request) -> Response:
         try:
-            record = await store.get(response_id)
-            if record is None:
-                raise ResponseNotFound(f"Response with id '{response_id}' not found.")
+            # OpenAI's retrieve also takes include/stream/starting_after: none is served here.
+            refuse_query(request.query_params)
+            record = await stored(request)
         except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
             return to_response(openai_http_error(exc))
         return Response(_encode(record.response), media_type="application/json")
 
+    async def input_items(request: Request) -> Response:
+        try:
+            page = list_input_items(await stored(request), request.query_params)
+        except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
+            return to_response(openai_http_error(exc))
+        return Response(_encode(page), media_type="application/json")
+
     async def delete(request: Request) -> Response:
         response_id = request.path_params["response_id"]
         try:
+            refuse_query(request.query_params)
             if not await store.delete(response_id):
                 raise ResponseNotFound(f"Response with id '{response_id}' not found.")
         except Exception as exc:  # noqa: BLE001 - every error becomes an OpenAI error body
@@ -129,12 +147,22 @@ def register_responses_routes(
     app.router.routes.append(Route("/v1/responses", endpoint, methods=["POST"]))
     app.router.routes.append(Route("/v1/responses/{response_id}", retrieve, methods=["GET"]))
     app.router.routes.append(Route("/v1/responses/{response_id}", delete, methods=["DELETE"]))
+    app.router.routes.append(Route("/v1/responses/{response_id}/input_items", input_items, methods=["GET"]))
     return store
+
+
+def refuse_query(query: Mapping[str, str]) -> None:
+    for name in query:
+        raise errors.InvalidRequest(f"Unrecognized query parameter: {name}", param=name)
 
 
 OPENAPI_OPERATIONS = (
     ApiOperation("/v1/responses", "post", "Create a response", ResponseObject, ResponsesRequest, streams=True),
-    ApiOperation("/v1/responses/{response_id}", "get", "A stored response", ResponseObject, error_statuses=(404,)),
+    ApiOperation("/v1/responses/{response_id}", "get", "A stored response", ResponseObject, error_statuses=(400, 404)),
     ApiOperation("/v1/responses/{response_id}", "delete", "Delete a stored response", DeletedResponse,
-                 error_statuses=(404,)),
+                 error_statuses=(400, 404)),
+    ApiOperation("/v1/responses/{response_id}/input_items", "get", "The input items of a stored response",
+                 InputItemList, error_statuses=(400, 404),
+                 query=(("limit", {"type": "integer"}), ("order", {"type": "string", "enum": ["asc", "desc"]}),
+                        ("after", {"type": "string"}))),
 )

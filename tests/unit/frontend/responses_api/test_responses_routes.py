@@ -90,6 +90,30 @@ async def test_two_turn_conversation_by_previous_response_id(
     assert continued[: len(first_prompt)] == first_prompt
 
 
+async def test_input_items_listed_and_paged(stack: Stack, client: openai.AsyncOpenAI, tokenizer: ModelTokenizer) -> None:
+    await start_worker(stack, ids(tokenizer, "Blue."), finish="stop")
+    first = await client.responses.create(model=MODEL, input="Name a color.")
+    second = await client.responses.create(model=MODEL, input="Another one?", previous_response_id=first.id)
+    # The whole conversation the second answer came from, newest first by default.
+    items = (await client.responses.input_items.list(second.id)).data
+    texts = [getattr(item, "content")[0].text for item in items]
+    assert texts == ["Another one?", "Blue.", "Name a color."]
+    assert all(item.id for item in items) and len({item.id for item in items}) == 3
+    # Ids given at store time are the ones the next response's listing shows.
+    assert [i.id for i in (await client.responses.input_items.list(first.id)).data] == [items[-1].id]
+    asc = await client.responses.input_items.list(second.id, order="asc", limit=2)
+    assert [i.id for i in asc.data] == [items[2].id, items[1].id] and asc.has_more
+    rest = await client.responses.input_items.list(second.id, order="asc", after=asc.data[-1].id)
+    assert [i.id for i in rest.data] == [items[0].id] and not rest.has_more
+    for query, param in (("limit=0", "limit"), ("order=up", "order"), ("after=msg_nope", "after"),
+                         ("include=file_search_call.results", "include"), ("before=x", "before")):
+        resp = await stack.client.get(f"/v1/responses/{second.id}/input_items?{query}")
+        assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.text
+    assert (await stack.client.get("/v1/responses/resp_missing/input_items")).status_code == 404
+    resp = await stack.client.get(f"/v1/responses/{second.id}?stream=true")
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "stream"
+
+
 async def test_store_false_is_not_kept(stack: Stack, client: openai.AsyncOpenAI, tokenizer: ModelTokenizer) -> None:
     await start_worker(stack, ids(tokenizer, "x"), finish="stop")
     response = await client.responses.create(model=MODEL, input="hi", store=False)
