@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from dynamo import tracing
 from dynamo.flags import Flag, FlagGroup
 from dynamo.logs import configure_logging
 
@@ -42,6 +43,7 @@ SYSTEM_FLAGS = FlagGroup(
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     LOGGING_FLAGS.add_to(parser)
+    tracing.TRACING_FLAGS.add_to(parser)
 
 
 async def wait_for_shutdown() -> None:
@@ -59,7 +61,14 @@ async def wait_for_shutdown() -> None:
 
 def run(main: Callable[[], Coroutine[Any, Any, None]], args: argparse.Namespace) -> None:
     configure_logging(args.log_level, args.log_json)
-    if uvloop is not None:
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+    # The package whose cli.main called: frontend.cli -> dynamo-frontend, workers.cli -> dynamo-worker.
+    package = getattr(main, "__module__", "").split(".")[0]
+    service = "dynamo-" + {"workers": "worker"}.get(package, package or "process")
+    tracing.setup(tracing.TracingConfig.from_args(args, service))
+    try:
+        if uvloop is not None:
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+    finally:
+        tracing.shutdown()  # spans still batched are written

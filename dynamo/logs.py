@@ -1,5 +1,6 @@
 """Logging setup for every entry point: one line per record, optionally JSON, level by flag
-or DYN_LOG; the request id rides in a context variable so handler logs carry it."""
+or DYN_LOG; the request id rides in a context variable so handler logs carry it, and JSON
+lines carry the current trace id when tracing is on (dynamo/tracing.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 import logging
 import sys
 
+from dynamo import tracing
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        record.trace_id = tracing.current_trace_id()
         return True
 
 
@@ -24,6 +28,7 @@ class _JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "request_id": getattr(record, "request_id", "-"),
+            "trace_id": getattr(record, "trace_id", "-"),
             "msg": record.getMessage(),
         }
         if record.exc_info:

@@ -115,6 +115,9 @@ class PreprocessedRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     constraint: OutputConstraint | None = None
     # Return the logprob of every prompt token and this many alternatives (completions' echo).
     prompt_logprobs: int | None = None
+    # W3C traceparent of the caller's span when the request is traced (dynamo/tracing.py); the
+    # worker's spans become its children. None: not traced (and nothing on the wire).
+    trace: str | None = None
     # A routing hint: the router keeps a session's requests on one worker (router/session.py).
     # Engines ignore it.
     session_id: str = ""

@@ -23,6 +23,7 @@ class RouteRequest(msgspec.Struct, frozen=True, array_like=True):
     token_ids: list[int]
     candidates: list[int]  # live instance ids serving the request's model
     session_id: str = ""  # session affinity (router/session.py); "" for none
+    trace: str | None = None  # W3C traceparent of the frontend's route span (dynamo/tracing.py)
 
 
 class RouteDecision(msgspec.Struct, frozen=True, array_like=True):

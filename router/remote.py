@@ -8,7 +8,7 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from dynamo import errors
+from dynamo import errors, tracing
 from dynamo.runtime.runtime import Client, Runtime
 from dynamo.tasks import TaskSet
 from dynamo.wire import PreprocessedRequest, encode
@@ -61,7 +61,11 @@ class RemoteRouter(Router):
             replica = session_replica(request.session_id, replicas)
         else:
             replica = replicas[next(self._replica) % len(replicas)]
-        payload = encode(RouteRequest(request.request_id, request.token_ids, list(candidates), request.session_id))
+        # The current span is the frontend's route span (frontend/choice_stream.py), when traced.
+        trace = tracing.current_traceparent()
+        payload = encode(
+            RouteRequest(request.request_id, request.token_ids, list(candidates), request.session_id, trace)
+        )
         stream = await self._client.generate(payload, replica, f"route-{request.request_id}")
         async with stream:
             async for data in stream:

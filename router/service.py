@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from dynamo import errors
+from dynamo import errors, tracing
 from dynamo.runtime.planes import RequestContext, Subscription
 from dynamo.runtime.runtime import Client, Runtime, ServedEndpoint
 from dynamo.wire import PreprocessedRequest, encode
@@ -103,7 +103,13 @@ class RouterService:
         request = PreprocessedRequest(
             request_id=route.request_id, model="", token_ids=route.token_ids, session_id=route.session_id
         )
-        decision = await self.router.select(request, route.candidates)
+        with tracing.span("router.select", route.trace, kind="server") as span:
+            decision = await self.router.select(request, route.candidates)
+            if span is not None:
+                span.set_attributes(
+                    {"dynamo.request_id": route.request_id, "dynamo.instance_id": f"{decision.instance_id:x}",
+                     "dynamo.overlap_blocks": decision.overlap_blocks, "dynamo.candidates": len(route.candidates)}
+                )
         yield encode(RouteDecision(decision.instance_id, decision.overlap_blocks))
 
     def _on_worker_change(self, instance_id: int, added: bool) -> None:
