@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 from kvbm.config import KvbmConfig, add_kvbm_args
 
 
@@ -103,47 +103,27 @@ def _model_vocab(model_dir: Path) -> tuple[int | None, frozenset[int], int | Non
     return vocab_size, frozenset(special), context
 
 
-def _int_env(name: str, default: int) -> int:
-    return int(env_default(name, str(default)) or default)
+_D = _DEFAULTS
+MOCKER_FLAGS = FlagGroup(
+    "mocker engine",
+    [
+        Flag("--block-size", "tokens per KV block", _D.block_size_tokens, "DYN_MOCKER_BLOCK_SIZE", int),
+        Flag("--num-gpu-blocks", "KV blocks in the simulated GPU pool", _D.num_gpu_blocks,
+             "DYN_MOCKER_NUM_GPU_BLOCKS", int),
+        Flag("--max-num-seqs", "most requests running at once", _D.max_num_seqs, "DYN_MOCKER_MAX_NUM_SEQS", int),
+        Flag("--max-num-batched-tokens", "token budget of one step, prefill chunks included",
+             _D.max_num_batched_tokens, "DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", int),
+        Flag("--max-model-len", "context length: prompt plus generated tokens", None, "DYN_MOCKER_MAX_MODEL_LEN",
+             int, default_doc=f"the model's max_position_embeddings, else {_D.max_model_len}"),
+        Flag("--speedup-ratio", "divide simulated engine time by this; >= 1e6 means no sleeping at all",
+             _D.speedup_ratio, "DYN_MOCKER_SPEEDUP_RATIO", float),
+        Flag("--vocab-size", "generate ids below this", None, "DYN_MOCKER_VOCAB_SIZE", int,
+             default_doc="the model's config.json"),
+        Flag("--seed", "seed mixed into every request's token stream", _D.seed, "DYN_MOCKER_SEED", int),
+    ],
+)
 
 
 def add_mocker_args(parser: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
-    group = parser.add_argument_group("mocker engine")
-    group.add_argument(
-        "--block-size", type=int, default=_int_env("DYN_MOCKER_BLOCK_SIZE", d.block_size_tokens),
-        help="tokens per KV block [env DYN_MOCKER_BLOCK_SIZE]",
-    )
-    group.add_argument(
-        "--num-gpu-blocks", type=int, default=_int_env("DYN_MOCKER_NUM_GPU_BLOCKS", d.num_gpu_blocks),
-        help="KV blocks in the simulated GPU pool [env DYN_MOCKER_NUM_GPU_BLOCKS]",
-    )
-    group.add_argument(
-        "--max-num-seqs", type=int, default=_int_env("DYN_MOCKER_MAX_NUM_SEQS", d.max_num_seqs),
-        help="most requests running at once [env DYN_MOCKER_MAX_NUM_SEQS]",
-    )
-    group.add_argument(
-        "--max-num-batched-tokens", type=int,
-        default=_int_env("DYN_MOCKER_MAX_NUM_BATCHED_TOKENS", d.max_num_batched_tokens),
-        help="token budget of one step, prefill chunks included [env DYN_MOCKER_MAX_NUM_BATCHED_TOKENS]",
-    )
-    group.add_argument(
-        "--max-model-len", type=int, default=_int_env("DYN_MOCKER_MAX_MODEL_LEN", 0) or None,
-        help="context length: prompt plus generated tokens (default: the model's "
-        "max_position_embeddings, else 8192) [env DYN_MOCKER_MAX_MODEL_LEN]",
-    )
-    group.add_argument(
-        "--speedup-ratio", type=float,
-        default=float(env_default("DYN_MOCKER_SPEEDUP_RATIO", str(d.speedup_ratio)) or d.speedup_ratio),
-        help="divide simulated engine time by this; >= 1e6 means no sleeping at all "
-        "[env DYN_MOCKER_SPEEDUP_RATIO]",
-    )
-    group.add_argument(
-        "--vocab-size", type=int, default=_int_env("DYN_MOCKER_VOCAB_SIZE", 0) or None,
-        help="generate ids below this (default: the model's config.json) [env DYN_MOCKER_VOCAB_SIZE]",
-    )
-    group.add_argument(
-        "--seed", type=int, default=_int_env("DYN_MOCKER_SEED", d.seed),
-        help="seed mixed into every request's token stream [env DYN_MOCKER_SEED]",
-    )
+    MOCKER_FLAGS.add_to(parser)
     add_kvbm_args(parser)

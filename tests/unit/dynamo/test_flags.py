@@ -29,6 +29,7 @@ def tables() -> dict[str, FlagGroup]:
     from router.cli import SERVICE_FLAGS
     from serve.cli import SERVE_FLAGS
     from workers.cli import MODEL_FLAGS, WORKER_FLAGS
+    from workers.mocker.args import MOCKER_FLAGS
 
     return {
         "runtime": RUNTIME_FLAGS,
@@ -41,6 +42,7 @@ def tables() -> dict[str, FlagGroup]:
         "serve": SERVE_FLAGS,
         "router": ROUTER_FLAGS,
         "router-service": SERVICE_FLAGS,
+        "mocker": MOCKER_FLAGS,
     }
 
 
