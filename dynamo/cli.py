@@ -1,4 +1,4 @@
-"""The `dynamo` console script: `dynamo serve|frontend|worker|router ...`, each the same as
+"""The `dynamo` console script: `dynamo serve|frontend|worker|router|planner ...`, each the same as
 `python -m dynamo.<subcommand>`."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 
 from frontend.cli import main as frontend_main
+from planner.cli import main as planner_main
 from router.cli import main as router_main
 from serve.cli import main as serve_main
 from workers.cli import main as worker_main
@@ -16,6 +17,7 @@ SUBCOMMANDS: dict[str, Callable[[list[str] | None], None]] = {
     "frontend": frontend_main,
     "worker": worker_main,
     "router": router_main,
+    "planner": planner_main,
 }
 
 

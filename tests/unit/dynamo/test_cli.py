@@ -13,7 +13,7 @@ import pytest
 from workers.registry import DEFAULT_ENGINE, ENGINE_NAMES
 
 ROOT = Path(__file__).resolve().parents[3]
-ENTRY_POINTS = ("dynamo.frontend", "dynamo.worker", "dynamo.router", "dynamo.serve")
+ENTRY_POINTS = ("dynamo.frontend", "dynamo.worker", "dynamo.router", "dynamo.serve", "dynamo.planner")
 
 
 def parser_for(module: str, engine: str | None):  # type: ignore[no-untyped-def]
@@ -33,7 +33,7 @@ def test_engine_parsers_build_without_clashes(module: str, engine: str) -> None:
     assert parser.conflict_handler == "error"
 
 
-@pytest.mark.parametrize("module", ["dynamo.frontend", "dynamo.router"])
+@pytest.mark.parametrize("module", ["dynamo.frontend", "dynamo.router", "dynamo.planner"])
 def test_other_parsers_build(module: str) -> None:
     parser = parser_for(module, None)
     assert parser.conflict_handler == "error"
@@ -87,8 +87,8 @@ def test_entry_modules_import_nothing_lazily(module: str) -> None:
 
 
 def test_the_runtime_imports_no_package_above_it() -> None:
-    """dynamo/ (but its entry shims) imports neither frontend, router, workers, kvbm nor serve."""
-    above = ("frontend", "router", "workers", "kvbm", "serve")
+    """dynamo/ (but its entry shims) imports neither frontend, router, workers, kvbm, serve nor planner."""
+    above = ("frontend", "router", "workers", "kvbm", "serve", "planner")
     shims = {f"{m.split('.')[1]}.py" for m in ENTRY_POINTS} | {"cli.py"}
     for path in (ROOT / "dynamo").rglob("*.py"):
         if path.parent == ROOT / "dynamo" and path.name in shims:
@@ -110,3 +110,11 @@ def test_router_imports_no_workers() -> None:
                 assert not node.module.startswith(("workers", "frontend", "serve")), path
             if isinstance(node, ast.Import):
                 assert not any(a.name.startswith(("workers", "frontend", "serve")) for a in node.names), path
+
+
+def test_planner_imports_only_the_runtime() -> None:
+    """The planner talks to workers and frontends over the network, never through their code."""
+    for path in (ROOT / "planner").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith(("workers", "frontend", "serve", "router", "kvbm")), path
