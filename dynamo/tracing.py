@@ -323,6 +323,19 @@ def use(s: Span | None) -> Iterator[None]:
         _context_api.detach(token)
 
 
+def attach(s: Span | None) -> object:
+    """Make `s` current until `detach(token)` (for a span that covers a whole function whose
+    body a `with` would have to re-indent); returns the token, None when `s` is None."""
+    if s is None or _api is None or _context_api is None:
+        return None
+    return _context_api.attach(_api.set_span_in_context(s))
+
+
+def detach(token: object) -> None:
+    if token is not None and _context_api is not None:
+        _context_api.detach(token)  # type: ignore[arg-type]
+
+
 def fail(s: Span | None, error: BaseException | str) -> None:
     """Mark `s` failed (a cancellation counts: the client or a deadline ended the work)."""
     if s is None or _api is None:

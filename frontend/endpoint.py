@@ -12,9 +12,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.types import Message, Receive, Scope, Send
 
+from dynamo import tracing
 from frontend.admission import PRIORITY_HEADER, AdmissionGate
 from frontend.errors import HttpError, RequestTooLarge
 from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Admission, RateLimited, TenantQuota
@@ -64,6 +66,29 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def _server_span(scope: Scope, arrived_s: float) -> Any:
+    header = _header(scope, b"traceparent")
+    parent = header.decode("latin-1") if header is not None else tracing.CURRENT
+    return tracing.start_span(f"POST {scope.get('path', '')}", parent, kind="server", start_s=arrived_s)
+
+
+def _traced_send(send: Send, span: Any) -> Send:
+    """`send` that puts the span's id in the response (W3C Trace Context's `traceresponse`
+    header, traceparent's format) and its status code on the span."""
+    header = (b"traceresponse", (tracing.traceparent(span) or "").encode())
+
+    async def traced(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            span.set_attribute("http.response.status_code", status)
+            if status >= 500:
+                tracing.fail(span, f"HTTP {status}")
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return traced
 
 
 class _DisconnectWatch:
@@ -153,6 +178,12 @@ class ApiEndpoint:
         failed = True
         holds_slot = False
         reset = None
+        # Traced: the request's server span (a child of the client's traceparent when it sent
+        # one) is current for all the work below, and the response names it.
+        span = _server_span(scope, arrived_s) if tracing.active else None
+        trace_token = tracing.attach(span)
+        if span is not None:
+            send = _traced_send(send, span)
         try:
             if self.limit is not None:
                 # The tenant's rate limits and the admission queue apply to the routes that do
@@ -164,7 +195,8 @@ class ApiEndpoint:
                 )
                 if quota is not None:
                     admission = quota.admit(len(body))
-                await self.limit.acquire(ticket)
+                with tracing.span("queue"):
+                    await self.limit.acquire(ticket)
                 holds_slot = True
             reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
             await self._serve(body, arrived_s, send, watch)
@@ -180,6 +212,11 @@ class ApiEndpoint:
             await send_error(send, self._error(exc))
         finally:
             watch.stop()
+            if span is not None:
+                tracing.detach(trace_token)
+                if watch.disconnected:
+                    tracing.fail(span, "client disconnected")
+                tracing.end(span)
             if reset is not None:
                 CURRENT_ADMISSION.reset(reset)
             if admission is not None:
