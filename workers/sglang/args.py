@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 
 SGLANG_VERSION = "0.5.23"
 INSTALL_HINT = (
@@ -116,31 +116,24 @@ def copy_foreign_actions(
     return dests
 
 
+SGLANG_FLAGS = FlagGroup(
+    "sglang worker",
+    [
+        Flag("--publish-kv-events", "subscribe to SGLang's KV events and publish them, re-hashed, for KV-aware "
+             "routing", True, "DYN_SGLANG_PUBLISH_KV_EVENTS", bool),
+        Flag("--sglang-load-poll-s", "how often to read SGLang's load snapshot for load metrics", 0.25,
+             "DYN_SGLANG_LOAD_POLL_S", float),
+        Flag("--sglang-structured-outputs", "load SGLang's tokenizer (no skip_tokenizer_init) so that its grammar "
+             "backend serves response_format, regex, choice and grammar constraints; SGLang then also "
+             "detokenizes every output, which costs CPU per token. Off: constrained requests are refused",
+             False, "DYN_SGLANG_STRUCTURED_OUTPUTS", bool),
+    ],
+)
+
+
 def add_sglang_args(parser: argparse.ArgumentParser, foreign: argparse.ArgumentParser | None = None) -> None:
     """Our SGLang-worker flags, then SGLang's server flags (from `foreign`, default: SGLang's)."""
-    group = parser.add_argument_group("sglang worker")
-    group.add_argument(
-        "--publish-kv-events",
-        action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_SGLANG_PUBLISH_KV_EVENTS", "1") or "1") not in ("0", "false"),
-        help="subscribe to SGLang's KV events and publish them, re-hashed, for KV-aware routing "
-        "[env DYN_SGLANG_PUBLISH_KV_EVENTS]",
-    )
-    group.add_argument(
-        "--sglang-load-poll-s",
-        type=float,
-        default=float(env_default("DYN_SGLANG_LOAD_POLL_S", "0.25") or "0.25"),
-        help="how often to read SGLang's load snapshot for load metrics [env DYN_SGLANG_LOAD_POLL_S]",
-    )
-    group.add_argument(
-        "--sglang-structured-outputs",
-        action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_SGLANG_STRUCTURED_OUTPUTS", "0") or "0") not in ("0", "false"),
-        help="load SGLang's tokenizer (no skip_tokenizer_init) so that its grammar backend serves "
-        "response_format, regex, choice and grammar constraints; SGLang then also detokenizes "
-        "every output, which costs CPU per token. Off: constrained requests are refused "
-        "[env DYN_SGLANG_STRUCTURED_OUTPUTS]",
-    )
+    SGLANG_FLAGS.add_to(parser)
     dests = copy_foreign_actions(
         parser,
         foreign if foreign is not None else sglang_server_parser(),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 
 TRTLLM_VERSION = "1.2.1"
 INSTALL_HINT = (
@@ -147,17 +148,15 @@ def add_trtllm_args(parser: argparse.ArgumentParser) -> None:
         help="YAML file of further LLM API options, merged over the flags (as trtllm-serve does) "
         "[env DYN_TRTLLM_EXTRA_OPTIONS]",
     )
-    ours = parser.add_argument_group("trtllm worker")
-    ours.add_argument(
-        "--publish-kv-events",
-        action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_TRTLLM_PUBLISH_KV_EVENTS", "1") or "1") not in ("0", "false"),
-        help="turn on TensorRT-LLM's KV cache events and publish them, re-hashed, for KV-aware "
-        "routing [env DYN_TRTLLM_PUBLISH_KV_EVENTS]",
-    )
-    ours.add_argument(
-        "--trtllm-stats-poll-s",
-        type=float,
-        default=float(env_default("DYN_TRTLLM_STATS_POLL_S", "0.25") or "0.25"),
-        help="how long each read of TensorRT-LLM's iteration stats waits [env DYN_TRTLLM_STATS_POLL_S]",
-    )
+    TRTLLM_FLAGS.add_to(parser)
+
+
+TRTLLM_FLAGS = FlagGroup(
+    "trtllm worker",
+    [
+        Flag("--publish-kv-events", "turn on TensorRT-LLM's KV cache events and publish them, re-hashed, for "
+             "KV-aware routing", True, "DYN_TRTLLM_PUBLISH_KV_EVENTS", bool),
+        Flag("--trtllm-stats-poll-s", "how long each read of TensorRT-LLM's iteration stats waits", 0.25,
+             "DYN_TRTLLM_STATS_POLL_S", float),
+    ],
+)

@@ -30,6 +30,8 @@ def tables() -> dict[str, FlagGroup]:
     from serve.cli import SERVE_FLAGS
     from workers.cli import MODEL_FLAGS, WORKER_FLAGS
     from workers.mocker.args import MOCKER_FLAGS
+    from workers.sglang.args import SGLANG_FLAGS
+    from workers.trtllm.args import TRTLLM_FLAGS
 
     return {
         "runtime": RUNTIME_FLAGS,
@@ -43,6 +45,8 @@ def tables() -> dict[str, FlagGroup]:
         "router": ROUTER_FLAGS,
         "router-service": SERVICE_FLAGS,
         "mocker": MOCKER_FLAGS,
+        "sglang": SGLANG_FLAGS,
+        "trtllm": TRTLLM_FLAGS,
     }
 
 
