@@ -310,17 +310,10 @@ def _current_span(name: str, parent: Parent, kind: SpanKind, attributes: Mapping
         s.end()
 
 
-@contextlib.contextmanager
-def use(s: Span | None) -> Iterator[None]:
-    """Make `s` the current span for the block, without ending it; nothing when `s` is None."""
-    if s is None or _api is None or _context_api is None:
-        yield
-        return
-    token = _context_api.attach(_api.set_span_in_context(s))
-    try:
-        yield
-    finally:
-        _context_api.detach(token)
+def annotate(attributes: Mapping[str, Any]) -> None:
+    """Set attributes on the current span (nothing when tracing is off)."""
+    if _api is not None:
+        _api.get_current_span().set_attributes(attributes)
 
 
 def attach(s: Span | None) -> object:
@@ -333,7 +326,7 @@ def attach(s: Span | None) -> object:
 
 def detach(token: object) -> None:
     if token is not None and _context_api is not None:
-        _context_api.detach(token)  # type: ignore[arg-type]
+        _context_api.detach(token)
 
 
 def fail(s: Span | None, error: BaseException | str) -> None:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from dataclasses import dataclass
 
 import msgspec
 
-from dynamo import errors
+from dynamo import errors, tracing
 from dynamo.runtime import ResponseStream
 from dynamo.wire import OUTPUT_CODEC, EngineOutput, PreprocessedRequest, encode
 from frontend.metrics import FrontendMetrics
@@ -58,7 +59,7 @@ class ChoiceStream:
     __slots__ = (
         "request", "model", "state", "instance_id", "cached_tokens", "migrations", "timed_out",
         "_original", "_manager", "_policy", "_metrics", "_stream", "_pending", "_stream_done",
-        "deadline",
+        "deadline", "span",
     )
 
     def __init__(
@@ -84,12 +85,17 @@ class ChoiceStream:
         self._pending: list[bytes] = []  # outputs read during dispatch, not yet handed out
         self._stream_done = False  # the worker stream ended (no cancel needed on close)
         self.deadline: float | None = None  # event-loop time when the whole request times out
+        self.span: tracing.Span | None = None  # traced: this choice from dispatch to close
 
     # --------------------------------------------------------------------------- dispatch
 
     async def open(self) -> EngineOutput:
         """Route, send and wait for the first output (kept for the first `next_burst`)."""
         assert self.state is ChoiceState.NEW
+        if tracing.active:
+            # The workers' spans become children of this one: its traceparent goes with the request.
+            self.span = tracing.start_span("generate", attributes={"dynamo.request_id": self.request.request_id})
+            self.request = self._original = msgspec.structs.replace(self.request, trace=tracing.traceparent(self.span))
         first = await self._dispatch(self.request, avoid=None, model=self.model)
         self.cached_tokens = first.cached_tokens or 0
         self.state = ChoiceState.STREAMING
@@ -110,9 +116,15 @@ class ChoiceStream:
             candidates = [i for i in live if i not in tried and i != avoid] or [i for i in live if i not in tried]
             if not candidates:
                 break
-            decision = await router.select(request, candidates)
+            with tracing.span("route", request.trace) as route:  # current: a remote router carries it on
+                decision = await router.select(request, candidates)
+                if route is not None:
+                    route.set_attributes(
+                        {"dynamo.instance_id": f"{decision.instance_id:x}", "dynamo.overlap_blocks": decision.overlap_blocks}
+                    )
             instance_id = decision.instance_id
             tried.append(instance_id)
+            sent_s = time.perf_counter()
             try:
                 stream = await client.generate(payload, instance_id, request.request_id)
             except errors.InstanceUnavailable as exc:
@@ -137,6 +149,10 @@ class ChoiceStream:
             self.model = model
             self.request = request
             router.first_token(request.request_id, instance_id)
+            if request.trace is not None:
+                tracing.emit(
+                    "first_token", request.trace, sent_s, time.perf_counter(), {"dynamo.instance_id": f"{instance_id:x}"}
+                )
             self._pending = burst[1:]
             return _decode_output(burst[0])
         if isinstance(last_error, errors.Overloaded):
@@ -186,6 +202,15 @@ class ChoiceStream:
         return self.model.card.migration_limit if limit is None else limit
 
     async def _migrate(self, generated: list[int], exc: errors.DynamoError) -> EngineOutput:
+        trace = self._original.trace
+        if trace is None or self.timed_out or self.migrations >= self.migration_limit():
+            return await self._move(generated, exc, trace)
+        # Traced: one span from the break to the new worker's first output, parent of its spans.
+        attributes = {"dynamo.from_instance": f"{self.instance_id:x}", "dynamo.generated_tokens": len(generated)}
+        with tracing.span("migration", trace, attributes=attributes) as span:
+            return await self._move(generated, exc, tracing.traceparent(span))
+
+    async def _move(self, generated: list[int], exc: errors.DynamoError, trace: str | None) -> EngineOutput:
         if self.timed_out or self.migrations >= self.migration_limit():
             raise exc
         self.state = ChoiceState.MIGRATING
@@ -205,6 +230,7 @@ class ChoiceStream:
             # through the output constraint's grammar.
             generated_before=original.generated_before + len(generated),
             prompt_logprobs=None,  # the client has them from the first worker
+            trace=trace,
         )
         log.warning(
             "request %s: worker %x failed after %d tokens (%s); migrating (%d of %d)",
@@ -264,6 +290,10 @@ class ChoiceStream:
         finally:
             if stream is not None and self.model.router is not None:
                 self.model.router.request_finished(self.request.request_id, self.instance_id)
+            if self.span is not None:
+                attributes = {"dynamo.instance_id": f"{self.instance_id:x}", "dynamo.migrations": self.migrations}
+                tracing.end(self.span, attributes=attributes)
+                self.span = None
 
 
 async def _drain(stream: ResponseStream, request_id: str) -> None:

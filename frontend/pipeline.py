@@ -16,7 +16,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from dynamo import errors
+from dynamo import errors, tracing
+from dynamo.logs import request_id_var
 from dynamo.wire import EngineOutput
 from frontend.choice_stream import ChoiceStream, DispatchPolicy
 from frontend.metrics import FrontendMetrics, ModelMetrics
@@ -102,6 +103,8 @@ class Pipeline:
             await model.wait_open()
             assert model.tokenizer is not None
             request_id = uuid.uuid4().hex
+            request_id_var.set(request_id)  # this request's task logs under its id
+            preprocess_s = time.perf_counter()
             if isinstance(body, ChatCompletionRequest):
                 parsers = ParserNames(model.card.tool_call_parser or None, model.card.reasoning_parser or None)
                 prepared = await _run(body_bytes, preprocess_chat, body, model.card, model.tokenizer, request_id, parsers)
@@ -111,6 +114,13 @@ class Pipeline:
             # Unknown names are not used as labels: clients control them (unbounded cardinality).
             self.metrics.count(model_label, endpoint, "unary", "error")
             raise
+        if tracing.active:
+            # The current span is the request's server span (frontend/endpoint.py).
+            tracing.annotate({"dynamo.request_id": request_id, "dynamo.model": model.name})
+            tracing.emit(
+                "preprocess", tracing.CURRENT, preprocess_s, time.perf_counter(),
+                {"dynamo.prompt_tokens": prepared.prompt_tokens, "dynamo.choices": len(prepared.choices)},
+            )
         if body.user is not None:
             # OpenAI's `user` identifies the end user for abuse monitoring: it goes to the log.
             log.info("request %s: user %r", request_id, body.user)
