@@ -50,6 +50,9 @@ class FrontendConfig:
     cors_allow_origins: tuple[str, ...] = ()
     # How long /v1/responses keeps a stored response (GET, previous_response_id).
     response_store_ttl_s: float = 3600.0
+    # A request for a model this frontend served and that has no worker now (scaled to zero)
+    # waits this long for one to register, then gets 503 with Retry-After; 0: 503 at once.
+    scale_from_zero_wait_s: float = 30.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FrontendConfig:
@@ -72,6 +75,7 @@ class FrontendConfig:
             tenants_poll_s=args.tenants_poll_s,
             cors_allow_origins=_split(args.cors_allow_origins),
             response_store_ttl_s=args.response_store_ttl_s,
+            scale_from_zero_wait_s=args.scale_from_zero_wait_s,
         )
 
 
@@ -167,6 +171,13 @@ FRONTEND_FLAGS = FlagGroup(
             "how long a stored /v1/responses response can be read or continued by "
             "previous_response_id, on any frontend of the namespace",
             default=_D.response_store_ttl_s, env="DYN_RESPONSE_STORE_TTL_S", type=float,
+        ),
+        Flag(
+            "--scale-from-zero-wait-s",
+            "a request for a model this frontend has served that has no worker now (scaled to zero "
+            "by the planner) waits this long for one to register, then gets 503 with Retry-After "
+            "(0: 503 at once)",
+            default=_D.scale_from_zero_wait_s, env="DYN_SCALE_FROM_ZERO_WAIT_S", type=float,
         ),
     ],
 )

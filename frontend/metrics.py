@@ -54,6 +54,11 @@ class FrontendMetrics:
         self.inflight = Gauge(
             f"{PREFIX}inflight_requests", "Requests in flight", ["model"], registry=registry
         )
+        self.held = Gauge(
+            f"{PREFIX}held_requests",
+            "Requests waiting for a worker of a model scaled to zero (--scale-from-zero-wait-s)",
+            ["model"], registry=registry,
+        )
         Gauge(f"{PREFIX}asyncio_tasks", "asyncio tasks alive in the frontend's event loop",
               registry=registry).set_function(live_asyncio_tasks)
         self.ttft = Histogram(

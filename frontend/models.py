@@ -9,6 +9,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Gauge
+
 from dynamo import errors
 from dynamo.tasks import TaskSet
 from dynamo.model_registry import ModelEntry, ModelWatcher
@@ -69,8 +71,16 @@ class ModelManager:
         watcher: ModelWatcher,
         router_factory: RouterFactory,
         tokenizers: TokenizerCache | None = None,
+        scale_from_zero_wait_s: float = 0.0,
+        held: Gauge | None = None,
     ) -> None:
         self.runtime = runtime
+        # Models that had workers and have none now (scaled to zero by the planner) are still
+        # known: a request for one waits this long for a worker instead of a 404.
+        self.scale_from_zero_wait_s = scale_from_zero_wait_s
+        self._held = held  # requests waiting so, by model (the planner's cue to scale up)
+        self._seen: set[str] = set()
+        self._held_count: dict[str, int] = {}
         self.watcher = watcher
         self.router_factory = router_factory
         self.tokenizers = tokenizers if tokenizers is not None else TokenizerCache()
@@ -104,6 +114,32 @@ class ModelManager:
         if model is None:
             raise errors.ModelNotFound(f"The model `{name}` does not exist.", param="model")
         return model
+
+    async def acquire(self, name: str) -> ServedModel:
+        """`get`, except that a model this frontend has served and that has no worker now is
+        waited for (bounded) until one registers; then 503 with Retry-After."""
+        if name in self.models or name not in self._seen or self.scale_from_zero_wait_s <= 0:
+            return self.get(name)
+        self._holding(name, +1)
+        try:
+            await self.wait_until(lambda: name in self.models, self.scale_from_zero_wait_s)
+        except TimeoutError:
+            raise errors.NoInstances(
+                f"model {name!r} has no workers (scaled to zero); none registered within "
+                f"{self.scale_from_zero_wait_s:g}s"
+            ) from None
+        finally:
+            self._holding(name, -1)
+        return self.models[name]
+
+    def held_requests(self, name: str) -> int:
+        """Requests waiting in `acquire` for a worker of `name`."""
+        return self._held_count.get(name, 0)
+
+    def _holding(self, name: str, delta: int) -> None:
+        self._held_count[name] = self._held_count.get(name, 0) + delta
+        if self._held is not None:
+            self._held.labels(name).inc(delta)
 
     def ready(self) -> bool:
         """At least one model, and every model has an opened, live instance."""
@@ -143,6 +179,7 @@ class ModelManager:
     def _add(self, name: str, entry: ModelEntry) -> None:
         model = ServedModel(name=name, entry=entry, card=entry.any_card())
         self.models[name] = model
+        self._seen.add(name)
         self._spawn(self._open_model(model))
 
     async def _open_model(self, model: ServedModel) -> None:

@@ -93,7 +93,7 @@ class Pipeline:
         metrics label (the API the request came in on)."""
         model_label = "unknown"
         try:
-            model = self.manager.get(body.model)
+            model = await self.manager.acquire(body.model)  # waits for a scaled-to-zero model
             model_label = model.name
             if model.card.model_type == "embedding":
                 raise errors.InvalidRequest(

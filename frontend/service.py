@@ -61,7 +61,10 @@ class Frontend:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = FrontendMetrics(self.registry)
         self.watcher = ModelWatcher(runtime.discovery, config.namespace or runtime.namespace)
-        self.manager = ModelManager(runtime, self.watcher, router_factory)
+        self.manager = ModelManager(
+            runtime, self.watcher, router_factory,
+            scale_from_zero_wait_s=config.scale_from_zero_wait_s, held=self.metrics.held,
+        )
         self.app: FastAPI = create_app(self.manager, self.metrics, config)
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
