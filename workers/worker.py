@@ -11,7 +11,10 @@ from collections.abc import AsyncIterator, Awaitable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from dynamo import errors
+import msgspec
+
+from dynamo import errors, tracing
+from dynamo.logs import request_id_var
 from dynamo.events import (
     KvEventPublisher,
     LoadPublisher,
@@ -225,6 +228,7 @@ class Worker:
 
     async def handle(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         request = REQUEST_CODEC.decode(payload)
+        request_id_var.set(request.request_id)  # this request's task logs under its id
         assert self.info is not None
         if len(request.token_ids) >= self.info.context_length:
             raise errors.InvalidRequest(
@@ -237,6 +241,13 @@ class Worker:
         if limit and self.engine.load_metrics().waiting_requests >= limit:
             self.metrics.finished("overloaded")
             raise errors.Overloaded(f"worker {self.instance_id:x} has {limit} requests queued already")
+        span = None
+        if request.trace is not None and tracing.active:
+            attributes = {"dynamo.request_id": request.request_id, "dynamo.instance_id": f"{self.instance_id:x}",
+                          "dynamo.prompt_tokens": len(request.token_ids)}
+            span = tracing.start_span("worker.generate", request.trace, kind="server", attributes=attributes)
+            # The engine's spans (queue, prefill, decode) and a remote prefill's become its children.
+            request = msgspec.structs.replace(request, trace=tracing.traceparent(span))
         outputs = (self.disagg or self.engine).generate(request)
         status = "cancelled"
         self.metrics.inflight.inc()
@@ -291,6 +302,10 @@ class Worker:
             self._active -= 1
             if not self._active:
                 self._idle.set()
+            if span is not None:
+                if status != "ok":
+                    tracing.fail(span, status)
+                tracing.end(span, attributes={"dynamo.output_tokens": tokens, "dynamo.status": status})
             # Closing the engine's stream is what aborts the request and frees its blocks when
             # the caller cancels.
             await outputs.aclose()  # type: ignore[attr-defined]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import msgspec
 
-from dynamo import errors
+from dynamo import errors, tracing
 from dynamo.kv_hash import block_hashes
 from dynamo.wire import (
     EmbeddingRequest,
@@ -32,6 +32,7 @@ from workers.paged.embedding import EmbeddingBatcher, PoolingExecutor
 from workers.paged.executor import StepExecutor
 from workers.paged.scheduler import Scheduler
 from workers.paged.sequence import Sequence
+from workers.paged.spans import EngineSpans
 
 if TYPE_CHECKING:
     from kvbm.transfer.layout import KvMemory
@@ -257,6 +258,8 @@ class PagedEngine(Engine, Generic[E]):
             raise
         scheduler = self.scheduler
         self._streams[seq] = queue
+        trace = request.trace
+        spans = EngineSpans(trace, seq, prefilled is not None) if trace is not None and tracing.active else None
         try:
             if prefilled is None:
                 scheduler.add(seq)
@@ -284,6 +287,8 @@ class PagedEngine(Engine, Generic[E]):
             del self._streams[seq]
             scheduler.abort(seq)
             self.executor.release(seq)
+            if spans is not None:
+                spans.emit()
 
     def _check_running(self) -> None:
         if self._task is None or self._task.done():

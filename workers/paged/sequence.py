@@ -5,6 +5,7 @@ back to waiting); the scheduler and the engine call its methods rather than sett
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,7 @@ class Sequence:
     # Return each prompt token's logprob and this many alternatives with the first token: every
     # prompt position must be computed here, so such a prompt takes no prefix-cache hit.
     prompt_logprobs: int | None = None
+    admitted_s: float = 0.0  # perf_counter() at its first admission (tracing: workers/paged/spans.py)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -104,6 +106,7 @@ class Sequence:
         self.num_committed_blocks = num_cached_blocks
         if self.cached_tokens is None:
             self.cached_tokens = num_computed_tokens
+            self.admitted_s = time.perf_counter()
         self.status = SeqStatus.RUNNING
 
     def adopt_prefilled(self, blocks: list[Block], num_cached_blocks: int, first: EngineOutput) -> FinishReason | None:
