@@ -46,6 +46,7 @@ from frontend.schemas import (
     ReadyStatus,
     openapi_schema,
 )
+from frontend.session import CURRENT_SESSION, header_session
 from frontend.sse import DONE, ChunkWriter, error_event, response_body
 from frontend.tenants import Tenant, TenantRegistry
 from frontend.tokenize_api import OPENAPI_OPERATIONS as TOKENIZE_OPERATIONS, register_tokenize_routes
@@ -154,13 +155,27 @@ class FrontendApp(FastAPI):
         self.direct: dict[str, ASGIApp] = {}
         # With CORS on, browser requests (they carry Origin) need CORSMiddleware's headers.
         self.cors_enabled = False
+        self.session_header = b"x-dynamo-session-id"  # create_app sets the configured one
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            direct = self.direct.get(scope["path"])
-            if direct is not None and not (self.cors_enabled and _has_origin(scope)):
-                await direct(scope, receive, send)
+            session = header_session(scope, self.session_header)
+            if session:  # for the router's session affinity, read by the pipeline
+                reset = CURRENT_SESSION.set(session)
+                try:
+                    await self._post(scope, receive, send)
+                finally:
+                    CURRENT_SESSION.reset(reset)
                 return
+            await self._post(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+    async def _post(self, scope: Scope, receive: Receive, send: Send) -> None:
+        direct = self.direct.get(scope["path"])
+        if direct is not None and not (self.cors_enabled and _has_origin(scope)):
+            await direct(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
 
 
@@ -189,9 +204,11 @@ def create_app(
             max_dispatch_attempts=config.max_dispatch_attempts,
             migration_limit=config.migration_limit,
             request_timeout_s=config.request_timeout_s,
+            session_from_user=config.session_from_user,
         ),
     )
     app.state.pipeline = pipeline
+    app.session_header = config.session_header.lower().encode()
     limit = AdmissionGate(
         AdmissionConfig(config.max_inflight_requests, config.max_waiting_requests, config.queue_timeout_s),
         metrics,

@@ -14,6 +14,10 @@ class FrontendConfig:
     http_host: str = "0.0.0.0"
     http_port: int = 8000
     router_mode: str = "round-robin"
+    # Session affinity (router flags --router-session-header / --router-session-from-user):
+    # where a request's session id comes from; the router pins sessions (router/session.py).
+    session_header: str = "x-dynamo-session-id"
+    session_from_user: bool = False
     # Bodies beyond this get a 413 before any parsing (a 128k-token prompt is ~1 MB of JSON).
     max_request_body_bytes: int = 16 * 1024 * 1024
     # Instances tried for one request when the chosen one turns out dead before answering.
@@ -60,6 +64,8 @@ class FrontendConfig:
             http_host=args.http_host,
             http_port=args.http_port,
             router_mode=getattr(args, "router_mode", _D.router_mode),
+            session_header=getattr(args, "router_session_header", _D.session_header),
+            session_from_user=getattr(args, "router_session_from_user", _D.session_from_user),
             max_request_body_bytes=args.max_request_body_bytes,
             max_dispatch_attempts=args.dispatch_attempts,
             graceful_shutdown_s=args.http_graceful_shutdown_s,

@@ -34,6 +34,7 @@ from frontend.schemas import (
     decode_chat_request,
     decode_completion_request,
 )
+from frontend.session import request_session, with_session
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class PipelineConfig:
     # None: each model's card decides; otherwise overrides every card (frontend/config.py).
     migration_limit: int | None = None
     request_timeout_s: float = 0.0
+    # A request without a session header uses its `user` as the session id (frontend/session.py).
+    session_from_user: bool = False
 
 
 class Pipeline:
@@ -124,6 +127,9 @@ class Pipeline:
         if body.user is not None:
             # OpenAI's `user` identifies the end user for abuse monitoring: it goes to the log.
             log.info("request %s: user %r", request_id, body.user)
+        session = request_session(body.user, self.config.session_from_user)
+        if session:
+            prepared = with_session(prepared, session)
         kind: EndpointKind = "chat" if isinstance(body, ChatCompletionRequest) else "completion"
         generation = RequestGeneration(kind, endpoint, model, prepared, arrived_s, self)
         await generation.open(self.config.request_timeout_s)
