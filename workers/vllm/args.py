@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dynamo.config import env_default
+from kvbm.config import KvbmConfig, add_kvbm_args
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -35,6 +36,9 @@ class VllmConfig:
     # connector (or vLLM's NixlConnector) inside vLLM (workers/vllm/connector).
     role: str = "aggregated"
     disagg: DisaggConfig | None = None
+    # --kvbm-*: host/disk tiers below vLLM's KV cache, through our offload connector
+    # (workers/vllm/connector/offload.py); off by default.
+    kvbm: KvbmConfig = KvbmConfig()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VllmConfig:
@@ -48,6 +52,7 @@ class VllmConfig:
             publish_kv_events=args.publish_kv_events,
             role=role,
             disagg=DisaggConfig.from_args(args) if role != "aggregated" else None,
+            kvbm=KvbmConfig.from_args(args),
         )
 
     @classmethod
@@ -93,6 +98,7 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
         help="subscribe to vLLM's KV events and publish them, re-hashed, for KV-aware routing "
         "[env DYN_VLLM_PUBLISH_KV_EVENTS]",
     )
+    add_kvbm_args(parser)
     engine_group = parser.add_argument_group(
         "vllm engine", "vLLM's own engine flags (AsyncEngineArgs), passed through unchanged"
     )

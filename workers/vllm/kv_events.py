@@ -59,6 +59,9 @@ BATCH_DECODER = msgspec.msgpack.Decoder(VllmKvEventBatch)
 # vLLM's `medium` names. SGLang publishes the same wire format with its own names
 # (workers/sglang/kv_events.py passes its map to the translator).
 VLLM_TIERS: dict[str | None, KvTier] = {None: "device", "GPU": "device", "CPU": "host", "STORAGE": "disk"}
+# Media of events whose block hashes are ours already: our KVBM connector inside vLLM
+# (workers/vllm/connector/offload.py) announces its tiers on vLLM's event stream with them.
+OUR_HASH_MEDIA: dict[str, KvTier] = {"dynamo-host": "host", "dynamo-disk": "disk"}
 
 
 @dataclass(slots=True)
@@ -122,8 +125,20 @@ class KvEventTranslator:
             events.append(BlockStored(block_hashes=chain, parent_hash=chain_parent, tier=chain_tier))
         return events
 
+    def cached_prefix_blocks(self, our_hashes: list[int]) -> int:
+        """How many leading blocks of a prompt (our hashes, in order) vLLM's device cache holds."""
+        n = 0
+        for h in our_hashes:
+            if self._our_refs.get(("device", h), 0) <= 0:
+                break
+            n += 1
+        return n
+
     def _stored(self, event: VllmBlockStored) -> None:
         if not self._accept(event.group_idx, event.block_size) or not event.block_hashes:
+            return
+        if event.medium in OUR_HASH_MEDIA:
+            self._stored_ours(event, OUR_HASH_MEDIA[event.medium])
             return
         tier = self._tiers.get(event.medium, "device")
         parent: int | None = None
@@ -160,10 +175,28 @@ class KvEventTranslator:
         # Re-storing a block the router already has is harmless: its index is a set.
         self._sink(BlockStored(block_hashes=ours, parent_hash=first_parent, tier=tier))
 
+    def _stored_ours(self, event: VllmBlockStored, tier: KvTier) -> None:
+        """Forwarded as they are; kept like re-hashed blocks (our hash for both keys)."""
+        first = event.parent_block_hash
+        ours = [h for h in event.block_hashes if isinstance(h, int)]
+        if len(ours) != len(event.block_hashes) or not (first is None or isinstance(first, int)):
+            self.dropped_events += 1
+            return
+        parent = first
+        for h in ours:
+            block = self._blocks.get((tier, h))
+            if block is None:
+                self._blocks[(tier, h)] = _Block(h, parent, 1)
+            else:
+                block.refs += 1
+            self._our_refs[(tier, h)] = self._our_refs.get((tier, h), 0) + 1
+            parent = h
+        self._sink(BlockStored(block_hashes=ours, parent_hash=first, tier=tier))
+
     def _removed(self, event: VllmBlockRemoved) -> None:
         if not self._accept(event.group_idx, self.block_size_tokens):
             return
-        tier = self._tiers.get(event.medium, "device")
+        tier = OUR_HASH_MEDIA.get(event.medium or "") or self._tiers.get(event.medium, "device")
         gone: list[int] = []
         for vllm_hash in event.block_hashes:
             block = self._blocks.get((tier, vllm_hash))

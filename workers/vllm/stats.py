@@ -3,6 +3,7 @@ numbers (vLLM calls it on the event loop, from AsyncLLM's output handler, after 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ class SchedulerSnapshot:
     num_running: int = 0
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # fraction of the KV blocks in use
+    # Gets each step's KV-connector stats payload (our KVBM connector's counters come this way
+    # out of vLLM's engine core: workers/vllm/connector/offload.py).
+    on_connector_stats: Callable[[Any], None] | None = None
 
 
 class _LatestStats(StatLoggerBase):
@@ -35,6 +39,9 @@ class _LatestStats(StatLoggerBase):
         into.num_running = scheduler_stats.num_running_reqs
         into.num_waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
         into.kv_cache_usage = scheduler_stats.kv_cache_usage
+        payload = getattr(scheduler_stats, "kv_connector_stats", None)
+        if payload and into.on_connector_stats is not None:
+            into.on_connector_stats(payload)
 
     def log_engine_initialized(self) -> None:
         pass

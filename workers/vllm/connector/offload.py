@@ -1,0 +1,689 @@
+"""KVBM's host and disk tiers (kvbm/) below vLLM's own KV cache, as a vLLM v1 KV connector
+(`DynamoKvbmConnector`, loaded by vLLM through `kv_connector_module_path`).
+
+Where the state lives. vLLM builds this class twice, both inside its engine-core process (and
+with tensor parallelism, the worker side once more per rank, in vLLM's worker processes):
+
+- scheduler side (`_SchedulerSide`, on the engine core's scheduler thread): the tiers'
+  bookkeeping, kvbm.tiered.TieredCache: which of the project's block hashes (dynamo/kv_hash.py)
+  sit in which host slot or disk file, the offload policy, the tier events. It answers
+  get_num_new_matched_tokens from its indexes and turns each step's decisions into a
+  TransferPlan, sent to the workers as this connector's metadata;
+- worker side (`_WorkerSide`, on the thread that runs the model): the bytes: the host tier
+  (one kvbm.host_tier.HostStore tensor, its slots numbered by the scheduler side) and the disk
+  tier's files (kvbm.disk_tier.DiskStore, written by its own thread). It executes each plan in
+  handle_preemptions(), which vLLM calls before every forward pass (start_load_kv may run after
+  the forward is launched when no request of the step loads synchronously).
+
+vLLM's offloading-connector contract, as this connector keeps it: a request's full, computed
+blocks are offered to the tiers when the request releases them (request_finished; the copy runs
+before the next forward pass, the first that may overwrite them, so vLLM need not hold them);
+hits beyond vLLM's own prefix cache are reported by get_num_new_matched_tokens and loaded
+synchronously into the slots vLLM allocated (update_state_after_alloc), before the forward pass
+that reads them; a block that cannot be read (a vanished disk file) is reported through
+get_block_ids_with_load_errors and vLLM recomputes it.
+
+What leaves the engine core: tier KV events go out on vLLM's own KV-event stream with media of
+our own (`dynamo-host`, `dynamo-disk`: hashes already ours; workers/vllm/kv_events.py forwards
+them tier-tagged), and counters as this connector's stats (vLLM's SchedulerStats), which
+`KvbmView` in the worker process turns into the dynamo_kvbm_* metrics. Requests whose KV depends
+on more than their tokens (LoRA, cache salt, multimodal inputs, prompt embeddings) are neither
+offloaded nor onboarded: the project's block hash covers tokens only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_events import BlockRemoved as VllmBlockRemoved
+from vllm.distributed.kv_events import BlockStored as VllmBlockStored
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from dynamo.kv_hash import block_hash
+from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec
+from kvbm.block_pool import EvictedBlock
+from kvbm.config import KvbmConfig
+from kvbm.disk_tier import DiskStore
+from kvbm.host_tier import HostStore
+from kvbm.layout import block_bytes, elements_per_layer
+from kvbm.metrics import KvbmMetrics
+from kvbm.tiered import DISK, HOST, TieredCache
+
+if TYPE_CHECKING:
+    from workers.vllm.args import VllmConfig
+
+log = logging.getLogger(__name__)
+
+CONNECTOR_NAME = "DynamoKvbmConnector"
+MODULE_PATH = __name__
+# kv_connector_extra_config key holding the KvbmConfig fields; also the key of our stats payload.
+EXTRA_KEY = "dynamo_kvbm"
+# KV-event media whose block hashes are already the project's (kv_events.OUR_HASH_MEDIA).
+MEDIA = {HOST: "dynamo-host", DISK: "dynamo-disk"}
+
+
+def connector_config(kvbm: KvbmConfig) -> dict[str, Any]:
+    """KVTransferConfig fields that load this connector with `kvbm`'s tiers."""
+    return {
+        "kv_connector": CONNECTOR_NAME,
+        "kv_connector_module_path": MODULE_PATH,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {EXTRA_KEY: dataclasses.asdict(kvbm)},
+    }
+
+
+def offload_connector_config(config: VllmConfig) -> dict[str, Any] | None:
+    """The hook's source (workers/vllm/connector/__init__.py): on when a tier is given a size."""
+    return connector_config(config.kvbm) if config.kvbm.enabled else None
+
+
+def layout_of(kv_cache_config: Any, tp_rank: int = 0, tp_size: int = 1) -> KvLayoutSpec:
+    """Our layout spec for vLLM's KV cache: one full-attention group (a plain decoder)."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(f"KVBM tiers for vLLM need one KV cache group (a plain decoder), got {len(groups)}")
+    spec = groups[0].kv_cache_spec
+    if type(spec).__name__ != "FullAttentionSpec":
+        raise ValueError(f"KVBM tiers for vLLM need full attention, got {type(spec).__name__}")
+    return KvLayoutSpec(
+        num_layers=len(groups[0].layer_names),
+        block_size_tokens=spec.block_size,
+        num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_size,
+        dtype=str(spec.dtype).removeprefix("torch."),
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
+
+
+def disk_root(config: KvbmConfig, layout: KvLayoutSpec) -> Path | None:
+    """vLLM lays a block out differently from the built-in engine (kvbm/layout.py) under the
+    same layout fingerprint: its files get a directory of their own, one per TP rank."""
+    if not config.disk_dir or config.disk_capacity_blocks(block_bytes(layout)) <= 0:
+        return None
+    root = Path(config.disk_dir).expanduser() / "vllm"
+    return root / f"tp{layout.tp_rank}of{layout.tp_size}" if layout.tp_size > 1 else root
+
+
+def _tokens_only(request: Any) -> bool:
+    """Whether the request's KV is a function of its token ids alone (what our hash covers)."""
+    return not (
+        getattr(request, "lora_request", None) is not None
+        or getattr(request, "cache_salt", None)
+        or getattr(request, "mm_features", None)
+        or getattr(request, "prompt_embeds", None) is not None
+    )
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass(slots=True)
+class OffloadMetadata(KVConnectorMetadata):
+    """One step's TransferPlan, as plain tuples (it is pickled to the workers), executed in
+    this order: spills (host slot -> file), offloads (device block -> host slot or file),
+    onboards (host slot or file -> device block), deletes (files)."""
+
+    spills: list[tuple[int, int | None, int]] = field(default_factory=list)  # hash, parent, host slot
+    offloads: list[tuple[int, int, int | None, str, int]] = field(default_factory=list)  # block, hash, parent, tier, slot
+    onboards: list[tuple[int, str, int, int]] = field(default_factory=list)  # hash, tier, slot, block
+    deletes: list[int] = field(default_factory=list)
+    # Device blocks promised to vLLM that nothing can fill (a hit gone before its load was
+    # planned): reported as load errors so that vLLM recomputes them.
+    lost_blocks: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.spills or self.offloads or self.onboards or self.deletes or self.lost_blocks)
+
+
+@dataclass(slots=True)
+class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
+    """Worker -> scheduler: disk files that could not be read, and disk writes the full queue
+    dropped; the scheduler side forgets both."""
+
+    unreadable: set[int] = field(default_factory=set)
+    dropped: set[int] = field(default_factory=set)
+
+    def aggregate(self, other: Any) -> OffloadWorkerMetadata:
+        return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.dropped | other.dropped)
+
+
+# -------------------------------------------------------------------------------- stats
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
+            "skipped": 0, "usage": {}, "transfer": {}}
+
+
+class KvbmConnectorStats(KVConnectorStats):
+    """Counter deltas since the last report ({tier: n} tallies), tier usage ({tier: [used,
+    total]}, latest wins) and worker-side transfer time ({direction: [bytes, seconds]}), under
+    EXTRA_KEY so the worker process finds them inside a MultiConnector's payload too."""
+
+    def __init__(self, data: dict[str, Any] | None = None) -> None:
+        super().__init__(data=data if data is not None else {EXTRA_KEY: _empty_stats()})
+
+    @property
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = self.data.setdefault(EXTRA_KEY, _empty_stats())
+        return body
+
+    def reset(self) -> None:
+        self.data = {EXTRA_KEY: _empty_stats()}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        mine, theirs = self.body, other.data.get(EXTRA_KEY) or _empty_stats()
+        for key in ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes"):
+            for tier, n in theirs[key].items():
+                mine[key][tier] = mine[key].get(tier, 0) + n
+        mine["skipped"] += theirs["skipped"]
+        mine["usage"].update(theirs["usage"])
+        for direction, (nbytes, seconds) in theirs["transfer"].items():
+            b, s = mine["transfer"].get(direction, (0, 0.0))
+            mine["transfer"][direction] = [b + nbytes, s + seconds]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        body = self.body
+        out: dict[str, int | float] = {}
+        for key in ("hits", "offload_blocks", "onboard_blocks"):
+            for tier, n in body[key].items():
+                out[f"kvbm_{key}_{tier}"] = n
+        out["kvbm_skipped"] = body["skipped"]
+        return out
+
+    def is_empty(self) -> bool:
+        body = self.body
+        return not (any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer"))
+                    or body["skipped"])
+
+
+def find_stats(payload: Any) -> dict[str, Any] | None:
+    """Our stats body in a SchedulerStats.kv_connector_stats payload: at its top level, or one
+    level down when vLLM's MultiConnector keys its connectors' payloads by class name."""
+    if not isinstance(payload, dict):
+        return None
+    body = payload.get(EXTRA_KEY)
+    if isinstance(body, dict):
+        return body
+    for value in payload.values():
+        if isinstance(value, dict) and isinstance(value.get(EXTRA_KEY), dict):
+            return value[EXTRA_KEY]  # type: ignore[no-any-return]
+    return None
+
+
+class KvbmView:
+    """The tiers as the worker process sees them (the bookkeeping itself lives in vLLM's engine
+    core): a TieredCache used only for its counters and metric binding (workers/worker.py binds
+    `cache` as it does for the built-in engine), fed by `apply` with the connector's stats."""
+
+    def __init__(self, config: KvbmConfig) -> None:
+        # Capacities are in the engine core's hands; the usage reports carry them.
+        self.cache = TieredCache(dataclasses.replace(config, host_blocks=0, disk_blocks=0, host_gb=None, disk_gb=None,
+                                                     disk_dir=None), 1)
+
+    def apply(self, payload: Any) -> None:
+        body = find_stats(payload)
+        if body is None:
+            return
+        stats = self.cache.stats
+        for tier, n in body["hits"].items():
+            stats.hit(tier, n)
+        for tier, n in body["offload_blocks"].items():
+            stats.offloaded(tier, n, body["offload_bytes"].get(tier, 0))
+        for tier, n in body["onboard_blocks"].items():
+            stats.onboarded(tier, n, body["onboard_bytes"].get(tier, 0))
+        if body["skipped"]:
+            stats.skip(body["skipped"])
+        metrics: KvbmMetrics | None = stats.metrics
+        if metrics is not None:
+            for tier, (used, total) in body["usage"].items():
+                metrics.tier(tier, used, total)
+        for direction, (nbytes, seconds) in body["transfer"].items():
+            stats.transfer(direction, nbytes, seconds)
+
+
+# ------------------------------------------------------------------------ scheduler side
+
+
+@dataclass(slots=True)
+class _Request:
+    hashes: list[int] = field(default_factory=list)  # of the leading full blocks of all_token_ids
+    local_tokens: int = 0  # vLLM's own prefix hit at the last get_num_new_matched_tokens
+    onboarded: dict[str, int] = field(default_factory=dict)  # tier -> tokens, for hit sources
+
+
+class _SchedulerSide:
+    def __init__(self, config: KvbmConfig, layout: KvLayoutSpec) -> None:
+        self.block_size = layout.block_size_tokens
+        self.block_bytes = block_bytes(layout)
+        root = disk_root(config, layout)
+        if root is None:
+            config = dataclasses.replace(config, disk_dir=None, disk_blocks=0, disk_gb=None)
+        self._events: list[KvEventData] = []
+        self.cache = TieredCache(config, self.block_bytes, self._events.append)
+        if root is not None and self.cache.disk is not None:
+            # Only reads headers (a restart's or a neighbour's files); the worker side writes.
+            store = DiskStore(root, layout)
+            self.cache.disk_probe = store.exists
+            adopted = self.cache.adopt_disk(store.scan())
+            if adopted:
+                log.info("kvbm: found %d vLLM blocks in %s", adopted, store.dir)
+        self._requests: dict[str, _Request] = {}
+        self._reported = _empty_stats()
+
+    # ------------------------------------------------------------------------- hashing
+
+    def _hashes(self, request: Any, num_tokens: int) -> list[int]:
+        """Our hashes of the full blocks of request.all_token_ids[:num_tokens]."""
+        state = self._requests.setdefault(request.request_id, _Request())
+        want = num_tokens // self.block_size
+        hashes = state.hashes
+        if len(hashes) < want:
+            tokens = request.all_token_ids
+            bs = self.block_size
+            parent = hashes[-1] if hashes else None
+            for i in range(len(hashes), want):
+                parent = block_hash(parent, tokens[i * bs : (i + 1) * bs])
+                hashes.append(parent)
+        return hashes[:want]
+
+    # ----------------------------------------------------------------------- admission
+
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+        state = self._requests.setdefault(request.request_id, _Request())
+        state.local_tokens = num_computed_tokens
+        if getattr(request, "skip_reading_prefix_cache", False) or not _tokens_only(request):
+            return 0
+        if num_computed_tokens % self.block_size:
+            return 0  # a partial local hit: vLLM keeps it, nothing of ours lines up behind it
+        # At least the last prompt token is computed: its logits are the first sample.
+        hashes = self._hashes(request, request.num_tokens - 1)
+        hits = self.cache.lookup(hashes, num_computed_tokens // self.block_size)
+        self.cache.release(hits)  # side-effect free: looked up again once slots are allocated
+        return len(hits) * self.block_size
+
+    def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> list[int]:
+        """Plan the onboard of `num_external_tokens` (a whole number of blocks) into the slots
+        vLLM allocated; returns the device blocks that nothing can fill (normally none)."""
+        state = self._requests.setdefault(request.request_id, _Request())
+        state.onboarded = {}
+        device_blocks = state.local_tokens // self.block_size
+        if not _tokens_only(request):
+            return []
+        hashes = self._hashes(request, request.num_tokens - 1)
+        n = num_external_tokens // self.block_size
+        if n == 0:
+            self.cache.record(hashes, device_blocks)
+            return []
+        hits = self.cache.lookup(hashes, device_blocks)
+        self.cache.release(hits[n:])
+        hits = hits[:n]
+        targets = list(block_ids[device_blocks : device_blocks + n])
+        self.cache.onboard(hashes, device_blocks, hits, targets[: len(hits)])
+        for hit in hits:
+            state.onboarded[hit.tier] = state.onboarded.get(hit.tier, 0) + self.block_size
+        return targets[len(hits):]
+
+    def hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
+        state = self._requests.get(request.request_id)
+        if state is None or not num_external_tokens:
+            return {}
+        sources = {CacheHitSource(tier): n for tier, n in state.onboarded.items() if n}
+        if sum(sources.values()) != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return sources
+
+    # ------------------------------------------------------------------------- offload
+
+    def finished(self, request: Any, block_ids: Sequence[int]) -> None:
+        """The request releases its blocks: offer its full, computed blocks to the tiers."""
+        done = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
+        usable = min(done, request.num_tokens - 1, len(block_ids) * self.block_size)
+        hashes = self._hashes(request, usable) if _tokens_only(request) else []
+        self._requests.pop(request.request_id, None)
+        if not hashes:
+            return
+        blocks = [EvictedBlock(block_ids[i], h, hashes[i - 1] if i else None) for i, h in enumerate(hashes)]
+        self.cache.evicted(blocks)
+
+    # ------------------------------------------------------------------------ the step
+
+    def build_meta(self, lost_blocks: list[int]) -> OffloadMetadata:
+        plan = self.cache.take_plan()
+        # Plans run on the workers in step order, and nothing of a plan outlives the step
+        # that carries it (disk writes queued there are readable at once): its pins can go now.
+        self.cache.finish(plan)
+        return OffloadMetadata(
+            spills=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.spills],
+            offloads=[(op.device_block, op.block_hash, op.parent_hash, op.tier, op.slot) for op in plan.offloads],
+            onboards=[(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards],
+            deletes=[op.block_hash for op in plan.deletes],
+            lost_blocks=lost_blocks,
+        )
+
+    def worker_output(self, meta: Any) -> None:
+        if not isinstance(meta, OffloadWorkerMetadata):
+            return
+        for h in meta.unreadable:
+            log.warning("kvbm: disk block %016x unreadable; recomputed", h)
+            self.cache.forget_disk(h)
+        for h in meta.dropped:
+            self.cache.stats.skip()
+            self.cache.forget_disk(h)
+
+    def take_events(self) -> list[Any]:
+        events, self._events[:] = list(self._events), []
+        out: list[Any] = []
+        for event in events:
+            if isinstance(event, BlockStored):
+                out.append(VllmBlockStored(
+                    block_hashes=list(event.block_hashes), parent_block_hash=event.parent_hash, token_ids=[],
+                    block_size=self.block_size, lora_id=None, medium=MEDIA[event.tier], lora_name=None,
+                ))
+            elif isinstance(event, BlockRemoved):
+                out.append(VllmBlockRemoved(block_hashes=list(event.block_hashes), medium=MEDIA[event.tier]))
+        return out
+
+    def stats(self) -> KvbmConnectorStats | None:
+        """Deltas since the last call, plus the tiers' usage when it changed."""
+        current = self.cache.stats
+        body = _empty_stats()
+        last = self._reported
+        for key in ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes"):
+            tally = getattr(current, key)
+            for tier, n in tally.items():
+                delta = n - last[key].get(tier, 0)
+                if delta:
+                    body[key][tier] = delta
+                last[key][tier] = n
+        body["skipped"] = current.skipped - last["skipped"]
+        last["skipped"] = current.skipped
+        usage = {tier.name: [len(tier), tier.capacity_blocks] for tier in self.cache.tiers}
+        if usage != last["usage"]:
+            body["usage"] = usage
+            last["usage"] = usage
+        stats = KvbmConnectorStats({EXTRA_KEY: body})
+        return None if stats.is_empty() else stats
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+class _WorkerSide:
+    """Moves whole blocks, every layer, between vLLM's KV cache tensors and the tiers. A block
+    of one layer is whatever vLLM's attention backend keeps at one index of the tensor's block
+    dimension (K and V together; kept as it is: files are read back only by vLLM workers)."""
+
+    def __init__(self, config: KvbmConfig, layout: KvLayoutSpec, layer_names: Sequence[str], num_blocks: int) -> None:
+        self.config = config
+        self.layout = layout
+        self.layer_names = list(layer_names)
+        self.num_blocks = num_blocks
+        self.layers: list[torch.Tensor] = []
+        self.block_dims: list[int] = []
+        self.host: HostStore | None = None
+        self.disk: DiskStore | None = None
+        self._lost: set[int] = set()  # device blocks of this step that could not be loaded
+        self._unreadable: set[int] = set()
+        self._dropped: set[int] = set()
+        self._transfer: dict[str, list[float]] = {}
+
+    def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
+        per_block = 2 * elements_per_layer(self.layout)
+        for name in names:
+            t = kv_caches[name]
+            dims = [d for d in (0, 1) if t.dim() > d and t.shape[d] == self.num_blocks]
+            if not dims or t.select(dims[0], 0).numel() != per_block:
+                raise ValueError(f"KVBM: unexpected vLLM KV cache shape {tuple(t.shape)} for layer {name}")
+            self.layers.append(t)
+            self.block_dims.append(dims[0])
+        first = self.layers[0]
+        size = block_bytes(self.layout)
+        capacity = self.config.host_capacity_blocks(size)
+        if capacity > 0:
+            self.host = HostStore(capacity, len(self.layers), elements_per_layer(self.layout), first.dtype,
+                                  pin=first.device.type == "cuda")
+        root = disk_root(self.config, self.layout)
+        if root is not None:
+            store = DiskStore(root, self.layout, self.config.disk_queue_blocks)
+            store.start()
+            self.disk = store
+        log.info("kvbm: vLLM connector with %d host blocks%s", capacity,
+                 f", disk tier in {self.disk.dir}" if self.disk else "")
+
+    # ---------------------------------------------------------------------------- copies
+
+    def _slots(self) -> torch.Tensor:
+        assert self.host is not None
+        return self.host.data.view(self.host.capacity_blocks, len(self.layers), -1)
+
+    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Device blocks as a [n, layers, 2E] CPU tensor."""
+        n = len(block_ids)
+        out = torch.empty((n, len(self.layers), 2 * elements_per_layer(self.layout)), dtype=self.layers[0].dtype)
+        for i, (t, d) in enumerate(zip(self.layers, self.block_dims)):
+            idx = torch.tensor(block_ids, dtype=torch.long, device=t.device)
+            out[:, i].copy_(t.index_select(d, idx).movedim(d, 0).reshape(n, -1))
+        return out
+
+    def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Write a [n, layers, 2E] CPU tensor into device blocks."""
+        n = len(block_ids)
+        for i, (t, d) in enumerate(zip(self.layers, self.block_dims)):
+            idx = torch.tensor(block_ids, dtype=torch.long, device=t.device)
+            shape = t.select(d, 0).shape
+            src = data[:, i].reshape(n, *shape).to(t.device, non_blocking=False).movedim(0, d)
+            t.index_copy_(d, idx, src)
+
+    def execute(self, meta: OffloadMetadata) -> None:
+        self._lost.update(meta.lost_blocks)
+        if not meta:
+            return
+        started = time.perf_counter()
+        if meta.spills:
+            assert self.disk is not None
+            slots = self._slots()
+            for h, parent, slot in meta.spills:  # read before this plan's offloads reuse the slots
+                self._write(h, parent, slots[slot].clone())
+        if meta.offloads:
+            data = self.gather([op[0] for op in meta.offloads])
+            to_host = [i for i, op in enumerate(meta.offloads) if op[3] == HOST]
+            if to_host:
+                self._slots()[torch.tensor([meta.offloads[i][4] for i in to_host])] = data[to_host]
+            for i, (_, h, parent, tier, _) in enumerate(meta.offloads):
+                if tier == DISK:
+                    self._write(h, parent, data[i].clone())
+            self._time("offload", data.numel() * data.element_size(), started)
+        if meta.onboards:
+            loaded = time.perf_counter()
+            rows: list[torch.Tensor] = []
+            targets: list[int] = []
+            from_host = [op for op in meta.onboards if op[1] == HOST]
+            if from_host:
+                rows.append(self._slots()[torch.tensor([op[2] for op in from_host])])
+                targets.extend(op[3] for op in from_host)
+            shape = (2 * self.layout.num_layers, elements_per_layer(self.layout))
+            for h, tier, _, block in meta.onboards:
+                if tier != DISK:
+                    continue
+                assert self.disk is not None
+                buf = torch.empty(shape, dtype=self.layers[0].dtype)
+                if self.disk.read(h, buf):
+                    rows.append(buf.view(1, len(self.layers), -1))
+                    targets.append(block)
+                else:
+                    self._unreadable.add(h)
+                    self._lost.add(block)
+            if targets:
+                data = torch.cat(rows) if len(rows) > 1 else rows[0]
+                self.scatter(targets, data)
+                self._time("onboard", data.numel() * data.element_size(), loaded)
+        if meta.deletes:
+            assert self.disk is not None
+            for h in meta.deletes:
+                self.disk.delete(h)
+
+    def _write(self, h: int, parent: int | None, data: torch.Tensor) -> None:
+        assert self.disk is not None
+        if not self.disk.write(h, parent, data.view(2 * self.layout.num_layers, -1)):
+            self._dropped.add(h)
+
+    def _time(self, direction: str, nbytes: int, started: float) -> None:
+        entry = self._transfer.setdefault(direction, [0, 0.0])
+        entry[0] += nbytes
+        entry[1] += time.perf_counter() - started
+
+    # --------------------------------------------------------------------- step results
+
+    def take_lost(self) -> set[int]:
+        lost, self._lost = self._lost, set()
+        return lost
+
+    def worker_meta(self) -> OffloadWorkerMetadata | None:
+        if not (self._unreadable or self._dropped):
+            return None
+        meta = OffloadWorkerMetadata(self._unreadable, self._dropped)
+        self._unreadable, self._dropped = set(), set()
+        return meta
+
+    def stats(self) -> KvbmConnectorStats | None:
+        if not self._transfer:
+            return None
+        body = _empty_stats()
+        body["transfer"], self._transfer = self._transfer, {}
+        return KvbmConnectorStats({EXTRA_KEY: body})
+
+    def shutdown(self) -> None:
+        if self.disk is not None:
+            self.disk.stop()  # queued writes are what a restart finds
+            self.disk = None
+
+
+# ----------------------------------------------------------------------------- connector
+
+
+class DynamoKvbmConnector(KVConnectorBase_V1):
+    """vLLM's connector interface over `_SchedulerSide` (role SCHEDULER) or `_WorkerSide`
+    (role WORKER); see the module docstring for which state lives where."""
+
+    def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        config = KvbmConfig(**extra.get(EXTRA_KEY, {}))
+        parallel = vllm_config.parallel_config
+        tp_size = parallel.tensor_parallel_size
+        tp_rank = 0
+        if role == KVConnectorRole.WORKER and tp_size > 1:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            tp_rank = get_tensor_model_parallel_rank()
+        layout = layout_of(kv_cache_config, tp_rank, tp_size)
+        self._scheduler: _SchedulerSide | None = None
+        self._worker: _WorkerSide | None = None
+        self._lost: list[int] = []
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = _SchedulerSide(config, layout)
+        else:
+            self._worker = _WorkerSide(config, layout, kv_cache_config.kv_cache_groups[0].layer_names,
+                                       kv_cache_config.num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a cache: a dropped offload is a later miss, never a broken request
+
+    # ------------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        # vLLM calls this before every forward pass (see the module docstring).
+        assert self._worker is not None
+        if isinstance(kv_connector_metadata, OffloadMetadata):
+            self._worker.execute(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        pass  # loaded in handle_preemptions
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        pass
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_lost() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        return self._worker.worker_meta() if self._worker is not None else None
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # --------------------------------------------------------------------- scheduler side
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        tokens = self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
+        return tokens, False  # loaded synchronously, before the step's forward pass
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens else []
+        self._lost.extend(self._scheduler.after_alloc(request, block_ids, num_external_tokens))
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int) -> dict[Any, int]:
+        assert self._scheduler is not None
+        return self._scheduler.hit_sources(request, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        lost, self._lost = self._lost, []
+        return self._scheduler.build_meta(lost)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        assert self._scheduler is not None
+        self._scheduler.worker_output(getattr(connector_output, "kv_connector_worker_meta", None))
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        self._scheduler.finished(request, block_ids)
+        return False, None  # copied before any forward pass can overwrite them: free them now
+
+    def take_events(self) -> Iterable[Any]:
+        return self._scheduler.take_events() if self._scheduler is not None else ()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._scheduler is not None:
+            return self._scheduler.stats()
+        return self._worker.stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KvbmConnectorStats(data)
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        return None
