@@ -41,6 +41,12 @@ class KvbmConfig:
     disk_queue_blocks: int = 256  # writes waiting for the disk thread; beyond, spills are skipped
     host_gbps: float = 55.0
     disk_gbps: float = 5.0
+    # Onboard a hit only when its measured read cost is below recomputing its tokens
+    # (kvbm/onboard_cost.py); off: onboard every hit.
+    onboard_cost: bool = True
+    # Device-to-host copies of offloaded blocks wait (in device staging) until this many are
+    # gathered or the next step boundary, so small evictions move in fewer, larger copies.
+    offload_flush_blocks: int = 16
 
     def __post_init__(self) -> None:
         for name in ("host_blocks", "disk_blocks"):
@@ -63,6 +69,8 @@ class KvbmConfig:
             raise ValueError(f"disk_queue_blocks must be >= 1, got {self.disk_queue_blocks}")
         if not (self.host_gbps > 0 and self.disk_gbps > 0):
             raise ValueError("bandwidths must be positive")
+        if self.offload_flush_blocks < 1:
+            raise ValueError(f"offload_flush_blocks must be >= 1, got {self.offload_flush_blocks}")
 
     def host_capacity_blocks(self, block_bytes: int) -> int:
         if self.host_blocks is not None:
@@ -94,6 +102,8 @@ class KvbmConfig:
             eviction=getattr(args, "kvbm_eviction", d.eviction),
             host_gbps=getattr(args, "kvbm_host_gbps", d.host_gbps),
             disk_gbps=getattr(args, "kvbm_disk_gbps", d.disk_gbps),
+            onboard_cost=getattr(args, "kvbm_onboard_cost", "on" if d.onboard_cost else "off") == "on",
+            offload_flush_blocks=getattr(args, "kvbm_offload_flush_blocks", d.offload_flush_blocks),
         )
 
 
@@ -135,3 +145,12 @@ def add_kvbm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kvbm-disk-gbps", type=float,
                        default=_opt("DYN_KVBM_DISK_GBPS", float) or d.disk_gbps,
                        help="mocker: disk read bandwidth for onboarding [env DYN_KVBM_DISK_GBPS]")
+    group.add_argument("--kvbm-onboard-cost", choices=("on", "off"),
+                       default=env_default("DYN_KVBM_ONBOARD_COST", "on" if d.onboard_cost else "off"),
+                       help="onboard a lower-tier hit only when its measured read cost is below "
+                       "recomputing its tokens at the engine's measured prefill rate; off: always "
+                       "onboard [env DYN_KVBM_ONBOARD_COST]")
+    group.add_argument("--kvbm-offload-flush-blocks", type=int,
+                       default=_opt("DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int) or d.offload_flush_blocks,
+                       help="device-to-host offload copies wait until this many blocks are gathered "
+                       "or the next step [env DYN_KVBM_OFFLOAD_FLUSH_BLOCKS]")

@@ -1,13 +1,32 @@
 """Batched block copies between the engine's paged KV cache (per layer K and V of shape
 [num_blocks, ...]) and host memory. On CUDA they run on a side stream: the next forward pass
 waits only for what it needs (onboarded blocks written, evicted blocks read), while device-to-
-host copies of offloaded blocks finish in the background. Imports only torch."""
+host copies of offloaded blocks finish in the background.
+
+Small batches are what lose bandwidth: 2 x layers index kernels per batch, and one device-to-
+host copy per run of slots per step. So offloaded blocks are gathered, every layer in one
+launch where Triton is present (kvbm.transfer.torch_ops' block-copy kernel, pointed at rows
+of a device staging ring), into the ring, and their device-to-host copies wait there until
+`flush_blocks` are gathered or the next step boundary (begin()), then go in as few, long copies
+as the host slots allow. Onboards come up through a second staging buffer and one scatter
+launch. Imports only torch (and Triton when present)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from kvbm.transfer.torch_ops import BlockCopier as FusedCopier
+from kvbm.transfer.torch_ops import block_runs, triton_available
+
+# Each staging buffer (offload ring, onboard buffer) holds up to this many bytes of blocks on
+# the device, allocated on first use: batches beyond it take the per-layer path, where the
+# fixed costs no longer matter.
+STAGING_BYTES = 128 << 20
+STAGING_MAX_ROWS = 1024
 
 
 def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -25,7 +44,9 @@ def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 class BlockCopier:
     """Copies whole blocks, all layers at once, in the layout of kvbm/layout.py."""
 
-    def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], host: torch.Tensor | None) -> None:
+    def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], host: torch.Tensor | None,
+                 flush_blocks: int = 1, fused: bool | None = None, staging_bytes: int = STAGING_BYTES) -> None:
+        self.k, self.v = list(k), list(v)
         self.layers = [t for pair in zip(k, v) for t in pair]  # K0, V0, K1, V1, ...
         first = self.layers[0]
         self.device = first.device
@@ -37,22 +58,51 @@ class BlockCopier:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready: torch.cuda.Event | None = None  # forward may run: reads/writes of blocks done
         self._drained: torch.cuda.Event | None = None  # every copy into host memory done
+        # Offloads gathered into the ring whose device-to-host copies are not queued yet,
+        # as (ring row, host slot); flushed at `flush_blocks` or the next begin().
+        self.flush_blocks = max(1, flush_blocks)
+        self._pending: list[tuple[int, int]] = []
+        self._pending_since_step = False  # some were gathered before the current step
+        self.flushes = 0  # device-to-host flushes queued (tests, benchmarks)
+        row_bytes = len(self.layers) * self.elements_per_layer * first.element_size()
+        self.staging_rows = max(1, min(STAGING_MAX_ROWS, staging_bytes // max(1, row_bytes)))
+        self._ring: torch.Tensor | None = None
+        self._ring_next = 0
+        self._inbuf: torch.Tensor | None = None
+        self._ring_copier: FusedCopier | None = None
+        self._in_copier: FusedCopier | None = None
+        if fused is None:
+            fused = self.cuda and triton_available()
+        self.fused = fused
+        self._timings: list[tuple[Any, Any, int]] = []  # (start, end event or seconds, bytes)
 
     # ------------------------------------------------------------------------------ batches
 
     def begin(self) -> None:
-        """Start a batch: side-stream work waits for the forward pass that wrote the blocks."""
+        """Start a batch (a step boundary): side-stream work waits for the forward pass that
+        wrote the blocks, and offloads gathered at an earlier step have their device-to-host
+        copies queued now at the latest (with this step's, when they come in time)."""
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._pending_since_step = bool(self._pending)
 
     def end(self) -> None:
-        """End a batch: the next forward pass waits for its device-side work only."""
+        """End a batch: the next forward pass waits for its device-side work only. Offloads
+        left from an earlier step get their device-to-host copies now (the bound on their
+        wait: one step)."""
+        if self._pending_since_step:
+            self.flush_offloads()
         if self.stream is not None and self._ready is not None:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
             self._ready = None
 
+    def has_pending_offloads(self) -> bool:
+        """Gathered blocks wait for their device-to-host copies (the next step must flush)."""
+        return bool(self._pending)
+
     def drain(self) -> None:
         """Block until host memory holds every offloaded block (before reading it on the CPU)."""
+        self.flush_offloads()
         if self._drained is not None:
             self._drained.synchronize()
             self._drained = None
@@ -84,33 +134,122 @@ class BlockCopier:
 
     def offload_to_host(self, block_ids: Sequence[int], slots: Sequence[int]) -> None:
         """Device blocks -> host slots. On CUDA the device-side gather is marked ready before
-        the slow device-to-host copy is queued, so only the gather delays the next step."""
+        the slow device-to-host copy is queued, so only the gather delays the next step; that
+        copy may wait for more blocks until the next step boundary (see flush_blocks)."""
         self.land_in_host(self.gather_for_host(block_ids, slots))
 
-    def gather_for_host(self, block_ids: Sequence[int], slots: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
+    def gather_for_host(self, block_ids: Sequence[int], slots: Sequence[int]) -> tuple[torch.Tensor | None, list[int]]:
         """offload_to_host's first half: the device-side gather (marked ready: the blocks may
         be reused after it), for land_in_host() to copy into the slots, possibly after other
-        work queued meanwhile (onboards the next forward pass waits for)."""
+        work queued meanwhile (onboards the next forward pass waits for). A batch the
+        staging ring holds goes there (returned tensor None); a larger one to its own buffer."""
         assert self.host is not None
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         block_ids = [block_ids[i] for i in order]
-        staged = self.gather(block_ids)
+        slots = [slots[i] for i in order]
+        n = len(block_ids)
+        if n == 0 or n > self.staging_rows:
+            staged = self.gather(block_ids) if n else None
+            self._mark_ready()
+            return staged, slots
+        start = self._ring_rows(n)
+        ring = self._ring
+        assert ring is not None
+        with self._on_stream():
+            if self.fused:
+                self._fused_ring().copy(list(block_ids), [(start + i) * len(self.layers) for i in range(n)])
+            else:
+                self._gather_into(block_ids, ring[start : start + n])
         self._mark_ready()
-        return staged, [slots[i] for i in order]
+        self._pending.extend(zip(range(start, start + n), slots))
+        return None, []
 
-    def land_in_host(self, gathered: tuple[torch.Tensor, list[int]]) -> None:
+    def land_in_host(self, gathered: tuple[torch.Tensor | None, list[int]]) -> None:
         """offload_to_host's second half: the device-to-host copy into the slots (in the
-        background on CUDA; drain() waits for it)."""
+        background on CUDA; drain() waits for it). Blocks staged in the ring are copied once
+        `flush_blocks` wait there or, at the latest, at the next step's flush."""
         assert self.host is not None
         staged, slots = gathered
+        if staged is not None:
+            self._copy_to_host(staged, list(range(len(slots))), slots)
+        if len(self._pending) >= self.flush_blocks or self._pending_since_step:
+            self.flush_offloads()
+
+    def flush_offloads(self, slots: Sequence[int] | None = None) -> None:
+        """Queue the device-to-host copies of the blocks waiting in the ring: all of them, or
+        only if one of them goes to one of `slots` (about to be read)."""
+        pending = self._pending
+        if not pending:
+            return
+        if slots is not None:
+            wanted = set(slots)
+            if not any(slot in wanted for _, slot in pending):
+                return
+        assert self._ring is not None
+        self._pending, self._pending_since_step = [], False
+        rows = [row for row, _ in pending]
+        self._copy_to_host(self._ring, rows, [slot for _, slot in pending])
+        self.flushes += 1
+
+    def _copy_to_host(self, src: torch.Tensor, rows: list[int], slots: list[int]) -> None:
+        """Rows of a staging tensor -> host slots, one copy per run in which both advance by
+        one."""
+        assert self.host is not None
+        order = sorted(range(len(slots)), key=lambda i: slots[i])
+        runs = block_runs([rows[i] for i in order], [slots[i] for i in order])
         if self.stream is None:
-            for first, start, n in contiguous_runs(slots):
-                self.host[start : start + n].copy_(staged[first : first + n])
+            for row, slot, n in runs:
+                self.host[slot : slot + n].copy_(src[row : row + n])
             return
         with torch.cuda.stream(self.stream):
-            for first, start, n in contiguous_runs(slots):
-                self.host[start : start + n].copy_(staged[first : first + n], non_blocking=True)
+            for row, slot, n in runs:
+                self.host[slot : slot + n].copy_(src[row : row + n], non_blocking=True)
             self._drained = self.stream.record_event()
+
+    def _ring_rows(self, n: int) -> int:
+        """First of `n` consecutive ring rows for a gather. Rows are reused in ring order, so
+        a gather waits (stream order) only behind device-to-host copies a ring's length
+        old; a row still waiting for its copy has it queued first."""
+        if self._ring is None:
+            self._ring = torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
+                                     dtype=self.dtype, device=self.device)
+        start = self._ring_next if self._ring_next + n <= self.staging_rows else 0
+        if any(start <= row < start + n for row, _ in self._pending):
+            self.flush_offloads()
+        self._ring_next = start + n
+        return start
+
+    def _fused_ring(self) -> FusedCopier:
+        """The block-copy kernel from the cache into ring rows: ring row r, layer tensor t is
+        "block" r * 2L of a tensor starting t pieces into the ring (the kernel's target
+        address is offset + id * piece), so one launch gathers every layer."""
+        if self._ring_copier is None:
+            assert self._ring is not None
+            views = self._row_views(self._ring)
+            self._ring_copier = FusedCopier(self.k, self.v, views[0::2], views[1::2])
+        return self._ring_copier
+
+    def _fused_in(self) -> FusedCopier:
+        if self._in_copier is None:
+            assert self._inbuf is not None
+            views = self._row_views(self._inbuf)
+            self._in_copier = FusedCopier(views[0::2], views[1::2], self.k, self.v)
+        return self._in_copier
+
+    def _row_views(self, staging: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer tensor t (K0, V0, K1, ...), a view of `staging` whose block i*2L is row
+        i's piece t."""
+        width = len(self.layers)
+        flat = staging.view(-1)
+        e = self.elements_per_layer
+        rows = (staging.shape[0] - 1) * width + 1
+        shape = tuple(self.layers[0].shape[1:])
+        return [flat[t * e : t * e + rows * e].view(rows, *shape) for t in range(width)]
+
+    def _gather_into(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        for i, layer in enumerate(self.layers):
+            out[:, i].copy_(layer.view(self.num_blocks, -1).index_select(0, idx))
 
     def onboard_from_host(self, slots: Sequence[int], block_ids: Sequence[int]) -> None:
         """Host slots -> device blocks."""
@@ -123,8 +262,22 @@ class BlockCopier:
         order = sorted(range(len(rows)), key=lambda i: rows[i])
         block_ids = [block_ids[i] for i in order]
         rows = [rows[i] for i in order]
+        if src is self.host:
+            self.flush_offloads(rows)  # a slot still waiting for its offloaded bytes
         if self.stream is None:
             self.scatter(block_ids, src[torch.tensor(rows, dtype=torch.long)])
+            return
+        n = len(rows)
+        if self.fused and 0 < n <= self.staging_rows:
+            if self._inbuf is None:
+                self._inbuf = torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
+                                          dtype=self.dtype, device=self.device)
+            with torch.cuda.stream(self.stream):
+                # Reused by the next onboard only after this one's scatter (stream order).
+                for first, start, m in contiguous_runs(rows):
+                    self._inbuf[first : first + m].copy_(src[start : start + m], non_blocking=src.is_pinned())
+                self._fused_in().copy([i * len(self.layers) for i in range(n)], list(block_ids))
+            self._mark_ready()
             return
         with torch.cuda.stream(self.stream):
             staged = torch.empty((len(rows), len(self.layers), self.elements_per_layer),
@@ -169,6 +322,38 @@ class BlockCopier:
             out.copy_(staged, non_blocking=pin)
             done = self.stream.record_event()
         return out, done
+
+    def timer_start(self) -> Any:
+        """A mark before copies whose duration the caller wants (timer_stop)."""
+        if self.stream is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self.stream)
+        return event
+
+    def timer_stop(self, start: Any, nbytes: int) -> None:
+        """The copies queued since `start` moved `nbytes`; their time comes out of
+        timings() once they are done (on CUDA: without waiting for them)."""
+        if self.stream is None:
+            self._timings.append((None, time.perf_counter() - start, nbytes))
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.stream)
+        self._timings.append((start, end, nbytes))
+
+    def timings(self) -> list[tuple[int, float]]:
+        """(bytes, seconds) of timed copies that have finished, oldest first."""
+        out: list[tuple[int, float]] = []
+        while self._timings:
+            start, end, nbytes = self._timings[0]
+            if start is None:
+                out.append((nbytes, end))
+            elif end.query():
+                out.append((nbytes, start.elapsed_time(end) / 1e3))
+            else:
+                break  # later ones were recorded after it on the same stream
+            self._timings.pop(0)
+        return out
 
     def mark_ready(self) -> None:
         """The next forward pass waits for everything queued on the side stream so far."""

@@ -48,19 +48,23 @@ class KvBlockManager:
         else:
             # A real disk tier needs a directory; without one the tier is off.
             config = dataclasses.replace(config, disk_blocks=0, disk_gb=None)
-        self.cache = TieredCache(config, size, on_event, self.disk.backlog if self.disk else None)
+        self.cache = TieredCache(config, size, on_event, self.disk.backlog if self.disk else None,
+                                 block_size_tokens=layout.block_size_tokens)
         self.host: HostStore | None = None
         if self.cache.host is not None:
             self.host = HostStore(self.cache.host.capacity_blocks, layout.num_layers, elements_per_layer(layout),
                                   k[0].dtype, pin=k[0].device.type == "cuda")
-        self.copier = BlockCopier(k, v, self.host.data if self.host else None)
         self.pin = k[0].device.type == "cuda"
+        # Without a GPU the copies are synchronous: holding offloads back would save nothing.
+        self.copier = BlockCopier(k, v, self.host.data if self.host else None,
+                                  flush_blocks=config.offload_flush_blocks if self.pin else 1)
         self.reader: DiskReader | None = None
         if self.disk is not None:
             rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size))
             self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1),
                                      staging_rows=rows)
             self.cache.reader = self.reader
+            self.reader.observe = lambda nbytes, seconds: self.cache.observe_read(DISK, nbytes, seconds)
             self.cache.disk_probe = self.disk.exists  # workers of one host may share the directory
         self._dropped: list[int] = []  # disk writes the full queue refused (model thread -> finish)
 
@@ -87,7 +91,8 @@ class KvBlockManager:
     # ------------------------------------------------------------------- the step's transfer
 
     def has_pending(self) -> bool:
-        return self.cache.has_pending()
+        # Offloads staged on the device are flushed by the next step's execute().
+        return self.cache.has_pending() or self.copier.has_pending_offloads()
 
     def take_plan(self) -> TransferPlan:
         return self.cache.take_plan()
@@ -98,6 +103,8 @@ class KvBlockManager:
         must be recomputed."""
         copier, disk, host = self.copier, self.disk, self.host
         started = time.perf_counter()
+        for nbytes, seconds in copier.timings():  # earlier plans' onboards, done by now
+            self.cache.observe_read(HOST, nbytes, seconds)
         copier.begin()
         if plan.spills:
             assert disk is not None and host is not None
@@ -126,6 +133,7 @@ class KvBlockManager:
         landing = {op.slot for op in to_host}
         early = [op for op in from_host if op.slot not in landing]
         late = [op for op in from_host if op.slot in landing]
+        timer = copier.timer_start() if plan.onboards else None
         if early:
             copier.onboard_from_host([op.slot for op in early], [op.device_block for op in early])
         staged: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
@@ -137,6 +145,9 @@ class KvBlockManager:
                 group[2].append(op.device_block)
         for buf, rows, block_ids in staged.values():
             copier.onboard_from_pinned(buf, rows, block_ids)
+        pinned_up = len(early) + sum(len(rows) for _, rows, _ in staged.values())
+        if pinned_up and timer is not None:  # what a host hit (or a staged disk hit) costs to bring up: the cost model
+            copier.timer_stop(timer, pinned_up * block_bytes(self.layout))
         failed: list[int] = []
         from_disk = [op for op in plan.onboards if op.tier == DISK and op.staged is None]
         if from_disk:  # not read beforehand (no reader was set): read here, blocking

@@ -22,6 +22,12 @@ class KvbmMetrics:
         self.onboard_bytes = Counter("dynamo_kvbm_onboard_bytes_total", "Bytes copied from a tier into the device", labels, registry=registry)
         self.skipped = Counter("dynamo_kvbm_offload_skipped_total", "Evicted blocks not copied down (policy, full queue, pinned tier)", ["model"], registry=registry)
         self.gbps = Gauge("dynamo_kvbm_transfer_gbps", "Throughput of the last batched transfer, GB/s", ["model", "direction"], registry=registry)
+        self.decisions = Counter("dynamo_kvbm_onboard_decision_blocks_total",
+                                 "Lower-tier prompt hits of admitted requests, onboarded or recomputed (cheaper than reading them)",
+                                 ["model", "tier", "decision"], registry=registry)
+        self.read_gbps = Gauge("dynamo_kvbm_read_gbps", "Measured bandwidth of bringing a tier's blocks to the device (cost model), GB/s", labels, registry=registry)
+        self.read_latency = Gauge("dynamo_kvbm_read_latency_seconds", "Measured fixed cost of one batch of a tier's reads (cost model)", labels, registry=registry)
+        self.recompute_rate = Gauge("dynamo_kvbm_recompute_tokens_per_second", "Measured marginal prefill rate the cost model compares reads with", ["model"], registry=registry)
 
     def tier(self, tier: str, used: int, total: int) -> None:
         self.blocks_used.labels(self._model, tier).set(used)
@@ -36,6 +42,9 @@ class KvbmStats:
     onboard_blocks: Tally[str] = field(default_factory=Tally)
     onboard_bytes: Tally[str] = field(default_factory=Tally)
     skipped: int = 0
+    # Lower-tier hits of admitted requests by (tier, "onboard" | "recompute"): the cost model's
+    # decisions (a hit recomputed because reading it would have been slower).
+    decisions: Tally[tuple[str, str]] = field(default_factory=Tally)
     adopted: int = 0  # blocks a neighbour sharing the disk directory wrote, found on lookup
     metrics: KvbmMetrics | None = None
 
@@ -59,6 +68,28 @@ class KvbmStats:
             m = self.metrics
             m.onboard_blocks.labels(m._model, tier).inc(blocks)
             m.onboard_bytes.labels(m._model, tier).inc(nbytes)
+
+    def decided(self, tier: str, decision: str, blocks: int) -> None:
+        if blocks <= 0:
+            return
+        self.decisions[(tier, decision)] += blocks
+        if self.metrics is not None:
+            self.metrics.decisions.labels(self.metrics._model, tier, decision).inc(blocks)
+
+    def estimates(self, snapshot: dict[str, float | None]) -> None:
+        """The cost model's current estimates (OnboardCostModel.snapshot) as gauges."""
+        m = self.metrics
+        if m is None:
+            return
+        for tier in ("host", "disk"):
+            gbps, latency = snapshot.get(f"{tier}_gbps"), snapshot.get(f"{tier}_latency_s")
+            if gbps is not None:
+                m.read_gbps.labels(m._model, tier).set(gbps)
+            if latency is not None:
+                m.read_latency.labels(m._model, tier).set(latency)
+        rate = snapshot.get("recompute_tokens_per_s")
+        if rate is not None:
+            m.recompute_rate.labels(m._model).set(rate)
 
     def skip(self, blocks: int = 1) -> None:
         self.skipped += blocks

@@ -50,6 +50,10 @@ class SimulatedDiskReader:
         self.pending: set[SimulatedReads] = set()  # started or deferred, not yet closed
         self.read_time_s = 0.0  # simulated seconds of reading so far
         self._free_at_s = 0.0
+        # Told (bytes, simulated seconds from submission to done, queueing included) per
+        # request, as the real reader tells its measurements.
+        self.observe: Callable[[int, float], None] | None = None
+        self.block_bytes = 0
 
     def start(self, block_hashes: Sequence[int], defer: bool = False) -> SimulatedReads:
         reads = SimulatedReads(self, block_hashes)
@@ -64,6 +68,8 @@ class SimulatedDiskReader:
         begin_s = max(self.clock(), self._free_at_s)
         reads.end_s = self._free_at_s = begin_s + duration_s
         self.read_time_s += duration_s
+        if self.observe is not None:
+            self.observe(len(reads.block_hashes) * self.block_bytes, reads.end_s - self.clock())
 
     def next_end_s(self) -> float | None:
         """When the next read in progress ends; None if none is."""
@@ -78,19 +84,23 @@ class SimulatedKvbm:
 
     With `clock` (the engine's simulated time in seconds, before the speedup ratio) the disk
     tier has a reader: disk blocks are read while their request is held back, and only their
-    copy up from host memory costs step time."""
+    copy up from host memory costs step time. Given `block_size_tokens`, hits are onboarded
+    only where the cost model (fed the simulated read times and the executor's step times)
+    finds reading cheaper than recomputing, as in the built-in engine."""
 
     def __init__(
         self, config: KvbmConfig, block_bytes: int, on_event: KvEventSink | None = None,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] | None = None, block_size_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.block_bytes = block_bytes
-        self.cache = TieredCache(config, block_bytes, on_event)
+        self.cache = TieredCache(config, block_bytes, on_event, block_size_tokens=block_size_tokens)
         self.onboard_time_s = 0.0  # simulated, before the speedup ratio
         self.reader: SimulatedDiskReader | None = None
         if clock is not None and self.cache.disk is not None:
             self.reader = SimulatedDiskReader(clock, block_bytes / (config.disk_gbps * 1e9))
+            self.reader.block_bytes = block_bytes
+            self.reader.observe = lambda nbytes, seconds: self.cache.observe_read(DISK, nbytes, seconds)
             self.cache.reader = self.reader
 
     @property
@@ -106,7 +116,13 @@ class SimulatedKvbm:
         # A disk block read beforehand waits in host memory: it comes up at host speed.
         host = sum(1 for op in plan.onboards if op.tier == HOST or op.staged is not None)
         disk = sum(1 for op in plan.onboards if op.tier == DISK and op.staged is None)
-        cost = self.block_bytes * (host / (self.config.host_gbps * 1e9) + disk / (self.config.disk_gbps * 1e9))
+        host_s = self.block_bytes * host / (self.config.host_gbps * 1e9)
+        disk_s = self.block_bytes * disk / (self.config.disk_gbps * 1e9)
+        cost = host_s + disk_s
+        if host:
+            self.cache.observe_read(HOST, host * self.block_bytes, host_s)
+        if disk:  # read on the step (no reader): what a disk hit costs here
+            self.cache.observe_read(DISK, disk * self.block_bytes, disk_s)
         if plan.reads_after:
             assert self.reader is not None
             for reads in plan.reads_after:  # their blocks' writes are queued now

@@ -5,6 +5,7 @@ kvbm/simulated.py) carries out in phase order, and it emits the tiers' KV events
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -13,6 +14,7 @@ from dynamo.wire import BlockRemoved, BlockStored, KvEventData
 from kvbm.block_pool import EvictedBlock, KvEventSink
 from kvbm.config import KvbmConfig
 from kvbm.metrics import KvbmMetrics, KvbmStats
+from kvbm.onboard_cost import OnboardCostModel
 from kvbm.policy import OffloadPolicy
 from kvbm.registry import TierEntry, TierIndex
 
@@ -89,6 +91,15 @@ class LowerHit:
     staged: Any = None  # see OnboardOp.staged
 
 
+class Hits(list[LowerHit]):
+    """lookup()'s answer: the hits worth onboarding, in prefix order, and per tier how many
+    further hits were left to recompute because reading them would have cost more."""
+
+    def __init__(self, hits: Sequence[LowerHit] = (), declined: Counter[str] | None = None) -> None:
+        super().__init__(hits)
+        self.declined: Counter[str] = declined if declined is not None else Counter()
+
+
 class DiskReads(Protocol):
     """Reads of disk blocks started for one held-back request (kvbm/manager.py's executor
     makes them). `done` turns true from another thread; `staged(h)` is then the block's bytes
@@ -126,9 +137,15 @@ class TieredCache:
         block_bytes: int,
         on_event: KvEventSink | None = None,
         disk_backlog: Callable[[], int] | None = None,
+        block_size_tokens: int | None = None,
     ) -> None:
         self.config = config
         self.block_bytes = block_bytes
+        # Tokens per block: what a declined hit costs to recompute. None: no cost model.
+        self.block_size_tokens = block_size_tokens
+        self.cost = OnboardCostModel(config.host_gbps, config.disk_gbps,
+                                     enabled=config.onboard_cost and block_size_tokens is not None)
+        self._declined: dict[object, Counter[str]] = {}  # of requests held back for reads
         host_blocks = config.host_capacity_blocks(block_bytes)
         disk_blocks = config.disk_capacity_blocks(block_bytes)
         args = (config.eviction, config.protected_fraction)
@@ -165,8 +182,20 @@ class TieredCache:
 
     def lookup(self, block_hashes: Sequence[int], device_blocks: int) -> list[LowerHit]:
         """Pin the leading blocks of `block_hashes[device_blocks:]` that a lower tier holds
-        (host preferred), up to the first miss. `block_hashes` is the prompt's usable
-        prefix; the policy learns from it."""
+        (host preferred), up to the first miss, and of those keep the leading ones the cost
+        model finds cheaper to onboard than to recompute (the rest are unpinned and counted
+        in `declined`). `block_hashes` is the prompt's usable prefix."""
+        hits = self._lookup(block_hashes, device_blocks)
+        if not hits or not self.cost.enabled:
+            return Hits(hits)
+        assert self.block_size_tokens is not None
+        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens)
+        if keep == len(hits):
+            return Hits(hits)
+        self.release(hits[keep:])
+        return Hits(hits[:keep], Counter(hit.tier for hit in hits[keep:]))
+
+    def _lookup(self, block_hashes: Sequence[int], device_blocks: int) -> list[LowerHit]:
         hits: list[LowerHit] = []
         for i in range(device_blocks, len(block_hashes)):
             h = block_hashes[i]
@@ -215,15 +244,26 @@ class TieredCache:
         if defer:
             plan.reads_after.append(reads)
         reads.hits = list(hits)
+        declined = getattr(hits, "declined", None)
+        if declined:
+            self._declined[reads] = declined
         return reads
 
     def lookup_staged(self, block_hashes: Sequence[int], device_blocks: int, reads: DiskReads) -> list[LowerHit]:
         """lookup() for a request whose disk reads are done: disk hits carry their staged
         bytes, and the hits stop at the first disk block that was not read (it is
-        recomputed; an unreadable file is dropped from the index). Never starts new reads."""
-        hits = self.lookup(block_hashes, device_blocks)
-        kept: list[LowerHit] = []
+        recomputed; an unreadable file is dropped from the index). Never starts new reads.
+        The reads are paid for: what they staged is onboarded without asking the cost model
+        again (its first decision chose which blocks to read)."""
+        hits = self._lookup(block_hashes, device_blocks)
+        declined = self._declined.get(reads)
+        kept = Hits(declined=declined)
+        # What the cost model declined stays declined, even where a tier holds it now.
+        limit = len(reads.hits) if declined else len(hits)
         for i, hit in enumerate(hits):
+            if i == limit:
+                self.release(hits[i:])
+                break
             if hit.tier == DISK:
                 row = reads.staged(hit.block_hash)
                 if row is None:
@@ -237,6 +277,7 @@ class TieredCache:
         """Drop reads (their request was admitted or aborted): unpin their entries and
         forget the files that could not be read."""
         self.release(reads.hits)
+        self._declined.pop(reads, None)
         if reads.done:
             for hit in reads.hits:
                 if hit.tier == DISK and reads.staged(hit.block_hash) is None:
@@ -254,6 +295,8 @@ class TieredCache:
         """Plan copying each hit into the fresh device block beside it; the pins move to the
         plan. Also tells the policy about the admitted prompt."""
         self.policy.record(block_hashes, device_blocks + len(hits))
+        for tier, blocks in getattr(hits, "declined", {}).items():
+            self.stats.decided(tier, "recompute", blocks)
         for hit, block_id in zip(hits, device_block_ids, strict=True):
             tier = self._tier(hit.tier)
             tier.touch(hit.block_hash)
@@ -261,6 +304,17 @@ class TieredCache:
             self._plan.pinned.append((tier, hit.entry))
             self.stats.hit(hit.tier, 1)
             self.stats.onboarded(hit.tier, 1, self.block_bytes)
+            self.stats.decided(hit.tier, "onboard", 1)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """The engine computed a step of `num_tokens` tokens in `seconds` (its forward pass):
+        what recomputing a declined hit costs."""
+        self.cost.observe_step(num_tokens, seconds)
+
+    def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        """An executor moved `nbytes` of `tier` toward the device in `seconds` (see
+        OnboardCostModel.observe_read)."""
+        self.cost.observe_read(tier, nbytes, seconds)
 
     def record(self, block_hashes: Sequence[int], cached_blocks: int) -> None:
         """An admitted prompt with no lower-tier hits (the policy still counts it)."""
@@ -393,6 +447,8 @@ class TieredCache:
         if metrics is not None:
             for tier in self.tiers:
                 metrics.tier(tier.name, len(tier), tier.capacity_blocks)
+            if self.cost.enabled:
+                self.stats.estimates(self.cost.snapshot())
 
 
 def _chains(blocks: Sequence[tuple[int, int | None]]) -> list[tuple[list[int], int | None]]:

@@ -58,7 +58,8 @@ class TimingExecutor:
         self.kvbm: SimulatedKvbm | None = None
         if config.kvbm.enabled:
             block_bytes = timing.kv_bytes_per_token * config.block_size_tokens
-            self.kvbm = SimulatedKvbm(config.kvbm, block_bytes, on_event, clock=self._clock)
+            self.kvbm = SimulatedKvbm(config.kvbm, block_bytes, on_event, clock=self._clock,
+                                      block_size_tokens=config.block_size_tokens)
         self._sleeps = timing.speedup_ratio < NO_SLEEP_SPEEDUP
         self._deadline = 0.0
         self.vocab = SyntheticVocab(config.vocab_size, config.exclude_token_ids)
@@ -128,6 +129,8 @@ class TimingExecutor:
         rows = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         model_s += self.timing.grammar_time_s(sum(1 for s in rows if s.exec_state.matcher is not None), model_s)
         if self.kvbm is not None:
+            # What recomputing a prompt block costs, for KVBM's onboard-or-recompute choice.
+            self.kvbm.cache.observe_step(batch.num_tokens, model_s)
             model_s += self.kvbm.step_cost_s()  # onboarding precedes the forward pass
         self.sim_time_s += model_s
         await self._sleep(model_s)

@@ -1,0 +1,160 @@
+"""Whether a prompt's lower-tier hits are worth onboarding: reading a block back from a tier must
+cost the request less than recomputing its tokens, or the tier makes the request slower than no
+tier at all (a disk read of a small GQA model's block can take longer than its prefill). Both
+sides are measured online, as exponentially weighted linear fits: per tier, seconds against bytes
+moved (a latency and a bandwidth), and for recompute, a step's seconds against its tokens (the
+engine's marginal prefill cost at its current batch). Pure bookkeeping: the executors report
+what they measured, TieredCache.lookup asks `choose`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+# Weight of the newest sample: about the last 20 transfers or steps count.
+ALPHA = 0.05
+
+
+class LinearRate:
+    """seconds ~= latency_s + per_unit_s * units, fitted with exponential forgetting. Until
+    the samples' units vary enough to separate the two terms, all of the cost is taken as
+    per unit (an upper bound on the marginal cost of large transfers, exact for the sizes
+    seen). `prior_per_unit_s` stands until the first sample; None: unknown."""
+
+    __slots__ = ("alpha", "samples", "_mx", "_my", "_mxx", "_mxy", "_prior", "_lock")
+
+    def __init__(self, prior_per_unit_s: float | None = None, alpha: float = ALPHA) -> None:
+        self.alpha = alpha
+        self.samples = 0
+        self._mx = self._my = self._mxx = self._mxy = 0.0
+        self._prior = prior_per_unit_s
+        # Disk reads report from reader threads while the scheduler reads the fit.
+        self._lock = threading.Lock()
+
+    def observe(self, units: float, seconds: float) -> None:
+        if units <= 0 or seconds < 0:
+            return
+        with self._lock:
+            # The first sample sets the means; later ones move them by `alpha`.
+            a = 1.0 if self.samples == 0 else self.alpha
+            self._mx += a * (units - self._mx)
+            self._my += a * (seconds - self._my)
+            self._mxx += a * (units * units - self._mxx)
+            self._mxy += a * (units * seconds - self._mxy)
+            self.samples += 1
+
+    def fit(self) -> tuple[float, float] | None:
+        """(latency_s, per_unit_s), or None while nothing was measured and there is no prior."""
+        with self._lock:
+            if self.samples == 0:
+                return None if self._prior is None else (0.0, self._prior)
+            mx, my = self._mx, self._my
+            var = self._mxx - mx * mx
+            average = my / mx
+            # A spread under ~10% of the mean size cannot separate latency from bandwidth.
+            if var <= 0.01 * mx * mx:
+                return 0.0, average
+            slope = (self._mxy - mx * my) / var
+            intercept = my - slope * mx
+            if slope <= 0 or intercept < 0:  # noise: fall back to the plain average
+                return 0.0, average
+            return intercept, slope
+
+    def cost_s(self, units: float) -> float | None:
+        fitted = self.fit()
+        if fitted is None:
+            return None
+        latency, per_unit = fitted
+        return latency + per_unit * units if units > 0 else 0.0
+
+    def per_unit_s(self) -> float | None:
+        fitted = self.fit()
+        return None if fitted is None else fitted[1]
+
+
+class OnboardCostModel:
+    """Per tier, the measured cost of bringing bytes to the device: `host` is a pinned host ->
+    device copy; `disk` a read into pinned staging (then a host copy too). Recompute is the
+    engine's measured seconds per prompt token. With `enabled` false every hit is onboarded
+    (the behaviour before the model existed)."""
+
+    def __init__(self, host_gbps: float, disk_gbps: float, enabled: bool = True) -> None:
+        self.enabled = enabled
+        # Config bandwidths are the priors: optimistic, so a tier is tried (and measured)
+        # before it can be judged; the fits replace them after one transfer.
+        self.reads: dict[str, LinearRate] = {
+            "host": LinearRate(1.0 / (host_gbps * 1e9)),
+            "disk": LinearRate(1.0 / (disk_gbps * 1e9)),
+        }
+        self.prefill = LinearRate(None)
+
+    # ------------------------------------------------------------------------- measurements
+
+    def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        """`nbytes` of `tier` reached the device (host) or pinned staging (disk) in `seconds`,
+        from the moment the request asked for them."""
+        rate = self.reads.get(tier)
+        if rate is not None:
+            rate.observe(nbytes, seconds)
+
+    def observe_step(self, num_tokens: int, seconds: float) -> None:
+        """One engine step computed `num_tokens` tokens in `seconds` (forward pass only)."""
+        self.prefill.observe(num_tokens, seconds)
+
+    # ----------------------------------------------------------------------------- decision
+
+    def recompute_s(self, num_tokens: int) -> float | None:
+        """Marginal seconds to compute `num_tokens` more prompt tokens in a step."""
+        per_token = self.prefill.per_unit_s()
+        return None if per_token is None else per_token * num_tokens
+
+    def onboard_s(self, host_blocks: int, disk_blocks: int, block_bytes: int) -> float:
+        """Seconds to bring these blocks to the device: disk blocks are read (one batch of
+        reads), then every block is copied up from pinned memory (one batch)."""
+        return _onboard_s(self.reads["host"].fit(), self.reads["disk"].fit(), host_blocks, disk_blocks, block_bytes)
+
+    def choose(self, tiers: Sequence[str], block_bytes: int, tokens_per_block: int) -> int:
+        """How many leading hits (their tiers, in prefix order) to onboard: the count whose
+        onboard cost plus the recompute of the hits after it is least; ties onboard more (it
+        spares the GPU). Every hit until the engine's prefill cost is measured."""
+        n = len(tiers)
+        if not self.enabled or n == 0:
+            return n
+        per_token = self.prefill.per_unit_s()
+        if per_token is None:
+            return n
+        host_fit, disk_fit = self.reads["host"].fit(), self.reads["disk"].fit()
+        block_s = per_token * tokens_per_block
+        best_k, best_s = 0, n * block_s
+        host = disk = 0
+        for k, tier in enumerate(tiers, start=1):
+            if tier == "disk":
+                disk += 1
+            else:
+                host += 1
+            total = _onboard_s(host_fit, disk_fit, host, disk, block_bytes) + (n - k) * block_s
+            if total <= best_s:
+                best_k, best_s = k, total
+        return best_k
+
+    def snapshot(self) -> dict[str, float | None]:
+        """Current estimates (for metrics and benchmarks): GB/s and latency per tier,
+        recompute tokens per second."""
+        out: dict[str, float | None] = {}
+        for tier, rate in self.reads.items():
+            fitted = rate.fit()
+            out[f"{tier}_gbps"] = None if fitted is None else 1e-9 / fitted[1]
+            out[f"{tier}_latency_s"] = None if fitted is None else fitted[0]
+        per_token = self.prefill.per_unit_s()
+        out["recompute_tokens_per_s"] = None if not per_token else 1.0 / per_token
+        return out
+
+
+def _onboard_s(host: tuple[float, float] | None, disk: tuple[float, float] | None, host_blocks: int,
+               disk_blocks: int, block_bytes: int) -> float:
+    total = 0.0
+    if disk_blocks and disk is not None:
+        total += disk[0] + disk[1] * disk_blocks * block_bytes
+    if (host_blocks + disk_blocks) and host is not None:
+        total += host[0] + host[1] * (host_blocks + disk_blocks) * block_bytes
+    return total

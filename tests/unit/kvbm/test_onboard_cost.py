@@ -1,0 +1,136 @@
+"""The onboard-or-recompute decision (kvbm/onboard_cost.py) and its use at admission: fits
+recover latency and bandwidth from measured transfers; with deterministic fake rates the real
+model never picks a path slower than the best of onboarding any prefix of the hits (so never
+slower than no tier); TieredCache.lookup declines what is cheaper to recompute, unpins it, and
+the decisions reach the metrics; the mocker's simulated tiers follow the same decision."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from kvbm.block_pool import EvictedBlock
+from kvbm.config import KvbmConfig
+from kvbm.metrics import KvbmMetrics
+from kvbm.onboard_cost import LinearRate, OnboardCostModel
+from kvbm.simulated import SimulatedKvbm
+from kvbm.tiered import DISK, HOST, TieredCache
+
+MB = 1 << 20
+
+
+def test_linear_fit_recovers_latency_and_bandwidth() -> None:
+    rate = LinearRate()
+    assert rate.fit() is None and rate.cost_s(10) is None
+    for nbytes in [1, 4, 2, 8, 3, 16, 5, 1, 12] * 3:
+        rate.observe(nbytes * MB, 0.002 + nbytes * MB / 2e9)  # 2 ms + 2 GB/s
+    latency, per_byte = rate.fit()  # type: ignore[misc]
+    assert latency == pytest.approx(0.002, rel=1e-6) and 1 / per_byte == pytest.approx(2e9, rel=1e-6)
+    same = LinearRate()
+    for _ in range(5):
+        same.observe(4 * MB, 0.004)  # one size: latency and bandwidth inseparable, all per byte
+    assert same.fit() == (0.0, pytest.approx(0.004 / (4 * MB)))
+    assert LinearRate(prior_per_unit_s=1e-9).cost_s(1000) == pytest.approx(1e-6)
+
+
+def model(host_gbps: float, disk_gbps: float, disk_latency_s: float, tokens_per_s: float) -> OnboardCostModel:
+    """A cost model fed exact measurements of the given rates (several sizes each)."""
+    m = OnboardCostModel(host_gbps=55, disk_gbps=5)
+    for blocks in (1, 3, 8, 2, 16, 5):
+        nbytes = blocks * MB
+        m.observe_read(HOST, nbytes, nbytes / (host_gbps * 1e9))
+        m.observe_read(DISK, nbytes, disk_latency_s + nbytes / (disk_gbps * 1e9))
+    for tokens in (64, 512, 128, 1024, 256):
+        m.observe_step(tokens, 0.003 + tokens / tokens_per_s)  # a fixed step cost, then per token
+    return m
+
+
+def true_cost(tiers: list[str], k: int, host_gbps: float, disk_gbps: float, disk_latency_s: float,
+              tokens_per_s: float, block_bytes: int, tokens_per_block: int) -> float:
+    disk = sum(t == DISK for t in tiers[:k])
+    cost = (disk_latency_s + disk * block_bytes / (disk_gbps * 1e9)) if disk else 0.0
+    cost += k * block_bytes / (host_gbps * 1e9)
+    return cost + (len(tiers) - k) * tokens_per_block / tokens_per_s
+
+
+def test_never_picks_a_slower_path_with_fake_rates() -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        host_gbps, disk_gbps = rng.uniform(5, 60), rng.uniform(0.2, 10)
+        latency, tokens_per_s = rng.uniform(0, 0.02), rng.uniform(2e3, 5e5)
+        m = model(host_gbps, disk_gbps, latency, tokens_per_s)
+        tiers = [rng.choice([HOST, DISK]) for _ in range(rng.randint(1, 40))]
+        k = m.choose(tiers, MB, 16)
+        costs = [true_cost(tiers, j, host_gbps, disk_gbps, latency, tokens_per_s, MB, 16) for j in range(len(tiers) + 1)]
+        assert costs[k] <= min(costs) * (1 + 1e-9)  # the best prefix, so never worse than none (k=0)
+
+
+def test_slow_disk_is_recomputed_fast_disk_onboarded_and_unknown_prefill_onboards_all() -> None:
+    tiers = [HOST] * 4 + [DISK] * 12
+    # A small GQA model on a fast GPU: 16 tokens recompute in 80 us, a 512 KiB file reads in 600 us.
+    slow = model(host_gbps=50, disk_gbps=0.85, disk_latency_s=0.005, tokens_per_s=200e3)
+    assert slow.choose(tiers, 512 << 10, 16) == 4  # the host hits, then recompute
+    assert slow.choose([DISK] + [HOST] * 8, 512 << 10, 16) == 0  # a disk block first: nothing pays
+    fast = model(host_gbps=50, disk_gbps=6, disk_latency_s=0.0005, tokens_per_s=20e3)
+    assert fast.choose(tiers, 2 * MB, 16) == 16
+    assert OnboardCostModel(55, 5).choose(tiers, MB, 16) == 16  # no prefill measured yet
+    assert OnboardCostModel(55, 5, enabled=False).choose(tiers, MB, 16) == 16
+
+
+def filled_cache(config: KvbmConfig) -> TieredCache:
+    """Blocks 0..3 on host, 4..11 on disk (evicted from the device, host too small)."""
+    cache = TieredCache(config, MB, block_size_tokens=16)
+    cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(4, 12)])
+    cache.finish(cache.take_plan())
+    cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
+    cache.finish(cache.take_plan())
+    return cache
+
+
+def test_lookup_declines_what_is_cheaper_to_recompute_and_counts_the_decisions() -> None:
+    cache = filled_cache(KvbmConfig(host_blocks=4, disk_blocks=32))
+    assert cache.cost.enabled
+    registry = CollectorRegistry()
+    cache.bind_metrics(KvbmMetrics(registry, "m"))
+    prefix = list(range(12))
+    # 10 us a token: 160 us a block, against 19 us from host and 25 ms from this disk.
+    cache.cost.observe_step(1024, 0.01)
+    for _ in range(3):
+        cache.observe_read(DISK, 8 * MB, 0.2)  # 40 MB/s
+    hits = cache.lookup(prefix, 0)
+    assert [h.tier for h in hits] == [HOST] * 4
+    assert hits.declined == {DISK: 8}  # type: ignore[attr-defined]
+    assert all(e.ref_count == 0 for e in cache.disk)  # type: ignore[union-attr]
+    cache.onboard(prefix, 0, hits, list(range(4)))
+    cache.finish(cache.take_plan())
+    assert cache.stats.decisions == {(HOST, "onboard"): 4, (DISK, "recompute"): 8}
+
+    def sample(tier: str, decision: str) -> float | None:
+        return registry.get_sample_value("dynamo_kvbm_onboard_decision_blocks_total",
+                                         {"model": "m", "tier": tier, "decision": decision})
+
+    assert sample(HOST, "onboard") == 4 and sample(DISK, "recompute") == 8
+    assert registry.get_sample_value("dynamo_kvbm_read_gbps", {"model": "m", "tier": DISK}) == pytest.approx(8 * MB / 0.2 / 1e9)
+    # Off: every hit is onboarded, as before the model.
+    off = filled_cache(KvbmConfig(host_blocks=4, disk_blocks=32, onboard_cost=False))
+    off.cost.observe_step(1024, 0.01)
+    assert len(off.lookup(prefix, 0)) == 12
+
+
+def test_mocker_tiers_follow_the_same_decision() -> None:
+    clock = [0.0]
+    for disk_gbps, want in ((0.05, [HOST] * 4), (50.0, [HOST] * 4 + [DISK] * 8)):
+        sim = SimulatedKvbm(KvbmConfig(host_blocks=4, disk_blocks=32, disk_gbps=disk_gbps), MB,
+                            clock=lambda: clock[0], block_size_tokens=16)
+        cache = sim.cache
+        cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(4, 12)])
+        sim.step_cost_s()
+        cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
+        sim.step_cost_s()
+        cache.observe_step(2048, 0.05)  # the mocker's executor reports its modelled steps
+        # One simulated read measures the drive (from its config bandwidth, as the mocker times it).
+        assert sim.reader is not None
+        sim.reader.submit(sim.reader.start([4, 5, 6, 7]))
+        assert [h.tier for h in cache.lookup(list(range(12)), 0)] == want
