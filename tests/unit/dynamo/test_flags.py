@@ -24,6 +24,7 @@ def tables() -> dict[str, FlagGroup]:
     collects tests/unit/frontend (a package of that name) would shadow it."""
     from dynamo.config import RUNTIME_FLAGS, RUNTIME_SECURITY_FLAGS
     from dynamo.entry import LOGGING_FLAGS, SYSTEM_FLAGS
+    from dynamo.tracing import TRACING_FLAGS
     from frontend.config import FRONTEND_FLAGS
     from router.args import ROUTER_FLAGS
     from router.cli import SERVICE_FLAGS
@@ -37,6 +38,7 @@ def tables() -> dict[str, FlagGroup]:
         "runtime": RUNTIME_FLAGS,
         "runtime-security": RUNTIME_SECURITY_FLAGS,
         "logging": LOGGING_FLAGS,
+        "tracing": TRACING_FLAGS,
         "frontend": FRONTEND_FLAGS,
         "system": SYSTEM_FLAGS,
         "model": MODEL_FLAGS,
