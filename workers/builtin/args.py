@@ -30,6 +30,8 @@ class BuiltinConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enforce_eager: bool = False  # True: no CUDA graphs for decode (they apply on CUDA only)
     seed: int = 0  # seeds requests that give no seed, in arrival order
+    # Launch step N+1 before reading step N's tokens (PagedEngine's overlap loop); None: on CUDA.
+    overlap_schedule: bool | None = None
     kvbm: KvbmConfig = KvbmConfig()  # host/disk tiers below the KV cache; off by default
 
     def __post_init__(self) -> None:
@@ -60,6 +62,7 @@ class BuiltinConfig:
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
             seed=args.seed,
+            overlap_schedule=getattr(args, "overlap_schedule", None),
             kvbm=KvbmConfig.from_args(args),
         )
 
@@ -130,5 +133,12 @@ def add_builtin_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--seed", type=int, default=_opt_int("DYN_BUILTIN_SEED") or d.seed,
         help="base seed for requests that carry none [env DYN_BUILTIN_SEED]",
+    )
+    overlap = env_default("DYN_BUILTIN_OVERLAP_SCHEDULE")
+    group.add_argument(
+        "--overlap-schedule", action=argparse.BooleanOptionalAction,
+        default=None if not overlap else overlap not in ("0", "false"),
+        help="launch each step before reading the previous one's tokens, so scheduling overlaps "
+        "the forward pass (default: on for CUDA) [env DYN_BUILTIN_OVERLAP_SCHEDULE]",
     )
     add_kvbm_args(parser)

@@ -83,9 +83,12 @@ class DecodeGraphs:
 
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, sizes: list[int],
-        max_blocks_per_seq: int, use_graphs: bool = True,
+        max_blocks_per_seq: int, use_graphs: bool = True, feedback: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        # The previous step's chosen ids on the device: placeholders in the inputs read them
+        # inside the graph (runner.StepInput).
+        self.feedback = feedback
         self.kv = kv
         self.sizes = sizes
         self.use_graphs = use_graphs
@@ -95,7 +98,10 @@ class DecodeGraphs:
     def _forward(self, batch: int) -> torch.Tensor:
         inp = self.inputs
         meta = inp.metadata(batch, self.kv.block_size_tokens)
-        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta)
+        input_ids = inp.input_ids[:batch]
+        if self.feedback is not None:
+            input_ids = resolve_placeholders(input_ids, self.feedback)
+        hidden = self.model(input_ids, inp.positions[:batch], self.kv, meta)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -126,3 +132,8 @@ class DecodeGraphs:
         graph, logits = self._graphs[batch]
         graph.replay()
         return logits[: len(seqs)]
+
+
+def resolve_placeholders(input_ids: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
+    """Input ids with each placeholder -(r + 1) replaced by feedback[r] (runner.StepInput)."""
+    return torch.where(input_ids >= 0, input_ids, feedback[(-1 - input_ids).clamp(min=0)])

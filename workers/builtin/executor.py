@@ -25,7 +25,7 @@ from workers.builtin.embedding import pool_batch
 from workers.builtin.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_bytes
 from workers.builtin.loader import load_model, resolve_dtype
 from workers.builtin.penalties import SlotPool
-from workers.builtin.runner import ModelRunner, RequestState, build_step_input
+from workers.builtin.runner import ModelRunner, RequestState, RunnerLaunch, StepInput, build_step_input
 from workers.builtin.sampling import sampling_params
 from workers.paged.embedding import PoolingBatch
 from workers.paged.executor import ExecutorInfo, StepResult
@@ -45,11 +45,15 @@ class TorchExecutor:
     penalty counts' row and its prompt logprobs as the prefill computes them."""
 
     speedup_ratio = 1.0
+    overlap = False  # the overlap loop (OverlapExecutor); set from the config at construction
 
     def __init__(self, config: BuiltinConfig, on_event: KvEventSink | None = None) -> None:
         self.config = config
         self.device = _resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # Measured on an H100 (benchmarks/RESULTS.md, issue 21): the host's step work hides
+        # under the forward pass. On a CPU both compete for the same cores: off by default.
+        self.overlap = config.overlap_schedule if config.overlap_schedule is not None else self.device.type == "cuda"
         # Read now, so a bad model directory fails at construction with a clear message.
         self.model_config: ModelConfig = load_model_config(config.model)
         self.runner: ModelRunner | None = None
@@ -164,12 +168,26 @@ class TorchExecutor:
     # ------------------------------------------------------------------------------- steps
 
     async def run(self, batch: ScheduledBatch) -> StepResult:
+        return await (await self.launch(batch)).result()
+
+    def needs_previous(self, batch: ScheduledBatch) -> bool:
+        # A grammar's mask needs its matcher past the previous token, which the host reads.
+        return any(samples and seq.exec_state.matcher is not None for seq, samples in zip(batch.seqs, batch.samples))
+
+    async def launch(self, batch: ScheduledBatch) -> TorchLaunch:
+        """Queue the step on the model thread without waiting for it: the thread runs steps'
+        launches and collects in the order they are asked for."""
         kvbm, loop = self.kvbm, asyncio.get_running_loop()
         if kvbm is not None and kvbm.has_pending():
             await self._run_kvbm_plan(batch)
         step = build_step_input(batch)
         assert self.runner is not None
-        result = await loop.run_in_executor(self._thread, self.runner.execute, step)
+        return TorchLaunch(self, batch, step, loop.run_in_executor(self._thread, self.runner.launch, step))
+
+    async def _collect(self, batch: ScheduledBatch, step: StepInput, launched: RunnerLaunch) -> StepResult:
+        loop = asyncio.get_running_loop()
+        assert self.runner is not None
+        result = await loop.run_in_executor(self._thread, self.runner.collect, launched)
         prompt_logprobs = None
         if step.prompt_logits:
             for work, entries in zip(step.prompt_logits, result.prompt_logprobs):
@@ -286,6 +304,18 @@ class TorchExecutor:
         layout = KvLayoutSpec(mc.num_layers, kv.block_size_tokens, mc.num_kv_heads, mc.head_dim,
                           str(self.dtype).removeprefix("torch."))
         return KvBlockManager(self.config.kvbm, layout, kv.k, kv.v, on_event=self._on_event)
+
+
+class TorchLaunch:
+    """A step on the model thread's queue (TorchExecutor.launch)."""
+
+    def __init__(
+        self, executor: TorchExecutor, batch: ScheduledBatch, step: StepInput, launched: asyncio.Future[RunnerLaunch]
+    ) -> None:
+        self._executor, self._batch, self._step, self._launched = executor, batch, step, launched
+
+    async def result(self) -> StepResult:
+        return await self._executor._collect(self._batch, self._step, await self._launched)
 
 
 def _resolve_device(name: str) -> torch.device:

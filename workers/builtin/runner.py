@@ -19,10 +19,10 @@ import torch
 
 from dynamo.wire import PromptTokenLogprob
 from workers.builtin.attention import AttentionBackend, SeqSlice, to_device
-from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes, resolve_placeholders
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
-from workers.builtin.sampling import PenaltyInit, SampleResult, SampleRow, Sampler, SamplingParams
+from workers.builtin.sampling import PenaltyInit, SampleLaunch, SampleResult, SampleRow, Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from workers.paged.scheduler import ScheduledBatch
@@ -43,6 +43,7 @@ class RequestState:
     matcher: GrammarMatcher | None = None
     penalty_slot: int = -1  # its row of the sampler's PenaltyCounts, when penalised
     penalty_ready: bool = False  # that row holds its tokens (filled by its first sampling step)
+    row: int = -1  # its sampling row in the last step that sampled it (placeholders read it)
     prompt_logprobs: int | None = None  # alternatives per prompt token, when asked
     # Gathered over the prefill chunks: entry j is prompt token j's (entry 0 stays None).
     prompt_entries: list[PromptTokenLogprob | None] | None = None
@@ -62,6 +63,9 @@ class PromptLogits:
 
 @dataclass(slots=True)
 class StepInput:
+    """A negative input id -(r + 1) is a placeholder: the token the previous step sampled in its
+    row r, read on the device (ModelRunner.feedback) because the host does not have it yet."""
+
     input_ids: list[int]
     positions: list[int]
     slices: list[SeqSlice]
@@ -73,20 +77,25 @@ class StepInput:
 def build_step_input(batch: ScheduledBatch) -> StepInput:
     """Each sampling request's row comes from its RequestState (its Sequence's `exec_state`),
     with its stop ids banned while it is short of min_tokens and, the first time a penalised
-    request samples, the tokens its penalty counts start from."""
+    request samples, the tokens its penalty counts start from. A decode whose input token is
+    still being sampled by the step in flight gets a placeholder for it (StepInput)."""
     input_ids: list[int] = []
     positions: list[int] = []
     slices: list[SeqSlice] = []
     sample_indices: list[int] = []
     rows: list[SampleRow] = []
     prompt_logits: list[PromptLogits] = []
-    for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
-        start = seq.num_computed_tokens
+    for seq, num_new, samples, start in zip(batch.seqs, batch.num_new_tokens, batch.samples, batch.starts):
         flat_start = len(input_ids)
-        input_ids.extend(seq.token_ids[start : start + num_new])
+        state: RequestState = seq.exec_state
+        known = seq.token_ids[start : start + num_new]
+        input_ids.extend(known)
+        pending = num_new - len(known)  # 1 when the step in flight samples the last input
+        if pending:
+            assert pending == 1 and state.row >= 0, "only the in-flight step's token is unknown"
+            input_ids.append(-1 - state.row)
         positions.extend(range(start, start + num_new))
         slices.append(SeqSlice(start, num_new, [b.block_id for b in seq.block_table]))
-        state: RequestState = seq.exec_state
         if state.prompt_logprobs is not None and seq.needs_prompt_logits:
             # Position p's logits predict prompt token p + 1.
             end = min(start + num_new, seq.num_prompt_tokens - 1)
@@ -100,15 +109,31 @@ def build_step_input(batch: ScheduledBatch) -> StepInput:
                 split = seq.num_prompt_tokens - seq.generated_before
                 init = PenaltyInit(seq.token_ids[:split], seq.token_ids[split:])
                 state.penalty_ready = True
-            rows.append(SampleRow(state.params, state.rng, seq.banned_token_ids(), state.matcher,
-                                  state.penalty_slot, init))
+            banned = seq.banned_token_ids()
+            if pending and banned and seq.generated_before + seq.num_generated + 1 >= seq.min_tokens:
+                banned = ()  # the token in flight reaches min_tokens
+            # A request that finished while this step was being built (its stop token seen one
+            # step late) keeps its row, but no grammar: its matcher has ended.
+            matcher = state.matcher if not seq.finished else None
+            state.row = len(rows)
+            rows.append(SampleRow(state.params, state.rng, banned, matcher, state.penalty_slot, init))
     return StepInput(input_ids, positions, slices, sample_indices, rows, prompt_logits)
+
+
+@dataclass(slots=True)
+class RunnerLaunch:
+    """A step queued on the device (ModelRunner.launch); `collect` completes it."""
+
+    sample: SampleLaunch | None
+    prompt_logprobs: list[list[PromptTokenLogprob]] = field(default_factory=list)
 
 
 class ModelRunner:
     """Runs steps on one device. CUDA graphs are captured at construction when the model runs
     the Triton backend on CUDA and `enforce_eager` is off; `max_model_len` sizes their block
-    tables."""
+    tables. `launch` queues a step and returns before its tokens are known; `collect` waits for
+    them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
+    the next step may be launched before they are read (placeholders, StepInput)."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, *,
@@ -120,43 +145,58 @@ class ModelRunner:
         self.backend: AttentionBackend = model.model.layers[0].self_attn.backend  # type: ignore[union-attr,assignment]
         self.graphs: DecodeGraphs | None = None
         self.sampler = Sampler(model.config.vocab_size, device, max_batch=max_num_seqs)
+        self.feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         if not enforce_eager and device.type == "cuda" and model.fused:
             max_len = max_model_len or model.max_positions
             max_blocks = -(-max_len // kv.block_size_tokens)
             started = time.monotonic()
-            self.graphs = DecodeGraphs(model, kv, device, capture_sizes(max_num_seqs), max_blocks)
+            self.graphs = DecodeGraphs(
+                model, kv, device, capture_sizes(max_num_seqs), max_blocks, feedback=self.feedback
+            )
             self.graphs.capture()
             log.info("captured %d decode CUDA graphs in %.1f s", len(self.graphs.sizes), time.monotonic() - started)
 
-    @torch.inference_mode()
     def execute(self, step: StepInput) -> SampleResult:
         """The step's sampled tokens; with prompt logprobs, per entry of step.prompt_logits,
         in `prompt_logprobs`."""
+        return self.collect(self.launch(step))
+
+    def collect(self, launched: RunnerLaunch) -> SampleResult:
+        """Wait for a launched step's tokens (not for steps launched after it)."""
+        result = self.sampler.finish(launched.sample) if launched.sample is not None else SampleResult([], None)
+        result.prompt_logprobs = launched.prompt_logprobs
+        return result
+
+    @torch.inference_mode()
+    def launch(self, step: StepInput) -> RunnerLaunch:
+        """Queue the step's forward pass and sampling; prompt logprobs (rare) are read here."""
         graphs = self.graphs
         if graphs is not None and not step.prompt_logits and all(s.num_new == 1 for s in step.slices):
             batch = graphs.bucket(len(step.slices))
             if batch is not None:
                 logits = graphs.run(step.input_ids, step.slices, batch)
                 if not step.sample_rows:
-                    return SampleResult([], None)
+                    return RunnerLaunch(None)
                 if len(step.sample_indices) != len(step.slices):
                     # A one-token prefill chunk that is not its prompt's last samples nothing.
                     logits = logits.index_select(0, to_device(step.sample_indices, torch.long, self.device))
-                return self.sampler.sample(logits, step.sample_rows)
+                return RunnerLaunch(self.sampler.launch(logits, step.sample_rows, self.feedback))
         device = self.device
         meta = self.backend.build_metadata(step.slices, self.kv.block_size_tokens, device)
         input_ids = to_device(step.input_ids, torch.long, device)
+        if min(step.input_ids) < 0:
+            input_ids = resolve_placeholders(input_ids, self.feedback)
         positions = to_device(step.positions, torch.long, device)
         hidden = self.model(input_ids, positions, self.kv, meta)
-        result = SampleResult([], None)
+        launched = RunnerLaunch(None)
         if step.sample_rows:
             # Only the rows that yield a token need the (vocab-wide) LM head.
             index = to_device(step.sample_indices, torch.long, device)
             logits = self.model.compute_logits(hidden.index_select(0, index))
-            result = self.sampler.sample(logits, step.sample_rows)
+            launched.sample = self.sampler.launch(logits, step.sample_rows, self.feedback)
         if step.prompt_logits:
-            result.prompt_logprobs = [self._prompt_logprobs(hidden, p) for p in step.prompt_logits]
-        return result
+            launched.prompt_logprobs = [self._prompt_logprobs(hidden, p) for p in step.prompt_logits]
+        return launched
 
     def _prompt_logprobs(self, hidden: torch.Tensor, work: PromptLogits) -> list[PromptTokenLogprob]:
         """Each target token's logprob under the raw model distribution (float32) and the

@@ -83,6 +83,21 @@ class SampleRow:
 
 
 @dataclass(slots=True)
+class SampleLaunch:
+    """A step's sampling queued on the device (Sampler.launch): what `finish` reads back. The
+    tensors are pinned host copies on CUDA (valid once `event` completes), else CPU tensors."""
+
+    rows: list[SampleRow]
+    constrained: list[tuple[int, GrammarMatcher]]
+    wants_lp: list[int]
+    tokens: torch.Tensor | None
+    chosen: torch.Tensor | None  # logprob of the chosen token, per row of wants_lp
+    top_values: torch.Tensor | None
+    top_ids: torch.Tensor | None
+    event: torch.cuda.Event | None
+
+
+@dataclass(slots=True)
 class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None  # per row; None when no row asked
@@ -105,6 +120,16 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
         """`logits` [N, vocab] (the model's dtype), one row per entry of `rows`."""
+        return self.finish(self.launch(logits, rows))
+
+    def launch(
+        self, logits: torch.Tensor, rows: list[SampleRow], feedback: torch.Tensor | None = None
+    ) -> SampleLaunch:
+        """Queue the step's sampling on the device and the copies of what the host reads back
+        (chosen ids, logprobs) into pinned memory, without waiting: `finish` waits. The chosen
+        ids also go to `feedback[:N]` on the device, where the next step's inputs may read
+        them before the host has (the overlap scheduler). A constrained row's mask needs its
+        matcher past the previous step's token: that step must be finished first."""
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         bitmask = None
         if constrained:
@@ -128,7 +153,31 @@ class Sampler:
             self.penalties.add(
                 [rows[i].penalty_slot for i in penalized], tokens.index_select(0, self._index(penalized))
             )
-        token_ids = tokens.tolist()
+        if feedback is not None:
+            feedback[: len(rows)].copy_(tokens)
+        chosen = top_values = top_ids = None
+        k_max = 0
+        if raw_lp is not None:
+            chosen_ids = tokens if len(wants_lp) == len(rows) else tokens.index_select(0, self._index(wants_lp))
+            chosen = raw_lp.gather(1, chosen_ids.view(-1, 1)).view(-1)
+            k_max = max(rows[i].params.top_logprobs for i in wants_lp)
+            if k_max:
+                top_values, top_ids = raw_lp.topk(min(k_max, self.vocab_size), dim=-1)
+        host = [self._to_host(t) for t in (tokens, chosen, top_values, top_ids)]
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return SampleLaunch(rows, constrained, wants_lp, host[0], host[1], host[2], host[3], event)
+
+    def finish(self, launched: SampleLaunch) -> SampleResult:
+        """Wait for a launched step's copies (not for work queued after them) and complete it:
+        matchers accept their tokens, logprobs become lists."""
+        if launched.event is not None:
+            launched.event.synchronize()  # drops the GIL while it waits
+        rows, constrained, wants_lp = launched.rows, launched.constrained, launched.wants_lp
+        assert launched.tokens is not None
+        token_ids = launched.tokens.tolist()
         for i, matcher in constrained:
             if not matcher.accept(token_ids[i]):  # the mask allowed it: a bug if refused
                 raise RuntimeError(f"grammar refused token {token_ids[i]} that its mask allowed")
@@ -137,22 +186,27 @@ class Sampler:
 
         logprobs: list[float] | None = None
         top: list[list[tuple[int, float]] | None] | None = None
-        if raw_lp is not None:
-            chosen_ids = tokens if len(wants_lp) == len(rows) else tokens.index_select(0, self._index(wants_lp))
-            chosen = raw_lp.gather(1, chosen_ids.view(-1, 1)).view(-1).tolist()
+        if launched.chosen is not None:
+            chosen = launched.chosen.tolist()
             logprobs = [0.0] * len(rows)
             for j, i in enumerate(wants_lp):
                 logprobs[i] = chosen[j]
-            k_max = max(rows[i].params.top_logprobs for i in wants_lp)
-            if k_max:
-                values, ids = raw_lp.topk(min(k_max, self.vocab_size), dim=-1)
-                values_l, ids_l = values.tolist(), ids.tolist()
+            if launched.top_values is not None and launched.top_ids is not None:
+                values_l, ids_l = launched.top_values.tolist(), launched.top_ids.tolist()
                 top = [None] * len(rows)
                 for j, i in enumerate(wants_lp):
                     k = rows[i].params.top_logprobs
                     if k:
                         top[i] = list(zip(ids_l[j][:k], values_l[j][:k]))
         return SampleResult(token_ids, logprobs, top)
+
+    def _to_host(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A pinned host copy queued behind the work that makes `t` (on CUDA), else `t`."""
+        if t is None or self.device.type != "cuda":
+            return t
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out.copy_(t, non_blocking=True)
+        return out
 
     # ------------------------------------------------------------------------------ stages
 

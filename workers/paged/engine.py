@@ -29,8 +29,8 @@ from kvbm.block_pool import Block, BlockPool, KvEventSink
 from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo, HeldPrefill, KvbmTiers, Reservation
 from workers.paged.embedding import EmbeddingBatcher, PoolingExecutor
-from workers.paged.executor import StepExecutor
-from workers.paged.scheduler import Scheduler
+from workers.paged.executor import LaunchedStep, OverlapExecutor, StepExecutor
+from workers.paged.scheduler import ScheduledBatch, Scheduler
 from workers.paged.sequence import Sequence
 from workers.paged.spans import EngineSpans
 
@@ -347,7 +347,11 @@ class PagedEngine(Engine, Generic[E]):
         )
 
     async def _step_loop(self) -> None:
-        scheduler, executor = self.scheduler, self.executor
+        executor = self.executor
+        if isinstance(executor, OverlapExecutor) and executor.overlap:
+            await self._overlap_loop(executor)
+            return
+        scheduler = self.scheduler
         try:
             while True:
                 if not scheduler.has_work():
@@ -372,6 +376,46 @@ class PagedEngine(Engine, Generic[E]):
             log.exception("%s engine step loop failed", self.name)
             self._fail_all(errors.EngineError(f"{self.name} engine failed: {exc}"))
             raise
+
+    async def _overlap_loop(self, executor: OverlapExecutor) -> None:
+        """The step loop with one step in flight: launch step N+1, then read step N's tokens,
+        send them and schedule N+2 while N+1 computes, so the host's work per step hides
+        under the device's. A request's stop token is seen one step late: its row in the step
+        already launched is computed and dropped."""
+        scheduler = self.scheduler
+        inflight: tuple[ScheduledBatch, LaunchedStep] | None = None
+        try:
+            while True:
+                if inflight is None and not scheduler.has_work():
+                    if scheduler.num_loading:
+                        await executor.wait_for_reads()
+                    if not scheduler.has_work():
+                        self._wake.clear()
+                        await self._wake.wait()
+                        continue
+                batch = scheduler.schedule() if scheduler.has_work() else ScheduledBatch()
+                if batch.seqs and inflight is not None and executor.needs_previous(batch):
+                    await self._finish(*inflight)
+                    inflight = None
+                launched = (batch, await executor.launch(batch)) if batch.seqs else None
+                scheduler.set_inflight(batch if launched is not None else None)
+                if inflight is not None:
+                    await self._finish(*inflight)
+                elif launched is None and not scheduler.only_loading():
+                    raise RuntimeError(
+                        f"scheduled nothing with {scheduler.num_running} running and "
+                        f"{scheduler.num_waiting} waiting requests"
+                    )
+                inflight = launched
+        except Exception as exc:
+            log.exception("%s engine step loop failed", self.name)
+            self._fail_all(errors.EngineError(f"{self.name} engine failed: {exc}"))
+            raise
+
+    async def _finish(self, batch: ScheduledBatch, launched: LaunchedStep) -> None:
+        result = await launched.result()
+        self.num_steps += 1
+        self.scheduler.finish_step(batch, result)
 
     def _fail_all(self, error: errors.DynamoError) -> None:
         for seq, queue in list(self._streams.items()):

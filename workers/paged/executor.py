@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from dynamo.wire import KvLayoutSpec, PreprocessedRequest, PromptTokenLogprob
@@ -96,4 +96,30 @@ class StepExecutor(Protocol):
 
     def kv_memory(self) -> KvMemory | None:
         """The KV tensors for a transfer agent (after start); None when there are no bytes."""
+        ...
+
+
+class LaunchedStep(Protocol):
+    async def result(self) -> StepResult:
+        """Wait for the step's tokens (not for steps launched after it) and return them."""
+        ...
+
+
+@runtime_checkable
+class OverlapExecutor(StepExecutor, Protocol):
+    """An executor that can queue a step before the previous one's tokens are read (the
+    overlap scheduler, as SGLang's and nano-vllm's): the engine launches step N+1, then reads
+    step N's tokens and schedules step N+2 while N+1 computes. A decode row of N+1 whose
+    input is N's token (position len(seq.token_ids), not known on the host yet) reads it on
+    the device. `overlap` turns the loop on; the plain loop calls `run`."""
+
+    overlap: bool
+
+    async def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Carry out the KVBM plan, queue the step and return without waiting for its tokens."""
+        ...
+
+    def needs_previous(self, batch: ScheduledBatch) -> bool:
+        """Whether the step in flight must be finished before `batch` is launched (a row whose
+        sampling reads host state that the previous token changes, such as a grammar)."""
         ...
