@@ -97,6 +97,8 @@ class SimulatedKvbm:
         self.cache = TieredCache(config, block_bytes, on_event, block_size_tokens=block_size_tokens)
         self.onboard_time_s = 0.0  # simulated, before the speedup ratio
         self.reader: SimulatedDiskReader | None = None
+        if clock is not None:
+            self.cache.clock = clock  # step times in simulated seconds, like the reads
         if clock is not None and self.cache.disk is not None:
             self.reader = SimulatedDiskReader(clock, block_bytes / (config.disk_gbps * 1e9))
             self.reader.block_bytes = block_bytes

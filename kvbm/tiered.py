@@ -5,6 +5,7 @@ kvbm/simulated.py) carries out in phase order, and it emits the tiers' KV events
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,10 @@ class TieredCache:
         self.cost = OnboardCostModel(config.host_gbps, config.disk_gbps,
                                      enabled=config.onboard_cost and block_size_tokens is not None)
         self._declined: dict[object, Counter[str]] = {}  # of requests held back for reads
+        # The engine's clock for step times (the mocker's simulated one, set by SimulatedKvbm).
+        self.clock: Callable[[], float] = time.perf_counter
+        self._step_starts: dict[int, float] = {}  # id(batch) -> when it was scheduled
+        self._last_step_end = float("-inf")
         host_blocks = config.host_capacity_blocks(block_bytes)
         disk_blocks = config.disk_capacity_blocks(block_bytes)
         args = (config.eviction, config.protected_fraction)
@@ -305,6 +310,24 @@ class TieredCache:
             self.stats.hit(hit.tier, 1)
             self.stats.onboarded(hit.tier, 1, self.block_bytes)
             self.stats.decided(hit.tier, "onboard", 1)
+
+    def step_started(self, batch: object) -> None:
+        """The scheduler picked a step (step_finished times it)."""
+        starts = self._step_starts
+        if len(starts) > 64:  # steps that never finished (a failed engine): forget them
+            starts.clear()
+        starts[id(batch)] = self.clock()
+
+    def step_finished(self, batch: object, num_tokens: int) -> None:
+        """A step's results are in: its time, from when it was picked or, when steps overlap,
+        from when the one before it finished (the device runs one at a time), is what
+        recomputing a prompt block is weighed with."""
+        start = self._step_starts.pop(id(batch), None)
+        if start is None:
+            return
+        now = self.clock()
+        began, self._last_step_end = max(start, self._last_step_end), now
+        self.cost.observe_step(num_tokens, now - began)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """The engine computed a step of `num_tokens` tokens in `seconds` (its forward pass):

@@ -129,8 +129,6 @@ class TimingExecutor:
         rows = [seq for seq, samples in zip(batch.seqs, batch.samples) if samples]
         model_s += self.timing.grammar_time_s(sum(1 for s in rows if s.exec_state.matcher is not None), model_s)
         if self.kvbm is not None:
-            # What recomputing a prompt block costs, for KVBM's onboard-or-recompute choice.
-            self.kvbm.cache.observe_step(batch.num_tokens, model_s)
             model_s += self.kvbm.step_cost_s()  # onboarding precedes the forward pass
         self.sim_time_s += model_s
         await self._sleep(model_s)

@@ -19,18 +19,25 @@ from workers.paged.sequence import Sequence, SeqStatus
 
 @dataclass(slots=True)
 class ScheduledBatch:
-    """One step: compute `num_new_tokens[i]` tokens of `seqs[i]`; `samples[i]` when that
-    completes its known tokens, so the step yields its next token (one row of the result)."""
+    """One step: compute `num_new_tokens[i]` tokens of `seqs[i]` from position `starts[i]`;
+    `samples[i]` when that completes its known tokens, so the step yields its next token (one
+    row of the result). With a step in flight (the overlap loop) `starts[i]` is past
+    `seq.num_computed_tokens` by that step's tokens, and a decode's input token may be the one
+    that step is still sampling: position len(seq.token_ids), which the executor reads on its
+    device."""
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     samples: list[bool] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
     num_tokens: int = 0
 
-    def add(self, seq: Sequence, num_new: int) -> None:
+    def add(self, seq: Sequence, num_new: int, start: int | None = None, known: int | None = None) -> None:
+        start = seq.num_computed_tokens if start is None else start
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new)
-        self.samples.append(seq.num_computed_tokens + num_new == len(seq.token_ids))
+        self.starts.append(start)
+        self.samples.append(start + num_new == (len(seq.token_ids) if known is None else known))
         self.num_tokens += num_new
 
     def recompute_from(self, failed_block_ids: set[int], block_size_tokens: int) -> None:
@@ -42,6 +49,7 @@ class ScheduledBatch:
                     redo = seq.num_computed_tokens - j * block_size_tokens
                     if redo > 0:
                         seq.num_computed_tokens -= redo
+                        self.starts[i] -= redo
                         self.num_new_tokens[i] += redo
                         self.num_tokens += redo
                     if seq.num_generated == 0 and seq.cached_tokens is not None:
@@ -63,6 +71,9 @@ class Scheduler:
         self.loading: list[Sequence] = []  # held back while their disk blocks are read
         self._reads: dict[Sequence, DiskReads] = {}  # of those, and of requeued ones done reading
         self.num_preemptions = 0
+        # The overlap loop's step in flight: per request, its tokens being computed and whether
+        # it yields a token (not yet in token_ids). schedule() plans past them.
+        self._inflight: dict[Sequence, tuple[int, bool]] = {}
 
     # ------------------------------------------------------------------------------ queries
 
@@ -132,22 +143,33 @@ class Scheduler:
     # ---------------------------------------------------------------------------- one step
 
     def schedule(self) -> ScheduledBatch:
-        """Pick this step's work and allocate its blocks."""
+        """Pick this step's work and allocate its blocks. With a step in flight (set_inflight),
+        plan past it: a request it computes continues from where it leaves it, and one whose
+        in-flight token is its last (max_tokens or length, known now) is left out."""
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         self._requeue_loaded()
         running = self.running
+        inflight = self._inflight
         preempted = False
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            ahead, pending_token = inflight.get(seq, (0, False)) if inflight else (0, False)
+            known = len(seq.token_ids) + pending_token
+            if pending_token and (
+                seq.num_generated + 1 >= seq.max_new_tokens or known >= seq.max_len
+            ):
+                i += 1
+                continue  # finishes with the step in flight
+            start = seq.num_computed_tokens + ahead
+            num_new = min(known - start, budget)
             preemptions = self.num_preemptions
-            fits = self._grow(seq, num_new)
+            fits = self._grow(seq, start + num_new)
             preempted = preempted or self.num_preemptions != preemptions
             if not fits:
                 break  # it was the newest and preempted itself: nothing after it runs
-            batch.add(seq, num_new)
+            batch.add(seq, num_new, start, known)
             budget -= num_new
             i += 1
         # Like vLLM: admitting work in a step that had to preempt would only thrash.
@@ -156,6 +178,13 @@ class Scheduler:
         if self.kvbm is not None and batch.seqs:
             self.kvbm.step_started(batch)  # step times price recomputing against onboarding
         return batch
+
+    def set_inflight(self, batch: ScheduledBatch | None) -> None:
+        """The overlap loop launched `batch` (None: nothing is in flight): the next schedule()
+        plans past it. Its result still goes to finish_step, after that schedule()."""
+        self._inflight = {} if batch is None else {
+            seq: (num_new, samples) for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples)
+        }
 
     def finish_step(self, batch: ScheduledBatch, result: StepResult) -> None:
         """Apply a computed step: commit newly full blocks, append each sampled token (one per
@@ -199,10 +228,10 @@ class Scheduler:
 
     # ----------------------------------------------------------------------------- helpers
 
-    def _grow(self, seq: Sequence, num_new: int) -> bool:
-        """Give a running request blocks for `num_new` more tokens, preempting the newest
-        running requests until they fit. False if `seq` itself had to be preempted."""
-        need = -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table)
+    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
+        """Give a running request blocks for its first `num_tokens` tokens, preempting the
+        newest running requests until they fit. False if `seq` itself had to be preempted."""
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
         if need <= 0:
             return True
         while True:
@@ -299,7 +328,9 @@ class Scheduler:
         seq.num_committed_blocks = end
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: free everything, requeue at the front."""
+        """Recompute preemption: free everything, requeue at the front. A step in flight that
+        computes it still writes its old blocks: only steps queued after it reuse them."""
+        self._inflight.pop(seq, None)
         self.pool.release(seq.preempt())
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

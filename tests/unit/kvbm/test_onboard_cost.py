@@ -134,3 +134,35 @@ def test_mocker_tiers_follow_the_same_decision() -> None:
         assert sim.reader is not None
         sim.reader.submit(sim.reader.start([4, 5, 6, 7]))
         assert [h.tier for h in cache.lookup(list(range(12)), 0)] == want
+
+
+async def test_mocker_engine_feeds_step_times_and_declines_a_slow_disk() -> None:
+    """Through the paged scheduler: step times (simulated clock) reach the model, and a disk
+    slower than recomputing is not read; the tokens are those of a run without tiers."""
+    from dynamo.wire import PreprocessedRequest, SamplingOptions, StopConditions
+    from workers.mocker.args import MockerConfig
+    from workers.mocker.engine import MockerEngine
+
+    prompts = [[(31 * i + 7 * p) % 900 + 1 for i in range(65)] for p in range(3)]
+
+    def config(kvbm: KvbmConfig) -> MockerConfig:
+        return MockerConfig(block_size_tokens=16, num_gpu_blocks=6, max_model_len=1024, speedup_ratio=1e9,
+                            vocab_size=1000, kvbm=kvbm)
+
+    async def run(engine: MockerEngine) -> list[int]:
+        tokens: list[int] = []
+        for rid, p in (("a", 0), ("b", 1), ("c", 2), ("again", 0)):
+            req = PreprocessedRequest(rid, "m", prompts[p], sampling=SamplingOptions(seed=1),
+                                      stop=StopConditions(max_tokens=2))
+            tokens += [t async for o in engine.generate(req) for t in o.token_ids]
+        return tokens
+
+    async with MockerEngine(config(KvbmConfig(disk_blocks=16, disk_gbps=0.01))) as engine:
+        tiered = await run(engine)  # type: ignore[arg-type]
+    assert engine.kvbm is not None
+    cache = engine.kvbm.cache
+    assert cache.cost.prefill.samples >= 4 and cache.cost.recompute_s(16) is not None
+    stats = cache.stats
+    assert stats.onboard_blocks["disk"] == 0 and stats.decisions[(DISK, "recompute")] == 4
+    async with MockerEngine(config(KvbmConfig())) as plain:
+        assert await run(plain) == tiered  # type: ignore[arg-type]
