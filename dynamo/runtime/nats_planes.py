@@ -570,6 +570,12 @@ class NatsEventPlane(EventPlane):
         self._subs: set[_NatsSubscription] = set()
         self._closed = False
 
+    @property
+    def client(self) -> NatsClient:
+        """The NATS client, for components that need JetStream (the frontend's rate-limit
+        store, frontend/rate_limit_store.py); the plane owns it."""
+        return self._nc
+
     async def publish(self, subject: str, payload: bytes) -> None:
         if len(payload) > self._nc.max_payload:
             raise _too_large(f"event on {subject}", len(payload), self._nc.max_payload)
