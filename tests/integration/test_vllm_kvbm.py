@@ -1,0 +1,124 @@
+"""KVBM's host and disk tiers below vLLM for CPUs (`pytest -m vllm`), through our connector
+(workers/vllm/connector/offload.py): with vLLM's own KV cache made tiny, a prompt pushed out of
+it by others and asked again is onboarded from the tiers (part from disk, where the small host
+tier spilled its oldest blocks, part from host): its cached_tokens cover them, the tier hit
+metric counts them, and the greedy output is the cold run's; the tiers' blocks are announced as
+tier-tagged KV events with the project's block hashes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from dynamo.kv_hash import block_hashes
+from dynamo.wire import BlockStored, EngineOutput, KvEventData, PreprocessedRequest, SamplingOptions, StopConditions
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+VLLM_REQUIRED = os.environ.get("DYN_TEST_VLLM") == "1"
+BLOCK = 32
+# 24 blocks of 32 tokens (one is vLLM's null block): two 300-token requests fit, a third evicts.
+DEVICE_BLOCKS = 24
+PROMPT_TOKENS = 300  # 9 full blocks usable for caching (the last prompt token is always computed)
+HOST_BLOCKS = 20  # two prompts' blocks; the third spills the oldest to disk
+MAX_TOKENS = 8
+
+pytestmark = [pytest.mark.vllm, pytest.mark.asyncio(loop_scope="module")]
+
+
+def prompt(seed: int) -> list[int]:
+    return [(i * 7 + seed * 1009) % 8000 + 10 for i in range(PROMPT_TOKENS)]
+
+
+class Harness:
+    def __init__(self, engine: Any, events: list[KvEventData], registry: Any) -> None:
+        self.engine = engine
+        self.events = events
+        self.registry = registry
+
+    def hits(self, tier: str) -> float:
+        value = self.registry.get_sample_value("dynamo_kvbm_hit_blocks_total", {"model": "tiny", "tier": tier})
+        return value or 0.0
+
+    async def run(self, token_ids: list[int], request_id: str) -> tuple[list[int], int | None]:
+        req = PreprocessedRequest(
+            request_id=request_id, model="tiny", token_ids=token_ids, sampling=SamplingOptions(),
+            stop=StopConditions(max_tokens=MAX_TOKENS),
+        )
+        outs: list[EngineOutput] = [out async for out in self.engine.generate(req)]
+        return [t for out in outs for t in out.token_ids], outs[0].cached_tokens
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
+    if not HAVE_VLLM:
+        message = "vllm is not importable here: run scripts/install_vllm.sh and pytest from that venv"
+        if VLLM_REQUIRED:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    from prometheus_client import CollectorRegistry
+
+    from kvbm.config import KvbmConfig
+    from kvbm.metrics import KvbmMetrics
+    from tests.integration.vllm_model import build_vllm_test_model
+    from workers.vllm.args import VllmConfig
+    from workers.vllm.engine import VllmEngine
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    model = build_vllm_test_model(tmp_path_factory.mktemp("vllm-kvbm-model"))
+    config = VllmConfig.for_model(
+        str(model), dtype="float32", max_model_len=512, block_size=BLOCK, enforce_eager=True,
+        num_gpu_blocks_override=DEVICE_BLOCKS,
+    )
+    disk = tmp_path_factory.mktemp("vllm-kvbm-disk")
+    config = dataclasses.replace(config, kvbm=KvbmConfig(host_blocks=HOST_BLOCKS, disk_dir=str(disk), disk_blocks=64))
+    events: list[KvEventData] = []
+    engine = VllmEngine(config)
+    await engine.start(events.append)
+    registry = CollectorRegistry()
+    # What workers/worker.py does for an engine with KVBM tiers.
+    assert engine.kvbm is not None
+    engine.kvbm.cache.bind_metrics(KvbmMetrics(registry, "tiny"))
+    try:
+        yield Harness(engine, events, registry)
+    finally:
+        await engine.stop()
+
+
+async def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_evicted_prompt_is_onboarded_from_host_and_disk(harness: Harness) -> None:
+    a = prompt(0)
+    cold, cached = await harness.run(a, "a-cold")
+    assert cached == 0
+    for i in (1, 2):  # push a out of vLLM's cache, and most of it out of the host tier
+        await harness.run(prompt(i), f"evict-{i}")
+
+    warm, cached = await harness.run(a, "a-warm")
+    assert warm == cold
+    assert cached is not None and cached >= 8 * BLOCK, cached
+    await wait_for(lambda: harness.hits("host") > 0 and harness.hits("disk") > 0, 30, "host and disk hits")
+    # Every cached block beyond vLLM's own prefix hit came from a tier.
+    assert harness.hits("host") + harness.hits("disk") <= cached // BLOCK
+
+    ours = block_hashes(a, BLOCK)[: PROMPT_TOKENS // BLOCK]
+    by_tier: dict[str, set[int]] = {}
+    for event in harness.events:
+        if isinstance(event, BlockStored) and event.tier != "device":
+            by_tier.setdefault(event.tier, set()).update(event.block_hashes)
+    assert set(ours) <= by_tier.get("host", set())  # offloaded when the cold run ended
+    assert by_tier.get("disk", set()) & set(ours)  # spilled when the host tier filled

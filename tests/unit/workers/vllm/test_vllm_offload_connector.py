@@ -1,0 +1,209 @@
+"""The KVBM connector for vLLM (workers/vllm/connector/offload.py) without an engine: the
+scheduler side's bookkeeping against fake vLLM requests (offload when a request releases its
+blocks, hits beyond vLLM's prefix cache, onboard plans into the allocated slots, requests whose
+KV is more than their tokens left alone), the worker side's copies on a tensor shaped like vLLM
+CPU's KV cache (host and disk round trips, an unreadable file reported as a load error), tier
+events through the KV-event translator, and the counters reaching the dynamo_kvbm_* metrics."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+if not HAVE_VLLM:
+    if os.environ.get("DYN_TEST_VLLM") == "1":
+        pytest.fail("vllm is not importable here (DYN_TEST_VLLM=1)", pytrace=False)
+    pytest.skip("needs vllm (run from .venv-vllm)", allow_module_level=True)
+
+import torch  # noqa: E402
+
+from dynamo.kv_hash import block_hashes  # noqa: E402
+from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec  # noqa: E402
+from kvbm.config import KvbmConfig  # noqa: E402
+from workers.vllm.connector.offload import (  # noqa: E402
+    EXTRA_KEY,
+    KvbmView,
+    OffloadMetadata,
+    _SchedulerSide,
+    _WorkerSide,
+    connector_config,
+)
+
+BS = 4
+LAYOUT = KvLayoutSpec(num_layers=2, block_size_tokens=BS, num_kv_heads=2, head_dim=8, dtype="float32")
+NUM_BLOCKS = 16
+
+
+@dataclass
+class FakeRequest:
+    """The attributes of vllm.v1.request.Request the connector reads."""
+
+    request_id: str
+    all_token_ids: list[int]
+    num_computed_tokens: int = 0
+    lora_request: Any = None
+    cache_salt: str | None = None
+    mm_features: list[Any] = field(default_factory=list)
+    skip_reading_prefix_cache: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+
+def finish(side: _SchedulerSide, req: FakeRequest, block_ids: list[int]) -> OffloadMetadata:
+    """The request computed all but its last token and releases its blocks."""
+    req.num_computed_tokens = req.num_tokens - 1
+    side.finished(req, block_ids)
+    return side.build_meta([])
+
+
+def test_offload_on_release_then_onboard_beyond_the_device_hit() -> None:
+    side = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
+    prompt = list(range(100, 118))  # 4 full blocks + 2 tokens
+    first = FakeRequest("a", prompt)
+    assert side.num_new_matched_tokens(first, 0) == 0
+    assert side.after_alloc(first, [], 0) == []
+    meta = finish(side, first, [5, 6, 7, 8, 9])
+    ours = block_hashes(prompt, BS)
+    assert [(op[0], op[1], op[3]) for op in meta.offloads] == [(5, ours[0], "host"), (6, ours[1], "host"),
+                                                               (7, ours[2], "host"), (8, ours[3], "host")]
+    assert not meta.onboards
+
+    # Asked again with vLLM's own cache holding the first block: the rest comes from the tier
+    # (the last prompt token is always computed: 18 tokens -> at most 17 cached -> 4 blocks).
+    again = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(again, BS) == 3 * BS
+    assert side.num_new_matched_tokens(again, BS) == 3 * BS  # side-effect free
+    assert side.after_alloc(again, [1, 2, 3, 4, 11], 3 * BS) == []
+    meta = side.build_meta([])
+    assert [(op[0], op[1], op[3]) for op in meta.onboards] == [(ours[1], "host", 2), (ours[2], "host", 3),
+                                                               (ours[3], "host", 4)]
+    assert side.cache.stats.hits["host"] == 3
+    stats = side.stats()
+    assert stats is not None and stats.data[EXTRA_KEY]["hits"] == {"host": 3}
+    assert stats.data[EXTRA_KEY]["usage"] == {"host": [4, 8]}
+    again_stats = side.stats()
+    assert again_stats is None  # deltas: nothing new
+
+
+def test_requests_whose_kv_is_more_than_tokens_are_left_alone() -> None:
+    side = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
+    prompt = list(range(50, 70))
+    finish(side, FakeRequest("plain", prompt), list(range(1, 6)))
+    lora = FakeRequest("lora", prompt, lora_request=object())
+    assert side.num_new_matched_tokens(lora, 0) == 0
+    assert not finish(side, FakeRequest("salted", list(range(200, 220)), cache_salt="s"), list(range(6, 11))).offloads
+    skip = FakeRequest("skip", prompt, skip_reading_prefix_cache=True)
+    assert side.num_new_matched_tokens(skip, 0) == 0
+    assert side.num_new_matched_tokens(FakeRequest("plain2", prompt), 0) == 4 * BS
+
+
+def test_tier_events_reach_the_router_with_our_hashes() -> None:
+    import msgspec
+    from vllm.distributed.kv_events import KVEventBatch
+
+    from workers.vllm.kv_events import BATCH_DECODER, KvEventTranslator
+
+    side = _SchedulerSide(KvbmConfig(host_blocks=3), LAYOUT)
+    out: list[KvEventData] = []
+    translator = KvEventTranslator(out.append, BS)
+    prompt = list(range(10, 23))  # 3 full usable blocks
+    finish(side, FakeRequest("a", prompt), [1, 2, 3, 4])
+    finish(side, FakeRequest("b", list(range(300, 309))), [5, 6, 7])  # 2 blocks push 2 of a's out
+    # As vLLM's publisher sends them and our subscriber decodes them.
+    wire = msgspec.msgpack.encode(KVEventBatch(ts=0.0, events=list(side.take_events())))
+    for event in BATCH_DECODER.decode(wire).events:
+        translator.apply(event)
+    ours = block_hashes(prompt, BS)
+    assert out[0] == BlockStored(block_hashes=ours[:3], parent_hash=None, tier="host")
+    removed = [e for e in out if isinstance(e, BlockRemoved)]
+    assert removed == [BlockRemoved(block_hashes=ours[:2], tier="host")]
+    assert {tuple(e.block_hashes) for e in translator.snapshot() if isinstance(e, BlockStored)} >= {(ours[2],)}
+
+
+def test_connector_config_round_trips_the_flags() -> None:
+    config = KvbmConfig(host_gb=0.5, disk_dir="/tmp/x", offload_policy="reused")
+    fields = connector_config(config)
+    assert fields["kv_connector_module_path"] == "workers.vllm.connector.offload"
+    assert KvbmConfig(**fields["kv_connector_extra_config"][EXTRA_KEY]) == config
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def cpu_kv_caches() -> dict[str, torch.Tensor]:
+    """vLLM CPU's per-layer layout: [num_blocks, kv_heads, block_size, 2 * head_dim]."""
+    gen = torch.Generator().manual_seed(7)
+    shape = (NUM_BLOCKS, LAYOUT.num_kv_heads, BS, 2 * LAYOUT.head_dim)
+    return {f"layers.{i}.attn": torch.randn(shape, generator=gen) for i in range(LAYOUT.num_layers)}
+
+
+def test_worker_host_round_trip_and_flash_layout() -> None:
+    for caches in (cpu_kv_caches(),
+                   # GPU backends' [2, num_blocks, block_size, heads, head_dim]: blocks on dim 1
+                   {f"l{i}": torch.randn(2, NUM_BLOCKS, BS, 2, 8) for i in range(2)}):
+        worker = _WorkerSide(KvbmConfig(host_blocks=4), LAYOUT, list(caches), NUM_BLOCKS)
+        worker.register(caches)
+        dim = worker.block_dims[0]
+        before = [t.select(dim, 3).clone() for t in caches.values()]
+        worker.execute(OffloadMetadata(offloads=[(3, 111, None, "host", 2)]))
+        worker.execute(OffloadMetadata(onboards=[(111, "host", 2, 9)]))
+        for t, b in zip(caches.values(), before):
+            assert torch.equal(t.select(dim, 9), b)
+        assert worker.take_lost() == set()
+        stats = worker.stats()
+        assert stats is not None and set(stats.data[EXTRA_KEY]["transfer"]) == {"offload", "onboard"}
+
+
+def test_worker_disk_round_trip_and_an_unreadable_file(tmp_path: Path) -> None:
+    caches = cpu_kv_caches()
+    config = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8)
+    worker = _WorkerSide(config, LAYOUT, list(caches), NUM_BLOCKS)
+    worker.register(caches)
+    try:
+        want = [t[4].clone() for t in caches.values()]
+        worker.execute(OffloadMetadata(offloads=[(4, 222, None, "disk", 0)]))
+        worker.execute(OffloadMetadata(onboards=[(222, "disk", 0, 12), (333, "disk", 1, 13)]))
+        for t, w in zip(caches.values(), want):
+            assert torch.equal(t[12], w)
+        assert worker.take_lost() == {13}  # vLLM recomputes it
+        meta = worker.worker_meta()
+        assert meta is not None and meta.unreadable == {333}
+    finally:
+        worker.shutdown()
+    assert any(tmp_path.rglob("00000000000000de.kvb"))  # 222, kept for a restart
+
+    # A restarted scheduler side finds the block on disk and offers it.
+    side = _SchedulerSide(config, LAYOUT)
+    assert side.cache.disk is not None and 222 in side.cache.disk
+
+
+def test_view_feeds_the_metrics_also_inside_a_multiconnector_payload() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kvbm.metrics import KvbmMetrics
+
+    registry = CollectorRegistry()
+    view = KvbmView(KvbmConfig(host_blocks=8))
+    view.cache.bind_metrics(KvbmMetrics(registry, "m"))
+    side = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
+    prompt = list(range(100, 118))
+    finish(side, FakeRequest("a", prompt), [1, 2, 3, 4, 5])
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == 4 * BS
+    side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS)
+    stats = side.stats()
+    assert stats is not None
+    view.apply({"DynamoKvbmConnector": stats.to_dict(), "OtherConnector": {"x": 1}})
+    sample = registry.get_sample_value
+    assert sample("dynamo_kvbm_hit_blocks_total", {"model": "m", "tier": "host"}) == 4
+    assert sample("dynamo_kvbm_offload_blocks_total", {"model": "m", "tier": "host"}) == 4
+    assert sample("dynamo_kvbm_blocks_used", {"model": "m", "tier": "host"}) == 4
+    assert sample("dynamo_kvbm_blocks_total", {"model": "m", "tier": "host"}) == 8
