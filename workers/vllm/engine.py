@@ -24,6 +24,8 @@ from kvbm.block_pool import KvEventSink
 from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo
 from workers.vllm.args import VllmConfig
+from workers.vllm.connector import kv_transfer_config
+from workers.vllm.connector.offload import KvbmView
 from workers.vllm.embedding import embed, pooling_engine_args
 from workers.vllm.kv_events import KvEventSubscriber, KvEventTranslator
 from workers.vllm.logprobs import prompt_logprobs, sample_logprobs
@@ -51,6 +53,7 @@ class VllmEngine(Engine):
         self._replay = False
         self._validator: ConstraintValidator | None = None
         self._embedding: EmbeddingConfig | None = None  # serving an embedding model (workers/vllm/embedding.py)
+        self._kvbm: KvbmView | None = None  # --kvbm-*: the tiers' counters, fed from vLLM's engine core
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -65,6 +68,9 @@ class VllmEngine(Engine):
             engine_args = pooling_engine_args(engine_args, self._embedding)
         else:
             engine_args = self._with_replay(engine_args)
+            if self.config.kvbm.enabled:
+                self._watch_kvbm()
+        engine_args = self._with_connectors(engine_args)
         try:
             # Building AsyncLLM blocks for as long as the engine core takes to load the model and
             # profile memory (tens of seconds): keep it off the event loop. AsyncLLM starts its
@@ -126,6 +132,29 @@ class VllmEngine(Engine):
         if PROCESSOR_FQCN not in processors:
             processors.append(PROCESSOR_FQCN)
         return dataclasses.replace(engine_args, logits_processors=processors)
+
+    def _watch_kvbm(self) -> None:
+        """The KVBM tiers' counters here: they come out of vLLM's engine core with its stats
+        (the offload connector itself is installed by _with_connectors)."""
+        self._kvbm = KvbmView(self.config.kvbm)
+        self._stats.on_connector_stats = self._kvbm.apply
+
+    @property
+    def kvbm(self) -> KvbmView | None:
+        return self._kvbm
+
+    def _with_connectors(self, engine_args: AsyncEngineArgs) -> AsyncEngineArgs:
+        """Our KV connectors (workers/vllm/connector: transfer for --role prefill|decode, KVBM
+        offload), unless the user passed a kv_transfer_config of their own."""
+        config = kv_transfer_config(self.config)
+        if config is None:
+            return engine_args
+        if engine_args.kv_transfer_config is not None:
+            raise errors.EngineError(
+                "--kv-transfer-config conflicts with the worker's own KV connectors (--role, --kvbm-*): "
+                "pass one or the other"
+            )
+        return dataclasses.replace(engine_args, kv_transfer_config=config)
 
     def _kv_events_wiring(
         self, engine_args: AsyncEngineArgs, kv_events: KvEventSink
