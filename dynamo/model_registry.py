@@ -18,10 +18,17 @@ from dynamo.wire import MODEL_CARD_CODEC, ModelCard, encode
 log = logging.getLogger(__name__)
 
 MODELS_ROOT = "v1/models/"
+# `v1/planned_models/{namespace}/{served_model_name}`: a model a planner scales (from zero
+# included), put under the planner's lease, so a frontend knows it while no worker serves it.
+PLANNED_ROOT = "v1/planned_models/"
 
 
 def model_key(card: ModelCard) -> str:
     return f"{MODELS_ROOT}{card.namespace}/{card.served_model_name}/{card.instance_id:x}"
+
+
+def planned_model_key(namespace: str, served_model_name: str) -> str:
+    return f"{PLANNED_ROOT}{namespace}/{served_model_name}"
 
 
 async def register_model(discovery: Discovery, card: ModelCard, lease_id: int) -> str:
@@ -55,6 +62,10 @@ class ModelWatcher:
     def __init__(self, discovery: Discovery, namespace: str | None = None) -> None:
         self._discovery = discovery
         self._prefix = MODELS_ROOT if namespace is None else f"{MODELS_ROOT}{namespace}/"
+        self._planned_prefix = PLANNED_ROOT if namespace is None else f"{PLANNED_ROOT}{namespace}/"
+        self.planned: set[str] = set()  # model names a planner scales, served or not right now
+        self._planned_watch: Watch | None = None
+        self._planned_task: asyncio.Task[None] | None = None
         self.models: dict[str, ModelEntry] = {}
         self._by_key: dict[str, ModelCard] = {}
         self._watch: Watch | None = None
@@ -69,6 +80,16 @@ class ModelWatcher:
     async def start(self) -> None:
         self._watch = await self._discovery.watch_prefix(self._prefix)
         self._task = asyncio.create_task(self._run(self._watch))
+        self._planned_watch = await self._discovery.watch_prefix(self._planned_prefix)
+        self._planned_task = asyncio.create_task(self._run_planned(self._planned_watch))
+
+    async def _run_planned(self, watch: Watch) -> None:
+        async for event in watch:
+            name = event.key.rsplit("/", 1)[-1]
+            if event.kind == "put":
+                self.planned.add(name)
+            else:
+                self.planned.discard(name)
 
     async def _run(self, watch: Watch) -> None:
         async for event in watch:
@@ -106,8 +127,10 @@ class ModelWatcher:
         return self.models[name]
 
     async def close(self) -> None:
-        if self._watch is not None:
-            await self._watch.close()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for watch in (self._watch, self._planned_watch):
+            if watch is not None:
+                await watch.close()
+        for task in (self._task, self._planned_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)

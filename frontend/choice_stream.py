@@ -25,6 +25,7 @@ from dynamo.runtime import ResponseStream
 from dynamo.wire import OUTPUT_CODEC, EngineOutput, PreprocessedRequest, encode
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, ServedModel
+from router.base import Router, RoutingDecision
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +117,13 @@ class ChoiceStream:
             candidates = [i for i in live if i not in tried and i != avoid] or [i for i in live if i not in tried]
             if not candidates:
                 break
-            with tracing.span("route", request.trace) as route:  # current: a remote router carries it on
+            if request.trace is None:
                 decision = await router.select(request, candidates)
-                if route is not None:
-                    route.set_attributes(
-                        {"dynamo.instance_id": f"{decision.instance_id:x}", "dynamo.overlap_blocks": decision.overlap_blocks}
-                    )
+            else:
+                decision = await _traced_select(router, request, candidates)
             instance_id = decision.instance_id
             tried.append(instance_id)
-            sent_s = time.perf_counter()
+            sent_s = time.perf_counter() if request.trace is not None else 0.0
             try:
                 stream = await client.generate(payload, instance_id, request.request_id)
             except errors.InstanceUnavailable as exc:
@@ -294,6 +293,17 @@ class ChoiceStream:
                 attributes = {"dynamo.instance_id": f"{self.instance_id:x}", "dynamo.migrations": self.migrations}
                 tracing.end(self.span, attributes=attributes)
                 self.span = None
+
+
+async def _traced_select(router: Router, request: PreprocessedRequest, candidates: list[int]) -> RoutingDecision:
+    """`router.select` in a `route` span made current, so that a remote router carries it on."""
+    with tracing.span("route", request.trace) as route:
+        decision = await router.select(request, candidates)
+        if route is not None:
+            route.set_attributes(
+                {"dynamo.instance_id": f"{decision.instance_id:x}", "dynamo.overlap_blocks": decision.overlap_blocks}
+            )
+    return decision
 
 
 async def _drain(stream: ResponseStream, request_id: str) -> None:

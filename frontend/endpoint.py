@@ -181,8 +181,9 @@ class ApiEndpoint:
         # Traced: the request's server span (a child of the client's traceparent when it sent
         # one) is current for all the work below, and the response names it.
         span = _server_span(scope, arrived_s) if tracing.active else None
-        trace_token = tracing.attach(span)
+        trace_token = None
         if span is not None:
+            trace_token = tracing.attach(span)
             send = _traced_send(send, span)
         try:
             if self.limit is not None:
@@ -195,8 +196,11 @@ class ApiEndpoint:
                 )
                 if quota is not None:
                     admission = quota.admit(len(body))
-                with tracing.span("queue"):
+                if span is None:
                     await self.limit.acquire(ticket)
+                else:
+                    with tracing.span("queue"):
+                        await self.limit.acquire(ticket)
                 holds_slot = True
             reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
             await self._serve(body, arrived_s, send, watch)

@@ -75,8 +75,9 @@ class ModelManager:
         held: Gauge | None = None,
     ) -> None:
         self.runtime = runtime
-        # Models that had workers and have none now (scaled to zero by the planner) are still
-        # known: a request for one waits this long for a worker instead of a 404.
+        # Models that had workers and have none now (scaled to zero by the planner), and models
+        # a planner announces, are known: a request for one waits this long for a worker
+        # instead of a 404.
         self.scale_from_zero_wait_s = scale_from_zero_wait_s
         self._held = held  # requests waiting so, by model (the planner's cue to scale up)
         self._seen: set[str] = set()
@@ -116,9 +117,11 @@ class ModelManager:
         return model
 
     async def acquire(self, name: str) -> ServedModel:
-        """`get`, except that a model this frontend has served and that has no worker now is
-        waited for (bounded) until one registers; then 503 with Retry-After."""
-        if name in self.models or name not in self._seen or self.scale_from_zero_wait_s <= 0:
+        """`get`, except that a model with no worker now that this frontend has served, or that
+        a planner announces (it scales it from zero), is waited for (bounded) until a worker
+        registers; then 503 with Retry-After."""
+        known = name in self._seen or name in self.watcher.planned
+        if name in self.models or not known or self.scale_from_zero_wait_s <= 0:
             return self.get(name)
         self._holding(name, +1)
         try:

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from dynamo.config import RuntimeConfig, add_runtime_args
 from dynamo.entry import SYSTEM_FLAGS, add_common_args, run, wait_for_shutdown
+from dynamo.model_registry import planned_model_key
 from dynamo.runtime import Runtime
 from dynamo.system_server import SystemServer
 from planner.config import PlannerConfig, add_planner_args
@@ -52,6 +53,10 @@ async def serve_planner(config: PlannerConfig, runtime_config: RuntimeConfig, ar
     metrics = PlannerMetrics(registry)
     connector = make_connector(config)
     async with await Runtime.create(runtime_config) as runtime:
+        if config.model:
+            # Frontends then know the model while its pools are at zero (they hold its requests
+            # for a worker instead of answering 404); the key goes with this planner's lease.
+            await runtime.register(planned_model_key(runtime.namespace, config.model), b"")
         async with contextlib.AsyncExitStack() as stack:
             await connector.start()
             stack.push_async_callback(connector.close)

@@ -39,6 +39,9 @@ class PlannerConfig:
     ttft_target_s: float = 0.5
     itl_target_s: float = 0.05
     perf_model_path: str | None = None
+    # Disaggregated: prompts shorter than this are prefilled by the decode workers themselves
+    # (their --disagg-min-prefill-tokens), so their prefill counts toward the decode pool.
+    local_prefill_below_tokens: int = 512
     bounds: dict[Role, Bounds] = field(default_factory=dict)
     gpus_per_worker: dict[Role, int] = field(default_factory=dict)
     gpu_budget: int = 0  # 0: unbounded
@@ -95,6 +98,7 @@ class PlannerConfig:
             ttft_target_s=args.ttft_ms / 1000.0,
             itl_target_s=args.itl_ms / 1000.0,
             perf_model_path=args.perf_model or None,
+            local_prefill_below_tokens=args.local_prefill_below_tokens,
             bounds={
                 "aggregated": Bounds(args.agg_min, args.agg_max),
                 "prefill": Bounds(args.prefill_min, args.prefill_max),
@@ -153,6 +157,9 @@ PLANNER_FLAGS = FlagGroup(
              env="DYN_PLANNER_ITL_MS", type=float),
         Flag("--perf-model", "SLA: the workers' performance model, as benchmarks/profile_worker.py writes it",
              env="DYN_PLANNER_PERF_MODEL", default_doc="required in sla mode"),
+        Flag("--local-prefill-below-tokens", "disagg: the decode workers' --disagg-min-prefill-tokens; "
+             "shorter prompts are prefilled on the decode pool and count toward it",
+             default=_D.local_prefill_below_tokens, env="DYN_PLANNER_LOCAL_PREFILL_BELOW_TOKENS", type=int),
         Flag("--agg-min", "fewest aggregated workers (0: the pool may scale to zero)", default=1,
              env="DYN_PLANNER_AGG_MIN", type=int),
         Flag("--agg-max", "most aggregated workers", default=8, env="DYN_PLANNER_AGG_MAX", type=int),

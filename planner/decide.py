@@ -5,7 +5,8 @@
   target T while utilisation stays at or below rho = 2(k-1)/(2k-1), k = T/S, so a pool needs
   rate*S/rho workers. Decode: the largest batch whose ITL is within target (and whose KV fits)
   is what one worker can carry; Little's law gives the streams decoding at once,
-  rate * osl * itl. Aggregated workers do both, so their shares add up.
+  rate * osl * itl. Aggregated workers do both, so their shares add up; so do decode workers
+  when the prompts are short enough for them to prefill locally.
   Observed latency closes the loop: a p90 over target grows the pool that holds the queue,
   and a pool only shrinks while the latencies are comfortably (20%) inside their targets.
 - load: keep waiting requests per worker and KV usage inside bands.
@@ -141,6 +142,9 @@ class Decider:
         model_n: dict[Role, float]
         if cfg.topology == "agg":
             model_n = {"aggregated": need.prefill_workers + need.decode_workers}
+        elif p.isl < cfg.local_prefill_below_tokens:
+            # Short prompts are prefilled where they decode: the prefill pool has none of them.
+            model_n = {"prefill": 0.0, "decode": need.prefill_workers + need.decode_workers}
         else:
             model_n = {"prefill": need.prefill_workers, "decode": need.decode_workers}
         out: dict[Role, tuple[int, str]] = {}

@@ -62,7 +62,7 @@ class RemoteRouter(Router):
         else:
             replica = replicas[next(self._replica) % len(replicas)]
         # The current span is the frontend's route span (frontend/choice_stream.py), when traced.
-        trace = tracing.current_traceparent()
+        trace = tracing.current_traceparent() if tracing.active else None
         payload = encode(
             RouteRequest(request.request_id, request.token_ids, list(candidates), request.session_id, trace)
         )

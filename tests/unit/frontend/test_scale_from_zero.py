@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
+from dynamo.model_registry import planned_model_key
 from tests.unit.frontend.conftest import MODEL, Stack, start_worker
 
 
@@ -20,15 +21,19 @@ async def scale_to_zero(stack: Stack) -> None:
     await stack.manager.wait_until(lambda: MODEL not in stack.manager.models, 5)
 
 
-async def test_request_is_held_until_a_worker_registers(stack: Stack) -> None:
-    await scale_to_zero(stack)
-    stack.manager.scale_from_zero_wait_s = 10.0
-    request = asyncio.create_task(stack.client.post("/v1/chat/completions", json=chat_body()))
+async def wait_held(stack: Stack) -> None:
     async def held() -> None:
         while stack.manager.held_requests(MODEL) != 1:
             await asyncio.sleep(0.01)
 
     await asyncio.wait_for(held(), 5)  # the request waits for a worker, not a 404
+
+
+async def test_request_is_held_until_a_worker_registers(stack: Stack) -> None:
+    await scale_to_zero(stack)
+    stack.manager.scale_from_zero_wait_s = 10.0
+    request = asyncio.create_task(stack.client.post("/v1/chat/completions", json=chat_body()))
+    await wait_held(stack)
     assert not request.done()
     await start_worker(stack, [12, 13])
     resp = await asyncio.wait_for(request, 10)
@@ -54,3 +59,19 @@ async def test_unknown_model_is_404_at_once(stack: Stack) -> None:
         stack.client.post("/v1/chat/completions", json={**chat_body(), "model": "never-served"}), 5
     )
     assert resp.status_code == 404
+
+
+async def test_a_model_a_planner_announces_is_held_though_never_served(stack: Stack) -> None:
+    stack.manager.scale_from_zero_wait_s = 10.0
+    await stack.runtime.discovery.put(planned_model_key(stack.runtime.namespace, MODEL), b"")
+
+    async def announced() -> None:
+        while MODEL not in stack.manager.watcher.planned:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(announced(), 5)
+    request = asyncio.create_task(stack.client.post("/v1/chat/completions", json=chat_body()))
+    await wait_held(stack)
+    await start_worker(stack, [12, 13])
+    resp = await asyncio.wait_for(request, 10)
+    assert resp.status_code == 200, resp.text
