@@ -195,7 +195,7 @@ class ApiEndpoint:
                     quota.tenant if quota is not None else None, _header(scope, PRIORITY_HEADER), body
                 )
                 if quota is not None:
-                    admission = quota.admit(len(body))
+                    admission = await quota.admit_async(len(body))  # leases when limits are shared
                 if span is None:
                     await self.limit.acquire(ticket)
                 else:

@@ -1,6 +1,7 @@
 """Per-tenant token buckets: requests/min and input tokens/min checked at admission, output
-tokens/min charged with actual usage when a request ends. State is in this process's memory:
-each frontend replica limits on its own (docs/tenants.md)."""
+tokens/min charged with actual usage when a request ends. State is in this process's memory,
+unless the limiter `share`s a store: then each bucket is a lease on one bucket that every
+frontend replica shares (frontend/rate_limit_store.py, docs/tenants.md)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from frontend.errors import TooManyRequests
 from frontend.metrics import FrontendMetrics
+from frontend.rate_limit_store import BucketStore, LeasedBucket
 from frontend.tenants import Tenant
 
 Clock = Callable[[], float]
@@ -62,6 +64,12 @@ class TokenBucket:
         self.level = min(self.level, self.capacity)
 
 
+Bucket = TokenBucket | LeasedBucket
+# Leases tried for one request before it is refused: others on this replica may spend a
+# lease between its arrival and the check.
+_LEASE_ATTEMPTS = 3
+
+
 class RateLimited(TooManyRequests):
     """A tenant is over one of its limits: 429 with Retry-After and OpenAI's x-ratelimit-*
     headers (`headers`), added by the endpoint to its API's error body."""
@@ -74,14 +82,17 @@ class RateLimited(TooManyRequests):
 class TenantQuota:
     """One tenant's buckets (only for the limits it has; 0 is unlimited)."""
 
-    def __init__(self, tenant: Tenant, clock: Clock, metrics: FrontendMetrics) -> None:
+    def __init__(
+        self, tenant: Tenant, clock: Clock, metrics: FrontendMetrics, store: BucketStore | None = None
+    ) -> None:
         self.tenant = tenant
         self._clock = clock
+        self._store = store
         now_s = clock()
         limits = tenant.limits
-        self.requests = TokenBucket(limits.requests_per_min, now_s) if limits.requests_per_min else None
-        self.input_tokens = TokenBucket(limits.input_tokens_per_min, now_s) if limits.input_tokens_per_min else None
-        self.output_tokens = TokenBucket(limits.output_tokens_per_min, now_s) if limits.output_tokens_per_min else None
+        self.requests = self._bucket("requests", limits.requests_per_min, now_s)
+        self.input_tokens = self._bucket("input_tokens", limits.input_tokens_per_min, now_s)
+        self.output_tokens = self._bucket("output_tokens", limits.output_tokens_per_min, now_s)
         self._metrics = metrics.for_tenant(tenant.name)
         self._rejected = metrics.rejected.labels("rate_limited")
 
@@ -92,16 +103,45 @@ class TenantQuota:
         if old == new:
             return
         now_s = self._clock()
-        self.requests = _resized(self.requests, new.requests_per_min, now_s)
-        self.input_tokens = _resized(self.input_tokens, new.input_tokens_per_min, now_s)
-        self.output_tokens = _resized(self.output_tokens, new.output_tokens_per_min, now_s)
+        self.requests = self._resized("requests", self.requests, new.requests_per_min, now_s)
+        self.input_tokens = self._resized("input_tokens", self.input_tokens, new.input_tokens_per_min, now_s)
+        self.output_tokens = self._resized("output_tokens", self.output_tokens, new.output_tokens_per_min, now_s)
+
+    def _bucket(self, limit: str, per_min: int, now_s: float) -> Bucket | None:
+        if not per_min:
+            return None
+        if self._store is None:
+            return TokenBucket(per_min, now_s)
+        return LeasedBucket(self._store, self._store.key(self.tenant.name, limit), per_min, self._clock)
+
+    def _resized(self, limit: str, bucket: Bucket | None, per_min: int, now_s: float) -> Bucket | None:
+        if bucket is None or not per_min:
+            return self._bucket(limit, per_min, now_s)
+        bucket.resize(per_min, now_s)
+        return bucket
+
+    def _needs(self, estimate: int) -> tuple[tuple[Bucket | None, float], ...]:
+        return ((self.requests, 1.0), (self.input_tokens, float(estimate)), (self.output_tokens, 1.0))
+
+    async def admit_async(self, body_bytes: int) -> Admission:
+        """`admit`, after leasing what the request needs from the shared buckets (when the
+        limits are shared; otherwise `admit` as it is)."""
+        if self._store is not None:
+            needs = self._needs(math.ceil(body_bytes / _BYTES_PER_TOKEN_ESTIMATE))
+            for _ in range(_LEASE_ATTEMPTS):
+                for bucket, amount in needs:
+                    if isinstance(bucket, LeasedBucket):
+                        await bucket.ensure(amount)
+                if all(b is None or b.wait_s(a) <= _FLOAT_SLACK_S for b, a in needs):
+                    break
+        return self.admit(body_bytes)
 
     def admit(self, body_bytes: int) -> Admission:
         """Take one request and the body's estimated prompt tokens, or raise RateLimited
         without taking anything."""
         now_s = self._clock()
         estimate = math.ceil(body_bytes / _BYTES_PER_TOKEN_ESTIMATE)
-        needs = ((self.requests, 1.0), (self.input_tokens, float(estimate)), (self.output_tokens, 1.0))
+        needs = self._needs(estimate)
         wait_s = 0.0
         for bucket, amount in needs:
             if bucket is not None:
@@ -147,16 +187,7 @@ class TenantQuota:
             self.output_tokens.charge(tokens)
 
 
-def _resized(bucket: TokenBucket | None, per_min: int, now_s: float) -> TokenBucket | None:
-    if not per_min:
-        return None
-    if bucket is None:
-        return TokenBucket(per_min, now_s)
-    bucket.resize(per_min, now_s)
-    return bucket
-
-
-def _bucket_headers(name: bytes, bucket: TokenBucket) -> list[tuple[bytes, bytes]]:
+def _bucket_headers(name: bytes, bucket: Bucket) -> list[tuple[bytes, bytes]]:
     return [
         (b"x-ratelimit-limit-" + name, str(int(bucket.capacity)).encode()),
         (b"x-ratelimit-remaining-" + name, str(max(0, math.floor(bucket.level))).encode()),
@@ -228,11 +259,18 @@ class RateLimiter:
         self._metrics = metrics
         self._clock = clock
         self._quotas: dict[str, TenantQuota] = {}
+        self._store: BucketStore | None = None
+
+    def share(self, store: BucketStore) -> None:
+        """Hold limits in `store`, shared with the other replicas, from now on (called before
+        the first request)."""
+        self._store = store
+        self._quotas.clear()
 
     def quota(self, tenant: Tenant) -> TenantQuota:
         quota = self._quotas.get(tenant.name)
         if quota is None:
-            quota = self._quotas[tenant.name] = TenantQuota(tenant, self._clock, self._metrics)
+            quota = self._quotas[tenant.name] = TenantQuota(tenant, self._clock, self._metrics, self._store)
         elif quota.tenant is not tenant:
             quota.update(tenant)
         return quota

@@ -21,6 +21,7 @@ from frontend.app import create_app
 from frontend.config import FrontendConfig, add_frontend_args
 from frontend.metrics import FrontendMetrics
 from frontend.models import ModelManager, RouterFactory
+from frontend.rate_limit_store import BucketStore, shared_store
 
 __all__ = ["Frontend", "FrontendConfig", "add_frontend_args"]
 
@@ -68,12 +69,18 @@ class Frontend:
         self.app: FastAPI = create_app(self.manager, self.metrics, config)
         self._server: _Server | None = None
         self._server_task: asyncio.Task[None] | None = None
+        self._rate_store: BucketStore | None = None
         self.port: int = config.http_port  # the bound port (differs when http_port is 0)
 
     async def start(self) -> None:
         await self.watcher.start()
         await self.manager.start()
         self.app.state.tenants.start()  # the tenants file's poller (frontend/tenants.py)
+        if self.config.tenants_file:
+            # Tenant limits held across replicas (NATS KV); None on the embedded runtime.
+            self._rate_store = await shared_store(self.runtime.events, self.config.namespace or self.runtime.namespace)
+            if self._rate_store is not None:
+                self.app.state.rate_limiter.share(self._rate_store)
         uv_config = uvicorn.Config(
             self.app,
             host=self.config.http_host,
@@ -112,6 +119,8 @@ class Frontend:
             self._server = None
             self._server_task = None
         await self.app.state.tenants.aclose()
+        if self._rate_store is not None:
+            await self._rate_store.close()
         await self.manager.close()
         await self.watcher.close()
 

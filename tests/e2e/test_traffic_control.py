@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 MODEL = "tiny"
 LIMITED_KEY = "sk-limited"
 OTHER_KEY = "sk-other"
-REQUESTS_PER_MIN = 5
+REQUESTS_PER_MIN = 3  # one more every 20 s: none refills while the test runs
 TENANTS = {
     "tenants": {
         "limited": {"limits": {"requests_per_min": REQUESTS_PER_MIN}, "keys": [LIMITED_KEY]},
@@ -121,6 +121,24 @@ def served_by(fleet: Fleet, base: str, prompt: str, session: str) -> str:
 def affinity(fleet: Fleet, outcome: str) -> float:
     samples = metric_samples(fleet.router, "dynamo_router_session_affinity_total") or {}
     return sum(v for k, v in samples.items() if f'outcome="{outcome}"' in k)
+
+
+def test_limits_hold_across_two_frontend_replicas(fleet: Fleet) -> None:
+    """Requests alternate over the two frontends: together they admit the tenant's limit, no
+    more, and the other tenant is still served."""
+    statuses = [
+        complete(fleet.frontends[i % 2], LIMITED_KEY, f"limited {i}").status_code for i in range(REQUESTS_PER_MIN)
+    ]
+    assert statuses == [200] * REQUESTS_PER_MIN
+    refused = complete(fleet.frontends[REQUESTS_PER_MIN % 2], LIMITED_KEY, "one too many")
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["type"] == "rate_limit_exceeded"
+    assert refused.headers["x-ratelimit-limit-requests"] == str(REQUESTS_PER_MIN)
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert int(refused.headers["retry-after"]) >= 1
+    # The other frontend agrees; the other tenant is served by both.
+    assert complete(fleet.frontends[(REQUESTS_PER_MIN + 1) % 2], LIMITED_KEY, "again").status_code == 429
+    assert [complete(base, OTHER_KEY, "unlimited").status_code for base in fleet.frontends] == [200, 200]
 
 
 def test_a_session_stays_on_its_worker_and_moves_when_it_dies(fleet: Fleet) -> None:
