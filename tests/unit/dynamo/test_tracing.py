@@ -182,3 +182,41 @@ def test_flags_from_the_standard_variables() -> None:
     tracing.TRACING_FLAGS.add_to(parser, environ={})
     config = tracing.TracingConfig.from_args(parser.parse_args(["--trace-file", "x.jsonl"]), "dynamo-worker")
     assert config.enabled and config.service_name == "dynamo-worker" and config.otlp_endpoint is None
+
+
+def test_otlp_export_reaches_a_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_EXPORTER_OTLP_ENDPOINT's meaning: a base URL; spans are POSTed to URL/v1/traces as
+    OTLP protobuf."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append((self.path, self.rfile.read(int(self.headers["content-length"]))))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}/"
+        assert tracing.setup(tracing.TracingConfig(otlp_endpoint=endpoint, service_name="otlp-test"))
+        try:
+            tracing.emit("exported", f"00-{TRACE}-{SPAN}-01", 1.0, 2.0)
+        finally:
+            tracing.shutdown()  # flushes the batch
+    finally:
+        server.shutdown()
+    [(path, body)] = received
+    assert path == "/v1/traces"
+    request = ExportTraceServiceRequest.FromString(body)
+    [span] = [s for rs in request.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert span.name == "exported" and span.trace_id.hex() == TRACE and span.parent_span_id.hex() == SPAN
