@@ -128,11 +128,11 @@ class TenantQuota:
         limits are shared; otherwise `admit` as it is)."""
         if self._store is not None:
             needs = self._needs(math.ceil(body_bytes / _BYTES_PER_TOKEN_ESTIMATE))
+            leased = [(b, a) for b, a in needs if isinstance(b, LeasedBucket)]
             for _ in range(_LEASE_ATTEMPTS):
-                for bucket, amount in needs:
-                    if isinstance(bucket, LeasedBucket):
-                        await bucket.ensure(amount)
-                if all(b is None or b.wait_s(a) <= _FLOAT_SLACK_S for b, a in needs):
+                for bucket, amount in leased:
+                    await bucket.ensure(amount)
+                if not any(bucket.raced(amount) for bucket, amount in leased):
                     break
         return self.admit(body_bytes)
 

@@ -132,6 +132,8 @@ class NatsKvStore:
                 except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
                     state, revision = None, None
                 new_state, grant = settle(state, capacity, self._clock(), give_back, need)
+                if not grant.granted and not give_back:
+                    return grant  # refused, nothing to settle: no write
                 try:
                     if revision is None:
                         await kv.create(key, _encode(new_state))  # type: ignore[attr-defined]
@@ -171,7 +173,9 @@ class LeasedBucket:
     `level` is what this replica may spend now (its unexpired leased tokens), `ensure` leases
     more. Charges only change the local balance; a debt goes to the store right away."""
 
-    __slots__ = ("capacity", "_per_s", "_store", "_key", "_clock", "_local", "_leased_at", "_shared", "_lock")
+    __slots__ = (
+        "capacity", "_per_s", "_store", "_key", "_clock", "_local", "_leased_at", "_shared", "_lock", "_retry_at",
+    )
 
     def __init__(self, store: BucketStore, key: str, capacity_per_min: int, clock: Callable[[], float]) -> None:
         self.capacity = float(capacity_per_min)
@@ -183,11 +187,21 @@ class LeasedBucket:
         self._leased_at = -math.inf
         self._shared = self.capacity  # the shared level as last seen
         self._lock = asyncio.Lock()
+        # After a refused lease, no store round trip before the refill could cover the request
+        # (at most a lease TTL: tokens other replicas give back show up by then): a tenant
+        # flooding past its limit costs the store nothing.
+        self._retry_at = -math.inf
 
     @property
     def level(self) -> float:
         """Tokens left as this replica knows them: its own plus the shared bucket's."""
-        return self._usable() + self._shared
+        return self._usable() + self._shared_now()
+
+    def _shared_now(self) -> float:
+        """The shared level as last seen, refilled since (others' use unknown till the next lease)."""
+        if self._leased_at == -math.inf:
+            return self._shared
+        return min(self.capacity, self._shared + (self._clock() - self._leased_at) * self._per_s)
 
     def _usable(self) -> float:
         if self._local > 0 and self._clock() - self._leased_at > LEASE_TTL_S:
@@ -198,7 +212,7 @@ class LeasedBucket:
         """Lease until `amount` (at most the capacity) can be spent here, if the shared bucket
         has it. One lease at a time per bucket: concurrent requests share its result."""
         need = min(amount, self.capacity)
-        if self._usable() >= need:
+        if self._usable() >= need or self._clock() < self._retry_at:
             return
         async with self._lock:
             if self._usable() >= need:
@@ -221,7 +235,15 @@ class LeasedBucket:
             raise
         self._local += grant.granted
         self._shared = grant.level
-        self._leased_at = self._clock()
+        self._leased_at = now = self._clock()
+        if need > 0 and not grant.granted:
+            self._retry_at = now + min((need - grant.level) / self._per_s, LEASE_TTL_S)
+
+    def raced(self, amount: float) -> bool:
+        """Short here though the last lease found enough in the shared bucket: another
+        request on this replica spent it first, and a new lease may well succeed."""
+        need = min(amount, self.capacity)
+        return self._usable() < need and self._clock() >= self._retry_at
 
     def refill(self, now_s: float) -> None:
         return None  # the shared bucket refills; leases bring it here
@@ -230,7 +252,7 @@ class LeasedBucket:
         need = min(amount, self.capacity)
         if self._usable() >= need - 1e-9:
             return 0.0
-        missing = need - max(self._usable(), 0.0) - self._shared
+        missing = need - max(self._usable(), 0.0) - self._shared_now()
         # Short of tokens here though the shared bucket had them (another request took this
         # replica's lease first): a short wait, not none, so the request is refused.
         return max(missing / self._per_s, 1e-3)

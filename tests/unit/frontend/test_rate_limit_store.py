@@ -128,3 +128,28 @@ async def test_an_unreachable_store_fails_open() -> None:
     for _ in range(3):
         (await a.admit_async(0)).finish(failed=False)
     await store.close()
+
+
+async def test_a_tenant_flooding_past_its_limit_costs_the_store_nothing() -> None:
+    clock = FakeClock()
+    store = MemoryStore(wall_clock=clock)
+    (a,) = replicas(store, clock, 1, requests_per_min=1)
+    (await a.admit_async(0)).finish(failed=False)
+    leases = 0
+    lease = store.lease
+
+    async def counting(*args: object) -> Grant:
+        nonlocal leases
+        leases += 1
+        return await lease(*args)  # type: ignore[arg-type]
+
+    store.lease = counting  # type: ignore[method-assign]
+    for _ in range(50):
+        with pytest.raises(RateLimited):
+            await a.admit_async(0)
+    assert leases == 1  # the refusal is remembered until a lease could succeed (or a lease TTL)
+    clock.now_s += LEASE_TTL_S
+    with pytest.raises(RateLimited):
+        await a.admit_async(0)
+    assert leases == 2
+    await store.close()
