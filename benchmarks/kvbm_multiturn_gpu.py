@@ -170,6 +170,10 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "offload_host_blocks": delta("offload_blocks", "host"),
         "offload_disk_blocks": delta("offload_blocks", "disk"),
         "skipped_offloads": float((stats.skipped - skipped_before) if stats else 0),
+        "onboard_cost_model": kvbm.onboard_cost,
+        # Hits of admitted requests onboarded or left to recompute (cost model), whole run.
+        "onboard_decisions": {f"{t}_{d}": n for (t, d), n in sorted(stats.decisions.items())} if stats else {},
+        "cost_estimates": engine.kvbm.cache.cost.snapshot() if engine.kvbm is not None else {},
         "disk_dropped_writes": float(engine.kvbm.disk.dropped_writes) if engine.kvbm and engine.kvbm.disk else 0.0,
         "disk_staging_pool": ({"rows": pool.rows, "takes": pool.takes, "misses": pool.misses}
                               if (pool := getattr(getattr(engine.kvbm, "reader", None), "pool", None)) else None),
@@ -316,7 +320,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--configs", nargs="+", default=["g1_only", "g1_g2", "g1_g2small_g3"],
-                   choices=["g1_only", "g1_g2", "g1_g2small_g3"])
+                   choices=["g1_only", "g1_g2", "g1_g2small_g3", "g1_g2small_g3_nocost", "g1_g2_nocost"],
+                   help="_nocost: the onboard cost model off (every hit onboarded, as before it)")
     p.add_argument("--profile-kvbm", action="store_true",
                    help="time the model thread's forward passes and KVBM copies (method wrappers)")
     p.add_argument("--json-out", default=None)
@@ -365,11 +370,13 @@ def main() -> None:
             disk_dir = None
             if name == "g1_only":
                 kvbm = KvbmConfig()
-            elif name == "g1_g2":
+            elif name in ("g1_g2", "g1_g2_nocost"):
                 kvbm = KvbmConfig(host_blocks=host)
             else:
                 disk_dir = tempfile.mkdtemp(prefix="kvbm_mt_disk_", dir=args.disk_root)
                 kvbm = KvbmConfig(host_blocks=small_host, disk_dir=disk_dir, disk_blocks=disk)
+            if name.endswith("_nocost"):
+                kvbm = replace(kvbm, onboard_cost=False)
             try:
                 row = asyncio.run(run_config(args, name, model_dir, spec.vocab_size, g1, max_len, kvbm))
             except Exception:  # keep the other configs' figures; the traceback is the finding

@@ -13,6 +13,7 @@ OffloadPolicyName = Literal["all", "reused", "frequency"]
 EvictionName = Literal["lru", "slru"]
 OFFLOAD_POLICIES: tuple[OffloadPolicyName, ...] = ("all", "reused", "frequency")
 EVICTIONS: tuple[EvictionName, ...] = ("lru", "slru")
+ONBOARD_COSTS = ("on", "requester", "off")
 
 # Disk size when a directory is given but no size: enough for a few thousand 2 MiB blocks.
 DEFAULT_DISK_GB = 16.0
@@ -44,6 +45,9 @@ class KvbmConfig:
     # Onboard a hit only when its measured read cost is below recomputing its tokens
     # (kvbm/onboard_cost.py); off: onboard every hit.
     onboard_cost: bool = True
+    # Weigh a recomputed token by the requests of the step it lengthens (a read delays only its
+    # own request); off: by the requester's time alone.
+    onboard_cost_sharing: bool = True
     # Device-to-host copies of offloaded blocks wait (in device staging) until this many are
     # gathered or the next step boundary, so small evictions move in fewer, larger copies.
     offload_flush_blocks: int = 16
@@ -102,7 +106,8 @@ class KvbmConfig:
             eviction=getattr(args, "kvbm_eviction", d.eviction),
             host_gbps=getattr(args, "kvbm_host_gbps", d.host_gbps),
             disk_gbps=getattr(args, "kvbm_disk_gbps", d.disk_gbps),
-            onboard_cost=getattr(args, "kvbm_onboard_cost", "on" if d.onboard_cost else "off") == "on",
+            onboard_cost=getattr(args, "kvbm_onboard_cost", "on") != "off",
+            onboard_cost_sharing=getattr(args, "kvbm_onboard_cost", "on") == "on",
             offload_flush_blocks=getattr(args, "kvbm_offload_flush_blocks", d.offload_flush_blocks),
         )
 
@@ -145,11 +150,13 @@ def add_kvbm_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kvbm-disk-gbps", type=float,
                        default=_opt("DYN_KVBM_DISK_GBPS", float) or d.disk_gbps,
                        help="mocker: disk read bandwidth for onboarding [env DYN_KVBM_DISK_GBPS]")
-    group.add_argument("--kvbm-onboard-cost", choices=("on", "off"),
-                       default=env_default("DYN_KVBM_ONBOARD_COST", "on" if d.onboard_cost else "off"),
+    group.add_argument("--kvbm-onboard-cost", choices=ONBOARD_COSTS,
+                       default=env_default("DYN_KVBM_ONBOARD_COST", "on"),
                        help="onboard a lower-tier hit only when its measured read cost is below "
-                       "recomputing its tokens at the engine's measured prefill rate; off: always "
-                       "onboard [env DYN_KVBM_ONBOARD_COST]")
+                       "recomputing its tokens at the engine's measured prefill rate, a recomputed "
+                       "token weighed by the requests of the step it lengthens (on), or by the "
+                       "requester's time alone (requester); off: always onboard "
+                       "[env DYN_KVBM_ONBOARD_COST]")
     group.add_argument("--kvbm-offload-flush-blocks", type=int,
                        default=_opt("DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int) or d.offload_flush_blocks,
                        help="device-to-host offload copies wait until this many blocks are gathered "

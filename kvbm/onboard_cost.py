@@ -113,10 +113,12 @@ class OnboardCostModel:
         reads), then every block is copied up from pinned memory (one batch)."""
         return _onboard_s(self.reads["host"].fit(), self.reads["disk"].fit(), host_blocks, disk_blocks, block_bytes)
 
-    def choose(self, tiers: Sequence[str], block_bytes: int, tokens_per_block: int) -> int:
+    def choose(self, tiers: Sequence[str], block_bytes: int, tokens_per_block: int, sharing: float = 1.0) -> int:
         """How many leading hits (their tiers, in prefix order) to onboard: the count whose
         onboard cost plus the recompute of the hits after it is least; ties onboard more (it
-        spares the GPU). Every hit until the engine's prefill cost is measured."""
+        spares the GPU). Every hit until the engine's prefill cost is measured. `sharing`:
+        how many requests a recomputed token delays (those in the steps it lengthens; a read
+        delays only its own request), 1 to weigh the requester's time alone."""
         n = len(tiers)
         if not self.enabled or n == 0:
             return n
@@ -124,7 +126,7 @@ class OnboardCostModel:
         if per_token is None:
             return n
         host_fit, disk_fit = self.reads["host"].fit(), self.reads["disk"].fit()
-        block_s = per_token * tokens_per_block
+        block_s = per_token * tokens_per_block * max(1.0, sharing)
         best_k, best_s = 0, n * block_s
         host = disk = 0
         for k, tier in enumerate(tiers, start=1):

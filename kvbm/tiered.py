@@ -151,6 +151,7 @@ class TieredCache:
         self.clock: Callable[[], float] = time.perf_counter
         self._step_starts: dict[int, float] = {}  # id(batch) -> when it was scheduled
         self._last_step_end = float("-inf")
+        self._batch_seqs = 1.0  # requests in the last scheduled step
         host_blocks = config.host_capacity_blocks(block_bytes)
         disk_blocks = config.disk_capacity_blocks(block_bytes)
         args = (config.eviction, config.protected_fraction)
@@ -194,7 +195,8 @@ class TieredCache:
         if not hits or not self.cost.enabled:
             return Hits(hits)
         assert self.block_size_tokens is not None
-        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens)
+        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens,
+                                sharing=self._batch_seqs if self.config.onboard_cost_sharing else 1.0)
         if keep == len(hits):
             return Hits(hits)
         self.release(hits[keep:])
@@ -317,6 +319,7 @@ class TieredCache:
         if len(starts) > 64:  # steps that never finished (a failed engine): forget them
             starts.clear()
         starts[id(batch)] = self.clock()
+        self._batch_seqs = float(len(getattr(batch, "seqs", ())) or 1)
 
     def step_finished(self, batch: object, num_tokens: int) -> None:
         """A step's results are in: its time, from when it was picked or, when steps overlap,

@@ -79,6 +79,30 @@ def test_slow_disk_is_recomputed_fast_disk_onboarded_and_unknown_prefill_onboard
     assert OnboardCostModel(55, 5, enabled=False).choose(tiers, MB, 16) == 16
 
 
+def test_a_recomputed_token_weighs_for_every_request_of_the_step() -> None:
+    # 16 tokens recompute in 0.6 ms; a block reads in 1 ms (after a 1 ms latency): slower for
+    # the requester, but recomputing lengthens the steps of the 4 requests batched with it.
+    m = model(host_gbps=50, disk_gbps=1 * MB / 1e6, disk_latency_s=0.001, tokens_per_s=16 / 0.6e-3)
+    tiers = [DISK] * 8
+    assert m.choose(tiers, MB, 16) == 0
+    assert m.choose(tiers, MB, 16, sharing=4) == 8
+
+
+def test_flags_reach_the_config() -> None:
+    import argparse
+
+    from kvbm.config import add_kvbm_args
+
+    parser = argparse.ArgumentParser()
+    add_kvbm_args(parser)
+    on = KvbmConfig.from_args(parser.parse_args([]))
+    assert (on.onboard_cost, on.onboard_cost_sharing, on.offload_flush_blocks) == (True, True, 16)
+    alone = KvbmConfig.from_args(parser.parse_args(["--kvbm-onboard-cost", "requester",
+                                                    "--kvbm-offload-flush-blocks", "4"]))
+    assert (alone.onboard_cost, alone.onboard_cost_sharing, alone.offload_flush_blocks) == (True, False, 4)
+    assert not KvbmConfig.from_args(parser.parse_args(["--kvbm-onboard-cost", "off"])).onboard_cost
+
+
 def filled_cache(config: KvbmConfig) -> TieredCache:
     """Blocks 0..3 on host, 4..11 on disk (evicted from the device, host too small)."""
     cache = TieredCache(config, MB, block_size_tokens=16)
