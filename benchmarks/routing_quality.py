@@ -10,6 +10,10 @@ and the engines' own prefix-hit rate; NVIDIA Dynamo 1.6.1's router and mocker on
 The last three make the cache-pressure variant of the shared trace: more distinct system
 prompts than one worker's KV pool holds (both stacks' mockers get the same pool size).
 
+Mode `kv-affinity` is `kv` with session affinity: every request carries its conversation's id
+in `x-dynamo-session-id` (docs/routing.md, "Session affinity"); its rows add the router's
+affinity outcomes (hit, miss, repin, overloaded) from /metrics.
+
 `--sglang-modes cache_aware,round_robin` adds SGLang's router (PyPI sglang-router, in
 SGLANG_ROUTER_VENV, default /tmp/sgr) in front of 8 HTTP backends, each our frontend with one
 mocker worker; it takes only text prompts, so those runs (and every run with `--text-prompts`)
@@ -199,6 +203,8 @@ def start_ours(
     embedded runtime (the mocker's time is sleeps, so one core serves eight of them)."""
     stack = Stack(f"ours-{mode}", free_port(), tmp)
     router = ["--router-mode", "kv", "--no-kv-events"] if mode == "kv-approx" else ["--router-mode", mode]
+    if mode == "kv-affinity":  # kv; the client sends session ids (`sessions` in drive)
+        router = ["--router-mode", "kv"]
     if mode.startswith("kv-w"):  # kv with another overlap weight, e.g. kv-w4
         router = ["--router-mode", "kv"]
         overlap_weight = float(mode.removeprefix("kv-w"))
@@ -319,12 +325,23 @@ class Sent:
     resent: bool = False  # sent again on a fresh connection after a stale keep-alive one
 
 
+def conversation_ids(trace: TraceSpec) -> list[str]:
+    """Each request's conversation, as a session id: the first turn's index, followed along
+    `after`."""
+    ids: list[str] = []
+    for i, req in enumerate(trace.requests):
+        ids.append(ids[req.after] if req.after is not None else f"conv-{i}")
+    return ids
+
+
 async def drive(
-    base_url: str, trace: TraceSpec, time_scale: float, timeout_s: float, texts: list[str] | None = None
+    base_url: str, trace: TraceSpec, time_scale: float, timeout_s: float, texts: list[str] | None = None,
+    sessions: list[str] | None = None,
 ) -> list[Sent]:
     """Sends each request at its arrival time (stretched by 1 / time_scale), a later turn only
     after the previous turn of its conversation has finished. `texts`: send each prompt as
-    this text instead of its token ids (for routers that take only text)."""
+    this text instead of its token ids (for routers that take only text). `sessions`: each
+    request's session id, sent in `x-dynamo-session-id`."""
     host, port = base_url.removeprefix("http://").split(":")
     idle: list[RawConnection] = []
     done = [asyncio.Event() for _ in trace.requests]
@@ -345,6 +362,8 @@ async def drive(
         retried = False
         while True:
             conn = idle.pop() if idle else RawConnection(host, int(port), quickack=True)
+            if sessions is not None:  # per request: connections are pooled across sessions
+                conn.extra_headers = f"x-dynamo-session-id: {sessions[i]}\r\n"
             try:
                 result = await one_request(conn, "/v1/completions", body, chat=False, timeout_s=timeout_s)
             finally:
@@ -461,7 +480,8 @@ def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespa
             window.start()
         cpu0 = time.process_time()
         texts = prompt_texts(trace, model) if args.text_prompts or stack_name == "sglang" else None
-        sent = asyncio.run(drive(stack.base_url, trace, trace.time_scale, args.timeout_s, texts))
+        sessions = conversation_ids(trace) if mode.endswith("-affinity") else None
+        sent = asyncio.run(drive(stack.base_url, trace, trace.time_scale, args.timeout_s, texts, sessions))
         client_cpu_s = time.process_time() - cpu0
         for window in (frontend_cpu, stack_cpu, *backend_cpus):
             window.stop()
@@ -472,6 +492,8 @@ def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespa
         else:
             stack_cores = stack_cpu.cores
         summary = summarize(trace, sent, trace.time_scale)
+        if sessions is not None:
+            summary["session_affinity"] = affinity_outcomes(stack.base_url)
         summary.update(
             stack=stack_name, mode=mode, trace=trace.name, time_scale=trace.time_scale,
             num_gpu_blocks=args.num_gpu_blocks, prompts_as="text" if texts is not None else "token ids",
@@ -485,6 +507,23 @@ def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespa
         stack.stop()
 
 
+def affinity_outcomes(base_url: str) -> dict[str, float]:
+    """The router's session-affinity outcomes (hit, miss, repin, overloaded) from /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("dynamo_router_session_affinity_total{"):
+            labels, value = line.rsplit(" ", 1)
+            outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+            out[outcome] = out.get(outcome, 0.0) + float(value)
+    total = sum(out.values())
+    out["hit_rate"] = round(out.get("hit", 0.0) / total, 4) if total else 0.0
+    return out
+
+
 def format_row(s: dict[str, object]) -> str:
     ttft, itl = s["ttft_ms"], s["itl_ms"]
     assert isinstance(ttft, dict) and isinstance(itl, dict)
@@ -494,6 +533,7 @@ def format_row(s: dict[str, object]) -> str:
         f"{s['req_per_s']:6.1f} req/s {s['output_tok_per_s']:8.0f} tok/s  hit {s['prefix_hit_rate']:.3f} "
         f"(ideal {s['ideal_hit_rate']:.3f})  delayed {s['turns_delayed']}  "
         f"cpu client {s['client_cpu_cores']:.2f} stack {s['stack_cpu_cores']:.2f}"
+        + (f"  affinity {s['session_affinity']}" if "session_affinity" in s else "")
     )
 
 
@@ -521,7 +561,7 @@ def main() -> None:
     p.add_argument("--traces", default="shared,multiturn")
     p.add_argument("--modes", default="kv,round-robin,random,least-loaded,kv-approx,kv-w4",
                    help="our router modes; kv-approx is kv with --no-kv-events, kv-wN kv with "
-                   "--kv-overlap-score-weight N")
+                   "--kv-overlap-score-weight N, kv-affinity kv with session ids sent")
     p.add_argument("--dynamo-modes", default="kv,round-robin", help="Dynamo's router modes ('' for none)")
     p.add_argument("--text-prompts", action="store_true",
                    help="send prompts as text for every stack (SGLang's router takes only text)")
