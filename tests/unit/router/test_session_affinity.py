@@ -136,3 +136,16 @@ async def test_affinity_off_or_without_a_session_scores_normally(runtime: Runtim
             for i in range(3)
         }
         assert picks == {A, B, C}
+
+
+def test_a_session_goes_to_one_router_replica_and_few_move_when_one_leaves() -> None:
+    from router.remote import session_replica
+
+    replicas = [101, 202, 303, 404]
+    sessions = [f"s{i}" for i in range(400)]
+    chosen = {s: session_replica(s, replicas) for s in sessions}
+    assert all(session_replica(s, list(reversed(replicas))) == chosen[s] for s in sessions)
+    assert len(set(chosen.values())) == 4  # spread over every replica
+    remaining = [r for r in replicas if r != 202]
+    moved = [s for s in sessions if session_replica(s, remaining) != chosen[s]]
+    assert moved and all(chosen[s] == 202 for s in moved)  # only the leaver's sessions move
