@@ -168,10 +168,22 @@ class MemoryStore:
         return grant
 
 
+_last_warning_s = -math.inf
+
+
+def _warn_unreachable(exc: Exception) -> None:
+    global _last_warning_s
+    now = time.monotonic()
+    if now - _last_warning_s >= 10.0:  # once per 10 s, not once per request
+        _last_warning_s = now
+        log.warning("rate-limit store unreachable, admitting on this replica's word: %r", exc)
+
+
 class LeasedBucket:
-    """A replica's share of one shared bucket, with TokenBucket's interface for TenantQuota:
-    `level` is what this replica may spend now (its unexpired leased tokens), `ensure` leases
-    more. Charges only change the local balance; a debt goes to the store right away."""
+    """A replica's share of one shared bucket, with TokenBucket's interface for TenantQuota.
+    This replica spends its unexpired leased tokens; `ensure` leases more; `level` (for the
+    x-ratelimit headers) adds the shared bucket's level as last seen. Charges change the local
+    balance; a debt goes to the store right away."""
 
     __slots__ = (
         "capacity", "_per_s", "_store", "_key", "_clock", "_local", "_leased_at", "_shared", "_lock", "_retry_at",
@@ -222,7 +234,7 @@ class LeasedBucket:
             except Exception as exc:  # noqa: BLE001 - NATS down or slow: any failure alike
                 # Fail open: refusing every limited request while the store is unreachable
                 # would turn a NATS outage into a tenant outage. Admitted as if leased here.
-                log.warning("rate-limit store unreachable, admitting on this replica's word: %s", exc)
+                _warn_unreachable(exc)
                 self._local = max(self._local, 0.0) + need
                 self._leased_at = self._clock()
 
