@@ -134,6 +134,30 @@ class Sequences:
             for j, t in zip(group, out.token_ids):
                 self.tokens[j].append(t)
 
+    def decode_overlapped(self, runner: ModelRunner, steps: int) -> None:
+        """`steps` decode steps, each launched before the previous one's tokens are read: its
+        inputs are placeholders for them (StepInput), read on the device, as the engine's
+        overlap loop does."""
+        seqs = self.tokens
+        n = len(seqs)
+        rows, indices = [GREEDY] * n, list(range(n))
+        placeholders = [-1 - i for i in range(n)]
+        launched = None
+        for _ in range(steps):
+            if launched is None:
+                ids, pos = [s[-1] for s in seqs], [len(s) - 1 for s in seqs]
+            else:  # the token in flight sits at position len(s)
+                ids, pos = placeholders, [len(s) for s in seqs]
+            slices = [SeqSlice(p, 1, t) for p, t in zip(pos, self.tables)]
+            nxt = runner.launch(StepInput(ids, pos, slices, indices, rows))
+            if launched is not None:
+                for s, t in zip(seqs, runner.collect(launched).token_ids):
+                    s.append(t)
+            launched = nxt
+        assert launched is not None
+        for s, t in zip(seqs, runner.collect(launched).token_ids):
+            s.append(t)
+
     def decode(self, runner: ModelRunner) -> None:
         seqs = self.tokens
         slices = [SeqSlice(len(s) - 1, 1, t) for s, t in zip(seqs, self.tables)]
@@ -153,6 +177,18 @@ def bench_decode(runner: ModelRunner, batch: int, prompt_len: int, steps: int, v
     start = time.perf_counter()
     for _ in range(steps):
         seqs.decode(runner)
+    elapsed = time.perf_counter() - start
+    return {"tok_s": batch * steps / elapsed, "step_ms": 1e3 * elapsed / steps}
+
+
+def bench_decode_overlapped(runner: ModelRunner, batch: int, prompt_len: int, steps: int, vocab: int, device: torch.device) -> dict[str, float]:
+    seqs = Sequences(batch, prompt_len, prompt_len + steps + 8, vocab)
+    seqs.prefill(runner)
+    for _ in range(3):
+        seqs.decode(runner)
+    sync(device)
+    start = time.perf_counter()
+    seqs.decode_overlapped(runner, steps)
     elapsed = time.perf_counter() - start
     return {"tok_s": batch * steps / elapsed, "step_ms": 1e3 * elapsed / steps}
 
@@ -245,6 +281,22 @@ def check_logits(hf: Any, runner: ModelRunner, vocab: int, device: torch.device)
     }
 
 
+def check_overlapped(runner: ModelRunner, vocab: int, batch: int = 8, steps: int = 16) -> float:
+    """Greedy tokens of the overlapped decode loop (placeholders read on the device) equal the
+    plain loop's."""
+    runs = []
+    for overlapped in (False, True):
+        seqs = Sequences(batch, 40, 40 + steps + 8, vocab)
+        seqs.prefill(runner)
+        if overlapped:
+            seqs.decode_overlapped(runner, steps)
+        else:
+            for _ in range(steps):
+                seqs.decode(runner)
+        runs.append(seqs.tokens)
+    return float(runs[0] == runs[1])
+
+
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     if args.smoke:  # the GPU run's code path on CPU, tiny shape, for checking the script itself
         device = torch.device("cpu")
@@ -272,28 +324,218 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     res["graph_capture_s"] = time.perf_counter() - started
     eager = ModelRunner(model, kv, device, enforce_eager=True)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
+    res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
     print("check", res["check"], flush=True)
     res["decode"] = {}
     for b in args.batches:
         row: dict[str, Any] = {}
         row["ours_graphs"] = bench_decode(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
+        row["ours_graphs_overlapped"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
         # Replays the last step's inputs again: rewrites the same slots, harmless.
         row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
-        row["ours_eager"] = bench_decode(eager, b, args.prompt_len, args.steps, mc.vocab_size, device)
-        try:
-            row["hf_generate"] = bench_hf(hf, b, args.prompt_len, args.steps, mc.vocab_size, device)
-        except Exception as exc:  # a reference failing must not lose our numbers
-            row["hf_generate"] = {"error": repr(exc)}
+        if not args.no_reference:
+            row["ours_eager"] = bench_decode(eager, b, args.prompt_len, args.steps, mc.vocab_size, device)
+            try:
+                row["hf_generate"] = bench_hf(hf, b, args.prompt_len, args.steps, mc.vocab_size, device)
+            except Exception as exc:  # a reference failing must not lose our numbers
+                row["hf_generate"] = {"error": repr(exc)}
         row["roofline_pct"] = 100 * res["floor_ms_measured_bw"] / row["ours_graphs"]["step_ms"]
+        # The goal's floor: weights plus the KV bytes a step reads, at the timed steps' mean
+        # context (prompt, first token, 3 warm-up steps, half the timed ones).
+        ctx = args.prompt_len + 4 + args.steps / 2
+        row["floor_ms_with_kv"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
+        for key in ("ours_graphs", "ours_graphs_overlapped"):
+            row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
         res["decode"][str(b)] = row
         print(b, row, flush=True)
-    res["prefill"] = {
-        "shape": f"{args.prefill_seqs}x{args.prefill_len}",
-        "ours": bench_prefill(eager, args.prefill_seqs, args.prefill_len, mc.vocab_size, device),
-        "hf_forward": bench_hf_prefill(hf, args.prefill_seqs, args.prefill_len, mc.vocab_size, device),
-    }
+    res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
+    res["prefill"] = {}
+    for n, length in ((args.prefill_seqs, args.prefill_len), (16, 512)):
+        r = bench_prefill(eager, n, length, mc.vocab_size, device)
+        r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
+        res["prefill"][f"ours_{n}x{length}"] = r
+    if not args.no_reference:
+        res["prefill"]["hf_forward"] = bench_hf_prefill(hf, args.prefill_seqs, args.prefill_len, mc.vocab_size, device)
     print("prefill", res["prefill"], flush=True)
     return res
+
+
+def matmul_peak(device: torch.device, n: int = 8192) -> float:
+    """bf16 dense peak on random data: an n x n x n product, median of 10 (FLOP/s)."""
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.mm(a, b)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n**3 / statistics.median(times)
+
+
+def kv_bytes_per_token(mc: ModelConfig) -> int:
+    return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * 2  # K and V, bf16
+
+
+def profile_step(runner: ModelRunner, batch: int, prompt_len: int, vocab: int, device: torch.device) -> dict[str, Any]:
+    """Where a graphed decode step's time goes: per-kernel GPU time of the same step run
+    eagerly over the static buffers, the graph replay alone, and the host stages of execute."""
+    graphs = runner.graphs
+    assert graphs is not None
+    seqs = Sequences(batch, prompt_len, prompt_len + 64, vocab)
+    seqs.prefill(runner)
+    for _ in range(4):
+        seqs.decode(runner)
+    bucket = graphs.bucket(batch) or batch
+    out: dict[str, Any] = {"replay_ms": replay_ms(runner, batch)}
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        for _ in range(3):
+            graphs._forward(bucket)
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graphs._forward(bucket)
+            sync(device)
+    kernels = []
+    for ev in prof.key_averages():
+        dev_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if dev_us and ev.count:
+            kernels.append((dev_us / 5, ev.count / 5, ev.key[:70]))
+    kernels.sort(reverse=True)
+    out["kernel_us_per_step"] = sum(k[0] for k in kernels)
+    out["kernels"] = [{"us": round(k[0], 1), "n": k[1], "name": k[2]} for k in kernels[:14]]
+    # Host stages of one step (nothing queued before each, so host time is what is timed).
+    rows = [GREEDY] * batch
+    slices = [SeqSlice(len(s) - 1, 1, t) for s, t in zip(seqs.tokens, seqs.tables)]
+    ids = [s[-1] for s in seqs.tokens]
+    stages: dict[str, list[float]] = {"fill": [], "replay_launch": [], "sample_host": [], "tolist_wait": []}
+    with torch.inference_mode():
+        for _ in range(20):
+            sync(device)
+            t0 = time.perf_counter()
+            graphs.inputs.fill(ids, slices, bucket, BLOCK)
+            t1 = time.perf_counter()
+            graph, logits = graphs._graphs[bucket]
+            graph.replay()
+            t2 = time.perf_counter()
+            sync(device)
+            t3 = time.perf_counter()
+            res = runner.sampler.sample(logits[:batch], rows)
+            t4 = time.perf_counter()
+            stages["fill"].append(t1 - t0)
+            stages["replay_launch"].append(t2 - t1)
+            stages["sample_host"].append(t4 - t3)
+            del res
+    out["host_us"] = {k: round(1e6 * statistics.median(v), 1) for k, v in stages.items() if v}
+    return out
+
+
+def sweep_attention(mc: ModelConfig, device: torch.device, batch: int, ctx: int) -> list[dict[str, Any]]:
+    """The paged decode kernel's time per tiling, at `batch` sequences of `ctx` tokens with
+    scattered blocks; GB/s counts the K/V bytes read."""
+    import triton
+    from workers.builtin import gpu_kernels
+
+    per_seq = -(-ctx // BLOCK)
+    num_blocks = batch * per_seq + 1
+    k = torch.randn(num_blocks, BLOCK, mc.num_kv_heads, mc.head_dim, dtype=torch.bfloat16, device=device)
+    v = torch.randn_like(k)
+    tables = torch.randperm(num_blocks - 1, device=device)[: batch * per_seq].view(batch, per_seq).int()
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+    q = torch.randn(batch, mc.num_heads, mc.head_dim, dtype=torch.bfloat16, device=device)
+    ref = gpu_kernels.paged_decode_attention(q, k, v, tables, lens, 0.125)
+    nbytes = 2 * batch * ctx * mc.num_kv_heads * mc.head_dim * 2
+    out = []
+    for block_n in (32, 64, 128):
+        for warps in (2, 4, 8):
+            for stages in (1, 2, 3):
+                try:
+                    f = lambda: gpu_kernels.paged_decode_attention(q, k, v, tables, lens, 0.125, None, block_n, warps, stages)  # noqa: E731
+                    err = float((f().float() - ref.float()).norm() / ref.float().norm())
+                    ms = triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")
+                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "us": round(1e3 * ms, 2),
+                                "GBs": round(nbytes / ms / 1e6), "err": err})
+                except Exception as exc:  # a tiling that does not compile
+                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "error": repr(exc)[:80]})
+    out.sort(key=lambda r: r.get("us", 1e9))
+    return out
+
+
+def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
+    """cuBLAS (torch's F.linear) at M = 1 on the decode step's weight shapes: GB/s of weights."""
+    import triton
+
+    shapes = {"qkv": ((mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, mc.hidden_size),
+              "o": (mc.hidden_size, mc.num_heads * mc.head_dim), "gate_up": (2 * mc.intermediate_size, mc.hidden_size),
+              "down": (mc.hidden_size, mc.intermediate_size), "lm_head": (mc.vocab_size, mc.hidden_size)}
+    out = []
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(4)]  # rotate: no L2 reuse
+        for m in (1, 128):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            i = [0]
+
+            def f() -> torch.Tensor:
+                i[0] = (i[0] + 1) % 4
+                return torch.nn.functional.linear(x, ws[i[0]])
+
+            ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+            out.append({"shape": name, "m": m, "us": round(1e3 * ms, 2), "GBs": round(n * k * 2 / ms / 1e6)})
+    return out
+
+
+def run_profile(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device("cuda")
+    res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    import triton
+
+    res["triton"] = triton.__version__
+    res["copy_bw_GBs"] = measure_bandwidth(device) / 1e9
+    res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12
+    print({k: res[k] for k in ("copy_bw_GBs", "matmul_bf16_TFLOPs")}, flush=True)
+    hf, mc = random_llama(device)
+    model = ours_from_hf(hf, mc, device)
+    del hf
+    wbytes = weight_bytes_per_step(model)
+    res["gemv"] = sweep_gemv(mc, device)
+    print("gemv", res["gemv"], flush=True)
+    res["attention"] = {}
+    for b, ctx in ((128, 200), (1, 200), (128, 1024)):
+        sw = sweep_attention(mc, device, b, ctx)
+        res["attention"][f"{b}x{ctx}"] = sw
+        print("attention", b, ctx, sw[:4], "default", [r for r in sw if r.get("block_n") == 128 and r.get("warps") == 4 and r.get("stages") == 3], flush=True)
+    kv = KVCache.allocate(mc, args.num_blocks, BLOCK, torch.bfloat16, device)
+    graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=4096)
+    res["profile"] = {}
+    for b in args.batches:
+        p = profile_step(graphed, b, args.prompt_len, mc.vocab_size, device)
+        ctx = args.prompt_len + 5
+        p["floor_ms"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
+        res["profile"][str(b)] = p
+        print(b, json.dumps(p, indent=None), flush=True)
+    eager = ModelRunner(model, kv, device, enforce_eager=True)
+    res["prefill"] = {}
+    for n, length in ((4, 512), (16, 512), (4, 2048)):
+        r = bench_prefill(eager, n, length, mc.vocab_size, device)
+        flops = prefill_flops(mc, wbytes, n, length)
+        r["pct_of_matmul_peak"] = 100 * flops / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
+        res["prefill"][f"{n}x{length}"] = r
+        print("prefill", n, length, r, flush=True)
+    return res
+
+
+def prefill_flops(mc: ModelConfig, weight_bytes: int, num_seqs: int, length: int) -> float:
+    """Matmul FLOPs of a prefill: 2 per weight per token (weights bf16, LM head over each
+    sequence's last token only), plus causal attention's QK^T and PV."""
+    lm_head = mc.vocab_size * mc.hidden_size
+    body = weight_bytes // 2 - lm_head
+    attn = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * num_seqs * length * (length + 1) / 2
+    return 2 * body * num_seqs * length + 2 * lm_head * num_seqs + attn
 
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
@@ -325,8 +567,13 @@ def main() -> None:
     p.add_argument("--num-blocks", type=int, default=4096)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
+    p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
+    p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
     args = p.parse_args()
-    res = run_gpu(args) if args.device == "cuda" or args.smoke else run_cpu(args)
+    if args.profile:
+        res = run_profile(args)
+    else:
+        res = run_gpu(args) if args.device == "cuda" or args.smoke else run_cpu(args)
     text = json.dumps(res, indent=1)
     if args.out:
         Path(args.out).write_text(text)

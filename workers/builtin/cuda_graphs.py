@@ -98,10 +98,7 @@ class DecodeGraphs:
     def _forward(self, batch: int) -> torch.Tensor:
         inp = self.inputs
         meta = inp.metadata(batch, self.kv.block_size_tokens)
-        input_ids = inp.input_ids[:batch]
-        if self.feedback is not None:
-            input_ids = resolve_placeholders(input_ids, self.feedback)
-        hidden = self.model(input_ids, inp.positions[:batch], self.kv, meta)
+        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta, self.feedback)
         return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -133,7 +130,3 @@ class DecodeGraphs:
         graph.replay()
         return logits[: len(seqs)]
 
-
-def resolve_placeholders(input_ids: torch.Tensor, feedback: torch.Tensor) -> torch.Tensor:
-    """Input ids with each placeholder -(r + 1) replaced by feedback[r] (runner.StepInput)."""
-    return torch.where(input_ids >= 0, input_ids, feedback[(-1 - input_ids).clamp(min=0)])

@@ -226,11 +226,15 @@ class LlamaForCausalLM(nn.Module):
         return self.rotary.max_positions
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
+        feedback: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] of a flat batch of tokens; their K/V go into `kv`."""
+        """Hidden states [T, hidden] of a flat batch of tokens; their K/V go into `kv`. With
+        `feedback`, an input id -(r + 1) stands for feedback[r] (runner.StepInput)."""
         if self.fused:
-            return self._forward_fused(input_ids, positions, kv, meta)
+            return self._forward_fused(input_ids, positions, kv, meta, feedback)
+        if feedback is not None:
+            input_ids = torch.where(input_ids >= 0, input_ids, feedback[(-1 - input_ids).clamp(min=0)])
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, h.dtype)
         for layer in self.model.layers:
@@ -238,9 +242,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def _forward_fused(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
+        feedback: torch.Tensor | None,
     ) -> torch.Tensor:
-        h = self.model.embed_tokens(input_ids)
+        if feedback is not None:
+            h = gpu_kernels.embed(input_ids, feedback, self.model.embed_tokens.weight)
+        else:
+            h = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
             h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta)  # type: ignore[operator]

@@ -19,7 +19,7 @@ import torch
 
 from dynamo.wire import PromptTokenLogprob
 from workers.builtin.attention import AttentionBackend, SeqSlice, to_device
-from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes, resolve_placeholders
+from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.sampling import PenaltyInit, SampleLaunch, SampleResult, SampleRow, Sampler, SamplingParams
@@ -184,10 +184,9 @@ class ModelRunner:
         device = self.device
         meta = self.backend.build_metadata(step.slices, self.kv.block_size_tokens, device)
         input_ids = to_device(step.input_ids, torch.long, device)
-        if min(step.input_ids) < 0:
-            input_ids = resolve_placeholders(input_ids, self.feedback)
+        feedback = self.feedback if min(step.input_ids) < 0 else None
         positions = to_device(step.positions, torch.long, device)
-        hidden = self.model(input_ids, positions, self.kv, meta)
+        hidden = self.model(input_ids, positions, self.kv, meta, feedback)
         launched = RunnerLaunch(None)
         if step.sample_rows:
             # Only the rows that yield a token need the (vocab-wide) LM head.

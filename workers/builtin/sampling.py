@@ -81,6 +81,13 @@ class SampleRow:
     penalty_slot: int = -1  # the request's row of PenaltyCounts, when penalised
     penalty_init: PenaltyInit | None = None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: nothing masks, biases, penalises or reports on them."""
+        p = self.params
+        return (p.temperature <= 0.0 and not p.bias_ids and not self.banned_token_ids and self.matcher is None
+                and self.penalty_slot < 0 and not p.logprobs and not p.top_logprobs)
+
 
 @dataclass(slots=True)
 class SampleLaunch:
@@ -130,6 +137,12 @@ class Sampler:
         ids also go to `feedback[:N]` on the device, where the next step's inputs may read
         them before the host has (the overlap scheduler). A constrained row's mask needs its
         matcher past the previous step's token: that step must be finished first."""
+        if all(r.plain_greedy for r in rows):
+            # The common case: argmax over the model's own dtype, which float32 would not change.
+            tokens = logits.argmax(dim=-1)
+            if feedback is not None and len(rows) <= feedback.shape[0]:
+                feedback[: len(rows)].copy_(tokens)
+            return SampleLaunch(rows, [], [], self._to_host(tokens), None, None, None, self._event())
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         bitmask = None
         if constrained:
@@ -153,7 +166,7 @@ class Sampler:
             self.penalties.add(
                 [rows[i].penalty_slot for i in penalized], tokens.index_select(0, self._index(penalized))
             )
-        if feedback is not None:
+        if feedback is not None and len(rows) <= feedback.shape[0]:  # more rows than seats: no next step reads them
             feedback[: len(rows)].copy_(tokens)
         chosen = top_values = top_ids = None
         k_max = 0
@@ -164,11 +177,15 @@ class Sampler:
             if k_max:
                 top_values, top_ids = raw_lp.topk(min(k_max, self.vocab_size), dim=-1)
         host = [self._to_host(t) for t in (tokens, chosen, top_values, top_ids)]
-        event = None
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record()
-        return SampleLaunch(rows, constrained, wants_lp, host[0], host[1], host[2], host[3], event)
+        return SampleLaunch(rows, constrained, wants_lp, host[0], host[1], host[2], host[3], self._event())
+
+    def _event(self) -> torch.cuda.Event | None:
+        """Marks the host copies queued so far (CUDA), for `finish` to wait on."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
 
     def finish(self, launched: SampleLaunch) -> SampleResult:
         """Wait for a launched step's copies (not for work queued after them) and complete it:

@@ -168,3 +168,51 @@ def test_padded_graph_decode_matches_eager_steps(use_graphs: bool, model_dirs: C
     padded.graphs = DecodeGraphs(fused, padded.kv, DEV, [1, 4], max_blocks_per_seq=8, use_graphs=use_graphs)
     padded.graphs.capture()
     assert generate(padded, 6) == expected
+
+
+def test_embed_reads_placeholders_from_feedback() -> None:
+    weight = torch.randn(10, 24)
+    feedback = torch.tensor([7, 2, 9])
+    ids = torch.tensor([3, -1, 0, -3, -2])
+    torch.testing.assert_close(gpu_kernels.embed(ids, feedback, weight), weight[torch.tensor([3, 7, 0, 9, 2])])
+
+
+@pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
+def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path]) -> None:
+    """Each step launched before the previous one's tokens are read (its inputs placeholders for
+    them, read on the device) gives the plain loop's tokens, on the padded graph path and eagerly."""
+    _, fused = _triton_model(model_dirs("llama-gqa"))
+    config = fused.config
+    prompts = [[3, 4, 5, 6, 7], [9, 10], [20, 21, 22, 23, 24, 25, 26]]
+    tables = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    greedy = [SampleRow(SamplingParams(), None)] * 3
+
+    def generate(runner: ModelRunner, steps: int, overlapped: bool) -> list[list[int]]:
+        tokens = [list(p) for p in prompts]
+        flat = [t for p in prompts for t in p]
+        positions = [i for p in prompts for i in range(len(p))]
+        slices = [SeqSlice(0, len(p), t) for p, t in zip(prompts, tables)]
+        ends = [int(e) for e in torch.tensor([len(p) for p in prompts]).cumsum(0) - 1]
+        launched = runner.launch(StepInput(flat, positions, slices, ends, greedy))
+        for _ in range(steps):
+            if overlapped:  # the token in flight sits at position len(s)
+                ids, pos = [-1, -2, -3], [len(s) for s in tokens]
+                nxt = runner.launch(StepInput(ids, pos, [SeqSlice(p, 1, t) for p, t in zip(pos, tables)], [0, 1, 2], greedy))
+            for seq, tok in zip(tokens, runner.collect(launched).token_ids):
+                seq.append(tok)
+            if not overlapped:
+                pos = [len(s) - 1 for s in tokens]
+                nxt = runner.launch(StepInput([s[-1] for s in tokens], pos, [SeqSlice(p, 1, t) for p, t in zip(pos, tables)], [0, 1, 2], greedy))
+            launched = nxt
+        for seq, tok in zip(tokens, runner.collect(launched).token_ids):
+            seq.append(tok)
+        return tokens
+
+    eager = ModelRunner(fused, KVCache.allocate(config, 16, 4, torch.float32, DEV), DEV, max_num_seqs=4)
+    expected = generate(eager, 5, overlapped=False)
+    assert generate(eager, 5, overlapped=True) == expected
+    padded = ModelRunner(fused, KVCache.allocate(config, 16, 4, torch.float32, DEV), DEV, max_num_seqs=4)
+    padded.graphs = DecodeGraphs(fused, padded.kv, DEV, [1, 4], max_blocks_per_seq=8, use_graphs=use_graphs,
+                                 feedback=padded.feedback)
+    padded.graphs.capture()
+    assert generate(padded, 5, overlapped=True) == expected
