@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import json
 import logging
 import re
@@ -142,6 +143,7 @@ def shutdown() -> None:
     global active, _tracer, _provider, _api, _context_api
     provider, _provider = _provider, None
     active, _tracer, _api, _context_api = False, None, None, None
+    _extract.cache_clear()
     if provider is not None:
         provider.shutdown()
 
@@ -183,15 +185,28 @@ def traceparent(s: Span | None) -> str | None:
 def extract(header: str | None) -> Context | None:
     """The context that starts a child of the remote span a `traceparent` names; None when
     tracing is off or the header is missing or invalid (a child of it is then a new root)."""
-    api = _api
-    if api is None or header is None:
+    if _api is None or header is None:
         return None
+    return _extract(header)
+
+
+# A request's traceparent parents several spans in each process (a worker's engine spans, a
+# choice's route and first_token): parsed once. Contexts are immutable, so sharing them is safe.
+@functools.lru_cache(maxsize=1024)
+def _extract(header: str) -> Context | None:
+    api = _api
     parsed = parse_traceparent(header)
-    if parsed is None:
+    if parsed is None or api is None:
         return None
     trace_id, span_id, flags = parsed
     remote = api.SpanContext(trace_id, span_id, is_remote=True, trace_flags=api.TraceFlags(flags & 0x01))
     return api.set_span_in_context(api.NonRecordingSpan(remote))
+
+
+def recording() -> bool:
+    """Whether the current span is recorded (tracing on and the request sampled): what is not
+    recorded need not be carried on, so an unsampled request costs its processes nothing more."""
+    return _api is not None and _api.get_current_span().is_recording()
 
 
 def current_traceparent() -> str | None:

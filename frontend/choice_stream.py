@@ -93,7 +93,7 @@ class ChoiceStream:
     async def open(self) -> EngineOutput:
         """Route, send and wait for the first output (kept for the first `next_burst`)."""
         assert self.state is ChoiceState.NEW
-        if tracing.active:
+        if tracing.active and tracing.recording():
             # The workers' spans become children of this one: its traceparent goes with the request.
             self.span = tracing.start_span("generate", attributes={"dynamo.request_id": self.request.request_id})
             self.request = self._original = msgspec.structs.replace(self.request, trace=tracing.traceparent(self.span))

@@ -196,7 +196,7 @@ class ApiEndpoint:
                 )
                 if quota is not None:
                     admission = await quota.admit_async(len(body))  # leases when limits are shared
-                if span is None:
+                if span is None or not span.is_recording():
                     await self.limit.acquire(ticket)
                 else:
                     with tracing.span("queue"):

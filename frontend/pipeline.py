@@ -117,7 +117,7 @@ class Pipeline:
             # Unknown names are not used as labels: clients control them (unbounded cardinality).
             self.metrics.count(model_label, endpoint, "unary", "error")
             raise
-        if tracing.active:
+        if tracing.active and tracing.recording():
             # The current span is the request's server span (frontend/endpoint.py).
             tracing.annotate({"dynamo.request_id": request_id, "dynamo.model": model.name})
             tracing.emit(

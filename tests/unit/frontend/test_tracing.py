@@ -77,3 +77,16 @@ async def test_untraced_when_off(stack: Stack) -> None:
         assert resp.status_code == 200
         assert "traceresponse" not in resp.headers
     assert a.requests[0].trace is None  # nothing on the wire
+
+
+async def test_an_unsampled_request_records_nothing_and_carries_nothing(stack: Stack, spans_file: Path) -> None:
+    """The client's traceparent says "not sampled": no span anywhere, and the workers are not
+    even told (parent-based sampling, at the cost of one check)."""
+    a = await _start(stack)
+    async with _frontend(stack, a) as (client, _, _frontend_):
+        resp = await client.post("/v1/completions", json=_body(stream=False),
+                                 headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-00"})
+        assert resp.status_code == 200
+    assert a.requests[0].trace is None
+    tracing.shutdown()
+    assert read_spans([spans_file]) == []
