@@ -19,6 +19,7 @@ budget and cooldowns last.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -98,6 +99,8 @@ class Decider:
         self.config = config
         self.model = model
         self._last_change_s: dict[Role, float] = {}
+        # (time, bounded wanted replicas) per role over the scale-down window.
+        self._recent: dict[Role, deque[tuple[float, int]]] = {}
 
     def decide(
         self, fleet: FleetState, prediction: Prediction, current: Mapping[Role, int], now_s: float
@@ -136,8 +139,11 @@ class Decider:
         t = fleet.traffic
         ttft_over = t.ttft_p90_s is not None and t.ttft_p90_s > cfg.ttft_target_s
         itl_over = t.itl_p90_s is not None and t.itl_p90_s > cfg.itl_target_s
-        comfortable = (t.ttft_p90_s is None or t.ttft_p90_s <= _SHRINK_MARGIN * cfg.ttft_target_s) and (
-            t.itl_p90_s is None or t.itl_p90_s <= _SHRINK_MARGIN * cfg.itl_target_s
+        # Shrinking needs evidence: measured latencies inside the margin, or no traffic at all.
+        quiet = t.request_rate <= 0 and t.inflight == 0
+        comfortable = quiet or (
+            t.ttft_p90_s is not None and t.ttft_p90_s <= _SHRINK_MARGIN * cfg.ttft_target_s
+            and (t.itl_p90_s is None or t.itl_p90_s <= _SHRINK_MARGIN * cfg.itl_target_s)
         )
         model_n: dict[Role, float]
         if cfg.topology == "agg":
@@ -153,9 +159,12 @@ class Decider:
             n, reason = math.ceil(fractional - 1e-9), "sla_model"
             pool = fleet.pools.get(role, PoolState())
             queued = pool.waiting_requests > 0 or pool.waiting_prefill_tokens > 0
-            if ttft_over and queued and n <= cur and self._holds_ttft_queue(role, fleet):
+            # Feedback adds one worker at a time, and only once the last one serves: latency
+            # stays high while a worker starts, and more workers would not start faster.
+            settled = pool.workers >= cur
+            if ttft_over and queued and n <= cur and settled and self._holds_ttft_queue(role, fleet):
                 n, reason = cur + 1, "ttft_over_target"
-            elif itl_over and role != "prefill" and n <= cur:
+            elif itl_over and role != "prefill" and n <= cur and settled:
                 n, reason = cur + 1, "itl_over_target"
             elif n < cur and not comfortable:
                 n, reason = cur, "latency_near_target"
@@ -179,12 +188,21 @@ class Decider:
         desired = bounds.clamp(wanted)
         if desired != wanted:
             reason = "min_replicas" if desired > wanted else "max_replicas"
+        # Scale-down stabilisation (an HPA's window): a pool shrinks only to the most it wanted
+        # over the last scale_down_cooldown_s, so one quiet interval removes nothing.
+        recent = self._recent.setdefault(role, deque())
+        while recent and recent[0][0] <= now_s - self.config.scale_down_cooldown_s:
+            recent.popleft()
+        recent.append((now_s, desired))
         last = self._last_change_s.get(role)
         if desired > current and last is not None and now_s - last < self.config.scale_up_cooldown_s:
             desired, reason = current, "cooldown"
-        elif desired < current and last is not None and now_s - last < self.config.scale_down_cooldown_s:
-            if current <= bounds.max_replicas:  # above the maximum it shrinks now
+        elif desired < current and current <= bounds.max_replicas:  # above the maximum it shrinks now
+            floor = max(n for _, n in recent)
+            if last is not None and now_s - last < self.config.scale_down_cooldown_s:
                 desired, reason = current, "cooldown"
+            elif floor > desired:
+                desired, reason = min(current, floor), "cooldown"
         if desired == current and reason in ("sla_model", "traffic"):
             reason = "steady"
         return Decision(role, current, wanted, desired, reason)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from dynamo import errors
 from dynamo.events import load_metrics_subject
 from dynamo.model_registry import ModelWatcher
 from dynamo.runtime import Runtime, Subscription
@@ -185,10 +186,11 @@ class FrontendPages:
         pages = await asyncio.gather(*(self._client.get(u) for u in self._urls), return_exceptions=True)
         for url, page in zip(self._urls, pages):
             if isinstance(page, BaseException) or page.status_code != 200:
-                # An unreachable frontend counts as no traffic this interval; the planner
-                # keeps the pools (a decision needs no traffic over several intervals to shrink).
-                log.warning("frontend metrics %s unreadable: %s", url, page if isinstance(page, BaseException) else page.status_code)
-                continue
+                # No decision on part of the traffic: a missing page would read as a drop to
+                # zero (and a scale-down); this interval is skipped and the next reads afresh.
+                self._prev = None
+                why = page if isinstance(page, BaseException) else f"HTTP {page.status_code}"
+                raise errors.DynamoError(f"frontend metrics {url} unreadable: {why}")
             snap.add(parse_frontend_page(page.text, self._model))
         now = self._clock()
         stats = traffic_between(self._prev, snap, now - self._prev_at)

@@ -92,9 +92,10 @@ class Planner:
         self.last_decisions = decisions
         self.steps += 1
         t = fleet.traffic
-        changed = [d for d in decisions if d.desired != d.current]
+        # Changes, and decisions held back (bounds, budget, cooldown), at INFO; steady ones at DEBUG.
+        notable = [d for d in decisions if d.desired != d.current or d.wanted != d.current]
         log.log(
-            logging.INFO if changed else logging.DEBUG,
+            logging.INFO if notable else logging.DEBUG,
             "planner: rate %.2f/s (predicted %.2f), isl %.0f, osl %.0f, ttft p90 %s, itl p90 %s, held %d; %s",
             t.request_rate, prediction.request_rate, prediction.isl, prediction.osl,
             "-" if t.ttft_p90_s is None else f"{t.ttft_p90_s * 1000:.0f}ms",

@@ -78,6 +78,9 @@ def test_ttft_over_target_grows_the_pool_that_holds_the_queue() -> None:
     d = Decider(config(), MODEL)
     p = Prediction(1.0, 1000, 100)  # the model alone asks for one of each
     decode_queue = {"decode": PoolState(workers=1, waiting_requests=5), "prefill": PoolState(workers=1)}
+    starting = {"decode": PoolState(workers=1, waiting_requests=5), "prefill": PoolState(workers=1)}
+    out = decide(Decider(config(), MODEL), fleet(rate=1, ttft=2.0, pools=starting), p, {"prefill": 1, "decode": 2})
+    assert out["decode"].desired == 2  # one worker still starting: no more until it serves
     out = decide(d, fleet(rate=1, ttft=2.0, pools=decode_queue), p, {"prefill": 1, "decode": 1})
     assert (out["decode"].desired, out["decode"].reason) == (2, "ttft_over_target")
     assert out["prefill"].desired == 1
@@ -149,9 +152,38 @@ def test_bounds_budget_and_cooldowns() -> None:
     out = decide(d, fleet(), Prediction(0.0, 0, 0), {"prefill": 3, "decode": 5}, now=30.0)
     assert out["decode"].desired == 5 and out["decode"].reason == "cooldown"  # scale-down cooldown
     out = decide(d, fleet(), Prediction(0.0, 0, 0), {"prefill": 3, "decode": 5}, now=61.0)
+    # The change at 0 is 60 s old, but the pool wanted more at 5 s: the window holds it.
+    assert out["decode"].desired == 5 and out["decode"].reason == "cooldown"
+    out = decide(d, fleet(), Prediction(0.0, 0, 0), {"prefill": 3, "decode": 5}, now=91.0)
     assert (out["prefill"].desired, out["decode"].desired) == (0, 1)
+
+
+def test_one_quiet_interval_does_not_shrink_a_pool() -> None:
+    d = Decider(config(scale_down_cooldown_s=10), MODEL)
+    busy, quiet = Prediction(30.0, 1000, 100), Prediction(1.0, 1000, 100)
+    decide(d, fleet(rate=30, ttft=0.1, itl=0.01), busy, {"prefill": 4, "decode": 5}, now=0.0)
+    out = decide(d, fleet(rate=1, ttft=0.1, itl=0.01), quiet, {"prefill": 4, "decode": 5}, now=1.0)
+    assert out["decode"].desired == 5 and out["decode"].wanted == 1
+    out = decide(d, fleet(rate=1, ttft=0.1, itl=0.01), quiet, {"prefill": 4, "decode": 5}, now=11.0)
+    assert out["decode"].desired == 1
+
+
+def test_shrinking_needs_measured_latency_or_no_traffic() -> None:
+    d = Decider(config(), MODEL)
+    # Traffic, but no first token seen in the interval: no evidence that fewer workers suffice.
+    out = decide(d, fleet(rate=1, inflight=3), Prediction(1.0, 1000, 100), {"prefill": 3, "decode": 3})
+    assert out["decode"].desired == 3
 
 
 def test_sla_mode_needs_a_model() -> None:
     with pytest.raises(ValueError):
         Decider(config(), None)
+
+
+def test_short_prompts_in_disagg_count_toward_the_decode_pool() -> None:
+    d = Decider(config(local_prefill_below_tokens=512), MODEL)
+    p = Prediction(30.0, 200, 100)
+    need = sla_need(MODEL, p, 0.5, 0.030)
+    out = decide(d, fleet(rate=30), p, {"prefill": 0, "decode": 1})
+    assert out["prefill"].desired == 0
+    assert out["decode"].desired == math.ceil(need.prefill_workers + need.decode_workers)
