@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -238,7 +237,6 @@ class BlockReads:
         self.buf: torch.Tensor | None = None
         self.rows: list[int] = []
         self.ok = [False] * len(self.hashes)
-        self.submitted_at: float | None = None  # perf_counter() when its reads were queued
         self._pool: StagingPool | None = None  # owner of `rows` of `buf`, if borrowed
         self._closed = False
         self._left = len(self.hashes)
@@ -311,7 +309,7 @@ class DiskReader:
     `staging_rows` rows (pinned host memory when `pin`); a request the pool cannot hold gets
     its own buffer, allocated on a reader thread (the caching host allocator keeps it until
     the copies queued out of it end). `notify` is called from a reader thread when all reads
-    of a request are done, after `observe(bytes read, seconds since they were queued)`."""
+    of a request are done."""
 
     def __init__(self, store: DiskStore, dtype: torch.dtype, pin: bool, threads: int = 4,
                  notify: Callable[[], None] | None = None, staging_rows: int = 0) -> None:
@@ -319,7 +317,6 @@ class DiskReader:
         self.dtype = dtype
         self.pin = pin
         self.notify = notify
-        self.observe: Callable[[int, float], None] | None = None
         layout = store.layout
         self.pool: StagingPool | None = None
         if staging_rows > 0:
@@ -329,16 +326,7 @@ class DiskReader:
     def start(self, hashes: Sequence[int], defer: bool = False) -> BlockReads:
         """Read `hashes` into one buffer; with `defer`, only once submit() is called (after
         the writes of some of them are queued)."""
-        size = block_bytes(self.store.layout)
-
-        def done() -> None:
-            started = reads.submitted_at
-            if self.observe is not None and started is not None:
-                self.observe(sum(reads.ok) * size, time.perf_counter() - started)
-            if self.notify is not None:
-                self.notify()
-
-        reads = BlockReads(hashes, done)
+        reads = BlockReads(hashes, lambda: self.notify() if self.notify is not None else None)
         if not defer:
             self.submit(reads)
         return reads
@@ -346,7 +334,6 @@ class DiskReader:
     def submit(self, reads: BlockReads) -> None:
         if reads.done:
             return
-        reads.submitted_at = time.perf_counter()
         try:
             self._pool.submit(self._begin, reads)
         except RuntimeError:  # shut down: nothing read

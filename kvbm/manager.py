@@ -64,7 +64,6 @@ class KvBlockManager:
             self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1),
                                      staging_rows=rows)
             self.cache.reader = self.reader
-            self.reader.observe = lambda nbytes, seconds: self.cache.observe_read(DISK, nbytes, seconds)
             self.cache.disk_probe = self.disk.exists  # workers of one host may share the directory
         self._dropped: list[int] = []  # disk writes the full queue refused (model thread -> finish)
 

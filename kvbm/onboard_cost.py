@@ -1,18 +1,26 @@
 """Whether a prompt's lower-tier hits are worth onboarding: reading a block back from a tier must
 cost the request less than recomputing its tokens, or the tier makes the request slower than no
 tier at all (a disk read of a small GQA model's block can take longer than its prefill). Both
-sides are measured online, as exponentially weighted linear fits: per tier, seconds against bytes
-moved (a latency and a bandwidth), and for recompute, a step's seconds against its tokens (the
-engine's marginal prefill cost at its current batch). Pure bookkeeping: the executors report
-what they measured, TieredCache.lookup asks `choose`."""
+sides are measured online. Per tier, an exponentially weighted linear fit of seconds against
+bytes (a latency and a bandwidth) over what requests actually waited: a host copy's time on the
+copy stream, a disk hit's time from the start of its reads to its request's admission. For
+recompute, the engine's prefill seconds per token over its recent prefill-sized steps, a low
+quantile: steps also carry KVBM copies, disk spills and reader threads' contention, which a
+recomputed token would not add. Pure bookkeeping: the engines report what they measured,
+TieredCache.lookup asks `choose`."""
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Sequence
 
-# Weight of the newest sample: about the last 20 transfers or steps count.
+# Weight of the newest sample: about the last 20 transfers count.
 ALPHA = 0.05
+# Recompute: steps of at least this many tokens, the last PREFILL_WINDOW of them, this quantile.
+PREFILL_MIN_TOKENS = 64
+PREFILL_WINDOW = 64
+PREFILL_QUANTILE = 0.25
 
 
 class LinearRate:
@@ -72,6 +80,38 @@ class LinearRate:
         return None if fitted is None else fitted[1]
 
 
+class PrefillRate:
+    """Seconds per prompt token, from steps' (tokens, seconds): the `quantile` of seconds/token
+    over the last `window` steps of at least `min_tokens` tokens (decode-sized steps are all
+    fixed cost). A step's fixed cost is spread over its tokens, so this slightly overstates
+    the marginal cost of a token; the low quantile leaves out steps slowed by other work."""
+
+    __slots__ = ("min_tokens", "quantile", "_samples", "_lock")
+
+    def __init__(self, min_tokens: int = PREFILL_MIN_TOKENS, window: int = PREFILL_WINDOW,
+                 quantile: float = PREFILL_QUANTILE) -> None:
+        self.min_tokens = min_tokens
+        self.quantile = quantile
+        self._samples: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    @property
+    def samples(self) -> int:
+        return len(self._samples)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens >= self.min_tokens and seconds > 0:
+            with self._lock:
+                self._samples.append(seconds / tokens)
+
+    def per_unit_s(self) -> float | None:
+        with self._lock:
+            if not self._samples:
+                return None
+            ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+
+
 class OnboardCostModel:
     """Per tier, the measured cost of bringing bytes to the device: `host` is a pinned host ->
     device copy; `disk` a read into pinned staging (then a host copy too). Recompute is the
@@ -86,19 +126,19 @@ class OnboardCostModel:
             "host": LinearRate(1.0 / (host_gbps * 1e9)),
             "disk": LinearRate(1.0 / (disk_gbps * 1e9)),
         }
-        self.prefill = LinearRate(None)
+        self.prefill = PrefillRate()
 
     # ------------------------------------------------------------------------- measurements
 
     def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
-        """`nbytes` of `tier` reached the device (host) or pinned staging (disk) in `seconds`,
-        from the moment the request asked for them."""
+        """`nbytes` of `tier` cost a request `seconds`: host, the copy to the device; disk,
+        from the start of the reads to the request's admission (a copy up follows)."""
         rate = self.reads.get(tier)
         if rate is not None:
             rate.observe(nbytes, seconds)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
-        """One engine step computed `num_tokens` tokens in `seconds` (forward pass only)."""
+        """One engine step computed `num_tokens` tokens in `seconds`."""
         self.prefill.observe(num_tokens, seconds)
 
     # ----------------------------------------------------------------------------- decision

@@ -50,10 +50,6 @@ class SimulatedDiskReader:
         self.pending: set[SimulatedReads] = set()  # started or deferred, not yet closed
         self.read_time_s = 0.0  # simulated seconds of reading so far
         self._free_at_s = 0.0
-        # Told (bytes, simulated seconds from submission to done, queueing included) per
-        # request, as the real reader tells its measurements.
-        self.observe: Callable[[int, float], None] | None = None
-        self.block_bytes = 0
 
     def start(self, block_hashes: Sequence[int], defer: bool = False) -> SimulatedReads:
         reads = SimulatedReads(self, block_hashes)
@@ -68,8 +64,6 @@ class SimulatedDiskReader:
         begin_s = max(self.clock(), self._free_at_s)
         reads.end_s = self._free_at_s = begin_s + duration_s
         self.read_time_s += duration_s
-        if self.observe is not None:
-            self.observe(len(reads.block_hashes) * self.block_bytes, reads.end_s - self.clock())
 
     def next_end_s(self) -> float | None:
         """When the next read in progress ends; None if none is."""
@@ -101,8 +95,6 @@ class SimulatedKvbm:
             self.cache.clock = clock  # step times in simulated seconds, like the reads
         if clock is not None and self.cache.disk is not None:
             self.reader = SimulatedDiskReader(clock, block_bytes / (config.disk_gbps * 1e9))
-            self.reader.block_bytes = block_bytes
-            self.reader.observe = lambda nbytes, seconds: self.cache.observe_read(DISK, nbytes, seconds)
             self.cache.reader = self.reader
 
     @property

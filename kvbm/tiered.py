@@ -147,11 +147,14 @@ class TieredCache:
         self.cost = OnboardCostModel(config.host_gbps, config.disk_gbps,
                                      enabled=config.onboard_cost and block_size_tokens is not None)
         self._declined: dict[object, Counter[str]] = {}  # of requests held back for reads
+        # Reads in progress: when they started and the bytes they read. From start to the
+        # request's admission is what a disk hit costs it (the read, then the wait for a step).
+        self._read_started: dict[object, tuple[float, int]] = {}
         # The engine's clock for step times (the mocker's simulated one, set by SimulatedKvbm).
         self.clock: Callable[[], float] = time.perf_counter
         self._step_starts: dict[int, float] = {}  # id(batch) -> when it was scheduled
         self._last_step_end = float("-inf")
-        self._batch_seqs = 1.0  # requests in the last scheduled step
+        self._step_seqs = 1  # requests in the last scheduled step
         host_blocks = config.host_capacity_blocks(block_bytes)
         disk_blocks = config.disk_capacity_blocks(block_bytes)
         args = (config.eviction, config.protected_fraction)
@@ -195,8 +198,11 @@ class TieredCache:
         if not hits or not self.cost.enabled:
             return Hits(hits)
         assert self.block_size_tokens is not None
-        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens,
-                                sharing=self._batch_seqs if self.config.onboard_cost_sharing else 1.0)
+        # A recomputed token lengthens steps every running request shares; a read delays only
+        # its own request (measured on the mocker: weighing by the step's requests beat
+        # weighing by the requester alone or by the step's prefills, benchmarks/RESULTS.md).
+        sharing = float(self._step_seqs) if self.config.onboard_cost_sharing else 1.0
+        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens, sharing)
         if keep == len(hits):
             return Hits(hits)
         self.release(hits[keep:])
@@ -251,6 +257,7 @@ class TieredCache:
         if defer:
             plan.reads_after.append(reads)
         reads.hits = list(hits)
+        self._read_started[reads] = (self.clock(), len(on_disk) * self.block_bytes)
         declined = getattr(hits, "declined", None)
         if declined:
             self._declined[reads] = declined
@@ -262,6 +269,9 @@ class TieredCache:
         recomputed; an unreadable file is dropped from the index). Never starts new reads.
         The reads are paid for: what they staged is onboarded without asking the cost model
         again (its first decision chose which blocks to read)."""
+        started = self._read_started.pop(reads, None)
+        if started is not None:
+            self.cost.observe_read(DISK, started[1], self.clock() - started[0])
         hits = self._lookup(block_hashes, device_blocks)
         declined = self._declined.get(reads)
         kept = Hits(declined=declined)
@@ -285,6 +295,7 @@ class TieredCache:
         forget the files that could not be read."""
         self.release(reads.hits)
         self._declined.pop(reads, None)
+        self._read_started.pop(reads, None)
         if reads.done:
             for hit in reads.hits:
                 if hit.tier == DISK and reads.staged(hit.block_hash) is None:
@@ -313,15 +324,15 @@ class TieredCache:
             self.stats.onboarded(hit.tier, 1, self.block_bytes)
             self.stats.decided(hit.tier, "onboard", 1)
 
-    def step_started(self, batch: object) -> None:
-        """The scheduler picked a step (step_finished times it)."""
+    def step_started(self, batch: Any) -> None:
+        """The scheduler picked a step (a ScheduledBatch; step_finished times it)."""
         starts = self._step_starts
         if len(starts) > 64:  # steps that never finished (a failed engine): forget them
             starts.clear()
         starts[id(batch)] = self.clock()
-        self._batch_seqs = float(len(getattr(batch, "seqs", ())) or 1)
+        self._step_seqs = max(1, len(batch.seqs))
 
-    def step_finished(self, batch: object, num_tokens: int) -> None:
+    def step_finished(self, batch: Any, num_tokens: int) -> None:
         """A step's results are in: its time, from when it was picked or, when steps overlap,
         from when the one before it finished (the device runs one at a time), is what
         recomputing a prompt block is weighed with."""

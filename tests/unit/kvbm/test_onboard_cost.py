@@ -43,7 +43,8 @@ def model(host_gbps: float, disk_gbps: float, disk_latency_s: float, tokens_per_
         m.observe_read(HOST, nbytes, nbytes / (host_gbps * 1e9))
         m.observe_read(DISK, nbytes, disk_latency_s + nbytes / (disk_gbps * 1e9))
     for tokens in (64, 512, 128, 1024, 256):
-        m.observe_step(tokens, 0.003 + tokens / tokens_per_s)  # a fixed step cost, then per token
+        m.observe_step(tokens, tokens / tokens_per_s)
+        m.observe_step(3, 0.005)  # decode-sized steps: all fixed cost, not a prefill rate
     return m
 
 
@@ -79,9 +80,17 @@ def test_slow_disk_is_recomputed_fast_disk_onboarded_and_unknown_prefill_onboard
     assert OnboardCostModel(55, 5, enabled=False).choose(tiers, MB, 16) == 16
 
 
-def test_a_recomputed_token_weighs_for_every_request_of_the_step() -> None:
+def test_prefill_rate_is_a_low_quantile_of_prefill_sized_steps() -> None:
+    m = OnboardCostModel(55, 5)
+    for i in range(40):
+        m.observe_step(4, 0.004)  # decode steps: ignored
+        m.observe_step(1024, 1024 * 5e-6 * (3 if i % 3 == 0 else 1))  # a third slowed by other work
+    assert m.recompute_s(1000) == pytest.approx(1000 * 5e-6)
+
+
+def test_a_recomputed_token_weighs_for_every_prefill_of_the_step() -> None:
     # 16 tokens recompute in 0.6 ms; a block reads in 1 ms (after a 1 ms latency): slower for
-    # the requester, but recomputing lengthens the steps of the 4 requests batched with it.
+    # the requester, but recomputing lengthens the steps of 3 other prefills batched with it.
     m = model(host_gbps=50, disk_gbps=1 * MB / 1e6, disk_latency_s=0.001, tokens_per_s=16 / 0.6e-3)
     tiers = [DISK] * 8
     assert m.choose(tiers, MB, 16) == 0
@@ -153,11 +162,26 @@ def test_mocker_tiers_follow_the_same_decision() -> None:
         sim.step_cost_s()
         cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
         sim.step_cost_s()
-        cache.observe_step(2048, 0.05)  # the mocker's executor reports its modelled steps
-        # One simulated read measures the drive (from its config bandwidth, as the mocker times it).
-        assert sim.reader is not None
-        sim.reader.submit(sim.reader.start([4, 5, 6, 7]))
+        cache.observe_step(2048, 0.05)  # as the scheduler times the mocker's steps
+        # Nothing read yet: the config's bandwidths stand for the tiers.
         assert [h.tier for h in cache.lookup(list(range(12)), 0)] == want
+
+
+def test_a_disk_hit_costs_from_the_start_of_its_reads_to_its_admission() -> None:
+    clock = [10.0]
+    sim = SimulatedKvbm(KvbmConfig(disk_blocks=32, disk_gbps=50.0), MB, clock=lambda: clock[0], block_size_tokens=16)
+    cache = sim.cache
+    cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
+    sim.step_cost_s()
+    hits = cache.lookup(list(range(4)), 0)
+    reads = cache.start_reads(hits)
+    assert reads is not None and sim.reader is not None
+    clock[0] = sim.reader.next_end_s() + 0.5  # type: ignore[operator]  # read, then a long wait for a step
+    staged = cache.lookup_staged(list(range(4)), 0, reads)
+    assert [h.tier for h in staged] == [DISK] * 4
+    cache.close_reads(reads)
+    latency, per_byte = cache.cost.reads[DISK].fit()  # type: ignore[misc]
+    assert latency + per_byte * 4 * MB == pytest.approx(0.5 + 4 * MB / 50e9)
 
 
 async def test_mocker_engine_feeds_step_times_and_declines_a_slow_disk() -> None:
