@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from dynamo import errors, tracing
+from dynamo.logs import request_id_var
 from dynamo.runtime.planes import RequestContext, Subscription
 from dynamo.runtime.runtime import Client, Runtime, ServedEndpoint
 from dynamo.wire import PreprocessedRequest, encode
@@ -103,6 +104,7 @@ class RouterService:
         request = PreprocessedRequest(
             request_id=route.request_id, model="", token_ids=route.token_ids, session_id=route.session_id
         )
+        request_id_var.set(route.request_id)  # this request's task logs under its id
         with tracing.span("router.select", route.trace, kind="server") as span:
             decision = await self.router.select(request, route.candidates)
             if span is not None:
