@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dynamo.wire import EngineOutput, KvEventData, KvLayoutSpec, LoadMetrics, PreprocessedRequest
+from dynamo.wire import EngineOutput, KvAgentInfo, KvEventData, KvLayoutSpec, LoadMetrics, PreprocessedRequest
 
 # Engines report KV cache changes synchronously (KvEventSink, defined with the block pool), at
 # the exact place the state changes; the worker numbers and publishes them in order off the
@@ -153,3 +153,35 @@ class DisaggEngine(KvTransferEngine, Protocol):
         """Decode `request` whose prompt KV landed in `reservation` (now the engine's) and
         whose first token `first` came from the prefill worker."""
         ...
+
+
+@runtime_checkable
+class ConnectorDisaggEngine(Protocol):
+    """What a prefill or decode role needs from an engine that moves the prompt's KV itself,
+    through a KV connector inside it (vLLM: workers/vllm/connector), instead of exposing its KV
+    memory to a transfer agent in the worker process. The prefill side answers with opaque
+    transfer parameters next to the first token; the decode side passes them back to its
+    engine, which pulls the blocks into the slots it allocates (and recomputes the prompt
+    itself if the pull fails)."""
+
+    def kv_layout(self) -> KvLayoutSpec: ...
+
+    def kv_agent_info(self) -> KvAgentInfo:
+        """What a decode worker tells prefill workers about its KV (their layout check)."""
+        ...
+
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]: ...
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int: ...
+
+    async def prefill_export(self, request: PreprocessedRequest) -> tuple[EngineOutput, bytes]:
+        """Run the prompt to its first token, keeping its KV for a decode worker; returns the
+        first token and the transfer parameters that decode worker's engine needs."""
+        ...
+
+    def generate_from_params(
+        self, request: PreprocessedRequest, first: EngineOutput, kv_params: bytes
+    ) -> AsyncIterator[EngineOutput]:
+        """Decode `request` from the KV that `kv_params` (from prefill_export) locate."""
+        ...
+

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from dynamo import errors
 from dynamo.wire import EngineOutput, PreprocessedRequest
-from workers.disagg.args import DisaggConfig
-from workers.engine import DisaggEngine
+from workers.disagg.args import ENGINE_BACKEND_CHOICES, DisaggConfig
+from workers.engine import ConnectorDisaggEngine, DisaggEngine
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -30,10 +30,14 @@ class DisaggRole:
     either the `prefill` endpoint or the decode handler. `generate` replaces the engine's."""
 
     def __init__(
-        self, engine: Engine, agent: KvTransferAgent, decode: DecodeHandler | None, served: ServedEndpoint | None
+        self,
+        engine: Engine,
+        agent: KvTransferAgent | None,
+        decode: DecodeHandler | None,
+        served: ServedEndpoint | None,
     ) -> None:
         self.engine = engine
-        self.agent = agent
+        self.agent = agent  # None: the engine moves KV through its own connector
         self.decode = decode
         self.served = served  # the prefill endpoint
 
@@ -47,7 +51,8 @@ class DisaggRole:
             await self.served.stop()
         if self.decode is not None:
             await self.decode.close()
-        await self.agent.close()
+        if self.agent is not None:
+            await self.agent.close()
 
 
 async def start_disagg(
@@ -64,13 +69,21 @@ async def start_disagg(
     from workers.disagg.decode_handler import DecodeHandler
     from workers.disagg.prefill_handler import PREFILL_ENDPOINT, PrefillHandler
 
-    if not isinstance(engine, DisaggEngine):
+    agent: KvTransferAgent | None = None
+    if isinstance(engine, ConnectorDisaggEngine):
+        pass  # its KV moves inside the engine (vLLM: workers/vllm/connector): no agent here
+    elif not isinstance(engine, DisaggEngine):
         raise errors.EngineError(f"the {engine.name} engine cannot serve as a {role} worker (no KV export/import)")
-    agent = await make_agent(
-        config.kv_transfer_backend, engine.kv_layout(), engine.kv_memory(),
-        host=config.kv_transfer_host, simulated_link_bytes_per_s=config.kv_link_gbs * 1e9,
-        speedup_ratio=engine.speedup_ratio,
-    )
+    elif config.kv_transfer_backend in ENGINE_BACKEND_CHOICES:
+        raise errors.EngineError(
+            f"--kv-transfer-backend {config.kv_transfer_backend} is vLLM's own connector: --engine vllm only"
+        )
+    else:
+        agent = await make_agent(
+            config.kv_transfer_backend, engine.kv_layout(), engine.kv_memory(),
+            host=config.kv_transfer_host, simulated_link_bytes_per_s=config.kv_link_gbs * 1e9,
+            speedup_ratio=engine.speedup_ratio,
+        )
     try:
         decode = None
         served = None
@@ -85,6 +98,7 @@ async def start_disagg(
         else:
             raise ValueError(f"role {role!r} is not disaggregated")
     except BaseException:
-        await agent.close()
+        if agent is not None:
+            await agent.close()
         raise
     return DisaggRole(engine, agent, decode, served)

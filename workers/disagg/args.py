@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from dynamo.config import env_default
 from kvbm.transfer.backends import BACKEND_CHOICES
 
+# Backends an engine brings itself, not the transfer agent: vLLM's own NixlConnector.
+ENGINE_BACKEND_CHOICES = ("vllm-nixl",)
+TRANSFER_BACKEND_CHOICES = BACKEND_CHOICES + ENGINE_BACKEND_CHOICES
+
 
 @dataclass(frozen=True, slots=True)
 class DisaggConfig:
@@ -23,8 +27,8 @@ class DisaggConfig:
     kv_link_gbs: float = 25.0  # the mocker's simulated link, GB/s
 
     def __post_init__(self) -> None:
-        if self.kv_transfer_backend not in BACKEND_CHOICES:
-            raise ValueError(f"kv_transfer_backend must be one of {BACKEND_CHOICES}")
+        if self.kv_transfer_backend not in TRANSFER_BACKEND_CHOICES:
+            raise ValueError(f"kv_transfer_backend must be one of {TRANSFER_BACKEND_CHOICES}")
         if self.prefill_timeout_s <= 0 or self.kv_link_gbs <= 0:
             raise ValueError("prefill_timeout_s and kv_link_gbs must be positive")
 
@@ -68,10 +72,11 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
         "prompt prefilled locally [env DYN_DISAGG_PREFILL_TIMEOUT_S]",
     )
     group.add_argument(
-        "--kv-transfer-backend", choices=BACKEND_CHOICES,
+        "--kv-transfer-backend", choices=TRANSFER_BACKEND_CHOICES,
         default=env_default("DYN_KV_TRANSFER_BACKEND", d.kv_transfer_backend),
         help="auto: CUDA IPC between GPUs of one host, NIXL when installed, host memory over TCP "
-        "otherwise [env DYN_KV_TRANSFER_BACKEND]",
+        "otherwise; vllm-nixl (--engine vllm on GPUs): vLLM's own NixlConnector instead of ours "
+        "[env DYN_KV_TRANSFER_BACKEND]",
     )
     group.add_argument(
         "--kv-transfer-host", default=env_default("DYN_KV_TRANSFER_HOST", d.kv_transfer_host),

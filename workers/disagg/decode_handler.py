@@ -12,7 +12,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from dynamo import errors
+import msgspec
+
+from dynamo import errors, tracing
 from dynamo.runtime import Client, ResponseStream, Runtime
 from dynamo.wire import (
     REMOTE_PREFILL_RESULT_CODEC,
@@ -29,7 +31,7 @@ from router.kv_router import KvRouter
 from router.modes import make_router
 from workers.disagg.args import DisaggConfig
 from workers.disagg.prefill_handler import PREFILL_ENDPOINT
-from workers.engine import DisaggEngine, Reservation
+from workers.engine import ConnectorDisaggEngine, DisaggEngine, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,8 @@ class DecodeHandler:
     def __init__(
         self,
         runtime: Runtime,
-        engine: DisaggEngine,
-        agent: KvTransferAgent,
+        engine: DisaggEngine | ConnectorDisaggEngine,
+        agent: KvTransferAgent | None,
         config: DisaggConfig,
         on_prefill: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -102,12 +104,11 @@ class DecodeHandler:
     async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
         reason = self.local_reason(request)
         if reason is None:
-            prefilled = await self._remote_prefill(request)
-            if prefilled is not None:
+            outputs = await self._remote(request)
+            if outputs is not None:
                 self.stats.remote_prefills += 1
                 self._count("remote", "")
-                first, reservation = prefilled
-                async for output in self.engine.generate_from_kv(request, first, reservation):
+                async for output in outputs:
                     yield output
                 return
             self.stats.fallbacks += 1
@@ -122,11 +123,60 @@ class DecodeHandler:
         if self._on_prefill is not None:
             self._on_prefill(where, reason)
 
-    async def _remote_prefill(self, request: PreprocessedRequest) -> tuple[EngineOutput, Reservation] | None:
+    async def _remote(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput] | None:
+        """The request's outputs decoded from remotely prefilled KV, or None to prefill here."""
+        engine = self.engine
+        # Traced: routing, the prefill worker's part and the KV transfer as one span, the parent
+        # of the prefill worker's spans; decoding stays under the worker's span (`request`).
+        with tracing.span("remote_prefill", request.trace) as span:
+            asked = request if span is None else msgspec.structs.replace(request, trace=tracing.traceparent(span))
+            if isinstance(engine, ConnectorDisaggEngine):
+                answer = await self._remote_prefill_connector(asked, engine)
+                if span is not None and answer is None:
+                    tracing.fail(span, "remote prefill failed: prefilling locally")
+                return None if answer is None else engine.generate_from_params(request, *answer)
+            prefilled = await self._remote_prefill(asked, engine)
+            if span is not None and prefilled is None:
+                tracing.fail(span, "remote prefill failed or no room: prefilling locally")
+        return None if prefilled is None else engine.generate_from_kv(request, *prefilled)
+
+    async def _remote_prefill_connector(
+        self, request: PreprocessedRequest, engine: ConnectorDisaggEngine
+    ) -> tuple[EngineOutput, bytes] | None:
+        """An engine with its own KV connector: the prefill worker's first token and transfer
+        parameters, or None (reason logged) to prefill locally. The KV moves later, pulled by
+        the engine; a pull that fails there is recomputed by the engine itself."""
+        assert self.client is not None and self.router is not None
+        instance_id: int | None = None
+        stream: ResponseStream | None = None
+        try:
+            decision = await self.router.select(request, self.client.instance_ids())
+            instance_id = decision.instance_id
+            body = RemotePrefillRequest(
+                request=request, transfer_id=uuid.uuid4().hex, decode_agent=engine.kv_agent_info(), dst_block_ids=[]
+            )
+            stream = await self.client.generate(encode(body), instance_id, request.request_id)
+            result = await asyncio.wait_for(self._read_result(stream), self.config.prefill_timeout_s)
+            if not result.kv_params:
+                raise errors.EngineError("the prefill worker's engine sent no KV transfer parameters")
+            self.router.first_token(request.request_id, instance_id)
+            return result.first, result.kv_params
+        except (errors.DynamoError, OSError, TimeoutError) as exc:
+            log.warning("remote prefill of %s failed (%s); prefilling locally", request.request_id, exc)
+            return None
+        finally:
+            if stream is not None:
+                await stream.aclose()
+            if instance_id is not None:
+                self.router.request_finished(request.request_id, instance_id)
+
+    async def _remote_prefill(
+        self, request: PreprocessedRequest, engine: DisaggEngine
+    ) -> tuple[EngineOutput, Reservation] | None:
         """The first token with the prompt's KV landed in reserved blocks, or None (reason
         logged, everything released) when this request should be prefilled locally."""
-        assert self.client is not None and self.router is not None
-        reservation = self.engine.reserve(request.token_ids)
+        assert self.client is not None and self.router is not None and self.agent is not None
+        reservation = engine.reserve(request.token_ids)
         if reservation is None:
             return None
         transfer_id = uuid.uuid4().hex
@@ -161,7 +211,7 @@ class DecodeHandler:
         finally:
             if not done:
                 self.agent.forget(transfer_id)
-                self.engine.release(reservation)
+                engine.release(reservation)
             if stream is not None:
                 await stream.aclose()
             if instance_id is not None:

@@ -9,6 +9,9 @@ import logging
 import time
 from http import HTTPStatus
 from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
 
 from vllm.config.kv_events import KVEventsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -19,7 +22,17 @@ from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
 from dynamo import errors
-from dynamo.wire import EmbeddingRequest, EngineOutput, KvEventData, LoadMetrics, PoolingType, PreprocessedRequest
+from dynamo.kv_hash import block_hashes
+from dynamo.wire import (
+    EmbeddingRequest,
+    EngineOutput,
+    KvAgentInfo,
+    KvEventData,
+    KvLayoutSpec,
+    LoadMetrics,
+    PoolingType,
+    PreprocessedRequest,
+)
 from kvbm.block_pool import KvEventSink
 from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo
@@ -34,6 +47,9 @@ from workers.vllm.sampling import FINISH_REASONS, ConstraintValidator, invalid_r
 from workers.vllm.stats import SchedulerSnapshot, stat_logger_factory
 
 log = logging.getLogger(__name__)
+
+# What a vLLM decode worker advertises as its transfer backend in RemotePrefillRequest.
+CONNECTOR_BACKEND = "vllm-connector"
 
 
 class VllmEngine(Engine):
@@ -53,6 +69,7 @@ class VllmEngine(Engine):
         self._replay = False
         self._validator: ConstraintValidator | None = None
         self._embedding: EmbeddingConfig | None = None  # serving an embedding model (workers/vllm/embedding.py)
+        self._kv_layout: KvLayoutSpec | None = None  # --role prefill|decode: the connector's layout
         self._kvbm: KvbmView | None = None  # --kvbm-*: the tiers' counters, fed from vLLM's engine core
 
     # ---------------------------------------------------------------------------- lifecycle
@@ -98,6 +115,8 @@ class VllmEngine(Engine):
             self._translator.block_size_tokens = self.info.kv_block_size
             self._subscriber = subscriber
             subscriber.start()
+        if self.config.role != "aggregated":
+            await self._learn_kv_layout()
         log.info(
             "vLLM engine up: %d KV blocks of %d tokens, context %d",
             self.info.kv_total_blocks, self.info.kv_block_size, self.info.context_length,
@@ -175,7 +194,17 @@ class VllmEngine(Engine):
 
     # ------------------------------------------------------------------------------ serving
 
-    async def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+    def generate(self, request: PreprocessedRequest) -> AsyncIterator[EngineOutput]:
+        return self._generate(request)
+
+    async def _generate(
+        self,
+        request: PreprocessedRequest,
+        kv_params: dict[str, Any] | None = None,
+        kv_out: dict[str, Any] | None = None,
+    ) -> AsyncIterator[EngineOutput]:
+        """`kv_params`: the request's kv_transfer_params for our connectors; `kv_out` receives
+        the ones vLLM returns with the final output."""
         llm, info = self._llm, self.info
         if llm is None or info is None:
             raise errors.EngineError("vllm engine is not running")
@@ -188,6 +217,8 @@ class VllmEngine(Engine):
         want_logprobs = params.logprobs is not None
         top_k = request.sampling.top_logprobs
         want_prompt_logprobs = params.prompt_logprobs is not None
+        if kv_params is not None:
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": kv_params}
         stream = llm.generate(tokens_input(list(request.token_ids)), params, request_id)
         self._num_inflight += 1
         self._prefill_pending[request_id] = len(request.token_ids)
@@ -212,6 +243,8 @@ class VllmEngine(Engine):
                     chunk.prompt_logprobs = prompt_logprobs(out.prompt_logprobs, request.token_ids, params.prompt_logprobs)
                 if want_logprobs and completion.logprobs is not None:
                     chunk.logprobs, chunk.top_logprobs = sample_logprobs(completion.logprobs, token_ids, top_k)
+                if finish is not None and kv_out is not None and out.kv_transfer_params:
+                    kv_out.update(out.kv_transfer_params)
                 yield chunk
                 if finish is not None:
                     return
@@ -276,3 +309,93 @@ class VllmEngine(Engine):
         except (VLLMClientError, ValueError) as exc:
             raise invalid_request(exc) from None
 
+    # ------------------------------- disaggregation (workers/disagg, workers/vllm/connector)
+    # The ConnectorDisaggEngine capability: the prompt's KV moves inside vLLM, through our
+    # transfer connector (or vLLM's NixlConnector with --kv-transfer-backend vllm-nixl).
+
+    async def _learn_kv_layout(self) -> None:
+        """The KV layout as the connector in vLLM's worker registered it (its handshake), for
+        the prefill worker's early layout check; from the model config where that is not
+        available (vLLM's own NIXL connector)."""
+        from workers.vllm.connector.transfer_core import VLLM_NIXL
+
+        assert self._llm is not None
+        disagg = self.config.disagg
+        if disagg is not None and disagg.kv_transfer_backend != VLLM_NIXL:
+            from workers.vllm.connector.transfer import find_handshakes
+
+            reply = await self._llm.collective_rpc("get_kv_connector_handshake_metadata")
+            infos = sorted(find_handshakes(reply), key=lambda info: info.agent.layout.tp_rank)
+            if infos:
+                self._kv_layout = infos[0].agent.layout
+                return
+            log.warning("vLLM's workers did not report the transfer connector's KV layout (%r); "
+                        "taking it from the model config", reply)
+        self._kv_layout = self._config_layout()
+
+    def _config_layout(self) -> KvLayoutSpec:
+        from vllm.platforms import current_platform
+
+        assert self._llm is not None
+        config = self._llm.vllm_config
+        model, parallel = config.model_config, config.parallel_config
+        dtype = str(config.cache_config.cache_dtype)
+        if dtype == "auto":
+            dtype = str(model.dtype).removeprefix("torch.")
+        return KvLayoutSpec(
+            num_layers=int(model.get_num_layers(parallel)),
+            block_size_tokens=int(config.cache_config.block_size),
+            num_kv_heads=int(model.get_num_kv_heads(parallel)),
+            head_dim=int(model.get_head_size()),
+            dtype=dtype,
+            tp_size=int(parallel.tensor_parallel_size),
+            block_order="HND" if current_platform.is_cpu() else "NHD",
+        )
+
+    def kv_layout(self) -> KvLayoutSpec:
+        if self._kv_layout is None:
+            raise errors.EngineError("the vLLM engine runs aggregated: no KV transfer layout")
+        return self._kv_layout
+
+    def kv_agent_info(self) -> KvAgentInfo:
+        """This engine's KV as prefill workers need to check it; the agent that receives the
+        blocks lives in vLLM's worker process and introduces itself when it pulls."""
+        return KvAgentInfo(agent_id="vllm", host_id="", address="", layout=self.kv_layout(),
+                           backends=[CONNECTOR_BACKEND])
+
+    def cached_prefix_tokens(self, token_ids: list[int]) -> int:
+        """From the prefix cache as vLLM's KV events announced it (0 without KV events)."""
+        if self._translator is None or self.info is None:
+            return 0
+        size = self.info.kv_block_size
+        return self._translator.cached_prefix_blocks(block_hashes(token_ids, size)) * size
+
+    async def prefill_export(self, request: PreprocessedRequest) -> tuple[EngineOutput, bytes]:
+        """Run the prompt to its first token, its blocks kept in vLLM for the decode worker to
+        pull; returns the first token and the transfer parameters."""
+        from workers.vllm.connector.transfer_core import VLLM_NIXL, hold_params
+
+        disagg = self.config.disagg
+        nixl = disagg is not None and disagg.kv_transfer_backend == VLLM_NIXL
+        # The decode worker applies min_tokens / ignore_eos: here only the first token.
+        prefill = msgspec.structs.replace(request, stop=msgspec.structs.replace(request.stop, max_tokens=1, min_tokens=0))
+        kv_in: dict[str, Any] = {"do_remote_decode": True} if nixl else hold_params()
+        kv_out: dict[str, Any] = {}
+        first: EngineOutput | None = None
+        async for chunk in self._generate(prefill, kv_in, kv_out):
+            if first is None:
+                first = chunk
+            else:
+                first.token_ids.extend(chunk.token_ids)
+                first.finish_reason = chunk.finish_reason
+        if first is None or not kv_out:
+            raise errors.EngineError(f"vLLM kept no KV for prefill request {request.request_id}")
+        return first, msgspec.msgpack.encode(kv_out)
+
+    def generate_from_params(
+        self, request: PreprocessedRequest, first: EngineOutput, kv_params: bytes
+    ) -> AsyncIterator[EngineOutput]:
+        """Decode `request` from the KV a prefill worker holds: vLLM pulls it into the slots it
+        allocates, recomputes the last prompt token and samples the first token itself (equal
+        to `first` under greedy sampling); a failed pull makes it recompute the prompt."""
+        return self._generate(request, msgspec.msgpack.decode(kv_params))
