@@ -82,6 +82,8 @@ def connector_config(kvbm: KvbmConfig) -> dict[str, Any]:
         "kv_connector": CONNECTOR_NAME,
         "kv_connector_module_path": MODULE_PATH,
         "kv_role": "kv_both",
+        # A block that could not be loaded (a vanished disk file) is recomputed, not an error.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {EXTRA_KEY: dataclasses.asdict(kvbm)},
     }
 
@@ -223,7 +225,7 @@ def find_stats(payload: Any) -> dict[str, Any] | None:
         return body
     for value in payload.values():
         if isinstance(value, dict) and isinstance(value.get(EXTRA_KEY), dict):
-            return value[EXTRA_KEY]  # type: ignore[no-any-return]
+            return value[EXTRA_KEY]
     return None
 
 
@@ -687,3 +689,17 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
         return None
+
+
+def _register() -> None:
+    """vLLM's MultiConnector rebuilds each connector's stats from vLLM's registry by class name
+    (its stat loggers, in the worker process); a connector loaded by module path is not in it."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    try:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, MODULE_PATH, CONNECTOR_NAME)
+    except ValueError:
+        pass  # registered already
+
+
+_register()
