@@ -136,10 +136,17 @@ class Stack:
                 proc.wait(timeout=5)
 
 
-def start_ours(args: argparse.Namespace, log_dir: Path, request_plane: str = "nats") -> Stack:
+def start_ours(
+    args: argparse.Namespace,
+    log_dir: Path,
+    request_plane: str = "nats",
+    extra_env: dict[str, str] | None = None,
+    name: str | None = None,
+) -> Stack:
     """Our distributed stack; `request_plane` is where the worker serves (nats: through
-    nats-server; tcp: the frontend connects to the worker directly, NATS carries events only)."""
-    stack = Stack("ours" if request_plane == "nats" else f"ours-{request_plane}", free_port(), log_dir)
+    nats-server; tcp: the frontend connects to the worker directly, NATS carries events only);
+    `extra_env` goes to the frontend and the workers (benchmarks/tracing_overhead.py: exporters)."""
+    stack = Stack(name or ("ours" if request_plane == "nats" else f"ours-{request_plane}"), free_port(), log_dir)
     venv_bin = REPO / ".venv" / "bin"
     nats = find_binary("nats-server", [str(venv_bin / "nats-server")])
     etcd = find_binary("etcd", [str(venv_bin / "etcd"), "/tmp/etcdx/usr/bin/etcd"])
@@ -164,6 +171,7 @@ def start_ours(args: argparse.Namespace, log_dir: Path, request_plane: str = "na
         "DYN_LOG": args.our_log_level,
         "DYN_REQUEST_PLANE": request_plane,
         "DYN_REQUEST_PLANE_HOST": "127.0.0.1",
+        **(extra_env or {}),
     }
     python = sys.executable if (REPO / ".venv").resolve() in Path(sys.executable).resolve().parents else str(venv_bin / "python")
     stack.spawn(

@@ -138,6 +138,12 @@ def setup(config: TracingConfig) -> bool:
     return True
 
 
+def flush() -> None:
+    """Export every span ended so far, now (on this thread)."""
+    if _provider is not None:
+        _provider.force_flush()
+
+
 def shutdown() -> None:
     """Flush and stop the exporters (spans still batched are written)."""
     global active, _tracer, _provider, _api, _context_api
