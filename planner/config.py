@@ -36,6 +36,9 @@ class PlannerConfig:
     adjustment_interval_s: float = 30.0
     predictor: PredictorKind = "holt"
     predictor_window: int = 5  # moving average: intervals averaged
+    # How far ahead of the next interval to plan: about a worker's start-up time, so that a
+    # rising trend has its workers serving when the load arrives (trend predictors only).
+    lead_time_s: float = 0.0
     ttft_target_s: float = 0.5
     itl_target_s: float = 0.05
     perf_model_path: str | None = None
@@ -95,6 +98,7 @@ class PlannerConfig:
             adjustment_interval_s=args.adjustment_interval_s,
             predictor=args.predictor,
             predictor_window=args.predictor_window,
+            lead_time_s=args.lead_time_s,
             ttft_target_s=args.ttft_ms / 1000.0,
             itl_target_s=args.itl_ms / 1000.0,
             perf_model_path=args.perf_model or None,
@@ -151,6 +155,9 @@ PLANNER_FLAGS = FlagGroup(
              default=_D.predictor, env="DYN_PLANNER_PREDICTOR", choices=("constant", "moving-average", "holt")),
         Flag("--predictor-window", "moving-average: intervals averaged", default=_D.predictor_window,
              env="DYN_PLANNER_PREDICTOR_WINDOW", type=int),
+        Flag("--lead-time-s", "plan this far beyond the next interval (about a worker's start-up), so "
+             "workers for a rising load serve when it arrives; holt only", default=_D.lead_time_s,
+             env="DYN_PLANNER_LEAD_TIME_S", type=float),
         Flag("--ttft-ms", "SLA: time-to-first-token target (p90)", default=_D.ttft_target_s * 1000,
              env="DYN_PLANNER_TTFT_MS", type=float),
         Flag("--itl-ms", "SLA: inter-token latency target (p90)", default=_D.itl_target_s * 1000,

@@ -12,8 +12,9 @@ from planner.config import PredictorKind
 class Predictor(Protocol):
     def observe(self, value: float) -> None: ...
 
-    def predict(self) -> float:
-        """The next interval's value; 0.0 before anything was observed."""
+    def predict(self, steps: float = 1.0) -> float:
+        """The value `steps` intervals ahead (1: the next interval); 0.0 before anything was
+        observed."""
         ...
 
 
@@ -26,7 +27,7 @@ class ConstantPredictor:
     def observe(self, value: float) -> None:
         self._last = value
 
-    def predict(self) -> float:
+    def predict(self, steps: float = 1.0) -> float:
         return self._last
 
 
@@ -41,14 +42,14 @@ class MovingAveragePredictor:
     def observe(self, value: float) -> None:
         self._values.append(value)
 
-    def predict(self) -> float:
+    def predict(self, steps: float = 1.0) -> float:
         return sum(self._values) / len(self._values) if self._values else 0.0
 
 
 class HoltPredictor:
     """Holt's linear trend (double exponential smoothing): a level and a trend, each an
-    exponentially weighted average, so a ramp is extrapolated one interval ahead instead of
-    being followed one interval late. Never negative (a falling trend ends at zero load)."""
+    exponentially weighted average, so a ramp is extrapolated ahead (by the planner's lead
+    time: a worker's start-up) instead of being followed late. Never negative (a falling trend ends at zero load)."""
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.3) -> None:
         if not (0 < alpha <= 1 and 0 < beta <= 1):
@@ -65,10 +66,10 @@ class HoltPredictor:
         self._level = self._alpha * value + (1 - self._alpha) * (previous + self._trend)
         self._trend = self._beta * (self._level - previous) + (1 - self._beta) * self._trend
 
-    def predict(self) -> float:
+    def predict(self, steps: float = 1.0) -> float:
         if self._level is None:
             return 0.0
-        return max(0.0, self._level + self._trend)
+        return max(0.0, self._level + steps * self._trend)
 
 
 def make_predictor(kind: PredictorKind, window: int = 5) -> Predictor:

@@ -76,7 +76,9 @@ class Planner:
             self._isl.observe(t.isl)
         if t.osl > 0:
             self._osl.observe(t.osl)
-        return Prediction(self._rate.predict(), self._isl.predict(), self._osl.predict())
+        # The rate is planned for a worker started now: lead time ahead of the next interval.
+        steps = 1.0 + self.config.lead_time_s / self.config.adjustment_interval_s
+        return Prediction(self._rate.predict(steps), self._isl.predict(), self._osl.predict())
 
     async def step(self) -> list[Decision]:
         fleet = await self.observer.read()

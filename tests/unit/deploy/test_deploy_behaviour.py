@@ -114,6 +114,8 @@ def all_renders() -> dict[str, list[dict]]:
             out[f"{cloud}-gpu+{lws}"] = combo_docs((lws,), (f"components/{cloud}-gpu",))
     for topo in ("agg", "disagg"):
         out[f"{topo}+kvbm"] = combo_docs((f"overlays/{topo}",), ("components/kvbm",))
+    for planner in ("planner", "planner-keda"):
+        out[f"disagg+{planner}"] = combo_docs(("overlays/disagg",), (f"components/{planner}",))
     return out
 
 

@@ -40,7 +40,7 @@ K8S = DEPLOY / "k8s"
 OVERLAYS = ["agg", "agg-kv", "agg-router", "agg-kv-tls", "disagg", "eks", "gke", "aks"]
 # One LeaderWorkerSet overlay per engine (deploy/k8s/lws/<engine>), applied on top of a topology.
 LWS_OVERLAYS = ["lws/vllm", "lws/sglang", "lws/trtllm"]
-CODE_DIRS = ["dynamo", "frontend", "router", "workers", "kvbm"]
+CODE_DIRS = ["dynamo", "frontend", "router", "workers", "kvbm", "planner"]
 NAMESPACE = "dynamo"
 
 # The documented command-line interface (README, issue 6). Flags per entry point.
@@ -55,6 +55,11 @@ CONTRACT_FLAGS = {
         "--block-size", "--max-num-seqs", "--max-model-len", "--num-gpu-blocks", "--speedup-ratio"},
     "dynamo.serve": RUNTIME_FLAGS | {"--http-port", "--router-mode", "--engine", "--model",
                                      "--served-model-name", "--num-workers"},
+    # docs/planner.md
+    "dynamo.planner": RUNTIME_FLAGS | {
+        "--mode", "--topology", "--connector", "--ttft-ms", "--itl-ms", "--perf-model", "--adjustment-interval-s",
+        "--lead-time-s", "--prometheus-url", "--frontend-metrics-url", "--model", "--decode-min", "--decode-max",
+        "--prefill-min", "--prefill-max", "--agg-min", "--agg-max", "--scale-down-cooldown-s", "--gpu-budget"},
 }
 CHOICES = {
     "--router-mode": {"round-robin", "random", "kv", "least-loaded", "remote"},
@@ -77,6 +82,11 @@ CONTRACT_METRICS = {
     "dynamo_worker_output_tokens_total", "dynamo_worker_requests_total",
     # docs/routing.md and docs/kvbm.md list these
     "dynamo_router_decisions_total", "dynamo_router_overlap_blocks", "dynamo_router_index_blocks",
+    # docs/planner.md
+    "dynamo_planner_desired_replicas", "dynamo_planner_current_replicas", "dynamo_planner_decisions_total",
+    "dynamo_planner_predicted_request_rate", "dynamo_planner_observed_request_rate",
+    "dynamo_planner_observed_ttft_p90_seconds", "dynamo_planner_observed_itl_p90_seconds",
+    "dynamo_frontend_held_requests",
     "dynamo_router_kv_events_total", "dynamo_router_kv_event_lag_seconds", "dynamo_router_load_report_lag_seconds",
     "dynamo_kvbm_blocks_used", "dynamo_kvbm_blocks_total",
     "dynamo_kvbm_hit_blocks_total", "dynamo_kvbm_offload_bytes_total", "dynamo_kvbm_onboard_bytes_total",
@@ -280,7 +290,8 @@ def test_every_kustomization_is_built():
     dirs = {p.parent.relative_to(K8S).as_posix() for p in K8S.rglob("kustomization.yaml")}
     assert dirs == {"base", *LWS_OVERLAYS, *(f"overlays/{o}" for o in OVERLAYS),
                     *(f"components/{c}" for c in ("eks", "gke", "aks", "eks-gpu", "gke-gpu", "aks-gpu",
-                                                  "standalone-router", "kvbm", "tls"))}
+                                                  "standalone-router", "kvbm", "tls", "planner",
+                                                  "planner-keda"))}
 
 
 @pytest.mark.parametrize("renderer", RENDERERS)
@@ -956,6 +967,7 @@ def all_invocations() -> list[tuple[str, str, tuple[str, ...]]]:
             out.append((f"compose:{name}", mod, tuple(args)))
     k8s = {o: docs_of(o) for o in ALL_K8S}
     k8s["standalone-router"] = load_docs(K8S / "components" / "standalone-router" / "router.yaml")
+    k8s["planner"] = load_docs(K8S / "components" / "planner" / "planner.yaml")
     for o, docs in k8s.items():
         for d in docs:
             for c in pod_containers(d):
@@ -1145,7 +1157,7 @@ def test_queried_metrics_are_documented():
             assert base_name(m, contract), f"{where}: {m} is not a documented metric"
 
 
-@pytest.mark.parametrize("component", ["frontend", "worker", "router", "kvbm"])
+@pytest.mark.parametrize("component", ["frontend", "worker", "router", "kvbm", "planner"])
 def test_queried_metrics_are_exported_by_the_code(component):
     prefix = f"dynamo_{component}_"
     queried = {(w, m) for w, ms in queried_metrics().items() for m in ms if m.startswith(prefix)}

@@ -46,3 +46,10 @@ def test_holt_follows_a_step_and_never_goes_negative() -> None:
 def test_moving_average_lags_a_ramp_that_holt_follows() -> None:
     ramp = [float(i) for i in range(30)]
     assert feed(MovingAveragePredictor(5), ramp) < 29 < feed(HoltPredictor(), ramp)
+
+
+def test_holt_looks_further_ahead_by_the_lead_time() -> None:
+    p = HoltPredictor()
+    feed(p, [float(i) for i in range(20)])
+    assert p.predict(5.0) == pytest.approx(p.predict(1.0) + 4.0, abs=0.5)
+    assert ConstantPredictor().predict(10.0) == 0.0
