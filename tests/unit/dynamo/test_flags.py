@@ -26,6 +26,7 @@ def tables() -> dict[str, FlagGroup]:
     from dynamo.entry import LOGGING_FLAGS, SYSTEM_FLAGS
     from dynamo.tracing import TRACING_FLAGS
     from frontend.config import FRONTEND_FLAGS
+    from planner.config import PLANNER_FLAGS
     from router.args import ROUTER_FLAGS
     from router.cli import SERVICE_FLAGS
     from serve.cli import SERVE_FLAGS
@@ -46,6 +47,7 @@ def tables() -> dict[str, FlagGroup]:
         "serve": SERVE_FLAGS,
         "router": ROUTER_FLAGS,
         "router-service": SERVICE_FLAGS,
+        "planner": PLANNER_FLAGS,
         "mocker": MOCKER_FLAGS,
         "sglang": SGLANG_FLAGS,
         "trtllm": TRTLLM_FLAGS,
