@@ -26,7 +26,8 @@ class KvbmConfig:
     Sizes: `host_blocks` wins over `host_gb` (likewise for disk); gigabytes are turned into
     blocks once the engine knows its block's bytes (`host_capacity_blocks`). The mocker
     simulates the disk tier, so it needs no `disk_dir`; the built-in engine does.
-    Bandwidths (GB/s) only feed the mocker's time model: 55 is the pinned-host copy measured on
+    Bandwidths (GB/s) feed the mocker's time model and start the onboard cost model's estimates
+    (kvbm/onboard_cost.py) before it has measured a tier: 55 is the pinned-host copy measured on
     an H200 (DESIGN.md), 5 a PCIe 4 NVMe drive's sequential read.
     """
 
@@ -146,10 +147,12 @@ def add_kvbm_args(parser: argparse.ArgumentParser) -> None:
                        "blocks) [env DYN_KVBM_EVICTION]")
     group.add_argument("--kvbm-host-gbps", type=float,
                        default=_opt("DYN_KVBM_HOST_GBPS", float) or d.host_gbps,
-                       help="mocker: host-to-device bandwidth for onboarding [env DYN_KVBM_HOST_GBPS]")
+                       help="host-to-device bandwidth: the mocker's simulated one, and the onboard "
+                       "cost model's estimate until it has measured one [env DYN_KVBM_HOST_GBPS]")
     group.add_argument("--kvbm-disk-gbps", type=float,
                        default=_opt("DYN_KVBM_DISK_GBPS", float) or d.disk_gbps,
-                       help="mocker: disk read bandwidth for onboarding [env DYN_KVBM_DISK_GBPS]")
+                       help="disk read bandwidth: the mocker's simulated one, and the onboard cost "
+                       "model's estimate until it has measured one [env DYN_KVBM_DISK_GBPS]")
     group.add_argument("--kvbm-onboard-cost", choices=ONBOARD_COSTS,
                        default=env_default("DYN_KVBM_ONBOARD_COST", "on"),
                        help="onboard a lower-tier hit only when its measured read cost is below "

@@ -259,32 +259,53 @@ class BlockCopier:
     def onboard_from_pinned(self, src: torch.Tensor, rows: Sequence[int], block_ids: Sequence[int]) -> None:
         """Rows of a [n, 2L, E] host tensor (pinned on CUDA: the host tier, or blocks read
         from disk) -> device blocks, asynchronously on the side stream."""
-        order = sorted(range(len(rows)), key=lambda i: rows[i])
-        block_ids = [block_ids[i] for i in order]
-        rows = [rows[i] for i in order]
-        if src is self.host:
-            self.flush_offloads(rows)  # a slot still waiting for its offloaded bytes
-        if self.stream is None:
-            self.scatter(block_ids, src[torch.tensor(rows, dtype=torch.long)])
+        self.onboard_many([(src, rows, block_ids)])
+
+    def onboard_many(self, groups: Sequence[tuple[torch.Tensor, Sequence[int], Sequence[int]]]) -> None:
+        """Several onboard_from_pinned() (source tensor, its rows, device blocks) in one scatter
+        launch where they fit the onboard staging. One launch a step matters beyond its own
+        cost: the kernel's id upload reuses one pinned buffer, so a second launch in a step
+        would wait for the first's upload, queued behind the forward pass in flight."""
+        sorted_groups: list[tuple[torch.Tensor, list[int], list[int]]] = []
+        for src, rows, block_ids in groups:
+            if not rows:
+                continue
+            order = sorted(range(len(rows)), key=lambda i: rows[i])
+            ordered_rows = [rows[i] for i in order]
+            if src is self.host:
+                self.flush_offloads(ordered_rows)  # a slot still waiting for its offloaded bytes
+            sorted_groups.append((src, ordered_rows, [block_ids[i] for i in order]))
+        total = sum(len(rows) for _, rows, _ in sorted_groups)
+        if not total:
             return
-        n = len(rows)
-        if self.fused and 0 < n <= self.staging_rows:
+        if self.stream is None:
+            for src, rows, block_ids in sorted_groups:
+                self.scatter(block_ids, src[torch.tensor(rows, dtype=torch.long)])
+            return
+        if self.fused and total <= self.staging_rows:
             if self._inbuf is None:
                 self._inbuf = torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
                                           dtype=self.dtype, device=self.device)
+            targets: list[int] = []
             with torch.cuda.stream(self.stream):
                 # Reused by the next onboard only after this one's scatter (stream order).
-                for first, start, m in contiguous_runs(rows):
-                    self._inbuf[first : first + m].copy_(src[start : start + m], non_blocking=src.is_pinned())
-                self._fused_in().copy([i * len(self.layers) for i in range(n)], list(block_ids))
+                offset = 0
+                for src, rows, block_ids in sorted_groups:
+                    for first, start, m in contiguous_runs(rows):
+                        at = offset + first
+                        self._inbuf[at : at + m].copy_(src[start : start + m], non_blocking=src.is_pinned())
+                    offset += len(rows)
+                    targets += block_ids
+                self._fused_in().copy([i * len(self.layers) for i in range(total)], targets)
             self._mark_ready()
             return
-        with torch.cuda.stream(self.stream):
-            staged = torch.empty((len(rows), len(self.layers), self.elements_per_layer),
-                                 dtype=self.dtype, device=self.device)
-            for first, start, n in contiguous_runs(rows):
-                staged[first : first + n].copy_(src[start : start + n], non_blocking=src.is_pinned())
-        self.scatter(block_ids, staged)
+        for src, rows, block_ids in sorted_groups:
+            with torch.cuda.stream(self.stream):
+                staged = torch.empty((len(rows), len(self.layers), self.elements_per_layer),
+                                     dtype=self.dtype, device=self.device)
+                for first, start, n in contiguous_runs(rows):
+                    staged[first : first + n].copy_(src[start : start + n], non_blocking=src.is_pinned())
+            self.scatter(block_ids, staged)
         self._mark_ready()
 
     def onboard_from_cpu(self, data: torch.Tensor, block_ids: Sequence[int]) -> None:

@@ -104,10 +104,14 @@ class KvBlockManager:
         started = time.perf_counter()
         for nbytes, seconds in copier.timings():  # earlier plans' onboards, done by now
             self.cache.observe_read(HOST, nbytes, seconds)
+        if plan.spills:
+            # The slots may still be receiving earlier plans' offloads. Before begin(): their
+            # held copies then queue behind the forward pass that wrote them, so waiting for
+            # them does not wait for the one in flight (the overlap loop's).
+            copier.drain()
         copier.begin()
         if plan.spills:
             assert disk is not None and host is not None
-            copier.drain()  # the slots may still be receiving the last plan's offloads
             # One batched copy out of the slots (phase 2 may overwrite them); the disk thread
             # writes from it, on the CPU only: pageable memory (pinning it per plan is slow).
             idx = torch.tensor([op.host_slot for op in plan.spills], dtype=torch.long)
@@ -133,8 +137,6 @@ class KvBlockManager:
         early = [op for op in from_host if op.slot not in landing]
         late = [op for op in from_host if op.slot in landing]
         timer = copier.timer_start() if plan.onboards else None
-        if early:
-            copier.onboard_from_host([op.slot for op in early], [op.device_block for op in early])
         staged: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
         for op in plan.onboards:
             if op.tier == DISK and op.staged is not None:
@@ -142,10 +144,14 @@ class KvBlockManager:
                 group = staged.setdefault(id(buf), (buf, [], []))
                 group[1].append(row)
                 group[2].append(op.device_block)
-        for buf, rows, block_ids in staged.values():
-            copier.onboard_from_pinned(buf, rows, block_ids)
+        groups = list(staged.values())
+        if early:
+            assert host is not None
+            groups.insert(0, (host.data, [op.slot for op in early], [op.device_block for op in early]))
+        if groups:
+            copier.onboard_many(groups)  # one scatter launch for host and staged disk hits
         pinned_up = len(early) + sum(len(rows) for _, rows, _ in staged.values())
-        if pinned_up and timer is not None:  # what a host hit (or a staged disk hit) costs to bring up: the cost model
+        if pinned_up and timer is not None:  # what bringing a host (or staged disk) hit up costs
             copier.timer_stop(timer, pinned_up * block_bytes(self.layout))
         failed: list[int] = []
         from_disk = [op for op in plan.onboards if op.tier == DISK and op.staged is None]

@@ -56,3 +56,13 @@ def test_fused_coalesced_offload_and_onboard_are_bit_exact(dtype: torch.dtype) -
     for b, t in zip(order, targets):
         got = torch.stack([x[t].reshape(-1) for pair in zip(k, v) for x in pair]).cpu()
         assert torch.equal(got, original[b])
+    # Host slots and rows of another pinned buffer (staged disk reads) in one scatter launch.
+    staged = torch.randn((3, 2 * layers, elements)).to(dtype).pin_memory()
+    copier.begin()
+    copier.onboard_many([(host, [where[order[0]], where[order[1]]], [90, 91]), (staged, [2, 0], [92, 93])])
+    copier.end()
+    torch.cuda.synchronize()
+    want = {90: original[order[0]], 91: original[order[1]], 92: staged[2], 93: staged[0]}
+    for t, data in want.items():
+        got = torch.stack([x[t].reshape(-1) for pair in zip(k, v) for x in pair]).cpu()
+        assert torch.equal(got, data)

@@ -33,7 +33,7 @@ def test_onboards_are_queued_before_the_offloads_device_to_host_copies() -> None
     mgr = KvBlockManager(KvbmConfig(host_blocks=4), LAYOUT, k, v)
     assert mgr.host is not None
     calls: list[str] = []
-    for name in ("gather_for_host", "land_in_host", "onboard_from_host"):
+    for name in ("gather_for_host", "land_in_host", "onboard_many"):
         fn = getattr(mgr.copier, name)
         setattr(mgr.copier, name, lambda *a, _fn=fn, _n=name: (calls.append(_n), _fn(*a))[1])
     mgr.host.data[1] = torch.full_like(mgr.host.data[1], 7.0)
@@ -41,7 +41,7 @@ def test_onboards_are_queued_before_the_offloads_device_to_host_copies() -> None
     plan = TransferPlan(offloads=[OffloadOp(0, 0xA, None, HOST, 0)],
                         onboards=[OnboardOp(0xB, HOST, 1, 0)])  # the evicted block receives the hit
     mgr.execute(plan)
-    assert calls == ["gather_for_host", "onboard_from_host", "land_in_host"]
+    assert calls == ["gather_for_host", "onboard_many", "land_in_host"]
     assert torch.equal(mgr.host.data[0], evicted)  # gathered before the onboard overwrote it
     assert torch.equal(device_block(k, v, 0), mgr.host.data[1])
 

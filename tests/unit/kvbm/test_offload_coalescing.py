@@ -14,7 +14,7 @@ from dynamo.wire import KvLayoutSpec
 from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
 from kvbm.manager import KvBlockManager
-from kvbm.tiered import HOST, OffloadOp, OnboardOp, TransferPlan
+from kvbm.tiered import HOST, OffloadOp, OnboardOp, SpillOp, TransferPlan
 
 LAYERS, TOKENS, HEADS, DIM = 2, 4, 2, 8
 ELEMENTS = TOKENS * HEADS * DIM
@@ -128,3 +128,33 @@ def test_manager_flushes_held_offloads_at_the_next_step() -> None:
     mgr.execute(TransferPlan(offloads=[OffloadOp(1, 0xB, None, HOST, 3)]))
     mgr.execute(TransferPlan(onboards=[OnboardOp(0xB, HOST, 3, 9)]))
     assert torch.equal(block(k, v, 9), want)
+
+
+def test_one_onboard_call_for_host_slots_and_staged_rows() -> None:
+    k, v = cache(16, seed=5)
+    host = poisoned_host(8)
+    copier = BlockCopier(k, v, host, flush_blocks=8)
+    copier.begin()
+    copier.offload_to_host([1, 2], [6, 3])  # held: the onboard below must see them
+    staged = torch.randn((5, 2 * LAYERS, ELEMENTS), generator=torch.Generator().manual_seed(9))
+    want = {10: block(k, v, 2).clone(), 11: block(k, v, 1).clone(), 12: staged[4], 13: staged[0]}
+    copier.onboard_many([(host, [3, 6], [10, 11]), (staged, [4, 0], [12, 13])])
+    copier.end()
+    for b, data in want.items():
+        assert torch.equal(block(k, v, b), data)
+
+
+def test_a_spill_of_a_slot_whose_copy_is_held_writes_the_offloaded_bytes(tmp_path: object) -> None:
+    layout = KvLayoutSpec(num_layers=LAYERS, block_size_tokens=TOKENS, num_kv_heads=HEADS, head_dim=DIM, dtype="float32")
+    k, v = cache(16, seed=6)
+    mgr = KvBlockManager(KvbmConfig(host_blocks=8, disk_dir=str(tmp_path), disk_blocks=8), layout, k, v)
+    mgr.copier.flush_blocks = 4
+    assert mgr.disk is not None
+    mgr.disk.start()
+    want = block(k, v, 4).clone()
+    mgr.execute(TransferPlan(offloads=[OffloadOp(4, 0xC, None, HOST, 5)]))
+    assert mgr.copier.has_pending_offloads()
+    mgr.execute(TransferPlan(spills=[SpillOp(0xC, None, 5)]))
+    mgr.disk.stop()
+    out = torch.empty_like(want)
+    assert mgr.disk.read(0xC, out) and torch.equal(out, want)
