@@ -43,8 +43,10 @@ class RawConnection:
     """One keep-alive HTTP/1.1 connection on asyncio streams: the cheapest client in CPU per
     chunk, so that the load generator is not what limits a fast server."""
 
-    def __init__(self, host: str, port: int, quickack: bool) -> None:
+    def __init__(self, host: str, port: int, quickack: bool, headers: dict[str, str] | None = None) -> None:
         self.host, self.port = host, port
+        # Extra request headers (an API key: benchmarks/tenant_fairness.py's tenants).
+        self.extra_headers = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self.quickack = quickack and hasattr(socket, "TCP_QUICKACK")
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
@@ -66,7 +68,7 @@ class RawConnection:
         writer.write(
             (
                 f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+                f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{self.extra_headers}"
                 f"Content-Length: {len(body)}\r\n\r\n"
             ).encode()
             + body

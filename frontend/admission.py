@@ -56,6 +56,10 @@ class AdmissionConfig:
     max_inflight: int = 0  # 0: unbounded
     max_waiting: int = 0  # 0: no queue, a request past max_inflight gets 429 at once
     queue_timeout_s: float = 30.0
+    # Fraction of max_inflight that a tenant holding less than its weighted share of the slots
+    # may use beyond the limit (0: the limit is hard). Slots free only as requests end, so
+    # without it a light tenant's request waits for some heavy tenant's request to finish.
+    fair_share_headroom: float = 0.0
 
 
 class _BodyHints(msgspec.Struct):
@@ -119,6 +123,7 @@ class _Band:
     last_finish: dict[str, float] = field(default_factory=dict)
     waiting: int = 0
     prompt_tokens: int = 0  # of the live waiters: what a TTFT prediction counts as ahead
+    tenants: dict[str, int] = field(default_factory=dict)  # live waiters by tenant
 
 
 class AdmissionGate:
@@ -135,6 +140,10 @@ class AdmissionGate:
         self.config = config
         self.limit = config.max_inflight
         self.count = 0  # requests holding a slot
+        self.headroom = math.floor(config.max_inflight * config.fair_share_headroom)
+        # Tenants with a request in flight or waiting: slots held, and weight (for fair shares).
+        self._held: dict[str, int] = {}
+        self._active_weight: dict[str, float] = {}
         self._metrics = metrics
         self._table = table
         self._predictor = predictor
@@ -179,9 +188,17 @@ class AdmissionGate:
         if not self.limit or self.count < self.limit:
             # Waiters exist only while every slot is taken (a release hands its slot on at
             # once), so a free slot is nobody else's.
-            self.count += 1
+            self._hold(ticket)
             return
-        if self._waiting >= self.config.max_waiting and not self._displace_below(ticket.priority):
+        if self._may_borrow(ticket):
+            # Served past the queue, but charged in it: the tenant's later waiters come after
+            # the service it had.
+            band = self._bands.get(ticket.priority.name)
+            if band is not None:
+                band.last_finish[ticket.tenant] = self._tags(ticket, band)[1]
+            self._hold(ticket)
+            return
+        if self._waiting >= self.config.max_waiting and not self._make_room(ticket):
             self._rejected["overloaded"].inc()
             raise TooManyRequests(
                 f"this frontend is serving its limit of {self.limit} requests"
@@ -202,26 +219,51 @@ class AdmissionGate:
             ) from None
         except asyncio.CancelledError:  # the client left while waiting
             if _granted(waiter.future):
-                self.release()
+                self.release(ticket)
             else:
                 self._leave(waiter)
             raise
 
-    def release(self) -> None:
-        """A request holding a slot ended: its slot goes to the next waiter, if any."""
+    def release(self, ticket: Ticket) -> None:
+        """The request of `ticket`, holding a slot, ended: the slot goes to the next waiter."""
         self.count -= 1
+        held = self._held[ticket.tenant] - 1
+        if held:
+            self._held[ticket.tenant] = held
+        else:
+            del self._held[ticket.tenant]
+            self._forget_if_idle(ticket.tenant)
         while not self.limit or self.count < self.limit:
             waiter = self._next()
             if waiter is None:
                 return
             self._take_out(waiter)
-            self.count += 1
+            self._hold(waiter.ticket)
             self._metrics.queue_wait.labels(waiter.ticket.priority.name).observe(time.monotonic() - waiter.enqueued_s)
             waiter.future.set_result(None)
 
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def _hold(self, ticket: Ticket) -> None:
+        self.count += 1
+        self._held[ticket.tenant] = self._held.get(ticket.tenant, 0) + 1
+        self._active_weight[ticket.tenant] = ticket.weight
+
+    def _forget_if_idle(self, tenant: str) -> None:
+        if tenant not in self._held and not any(tenant in band.tenants for band in self._bands.values()):
+            self._active_weight.pop(tenant, None)
+
+    def _may_borrow(self, ticket: Ticket) -> bool:
+        """Past the limit, within the headroom: may this request's tenant take a slot now? Yes
+        while it holds fewer than its weighted share of the limit among the active tenants."""
+        if not self.headroom or self.count >= self.limit + self.headroom:
+            return False
+        weights = dict(self._active_weight)
+        weights[ticket.tenant] = ticket.weight
+        share = self.limit * ticket.weight / sum(weights.values())
+        return self._held.get(ticket.tenant, 0) + 1 <= share
 
     # -------------------------------------------------------------------------- TTFT target
 
@@ -273,17 +315,24 @@ class AdmissionGate:
 
     # ------------------------------------------------------------------------------ queue
 
+    @staticmethod
+    def _tags(ticket: Ticket, band: _Band) -> tuple[float, float]:
+        """The (start, finish) virtual times the request would get in `band` now."""
+        start = max(band.virtual_time, band.last_finish.get(ticket.tenant, 0.0))
+        return start, start + ticket.tokens / ticket.weight
+
     def _enqueue(self, ticket: Ticket, loop: asyncio.AbstractEventLoop) -> _Waiter:
         band = self._bands.get(ticket.priority.name)
         if band is None:
             band = self._bands[ticket.priority.name] = _Band()
-        start = max(band.virtual_time, band.last_finish.get(ticket.tenant, 0.0))
-        finish = start + ticket.tokens / ticket.weight
+        start, finish = self._tags(ticket, band)
         band.last_finish[ticket.tenant] = finish
         waiter = _Waiter(ticket, start, loop.create_future(), time.monotonic())
         heapq.heappush(band.heap, (finish, next(self._seq), waiter))
         band.waiting += 1
         band.prompt_tokens += ticket.prompt_tokens
+        band.tenants[ticket.tenant] = band.tenants.get(ticket.tenant, 0) + 1
+        self._active_weight[ticket.tenant] = ticket.weight
         self._waiting += 1
         self._metrics.queue_depth.labels(ticket.priority.name, ticket.tenant).inc()
         return waiter
@@ -310,11 +359,17 @@ class AdmissionGate:
         band = self._bands[ticket.priority.name]
         band.waiting -= 1
         band.prompt_tokens -= ticket.prompt_tokens
+        left = band.tenants[ticket.tenant] - 1
+        if left:
+            band.tenants[ticket.tenant] = left
+        else:
+            del band.tenants[ticket.tenant]
         self._waiting -= 1
         self._metrics.queue_depth.labels(ticket.priority.name, ticket.tenant).dec()
         if band.waiting == 0:
             # An idle band forgets its tags: the next busy period starts every tenant equal.
             del self._bands[ticket.priority.name]
+        self._forget_if_idle(ticket.tenant)
 
     def _leave(self, waiter: _Waiter) -> None:
         if waiter.live:
@@ -324,23 +379,30 @@ class AdmissionGate:
         elif not waiter.future.cancelled():
             waiter.future.exception()  # displaced in the same turn: retrieved, not logged as lost
 
-    def _displace_below(self, cls: PriorityClass) -> bool:
-        """Make room for a request of `cls` in a full queue: the newest waiter (largest finish
-        tag) of the lowest band below `cls` gets 429. False when no band is below it."""
-        bands = self._bands_in_order()
+    def _make_room(self, ticket: Ticket) -> bool:
+        """A full queue takes a request by refusing (429) the waiter that would be served last
+        after it: the newest of the lowest band below its class, or, in its own band, the one
+        with the largest finish tag when that is later than the newcomer's (the flooding
+        tenant's newest, not a light tenant's only request). False when there is none."""
         names = [c.name for c in self._table().classes]
-        rank = names.index(cls.name) if cls.name in names else len(names)
-        for name, band in reversed(bands):
-            if (names.index(name) if name in names else len(names)) <= rank:
+
+        def rank(name: str) -> int:
+            return names.index(name) if name in names else len(names)
+
+        own = rank(ticket.priority.name)
+        for name, band in reversed(self._bands_in_order()):
+            if rank(name) < own:
                 return False
             live = [entry for entry in band.heap if entry[2].live]
             if not live:
                 continue
-            victim = max(live, key=lambda entry: (entry[0], entry[1]))[2]
+            finish, seq, victim = max(live, key=lambda entry: (entry[0], entry[1]))
+            if rank(name) == own and finish <= self._tags(ticket, band)[1]:
+                return False
             self._take_out(victim)
             self._rejected["overloaded"].inc()
             victim.future.set_exception(
-                TooManyRequests("this frontend's queue is full and a higher priority request took this place; retry later")
+                TooManyRequests("this frontend's queue is full and a request due earlier took this place; retry later")
             )
             return True
         return False

@@ -210,7 +210,12 @@ def create_app(
     app.state.pipeline = pipeline
     app.session_header = config.session_header.lower().encode()
     limit = AdmissionGate(
-        AdmissionConfig(config.max_inflight_requests, config.max_waiting_requests, config.queue_timeout_s),
+        AdmissionConfig(
+            config.max_inflight_requests,
+            config.max_waiting_requests,
+            config.queue_timeout_s,
+            config.fair_share_headroom,
+        ),
         metrics,
         lambda: tenants.table,  # re-read per request: the tenants file's classes are hot-reloaded
         router_ttft_predictor(manager, config.slo_prefill_tokens_per_s),

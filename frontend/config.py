@@ -40,6 +40,9 @@ class FrontendConfig:
     max_waiting_requests: int = 0
     # How long a request may wait for admission before a 503 (a class may set its own).
     queue_timeout_s: float = 30.0
+    # Fraction of max_inflight_requests a tenant below its weighted share of the slots may use
+    # past the limit, instead of waiting for another tenant's request to end; 0: a hard limit.
+    fair_share_headroom: float = 0.0
     # Prompt tokens a worker prefills per second, for TTFT predictions against a class's
     # target (SLO-aware admission); 0: no predictions, targets unused.
     slo_prefill_tokens_per_s: float = 0.0
@@ -75,6 +78,7 @@ class FrontendConfig:
             max_inflight_requests=args.max_inflight_requests,
             max_waiting_requests=args.max_waiting_requests,
             queue_timeout_s=args.queue_timeout_s,
+            fair_share_headroom=args.fair_share_headroom,
             slo_prefill_tokens_per_s=args.slo_prefill_tokens_per_s,
             api_keys=_split(args.api_key),
             tenants_file=args.tenants_file or None,
@@ -143,6 +147,13 @@ FRONTEND_FLAGS = FlagGroup(
             "a request waiting longer than this for admission gets 503 with Retry-After (a priority "
             "class may set its own)",
             default=_D.queue_timeout_s, env="DYN_QUEUE_TIMEOUT_S", type=float,
+        ),
+        Flag(
+            "--fair-share-headroom",
+            "fraction of --max-inflight-requests that a tenant holding less than its weighted share "
+            "of the slots may use past the limit, so a light tenant need not wait for a heavy "
+            "one's request to end (0: the limit is hard)",
+            default=_D.fair_share_headroom, env="DYN_FAIR_SHARE_HEADROOM", type=float,
         ),
         Flag(
             "--slo-prefill-tokens-per-s",

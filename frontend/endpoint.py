@@ -17,7 +17,7 @@ from typing import Any
 from starlette.types import Message, Receive, Scope, Send
 
 from dynamo import tracing
-from frontend.admission import PRIORITY_HEADER, AdmissionGate
+from frontend.admission import PRIORITY_HEADER, AdmissionGate, Ticket
 from frontend.errors import HttpError, RequestTooLarge
 from frontend.rate_limit import CURRENT_ADMISSION, TENANT_SCOPE_KEY, Admission, RateLimited, TenantQuota
 
@@ -178,7 +178,7 @@ class ApiEndpoint:
         watch = _DisconnectWatch(receive)
         task = asyncio.current_task()
         failed = True
-        holds_slot = False
+        held: Ticket | None = None  # the admission slot this request holds
         reset = None
         # Traced: the request's server span (a child of the client's traceparent when it sent
         # one) is current for all the work below, and the response names it.
@@ -203,7 +203,7 @@ class ApiEndpoint:
                 else:
                     with tracing.span("queue"):
                         await self.limit.acquire(ticket)
-                holds_slot = True
+                held = ticket
             reset = CURRENT_ADMISSION.set(admission) if admission is not None else None
             await self._serve(body, arrived_s, send, watch)
             failed = False
@@ -229,9 +229,9 @@ class ApiEndpoint:
                 # Output tokens: what the stream actually produced. A request refused by the
                 # admission queue gets its input estimate back, like any that failed early.
                 admission.finish(failed)
-            if holds_slot:
+            if held is not None:
                 assert self.limit is not None
-                self.limit.release()
+                self.limit.release(held)
 
     def _error(self, exc: BaseException) -> HttpError:
         error = self.on_error(exc)

@@ -53,9 +53,10 @@ def _ticket(tenant: str, cls: str = "default", weight: float = 1.0, max_tokens: 
 class Queue:
     """Waiters started in order; `admitted` lists their labels in the order they got a slot."""
 
-    def __init__(self, gate: AdmissionGate, registry: CollectorRegistry) -> None:
+    def __init__(self, gate: AdmissionGate, registry: CollectorRegistry, *holding: Ticket) -> None:
         self.gate = gate
         self.registry = registry
+        self.holding = list(holding)  # tickets holding slots, oldest first
         self.admitted: list[str] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -69,6 +70,7 @@ class Queue:
         async def wait() -> None:
             await self.gate.acquire(ticket)
             self.admitted.append(label)
+            self.holding.append(ticket)
 
         depth = self._depth(ticket)
         self.tasks.append(asyncio.create_task(wait()))
@@ -76,9 +78,9 @@ class Queue:
             await asyncio.sleep(0)
 
     async def serve_one(self) -> None:
-        """The slot holder ends; the next waiter gets the slot."""
+        """The oldest slot holder ends; the next waiter gets the slot."""
         before = len(self.admitted)
-        self.gate.release()
+        self.gate.release(self.holding.pop(0))
         while len(self.admitted) == before:
             await asyncio.sleep(0)
 
@@ -90,8 +92,8 @@ class Queue:
 
 async def test_a_higher_class_overtakes_queued_lower_ones() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))  # the one slot is taken
-    queue = Queue(gate, registry)
+    await gate.acquire(holder := _ticket("holder"))  # the one slot is taken
+    queue = Queue(gate, registry, holder)
     await queue.add("batch-1", _ticket("b", "batch"))
     await queue.add("default-1", _ticket("d"))
     await queue.add("interactive-1", _ticket("i", "interactive"))
@@ -100,8 +102,8 @@ async def test_a_higher_class_overtakes_queued_lower_ones() -> None:
 
 async def test_a_flooding_tenant_does_not_starve_another() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))
-    queue = Queue(gate, registry)
+    await gate.acquire(holder := _ticket("holder"))
+    queue = Queue(gate, registry, holder)
     for i in range(10):
         await queue.add(f"flood-{i}", _ticket("flood"))
     await queue.add("quiet-0", _ticket("quiet"))
@@ -114,8 +116,8 @@ async def test_a_flooding_tenant_does_not_starve_another() -> None:
 
 async def test_weights_share_a_class_in_proportion() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))
-    queue = Queue(gate, registry)
+    await gate.acquire(holder := _ticket("holder"))
+    queue = Queue(gate, registry, holder)
     for i in range(12):
         await queue.add(f"heavy-{i}", _ticket("heavy", weight=3.0))
         await queue.add(f"light-{i}", _ticket("light", weight=1.0))
@@ -126,8 +128,8 @@ async def test_weights_share_a_class_in_proportion() -> None:
 
 async def test_fair_queuing_counts_tokens_not_requests() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))
-    queue = Queue(gate, registry)
+    await gate.acquire(holder := _ticket("holder"))
+    queue = Queue(gate, registry, holder)
     for i in range(4):
         await queue.add(f"big-{i}", _ticket("big", max_tokens=1894))  # 2000 tokens each
     for i in range(8):
@@ -139,47 +141,74 @@ async def test_fair_queuing_counts_tokens_not_requests() -> None:
 
 async def test_queue_timeout_is_a_503_error_and_leaves_the_queue() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))
+    await gate.acquire(holder := _ticket("holder"))
     with pytest.raises(QueueTimeout) as info:
         await gate.acquire(_ticket("b", "batch"))  # batch: 50 ms timeout
     assert info.value.retry_after_s >= 1
     assert gate.waiting == 0
     assert registry.get_sample_value("dynamo_frontend_queue_depth", {"priority": "batch", "tenant": "b"}) == 0
     assert registry.get_sample_value("dynamo_frontend_rejected_requests_total", {"reason": "queue_timeout"}) == 1
-    gate.release()
+    gate.release(holder)
     assert gate.count == 0
 
 
-async def test_a_full_queue_refuses_or_displaces_a_lower_class() -> None:
+async def test_a_full_queue_refuses_or_displaces_the_request_due_last() -> None:
     gate, registry = _gate(max_waiting=2)
-    await gate.acquire(_ticket("holder"))
-    queue = Queue(gate, registry)
-    await queue.add("default-1", _ticket("d"))
-    await queue.add("default-2", _ticket("d"))
+    await gate.acquire(holder := _ticket("holder"))
+    queue = Queue(gate, registry, holder)
+    await queue.add("flood-1", _ticket("flood"))
+    await queue.add("flood-2", _ticket("flood"))
     with pytest.raises(TooManyRequests):
-        await gate.acquire(_ticket("d2"))  # same class: nothing to displace
-    await queue.add("interactive-1", _ticket("i", "interactive"))
-    displaced = queue.tasks[1]  # the newest waiter of the lowest class below
+        await gate.acquire(_ticket("flood"))  # it would be served after every waiter: refused
+    await queue.add("quiet-1", _ticket("quiet", max_tokens=10))  # due before flood-2: flood-2 makes room
     with pytest.raises(TooManyRequests):
-        await displaced
+        await queue.tasks[1]
+    await queue.add("interactive-1", _ticket("i", "interactive"))  # a higher class: the lower band's last goes
+    with pytest.raises(TooManyRequests):
+        await queue.tasks[0]
     assert gate.waiting == 2
-    assert await queue.serve_all() == ["interactive-1", "default-1"]
-    assert registry.get_sample_value("dynamo_frontend_rejected_requests_total", {"reason": "overloaded"}) == 2
+    assert await queue.serve_all() == ["interactive-1", "quiet-1"]
+    assert registry.get_sample_value("dynamo_frontend_rejected_requests_total", {"reason": "overloaded"}) == 3
 
 
 async def test_without_a_queue_past_the_limit_is_429_at_once() -> None:
     gate, _ = _gate(max_waiting=0)
-    await gate.acquire(_ticket("holder"))
+    await gate.acquire(holder := _ticket("holder"))
     with pytest.raises(TooManyRequests):
         await gate.acquire(_ticket("other"))
-    gate.release()
+    gate.release(holder)
     await gate.acquire(_ticket("other"))
+
+
+async def test_headroom_lets_a_tenant_under_its_share_in_past_the_limit() -> None:
+    registry = CollectorRegistry()
+    table = TenantTable({}, CLASSES)
+    config = AdmissionConfig(max_inflight=4, max_waiting=10, fair_share_headroom=0.5)  # 2 slots beyond 4
+    gate = AdmissionGate(config, FrontendMetrics(registry), lambda: table)
+    flood = [_ticket("flood") for _ in range(4)]
+    for ticket in flood:
+        await gate.acquire(ticket)
+    queue = Queue(gate, registry, *flood)
+    await queue.add("flood-5", _ticket("flood"))  # over its share: waits
+    await gate.acquire(_ticket("quiet"))  # under its share (2 of 4): in at once, past the limit
+    await gate.acquire(_ticket("quiet"))
+    assert gate.count == 6
+    await queue.add("quiet-3", _ticket("quiet"))  # its share is used: it waits
+    assert gate.waiting == 2
+    for ticket in flood[:3]:
+        gate.release(ticket)  # 3 of 6 slots held: below the limit again, one waiter goes
+    while not queue.admitted:
+        await asyncio.sleep(0)
+    # The quiet tenant's two borrowed slots were charged: the flooding tenant's waiter is due first.
+    assert queue.admitted == ["flood-5"] and gate.count == 4
+    queue.holding = [flood[3]]
+    assert await queue.serve_all() == ["flood-5", "quiet-3"]
 
 
 async def test_a_cancelled_waiter_leaves_and_its_slot_goes_on() -> None:
     gate, registry = _gate()
-    await gate.acquire(_ticket("holder"))
-    queue = Queue(gate, registry)
+    await gate.acquire(holder := _ticket("holder"))
+    queue = Queue(gate, registry, holder)
     await queue.add("gone", _ticket("a"))
     await queue.add("next", _ticket("b"))
     queue.tasks[0].cancel()
@@ -191,7 +220,7 @@ async def test_a_cancelled_waiter_leaves_and_its_slot_goes_on() -> None:
     late = asyncio.create_task(gate.acquire(_ticket("c")))
     while gate.waiting == 0:
         await asyncio.sleep(0)
-    gate.release()  # "next" ends: its slot is granted to `late`...
+    gate.release(queue.holding.pop(0))  # "next" ends: its slot is granted to `late`...
     late.cancel()  # ...whose task is cancelled before it resumes: it gives the slot back
     await asyncio.gather(late, return_exceptions=True)
     assert gate.count == 0
