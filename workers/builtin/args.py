@@ -49,14 +49,22 @@ class BuiltinConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BuiltinConfig:
+        """A prefill worker (`args.role`, set by dynamo.serve per worker) takes the --prefill-*
+        device and memory flags where given, so that prefill and decode workers in one process
+        can sit on different GPUs, or split one."""
+        device, kv_gb, util = args.device, args.kv_cache_memory_gb, args.gpu_memory_utilization
+        if getattr(args, "role", None) == "prefill":
+            device = getattr(args, "prefill_device", None) or device
+            kv_gb = getattr(args, "prefill_kv_cache_memory_gb", None) or kv_gb
+            util = getattr(args, "prefill_gpu_memory_utilization", None) or util
         return cls(
             model=getattr(args, "model", None) or DEFAULT_MODEL,
             dtype=args.dtype,
-            device=args.device,
+            device=device,
             block_size_tokens=args.block_size,
             num_gpu_blocks=args.num_gpu_blocks,
-            kv_cache_memory_gb=args.kv_cache_memory_gb,
-            gpu_memory_utilization=args.gpu_memory_utilization,
+            kv_cache_memory_gb=kv_gb,
+            gpu_memory_utilization=util,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
@@ -108,7 +116,8 @@ def add_builtin_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--gpu-memory-utilization", type=float,
         default=_opt_float("DYN_BUILTIN_GPU_MEMORY_UTILIZATION") or d.gpu_memory_utilization,
-        help="fraction of GPU memory the engine may use when sizing the KV cache "
+        help="fraction of the GPU's memory this engine may use (its weights, KV cache and step "
+        "activations), capped by what is free: two engines can split one GPU "
         "[env DYN_BUILTIN_GPU_MEMORY_UTILIZATION]",
     )
     group.add_argument(
@@ -140,5 +149,19 @@ def add_builtin_args(parser: argparse.ArgumentParser) -> None:
         default=None if not overlap else overlap not in ("0", "false"),
         help="launch each step before reading the previous one's tokens, so scheduling overlaps "
         "the forward pass (default: on for CUDA) [env DYN_BUILTIN_OVERLAP_SCHEDULE]",
+    )
+    group.add_argument(
+        "--prefill-device", default=env_default("DYN_BUILTIN_PREFILL_DEVICE"),
+        help="prefill workers' device (disaggregated serving; default: --device) [env DYN_BUILTIN_PREFILL_DEVICE]",
+    )
+    group.add_argument(
+        "--prefill-gpu-memory-utilization", type=float,
+        default=_opt_float("DYN_BUILTIN_PREFILL_GPU_MEMORY_UTILIZATION"),
+        help="prefill workers' --gpu-memory-utilization (default: the same) "
+        "[env DYN_BUILTIN_PREFILL_GPU_MEMORY_UTILIZATION]",
+    )
+    group.add_argument(
+        "--prefill-kv-cache-memory-gb", type=float, default=_opt_float("DYN_BUILTIN_PREFILL_KV_CACHE_MEMORY_GB"),
+        help="prefill workers' --kv-cache-memory-gb (default: the same) [env DYN_BUILTIN_PREFILL_KV_CACHE_MEMORY_GB]",
     )
     add_kvbm_args(parser)

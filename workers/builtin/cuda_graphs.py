@@ -33,26 +33,35 @@ def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
 
 class DecodeInputs:
     """Static device buffers that graphs read, and pinned host mirrors that each step fills
-    (through numpy views, so a step costs no per-row tensor ops)."""
+    (through numpy views, so a step costs no per-row tensor ops). Two sets of mirrors, used in
+    turn: with the overlap loop a step is filled while the previous one's copies may still wait
+    in the stream, and a set is filled again only after the step that used it was collected."""
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
         pin = device.type == "cuda"
         # Token ids, positions, slots and lengths share one buffer: one copy a step, not four.
-        self.host_pack = torch.zeros((4, max_batch), dtype=torch.long, device="cpu", pin_memory=pin)
+        self._host = [
+            (torch.zeros((4, max_batch), dtype=torch.long, device="cpu", pin_memory=pin),
+             torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32, device="cpu", pin_memory=pin))
+            for _ in range(2)
+        ]
+        self._turn = 0
         self.pack = torch.zeros((4, max_batch), dtype=torch.long, device=device)
         self.input_ids, self.positions, self.slot_mapping, self.seq_lens = self.pack.unbind(0)
-        self.host_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32, device="cpu", pin_memory=pin)
         self.block_tables = torch.zeros((max_batch, max_blocks_per_seq), dtype=torch.int32, device=device)
         self.slot_mapping.fill_(-1)  # what a padded row holds: no cache slot
 
     def fill(self, input_ids: list[int], seqs: list[SeqSlice], padded: int, block_size_tokens: int) -> None:
         """Write a decode step into the host mirrors, rows past len(seqs) up to `padded` as
         padding (slot -1, length 0: they write no KV and read none), then copy to the device
-        without waiting. The previous step's copies are done: its sampling synchronised."""
+        without waiting. The copies of the step before the previous one are done: it was
+        collected (its sampling synchronised)."""
         n = len(seqs)
         positions, slots, seq_lens, tables = decode_slots_and_tables(seqs, block_size_tokens)
-        pack = self.host_pack.numpy()
-        table = self.host_tables.numpy()
+        host_pack, host_tables = self._host[self._turn]
+        self._turn ^= 1
+        pack = host_pack.numpy()
+        table = host_tables.numpy()
         pack[0, :n], pack[1, :n], pack[2, :n], pack[3, :n] = input_ids, positions, slots, seq_lens
         pack[0, n:padded], pack[1, n:padded], pack[2, n:padded], pack[3, n:padded] = 0, 0, -1, 0
         width = table.shape[1]
@@ -60,8 +69,8 @@ class DecodeInputs:
             if len(row) > width:
                 raise ValueError(f"sequence needs {len(row)} blocks; graphs were captured for {width}")
             table[i, : len(row)] = row
-        self.pack.copy_(self.host_pack, non_blocking=True)  # whole: contiguous, a few KB
-        self.block_tables[:padded].copy_(self.host_tables[:padded], non_blocking=True)
+        self.pack.copy_(host_pack, non_blocking=True)  # whole: contiguous, a few KB
+        self.block_tables[:padded].copy_(host_tables[:padded], non_blocking=True)
 
     def metadata(self, batch: int, block_size_tokens: int) -> AttentionMetadata:
         empty = torch.empty(0, device=self.input_ids.device)

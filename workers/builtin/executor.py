@@ -291,7 +291,10 @@ class TorchExecutor:
             # Room for one step's activations: MLP and logits of a full token budget.
             reserve = GiB + config.max_num_batched_tokens * (2 * mc.intermediate_size + 4 * mc.hidden_size) * elem
             reserve += config.max_num_seqs * mc.vocab_size * 4 * 2
-            kv_bytes = int(total * config.gpu_memory_utilization) - (total - free) - reserve
+            # This engine's share of the GPU, less its own weights: what another engine on the
+            # same GPU holds counts against what is free, not against this share.
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            kv_bytes = min(int(total * config.gpu_memory_utilization) - weights, free) - reserve
         else:
             kv_bytes = CPU_DEFAULT_KV_BYTES
         # No use in more blocks than max_num_seqs full-length sequences can hold.

@@ -221,7 +221,7 @@ class Sampler:
         """A pinned host copy queued behind the work that makes `t` (on CUDA), else `t`."""
         if t is None or self.device.type != "cuda":
             return t
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
         out.copy_(t, non_blocking=True)
         return out
 
@@ -347,7 +347,7 @@ class Sampler:
     def _tensor(self, values: Sequence[int | float | bool], dtype: torch.dtype) -> torch.Tensor:
         if self.device.type != "cuda":
             return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(self.device, non_blocking=True)
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's: lower temperatures sample as greedy
