@@ -10,12 +10,14 @@ tenants share the slots by weighted fair queuing on estimated tokens (start-time
     finish = start + estimated tokens / tenant's weight
     the waiter with the smallest finish goes first; the band's virtual time becomes its start
 
-so a tenant with many requests queued gets its weight's share of the band and no more. A waiter
-past its class's queue timeout gets 503 with Retry-After. A full queue refuses with 429, or
-displaces the newest waiter of a lower band. A class with a TTFT target has its requests'
-TTFT predicted from the router's load view (router/ttft_estimate.py): one predicted to miss is
-shed (503 with Retry-After) or held back until the prediction meets the target, by the class's
-`over_target` policy (docs/tenants.md)."""
+so a tenant with many requests queued gets its weight's share of the band and no more. With
+`--fair-share-headroom`, a tenant holding less than its weighted share of the slots takes one
+past the limit at once instead of waiting for another tenant's request to end. A waiter past
+its class's queue timeout gets 503 with Retry-After. A full queue refuses with 429 the request
+that would be served last (the newcomer, or a waiter due after it). A class with a TTFT target
+has its requests' TTFT predicted from the router's load view (router/ttft_estimate.py): one
+predicted to miss is shed (503 with Retry-After) or held back until the prediction meets the
+target, by the class's `over_target` policy (docs/tenants.md)."""
 
 from __future__ import annotations
 
