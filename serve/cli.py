@@ -78,9 +78,10 @@ async def serve_all(args: argparse.Namespace) -> None:
                 worker_runtime = runtime if i == 0 else runtime.sibling()
                 if i > 0:
                     await stack.enter_async_context(worker_runtime)
-                workers.append(
-                    await stack.enter_async_context(Worker(worker_runtime, spec.create(args), role_config))
-                )
+                # An engine that configures itself for its role (vLLM installs its transfer
+                # connector) is built from the role's flags.
+                engine = spec.create(argparse.Namespace(**{**vars(args), "role": role_config.role}))
+                workers.append(await stack.enter_async_context(Worker(worker_runtime, engine, role_config)))
             frontend = await stack.enter_async_context(
                 Frontend(
                     runtime,

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import torch
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # type: ignore[import-not-found,unused-ignore]
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
@@ -48,18 +48,18 @@ from workers.vllm.connector.transfer_core import (
 )
 
 if TYPE_CHECKING:
-    from vllm.config import VllmConfig  # type: ignore[import-not-found,unused-ignore]
+    from vllm.config import VllmConfig
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class DynamoTransferMetadata(KVConnectorMetadata):  # type: ignore[misc]
+class DynamoTransferMetadata(KVConnectorMetadata):
     step: StepMeta
 
 
 @dataclass
-class DynamoTransferHandshake(KVConnectorHandshakeMetadata):  # type: ignore[misc]
+class DynamoTransferHandshake(KVConnectorHandshakeMetadata):
     info: bytes  # HandshakeInfo, msgpack
 
 
@@ -96,7 +96,7 @@ def find_handshakes(reply: Any) -> list[HandshakeInfo]:
     return found
 
 
-class DynamoTransferConnector(KVConnectorBase_V1):  # type: ignore[misc]
+class DynamoTransferConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: Any, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
@@ -132,7 +132,7 @@ class DynamoTransferConnector(KVConnectorBase_V1):  # type: ignore[misc]
         if len(orders) != 1:
             raise ValueError(f"vLLM KV layers differ in block order: {orders}")
         try:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # type: ignore[import-not-found,unused-ignore]
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
             rank = int(get_tensor_model_parallel_rank())
         except Exception:  # no TP group (a single CPU worker)
@@ -212,7 +212,7 @@ class DynamoTransferConnector(KVConnectorBase_V1):  # type: ignore[misc]
         return DynamoTransferMetadata(self._scheduler.take_meta())
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        from vllm.v1.request import RequestStatus  # type: ignore[import-not-found,unused-ignore]
+        from vllm.v1.request import RequestStatus
 
         assert self._scheduler is not None
         params = request.kv_transfer_params
