@@ -316,6 +316,8 @@ class RequestGeneration:
         except errors.DynamoError as exc:
             self.status = "error"
             log.warning("request %s failed mid-stream: %s", self.prepared.request_id, exc.message)
+            for stream in self.streams:  # traced: the answer went out 200, the spans say it failed
+                tracing.fail(stream.span, exc)
             raise
         finally:
             await self.close(self.status)

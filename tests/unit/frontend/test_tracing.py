@@ -90,3 +90,13 @@ async def test_an_unsampled_request_records_nothing_and_carries_nothing(stack: S
     assert a.requests[0].trace is None
     tracing.shutdown()
     assert read_spans([spans_file]) == []
+
+
+async def test_a_stream_failing_mid_way_fails_its_span(stack: Stack, spans_file: Path) -> None:
+    a = await _start(stack, fail_after=2)
+    async with _frontend(stack, a) as (client, _, _frontend_):
+        resp = await client.post("/v1/completions", json=_body(), headers={"traceparent": f"00-{TRACE}-{CLIENT_SPAN}-01"})
+        assert resp.status_code == 200 and "error" in resp.text  # the error event, after the first tokens
+    tracing.shutdown()
+    [generate] = [s for s in read_spans([spans_file]) if s["name"] == "generate"]
+    assert generate["status"] == "error"
