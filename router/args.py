@@ -36,9 +36,8 @@ class RouterConfig:
     # Session affinity (router/session.py): a request carrying a session id goes to the worker
     # its session is pinned to, for this long after the session's last request (0: off).
     session_ttl_s: float = 300.0
-    # The pinned worker is overloaded, and the request scored normally, when its load (queued
-    # prefill + active decode blocks) exceeds this multiple of the other candidates' mean load
-    # plus the request's own blocks.
+    # The pinned worker is overloaded, and the request scored normally, when its cost
+    # (router/cost.py, its cached prefix counted) exceeds this multiple of the cheapest one's.
     session_overload_ratio: float = 2.0
 
     def __post_init__(self) -> None:
@@ -169,8 +168,8 @@ ROUTER_FLAGS = FlagGroup(
         Flag(
             "--router-session-overload-ratio",
             "a session's worker counts as overloaded (the request is scored normally and the "
-            "session re-pinned) when its load exceeds this multiple of the other candidates' mean load "
-            "plus the request's blocks",
+            "session re-pinned) when its KV routing cost exceeds this multiple of the cheapest "
+            "worker's",
             default=_D.session_overload_ratio,
             env="DYN_ROUTER_SESSION_OVERLOAD_RATIO",
             type=float,

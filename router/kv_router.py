@@ -30,6 +30,8 @@ from router.load_aware import LoadAwareRouter
 from router.metrics import RouterMetrics
 from router.session import Affinity, SessionTable
 
+_TIE_EPSILON = 1e-9
+
 __all__ = ["KvRouter"]
 
 log = logging.getLogger(__name__)
@@ -123,7 +125,7 @@ class KvRouter(LoadAwareRouter):
             self.config.overlap_score_weight,
         )
         if self.sessions is not None and request.session_id:
-            best = self._session_choice(request.session_id, self.sessions, costs, len(hashes))
+            best = self._session_choice(request.session_id, self.sessions, costs)
         else:
             best = choose(costs, self.config.temperature, self._rng)
         for predicted in (self.approx, self.predicted):
@@ -131,9 +133,7 @@ class KvRouter(LoadAwareRouter):
                 predicted.record(best.worker_id, hashes, self._clock())
         return self._commit(request, best)
 
-    def _session_choice(
-        self, session: str, table: SessionTable, costs: list[WorkerCost], request_blocks: int
-    ) -> WorkerCost:
+    def _session_choice(self, session: str, table: SessionTable, costs: list[WorkerCost]) -> WorkerCost:
         """The session's pinned worker while it is a candidate and not overloaded; otherwise
         normal scoring's choice, to which the session is (re-)pinned."""
         pinned = table.get(session)
@@ -142,7 +142,7 @@ class KvRouter(LoadAwareRouter):
             outcome = Affinity.REPIN
             for cost in costs:
                 if cost.worker_id == pinned:
-                    if not self._overloaded(pinned, costs, request_blocks):
+                    if not self._overloaded(cost, costs):
                         table.pin(session, pinned)
                         self._affinity[Affinity.HIT].inc()
                         return cost
@@ -153,20 +153,13 @@ class KvRouter(LoadAwareRouter):
         self._affinity[outcome].inc()
         return best
 
-    def _overloaded(self, pinned: int, costs: list[WorkerCost], request_blocks: int) -> bool:
-        """Past the ratio of the other candidates' mean load plus this request's blocks (so a
-        lightly loaded fleet overloads nobody). Load is queued prefill plus active decode
-        blocks, this router's in-flight requests included (router/load.py). Normal scoring
-        still weighs the pinned worker's cache, so it often keeps the session there."""
-        others = [self._load_blocks(c.worker_id) for c in costs if c.worker_id != pinned]
-        if not others:
-            return False
-        mine = self._load_blocks(pinned)
-        return mine > self.config.session_overload_ratio * (sum(others) / len(others) + request_blocks)
-
-    def _load_blocks(self, worker: int) -> float:
-        load = self.load.load(worker)
-        return load.prefill_tokens / self.config.kv_block_size + load.decode_blocks
+    def _overloaded(self, pinned: WorkerCost, costs: list[WorkerCost]) -> bool:
+        """The pinned worker's cost (router/cost.py: its queued and uncached prefill, its
+        decode load; its cached prefix already counts in its favour) exceeds the ratio times
+        the cheapest candidate's: a session may cost up to that much more than plain KV routing
+        would pay, in exchange for staying where its cache is."""
+        best = min(c.logit for c in costs)
+        return pinned.logit > self.config.session_overload_ratio * best + _TIE_EPSILON
 
     def instance_removed(self, instance_id: int) -> None:
         super().instance_removed(instance_id)

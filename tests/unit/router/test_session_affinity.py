@@ -117,11 +117,13 @@ async def test_an_overloaded_worker_yields_to_normal_scoring(runtime: Runtime) -
         assert (await router.select(session_request("r0", "s", PROMPT), [A, B])).instance_id == A
         router.first_token("r0", A)
         router.request_finished("r0", A)
-        # A reports heavy load (other routers' work): past the ratio, the session moves.
+        # A reports heavy load (other routers' work): its cost passes twice B's, the session moves.
         router.load.update(LoadMetrics(worker_id=A, kv_active_blocks=5000, kv_total_blocks=8000))
         assert (await router.select(session_request("r1", "s", PROMPT), [A, B])).instance_id == B
         assert affinity(metrics, "overloaded") == 1
-        # ...and is pinned where it went.
+        router.first_token("r1", B)
+        router.request_finished("r1", B)
+        # ...and is pinned where it went: A, idle again and holding the prefix too, ties with B.
         router.load.update(LoadMetrics(worker_id=A, kv_active_blocks=0, kv_total_blocks=8000))
         assert (await router.select(session_request("r2", "s", PROMPT), [A, B])).instance_id == B
         assert affinity(metrics, "hit") == 1
