@@ -50,6 +50,13 @@ TRACING_FLAGS = FlagGroup(
             metavar="URL",
         ),
         Flag(
+            "--otlp-traces-endpoint",
+            "the full URL spans are POSTed to, as is (the spec's signal-specific variable; wins over "
+            "--otlp-endpoint)",
+            env="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            metavar="URL",
+        ),
+        Flag(
             "--trace-file",
             "append spans to this file as JSON lines (for tests and debugging; with or without OTLP)",
             env="DYN_TRACE_FILE",
@@ -69,13 +76,23 @@ SpanKind = Literal["internal", "server", "client"]
 
 @dataclass(frozen=True, slots=True)
 class TracingConfig:
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str | None = None  # a base URL: spans go to URL/v1/traces
     trace_file: str | None = None
     service_name: str = "dynamo"
+    otlp_traces_endpoint: str | None = None  # the full URL, taken as is
 
     @property
     def enabled(self) -> bool:
-        return bool(self.otlp_endpoint or self.trace_file)
+        return bool(self.otlp_endpoint or self.otlp_traces_endpoint or self.trace_file)
+
+    @property
+    def otlp_url(self) -> str | None:
+        """Where OTLP/HTTP spans are POSTed, as the spec resolves the two variables."""
+        if self.otlp_traces_endpoint:
+            return self.otlp_traces_endpoint
+        if self.otlp_endpoint:
+            return self.otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @classmethod
     def from_args(cls, args: Any, default_service_name: str) -> TracingConfig:
@@ -83,6 +100,7 @@ class TracingConfig:
             otlp_endpoint=getattr(args, "otlp_endpoint", None) or None,
             trace_file=getattr(args, "trace_file", None) or None,
             service_name=getattr(args, "trace_service_name", None) or default_service_name,
+            otlp_traces_endpoint=getattr(args, "otlp_traces_endpoint", None) or None,
         )
 
 
@@ -113,12 +131,11 @@ def setup(config: TracingConfig) -> bool:
     # Only what was given wins over OTEL_RESOURCE_ATTRIBUTES; the SDK reads the sampler
     # (OTEL_TRACES_SAMPLER) and the batching (OTEL_BSP_*) from the environment itself.
     provider = TracerProvider(resource=Resource.create({"service.name": config.service_name}))
-    if config.otlp_endpoint:
+    url = config.otlp_url
+    if url is not None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        # Given explicitly, the exporter takes the URL as is; the variable's meaning (the
-        # spec's) is a base URL to which the signal's path is appended.
-        url = config.otlp_endpoint.rstrip("/") + "/v1/traces"
+        # Given explicitly, the exporter takes the URL as is: otlp_url applies the spec's rules.
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=url)))
     if config.trace_file:
         provider.add_span_processor(BatchSpanProcessor(json_lines_exporter(config.trace_file)))
@@ -132,7 +149,7 @@ def setup(config: TracingConfig) -> bool:
     active = True
     log.info(
         "tracing on as %s:%s%s", config.service_name,
-        f" OTLP to {config.otlp_endpoint}" if config.otlp_endpoint else "",
+        f" OTLP to {url}" if url else "",
         f" spans to {config.trace_file}" if config.trace_file else "",
     )
     return True

@@ -181,7 +181,10 @@ def test_flags_from_the_standard_variables() -> None:
     parser = argparse.ArgumentParser()
     tracing.TRACING_FLAGS.add_to(parser, environ={})
     config = tracing.TracingConfig.from_args(parser.parse_args(["--trace-file", "x.jsonl"]), "dynamo-worker")
-    assert config.enabled and config.service_name == "dynamo-worker" and config.otlp_endpoint is None
+    assert config.enabled and config.service_name == "dynamo-worker" and config.otlp_url is None
+    assert tracing.TracingConfig(otlp_endpoint="http://c:4318/").otlp_url == "http://c:4318/v1/traces"
+    both = tracing.TracingConfig(otlp_endpoint="http://c:4318", otlp_traces_endpoint="http://t:9/x")
+    assert both.otlp_url == "http://t:9/x"  # the signal-specific variable wins, taken as is
 
 
 def test_otlp_export_reaches_a_collector(monkeypatch: pytest.MonkeyPatch) -> None:
