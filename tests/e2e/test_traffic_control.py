@@ -37,14 +37,17 @@ class Fleet:
         self.workers = workers  # name -> (process, /metrics URL)
         self.frontends = frontends
         self.router = router  # the router service's /metrics URL
+        self.answered = 0  # requests answered 200 so far
+        self._counts: dict[str, float] = {}
 
     def served(self) -> dict[str, float]:
-        """Requests each live worker has finished, from its own /metrics."""
-        counts: dict[str, float] = {}
+        """Requests each worker has finished, from its own /metrics (a dead one's last count)."""
         for name, (proc, url) in self.workers.items():
             if proc.popen.poll() is None:
-                counts[name] = sum((metric_samples(url, "dynamo_worker_requests_total") or {}).values())
-        return counts
+                samples = metric_samples(url, "dynamo_worker_requests_total")
+                if samples is not None:
+                    self._counts[name] = sum(samples.values())
+        return dict(self._counts)
 
 
 @pytest.fixture(scope="module")
@@ -94,27 +97,30 @@ def _instances(base: str) -> int:
     return sum(len(m.get("instances", [])) for m in body.get("models", []) if m.get("name") == MODEL)
 
 
-def complete(base: str, key: str, prompt: str, session: str | None = None) -> httpx.Response:
+def complete(fleet: Fleet, base: str, key: str, prompt: str, session: str | None = None) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"}
     if session is not None:
         headers["x-dynamo-session-id"] = session
     body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
-    return httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=30)
+    resp = httpx.post(f"{base}/v1/completions", json=body, headers=headers, timeout=30)
+    fleet.answered += resp.status_code == 200
+    return resp
 
 
 def served_by(fleet: Fleet, base: str, prompt: str, session: str) -> str:
     """Send one request of `session`; the worker whose finished count went up served it."""
-    before = fleet.served()
-    resp = complete(base, OTHER_KEY, prompt, session)
+    counts: dict[str, float] = {}
+
+    def all_counted() -> bool:  # every earlier request is in some worker's count
+        counts.update(fleet.served())
+        return sum(counts.values()) >= fleet.answered
+
+    wait_until(all_counted, 10, "the workers counting every earlier request")
+    before = dict(counts)
+    resp = complete(fleet, base, OTHER_KEY, prompt, session)
     assert resp.status_code == 200, resp.text
-    after: dict[str, float] = {}
-
-    def counted() -> bool:
-        after.update(fleet.served())
-        return sum(after.values()) > sum(before.get(name, 0) for name in after)
-
-    wait_until(counted, 10, "a worker counting the request")
-    (worker,) = [name for name in after if after[name] > before.get(name, 0)]
+    wait_until(all_counted, 10, "a worker counting the request")
+    (worker,) = [name for name in counts if counts[name] > before.get(name, 0)]
     return worker
 
 
@@ -127,18 +133,18 @@ def test_limits_hold_across_two_frontend_replicas(fleet: Fleet) -> None:
     """Requests alternate over the two frontends: together they admit the tenant's limit, no
     more, and the other tenant is still served."""
     statuses = [
-        complete(fleet.frontends[i % 2], LIMITED_KEY, f"limited {i}").status_code for i in range(REQUESTS_PER_MIN)
+        complete(fleet, fleet.frontends[i % 2], LIMITED_KEY, f"limited {i}").status_code for i in range(REQUESTS_PER_MIN)
     ]
     assert statuses == [200] * REQUESTS_PER_MIN
-    refused = complete(fleet.frontends[REQUESTS_PER_MIN % 2], LIMITED_KEY, "one too many")
+    refused = complete(fleet, fleet.frontends[REQUESTS_PER_MIN % 2], LIMITED_KEY, "one too many")
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["type"] == "rate_limit_exceeded"
     assert refused.headers["x-ratelimit-limit-requests"] == str(REQUESTS_PER_MIN)
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert int(refused.headers["retry-after"]) >= 1
     # The other frontend agrees; the other tenant is served by both.
-    assert complete(fleet.frontends[(REQUESTS_PER_MIN + 1) % 2], LIMITED_KEY, "again").status_code == 429
-    assert [complete(base, OTHER_KEY, "unlimited").status_code for base in fleet.frontends] == [200, 200]
+    assert complete(fleet, fleet.frontends[(REQUESTS_PER_MIN + 1) % 2], LIMITED_KEY, "again").status_code == 429
+    assert [complete(fleet, base, OTHER_KEY, "unlimited").status_code for base in fleet.frontends] == [200, 200]
 
 
 def test_a_session_stays_on_its_worker_and_moves_when_it_dies(fleet: Fleet) -> None:
