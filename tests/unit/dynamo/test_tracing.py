@@ -164,7 +164,7 @@ def test_tracing_off_sets_up_nothing() -> None:
         "assert not any(m.startswith('opentelemetry.sdk') for m in sys.modules), 'SDK imported'\n"
         "print('off')\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "DYN_TRACE_FILE")}
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "DYN_TRACE_FILE")}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "off", result.stderr
 
