@@ -273,3 +273,26 @@ def test_the_runtime_thread_is_a_daemon_and_stops(pair: Pair) -> None:
     threads = [t for t in threading.enumerate() if t.name == "dynamo-kv-transfer"]
     assert threads and all(t.daemon for t in threads)
     assert HOLD_KEY in hold_params()
+
+
+def test_block_order_is_negotiated_and_a_mismatch_named() -> None:
+    from kvbm.transfer.layout import KvLayoutMismatch, check_compatible
+
+    check_compatible(layout("HND"), layout("HND"))
+    with pytest.raises(KvLayoutMismatch, match="block_order: local HND, peer NHD"):
+        check_compatible(layout("HND"), layout("NHD"))
+    # Old peers (no field on the wire) are NHD, the built-in engine's order.
+    assert KvLayoutSpec(num_layers=1, block_size_tokens=4, num_kv_heads=1, head_dim=8, dtype="float32").block_order == "NHD"
+
+
+def test_vllm_nixl_is_refused_for_an_engine_without_its_own_connector() -> None:
+    import asyncio
+
+    from dynamo import errors
+    from workers.disagg import start_disagg
+    from workers.mocker.args import MockerConfig
+    from workers.mocker.engine import MockerEngine
+
+    engine = MockerEngine(MockerConfig())
+    with pytest.raises(errors.EngineError, match="vllm-nixl is vLLM's own connector"):
+        asyncio.run(start_disagg(None, engine, "decode", "backend", DisaggConfig(kv_transfer_backend="vllm-nixl")))  # type: ignore[arg-type]
