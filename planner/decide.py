@@ -1,11 +1,11 @@
 """From the fleet's state and the predicted load to replicas per role. Two modes:
 
 - sla: replicas from the performance model. Prefill: a worker prefills one prompt of the
-  predicted length in S seconds; M/D/1 queueing keeps the mean time to first token within the
-  target T while utilisation stays at or below rho = 2(k-1)/(2k-1), k = T/S, so a pool needs
-  rate*S/rho workers. Decode: the largest batch whose ITL is within target (and whose KV fits)
-  is what one worker can carry; Little's law gives the streams decoding at once,
-  rate * osl * itl. Aggregated workers do both, so their shares add up; so do decode workers
+  predicted length in S seconds, so the work needs rate*S/rho workers, rho the utilisation at
+  which an M/D/1 queue's p90 wait fits the TTFT budget left after S (`utilisation_within`).
+  Decode: the largest batch whose ITL is within target (and whose KV fits) is what one worker
+  can carry; Little's law gives the streams decoding at once, rate * osl * itl, and a request
+  waiting for a slot waits within the same budget. Aggregated workers do both, so their shares add up; so do decode workers
   when the prompts are short enough for them to prefill locally.
   Observed latency closes the loop: a p90 over target grows the pool that holds the queue,
   and a pool only shrinks while the latencies are comfortably (20%) inside their targets.
@@ -29,6 +29,7 @@ from planner.perf_model import PerfModel
 
 _RHO_MAX = 0.9  # never plan a pool fuller than this: the queue grows without bound near 1
 _RHO_UNREACHABLE = 0.5  # target below one prompt's own prefill time: plan half-full pools
+_P90_OVER_MEAN = 2.3  # ln(10): the p90 of an exponential tail over its mean
 _SHRINK_MARGIN = 0.8  # latencies must be this far inside their targets before a pool shrinks
 
 
@@ -48,15 +49,17 @@ class Decision:
     reason: str  # why `desired` (a metric label: a fixed vocabulary)
 
 
-def prefill_utilisation(ttft_target_s: float, prefill_s: float) -> float:
-    """The highest utilisation of a prefill pool that keeps the M/D/1 mean time to first
-    token (wait + service = S * (1 + rho / (2 (1 - rho)))) within the target."""
-    if prefill_s <= 0:
+def utilisation_within(budget_s: float, service_s: float) -> float:
+    """The highest utilisation of a queue with deterministic service `service_s` (M/D/1) whose
+    p90 wait stays within `budget_s`. Its mean wait is W = service * rho / (2 (1 - rho)); a wait
+    with an exponential tail has its p90 at about ln(10) = 2.3 times its mean, so
+    2.3 W <= budget gives rho <= 2x / (1 + 2x), x = budget / (2.3 service)."""
+    if service_s <= 0:
         return _RHO_MAX
-    k = ttft_target_s / prefill_s
-    if k <= 1:
+    if budget_s <= 0:
         return _RHO_UNREACHABLE
-    return min(_RHO_MAX, 2 * (k - 1) / (2 * k - 1))
+    x = budget_s / (_P90_OVER_MEAN * service_s)
+    return min(_RHO_MAX, 2 * x / (1 + 2 * x))
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,17 +69,21 @@ class SlaNeed:
 
 
 def sla_need(model: PerfModel, p: Prediction, ttft_target_s: float, itl_target_s: float) -> SlaNeed:
+    """Workers for the predicted load. A request's time to first token is its prefill S plus
+    its waits: for the prefill compute and for a decode slot. Both queues get the TTFT budget
+    left after S, so each runs at the utilisation that keeps its p90 wait within it."""
     if p.request_rate <= 0:
         return SlaNeed(0.0, 0.0)
     isl = max(p.isl, 1.0)
     osl = max(p.osl, 1.0)
     prefill_s = model.prefill_s(isl)
-    rho = prefill_utilisation(ttft_target_s, prefill_s)
-    prefill = p.request_rate * prefill_s / rho
+    budget_s = ttft_target_s - prefill_s
+    prefill = p.request_rate * prefill_s / utilisation_within(budget_s, prefill_s)
     context = isl + osl / 2
     batch = max(1, model.max_batch_within(itl_target_s, context))
-    streams = p.request_rate * osl * model.itl_s(batch, context)
-    return SlaNeed(prefill, streams / batch)
+    hold_s = osl * model.itl_s(batch, context)  # a stream's time in a decode slot
+    streams = p.request_rate * hold_s  # Little's law: streams decoding at once
+    return SlaNeed(prefill, streams / (batch * utilisation_within(budget_s, hold_s / batch)))
 
 
 def _load_band(config: PlannerConfig, pool: PoolState, current: int) -> tuple[int, str]:

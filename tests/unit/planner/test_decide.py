@@ -8,7 +8,7 @@ import math
 import pytest
 
 from planner.config import Bounds, PlannerConfig, Role
-from planner.decide import Decider, Prediction, prefill_utilisation, sla_need
+from planner.decide import Decider, Prediction, sla_need, utilisation_within
 from planner.observe import FleetState, PoolState, TrafficStats
 from planner.perf_model import DecodePoint, PerfModel, PrefillPoint
 
@@ -40,37 +40,40 @@ def decide(d: Decider, f: FleetState, p: Prediction, current: dict[Role, int], n
     return {x.role: x for x in d.decide(f, p, current, now)}
 
 
-def test_prefill_utilisation_is_the_m_d_1_bound() -> None:
-    # k = T/S = 2: rho = 2(k-1)/(2k-1) = 2/3, and the M/D/1 mean W = S(1 + rho/(2(1-rho))) = T.
-    rho = prefill_utilisation(0.2, 0.1)
+def test_utilisation_keeps_the_p90_wait_within_the_budget() -> None:
+    # budget 0.23 s, service 0.1 s: x = 1, rho = 2/3; M/D/1 mean wait 0.1 * rho / (2 (1 - rho))
+    # = 0.1 s, times 2.3 for the p90 = the budget.
+    rho = utilisation_within(0.23, 0.1)
     assert rho == pytest.approx(2 / 3)
-    assert 0.1 * (1 + rho / (2 * (1 - rho))) == pytest.approx(0.2)
-    assert prefill_utilisation(100.0, 0.1) == 0.9  # capped
-    assert prefill_utilisation(0.05, 0.1) == 0.5  # unreachable target: half-full pools
+    assert 2.3 * 0.1 * rho / (2 * (1 - rho)) == pytest.approx(0.23)
+    assert utilisation_within(100.0, 0.1) == 0.9  # capped
+    assert utilisation_within(-0.05, 0.1) == 0.5  # target below the service time itself
+    assert utilisation_within(1.0, 0.0) == 0.9
 
 
 def test_sla_need_from_the_model() -> None:
     need = sla_need(MODEL, Prediction(10.0, 1000, 100), ttft_target_s=0.5, itl_target_s=0.030)
-    rho = prefill_utilisation(0.5, 0.1)
-    assert need.prefill_workers == pytest.approx(10 * 0.1 / rho)
-    # ITL 10 ms + 1 ms per stream <= 30 ms -> 20 streams a worker; Little: 10/s * 100 * 30 ms.
-    assert need.decode_workers == pytest.approx(10 * 100 * 0.030 / 20)
+    budget = 0.5 - 0.1
+    assert need.prefill_workers == pytest.approx(10 * 0.1 / utilisation_within(budget, 0.1))
+    # ITL 10 ms + 1 ms per stream <= 30 ms -> 20 streams a worker, each 100 x 30 ms in a slot.
+    hold = 100 * 0.030
+    assert need.decode_workers == pytest.approx(10 * hold / (20 * utilisation_within(budget, hold / 20)))
     assert sla_need(MODEL, Prediction(0.0, 1000, 100), 0.5, 0.03).prefill_workers == 0
 
 
 def test_sla_disagg_replicas_are_the_rounded_up_needs() -> None:
     d = Decider(config(), MODEL)
-    out = decide(d, fleet(rate=30), Prediction(30.0, 1000, 100), {"prefill": 1, "decode": 1})
-    need = sla_need(MODEL, Prediction(30.0, 1000, 100), 0.5, 0.030)
-    assert out["prefill"].desired == math.ceil(need.prefill_workers) == 4
+    out = decide(d, fleet(rate=20), Prediction(20.0, 1000, 100), {"prefill": 1, "decode": 1})
+    need = sla_need(MODEL, Prediction(20.0, 1000, 100), 0.5, 0.030)
+    assert out["prefill"].desired == math.ceil(need.prefill_workers) == 3
     assert out["decode"].desired == math.ceil(need.decode_workers) == 5
     assert out["prefill"].reason == out["decode"].reason == "sla_model"
 
 
 def test_agg_adds_the_prefill_and_decode_shares() -> None:
     d = Decider(config(topology="agg"), MODEL)
-    out = decide(d, fleet(rate=30), Prediction(30.0, 1000, 100), {"aggregated": 1})
-    need = sla_need(MODEL, Prediction(30.0, 1000, 100), 0.5, 0.030)
+    out = decide(d, fleet(rate=10), Prediction(10.0, 1000, 100), {"aggregated": 1})
+    need = sla_need(MODEL, Prediction(10.0, 1000, 100), 0.5, 0.030)
     assert out["aggregated"].desired == math.ceil(need.prefill_workers + need.decode_workers)
 
 
