@@ -64,6 +64,9 @@ class Planner:
             except (errors.DynamoError, TimeoutError, OSError) as exc:
                 self.metrics.errors.inc()
                 log.warning("planner: adjustment failed: %s", exc)
+            except Exception:  # noqa: BLE001 - one bad interval must not stop the planning
+                self.metrics.errors.inc()
+                log.exception("planner: adjustment failed")
             next_at += interval
             await asyncio.sleep(max(0.0, next_at - self._clock()))
             next_at = max(next_at, self._clock() - interval)  # after a long stall, no burst of steps
