@@ -235,8 +235,13 @@ class AdmissionGate:
         else:
             del self._held[ticket.tenant]
             self._forget_if_idle(ticket.tenant)
-        while not self.limit or self.count < self.limit:
-            waiter = self._next()
+        while True:
+            if not self.limit or self.count < self.limit:
+                waiter = self._next()
+            else:
+                # Past the limit only a tenant under its share goes on (within the headroom):
+                # a light tenant's waiter must not wait for the count to fall below the limit.
+                waiter = self._next_borrower() if self.headroom else None
             if waiter is None:
                 return
             self._take_out(waiter)
@@ -262,10 +267,13 @@ class AdmissionGate:
         while it holds fewer than its weighted share of the limit among the active tenants."""
         if not self.headroom or self.count >= self.limit + self.headroom:
             return False
-        weights = dict(self._active_weight)
-        weights[ticket.tenant] = ticket.weight
-        share = self.limit * ticket.weight / sum(weights.values())
-        return self._held.get(ticket.tenant, 0) + 1 <= share
+        total = sum(self._active_weight.values())
+        if ticket.tenant not in self._active_weight:
+            total += ticket.weight
+        return self._under_share(ticket.tenant, ticket.weight, total)
+
+    def _under_share(self, tenant: str, weight: float, total_weight: float) -> bool:
+        return self._held.get(tenant, 0) + 1 <= self.limit * weight / total_weight
 
     # -------------------------------------------------------------------------- TTFT target
 
@@ -352,6 +360,22 @@ class AdmissionGate:
                 if waiter.live:
                     band.virtual_time = max(band.virtual_time, waiter.start_tag)
                     return waiter
+        return None
+
+    def _next_borrower(self) -> _Waiter | None:
+        """The waiter due first among those whose tenant may take a slot past the limit."""
+        if self.count >= self.limit + self.headroom:
+            return None
+        total = sum(self._active_weight.values())  # every waiting tenant is active
+        for _, band in self._bands_in_order():
+            eligible = {t for t in band.tenants if self._under_share(t, self._active_weight[t], total)}
+            if not eligible:
+                continue
+            candidates = [entry for entry in band.heap if entry[2].live and entry[2].ticket.tenant in eligible]
+            if candidates:
+                waiter = min(candidates, key=lambda entry: (entry[0], entry[1]))[2]
+                band.virtual_time = max(band.virtual_time, waiter.start_tag)
+                return waiter
         return None
 
     def _take_out(self, waiter: _Waiter) -> None:

@@ -205,6 +205,26 @@ async def test_headroom_lets_a_tenant_under_its_share_in_past_the_limit() -> Non
     assert await queue.serve_all() == ["flood-5", "quiet-3"]
 
 
+async def test_a_waiting_tenant_under_its_share_goes_first_past_the_limit() -> None:
+    registry = CollectorRegistry()
+    table = TenantTable({}, CLASSES)
+    config = AdmissionConfig(max_inflight=4, max_waiting=10, fair_share_headroom=0.5)
+    gate = AdmissionGate(config, FrontendMetrics(registry), lambda: table)
+    flood = [_ticket("flood") for _ in range(4)]
+    for ticket in flood:
+        await gate.acquire(ticket)
+    queue = Queue(gate, registry, *flood)
+    await queue.add("flood-5", _ticket("flood"))
+    await gate.acquire(_ticket("quiet"))
+    await gate.acquire(_ticket("quiet"))  # 6 of 6: the headroom is used up
+    await queue.add("light-1", _ticket("light"))  # under its share (0 of 4/3) but no room: waits
+    gate.release(flood[0])  # 5 held, still past the limit: only a tenant under its share goes
+    while not queue.admitted:
+        await asyncio.sleep(0)
+    assert queue.admitted == ["light-1"] and gate.count == 6
+    assert gate.waiting == 1  # flood-5 waits for the count to fall below the limit
+
+
 async def test_a_cancelled_waiter_leaves_and_its_slot_goes_on() -> None:
     gate, registry = _gate()
     await gate.acquire(holder := _ticket("holder"))
