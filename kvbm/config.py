@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from typing import Literal
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 
 OffloadPolicyName = Literal["all", "reused", "frequency"]
 EvictionName = Literal["lru", "slru"]
@@ -113,54 +113,37 @@ class KvbmConfig:
         )
 
 
-def _opt(name: str, kind: type) -> object:
-    value = env_default(name)
-    return kind(value) if value else None
+_D = KvbmConfig()
+KVBM_FLAGS = FlagGroup(
+    "KV block manager (host and disk tiers)",
+    [
+        Flag("--kvbm-host-blocks", "G2 host-memory tier size in blocks", None, "DYN_KVBM_HOST_BLOCKS", int),
+        Flag("--kvbm-host-gb", "G2 host-memory tier size in GB (pinned on CUDA)", None, "DYN_KVBM_HOST_GB", float),
+        Flag("--kvbm-disk-dir", "G3 disk tier directory; shared by workers of one model layout and kept across "
+             "restarts", None, "DYN_KVBM_DISK_DIR"),
+        Flag("--kvbm-disk-blocks", "G3 disk tier size in blocks", None, "DYN_KVBM_DISK_BLOCKS", int),
+        Flag("--kvbm-disk-gb", "G3 disk tier size in GB", None, "DYN_KVBM_DISK_GB", float,
+             default_doc=f"{DEFAULT_DISK_GB:g} with a directory"),
+        Flag("--kvbm-offload-policy", "which blocks evicted from the device are kept below: all, reused (hit at "
+             "least once) or frequency (prefix looked up --kvbm-offload-min-hits times)", _D.offload_policy,
+             "DYN_KVBM_OFFLOAD_POLICY", choices=OFFLOAD_POLICIES),
+        Flag("--kvbm-offload-min-hits", "frequency policy threshold", _D.offload_min_hits,
+             "DYN_KVBM_OFFLOAD_MIN_HITS", int),
+        Flag("--kvbm-eviction", "lower-tier eviction: lru, or slru (LRU that protects re-used blocks)",
+             _D.eviction, "DYN_KVBM_EVICTION", choices=EVICTIONS),
+        Flag("--kvbm-host-gbps", "host-to-device bandwidth: the mocker's simulated one, and the onboard cost "
+             "model's estimate until it has measured one", _D.host_gbps, "DYN_KVBM_HOST_GBPS", float),
+        Flag("--kvbm-disk-gbps", "disk read bandwidth: the mocker's simulated one, and the onboard cost model's "
+             "estimate until it has measured one", _D.disk_gbps, "DYN_KVBM_DISK_GBPS", float),
+        Flag("--kvbm-onboard-cost", "onboard a lower-tier hit only when its measured read cost is below "
+             "recomputing its tokens at the engine's measured prefill rate, a recomputed token weighed by the "
+             "requests of the step it lengthens (on), or by the requester's time alone (requester); off: always "
+             "onboard", "on", "DYN_KVBM_ONBOARD_COST", choices=ONBOARD_COSTS),
+        Flag("--kvbm-offload-flush-blocks", "device-to-host offload copies wait until this many blocks are "
+             "gathered or the next step", _D.offload_flush_blocks, "DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int),
+    ],
+)
 
 
 def add_kvbm_args(parser: argparse.ArgumentParser) -> None:
-    d = KvbmConfig()
-    group = parser.add_argument_group("KV block manager (host and disk tiers)")
-    group.add_argument("--kvbm-host-blocks", type=int, default=_opt("DYN_KVBM_HOST_BLOCKS", int),
-                       help="G2 host-memory tier size in blocks [env DYN_KVBM_HOST_BLOCKS]")
-    group.add_argument("--kvbm-host-gb", type=float, default=_opt("DYN_KVBM_HOST_GB", float),
-                       help="G2 host-memory tier size in GB (pinned on CUDA) [env DYN_KVBM_HOST_GB]")
-    group.add_argument("--kvbm-disk-dir", default=env_default("DYN_KVBM_DISK_DIR"),
-                       help="G3 disk tier directory; shared by workers of one model layout and "
-                       "kept across restarts [env DYN_KVBM_DISK_DIR]")
-    group.add_argument("--kvbm-disk-blocks", type=int, default=_opt("DYN_KVBM_DISK_BLOCKS", int),
-                       help="G3 disk tier size in blocks [env DYN_KVBM_DISK_BLOCKS]")
-    group.add_argument("--kvbm-disk-gb", type=float, default=_opt("DYN_KVBM_DISK_GB", float),
-                       help=f"G3 disk tier size in GB (default {DEFAULT_DISK_GB} with a directory) "
-                       "[env DYN_KVBM_DISK_GB]")
-    group.add_argument("--kvbm-offload-policy", choices=OFFLOAD_POLICIES,
-                       default=env_default("DYN_KVBM_OFFLOAD_POLICY", d.offload_policy),
-                       help="which blocks evicted from the device are kept below: all, reused "
-                       "(hit at least once) or frequency (prefix looked up --kvbm-offload-min-hits "
-                       "times) [env DYN_KVBM_OFFLOAD_POLICY]")
-    group.add_argument("--kvbm-offload-min-hits", type=int,
-                       default=_opt("DYN_KVBM_OFFLOAD_MIN_HITS", int) or d.offload_min_hits,
-                       help="frequency policy threshold [env DYN_KVBM_OFFLOAD_MIN_HITS]")
-    group.add_argument("--kvbm-eviction", choices=EVICTIONS,
-                       default=env_default("DYN_KVBM_EVICTION", d.eviction),
-                       help="lower-tier eviction: lru, or slru (LRU that protects re-used "
-                       "blocks) [env DYN_KVBM_EVICTION]")
-    group.add_argument("--kvbm-host-gbps", type=float,
-                       default=_opt("DYN_KVBM_HOST_GBPS", float) or d.host_gbps,
-                       help="host-to-device bandwidth: the mocker's simulated one, and the onboard "
-                       "cost model's estimate until it has measured one [env DYN_KVBM_HOST_GBPS]")
-    group.add_argument("--kvbm-disk-gbps", type=float,
-                       default=_opt("DYN_KVBM_DISK_GBPS", float) or d.disk_gbps,
-                       help="disk read bandwidth: the mocker's simulated one, and the onboard cost "
-                       "model's estimate until it has measured one [env DYN_KVBM_DISK_GBPS]")
-    group.add_argument("--kvbm-onboard-cost", choices=ONBOARD_COSTS,
-                       default=env_default("DYN_KVBM_ONBOARD_COST", "on"),
-                       help="onboard a lower-tier hit only when its measured read cost is below "
-                       "recomputing its tokens at the engine's measured prefill rate, a recomputed "
-                       "token weighed by the requests of the step it lengthens (on), or by the "
-                       "requester's time alone (requester); off: always onboard "
-                       "[env DYN_KVBM_ONBOARD_COST]")
-    group.add_argument("--kvbm-offload-flush-blocks", type=int,
-                       default=_opt("DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int) or d.offload_flush_blocks,
-                       help="device-to-host offload copies wait until this many blocks are gathered "
-                       "or the next step [env DYN_KVBM_OFFLOAD_FLUSH_BLOCKS]")
+    KVBM_FLAGS.add_to(parser)

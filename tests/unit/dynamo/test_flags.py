@@ -31,6 +31,7 @@ def tables() -> dict[str, FlagGroup]:
     from router.cli import SERVICE_FLAGS
     from serve.cli import SERVE_FLAGS
     from workers.cli import MODEL_FLAGS, WORKER_FLAGS
+    from kvbm.config import KVBM_FLAGS
     from workers.mocker.args import MOCKER_FLAGS
     from workers.sglang.args import SGLANG_FLAGS
     from workers.trtllm.args import TRTLLM_FLAGS
@@ -49,6 +50,7 @@ def tables() -> dict[str, FlagGroup]:
         "router-service": SERVICE_FLAGS,
         "planner": PLANNER_FLAGS,
         "mocker": MOCKER_FLAGS,
+        "kvbm": KVBM_FLAGS,
         "sglang": SGLANG_FLAGS,
         "trtllm": TRTLLM_FLAGS,
     }
