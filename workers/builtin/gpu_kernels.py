@@ -112,13 +112,16 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def _rope_kernel(
-        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_t, stride_pos,
+        qkv_ptr, pos_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, qw_ptr, kw_ptr, eps,
+        stride_t, stride_pos,
         NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, KV_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        STORE: tl.constexpr,
+        STORE: tl.constexpr, QK_NORM: tl.constexpr,
     ):
         # Rotates the q and k heads of one token's qkv row, neox style. STORE: k goes to its
-        # cache slot (not back into the row) and v with it, all in this one launch.
+        # cache slot (not back into the row) and v with it, all in this one launch. QK_NORM
+        # (Qwen3): each q and k head is RMS-normalised with its weights first, rounded to the
+        # model dtype where the eager norm rounds.
         t = tl.program_id(0)
         pos = tl.load(pos_ptr + t)
         h = tl.arange(0, HEADS_PAD)
@@ -131,6 +134,16 @@ def _kernels() -> SimpleNamespace:
         base = row + h[:, None] * HEAD_DIM + j[None, :]
         x1 = tl.load(base, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(base + HALF, mask=mask, other=0.0).to(tl.float32)
+        if QK_NORM:
+            dt = qkv_ptr.dtype.element_ty
+            rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)
+            is_q = h[:, None] < NUM_Q
+            qw1 = tl.load(qw_ptr + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+            qw2 = tl.load(qw_ptr + HALF + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+            kw1 = tl.load(kw_ptr + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+            kw2 = tl.load(kw_ptr + HALF + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
+            x1 = ((x1 * rstd[:, None]).to(dt).to(tl.float32) * tl.where(is_q, qw1, kw1)).to(dt).to(tl.float32)
+            x2 = ((x2 * rstd[:, None]).to(dt).to(tl.float32) * tl.where(is_q, qw2, kw2)).to(dt).to(tl.float32)
         y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)
         y2 = (x2 * c + x1 * s).to(qkv_ptr.dtype.element_ty)
         if STORE:
@@ -251,30 +264,36 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out, res_out
 
 
+QkNorm = tuple[torch.Tensor, torch.Tensor, float]  # Qwen3's q and k norm weights, and eps
+
+
 def rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+                 num_heads: int, num_kv_heads: int, head_dim: int, qk_norm: QkNorm | None = None) -> None:
     """Rotate the q and k heads of each row of qkv [T, (heads + 2 * kv_heads) * head_dim] in
-    place; cos/sin are the [max_pos, head_dim] fp32 tables (only their first half is read)."""
-    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, None)
+    place; cos/sin are the [max_pos, head_dim] fp32 tables (only their first half is read).
+    With `qk_norm`, each head is RMS-normalised first (Qwen3)."""
+    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, None, qk_norm)
 
 
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   num_heads: int, num_kv_heads: int, head_dim: int,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                  qk_norm: QkNorm | None = None) -> None:
     """As rope_inplace for q; the rotated k and the v of each row go to their cache slot
     (slot -1 skipped) instead, in the same launch: what a decode step needs."""
-    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, (k_cache, v_cache, slots))
+    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, (k_cache, v_cache, slots), qk_norm)
 
 
 def _rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           num_heads: int, num_kv_heads: int, head_dim: int,
-          store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None) -> None:
+          store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, qk_norm: QkNorm | None) -> None:
     k_cache, v_cache, slots = store if store is not None else (qkv, qkv, positions)
+    q_w, k_w, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     _kernels().rope[(qkv.shape[0],)](
-        qkv, positions, cos, sin, k_cache, v_cache, slots, qkv.stride(0), cos.stride(0),
+        qkv, positions, cos, sin, k_cache, v_cache, slots, q_w, k_w, eps, qkv.stride(0), cos.stride(0),
         NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HALF_PAD=_pow2(head_dim // 2),
         HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_heads + num_kv_heads), KV_PAD=_pow2(num_kv_heads),
-        D_PAD=_pow2(head_dim), STORE=store is not None,
+        D_PAD=_pow2(head_dim), STORE=store is not None, QK_NORM=qk_norm is not None,
     )
 
 

@@ -127,21 +127,17 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
+        # Qwen3's per-head norms come before RoPE, in the same kernel.
+        qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
-            # Qwen3's per-head norms come before RoPE: keep the plain ops for them.
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self.q_norm(q.view(tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.view(tokens, self.num_kv_heads, self.head_dim))
-            cos, sin = rotary(positions, x.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        elif meta.seq_lens is not None:
+            qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        if meta.seq_lens is not None:
             # Decode over the paged cache: RoPE and the K/V cache write in one kernel, then
             # attention reads K/V in place.
             k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
             gpu_kernels.rope_store_kv(
                 qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
-                k_cache, v_cache, meta.slot_mapping,
+                k_cache, v_cache, meta.slot_mapping, qk_norm,
             )
             q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
             out = gpu_kernels.paged_decode_attention(
@@ -150,7 +146,7 @@ class Attention(nn.Module):
             return self.o_proj(out.reshape(tokens, self.q_size))
         else:
             gpu_kernels.rope_inplace(
-                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim, qk_norm
             )
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = q.view(tokens, self.num_heads, self.head_dim)
