@@ -1,12 +1,11 @@
 """From the fleet's state and the predicted load to replicas per role. Two modes:
 
-- sla: replicas from the performance model. Prefill: a worker prefills one prompt of the
-  predicted length in S seconds, so the work needs rate*S/rho workers, rho the utilisation at
-  which an M/D/1 queue's p90 wait fits the TTFT budget left after S (`utilisation_within`).
-  Decode: the largest batch whose ITL is within target (and whose KV fits) is what one worker
-  can carry; Little's law gives the streams decoding at once, rate * osl * itl, and a request
-  waiting for a slot waits within the same budget. Aggregated workers do both, so their shares add up; so do decode workers
-  when the prompts are short enough for them to prefill locally.
+- sla: replicas from the performance model. A request's TTFT is its prefill time S plus its
+  wait for a server; a pool is a queue with several servers (a prefill worker is one; a decode
+  worker is as many slots as the largest batch whose ITL meets its target), and it gets the
+  fewest servers whose p90 wait (Erlang C) fits the budget T - S (`sla_need`). Aggregated
+  workers hold a slot for prefill and decode; so do decode workers for prompts short enough
+  to prefill locally.
   Observed latency closes the loop: a p90 over target grows the pool that holds the queue,
   and a pool only shrinks while the latencies are comfortably (20%) inside their targets.
 - load: keep waiting requests per worker and KV usage inside bands.
@@ -28,8 +27,6 @@ from planner.observe import FleetState, PoolState
 from planner.perf_model import PerfModel
 
 _RHO_MAX = 0.9  # never plan a pool fuller than this: the queue grows without bound near 1
-_RHO_UNREACHABLE = 0.5  # target below one prompt's own prefill time: plan half-full pools
-_P90_OVER_MEAN = 2.3  # ln(10): the p90 of an exponential tail over its mean
 _SHRINK_MARGIN = 0.8  # latencies must be this far inside their targets before a pool shrinks
 
 
@@ -49,41 +46,74 @@ class Decision:
     reason: str  # why `desired` (a metric label: a fixed vocabulary)
 
 
-def utilisation_within(budget_s: float, service_s: float) -> float:
-    """The highest utilisation of a queue with deterministic service `service_s` (M/D/1) whose
-    p90 wait stays within `budget_s`. Its mean wait is W = service * rho / (2 (1 - rho)); a wait
-    with an exponential tail has its p90 at about ln(10) = 2.3 times its mean, so
-    2.3 W <= budget gives rho <= 2x / (1 + 2x), x = budget / (2.3 service)."""
-    if service_s <= 0:
-        return _RHO_MAX
-    if budget_s <= 0:
-        return _RHO_UNREACHABLE
-    x = budget_s / (_P90_OVER_MEAN * service_s)
-    return min(_RHO_MAX, 2 * x / (1 + 2 * x))
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/n queue (`servers` = n, `offered` = rate x
+    service time, in Erlangs); 1.0 when the queue is unstable. Erlang B by its recursion, then
+    C = n B / (n - a (1 - B))."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    b = 1.0
+    for k in range(1, servers + 1):
+        b = offered * b / (k + offered * b)
+    return servers * b / (servers - offered * (1 - b))
+
+
+def p90_wait_s(servers: int, rate: float, service_s: float) -> float:
+    """The p90 wait of a pool of `servers` identical servers fed in arrival order (the router
+    sends a request to the least busy worker): M/M/n's tail P(W > t) = C e^(-(n - a) t / s),
+    halved for deterministic service (M/D/n waits about half as long as M/M/n)."""
+    offered = rate * service_s
+    if offered >= servers:
+        return math.inf
+    c = erlang_c(servers, offered)
+    if c <= 0.1:
+        return 0.0
+    return 0.5 * service_s * math.log(10 * c) / (servers - offered)
+
+
+def servers_within(rate: float, service_s: float, budget_s: float) -> int:
+    """The fewest servers that keep the p90 wait within `budget_s` and utilisation at or below
+    _RHO_MAX."""
+    if rate <= 0 or service_s <= 0:
+        return 0
+    n = max(1, math.ceil(rate * service_s / _RHO_MAX))
+    while p90_wait_s(n, rate, service_s) > max(budget_s, 0.0) and n < 100_000:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True, slots=True)
 class SlaNeed:
-    prefill_workers: float  # fractional workers the prefill work needs
-    decode_workers: float
+    """Workers for the predicted load, by what they do (fractional: a share of a worker)."""
+
+    prefill_workers: float  # a prefill pool's
+    decode_workers: float  # a decode pool's (its prompts prefilled elsewhere)
+    local_workers: float  # a pool that both prefills and decodes (aggregated, or decode
+    # workers prefilling short prompts themselves)
 
 
 def sla_need(model: PerfModel, p: Prediction, ttft_target_s: float, itl_target_s: float) -> SlaNeed:
-    """Workers for the predicted load. A request's time to first token is its prefill S plus
-    its waits: for the prefill compute and for a decode slot. Both queues get the TTFT budget
-    left after S, so each runs at the utilisation that keeps its p90 wait within it."""
+    """A request's time to first token is its prefill S plus its wait for a server: the
+    prefill compute, or a decode slot. Each pool gets the TTFT budget left after S for the
+    p90 of that wait (`servers_within`); a worker is one prefill server, or `batch` decode
+    slots, the largest batch whose ITL meets its target and whose KV fits."""
     if p.request_rate <= 0:
-        return SlaNeed(0.0, 0.0)
+        return SlaNeed(0.0, 0.0, 0.0)
     isl = max(p.isl, 1.0)
     osl = max(p.osl, 1.0)
     prefill_s = model.prefill_s(isl)
     budget_s = ttft_target_s - prefill_s
-    prefill = p.request_rate * prefill_s / utilisation_within(budget_s, prefill_s)
     context = isl + osl / 2
     batch = max(1, model.max_batch_within(itl_target_s, context))
     hold_s = osl * model.itl_s(batch, context)  # a stream's time in a decode slot
-    streams = p.request_rate * hold_s  # Little's law: streams decoding at once
-    return SlaNeed(prefill, streams / (batch * utilisation_within(budget_s, hold_s / batch)))
+    rate = p.request_rate
+    return SlaNeed(
+        prefill_workers=float(servers_within(rate, prefill_s, budget_s)),
+        decode_workers=servers_within(rate, hold_s, budget_s) / batch,
+        local_workers=servers_within(rate, prefill_s + hold_s, budget_s) / batch,
+    )
 
 
 def _load_band(config: PlannerConfig, pool: PoolState, current: int) -> tuple[int, str]:
@@ -154,10 +184,10 @@ class Decider:
         )
         model_n: dict[Role, float]
         if cfg.topology == "agg":
-            model_n = {"aggregated": need.prefill_workers + need.decode_workers}
+            model_n = {"aggregated": need.local_workers}
         elif p.isl < cfg.local_prefill_below_tokens:
             # Short prompts are prefilled where they decode: the prefill pool has none of them.
-            model_n = {"prefill": 0.0, "decode": need.prefill_workers + need.decode_workers}
+            model_n = {"prefill": 0.0, "decode": need.local_workers}
         else:
             model_n = {"prefill": need.prefill_workers, "decode": need.decode_workers}
         out: dict[Role, tuple[int, str]] = {}
