@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 from kvbm.config import KvbmConfig, add_kvbm_args
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "dynamo-tiny")
@@ -78,90 +78,41 @@ class BuiltinConfig:
 _DEFAULTS = BuiltinConfig()
 
 
-def _opt_int(name: str) -> int | None:
-    value = env_default(name)
-    return int(value) if value else None
-
-
-def _opt_float(name: str) -> float | None:
-    value = env_default(name)
-    return float(value) if value else None
+_D = _DEFAULTS
+BUILTIN_FLAGS = FlagGroup(
+    "builtin engine",
+    [
+        Flag("--dtype", "weights and KV cache dtype; auto is bf16 on GPU, fp32 on CPU", _D.dtype, "DYN_BUILTIN_DTYPE",
+             choices=("auto", "float32", "bfloat16", "float16")),
+        Flag("--device", "auto, cpu, cuda or cuda:N", _D.device, "DYN_BUILTIN_DEVICE"),
+        Flag("--block-size", "tokens per KV block", _D.block_size_tokens, "DYN_BUILTIN_BLOCK_SIZE", int),
+        Flag("--num-gpu-blocks", "KV blocks to allocate", None, "DYN_BUILTIN_NUM_GPU_BLOCKS", int,
+             default_doc="sized from memory"),
+        Flag("--kv-cache-memory-gb", "KV cache size in GB when --num-gpu-blocks is not given", None,
+             "DYN_BUILTIN_KV_CACHE_MEMORY_GB", float, default_doc="0.25 on CPU, free memory on GPU"),
+        Flag("--gpu-memory-utilization", "fraction of the GPU's memory this engine may use (its weights, KV cache "
+             "and step activations), capped by what is free: two engines can split one GPU",
+             _D.gpu_memory_utilization, "DYN_BUILTIN_GPU_MEMORY_UTILIZATION", float),
+        Flag("--max-num-seqs", "most requests running at once", _D.max_num_seqs, "DYN_BUILTIN_MAX_NUM_SEQS", int),
+        Flag("--max-num-batched-tokens", "token budget of one step, prefill chunks included",
+             _D.max_num_batched_tokens, "DYN_BUILTIN_MAX_NUM_BATCHED_TOKENS", int),
+        Flag("--max-model-len", "context length: prompt plus generated tokens", None, "DYN_BUILTIN_MAX_MODEL_LEN",
+             int, default_doc="the model's"),
+        Flag("--enforce-eager", "run decode without CUDA graphs (graphs are used on CUDA only)", _D.enforce_eager,
+             "DYN_BUILTIN_ENFORCE_EAGER", bool),
+        Flag("--seed", "base seed for requests that carry none", _D.seed, "DYN_BUILTIN_SEED", int),
+        Flag("--overlap-schedule", "launch each step before reading the previous one's tokens, so scheduling "
+             "overlaps the forward pass", None, "DYN_BUILTIN_OVERLAP_SCHEDULE", bool, default_doc="on for CUDA"),
+        Flag("--prefill-device", "prefill workers' device (disaggregated serving)", None,
+             "DYN_BUILTIN_PREFILL_DEVICE", default_doc="--device"),
+        Flag("--prefill-gpu-memory-utilization", "prefill workers' --gpu-memory-utilization", None,
+             "DYN_BUILTIN_PREFILL_GPU_MEMORY_UTILIZATION", float, default_doc="the same"),
+        Flag("--prefill-kv-cache-memory-gb", "prefill workers' --kv-cache-memory-gb", None,
+             "DYN_BUILTIN_PREFILL_KV_CACHE_MEMORY_GB", float, default_doc="the same"),
+    ],
+)
 
 
 def add_builtin_args(parser: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
-    group = parser.add_argument_group("builtin engine")
-    group.add_argument(
-        "--dtype", default=env_default("DYN_BUILTIN_DTYPE", d.dtype),
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights and KV cache dtype; auto is bf16 on GPU, fp32 on CPU [env DYN_BUILTIN_DTYPE]",
-    )
-    group.add_argument(
-        "--device", default=env_default("DYN_BUILTIN_DEVICE", d.device),
-        help="auto, cpu, cuda or cuda:N [env DYN_BUILTIN_DEVICE]",
-    )
-    group.add_argument(
-        "--block-size", type=int, default=_opt_int("DYN_BUILTIN_BLOCK_SIZE") or d.block_size_tokens,
-        help="tokens per KV block [env DYN_BUILTIN_BLOCK_SIZE]",
-    )
-    group.add_argument(
-        "--num-gpu-blocks", type=int, default=_opt_int("DYN_BUILTIN_NUM_GPU_BLOCKS"),
-        help="KV blocks to allocate (default: sized from memory) [env DYN_BUILTIN_NUM_GPU_BLOCKS]",
-    )
-    group.add_argument(
-        "--kv-cache-memory-gb", type=float, default=_opt_float("DYN_BUILTIN_KV_CACHE_MEMORY_GB"),
-        help="KV cache size in GB when --num-gpu-blocks is not given "
-        "(default: 0.25 on CPU, free memory on GPU) [env DYN_BUILTIN_KV_CACHE_MEMORY_GB]",
-    )
-    group.add_argument(
-        "--gpu-memory-utilization", type=float,
-        default=_opt_float("DYN_BUILTIN_GPU_MEMORY_UTILIZATION") or d.gpu_memory_utilization,
-        help="fraction of the GPU's memory this engine may use (its weights, KV cache and step "
-        "activations), capped by what is free: two engines can split one GPU "
-        "[env DYN_BUILTIN_GPU_MEMORY_UTILIZATION]",
-    )
-    group.add_argument(
-        "--max-num-seqs", type=int, default=_opt_int("DYN_BUILTIN_MAX_NUM_SEQS") or d.max_num_seqs,
-        help="most requests running at once [env DYN_BUILTIN_MAX_NUM_SEQS]",
-    )
-    group.add_argument(
-        "--max-num-batched-tokens", type=int,
-        default=_opt_int("DYN_BUILTIN_MAX_NUM_BATCHED_TOKENS") or d.max_num_batched_tokens,
-        help="token budget of one step, prefill chunks included [env DYN_BUILTIN_MAX_NUM_BATCHED_TOKENS]",
-    )
-    group.add_argument(
-        "--max-model-len", type=int, default=_opt_int("DYN_BUILTIN_MAX_MODEL_LEN"),
-        help="context length: prompt plus generated tokens (default: the model's) "
-        "[env DYN_BUILTIN_MAX_MODEL_LEN]",
-    )
-    group.add_argument(
-        "--enforce-eager", action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_BUILTIN_ENFORCE_EAGER", "0") or "0") not in ("0", "false"),
-        help="run decode without CUDA graphs (graphs are used on CUDA only) [env DYN_BUILTIN_ENFORCE_EAGER]",
-    )
-    group.add_argument(
-        "--seed", type=int, default=_opt_int("DYN_BUILTIN_SEED") or d.seed,
-        help="base seed for requests that carry none [env DYN_BUILTIN_SEED]",
-    )
-    overlap = env_default("DYN_BUILTIN_OVERLAP_SCHEDULE")
-    group.add_argument(
-        "--overlap-schedule", action=argparse.BooleanOptionalAction,
-        default=None if not overlap else overlap not in ("0", "false"),
-        help="launch each step before reading the previous one's tokens, so scheduling overlaps "
-        "the forward pass (default: on for CUDA) [env DYN_BUILTIN_OVERLAP_SCHEDULE]",
-    )
-    group.add_argument(
-        "--prefill-device", default=env_default("DYN_BUILTIN_PREFILL_DEVICE"),
-        help="prefill workers' device (disaggregated serving; default: --device) [env DYN_BUILTIN_PREFILL_DEVICE]",
-    )
-    group.add_argument(
-        "--prefill-gpu-memory-utilization", type=float,
-        default=_opt_float("DYN_BUILTIN_PREFILL_GPU_MEMORY_UTILIZATION"),
-        help="prefill workers' --gpu-memory-utilization (default: the same) "
-        "[env DYN_BUILTIN_PREFILL_GPU_MEMORY_UTILIZATION]",
-    )
-    group.add_argument(
-        "--prefill-kv-cache-memory-gb", type=float, default=_opt_float("DYN_BUILTIN_PREFILL_KV_CACHE_MEMORY_GB"),
-        help="prefill workers' --kv-cache-memory-gb (default: the same) [env DYN_BUILTIN_PREFILL_KV_CACHE_MEMORY_GB]",
-    )
+    BUILTIN_FLAGS.add_to(parser)
     add_kvbm_args(parser)

@@ -32,6 +32,7 @@ def tables() -> dict[str, FlagGroup]:
     from serve.cli import SERVE_FLAGS
     from workers.cli import MODEL_FLAGS, WORKER_FLAGS
     from kvbm.config import KVBM_FLAGS
+    from workers.builtin.args import BUILTIN_FLAGS
     from workers.mocker.args import MOCKER_FLAGS
     from workers.sglang.args import SGLANG_FLAGS
     from workers.trtllm.args import TRTLLM_FLAGS
@@ -51,6 +52,7 @@ def tables() -> dict[str, FlagGroup]:
         "planner": PLANNER_FLAGS,
         "mocker": MOCKER_FLAGS,
         "kvbm": KVBM_FLAGS,
+        "builtin": BUILTIN_FLAGS,
         "sglang": SGLANG_FLAGS,
         "trtllm": TRTLLM_FLAGS,
     }
