@@ -13,7 +13,7 @@ prompts than one worker's KV pool holds (both stacks' mockers get the same pool 
 Mode `kv-affinity` is `kv` with session affinity: every request carries its conversation's id
 in `x-dynamo-session-id` (docs/routing.md, "Session affinity"); its rows add the router's
 affinity outcomes (hit, miss, repin, overloaded) from /metrics. `kv-affinity-rR` sets
-`--router-session-overload-ratio R`.
+`--router-session-overload-ratio R`; `kv-approx-affinity` is the same on `kv-approx`.
 
 `--sglang-modes cache_aware,round_robin` adds SGLang's router (PyPI sglang-router, in
 SGLANG_ROUTER_VENV, default /tmp/sgr) in front of 8 HTTP backends, each our frontend with one
@@ -203,16 +203,17 @@ def start_ours(
     """`python -m dynamo.serve`: frontend, router and all mocker workers in one process on the
     embedded runtime (the mocker's time is sleeps, so one core serves eight of them)."""
     stack = Stack(f"ours-{mode}", free_port(), tmp)
+    # MODE-affinity[-rR]: MODE, and the client sends session ids (`sessions` in drive);
+    # -rR sets the overload ratio, e.g. kv-affinity-r1.25, kv-approx-affinity.
+    mode, _, ratio = mode.partition("-affinity")
+    session_args = ["--router-session-overload-ratio", ratio.removeprefix("-r")] if ratio else []
     router = ["--router-mode", "kv", "--no-kv-events"] if mode == "kv-approx" else ["--router-mode", mode]
-    if mode.startswith("kv-affinity"):  # kv; the client sends session ids (`sessions` in drive)
-        router = ["--router-mode", "kv"]
-        if mode.startswith("kv-affinity-r"):  # another overload ratio, e.g. kv-affinity-r1.25
-            router += ["--router-session-overload-ratio", mode.removeprefix("kv-affinity-r")]
     if mode.startswith("kv-w"):  # kv with another overlap weight, e.g. kv-w4
         router = ["--router-mode", "kv"]
         overlap_weight = float(mode.removeprefix("kv-w"))
     if overlap_weight is not None:
         router += ["--kv-overlap-score-weight", str(overlap_weight)]
+    router += session_args
     stack.spawn(
         "serve",
         [
@@ -483,7 +484,7 @@ def run_one(stack_name: str, mode: str, trace: TraceSpec, args: argparse.Namespa
             window.start()
         cpu0 = time.process_time()
         texts = prompt_texts(trace, model) if args.text_prompts or stack_name == "sglang" else None
-        sessions = conversation_ids(trace) if mode.startswith("kv-affinity") else None
+        sessions = conversation_ids(trace) if "-affinity" in mode else None
         sent = asyncio.run(drive(stack.base_url, trace, trace.time_scale, args.timeout_s, texts, sessions))
         client_cpu_s = time.process_time() - cpu0
         for window in (frontend_cpu, stack_cpu, *backend_cpus):
