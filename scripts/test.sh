@@ -56,5 +56,5 @@ rm -f "$log"
 DYN_TEST_VLLM=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" \
   exec "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/integration/test_vllm_worker.py tests/unit/workers/sglang tests/unit/workers/trtllm \
-  tests/unit/workers/structured tests/integration/test_vllm_kvbm.py tests/unit/workers/vllm \
+  tests/unit/workers/structured tests/integration/test_vllm_kvbm.py tests/unit/workers/vllm_connectors \
   tests/integration/test_vllm_disagg.py
