@@ -160,7 +160,7 @@ class EmbeddingsService:
         inflight = None
         try:
             request = decode_struct(_DECODER, body)
-            model = self.manager.get(request.model)
+            model = await self.manager.acquire(request.model)  # waits for a scaled-to-zero model
             model_label = model.name
             await model.wait_open()
             check_embedding_model(model)

@@ -37,7 +37,7 @@ def register_anthropic_routes(app: FastAPI, pipeline: Pipeline, manager: ModelMa
 
     async def create(body: bytes, arrived_s: float) -> Reply:
         request = decode_messages_request(body)
-        model = manager.get(request.model)
+        model = await manager.acquire(request.model)  # waits for a scaled-to-zero model
         await model.wait_open()
         converted = to_chat_request(request, reasoning_available(pipeline, model))
         generation = await pipeline.open_request(ENDPOINT_LABEL, converted.chat, arrived_s, len(body))

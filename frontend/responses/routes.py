@@ -80,7 +80,7 @@ def register_responses_routes(
                     param="previous_response_id",
                 )
             previous = record.conversation()
-        model = manager.get(request.model)
+        model = await manager.acquire(request.model)  # waits for a scaled-to-zero model
         await model.wait_open()
         tokenizer = model.tokenizer
         assert tokenizer is not None
