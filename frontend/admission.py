@@ -11,8 +11,9 @@ tenants share the slots by weighted fair queuing on estimated tokens (start-time
     the waiter with the smallest finish goes first; the band's virtual time becomes its start
 
 so a tenant with many requests queued gets its weight's share of the band and no more. With
-`--fair-share-headroom`, a tenant holding less than its weighted share of the slots takes one
-past the limit at once instead of waiting for another tenant's request to end. A waiter past
+`--fair-share-headroom`, a tenant holding fewer slots (per weight) than the largest holder takes
+one past the limit at once instead of waiting for another tenant's request to end; the largest
+holder's slots are then not replaced until the count is back under the limit. A waiter past
 its class's queue timeout gets 503 with Retry-After. A full queue refuses with 429 the request
 that would be served last (the newcomer, or a waiter due after it). A class with a TTFT target
 has its requests' TTFT predicted from the router's load view (router/ttft_estimate.py): one
@@ -58,8 +59,8 @@ class AdmissionConfig:
     max_inflight: int = 0  # 0: unbounded
     max_waiting: int = 0  # 0: no queue, a request past max_inflight gets 429 at once
     queue_timeout_s: float = 30.0
-    # Fraction of max_inflight that a tenant holding less than its weighted share of the slots
-    # may use beyond the limit (0: the limit is hard). Slots free only as requests end, so
+    # Fraction of max_inflight that tenants holding fewer slots (per weight) than the largest
+    # holder may use beyond the limit (0: the limit is hard). Slots free only as requests end, so
     # without it a light tenant's request waits for some heavy tenant's request to finish.
     fair_share_headroom: float = 0.0
 
@@ -239,7 +240,7 @@ class AdmissionGate:
             if not self.limit or self.count < self.limit:
                 waiter = self._next()
             else:
-                # Past the limit only a tenant under its share goes on (within the headroom):
+                # Past the limit only a tenant below the largest holder goes on (within the headroom):
                 # a light tenant's waiter must not wait for the count to fall below the limit.
                 waiter = self._next_borrower() if self.headroom else None
             if waiter is None:
@@ -263,17 +264,17 @@ class AdmissionGate:
             self._active_weight.pop(tenant, None)
 
     def _may_borrow(self, ticket: Ticket) -> bool:
-        """Past the limit, within the headroom: may this request's tenant take a slot now? Yes
-        while it holds fewer than its weighted share of the limit among the active tenants."""
+        """Past the limit, within the headroom: may this request's tenant take a slot now?"""
         if not self.headroom or self.count >= self.limit + self.headroom:
             return False
-        total = sum(self._active_weight.values())
-        if ticket.tenant not in self._active_weight:
-            total += ticket.weight
-        return self._under_share(ticket.tenant, ticket.weight, total)
+        return self._below_the_top(ticket.tenant, ticket.weight)
 
-    def _under_share(self, tenant: str, weight: float, total_weight: float) -> bool:
-        return self._held.get(tenant, 0) + 1 <= self.limit * weight / total_weight
+    def _below_the_top(self, tenant: str, weight: float) -> bool:
+        """With one more slot, does the tenant still hold fewer per weight than the tenant that
+        holds the most? (Max-min fairness: the largest holder is the one whose slots are not
+        replaced until the count is back under the limit.)"""
+        top = max((n / self._active_weight[u] for u, n in self._held.items() if u != tenant), default=0.0)
+        return (self._held.get(tenant, 0) + 1) / weight < top
 
     # -------------------------------------------------------------------------- TTFT target
 
@@ -366,9 +367,8 @@ class AdmissionGate:
         """The waiter due first among those whose tenant may take a slot past the limit."""
         if self.count >= self.limit + self.headroom:
             return None
-        total = sum(self._active_weight.values())  # every waiting tenant is active
         for _, band in self._bands_in_order():
-            eligible = {t for t in band.tenants if self._under_share(t, self._active_weight[t], total)}
+            eligible = {t for t in band.tenants if self._below_the_top(t, self._active_weight[t])}
             if not eligible:
                 continue
             candidates = [entry for entry in band.heap if entry[2].live and entry[2].ticket.tenant in eligible]

@@ -40,8 +40,9 @@ class FrontendConfig:
     max_waiting_requests: int = 0
     # How long a request may wait for admission before a 503 (a class may set its own).
     queue_timeout_s: float = 30.0
-    # Fraction of max_inflight_requests a tenant below its weighted share of the slots may use
-    # past the limit, instead of waiting for another tenant's request to end; 0: a hard limit.
+    # Fraction of max_inflight_requests that tenants holding fewer slots (per weight) than the
+    # largest holder may use past the limit, instead of waiting for another tenant's request to
+    # end; 0: a hard limit.
     fair_share_headroom: float = 0.0
     # Prompt tokens a worker prefills per second, for TTFT predictions against a class's
     # target (SLO-aware admission); 0: no predictions, targets unused.
@@ -150,8 +151,8 @@ FRONTEND_FLAGS = FlagGroup(
         ),
         Flag(
             "--fair-share-headroom",
-            "fraction of --max-inflight-requests that a tenant holding less than its weighted share "
-            "of the slots may use past the limit, so a light tenant need not wait for a heavy "
+            "fraction of --max-inflight-requests that tenants holding fewer slots (per weight) than "
+            "the largest holder may use past the limit, so a light tenant need not wait for a heavy "
             "one's request to end (0: the limit is hard)",
             default=_D.fair_share_headroom, env="DYN_FAIR_SHARE_HEADROOM", type=float,
         ),

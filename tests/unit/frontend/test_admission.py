@@ -180,7 +180,7 @@ async def test_without_a_queue_past_the_limit_is_429_at_once() -> None:
     await gate.acquire(_ticket("other"))
 
 
-async def test_headroom_lets_a_tenant_under_its_share_in_past_the_limit() -> None:
+async def test_headroom_lets_a_tenant_below_the_largest_holder_in_past_the_limit() -> None:
     registry = CollectorRegistry()
     table = TenantTable({}, CLASSES)
     config = AdmissionConfig(max_inflight=4, max_waiting=10, fair_share_headroom=0.5)  # 2 slots beyond 4
@@ -190,10 +190,10 @@ async def test_headroom_lets_a_tenant_under_its_share_in_past_the_limit() -> Non
         await gate.acquire(ticket)
     queue = Queue(gate, registry, *flood)
     await queue.add("flood-5", _ticket("flood"))  # over its share: waits
-    await gate.acquire(_ticket("quiet"))  # under its share (2 of 4): in at once, past the limit
+    await gate.acquire(_ticket("quiet"))  # holds fewer than the flooding tenant: in at once, past the limit
     await gate.acquire(_ticket("quiet"))
     assert gate.count == 6
-    await queue.add("quiet-3", _ticket("quiet"))  # its share is used: it waits
+    await queue.add("quiet-3", _ticket("quiet"))  # the headroom (6 of 6) is used: it waits
     assert gate.waiting == 2
     for ticket in flood[:3]:
         gate.release(ticket)  # 3 of 6 slots held: below the limit again, one waiter goes
@@ -205,7 +205,7 @@ async def test_headroom_lets_a_tenant_under_its_share_in_past_the_limit() -> Non
     assert await queue.serve_all() == ["flood-5", "quiet-3"]
 
 
-async def test_a_waiting_tenant_under_its_share_goes_first_past_the_limit() -> None:
+async def test_a_waiting_tenant_below_the_largest_holder_goes_first_past_the_limit() -> None:
     registry = CollectorRegistry()
     table = TenantTable({}, CLASSES)
     config = AdmissionConfig(max_inflight=4, max_waiting=10, fair_share_headroom=0.5)
@@ -217,8 +217,8 @@ async def test_a_waiting_tenant_under_its_share_goes_first_past_the_limit() -> N
     await queue.add("flood-5", _ticket("flood"))
     await gate.acquire(_ticket("quiet"))
     await gate.acquire(_ticket("quiet"))  # 6 of 6: the headroom is used up
-    await queue.add("light-1", _ticket("light"))  # under its share (0 of 4/3) but no room: waits
-    gate.release(flood[0])  # 5 held, still past the limit: only a tenant under its share goes
+    await queue.add("light-1", _ticket("light"))  # holds none, but no room: waits
+    gate.release(flood[0])  # 5 held, still past the limit: only a tenant below the largest holder goes
     while not queue.admitted:
         await asyncio.sleep(0)
     assert queue.admitted == ["light-1"] and gate.count == 6
