@@ -321,6 +321,9 @@ class KvAgentInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     cuda_ipc: bytes = b""  # serialized CUDA IPC handles of its K and V tensors
     nixl_metadata: bytes = b""  # NIXL agent metadata (nixl_agent.get_agent_metadata)
     nixl_regions: list[list[int]] = []  # per K/V tensor: [base address, bytes, device id]
+    # This process's token (kvbm/transfer/locality.process_token): equal tokens, one process,
+    # so the same-process backend copies straight into the peer's tensors.
+    process_id: str = ""
 
 
 class RemotePrefillRequest(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -276,7 +276,7 @@ class KvTransferAgent:
         self._explained.add(peer.agent_id)
         machine, domain = split_host_id(self.host_id)
         peer_machine, peer_domain = split_host_id(peer.host_id)
-        if (chosen.name != "cuda-ipc" and "cuda-ipc" in self.backends and "cuda-ipc" in peer.backends
+        if (chosen.name not in ("cuda-ipc", "same-process") and "cuda-ipc" in self.backends and "cuda-ipc" in peer.backends
                 and machine == peer_machine):
             why = ("it could not open the peer's CUDA IPC handles" if ("cuda-ipc", peer.agent_id) in self._unreachable
                    else f"the peer's GPUs are not reachable from this process (GPU domain {peer_domain or 'unknown'}, "

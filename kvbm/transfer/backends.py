@@ -12,9 +12,10 @@ from dynamo.wire import KvAgentInfo
 if TYPE_CHECKING:
     from kvbm.transfer.agent import KvTransferAgent
 
-BACKEND_CHOICES = ("auto", "host", "cuda-ipc", "nixl")
-# Fastest first: auto takes the first one both sides have that can reach the peer.
-PREFERENCE = ("cuda-ipc", "nixl", "host", "simulated")
+BACKEND_CHOICES = ("auto", "host", "cuda-ipc", "nixl", "same-process")
+# Fastest first: auto takes the first one both sides have that can reach the peer (same-process
+# only within one process, cuda-ipc only within one host's GPU domain: kvbm/transfer/locality.py).
+PREFERENCE = ("same-process", "cuda-ipc", "nixl", "host", "simulated")
 
 
 class BackendUnavailable(Exception):

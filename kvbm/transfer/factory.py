@@ -1,5 +1,5 @@
 """Builds a worker's transfer agent from the --kv-transfer-backend choice: `auto` offers every
-backend this process can run (CUDA IPC on GPUs, NIXL when installed, host always) and each
+backend this process can run (same-process, CUDA IPC on GPUs, NIXL when installed, host always) and each
 transfer takes the fastest one both sides share; a named backend is the only one offered."""
 
 from __future__ import annotations
@@ -16,12 +16,17 @@ log = logging.getLogger(__name__)
 
 def make_backends(choice: str, memory: KvMemory | None) -> list[TransferBackend]:
     from kvbm.transfer.host import HostBackend
+    from kvbm.transfer.local import SameProcessBackend
 
     if choice not in BACKEND_CHOICES:
         raise ValueError(f"unknown KV transfer backend {choice!r}; choose one of {', '.join(BACKEND_CHOICES)}")
     on_gpu = memory is not None and memory.k[0].device.type == "cuda"
     if choice == "host":
         return [HostBackend()]
+    if choice == "same-process":
+        if memory is None:
+            raise ValueError("--kv-transfer-backend same-process needs an engine with KV tensors")
+        return [SameProcessBackend()]
     if choice == "cuda-ipc":
         if not on_gpu:
             raise ValueError("--kv-transfer-backend cuda-ipc needs the KV cache on a GPU")
@@ -33,7 +38,8 @@ def make_backends(choice: str, memory: KvMemory | None) -> list[TransferBackend]
 
         load_nixl()  # the clear ImportError now, not at the first transfer
         return [NixlBackend()]
-    backends: list[TransferBackend] = []
+    # Peers in this very process (prefill and decode workers of one dynamo.serve) first.
+    backends: list[TransferBackend] = [SameProcessBackend()] if memory is not None else []
     if on_gpu:
         from kvbm.transfer.cuda_ipc import CudaIpcBackend
 

@@ -25,19 +25,25 @@ The GPU list is the devices' UUIDs when the caller has CUDA up (the agent does, 
 cache is on a GPU); otherwise the visibility inputs themselves: CUDA_VISIBLE_DEVICES,
 NVIDIA_VISIBLE_DEVICES and the /dev/nvidiaN nodes present. Two processes with different
 inputs compare unequal even where they would name the same GPUs: that costs the fast path,
-never correctness."""
+never correctness.
+
+Closer still, `process_token()`: agents of one process (prefill and decode workers of one
+`dynamo.serve`) are not CUDA IPC peers at all (the driver will not open a process's own
+handles); the same-process backend copies between their tensors directly, and it is offered
+only where the peer's advertised token equals this process's."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import socket
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 DOMAIN_SEP = "|gpu:"
 
-__all__ = ["DOMAIN_SEP", "GpuDomain", "local_host_id", "machine_id", "split_host_id"]
+__all__ = ["DOMAIN_SEP", "GpuDomain", "local_host_id", "machine_id", "process_token", "split_host_id"]
 
 
 def machine_id() -> str:
@@ -118,3 +124,14 @@ def split_host_id(host_id: str) -> tuple[str, str]:
     """(machine, GPU domain); a host_id without a domain (an older peer) has domain ""."""
     machine, _, domain = host_id.partition(DOMAIN_SEP)
     return machine, domain
+
+
+_PROCESS_NONCE = uuid.uuid4().hex
+
+
+def process_token() -> str:
+    """Names this process (machine, PID and a nonce drawn at import, so neither a reused PID
+    nor a forked child that inherited the module compares equal): two agents with equal tokens
+    live in one process and can copy into each other's KV tensors directly, with no CUDA IPC
+    (which cannot open a process's own handles) and no host staging (kvbm/transfer/local.py)."""
+    return f"{machine_id()}|pid:{os.getpid()}|{_PROCESS_NONCE}"

@@ -74,8 +74,8 @@ def add_disagg_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-transfer-backend", choices=TRANSFER_BACKEND_CHOICES,
         default=env_default("DYN_KV_TRANSFER_BACKEND", d.kv_transfer_backend),
-        help="auto: CUDA IPC between GPUs of one host, NIXL when installed, host memory over TCP "
-        "otherwise; vllm-nixl (--engine vllm on GPUs): vLLM's own NixlConnector instead of ours "
+        help="auto: a direct copy between workers of one process (same-process), CUDA IPC between "
+        "GPUs of one host, NIXL when installed, host memory over TCP otherwise; vllm-nixl (--engine vllm on GPUs): vLLM's own NixlConnector instead of ours "
         "[env DYN_KV_TRANSFER_BACKEND]",
     )
     group.add_argument(

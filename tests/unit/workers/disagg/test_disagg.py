@@ -81,16 +81,20 @@ def assert_released(decode: Worker, prefill: Worker) -> None:
 
 
 HOST = DisaggConfig(min_prefill_tokens=8, kv_transfer_backend="host", prefill_timeout_s=20)
+AUTO = DisaggConfig(min_prefill_tokens=8, prefill_timeout_s=20)
 
 
 async def test_disaggregated_greedy_output_equals_aggregated() -> None:
+    """auto between workers of one process: the same-process backend (a direct copy into the
+    decode engine's tensors, no host staging, kvbm/transfer/local.py); the host path through
+    these handlers is the HTTP frontend's test and the failure tests below."""
     expected = await aggregated(PROMPTS)
-    async with fleet(HOST) as (rt, decode, prefill):
+    async with fleet(AUTO) as (rt, decode, prefill):
         got = await asyncio.gather(*(run_request(rt, decode.instance_id, request(f"d{i}", p)) for i, p in enumerate(PROMPTS)))
         assert list(got) == expected
         handler = decode.disagg.decode  # type: ignore[union-attr]
         assert handler.stats.remote_prefills == len(PROMPTS) and handler.stats.fallbacks == 0
-        assert prefill.disagg.agent.stats.by_backend == {"host": len(PROMPTS)}  # type: ignore[union-attr]
+        assert prefill.disagg.agent.stats.by_backend == {"same-process": len(PROMPTS)}  # type: ignore[union-attr]
         # The same prompt again: its prefix is cached on the decode worker now, so only the
         # uncached tail (below the threshold) is left: prefilled locally, same tokens.
         assert await run_request(rt, decode.instance_id, request("again", PROMPTS[0])) == expected[0]
