@@ -38,7 +38,7 @@ class RouterConfig:
     session_ttl_s: float = 300.0
     # The pinned worker is overloaded, and the request scored normally, when its cost
     # (router/cost.py, its cached prefix counted) exceeds this multiple of the cheapest one's.
-    session_overload_ratio: float = 2.0
+    session_overload_ratio: float = 1.5
 
     def __post_init__(self) -> None:
         if self.kv_block_size <= 0:
