@@ -307,6 +307,7 @@ class WorkerRuntime:
         self._results = Results()
         self.pulls_done = 0
         self.pulls_failed = 0
+        self.last_pull_s = 0.0
 
     # lifecycle ------------------------------------------------------------------------------
     def start(self, layout: KvLayoutSpec, k: list[torch.Tensor], v: list[torch.Tensor]) -> HandshakeInfo:
@@ -398,6 +399,7 @@ class WorkerRuntime:
         transfer_id = uuid.uuid4().hex
         landed = agent.expect(transfer_id, spec.dst_block_ids) if spec.dst_block_ids else None
         writer: asyncio.StreamWriter | None = None
+        started = time.perf_counter()
         try:
             # With tensor parallelism rank r pulls from rank r (each holds its own heads).
             address = spec.addresses[min(self.rank, len(spec.addresses) - 1)]
@@ -414,8 +416,9 @@ class WorkerRuntime:
                     raise TransferFailed(f"prefill worker refused the pull: {reply.error}")
                 await landed
             ok = True
-            log.debug("request %s: %d blocks pulled (%d bytes over %s)",
-                      spec.request_id, len(spec.dst_block_ids), reply.kv_bytes, reply.backend)
+            self.last_pull_s = time.perf_counter() - started
+            log.debug("request %s: %d blocks pulled (%d bytes over %s) in %.1f ms", spec.request_id,
+                      len(spec.dst_block_ids), reply.kv_bytes, reply.backend, self.last_pull_s * 1000)
         except (Exception, asyncio.CancelledError) as exc:
             if landed is not None:
                 # The scheduler recomputes the prompt (kv_load_failure_policy "recompute").
