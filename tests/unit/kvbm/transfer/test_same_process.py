@@ -114,3 +114,37 @@ def test_named_backend() -> None:
     assert [b.name for b in make_backends("same-process", memory(0))] == ["same-process"]
     with pytest.raises(ValueError, match="KV tensors"):
         make_backends("same-process", None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+async def test_on_one_gpu_the_block_copy_kernel_moves_the_blocks(dtype: torch.dtype) -> None:
+    """Both caches on one GPU (two engines of one process sharing it): the direct kernel, the
+    blocks equal bit for bit, nothing else written."""
+    layout = KvLayoutSpec(num_layers=4, block_size_tokens=16, num_kv_heads=8, head_dim=64,
+                          dtype=str(dtype).removeprefix("torch."))
+    shape = (64, 16, 8, 64)
+
+    def cache(seed: int) -> KvMemory:
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        k = [torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(4)]
+        v = [torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(4)]
+        return KvMemory(k, v, layout, run_inline)
+
+    src = await make_agent("auto", layout, cache(1), host="127.0.0.1")
+    dst = await make_agent("auto", layout, cache(2), host="127.0.0.1")
+    try:
+        before = [t.clone() for t in (*dst.memory.k, *dst.memory.v)]  # type: ignore[union-attr]
+        src_ids, dst_ids = list(range(10, 40)) + [3, 63], list(range(0, 30)) + [50, 40]
+        landed = dst.expect("t", dst_ids)
+        assert (await src.send(dst.info, "t", src_ids, dst_ids))[1] == "same-process"
+        await asyncio.wait_for(landed, 10)
+        copier = src.backends["same-process"]._copiers[dst.agent_id]  # type: ignore[attr-defined]
+        assert copier is not None, "the direct kernel, not a fallback"
+        untouched = [b for b in range(64) if b not in dst_ids]
+        for i, (s, d) in enumerate(zip((*src.memory.k, *src.memory.v), (*dst.memory.k, *dst.memory.v))):  # type: ignore[union-attr]
+            assert torch.equal(d[dst_ids], s[src_ids])
+            assert torch.equal(d[untouched], before[i][untouched])
+    finally:
+        await src.close()
+        await dst.close()
