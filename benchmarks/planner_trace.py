@@ -112,7 +112,7 @@ def policies(peak_workers: int, tight_workers: int, mean_workers: int) -> list[P
         Policy("mean", [*fixed, "--agg-min", str(mean_workers), "--agg-max", str(mean_workers)], mean_workers),
         Policy("reactive", ["--mode", "load", "--queue-high", "1", "--queue-low", "0.25", "--kv-high", "1",
                             "--kv-low", "1", "--agg-min", "1", "--agg-max", "6", "--scale-down-cooldown-s", "10"], 1),
-        Policy("planner", [*sla, "--predictor", "holt", "--lead-time-s", "5", "--agg-min", "1", "--agg-max", "6",
+        Policy("planner", [*sla, "--predictor", "holt", "--lead-time-s", "10", "--agg-min", "1", "--agg-max", "6",
                            "--scale-down-cooldown-s", "10"], 1),
     ]
 
