@@ -19,6 +19,11 @@ class PlannerMetrics:
             "dynamo_planner_current_replicas", "Replicas each pool had when the planner decided", ["role"],
             registry=registry,
         )
+        self.serving = Gauge(
+            "dynamo_planner_serving_replicas",
+            "Workers of each pool registered in discovery when the planner decided (started and serving)",
+            ["role"], registry=registry,
+        )
         self.wanted = Gauge(
             "dynamo_planner_wanted_replicas",
             "Replicas the mode asked for, before min/max bounds, the GPU budget and cooldowns", ["role"],
@@ -71,4 +76,6 @@ class PlannerMetrics:
             self.desired.labels(d.role).set(d.desired)
             self.current.labels(d.role).set(d.current)
             self.wanted.labels(d.role).set(d.wanted)
+            pool = fleet.pools.get(d.role)
+            self.serving.labels(d.role).set(pool.workers if pool is not None else 0)
             self.decisions.labels(d.role, d.reason).inc()

