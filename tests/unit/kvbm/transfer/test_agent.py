@@ -135,7 +135,7 @@ def test_named_backends_say_what_they_need() -> None:
 
     with pytest.raises(ValueError, match="needs the KV cache on a GPU"):
         make_backends("cuda-ipc", memory(1))
-    assert [b.name for b in make_backends("auto", memory(1))] == ["host"]
+    assert [b.name for b in make_backends("auto", memory(1))] == ["same-process", "host"]
     if not nixl_available():
         with pytest.raises(ImportError, match="pip install nixl"):
             make_backends("nixl", memory(1))
