@@ -761,21 +761,32 @@ def test_etcd_images_exist():
             assert d["spec"]["template"]["spec"]["containers"][0]["image"].startswith("quay.io/coreos/etcd:v3.")
 
 
-def test_jetstream_is_off_because_nothing_uses_it():
-    code = "\n".join(p.read_text() for d in ("dynamo", "frontend", "router", "workers", "kvbm")
-                     for p in (ROOT / d).rglob("*.py"))
-    assert not re.search(r"jetstream|\.jsm\(|key_value\(", code, re.I), \
-        "the code uses JetStream now: turn it on in deploy/ (and say what for)"
+def test_jetstream_is_on_memory_only_for_the_shared_rate_limits():
+    # What uses JetStream: the tenant rate limits shared by frontend replicas, in a memory bucket.
+    users = sorted(
+        str(p.relative_to(ROOT)) for d in ("dynamo", "frontend", "router", "workers", "kvbm", "planner")
+        for p in (ROOT / d).rglob("*.py") if re.search(r"\.jetstream\(|\.jsm\(|\bkey_value\(|from nats\.js\b", p.read_text())
+    )
+    assert users == ["frontend/rate_limit_store.py"], f"JetStream has a new user: {users}; say what for in deploy/"
+    assert "StorageType.MEMORY" in (ROOT / "frontend" / "rate_limit_store.py").read_text()
     nats_conf = find(docs_of("agg"), "ConfigMap", "dynamo-nats-config")[0]["data"]["nats.conf"]
-    assert "jetstream" not in nats_conf
-    assert "-js" not in compose()["services"]["nats"]["command"]
-    assert "-js" not in ecs_taskdefs()["nats"]["containerDefinitions"][0]["command"]
-    assert yaml.safe_load((K8S / "helm-values" / "nats.yaml").read_text())["config"]["jetstream"]["enabled"] is False
+    assert re.search(r"jetstream\s*\{[^}]*max_file_store:\s*0", nats_conf), nats_conf
+    assert "-js" in compose()["services"]["nats"]["command"]
+    assert "-js" in ecs_taskdefs()["nats"]["containerDefinitions"][0]["command"]
+    jetstream = yaml.safe_load((K8S / "helm-values" / "nats.yaml").read_text())["config"]["jetstream"]
+    assert jetstream["enabled"] is True and jetstream["fileStore"]["enabled"] is False
+    assert jetstream["memoryStore"]["enabled"] is True
     for o in OVERLAYS:
         nats = find(docs_of(o), "StatefulSet", "dynamo-nats")[0]
-        assert not nats["spec"].get("volumeClaimTemplates"), "core NATS keeps no state"
-        c = nats["spec"]["template"]["spec"]["containers"][0]
-        assert all("js-" not in c[p]["httpGet"]["path"] for p in ("livenessProbe", "readinessProbe"))
+        assert not nats["spec"].get("volumeClaimTemplates"), "memory-only JetStream keeps no state"
+        pod = nats["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        # The store directory must be writable under a read-only root filesystem.
+        store = re.search(r"store_dir:\s*(\S+)", nats_conf)
+        assert store is not None
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert any(store.group(1).startswith(path) and "emptyDir" in v for name, path in mounts.items()
+                   for v in pod["volumes"] if v["name"] == name), (store.group(1), mounts)
 
 
 def _download_script() -> str:

@@ -765,7 +765,7 @@ def test_compose_structure():
             assert (DEPLOY / s["build"]["context"] / s["build"]["dockerfile"]).is_file()
             assert compose_default(s["build"]["target"]) in {"cpu", "cuda"}
     nats = services["nats"]
-    assert nats["command"][0] == "nats-server" and "-js" not in nats["command"], "core NATS: JetStream is unused"
+    assert nats["command"][0] == "nats-server" and "-js" in nats["command"], "JetStream: shared rate limits"
     assert "etcd" in services and "profiles" not in nats and "profiles" not in services["etcd"]
     for name, s in services.items():
         if name.startswith(("frontend", "worker", "prefill", "decode")):
