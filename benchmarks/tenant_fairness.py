@@ -7,17 +7,16 @@ queues), and NVIDIA Dynamo 1.6.1 at its defaults (its Rust frontend and mocker; 
 Every run offers the same trace: Poisson arrivals per tenant at fixed rates, streaming
 completions of --input-tokens / --output-tokens, the same prompts (seeded).
 
-    python benchmarks/tenant_fairness.py [--duration-s 40] [--workers 2] [--max-num-seqs 16] \
-        [--speedup-ratio 0.25] [--share-rps 10] [--systems ours,fifo,nolimit,dynamo] [--json-out F]
+    python benchmarks/tenant_fairness.py --systems ours,fifo,nolimit,dynamo --duration-s 75 \
+        --warmup-s 5 --speedup-ratio 0.1 --share-rps 4 --timeout-s 400 [--json-out F]
 
 Dynamo runs from benchmarks/run_dynamo_anchor.sh's virtual environment ($DYN_VENV, default
-/tmp/dyn; created there when missing).
+/tmp/dyn; that script creates it when missing: run it once first).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import asyncio
 import json
 import os
@@ -280,12 +279,13 @@ def main() -> None:
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
     results: dict[str, object] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    with contextlib.nullcontext(tempfile.mkdtemp(prefix="tenant-fairness.")) as tmp_dir:
-        print(tmp_dir, file=sys.stderr)
-        for system in args.systems.split(","):
-            print(f"== {system}", file=sys.stderr, flush=True)
-            results[system] = run_system(system, args, Path(tmp_dir))
-            print(json.dumps(results[system], indent=1), file=sys.stderr, flush=True)
+    # Kept afterwards: the servers' logs, for a look at a run that went wrong.
+    tmp = Path(tempfile.mkdtemp(prefix="tenant-fairness."))
+    print(f"logs in {tmp}", file=sys.stderr)
+    for system in args.systems.split(","):
+        print(f"== {system}", file=sys.stderr, flush=True)
+        results[system] = run_system(system, args, tmp)
+        print(json.dumps(results[system], indent=1), file=sys.stderr, flush=True)
     text = json.dumps(results, indent=1)
     if args.json_out:
         args.json_out.write_text(text)
