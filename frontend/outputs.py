@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
+
 from frontend.parsers import ToolCallDelta
 from frontend.schemas import FunctionCall, TokenLogprob, ToolCall, Usage
 
@@ -23,10 +25,13 @@ __all__ = ["ChoiceAccumulator", "ChoiceDelta", "ChoiceResult", "FunctionCall", "
 # ------------------------------------------------------------------------------------- choices
 
 
-@dataclass(slots=True)
-class ChoiceDelta:
+class ChoiceDelta(msgspec.Struct):
     """What one choice adds in one burst. `finish_reason` is set on its last delta, with
-    `stop_sequence` when a stop string ended it (Anthropic reports which one)."""
+    `stop_sequence` when a stop string ended it (Anthropic reports which one).
+
+    A Struct, not a dataclass: one is built per token. It is built in C (half a dataclass's
+    time) and, holding only strings, ints and None on the plain path, is not tracked by the
+    cyclic GC, so tokens add no collections (frontend overhead, benchmarks/RESULTS.md)."""
 
     index: int
     content: str = ""
