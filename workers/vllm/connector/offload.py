@@ -50,7 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from dynamo.kv_hash import block_hash
@@ -685,6 +685,24 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return KvbmConnectorStats(data)
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVConnectorPromMetrics | None:
+        # Alone, vLLM skips a connector without Prometheus metrics; under MultiConnector (with the
+        # transfer connector on a decode worker) it asserts every connector with stats has them.
+        # Ours reach dynamo_kvbm_* through the worker (KvbmView), so vLLM's observer records nothing.
+        return _NoPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
+
+class _NoPromMetrics(KVConnectorPromMetrics):
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        return None
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:

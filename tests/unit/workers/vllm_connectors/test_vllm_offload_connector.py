@@ -207,3 +207,25 @@ def test_view_feeds_the_metrics_also_inside_a_multiconnector_payload() -> None:
     assert sample("dynamo_kvbm_offload_blocks_total", {"model": "m", "tier": "host"}) == 4
     assert sample("dynamo_kvbm_blocks_used", {"model": "m", "tier": "host"}) == 4
     assert sample("dynamo_kvbm_blocks_total", {"model": "m", "tier": "host"}) == 8
+
+
+def test_multiconnector_prometheus_observer_takes_our_stats() -> None:
+    # A decode worker with tiers runs the transfer and KVBM connectors under vLLM's MultiConnector,
+    # whose Prometheus observer asserts that every connector reporting stats has metrics of its own.
+    from types import SimpleNamespace
+
+    from prometheus_client import Counter, Gauge, Histogram
+    from vllm.distributed.kv_transfer.kv_connector.v1.multi_connector import MultiKVConnectorPromMetrics
+
+    from workers.vllm.connector.offload import DynamoKvbmConnector
+
+    config = SimpleNamespace(kv_transfer_config=None)
+    types = {Gauge: Gauge, Counter: Counter, Histogram: Histogram}
+    ours = DynamoKvbmConnector.build_prom_metrics(config, types, ["engine"], {0: [0]})  # type: ignore[arg-type]
+    assert ours is not None
+    multi = MultiKVConnectorPromMetrics(config, types, ["engine"], {0: [0]}, {"DynamoKvbmConnector": ours})  # type: ignore[arg-type]
+    side = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
+    finish(side, FakeRequest("a", list(range(100, 118))), [1, 2, 3, 4, 5])
+    stats = side.stats()
+    assert stats is not None
+    multi.observe({"DynamoKvbmConnector": stats.to_dict()})
