@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 from kvbm.transfer.backends import BACKEND_CHOICES
 
 # Backends an engine brings itself, not the transfer agent: vLLM's own NixlConnector.
@@ -45,47 +45,30 @@ class DisaggConfig:
         )
 
 
+_D = DisaggConfig()
+DISAGG_FLAGS = FlagGroup(
+    "disaggregation (--role prefill|decode)",
+    [
+        Flag("--disagg-prefill-component", "component of the prefill workers; a prefill worker with the default "
+             "--component serves here", _D.prefill_component, "DYN_DISAGG_PREFILL_COMPONENT"),
+        Flag("--disagg-min-prefill-tokens", "decode workers prefill locally when fewer prompt tokens than this are "
+             "uncached on them", _D.min_prefill_tokens, "DYN_DISAGG_MIN_PREFILL_TOKENS", int),
+        Flag("--disagg-max-prefill-queue", "prompt tokens queued on the least busy prefill worker above which "
+             "decode workers prefill locally", _D.max_prefill_queue_tokens, "DYN_DISAGG_MAX_PREFILL_QUEUE", int),
+        Flag("--disagg-prefill-timeout-s", "a remote prefill (with its KV transfer) slower than this is abandoned "
+             "and the prompt prefilled locally", _D.prefill_timeout_s, "DYN_DISAGG_PREFILL_TIMEOUT_S", float),
+        Flag("--kv-transfer-backend", "auto: a direct copy between workers of one process (same-process), CUDA IPC "
+             "between GPUs of one host, NIXL when installed, host memory over TCP otherwise; vllm-nixl "
+             "(--engine vllm on GPUs): vLLM's own NixlConnector instead of ours", _D.kv_transfer_backend,
+             "DYN_KV_TRANSFER_BACKEND", choices=TRANSFER_BACKEND_CHOICES),
+        Flag("--kv-transfer-host", "address of this worker's KV transfer listener, as peers reach it", None,
+             "DYN_KV_TRANSFER_HOST",
+             default_doc="listen on every interface and advertise this host's address on its default route"),
+        Flag("--kv-link-gbs", "mocker only: bandwidth of the simulated KV link in GB/s", _D.kv_link_gbs,
+             "DYN_KV_LINK_GBS", float),
+    ],
+)
+
+
 def add_disagg_args(parser: argparse.ArgumentParser) -> None:
-    d = DisaggConfig()
-    group = parser.add_argument_group("disaggregation (--role prefill|decode)")
-    group.add_argument(
-        "--disagg-prefill-component", default=env_default("DYN_DISAGG_PREFILL_COMPONENT", d.prefill_component),
-        help="component of the prefill workers; a prefill worker with the default --component "
-        "serves here [env DYN_DISAGG_PREFILL_COMPONENT]",
-    )
-    group.add_argument(
-        "--disagg-min-prefill-tokens", type=int,
-        default=int(env_default("DYN_DISAGG_MIN_PREFILL_TOKENS", str(d.min_prefill_tokens)) or 0),
-        help="decode workers prefill locally when fewer prompt tokens than this are uncached "
-        "on them [env DYN_DISAGG_MIN_PREFILL_TOKENS]",
-    )
-    group.add_argument(
-        "--disagg-max-prefill-queue", type=int,
-        default=int(env_default("DYN_DISAGG_MAX_PREFILL_QUEUE", str(d.max_prefill_queue_tokens)) or 0),
-        help="prompt tokens queued on the least busy prefill worker above which decode workers "
-        "prefill locally [env DYN_DISAGG_MAX_PREFILL_QUEUE]",
-    )
-    group.add_argument(
-        "--disagg-prefill-timeout-s", type=float,
-        default=float(env_default("DYN_DISAGG_PREFILL_TIMEOUT_S", str(d.prefill_timeout_s)) or d.prefill_timeout_s),
-        help="a remote prefill (with its KV transfer) slower than this is abandoned and the "
-        "prompt prefilled locally [env DYN_DISAGG_PREFILL_TIMEOUT_S]",
-    )
-    group.add_argument(
-        "--kv-transfer-backend", choices=TRANSFER_BACKEND_CHOICES,
-        default=env_default("DYN_KV_TRANSFER_BACKEND", d.kv_transfer_backend),
-        help="auto: a direct copy between workers of one process (same-process), CUDA IPC between "
-        "GPUs of one host, NIXL when installed, host memory over TCP otherwise; vllm-nixl (--engine vllm on GPUs): vLLM's own NixlConnector instead of ours "
-        "[env DYN_KV_TRANSFER_BACKEND]",
-    )
-    group.add_argument(
-        "--kv-transfer-host", default=env_default("DYN_KV_TRANSFER_HOST", d.kv_transfer_host),
-        help="address of this worker's KV transfer listener, as peers reach it (default: listen "
-        "on every interface and advertise this host's address on its default route) "
-        "[env DYN_KV_TRANSFER_HOST]",
-    )
-    group.add_argument(
-        "--kv-link-gbs", type=float,
-        default=float(env_default("DYN_KV_LINK_GBS", str(d.kv_link_gbs)) or d.kv_link_gbs),
-        help="mocker only: bandwidth of the simulated KV link in GB/s [env DYN_KV_LINK_GBS]",
-    )
+    DISAGG_FLAGS.add_to(parser)

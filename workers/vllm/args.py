@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dynamo.config import env_default
+from dynamo.flags import Flag, FlagGroup
 from kvbm.config import KvbmConfig, add_kvbm_args
 
 if TYPE_CHECKING:
@@ -78,6 +78,15 @@ def vllm_engine_parser() -> argparse.ArgumentParser:
     return parser
 
 
+VLLM_FLAGS = FlagGroup(
+    "vllm worker",
+    [
+        Flag("--publish-kv-events", "subscribe to vLLM's KV events and publish them, re-hashed, for KV-aware "
+             "routing", True, "DYN_VLLM_PUBLISH_KV_EVENTS", bool),
+    ],
+)
+
+
 def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     """Adds our vLLM-worker flags, then every vLLM engine flag the parser does not have yet.
 
@@ -90,14 +99,7 @@ def add_vllm_args(parser: argparse.ArgumentParser) -> None:
     (`--compilation-config '{"mode": 0}'`, not dotted `--compilation-config.mode 0`), and no
     `--config FILE`.
     """
-    group = parser.add_argument_group("vllm worker")
-    group.add_argument(
-        "--publish-kv-events",
-        action=argparse.BooleanOptionalAction,
-        default=(env_default("DYN_VLLM_PUBLISH_KV_EVENTS", "1") or "1") not in ("0", "false"),
-        help="subscribe to vLLM's KV events and publish them, re-hashed, for KV-aware routing "
-        "[env DYN_VLLM_PUBLISH_KV_EVENTS]",
-    )
+    VLLM_FLAGS.add_to(parser)
     add_kvbm_args(parser)
     engine_group = parser.add_argument_group(
         "vllm engine", "vLLM's own engine flags (AsyncEngineArgs), passed through unchanged"

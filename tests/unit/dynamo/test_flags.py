@@ -33,6 +33,8 @@ def tables() -> dict[str, FlagGroup]:
     from workers.cli import MODEL_FLAGS, WORKER_FLAGS
     from kvbm.config import KVBM_FLAGS
     from workers.builtin.args import BUILTIN_FLAGS
+    from workers.disagg.args import DISAGG_FLAGS
+    from workers.vllm.args import VLLM_FLAGS
     from workers.mocker.args import MOCKER_FLAGS
     from workers.sglang.args import SGLANG_FLAGS
     from workers.trtllm.args import TRTLLM_FLAGS
@@ -53,6 +55,8 @@ def tables() -> dict[str, FlagGroup]:
         "mocker": MOCKER_FLAGS,
         "kvbm": KVBM_FLAGS,
         "builtin": BUILTIN_FLAGS,
+        "disagg": DISAGG_FLAGS,
+        "vllm": VLLM_FLAGS,
         "sglang": SGLANG_FLAGS,
         "trtllm": TRTLLM_FLAGS,
     }
