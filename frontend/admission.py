@@ -13,7 +13,11 @@ tenants share the slots by weighted fair queuing on estimated tokens (start-time
 so a tenant with many requests queued gets its weight's share of the band and no more. With
 `--fair-share-headroom`, a tenant holding fewer slots (per weight) than the largest holder takes
 one past the limit at once instead of waiting for another tenant's request to end; the largest
-holder's slots are then not replaced until the count is back under the limit. A waiter past
+holder's slots are then not replaced until the count is back under the limit; and the headroom is
+a reserve for tenants under their share: while another tenant's demand (slots held and requests
+waiting) is over its weighted share of limit plus headroom, a tenant whose demand is within its
+share takes a slot past the limit at once, even if it already holds as many as the largest
+holder (a light tenant's burst does not wait for the flood's requests to end). A waiter past
 its class's queue timeout gets 503 with Retry-After. A full queue refuses with 429 the request
 that would be served last (the newcomer, or a waiter due after it). A class with a TTFT target
 has its requests' TTFT predicted from the router's load view (router/ttft_estimate.py): one
@@ -267,14 +271,33 @@ class AdmissionGate:
         """Past the limit, within the headroom: may this request's tenant take a slot now?"""
         if not self.headroom or self.count >= self.limit + self.headroom:
             return False
-        return self._below_the_top(ticket.tenant, ticket.weight)
+        return self._may_pass_limit(ticket.tenant, ticket.weight, new=1)
 
-    def _below_the_top(self, tenant: str, weight: float) -> bool:
-        """With one more slot, does the tenant still hold fewer per weight than the tenant that
-        holds the most? (Max-min fairness: the largest holder is the one whose slots are not
-        replaced until the count is back under the limit.)"""
-        top = max((n / self._active_weight[u] for u, n in self._held.items() if u != tenant), default=0.0)
-        return (self._held.get(tenant, 0) + 1) / weight < top
+    def _may_pass_limit(self, tenant: str, weight: float, new: int) -> bool:
+        """May the tenant hold one more slot past the limit? Counted by demand (slots held,
+        requests waiting, and `new` requests not queued yet) against its weighted share of the
+        whole capacity, limit plus headroom:
+        - over that share: no. Its part is held at the limit, and its slots are not replaced
+          past it, so what others borrow comes out of its part;
+        - within it: yes if, with one more slot, it still holds fewer per weight than the largest
+          holder (max-min fairness on slots), or if another tenant is over its share. The
+          headroom is then this tenant's reserve: a tenant sending less than its share gets
+          what it asks for at once, up to that share, even while it holds as many slots as
+          the flooding tenant, whose part shrinks as its requests end unreplaced; without
+          this a light tenant's burst waits for some flood request to end. Tenants all within
+          their shares (one alone, or several light ones) keep to the limit itself, as no one
+          would pay the borrowed slots back."""
+        weights = {**self._active_weight, tenant: weight}  # a newcomer's tenant is active from now
+        share = (self.limit + self.headroom) / sum(weights.values())
+        if (self._held.get(tenant, 0) + self._waiting_of(tenant) + new) / weight > share:
+            return False
+        top = max((n / weights[u] for u, n in self._held.items() if u != tenant), default=0.0)
+        if (self._held.get(tenant, 0) + 1) / weight < top:
+            return True
+        return any((self._held.get(u, 0) + self._waiting_of(u)) / w > share for u, w in weights.items() if u != tenant)
+
+    def _waiting_of(self, tenant: str) -> int:
+        return sum(band.tenants.get(tenant, 0) for band in self._bands.values())
 
     # -------------------------------------------------------------------------- TTFT target
 
@@ -368,7 +391,7 @@ class AdmissionGate:
         if self.count >= self.limit + self.headroom:
             return None
         for _, band in self._bands_in_order():
-            eligible = {t for t in band.tenants if self._below_the_top(t, self._active_weight[t])}
+            eligible = {t for t in band.tenants if self._may_pass_limit(t, self._active_weight[t], new=0)}
             if not eligible:
                 continue
             candidates = [entry for entry in band.heap if entry[2].live and entry[2].ticket.tenant in eligible]

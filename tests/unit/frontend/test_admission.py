@@ -195,14 +195,15 @@ async def test_headroom_lets_a_tenant_below_the_largest_holder_in_past_the_limit
     assert gate.count == 6
     await queue.add("quiet-3", _ticket("quiet"))  # the headroom (6 of 6) is used: it waits
     assert gate.waiting == 2
-    for ticket in flood[:3]:
-        gate.release(ticket)  # 3 of 6 slots held: below the limit again, one waiter goes
+    for ticket in flood[:2]:
+        gate.release(ticket)
     while not queue.admitted:
         await asyncio.sleep(0)
-    # The quiet tenant's two borrowed slots were charged: the flooding tenant's waiter is due first.
-    assert queue.admitted == ["flood-5"] and gate.count == 4
-    queue.holding = [flood[3]]
-    assert await queue.serve_all() == ["flood-5", "quiet-3"]
+    # The first release went to the quiet tenant, within its share (3 of 6) while the flooding
+    # tenant is over its own; the flooding tenant's slot was not replaced past the limit.
+    assert queue.admitted == ["quiet-3"] and gate.count == 5
+    queue.holding = flood[2:]
+    assert await queue.serve_all() == ["quiet-3", "flood-5"]
 
 
 async def test_a_waiting_tenant_below_the_largest_holder_goes_first_past_the_limit() -> None:
@@ -223,6 +224,52 @@ async def test_a_waiting_tenant_below_the_largest_holder_goes_first_past_the_lim
         await asyncio.sleep(0)
     assert queue.admitted == ["light-1"] and gate.count == 6
     assert gate.waiting == 1  # flood-5 waits for the count to fall below the limit
+
+
+async def test_headroom_is_a_reserve_for_a_tenant_within_its_share() -> None:
+    registry = CollectorRegistry()
+    table = TenantTable({}, CLASSES)
+    config = AdmissionConfig(max_inflight=6, max_waiting=10, fair_share_headroom=0.5)  # 9 in all: 3 a tenant
+    gate = AdmissionGate(config, FrontendMetrics(registry), lambda: table)
+    held = [_ticket(t) for t in ("flood", "flood", "light-a", "light-a", "light-b", "light-b")]
+    for ticket in held:
+        await gate.acquire(ticket)
+    queue = Queue(gate, registry, *held)
+    for n in range(3, 7):  # the flooding tenant's demand, 2 held and 4 waiting, is over its share
+        await queue.add(f"flood-{n}", _ticket("flood"))
+    # light-a holds as many slots as the flooding tenant (not below the top), but its demand is
+    # within its share of the capacity while the flooding tenant's is over: in at once.
+    await gate.acquire(_ticket("light-a"))
+    assert gate.count == 7
+    await queue.add("light-a-4", _ticket("light-a"))  # 4 would be over its share: it waits
+    assert gate.waiting == 5
+    gate.release(held[0])  # 6 held, at the limit: the flooding tenant's slot is not replaced
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert gate.count == 6 and queue.admitted == []
+
+
+async def test_tenants_within_their_shares_keep_to_the_limit() -> None:
+    registry = CollectorRegistry()
+    table = TenantTable({}, CLASSES)
+    config = AdmissionConfig(max_inflight=4, max_waiting=10, fair_share_headroom=0.5)  # 6 in all: 3 a tenant
+    gate = AdmissionGate(config, FrontendMetrics(registry), lambda: table)
+    held = [_ticket("a"), _ticket("a"), _ticket("b"), _ticket("b")]
+    for ticket in held:
+        await gate.acquire(ticket)
+    queue = Queue(gate, registry, *held)
+    # Within its share, but no tenant is over its own to pay the slot back, and it would not hold
+    # fewer than the largest holder: it waits.
+    await queue.add("a-3", _ticket("a"))
+    assert gate.count == 4 and gate.waiting == 1
+    assert await queue.serve_all() == ["a-3"]
+    # One tenant alone keeps to the limit too.
+    alone, alone_registry = _gate(max_inflight=2)
+    for _ in range(2):
+        await alone.acquire(_ticket("solo"))
+    alone_queue = Queue(alone, alone_registry)
+    await alone_queue.add("solo-3", _ticket("solo"))
+    assert alone.count == 2 and alone.waiting == 1
 
 
 async def test_a_cancelled_waiter_leaves_and_its_slot_goes_on() -> None:
