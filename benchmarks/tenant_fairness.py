@@ -89,6 +89,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 180)
     raise TimeoutError(f"{url} not ready")
 
 
+def headroom(args: argparse.Namespace) -> float:
+    """The reserve past the limit for tenants under their share: by default, up to the engines'
+    batch, so that borrowed slots start at once (docs/tenants.md, choosing the headroom)."""
+    if args.fair_share_headroom is not None:
+        return args.fair_share_headroom
+    return max(0.0, args.max_num_seqs / args.inflight_per_worker - 1)
+
+
 def start_ours(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[str, list[subprocess.Popen[bytes]]]:
     port = _free_port()
     cmd = [
@@ -107,7 +115,7 @@ def start_ours(args: argparse.Namespace, mode: str, tmp: Path) -> tuple[str, lis
             # router picks, instead of waiting in that engine's FIFO queue.
             "--max-inflight-requests", str(args.workers * args.inflight_per_worker),
             "--max-waiting-requests", str(args.max_waiting), "--queue-timeout-s", str(args.queue_timeout_s),
-            "--fair-share-headroom", str(args.fair_share_headroom),
+            "--fair-share-headroom", str(headroom(args)),
         ]
     else:  # nolimit: the defaults (no admission queue), keys only to send the same requests
         cmd += ["--api-key", ",".join(f"sk-{name}" for name in TENANTS)]
@@ -273,12 +281,17 @@ def main() -> None:
     parser.add_argument("--duration-s", type=float, default=40.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
     parser.add_argument("--max-waiting", type=int, default=256)
-    parser.add_argument("--fair-share-headroom", type=float, default=0.25)
+    parser.add_argument(
+        "--fair-share-headroom", type=float, default=None,
+        help="ours; default: what takes the limit to the engines' batch (--max-num-seqs / "
+        "--inflight-per-worker - 1: 24 / 16 - 1 = 0.5), as docs/tenants.md advises",
+    )
     parser.add_argument("--queue-timeout-s", type=float, default=30.0)
     parser.add_argument("--timeout-s", type=float, default=120.0)
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
-    results: dict[str, object] = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results: dict[str, object] = {"config": {**config, "fair_share_headroom": headroom(args)}}
     # Kept afterwards: the servers' logs, for a look at a run that went wrong.
     tmp = Path(tempfile.mkdtemp(prefix="tenant-fairness."))
     print(f"logs in {tmp}", file=sys.stderr)
