@@ -39,6 +39,9 @@ class RouterConfig:
     # The pinned worker is overloaded, and the request scored normally, when its cost
     # (router/cost.py, its cached prefix counted) exceeds this multiple of the cheapest one's.
     session_overload_ratio: float = 1.5
+    # ...and by more than this many blocks of prefill: near idle, costs are a few blocks, and a
+    # load report that still shows the session's previous turn would pass any ratio by itself.
+    session_overload_min_blocks: float = 8.0
 
     def __post_init__(self) -> None:
         if self.kv_block_size <= 0:
@@ -55,6 +58,8 @@ class RouterConfig:
             raise ValueError("session_ttl_s must be >= 0")
         if self.session_overload_ratio < 1:
             raise ValueError("session_overload_ratio must be >= 1")
+        if self.session_overload_min_blocks < 0:
+            raise ValueError("session_overload_min_blocks must be >= 0")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
@@ -71,6 +76,7 @@ class RouterConfig:
             disk_hit_weight=args.kv_disk_hit_weight,
             session_ttl_s=args.router_session_affinity_ttl_s,
             session_overload_ratio=args.router_session_overload_ratio,
+            session_overload_min_blocks=args.router_session_overload_min_blocks,
         )
 
 
@@ -172,6 +178,14 @@ ROUTER_FLAGS = FlagGroup(
             "worker's",
             default=_D.session_overload_ratio,
             env="DYN_ROUTER_SESSION_OVERLOAD_RATIO",
+            type=float,
+        ),
+        Flag(
+            "--router-session-overload-min-blocks",
+            "...and exceeds it by more than this many KV blocks of prefill (near idle, a load "
+            "report still showing the session's previous turn would pass any ratio)",
+            default=_D.session_overload_min_blocks,
+            env="DYN_ROUTER_SESSION_OVERLOAD_MIN_BLOCKS",
             type=float,
         ),
         Flag(

@@ -157,9 +157,12 @@ class KvRouter(LoadAwareRouter):
         """The pinned worker's cost (router/cost.py: its queued and uncached prefill, its
         decode load; its cached prefix already counts in its favour) exceeds the ratio times
         the cheapest candidate's: a session may cost up to that much more than plain KV routing
-        would pay, in exchange for staying where its cache is."""
+        would pay, in exchange for staying where its cache is; and by more than
+        `session_overload_min_blocks` blocks of prefill, so that near idle a lagging load report
+        (the session's previous turn, still counted) does not move a session off its cache."""
         best = min(c.logit for c in costs)
-        return pinned.logit > self.config.session_overload_ratio * best + _TIE_EPSILON
+        margin = self.config.overlap_score_weight * self.config.session_overload_min_blocks
+        return pinned.logit > max(self.config.session_overload_ratio * best, best + margin) + _TIE_EPSILON
 
     def instance_removed(self, instance_id: int) -> None:
         super().instance_removed(instance_id)

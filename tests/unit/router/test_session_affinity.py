@@ -129,6 +129,23 @@ async def test_an_overloaded_worker_yields_to_normal_scoring(runtime: Runtime) -
         assert affinity(metrics, "hit") == 1
 
 
+async def test_overload_needs_the_ratio_and_a_margin(runtime: Runtime) -> None:
+    # The e2e fleet's case: near idle, a 2-block prompt costs an idle worker 8 x 2 + 2 = 18, and
+    # the pinned worker 30 with a load report still showing the previous turn's ~20 prompt
+    # tokens: past 1.5x, yet a few blocks of work, not overload.
+    from router.cost import WorkerCost
+
+    async with KvRouter(RouterConfig(kv_block_size=BLOCK, seed=0), runtime.events, NS, COMP) as router:
+        idle = WorkerCost(B, 0, 2, 2, 18.0)
+        lagging = WorkerCost(A, 0, 3.25, 4, 30.0)
+        busy = WorkerCost(A, 0, 40, 60, 380.0)
+        assert not router._overloaded(lagging, [lagging, idle])
+        assert router._overloaded(busy, [busy, idle])
+    no_margin = RouterConfig(kv_block_size=BLOCK, seed=0, session_overload_min_blocks=0)
+    async with KvRouter(no_margin, runtime.events, NS, COMP) as router:
+        assert router._overloaded(lagging, [lagging, idle])  # the ratio alone moved it
+
+
 async def test_affinity_off_or_without_a_session_scores_normally(runtime: Runtime) -> None:
     config = RouterConfig(kv_block_size=BLOCK, seed=0, overlap_score_weight=0.0, session_ttl_s=0)
     async with KvRouter(config, runtime.events, NS, COMP) as router:
