@@ -70,10 +70,8 @@ def fleet(nats_server: str, etcd_server: str, tmp_path_factory: pytest.TempPathF
                            "--served-model-name", MODEL, "--speedup-ratio", "100", "--system-port", str(port))
         workers[name] = (proc, f"http://127.0.0.1:{port}/metrics")
     router_port = free_port()
-    # Stickiness and re-pinning are what this fleet checks; the overload fallback has its unit
-    # tests. At these tiny costs (a few blocks) a worker's load report that still shows the
-    # session's previous turn can pass the 1.5x ratio by itself and move the session: a
-    # near-idle weakness of the ratio, noted, not what this test is about.
+    # Stickiness and re-pinning are what this fleet checks; the overload fallback (ratio and
+    # margin, router/kv_router.py) has its unit tests, so overload is out of play here.
     stack.start("router", "dynamo.router", "--router-mode", "kv", "--system-port", str(router_port),
                 "--router-session-overload-ratio", "1000")
     frontends = []
