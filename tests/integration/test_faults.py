@@ -40,6 +40,8 @@ class Fleet:
     migrating: str  # base URL of the frontend with --migration-limit 3
     strict: str  # base URL of the frontend with --migration-limit 0
     plane: str  # the request plane: "tcp" or "nats"
+    nats_monitor: str = ""  # nats-server's monitoring URL
+    nats_clients: tuple[int, int] = (0, 0)  # (connections, subscriptions) before a restart
     workers: list[Proc] = field(default_factory=list)
     spawned: int = 0
     system_ports: dict[str, int] = field(default_factory=dict)  # worker name -> /metrics port
@@ -76,7 +78,8 @@ def _instances(base: str) -> list[int]:
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # Our own servers: these tests kill and restart them, which the session fixtures must not see.
     plane: str = request.param
-    nats, etcd = start_nats(), start_etcd()
+    monitor_port = free_port()
+    nats, etcd = start_nats(extra_args=["-m", str(monitor_port)]), start_etcd()
     tmp: Path = tmp_path_factory.mktemp(f"faults-{plane}")
     env = base_env(
         NATS_SERVER=nats.url,
@@ -88,7 +91,8 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     )
     stack = Stack(tmp, env)
     ports = free_port(), free_port()
-    f = Fleet(stack, nats, etcd, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", plane)
+    f = Fleet(stack, nats, etcd, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", plane,
+              f"http://127.0.0.1:{monitor_port}")
     try:
         for _ in range(3):
             f.start_worker()
@@ -301,7 +305,18 @@ async def test_sigterm_drains_a_worker(fleet: Fleet, frontend: str) -> None:
     fleet.wait_for_workers(3)
 
 
+def _nats_clients(fleet: Fleet) -> tuple[int, int]:
+    """(client connections, subscriptions) on nats-server, from its monitoring endpoint."""
+    try:
+        conns = httpx.get(f"{fleet.nats_monitor}/connz", timeout=1.0).json()["num_connections"]
+        subs = httpx.get(f"{fleet.nats_monitor}/subsz", timeout=1.0).json()["num_subscriptions"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return 0, 0
+    return int(conns), int(subs)
+
+
 def _restart_nats(fleet: Fleet) -> None:
+    fleet.nats_clients = _nats_clients(fleet)
     fleet.nats.kill(signal.SIGKILL)
     fleet.nats.start()  # same port and data directory
 
@@ -328,7 +343,13 @@ async def test_nats_restart_without_migration_ends_streams_cleanly(fleet: Fleet)
 
 async def _served_after_nats_returned(fleet: Fleet) -> None:
     """Clients reconnected to the restarted server: the fleet serves every request again."""
-    fleet.wait_for_workers(3)
+    fleet.wait_for_workers(3)  # they never left etcd: this alone does not say NATS is back
+    # Every process reconnects on its own schedule (nats-py's reconnect wait): until a worker has
+    # re-subscribed, requests to it get "no responders". Wait for what was there before.
+    conns, subs = fleet.nats_clients
+    assert conns > 0 and subs > 0, "nats-server's monitoring answered nothing before the restart"
+    wait_until(lambda: all(now >= then for now, then in zip(_nats_clients(fleet), (conns, subs))), 60,
+               f"{conns} NATS connections and {subs} subscriptions back after the restart")
     for base in (fleet.migrating, fleet.strict):
         after, _ = await _load(base, lambda: None)
         assert after.bad == [] and after.complete == CLIENTS, after
