@@ -239,8 +239,9 @@ async def test_load_ramp_grows_the_decode_pool_then_shrinks_it_losing_nothing(fl
                        "the decode pool back to one worker", fleet)
         await load.finish()
     assert peak >= 2
-    assert load.failures() == [], load.failures()[:5]
-    assert len(load.outcomes) > 15
+    # Every stream of the ramp complete (how many there were depends on how fast each phase's
+    # condition was met, not on the planner).
+    assert load.outcomes and load.failures() == [], load.failures()[:5]
 
 
 async def test_long_prompts_grow_the_prefill_pool(fleet: Fleet) -> None:

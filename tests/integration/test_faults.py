@@ -80,6 +80,9 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     plane: str = request.param
     monitor_port = free_port()
     nats, etcd = start_nats(extra_args=["-m", str(monitor_port)]), start_etcd()
+    # The monitor listens a moment after the client port that start_nats waits for: bound before
+    # the frontends' ports are picked, or one of them could be given the same free port.
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{monitor_port}/varz"), 30, "nats-server's monitoring port")
     tmp: Path = tmp_path_factory.mktemp(f"faults-{plane}")
     env = base_env(
         NATS_SERVER=nats.url,
