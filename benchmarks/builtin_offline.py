@@ -35,10 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dynamo.wire import PreprocessedRequest, SamplingOptions, StopConditions  # noqa: E402
 from workers.builtin import executor as executor_module  # noqa: E402
 from workers.builtin.args import BuiltinConfig  # noqa: E402
-from workers.builtin.attention import attention_backend  # noqa: E402
 from workers.builtin.config import ModelConfig  # noqa: E402
 from workers.builtin.engine import BuiltinEngine  # noqa: E402
-from workers.builtin.model import LlamaForCausalLM  # noqa: E402
 
 QWEN3_0_6B = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
@@ -49,24 +47,6 @@ QWEN3_0_6B = {
 }
 SMOKE = dict(QWEN3_0_6B, vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=0, eos_token_id=1)
-
-
-def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """The loader's model with random weights (std 0.02, norms 1) instead of a checkpoint."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config, attention_backend(device))
-    model = model.to_empty(device=device).to(dtype)
-    model.rotary.build(device)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return model.eval()
 
 
 def workload(num_seqs: int, lo: int, hi: int, max_id: int = 10000, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -162,7 +142,6 @@ def main() -> None:
     if args.smoke:
         args.num_seqs, args.min_len, args.max_len, args.runner_steps = 6, 4, 24, 4
     device = "cpu" if args.smoke else "cuda"
-    executor_module.load_model = random_model  # no checkpoint: random weights of the shape
     work = workload(args.num_seqs, args.min_len, args.max_len, min(10000, shape["vocab_size"] - 1))
     res: dict[str, Any] = {"shape": {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
                            "num_seqs": args.num_seqs, "lengths": [args.min_len, args.max_len],
@@ -176,8 +155,9 @@ def main() -> None:
         res["matmul_bf16_TFLOPs"] = builtin_gpu.matmul_peak(torch.device("cuda")) / 1e12
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(shape))
-        base = dict(model=tmp, device=device, max_num_seqs=256, max_num_batched_tokens=args.max_num_batched_tokens,
-                    max_model_len=2 * args.max_len + 16)
+        # No checkpoint: random weights of the shape (--load-format dummy).
+        base = dict(model=tmp, load_format="dummy", device=device, max_num_seqs=256,
+                    max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16)
         for mode in args.modes:
             config = BuiltinConfig(**base, overlap_schedule=mode == "overlap")  # type: ignore[arg-type]
             r = asyncio.run(run_engine(config, work, args.temperature))

@@ -108,17 +108,14 @@ def own_stream_per_engine() -> None:
 async def run_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
     import torch
 
-    from builtin_offline import random_model
     from dynamo.config import RuntimeConfig
     from dynamo.runtime import Runtime
-    from workers.builtin import executor
     from workers.builtin.args import add_builtin_args
     from workers.builtin.engine import BuiltinEngine
     from workers.builtin.args import BuiltinConfig
     from workers.disagg.args import DisaggConfig
     from workers.worker import Worker, WorkerConfig
 
-    executor.load_model = random_model  # no checkpoint: random weights of the shape
     if config == "disagg-streams":
         own_stream_per_engine()
     disagg = config.startswith("disagg")
@@ -128,7 +125,7 @@ async def run_config(args: argparse.Namespace, config: str) -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     add_builtin_args(parser)
     device = "cpu" if args.smoke else "cuda"
-    flags = ["--device", device, "--max-num-seqs", str(args.max_num_seqs),
+    flags = ["--load-format", "dummy", "--device", device, "--max-num-seqs", str(args.max_num_seqs),
              "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-model-len", "8192"]
     if args.smoke:
         flags += ["--num-gpu-blocks", "512", "--block-size", "16"]

@@ -15,15 +15,24 @@ from pathlib import Path
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 
-def _stat_fields(pid: int) -> list[str]:
-    raw = Path(f"/proc/{pid}/stat").read_text()
+def _stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat").read_text()
     # The command name (field 2) may contain spaces and parentheses: split after its last ')'.
     return raw[raw.rindex(")") + 2 :].split()
 
 
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of one process (all its threads)."""
-    fields = _stat_fields(pid)
+    return _cpu_s(_stat_fields(pid))
+
+
+def thread_cpu_s(pid: int, tid: int) -> float:
+    """User + system CPU seconds of one thread of pid; a Python process's main thread (its
+    event loop, for an asyncio server) has tid == pid."""
+    return _cpu_s(_stat_fields(pid, tid))
+
+
+def _cpu_s(fields: list[str]) -> float:
     # After the name: state is fields[0], so utime (stat field 14) is fields[11], stime fields[12].
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 

@@ -11,6 +11,9 @@ from dynamo.flags import Flag, FlagGroup
 from kvbm.config import KvbmConfig, add_kvbm_args
 
 DEFAULT_MODEL = str(Path(__file__).resolve().parents[2] / "models" / "dynamo-tiny")
+# auto: the model directory's safetensors checkpoint; dummy: random weights of its config.json's
+# shape (vLLM's --load-format dummy), for benchmarks of a shape whose checkpoint is not at hand.
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +23,7 @@ class BuiltinConfig:
 
     model: str = DEFAULT_MODEL
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    load_format: str = "auto"  # one of LOAD_FORMATS
     device: str = "auto"  # auto: cuda if available, else cpu
     block_size_tokens: int = 16
     num_gpu_blocks: int | None = None
@@ -35,6 +39,8 @@ class BuiltinConfig:
     kvbm: KvbmConfig = KvbmConfig()  # host/disk tiers below the KV cache; off by default
 
     def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         for name in ("block_size_tokens", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -60,6 +66,7 @@ class BuiltinConfig:
         return cls(
             model=getattr(args, "model", None) or DEFAULT_MODEL,
             dtype=args.dtype,
+            load_format=args.load_format,
             device=device,
             block_size_tokens=args.block_size,
             num_gpu_blocks=args.num_gpu_blocks,
@@ -84,6 +91,9 @@ BUILTIN_FLAGS = FlagGroup(
     [
         Flag("--dtype", "weights and KV cache dtype; auto is bf16 on GPU, fp32 on CPU", _D.dtype, "DYN_BUILTIN_DTYPE",
              choices=("auto", "float32", "bfloat16", "float16")),
+        Flag("--load-format", "auto: the model directory's safetensors checkpoint; dummy: random weights of its "
+             "config.json's shape, no checkpoint needed (benchmarks)", _D.load_format, "DYN_BUILTIN_LOAD_FORMAT",
+             choices=LOAD_FORMATS),
         Flag("--device", "auto, cpu, cuda or cuda:N", _D.device, "DYN_BUILTIN_DEVICE"),
         Flag("--block-size", "tokens per KV block", _D.block_size_tokens, "DYN_BUILTIN_BLOCK_SIZE", int),
         Flag("--num-gpu-blocks", "KV blocks to allocate", None, "DYN_BUILTIN_NUM_GPU_BLOCKS", int,

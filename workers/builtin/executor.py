@@ -23,7 +23,7 @@ from workers.builtin.args import BuiltinConfig
 from workers.builtin.config import ModelConfig, load_model_config
 from workers.builtin.embedding import pool_batch
 from workers.builtin.kv_cache import KVCache, kv_bytes_per_block, num_blocks_for_bytes
-from workers.builtin.loader import load_model, resolve_dtype
+from workers.builtin.loader import load_model, random_model, resolve_dtype
 from workers.builtin.penalties import SlotPool
 from workers.builtin.runner import ModelRunner, RequestState, RunnerLaunch, StepInput, build_step_input
 from workers.builtin.sampling import sampling_params
@@ -251,7 +251,8 @@ class TorchExecutor:
     def _build_runner(self) -> ModelRunner:
         """On the model thread: load weights, size and allocate the KV cache."""
         mc, config = self.model_config, self.config
-        model = load_model(mc, self.dtype, self.device)
+        load = random_model if config.load_format == "dummy" else load_model
+        model = load(mc, self.dtype, self.device)
         self.max_model_len = min(config.max_model_len or model.max_positions, model.max_positions)
         num_blocks = config.num_gpu_blocks or self._num_blocks_from_memory(model)
         if num_blocks < 1:

@@ -1,5 +1,6 @@
 """Loads a Hugging Face safetensors checkpoint into model.py's modules: maps names, fuses q/k/v
-and gate/up into their packed parameters, converts to the serving dtype on the target device."""
+and gate/up into their packed parameters, converts to the serving dtype on the target device.
+Or, for --load-format dummy, builds the same modules with random weights (no checkpoint)."""
 
 from __future__ import annotations
 
@@ -45,9 +46,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"unknown dtype {name!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    if not config.weight_files:
-        raise ModelConfigError(f"{config.model_dir} has no *.safetensors weights")
+def random_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Random weights instead of a checkpoint: normal with std 0.02 (transformers' initializer
+    range for these models), norm scales 1, seeded so that every run draws the same model."""
+    model = _empty_model(config, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model.eval()
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """The modules on `device` in `dtype`, their memory uninitialised, the LM head tied if so."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config, attention_backend(device))
     # Materialise on the target device without running the default initialisers.
@@ -55,7 +69,15 @@ def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) ->
     model.rotary.build(device)  # its tables were on meta, and must stay fp32
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
+
+def load_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    if not config.weight_files:
+        raise ModelConfigError(
+            f"{config.model_dir} has no *.safetensors weights (--load-format dummy runs its shape with random weights)"
+        )
+    model = _empty_model(config, dtype, device)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     bare = False  # saved from a base model (transformers' AutoModel): no `model.` prefix, no LM head

@@ -1,5 +1,5 @@
-"""The built-in engine's per-role flags: a prefill worker of dynamo.serve takes the --prefill-*
-device and memory flags, a decode (or aggregated) worker the plain ones."""
+"""The built-in engine's flags: a prefill worker of dynamo.serve takes the --prefill-* device and
+memory flags, a decode (or aggregated) worker the plain ones; --load-format reaches the config."""
 
 from __future__ import annotations
 
@@ -36,3 +36,12 @@ def test_unset_prefill_flags_fall_back_and_overlap_defaults_to_the_device() -> N
     args.role = "prefill"
     config = BuiltinConfig.from_args(args)
     assert config.device == "cpu" and config.overlap_schedule is None
+
+
+def test_load_format_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BuiltinConfig.from_args(parse([])).load_format == "auto"
+    assert BuiltinConfig.from_args(parse(["--load-format", "dummy"])).load_format == "dummy"
+    monkeypatch.setenv("DYN_BUILTIN_LOAD_FORMAT", "dummy")
+    assert BuiltinConfig.from_args(parse([])).load_format == "dummy"
+    with pytest.raises(SystemExit):
+        parse(["--load-format", "safetensors"])
