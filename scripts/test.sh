@@ -52,7 +52,12 @@ rm -f "$log"
 
 # DYN_TEST_VLLM=1 (with CI=true) turns "vLLM not importable" from a skip into a failure. The
 # SGLang/TensorRT-LLM unit tests run here again for the ZMQ test that needs pyzmq (vLLM brings it),
-# and the structured-output tests on the llguidance vLLM pins (the project allows it).
+# and the structured-output tests on the llguidance vLLM pins (the project allows it). First, the
+# Triton kernels of the CUDA path in Triton's CPU interpreter (vLLM brings Triton; the main venv's
+# CPU torch has none, so they skip there).
+# A pytest process of its own: vLLM imports Triton before the interpreter could be chosen.
+DYN_TEST_TRITON=1 "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
+  tests/unit/workers/builtin/test_builtin_gpu_kernels.py tests/unit/kvbm/transfer/test_copy_kernel.py
 DYN_TEST_VLLM=1 VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" \
   exec "$VLLM_VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/integration/test_vllm_worker.py tests/unit/workers/sglang tests/unit/workers/trtllm \

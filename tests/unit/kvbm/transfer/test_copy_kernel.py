@@ -1,23 +1,17 @@
 """The direct block-copy kernel (`BlockCopier`) on CUDA, or without a GPU in Triton's CPU
-interpreter (skipped where Triton is absent, as in CI's CPU torch): every target block gets
+interpreter (tests/triton_interpreter.py): every target block gets
 its source block bit for bit, no other byte changes, for several dtypes, piece sizes that do
 and do not fill a tile, and the pull direction."""
 
 from __future__ import annotations
 
-import os
-import sys
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton was imported before its interpreter could be chosen", allow_module_level=True)
-    # Read when @triton.jit runs: before the kernel is first built.
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+from tests.triton_interpreter import use_interpreter_unless_cuda
+
+CUDA = use_interpreter_unless_cuda()
 
 from kvbm.transfer.torch_ops import BlockCopier, copy_blocks  # noqa: E402
 
