@@ -64,6 +64,11 @@ async def run(args: argparse.Namespace, kvbm: KvbmConfig) -> dict[str, Any]:
         "onboard_host_blocks": float(stats.onboard_blocks["host"]) if stats else 0.0,
         "onboard_disk_blocks": float(stats.onboard_blocks["disk"]) if stats else 0.0,
         "onboard_time_s": engine.kvbm.onboard_time_s if engine.kvbm else 0.0,
+        "offload_host_blocks": float(stats.offload_blocks["host"]) if stats else 0.0,
+        "offload_disk_blocks": float(stats.offload_blocks["disk"]) if stats else 0.0,  # writes completed
+        # Blocks not kept, by tier and reason (a tier's upkeep is skipped, never waited for).
+        "skipped_blocks": {f"{t}/{r}": n for (t, r), n in sorted(stats.skipped_by.items())} if stats else {},
+        "disk_write_time_s": engine.kvbm.writer.write_time_s if engine.kvbm and engine.kvbm.writer else 0.0,
         # Hits of admitted requests onboarded or recomputed (KVBM's onboard cost model).
         "onboard_decisions": {f"{t}_{d}": n for (t, d), n in sorted(stats.decisions.items())} if stats else {},
         "requests": float(len(ttfts)),
@@ -82,6 +87,9 @@ def main() -> None:
     p.add_argument("--disk-blocks", type=int, default=8192)
     p.add_argument("--speedup", type=float, default=1e9)
     p.add_argument("--disk-gbps", type=float, default=KvbmConfig().disk_gbps, help="simulated disk read bandwidth")
+    p.add_argument("--disk-write-gbps", type=float, default=None,
+                   help="simulated disk write bandwidth (one block at a time, off the steps); default: writes take "
+                        "no simulated time")
     p.add_argument("--onboard-cost", choices=("on", "off"), default="on",
                    help="off: onboard every hit (as before the cost model)")
     p.add_argument("--json")
@@ -91,7 +99,7 @@ def main() -> None:
     results = {
         "g1_only": asyncio.run(run(args, KvbmConfig())),
         "g1_g2_g3": asyncio.run(run(args, KvbmConfig(host_blocks=args.host_blocks, disk_blocks=args.disk_blocks,
-                                                     disk_gbps=args.disk_gbps,
+                                                     disk_gbps=args.disk_gbps, disk_write_gbps=args.disk_write_gbps,
                                                      onboard_cost=args.onboard_cost == "on"))),
     }
     results["p50_ratio"] = results["g1_g2_g3"]["ttft_p50_ms"] / results["g1_only"]["ttft_p50_ms"]

@@ -5,11 +5,14 @@ the whole history resent each turn); the engine is BuiltinEngine over a random-w
 written to a temporary directory in Hugging Face layout (no download). TTFT is wall time from
 submitting a turn to its first token, over the turns after each conversation's first.
 
+Per config it reports TTFT p50/p99, blocks offloaded (host; disk = writes completed), blocks not
+kept by tier and reason, disk hits onboarded or recomputed, and the model thread's time in KVBM
+plans (KvBlockManager.execute: copy launches, disk writes queued) per engine step and at most.
+
 GPU (~1.1B bf16 Llama, as builtin_gpu.py's):
     python benchmarks/kvbm_multiturn_gpu.py --json-out results.json
 CPU (tiny model, for checking the script):
-    python benchmarks/kvbm_multiturn_gpu.py --device cpu --model-size tiny --conversations 4 \
-        --turns 3 --user-tokens 48 --output-tokens 8
+    python benchmarks/kvbm_multiturn_gpu.py --smoke
 """
 
 from __future__ import annotations
@@ -135,19 +138,29 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         await warm_up(engine, args, vocab, args.turns * (args.user_tokens + args.output_tokens))
         warm_s = time.perf_counter() - started
         stats = engine.kvbm.cache.stats if engine.kvbm is not None else None
-        before = {k: dict(getattr(stats, k)) for k in ("hits", "onboard_blocks", "offload_blocks")} if stats else {}
-        skipped_before = stats.skipped if stats else 0
+        tallies = ("hits", "onboard_blocks", "offload_blocks", "skipped_by", "decisions")
+        before = {k: dict(getattr(stats, k)) for k in tallies} if stats else {}
+        plans_before = (stats.plan_seconds, stats.plans) if stats else (0.0, 0)
+        if stats is not None:
+            stats.plan_max_seconds = 0.0  # the warm-up's first plans pay one-off allocations
         steps_before = engine.num_steps
+        if args.disk_write_delay_ms and engine.kvbm is not None and engine.kvbm.disk is not None:
+            delay_s = args.disk_write_delay_ms / 1e3
+            # A slower disk, emulated on the disk thread (DiskStore's before_write hook).
+            engine.kvbm.disk.before_write = lambda _h: time.sleep(delay_s)
         profile = instrument(engine) if args.profile_kvbm else None
         started = time.perf_counter()
         await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
         measured_s = time.perf_counter() - started
         steps = engine.num_steps - steps_before
 
-    def delta(field: str, tier: str) -> float:
+    def delta(field: str, tier: Any) -> float:
         if stats is None:
             return 0.0
         return float(getattr(stats, field)[tier] - before[field].get(tier, 0))
+
+    plan_s = (stats.plan_seconds - plans_before[0]) if stats else 0.0
+    plans = (stats.plans - plans_before[1]) if stats else 0
 
     ideal_cached = statistics.fmean(
         t * (args.user_tokens + args.output_tokens) // BLOCK * BLOCK
@@ -168,11 +181,25 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "onboard_host_blocks": delta("onboard_blocks", "host"),
         "onboard_disk_blocks": delta("onboard_blocks", "disk"),
         "offload_host_blocks": delta("offload_blocks", "host"),
+        # Disk: writes completed (to host-tier slots written ahead, or straight from the device).
         "offload_disk_blocks": delta("offload_blocks", "disk"),
-        "skipped_offloads": float((stats.skipped - skipped_before) if stats else 0),
+        # Blocks not kept, by tier and reason (policy, slots_busy, queue_full, write_failed).
+        "skipped_blocks": {f"{t}/{r}": delta("skipped_by", (t, r)) for t, r in sorted(stats.skipped_by)} if stats else {},
+        "skipped_offloads": float(sum(delta("skipped_by", key) for key in stats.skipped_by)) if stats else 0.0,
         "onboard_cost_model": kvbm.onboard_cost,
-        # Hits of admitted requests onboarded or left to recompute (cost model), whole run.
-        "onboard_decisions": {f"{t}_{d}": n for (t, d), n in sorted(stats.decisions.items())} if stats else {},
+        # Hits of admitted requests onboarded or left to recompute (cost model), measured turns.
+        "onboard_decisions": {f"{t}_{d}": delta("decisions", (t, d)) for t, d in sorted(stats.decisions)} if stats else {},
+        "disk_hits_onboarded": delta("decisions", ("disk", "onboard")),
+        "disk_hits_recomputed": delta("decisions", ("disk", "recompute")),
+        # The model thread's time in KVBM plans over the measured turns: per engine step (every
+        # step, with a plan or not), per plan, and the longest plan.
+        "kvbm_plan_ms_per_step": 1e3 * plan_s / max(1, steps),
+        "kvbm_plan_ms_mean": 1e3 * plan_s / max(1, plans),
+        "kvbm_plan_ms_max": 1e3 * stats.plan_max_seconds if stats else 0.0,
+        "kvbm_plans": plans,
+        "kvbm_plan_s_total": plan_s,
+        "disk_writes_in_flight_at_end": len(engine.kvbm.cache.writing) if engine.kvbm is not None else 0,
+        "disk_write_delay_ms": args.disk_write_delay_ms if kvbm.disk_dir else 0.0,
         "cost_estimates": engine.kvbm.cache.cost.snapshot() if engine.kvbm is not None else {},
         "disk_dropped_writes": float(engine.kvbm.disk.dropped_writes) if engine.kvbm and engine.kvbm.disk else 0.0,
         "disk_staging_pool": ({"rows": pool.rows, "takes": pool.takes, "misses": pool.misses}
@@ -213,14 +240,14 @@ def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
     kvbm = engine.kvbm
     if kvbm is not None:
         wrap(kvbm, "execute", "kvbm_execute")
-        for method in ("onboard_from_host", "onboard_from_pinned", "onboard_from_cpu", "offload_to_host",
-                       "to_pinned", "to_cpu", "drain"):
+        for method in ("onboard_many", "onboard_from_host", "onboard_from_cpu", "gather_for_host", "land_in_host",
+                       "gather", "download", "begin", "end"):
             wrap(kvbm.copier, method, f"copier_{method}")
         if kvbm.disk is not None:
             # Reads run on the DiskReader's threads (off the model thread) unless an onboard
             # was not read beforehand; their time here is summed over those threads.
             wrap(kvbm.disk, "read", "disk_read_reader_threads")
-            wrap(kvbm.disk, "write", "disk_write_enqueue")
+            wrap(kvbm.disk, "write_batch", "disk_write_enqueue")
         if kvbm.reader is not None:
             # On reader threads: the request's staging buffer (pinned on CUDA) and queueing its reads.
             wrap(kvbm.reader, "_begin", "reader_alloc_staging_reader_threads")
@@ -233,10 +260,10 @@ def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
 def instrument_held(kvbm: Any, tally: dict[str, list[float]]) -> None:
     """Held-back requests: seconds from the start of their reads to the last read done
     (`held_reading`), and from then to their admission (`held_done_to_admit`, the step
-    boundary they wait for); deferred reads (behind this step's writes) are counted."""
+    boundary they wait for)."""
     from kvbm import disk_tier
 
-    for key in ("held_reading", "held_done_to_admit", "held_reads_deferred", "held_blocks"):
+    for key in ("held_reading", "held_done_to_admit", "held_blocks"):
         tally[key] = [0.0, 0.0]
     tally["held_reading_max"] = [0.0, 0.0]
     tally["held_done_to_admit_max"] = [0.0, 0.0]
@@ -256,12 +283,10 @@ def instrument_held(kvbm: Any, tally: dict[str, list[float]]) -> None:
         cls.__init__, cls._finish, cls._profiled = __init__, _finish, True
     start = kvbm.reader.start
 
-    def timed_start(hashes: Any, defer: bool = False) -> Any:
-        tally["held_reads_deferred"][0] += float(defer)
-        tally["held_reads_deferred"][1] += 1
+    def timed_start(hashes: Any) -> Any:
         tally["held_blocks"][0] += len(hashes)
         tally["held_blocks"][1] += 1
-        return start(hashes, defer)
+        return start(hashes)
 
     kvbm.reader.start = timed_start
     lookup_staged = kvbm.cache.lookup_staged
@@ -324,8 +349,15 @@ def main() -> None:
                    help="_nocost: the onboard cost model off (every hit onboarded, as before it)")
     p.add_argument("--profile-kvbm", action="store_true",
                    help="time the model thread's forward passes and KVBM copies (method wrappers)")
+    p.add_argument("--disk-write-delay-ms", type=float, default=0.0,
+                   help="G3 configs: sleep this long on the disk thread before each block's write (a slower disk)")
+    p.add_argument("--smoke", action="store_true",
+                   help="check the script on CPU: tiny model, 4 conversations x 3 turns of 48 + 8 tokens")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
+    if args.smoke:
+        args.device, args.model_size = "cpu", "tiny"
+        args.conversations, args.turns, args.user_tokens, args.output_tokens = 4, 3, 48, 8
     if args.model_size is None:
         args.model_size = "1b" if args.device == "cuda" else "tiny"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -403,6 +435,20 @@ def main() -> None:
         results["goal"] = "TTFT p50 with KVBM tiers <= 0.5x G1 only"
         print("ratios", json.dumps(results["ratios_vs_g1_only"]), flush=True)
     write(args.json_out, results)
+    summary(results)
+
+
+def summary(results: dict[str, Any]) -> None:
+    """One line per config: what the GPU run is read for."""
+    print(f"{'config':<24} {'p50 ms':>8} {'p99 ms':>8} {'off host':>8} {'off disk':>8} {'skipped':>8} "
+          f"{'disk on/re':>11} {'kvbm ms/step':>12} {'plan max ms':>11}", flush=True)
+    for name, row in results["configs"].items():
+        disk = f"{row['disk_hits_onboarded']:.0f}/{row['disk_hits_recomputed']:.0f}"
+        print(f"{name:<24} {row['ttft_p50_ms']:>8.1f} {row['ttft_p99_ms']:>8.1f} {row['offload_host_blocks']:>8.0f} "
+              f"{row['offload_disk_blocks']:>8.0f} {row['skipped_offloads']:>8.0f} {disk:>11} "
+              f"{row['kvbm_plan_ms_per_step']:>12.3f} {row['kvbm_plan_ms_max']:>11.2f}", flush=True)
+        if row["skipped_blocks"]:
+            print(f"{'':<24} skipped: {json.dumps(row['skipped_blocks'])}", flush=True)
 
 
 def write(path: str | None, results: dict[str, Any]) -> None:

@@ -40,9 +40,14 @@ class KvbmConfig:
     offload_min_hits: int = 2  # "frequency": a prefix must have been looked up this often
     eviction: EvictionName = "slru"  # slru: LRU that protects blocks hit more than once
     protected_fraction: float = 0.8  # slru: share of a tier that re-used blocks may hold
-    disk_queue_blocks: int = 256  # writes waiting for the disk thread; beyond, spills are skipped
+    # Disk writes planned or in flight at most (beyond, blocks are not kept on disk); also how
+    # close to eviction a host block is written ahead (kvbm/tiered.py).
+    disk_queue_blocks: int = 256
     host_gbps: float = 55.0
     disk_gbps: float = 5.0
+    # The mocker's simulated disk writes (GB/s, one block at a time off the steps); None: they
+    # take no simulated time. The built-in engine's take what its disk takes.
+    disk_write_gbps: float | None = None
     # Onboard a hit only when its measured read cost is below recomputing its tokens
     # (kvbm/onboard_cost.py); off: onboard every hit.
     onboard_cost: bool = True
@@ -72,7 +77,7 @@ class KvbmConfig:
             raise ValueError(f"protected_fraction must be in [0, 1], got {self.protected_fraction}")
         if self.disk_queue_blocks < 1:
             raise ValueError(f"disk_queue_blocks must be >= 1, got {self.disk_queue_blocks}")
-        if not (self.host_gbps > 0 and self.disk_gbps > 0):
+        if not (self.host_gbps > 0 and self.disk_gbps > 0) or (self.disk_write_gbps is not None and self.disk_write_gbps <= 0):
             raise ValueError("bandwidths must be positive")
         if self.offload_flush_blocks < 1:
             raise ValueError(f"offload_flush_blocks must be >= 1, got {self.offload_flush_blocks}")

@@ -57,7 +57,6 @@ class BlockCopier:
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._ready: torch.cuda.Event | None = None  # forward may run: reads/writes of blocks done
-        self._drained: torch.cuda.Event | None = None  # every copy into host memory done
         # Offloads gathered into the ring whose device-to-host copies are not queued yet,
         # as (ring row, host slot); flushed at `flush_blocks` or the next begin().
         self.flush_blocks = max(1, flush_blocks)
@@ -101,11 +100,10 @@ class BlockCopier:
         return bool(self._pending)
 
     def drain(self) -> None:
-        """Block until host memory holds every offloaded block (before reading it on the CPU)."""
+        """Block until host memory holds every offloaded block (tests, benchmarks; never the
+        engine's path: the disk thread, which reads host slots, waits for a fence() event)."""
         self.flush_offloads()
-        if self._drained is not None:
-            self._drained.synchronize()
-            self._drained = None
+        self.synchronize()
 
     def synchronize(self) -> None:
         if self.stream is not None:
@@ -166,8 +164,9 @@ class BlockCopier:
 
     def land_in_host(self, gathered: tuple[torch.Tensor | None, list[int]]) -> None:
         """offload_to_host's second half: the device-to-host copy into the slots (in the
-        background on CUDA; drain() waits for it). Blocks staged in the ring are copied once
-        `flush_blocks` wait there or, at the latest, at the next step's flush."""
+        background on CUDA: an event recorded by fence() afterwards follows it). Blocks staged
+        in the ring are copied once `flush_blocks` wait there or, at the latest, at the next
+        step's flush."""
         assert self.host is not None
         staged, slots = gathered
         if staged is not None:
@@ -204,7 +203,6 @@ class BlockCopier:
         with torch.cuda.stream(self.stream):
             for row, slot, n in runs:
                 self.host[slot : slot + n].copy_(src[row : row + n], non_blocking=True)
-            self._drained = self.stream.record_event()
 
     def _ring_rows(self, n: int) -> int:
         """First of `n` consecutive ring rows for a gather. Rows are reused in ring order, so

@@ -1,7 +1,10 @@
 """G3: KV blocks as files under <dir>/<layout fingerprint>/<block hash>.kvb, each with a header
 (kvbm/layout.py), so a restarted worker or a neighbour with the same layout finds them. Writes
-and deletes run in order on one owned thread fed by a bounded queue (a write may wait there for
-the device-to-host copy that fills its buffer); reads see blocks still queued for writing.
+and deletes run in order on one owned thread fed by a queue whose writes are bounded in blocks;
+a batch of writes waits there, on that thread, for the device-to-host copies that fill its
+sources (pinned host slots), and each write is reported done (completed()) once its file is in
+place. Nothing here waits on the caller's thread, and nothing is fsynced: the tier is a cache,
+a block lost in a crash is recomputed. Reads see blocks still queued for writing.
 DiskReader reads blocks in parallel on a small pool of threads (file reads release the GIL)
 into rows of a StagingPool (pinned once, on CUDA, and reused), so onboarding from disk never
 blocks a step nor pins fresh host memory per request."""
@@ -12,8 +15,10 @@ import logging
 import os
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +32,36 @@ log = logging.getLogger(__name__)
 _STOP = object()
 
 
+@dataclass(slots=True, frozen=True)
+class _Writes:
+    blocks: list[tuple[int, int | None, torch.Tensor]]  # hash, parent, bytes (a CPU tensor)
+    ready: Any  # a CUDA event after the copies that fill the tensors; None: filled already
+
+
+@dataclass(slots=True, frozen=True)
+class _Delete:
+    block_hash: int
+
+
 class DiskStore:
-    def __init__(self, root: str | Path, layout: KvLayoutSpec, queue_blocks: int = 256) -> None:
+    """`queue_blocks` bounds the writes queued or in progress (twice that is refused: the
+    caller's own bound, TieredCache's, comes first). With `report_writes`, completed() hands
+    each write's outcome to the caller. `before_write`, a test hook, is called on the disk
+    thread with a block's hash before its file is written: tests hold writes back with it (a
+    threading.Event), a benchmark can slow the disk down."""
+
+    def __init__(self, root: str | Path, layout: KvLayoutSpec, queue_blocks: int = 256, *,
+                 report_writes: bool = False, before_write: Callable[[int], None] | None = None) -> None:
         self.layout = layout
         self.dir = Path(root) / fingerprint(layout)
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=2 * queue_blocks + 1)
+        self._max_blocks = 2 * queue_blocks + 1
+        self._queue: queue.Queue[object] = queue.Queue()
         self._inflight: dict[int, tuple[torch.Tensor, Any]] = {}  # bytes, and the event filling them
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # around _inflight only: no I/O is done holding it
         self._thread: threading.Thread | None = None
+        self._report = report_writes
+        self._completed: deque[tuple[int, bool]] = deque()  # appended by the disk thread
+        self.before_write = before_write
         self.write_errors = 0
         self.dropped_writes = 0
 
@@ -87,26 +114,43 @@ class DiskStore:
         return len(self._inflight)
 
     def write(self, block_hash: int, parent_hash: int | None, data: torch.Tensor, ready: Any = None) -> bool:
-        """Queue a CPU tensor (the block's bytes) for writing; never blocks. `ready` (a CUDA
-        event) is waited for on the disk thread before the bytes are read. The planner keeps
-        the backlog under the queue's bound; if the queue is full anyway the write is dropped
-        (False, counted in `dropped_writes`)."""
+        """write_batch() of one block."""
+        return self.write_batch([(block_hash, parent_hash, data)], ready)
+
+    def write_batch(self, blocks: Sequence[tuple[int, int | None, torch.Tensor]], ready: Any = None) -> bool:
+        """Queue CPU tensors (blocks' bytes: host slots or a downloaded batch) for writing;
+        never blocks. `ready` (a CUDA event) is waited for on the disk thread before the
+        bytes are read; the tensors must stay untouched until each write is reported done.
+        Past the bound the whole batch is dropped (False; counted in `dropped_writes` and
+        reported as failed writes)."""
+        blocks = list(blocks)
+        if not blocks:
+            return True
         with self._lock:
-            self._inflight[block_hash] = (data, ready)
-        try:
-            self._queue.put_nowait(("w", block_hash, parent_hash, (data, ready)))
-        except queue.Full:
-            with self._lock:
-                del self._inflight[block_hash]
-            self.dropped_writes += 1
+            refused = len(self._inflight) + len(blocks) > self._max_blocks
+            if not refused:
+                for h, _, data in blocks:
+                    self._inflight[h] = (data, ready)
+        if refused:
+            self.dropped_writes += len(blocks)
+            if self._report:
+                self._completed.extend((h, False) for h, _, _ in blocks)
             return False
+        self._queue.put(_Writes(blocks, ready))
         return True
 
+    def completed(self) -> list[tuple[int, bool]]:
+        """(block hash, written) of the writes finished since the last call, in order (with
+        `report_writes`; kvbm.tiered.DiskWrites). Never blocks."""
+        out: list[tuple[int, bool]] = []
+        done = self._completed
+        while done:
+            out.append(done.popleft())
+        return out
+
     def delete(self, block_hash: int) -> None:
-        try:
-            self._queue.put_nowait(("d", block_hash, None, None))
-        except queue.Full:  # left behind: a later write of the block replaces it
-            log.warning("kvbm disk queue full; file of %016x not deleted", block_hash)
+        """Queue a file's removal, after the writes queued before it."""
+        self._queue.put(_Delete(block_hash))
 
     def read(self, block_hash: int, out: torch.Tensor) -> bool:
         """Fill the contiguous CPU tensor `out` with the block; False if it is unreadable."""
@@ -133,28 +177,46 @@ class DiskStore:
             job = self._queue.get()
             if job is _STOP:
                 return
-            kind, block_hash, parent_hash, data = job  # type: ignore[misc]
-            if kind == "d":
+            if isinstance(job, _Delete):
                 try:
-                    os.unlink(self.path(block_hash))
+                    os.unlink(self.path(job.block_hash))
                 except FileNotFoundError:
                     pass
                 except OSError as exc:
-                    log.warning("kvbm disk delete of %016x failed: %s", block_hash, exc)
+                    log.warning("kvbm disk delete of %016x failed: %s", job.block_hash, exc)
                 continue
-            data, ready = data
-            try:
-                if ready is not None:
-                    ready.synchronize()  # the device-to-host copy filling `data`
+            assert isinstance(job, _Writes)
+            filled = True
+            if job.ready is not None:
+                try:
+                    job.ready.synchronize()  # here, not on the model thread: the copies filling the sources
+                except RuntimeError:
+                    log.exception("kvbm: the copies of %d blocks to write failed", len(job.blocks))
+                    filled = False
+            for block_hash, parent_hash, data in job.blocks:
+                self._write_one(block_hash, parent_hash, data, filled)
+
+    def _write_one(self, block_hash: int, parent_hash: int | None, data: torch.Tensor, filled: bool) -> None:
+        ok = False
+        try:
+            if filled:
+                if self.before_write is not None:
+                    self.before_write(block_hash)
                 self._write_file(block_hash, parent_hash, data)
-            except OSError as exc:
-                self.write_errors += 1
-                log.warning("kvbm disk write of %016x failed: %s", block_hash, exc)
-            finally:
-                with self._lock:
-                    pending = self._inflight.get(block_hash)
-                    if pending is not None and pending[0] is data:
-                        del self._inflight[block_hash]
+                ok = True
+        except OSError as exc:
+            self.write_errors += 1
+            log.warning("kvbm disk write of %016x failed: %s", block_hash, exc)
+        except Exception:  # keep the thread (and every later write) alive; the block is just not kept
+            self.write_errors += 1
+            log.exception("kvbm disk write of %016x failed", block_hash)
+        finally:
+            with self._lock:
+                pending = self._inflight.get(block_hash)
+                if pending is not None and pending[0] is data:
+                    del self._inflight[block_hash]
+            if self._report:
+                self._completed.append((block_hash, ok))
 
     def _write_file(self, block_hash: int, parent_hash: int | None, data: torch.Tensor) -> None:
         final = self.path(block_hash)
@@ -323,12 +385,10 @@ class DiskReader:
             self.pool = StagingPool(staging_rows, (2 * layout.num_layers, elements_per_layer(layout)), dtype, pin)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kvbm-disk-read")
 
-    def start(self, hashes: Sequence[int], defer: bool = False) -> BlockReads:
-        """Read `hashes` into one buffer; with `defer`, only once submit() is called (after
-        the writes of some of them are queued)."""
+    def start(self, hashes: Sequence[int]) -> BlockReads:
+        """Read `hashes` into one buffer, on the reader threads."""
         reads = BlockReads(hashes, lambda: self.notify() if self.notify is not None else None)
-        if not defer:
-            self.submit(reads)
+        self.submit(reads)
         return reads
 
     def submit(self, reads: BlockReads) -> None:

@@ -1,9 +1,11 @@
 """KvBlockManager: KVBM for an engine with a real paged KV cache (the built-in engine). The
 scheduler talks to its TieredCache on the event loop's thread; the engine runs each step's
-TransferPlan with execute() on its model thread, before that step's forward pass. No disk I/O
-runs there: disk blocks a prompt needs are read beforehand by a DiskReader (the scheduler holds
-the request back meanwhile) and onboarded from pinned memory like host blocks; writes are queued
-for the disk thread, their device-to-host copies left running on the copier's side stream."""
+TransferPlan with execute() on its model thread, before that step's forward pass. execute()
+only launches copies and queues work: it never waits for a copy, a host slot or the disk. Disk
+blocks a prompt needs are read beforehand by a DiskReader (the scheduler holds the request back
+meanwhile) and onboarded from pinned memory like host blocks; disk writes go to the disk thread
+as host slots plus an event after the device-to-host copies that fill them, which that thread
+waits for before reading the slots (they stay pinned until it reports the write done)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -39,16 +41,18 @@ class KvBlockManager:
     thread (the host tier is a large pinned allocation); start() scans the disk tier."""
 
     def __init__(self, config: KvbmConfig, layout: KvLayoutSpec, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
-                 on_event: KvEventSink | None = None) -> None:
+                 on_event: KvEventSink | None = None, disk_before_write: Callable[[int], None] | None = None) -> None:
+        """`disk_before_write`: see DiskStore's `before_write` (tests hold writes back with it)."""
         size = block_bytes(layout)
         self.layout = layout
         self.disk: DiskStore | None = None
         if config.disk_dir and config.disk_capacity_blocks(size) > 0:
-            self.disk = DiskStore(config.disk_dir, layout, config.disk_queue_blocks)
+            self.disk = DiskStore(config.disk_dir, layout, config.disk_queue_blocks, report_writes=True,
+                                  before_write=disk_before_write)
         else:
             # A real disk tier needs a directory; without one the tier is off.
             config = dataclasses.replace(config, disk_blocks=0, disk_gb=None)
-        self.cache = TieredCache(config, size, on_event, self.disk.backlog if self.disk else None,
+        self.cache = TieredCache(config, size, on_event, disk_writes=self.disk,
                                  block_size_tokens=layout.block_size_tokens)
         self.host: HostStore | None = None
         if self.cache.host is not None:
@@ -65,7 +69,6 @@ class KvBlockManager:
                                      staging_rows=rows)
             self.cache.reader = self.reader
             self.cache.disk_probe = self.disk.exists  # workers of one host may share the directory
-        self._dropped: list[int] = []  # disk writes the full queue refused (model thread -> finish)
 
     # --------------------------------------------------------------------------- lifecycle
 
@@ -97,27 +100,18 @@ class KvBlockManager:
         return self.cache.take_plan()
 
     def execute(self, plan: TransferPlan) -> list[int]:
-        """On the model thread: spills, offloads, onboards, deletes (see TransferPlan).
+        """On the model thread: offloads, onboards, deletes and writes (see TransferPlan).
         Returns the device blocks whose onboard failed (an unreadable file): their tokens
-        must be recomputed."""
+        must be recomputed. Launches copies and queues disk work; waits for neither."""
         copier, disk, host = self.copier, self.disk, self.host
         started = time.perf_counter()
         for nbytes, seconds in copier.timings():  # earlier plans' onboards, done by now
             self.cache.observe_read(HOST, nbytes, seconds)
-        if plan.spills:
-            # The slots may still be receiving earlier plans' offloads. Before begin(): their
-            # held copies then queue behind the forward pass that wrote them, so waiting for
-            # them does not wait for the one in flight (the overlap loop's).
-            copier.drain()
+        if plan.deletes:
+            assert disk is not None
+            for op in plan.deletes:  # before this plan's writes: one FIFO on the disk thread
+                disk.delete(op.block_hash)
         copier.begin()
-        if plan.spills:
-            assert disk is not None and host is not None
-            # One batched copy out of the slots (phase 2 may overwrite them); the disk thread
-            # writes from it, on the CPU only: pageable memory (pinning it per plan is slow).
-            idx = torch.tensor([op.host_slot for op in plan.spills], dtype=torch.long)
-            data = torch.index_select(host.data, 0, idx)
-            for i, op in enumerate(plan.spills):
-                self._write(op.block_hash, op.parent_hash, data[i], None)
         # Device-side gathers of evicted blocks first (the onboards below may overwrite the
         # blocks), then the onboards the forward pass waits for, and only then the slow
         # device-to-host copies of the gathered blocks, which finish in the background.
@@ -168,38 +162,35 @@ class KvBlockManager:
             self.reader.pool.fence(copier.fence())
         if host_gathered is not None:
             copier.land_in_host(host_gathered)
+        direct: tuple[list[tuple[int, int | None, torch.Tensor]], object] | None = None
         if disk_gathered is not None:
             data, ready = copier.download(disk_gathered, self.pin)
-            for i, op in enumerate(to_disk):
-                self._write(op.block_hash, op.parent_hash, data[i], ready)
+            direct = ([(op.block_hash, op.parent_hash, data[i]) for i, op in enumerate(to_disk)], ready)
         if late:
             copier.onboard_from_host([op.slot for op in late], [op.device_block for op in late])
-        for op in plan.deletes:
-            assert disk is not None
-            disk.delete(op.block_hash)
-        if plan.reads_after:
-            assert self.reader is not None
-            for reads in plan.reads_after:  # their blocks' writes are queued now
-                self.reader.submit(reads)
         copier.end()
+        if plan.writes:
+            assert disk is not None and host is not None
+            # The slots were filled by earlier plans; their device-to-host copies are queued
+            # by now (end() flushes held ones at the latest), so an event recorded now on the
+            # copy stream follows them. The disk thread waits for it, not this one.
+            copier.flush_offloads([op.host_slot for op in plan.writes])
+            disk.write_batch([(op.block_hash, op.parent_hash, host.data[op.host_slot]) for op in plan.writes],
+                             copier.fence())
+        if direct is not None:
+            assert disk is not None
+            disk.write_batch(*direct)
         onboard_bytes = (len(plan.onboards) - len(failed)) * block_bytes(self.layout)
+        elapsed = time.perf_counter() - started
         if onboard_bytes:
-            self.cache.stats.transfer("onboard", onboard_bytes, time.perf_counter() - started)
+            self.cache.stats.transfer("onboard", onboard_bytes, elapsed)
+        self.cache.stats.plan_executed(elapsed)
         return failed
 
-    def _write(self, block_hash: int, parent_hash: int | None, data: torch.Tensor, ready: object) -> None:
-        assert self.disk is not None
-        if not self.disk.write(block_hash, parent_hash, data, ready):
-            self._dropped.append(block_hash)
-
     def finish(self, plan: TransferPlan, failed: Sequence[int] = ()) -> None:
-        """On the event loop's thread after execute(): unpin, and forget unreadable files
-        and writes the full disk queue dropped."""
+        """On the event loop's thread after execute(): unpin, and forget unreadable files.
+        (Writes report themselves: the cache polls the disk store.)"""
         self.cache.finish(plan)
-        dropped, self._dropped = self._dropped, []
-        for block_hash in dropped:
-            self.cache.stats.skip()
-            self.cache.forget_disk(block_hash)
         if failed:
             bad = set(failed)
             for op in plan.onboards:

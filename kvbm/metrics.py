@@ -6,7 +6,11 @@ from __future__ import annotations
 from collections import Counter as Tally
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Model-thread seconds per executed plan: a plan that only launches copies takes tens of
+# microseconds; one that waited on a copy or the disk would land in the top buckets.
+PLAN_SECONDS_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1)
 
 
 class KvbmMetrics:
@@ -20,7 +24,14 @@ class KvbmMetrics:
         self.offload_bytes = Counter("dynamo_kvbm_offload_bytes_total", "Bytes copied down into a tier", labels, registry=registry)
         self.onboard_blocks = Counter("dynamo_kvbm_onboard_blocks_total", "Blocks copied from a tier into the device", labels, registry=registry)
         self.onboard_bytes = Counter("dynamo_kvbm_onboard_bytes_total", "Bytes copied from a tier into the device", labels, registry=registry)
-        self.skipped = Counter("dynamo_kvbm_offload_skipped_total", "Evicted blocks not copied down (policy, full queue, pinned tier)", ["model"], registry=registry)
+        # A tier is a cache: upkeep it cannot do at once is skipped, never waited for.
+        self.skipped = Counter("dynamo_kvbm_offload_skipped_blocks_total",
+                               "Blocks not kept in a tier, by reason: policy (the offload policy declined), slots_busy "
+                               "(every slot pinned by writes or onboards in progress), queue_full (the disk writer was "
+                               "behind), write_failed", ["model", "tier", "reason"], registry=registry)
+        self.plan_seconds = Histogram("dynamo_kvbm_plan_seconds",
+                                      "Seconds the engine's model thread spent executing one KVBM plan (copy launches, "
+                                      "disk writes queued)", ["model"], buckets=PLAN_SECONDS_BUCKETS, registry=registry)
         self.gbps = Gauge("dynamo_kvbm_transfer_gbps", "Throughput of the last batched transfer, GB/s", ["model", "direction"], registry=registry)
         self.decisions = Counter("dynamo_kvbm_onboard_decision_blocks_total",
                                  "Lower-tier prompt hits of admitted requests, onboarded or recomputed (cheaper than reading them)",
@@ -42,10 +53,15 @@ class KvbmStats:
     onboard_blocks: Tally[str] = field(default_factory=Tally)
     onboard_bytes: Tally[str] = field(default_factory=Tally)
     skipped: int = 0
+    skipped_by: Tally[tuple[str, str]] = field(default_factory=Tally)  # (tier, reason) -> blocks
     # Lower-tier hits of admitted requests by (tier, "onboard" | "recompute"): the cost model's
     # decisions (a hit recomputed because reading it would have been slower).
     decisions: Tally[tuple[str, str]] = field(default_factory=Tally)
     adopted: int = 0  # blocks a neighbour sharing the disk directory wrote, found on lookup
+    # The model thread's time in KVBM plans (KvBlockManager.execute): total, count, longest.
+    plan_seconds: float = 0.0
+    plans: int = 0
+    plan_max_seconds: float = 0.0
     metrics: KvbmMetrics | None = None
 
     def hit(self, tier: str, blocks: int) -> None:
@@ -91,10 +107,22 @@ class KvbmStats:
         if rate is not None:
             m.recompute_rate.labels(m._model).set(rate)
 
-    def skip(self, blocks: int = 1) -> None:
+    def skip(self, tier: str, reason: str, blocks: int = 1) -> None:
+        """`blocks` were not kept in `tier` for `reason` (see KvbmMetrics.skipped)."""
+        if blocks <= 0:
+            return
         self.skipped += blocks
+        self.skipped_by[(tier, reason)] += blocks
         if self.metrics is not None:
-            self.metrics.skipped.labels(self.metrics._model).inc(blocks)
+            self.metrics.skipped.labels(self.metrics._model, tier, reason).inc(blocks)
+
+    def plan_executed(self, seconds: float) -> None:
+        """On the model thread: one plan took `seconds` of it."""
+        self.plan_seconds += seconds
+        self.plans += 1
+        self.plan_max_seconds = max(self.plan_max_seconds, seconds)
+        if self.metrics is not None:
+            self.metrics.plan_seconds.labels(self.metrics._model).observe(seconds)
 
     def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         if self.metrics is not None and seconds > 0:

@@ -112,6 +112,10 @@ class TierIndex:
             raise ValueError(f"block {entry.block_hash:#x} unpinned more often than pinned")
         entry.ref_count -= 1
 
+    def next_victim(self) -> TierEntry | None:
+        """The entry insert() would evict next when the tier is full (None: all pinned)."""
+        return self._victim()
+
     def _victim(self) -> TierEntry | None:
         for segment in (self._probation, self._protected):
             for entry in segment.values():

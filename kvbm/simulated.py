@@ -1,18 +1,22 @@
 """KVBM for the mocker: the real tier bookkeeping (TieredCache: capacities, eviction, policy,
-KV events) with no bytes behind it. Onboarding costs time from bytes and bandwidth; offloads
-run on a side stream in a real engine, off the critical path, so they cost none. Given the
-engine's clock, disk reads take the built-in engine's path: a request whose prefix continues on
-disk is held back while its blocks are read (SimulatedDiskReader), then onboarded from host
-memory like host blocks."""
+KV events) with no bytes behind it. Onboarding costs step time from bytes and bandwidth; tier
+upkeep costs none, as in the built-in engine, whose model thread only launches offload copies
+and queues disk writes. Given the engine's clock, the disk takes time: a request whose prefix
+continues on disk is held back while its blocks are read (SimulatedDiskReader), then onboarded
+from host memory like host blocks; writes finish one at a time (SimulatedDiskWriter), and until
+then hold their host slots and leave their files unannounced, so a disk slower than the
+evictions leaves blocks unkept, as it does the built-in engine (with config.disk_write_gbps;
+without it writes take no simulated time)."""
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from kvbm.block_pool import KvEventSink
 from kvbm.config import KvbmConfig
-from kvbm.tiered import DISK, HOST, DiskReads, LowerHit, TieredCache
+from kvbm.tiered import DISK, HOST, LowerHit, TieredCache
 
 # What a simulated read leaves for the onboard (a real reader leaves a staging-buffer row).
 STAGED = "staged"
@@ -25,7 +29,7 @@ class SimulatedReads:
     def __init__(self, reader: SimulatedDiskReader, block_hashes: Sequence[int]) -> None:
         self.hits: list[LowerHit] = []
         self.block_hashes = frozenset(block_hashes)
-        self.end_s = math.inf  # until submitted
+        self.end_s = math.inf  # set by the reader
         self._reader = reader
 
     @property
@@ -47,28 +51,49 @@ class SimulatedDiskReader:
     def __init__(self, clock: Callable[[], float], block_read_s: float) -> None:
         self.clock = clock
         self.block_read_s = block_read_s
-        self.pending: set[SimulatedReads] = set()  # started or deferred, not yet closed
+        self.pending: set[SimulatedReads] = set()  # started, not yet closed
         self.read_time_s = 0.0  # simulated seconds of reading so far
         self._free_at_s = 0.0
 
-    def start(self, block_hashes: Sequence[int], defer: bool = False) -> SimulatedReads:
+    def start(self, block_hashes: Sequence[int]) -> SimulatedReads:
         reads = SimulatedReads(self, block_hashes)
         self.pending.add(reads)
-        if not defer:
-            self.submit(reads)
-        return reads
-
-    def submit(self, reads: DiskReads) -> None:
-        assert isinstance(reads, SimulatedReads)
         duration_s = len(reads.block_hashes) * self.block_read_s
         begin_s = max(self.clock(), self._free_at_s)
         reads.end_s = self._free_at_s = begin_s + duration_s
         self.read_time_s += duration_s
+        return reads
 
     def next_end_s(self) -> float | None:
         """When the next read in progress ends; None if none is."""
         ends = [r.end_s for r in self.pending if r.end_s != math.inf and not r.done]
         return min(ends) if ends else None
+
+
+class SimulatedDiskWriter:
+    """The disk thread in the engine's simulated time (a kvbm.tiered.DiskWrites): writes in
+    submission order, one at a time, each `block_write_s` after the previous one ends. A
+    drive's writes are modelled apart from its reads (each at the disk bandwidth)."""
+
+    def __init__(self, clock: Callable[[], float], block_write_s: float) -> None:
+        self.clock = clock
+        self.block_write_s = block_write_s
+        self.write_time_s = 0.0  # simulated seconds of writing so far
+        self._ends: deque[tuple[float, int]] = deque()  # (end, block hash), in order
+        self._free_at_s = 0.0
+
+    def submit(self, block_hashes: Sequence[int]) -> None:
+        for h in block_hashes:
+            self._free_at_s = max(self.clock(), self._free_at_s) + self.block_write_s
+            self._ends.append((self._free_at_s, h))
+            self.write_time_s += self.block_write_s
+
+    def completed(self) -> list[tuple[int, bool]]:
+        now, ends = self.clock(), self._ends
+        out: list[tuple[int, bool]] = []
+        while ends and ends[0][0] <= now:
+            out.append((ends.popleft()[1], True))
+        return out
 
 
 class SimulatedKvbm:
@@ -78,9 +103,11 @@ class SimulatedKvbm:
 
     With `clock` (the engine's simulated time in seconds, before the speedup ratio) the disk
     tier has a reader: disk blocks are read while their request is held back, and only their
-    copy up from host memory costs step time. Given `block_size_tokens`, hits are onboarded
-    only where the cost model (fed the simulated read times and the executor's step times)
-    finds reading cheaper than recomputing, as in the built-in engine."""
+    copy up from host memory costs step time; with config.disk_write_gbps, a writer too:
+    writes take block_bytes / disk_write_gbps each, one after another, off the steps. Given
+    `block_size_tokens`, hits are onboarded only where the cost model (fed the simulated read
+    times and the executor's step times) finds reading cheaper than recomputing, as in the
+    built-in engine."""
 
     def __init__(
         self, config: KvbmConfig, block_bytes: int, on_event: KvEventSink | None = None,
@@ -88,7 +115,11 @@ class SimulatedKvbm:
     ) -> None:
         self.config = config
         self.block_bytes = block_bytes
-        self.cache = TieredCache(config, block_bytes, on_event, block_size_tokens=block_size_tokens)
+        self.writer: SimulatedDiskWriter | None = None  # None: a plan's writes are done once it runs
+        if clock is not None and config.disk_write_gbps is not None and config.disk_capacity_blocks(block_bytes) > 0:
+            self.writer = SimulatedDiskWriter(clock, block_bytes / (config.disk_write_gbps * 1e9))
+        self.cache = TieredCache(config, block_bytes, on_event, disk_writes=self.writer,
+                                 block_size_tokens=block_size_tokens)
         self.onboard_time_s = 0.0  # simulated, before the speedup ratio
         self.reader: SimulatedDiskReader | None = None
         if clock is not None:
@@ -117,10 +148,9 @@ class SimulatedKvbm:
             self.cache.observe_read(HOST, host * self.block_bytes, host_s)
         if disk:  # read on the step (no reader): what a disk hit costs here
             self.cache.observe_read(DISK, disk * self.block_bytes, disk_s)
-        if plan.reads_after:
-            assert self.reader is not None
-            for reads in plan.reads_after:  # their blocks' writes are queued now
-                self.reader.submit(reads)
+        if self.writer is not None:  # queued for the disk thread: no step time
+            self.writer.submit([op.block_hash for op in plan.writes]
+                               + [op.block_hash for op in plan.offloads if op.tier == DISK])
         self.cache.finish(plan)
         self.onboard_time_s += cost
         return cost

@@ -1,7 +1,13 @@
 """The bookkeeping of KVBM's lower tiers (G2 host, G3 disk): what is where, what an eviction from
 the device copies down, what a prompt can onboard. It moves no bytes: it turns decisions into a
 TransferPlan that an executor (real tensors in kvbm/manager.py, a time model in
-kvbm/simulated.py) carries out in phase order, and it emits the tiers' KV events."""
+kvbm/simulated.py, vLLM's worker side) carries out, and it emits the tiers' KV events.
+
+A tier is a cache: its upkeep may be skipped, never waited for. Host blocks next in line for
+eviction are written to disk ahead of time (WriteOp), so evicting them later costs nothing;
+a write holds its host slot until it completes, and a block that finds every slot held, or the
+disk writer behind, is not kept (counted by reason). A file is announced, and found by
+lookups, only once its write has completed."""
 
 from __future__ import annotations
 
@@ -24,8 +30,10 @@ DISK = "disk"
 
 
 @dataclass(slots=True, frozen=True)
-class SpillOp:
-    """Host slot -> disk file (a host eviction kept on disk). Phase 1: before the slot is reused."""
+class WriteOp:
+    """Host slot -> disk file: a host block written ahead of its eviction. The slot was filled
+    by an earlier plan; it and the file's index entry stay pinned until the write completes
+    (TieredCache polls DiskWrites.completed()), so no plan reuses the slot meanwhile."""
 
     block_hash: int
     parent_hash: int | None
@@ -34,7 +42,8 @@ class SpillOp:
 
 @dataclass(slots=True, frozen=True)
 class OffloadOp:
-    """Device block -> host slot, or -> disk file when there is no host tier. Phase 2."""
+    """Device block -> host slot, or -> disk file when there is no host tier (pinned and
+    unannounced until written, like a WriteOp's)."""
 
     device_block: int
     block_hash: int
@@ -45,7 +54,8 @@ class OffloadOp:
 
 @dataclass(slots=True, frozen=True)
 class OnboardOp:
-    """Host slot or disk file -> device block. Phase 3: after offloads read the blocks reused."""
+    """Host slot or disk file -> device block, after the offloads read the device blocks it
+    reuses."""
 
     block_hash: int
     tier: str
@@ -65,21 +75,19 @@ class DeleteOp:
 
 @dataclass(slots=True)
 class TransferPlan:
-    """Work gathered between two engine steps. Executing spills, then offloads, then onboards
-    (then deletes) is correct because every entry read or written here is pinned until
-    TieredCache.finish(): no slot is both evicted and read in one plan."""
+    """Work gathered between two engine steps: offloads (their device-side reads) before the
+    onboards that may reuse those device blocks; deletes queued for the disk before writes.
+    Every entry read or written here is pinned, until TieredCache.finish() for offloads and
+    onboards, until the write completes for writes: no slot is both evicted and read."""
 
-    spills: list[SpillOp] = field(default_factory=list)
+    writes: list[WriteOp] = field(default_factory=list)
     offloads: list[OffloadOp] = field(default_factory=list)
     onboards: list[OnboardOp] = field(default_factory=list)
     deletes: list[DeleteOp] = field(default_factory=list)
     pinned: list[tuple[TierIndex, TierEntry]] = field(default_factory=list)
-    # Disk reads of blocks this plan writes: the executor starts them once the writes are
-    # queued (a queued write is readable, a merely planned one is not).
-    reads_after: list[Any] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.spills or self.offloads or self.onboards or self.deletes or self.reads_after)
+        return bool(self.writes or self.offloads or self.onboards or self.deletes)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,11 +125,19 @@ class DiskReads(Protocol):
 
 
 class DiskReader(Protocol):
-    def start(self, hashes: Sequence[int], defer: bool = False) -> DiskReads:
-        """Start reading; with `defer`, only once submit() is called."""
+    def start(self, hashes: Sequence[int]) -> DiskReads:
+        """Start reading (only files whose writes have completed: the index holds no other)."""
         ...
 
-    def submit(self, reads: DiskReads) -> None: ...
+
+class DiskWrites(Protocol):
+    """The disk writer as the cache sees it (kvbm.disk_tier.DiskStore, or the mocker's
+    simulated one). Without one the executor is synchronous: a plan's writes count as done
+    when it is taken (vLLM's worker side copies them out before the next plan runs)."""
+
+    def completed(self) -> list[tuple[int, bool]]:
+        """(block hash, written) of the writes finished since the last call, in order."""
+        ...
 
 
 class TieredCache:
@@ -137,7 +153,7 @@ class TieredCache:
         config: KvbmConfig,
         block_bytes: int,
         on_event: KvEventSink | None = None,
-        disk_backlog: Callable[[], int] | None = None,
+        disk_writes: DiskWrites | None = None,
         block_size_tokens: int | None = None,
     ) -> None:
         self.config = config
@@ -163,9 +179,14 @@ class TieredCache:
         self.policy = OffloadPolicy(config.offload_policy, config.offload_min_hits)
         self.stats = KvbmStats()
         self._on_event = on_event
-        self._disk_backlog = disk_backlog or (lambda: 0)
+        self._disk_writes = disk_writes
+        # Writes planned and not yet reported done, by block hash: the host entry they read
+        # (None: a device block written straight to disk) and the file's entry. Both are
+        # pinned; the file is announced, and found by lookups, once done. At most
+        # config.disk_queue_blocks: past that the disk is behind and blocks are not kept.
+        self._writing: dict[int, tuple[TierEntry | None, TierEntry]] = {}
+        self._write_failed: set[int] = set()  # host blocks whose write failed: not tried again
         self._plan = TransferPlan()
-        self._planned_disk_writes = 0
         # Set by an executor that reads disk blocks off the model thread: a prompt hitting
         # the disk is then held back until its reads are done (see start_reads).
         self.reader: DiskReader | None = None
@@ -194,6 +215,7 @@ class TieredCache:
         (host preferred), up to the first miss, and of those keep the leading ones the cost
         model finds cheaper to onboard than to recompute (the rest are unpinned and counted
         in `declined`). `block_hashes` is the prompt's usable prefix."""
+        self._poll_writes()
         hits = self._lookup(block_hashes, device_blocks)
         if not hits or not self.cost.enabled:
             return Hits(hits)
@@ -210,11 +232,12 @@ class TieredCache:
 
     def _lookup(self, block_hashes: Sequence[int], device_blocks: int) -> list[LowerHit]:
         hits: list[LowerHit] = []
+        writing = self._writing
         for i in range(device_blocks, len(block_hashes)):
             h = block_hashes[i]
             for tier in self.tiers:
                 entry = tier.get(h)
-                if entry is not None:
+                if entry is not None and not (tier is self.disk and h in writing):  # a file being written is no hit
                     tier.pin(entry)
                     hits.append(LowerHit(h, tier.name, entry))
                     break
@@ -231,7 +254,9 @@ class TieredCache:
         index it (announcing it, tier disk), if the disk tier has room. One stat per prompt at
         most: lookups stop at the first block found nowhere."""
         disk, probe = self.disk, self.disk_probe
-        if disk is None or probe is None or len(disk) >= disk.capacity_blocks or not probe(block_hash):
+        if disk is None or probe is None or block_hash in disk or len(disk) >= disk.capacity_blocks:
+            return None
+        if not probe(block_hash):
             return None
         entry, _ = disk.insert(block_hash, parent_hash)
         if entry is not None:
@@ -249,13 +274,7 @@ class TieredCache:
         on_disk = [hit.block_hash for hit in hits if hit.tier == DISK]
         if not on_disk:
             return None
-        plan = self._plan
-        writing = {op.block_hash for op in plan.spills}
-        writing.update(op.block_hash for op in plan.offloads if op.tier == DISK)
-        defer = not writing.isdisjoint(on_disk)
-        reads = self.reader.start(on_disk, defer=defer)
-        if defer:
-            plan.reads_after.append(reads)
+        reads = self.reader.start(on_disk)
         reads.hits = list(hits)
         self._read_started[reads] = (self.clock(), len(on_disk) * self.block_bytes)
         declined = getattr(hits, "declined", None)
@@ -361,68 +380,150 @@ class TieredCache:
 
     def evicted(self, blocks: Sequence[EvictedBlock]) -> None:
         """The device pool's eviction hook: plan copying each chosen block down before the
-        device block is reused (the executor runs the plan before the next forward pass)."""
+        device block is reused (the executor runs the plan before the next forward pass).
+        Never waits: a block that finds no slot it can take at once is not kept (counted)."""
+        if not self.tiers:
+            return
+        self._poll_writes()
         stored: dict[str, list[tuple[int, int | None]]] = {HOST: [], DISK: []}
         removed: dict[str, list[int]] = {HOST: [], DISK: []}
+        host, disk = self.host, self.disk
         for block in blocks:
             h = block.block_hash
             if not self.policy.should_offload(h):
-                self.stats.skip()
-                continue
-            if self.host is not None and h in self.host:
+                self.stats.skip(self.tiers[0].name, "policy")
+            elif host is None:
+                if disk is not None and h not in disk:
+                    self._offload_to_disk(block, removed)
+            elif h in host:
                 continue  # inclusive tiers: already kept below
-            if self.host is not None and self._offload_to_host(block, stored, removed):
-                continue
-            if self.disk is not None and h not in self.disk and self._insert_disk(h, block.parent_hash, stored, removed):
-                entry = self.disk.get(h)
-                assert entry is not None
-                self._plan.offloads.append(OffloadOp(block.block_id, h, block.parent_hash, DISK, entry.slot))
-                self.stats.offloaded(DISK, 1, self.block_bytes)
-                continue
-            if self.disk is None or h not in self.disk:
-                self.stats.skip()
+            elif len(host) < host.capacity_blocks:
+                self._offload_to_host(block, stored, removed)
+            else:
+                victim = host.next_victim()
+                if victim is not None and (disk is None or victim.block_hash in disk):
+                    self._offload_to_host(block, stored, removed)  # the victim is kept on disk already
+                elif disk is not None and h in disk:
+                    continue  # kept on disk already; the host's blocks stay
+                elif disk is not None and len(self._writing) < self.config.disk_queue_blocks:
+                    # The host's next victim is not on disk yet (a burst the writes ahead have
+                    # not caught up with, or every slot pinned): keep both, this one on disk.
+                    self._offload_to_disk(block, removed)
+                elif victim is not None:
+                    self._offload_to_host(block, stored, removed)  # the victim is lost (counted)
+                else:
+                    # Every slot is held by a write to disk or an onboard in progress.
+                    self.stats.skip(HOST, "slots_busy")
         self._emit_changes(stored, removed)
 
     def _offload_to_host(self, block: EvictedBlock, stored: dict[str, list[tuple[int, int | None]]],
-                         removed: dict[str, list[int]]) -> bool:
+                         removed: dict[str, list[int]]) -> None:
         host = self.host
         assert host is not None
         entry, victims = host.insert(block.block_hash, block.parent_hash)
-        if entry is None:
-            return False  # every host block pinned by this plan
-        for victim in victims:
-            removed[HOST].append(victim.block_hash)
-            # The victim's bytes still sit in its slot (phase 1 reads them before phase 2
-            # overwrites): keep them on disk if there is room in the write queue.
-            if self.disk is not None and victim.block_hash not in self.disk:
-                if self._insert_disk(victim.block_hash, victim.parent_hash, stored, removed):
-                    self._plan.spills.append(SpillOp(victim.block_hash, victim.parent_hash, victim.slot))
-                    self.stats.offloaded(DISK, 1, self.block_bytes)
+        assert entry is not None  # the caller saw a free slot or an unpinned victim
+        for victim in victims:  # unpinned, so not being written
+            h = victim.block_hash
+            removed[HOST].append(h)
+            if h in self._write_failed:
+                self._write_failed.discard(h)  # counted when its write failed
+            elif self.disk is not None and h not in self.disk:
+                # Not written ahead in time: the disk writer's queue had no room for it.
+                self.stats.skip(DISK, "queue_full")
         host.pin(entry)
         self._plan.pinned.append((host, entry))
         self._plan.offloads.append(OffloadOp(block.block_id, block.block_hash, block.parent_hash, HOST, entry.slot))
         stored[HOST].append((block.block_hash, block.parent_hash))
         self.stats.offloaded(HOST, 1, self.block_bytes)
-        return True
 
-    def _insert_disk(self, h: int, parent: int | None, stored: dict[str, list[tuple[int, int | None]]],
-                     removed: dict[str, list[int]]) -> bool:
+    def _offload_to_disk(self, block: EvictedBlock, removed: dict[str, list[int]]) -> None:
+        """The device block straight to a file (announced once written): no host tier, or no
+        host slot free of blocks that are not on disk yet."""
+        if len(self._writing) >= self.config.disk_queue_blocks:
+            self.stats.skip(DISK, "queue_full")  # the disk cannot keep up: drop, never stall
+            return
+        entry = self._insert_disk(block.block_hash, block.parent_hash, removed)
+        if entry is None:
+            self.stats.skip(DISK, "slots_busy")
+            return
+        self._writing[block.block_hash] = (None, entry)
+        self._plan.offloads.append(OffloadOp(block.block_id, block.block_hash, block.parent_hash, DISK, entry.slot))
+
+    def _plan_writes(self) -> None:
+        """Write ahead the host blocks next in line for eviction that are not on disk, while
+        the writer has room: within `disk_queue_blocks` of eviction (free slots count as
+        before them), so a block is on disk by the time its slot is wanted, and a host tier
+        that never fills costs no disk writes. Pinned blocks are left for later (a pending
+        offload's slot is filled only when its plan runs)."""
+        host, disk = self.host, self.disk
+        if host is None or disk is None:
+            return
+        lead = self.config.disk_queue_blocks
+        room = lead - len(self._writing)
+        free = host.capacity_blocks - len(host)
+        if room <= 0 or free >= lead:
+            return
+        removed: list[int] = []
+        for i, entry in enumerate(host):  # eviction order: next victim first
+            if free + i >= lead or room <= 0:
+                break
+            h = entry.block_hash
+            if entry.ref_count or h in disk or h in self._write_failed:
+                continue
+            disk_entry = self._insert_disk(h, entry.parent_hash, {DISK: removed})
+            if disk_entry is None:
+                break  # every file pinned
+            host.pin(entry)
+            self._writing[h] = (entry, disk_entry)
+            self._plan.writes.append(WriteOp(h, entry.parent_hash, entry.slot))
+            room -= 1
+        if removed:
+            self._emit_changes({}, {DISK: removed})
+
+    def _insert_disk(self, h: int, parent: int | None, removed: dict[str, list[int]]) -> TierEntry | None:
+        """A pinned, unannounced index entry for a file about to be written; the files it
+        evicts are deleted (queued before the plan's writes)."""
         disk = self.disk
         assert disk is not None
-        if self._disk_backlog() + self._planned_disk_writes >= self.config.disk_queue_blocks:
-            self.stats.skip()
-            return False  # the disk cannot keep up: drop rather than stall the device
         entry, victims = disk.insert(h, parent)
         if entry is None:
-            return False
+            return None
         for victim in victims:
             self._plan.deletes.append(DeleteOp(victim.block_hash))
             removed[DISK].append(victim.block_hash)
         disk.pin(entry)
-        self._plan.pinned.append((disk, entry))
-        self._planned_disk_writes += 1
-        stored[DISK].append((h, parent))
-        return True
+        return entry
+
+    def _poll_writes(self) -> None:
+        if self._disk_writes is not None and self._writing:
+            done = self._disk_writes.completed()
+            if done:
+                self.writes_done(done)
+
+    def writes_done(self, results: Sequence[tuple[int, bool]]) -> None:
+        """Writes finished (block hash, written): unpin their host slots and files; a written
+        file is announced, a failed one forgotten (it never was announced)."""
+        disk = self.disk
+        stored: list[tuple[int, int | None]] = []
+        for h, ok in results:
+            pending = self._writing.pop(h, None)
+            if pending is None or disk is None:
+                continue
+            host_entry, entry = pending
+            if host_entry is not None:
+                assert self.host is not None
+                self.host.unpin(host_entry)
+            disk.unpin(entry)
+            if ok:
+                stored.append((h, entry.parent_hash))
+                self.stats.offloaded(DISK, 1, self.block_bytes)
+            else:
+                if entry.ref_count == 0 and disk.get(h) is entry:
+                    disk.remove(h)
+                if host_entry is not None:
+                    self._write_failed.add(h)  # a full or failing disk: no retry loop
+                self.stats.skip(DISK, "write_failed")
+        self._emit_changes({DISK: stored}, {})
 
     # ------------------------------------------------------------------------ restart / plan
 
@@ -442,15 +543,30 @@ class TieredCache:
         return len(stored)
 
     def take_plan(self) -> TransferPlan:
+        self._poll_writes()
         plan, self._plan = self._plan, TransferPlan()
-        self._planned_disk_writes = 0
+        if self._disk_writes is None:  # a synchronous executor: written when the plan runs
+            done = [(op.block_hash, True) for op in plan.writes]
+            done += [(op.block_hash, True) for op in plan.offloads if op.tier == DISK]
+            if done:
+                self.writes_done(done)
         return plan
 
     def finish(self, plan: TransferPlan) -> None:
-        """The plan's copies are done (or queued behind its pins' reads): unpin its entries."""
+        """The plan's copies are done (or queued behind its pins' reads): unpin its entries
+        (a write's stay pinned until it completes), and plan the writes ahead of host
+        evictions that the disk has room for into the next plan (its offloads' slots are
+        filled once this plan has run)."""
         for tier, entry in plan.pinned:
             tier.unpin(entry)
+        self._poll_writes()
+        self._plan_writes()
         self._report_usage()
+
+    @property
+    def writing(self) -> frozenset[int]:
+        """Blocks whose disk writes are planned or in flight (pinned, not yet announced)."""
+        return frozenset(self._writing)
 
     def forget_disk(self, block_hash: int) -> None:
         """A disk file turned out unreadable: drop it from the index."""

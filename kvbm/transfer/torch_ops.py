@@ -97,6 +97,10 @@ def word_plan(base_ptr: int, src_ptrs: list[int], dst_ptrs: list[int], block_byt
 
 
 _WORD_DTYPES = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
+# Pinned buffers a copier uploads block ids through, taken in turn. A launch never waits for an
+# earlier upload (which may sit on its stream behind a forward pass in flight) unless all of
+# these are still being read: one or two launches a step leave them free.
+ID_BUFFERS = 4
 
 
 def triton_available() -> bool:
@@ -186,8 +190,9 @@ class BlockCopier:
         for other in {self.src[0].device, self.dst[0].device} - {self.device}:
             ensure_peer_access(self.device, other)
         self._cuda = self.device.type == "cuda"
-        self._ids_host: torch.Tensor | None = None
-        self._ids_read = torch.cuda.Event() if self._cuda else None
+        # (pinned ids, event after its last upload was read), taken in turn.
+        self._id_buffers: list[tuple[torch.Tensor, torch.cuda.Event]] = []
+        self._next_ids = 0
 
     @staticmethod
     def reason_unsupported(
@@ -237,21 +242,34 @@ class BlockCopier:
             )
 
     def _upload(self, ids: torch.Tensor) -> torch.Tensor:
-        """Ids to the launching GPU through one reused pinned buffer (pinning a fresh tensor
-        per transfer costs more than the copy); the event keeps the next call from
-        overwriting it before the previous upload has read it."""
+        """Ids to the launching GPU through reused pinned buffers (pinning a fresh tensor per
+        transfer costs more than the copy). A buffer is rewritten only once its event says
+        the upload before has read it; one still being read is passed over for the next, or
+        a new one while there are fewer than ID_BUFFERS, so the caller does not wait."""
         n = ids.numel()
-        if self._ids_host is None or self._ids_host.numel() < n:
-            self._ids_host = torch.empty(1 << (n - 1).bit_length(), dtype=torch.int64, pin_memory=True)
-        else:
-            assert self._ids_read is not None
-            self._ids_read.synchronize()
-        host = self._ids_host[:n]
+        buffers = self._id_buffers
+        index = -1
+        for k in range(len(buffers)):
+            i = (self._next_ids + k) % len(buffers)
+            if buffers[i][1].query():
+                index = i
+                break
+        if index < 0 and len(buffers) < ID_BUFFERS:
+            buffers.append((torch.empty(0, dtype=torch.int64), torch.cuda.Event()))
+            index = len(buffers) - 1
+        if index < 0:  # every buffer still being read: the oldest is the next in turn
+            index = self._next_ids % len(buffers)
+            buffers[index][1].synchronize()
+        pinned, read = buffers[index]
+        if pinned.numel() < n:
+            pinned = torch.empty(1 << (n - 1).bit_length(), dtype=torch.int64, pin_memory=True)
+            buffers[index] = (pinned, read)
+        self._next_ids = index + 1
+        host = pinned[:n]
         host.copy_(ids)
         out = torch.empty(n, dtype=torch.int64, device=self.device)
         out.copy_(host, non_blocking=True)
-        assert self._ids_read is not None
-        self._ids_read.record(torch.cuda.current_stream(self.device))
+        read.record(torch.cuda.current_stream(self.device))
         return out
 
     def synchronize(self) -> None:

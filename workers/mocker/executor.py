@@ -154,7 +154,7 @@ class TimingExecutor:
         """Jump the clock to the end of the next disk read (sleeping that long, sped up)."""
         kvbm = self.kvbm
         assert kvbm is not None and kvbm.reader is not None
-        cost_s = kvbm.step_cost_s()  # the pending plan may start reads deferred behind its writes
+        cost_s = kvbm.step_cost_s()  # the pending plan runs now rather than with the next step
         end_s = kvbm.reader.next_end_s()
         if end_s is None:
             raise RuntimeError("every request waits for a disk read, but none is in progress")

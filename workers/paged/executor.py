@@ -88,8 +88,8 @@ class StepExecutor(Protocol):
 
     async def wait_for_reads(self) -> None:
         """Nothing can run: every request left is held back for KVBM disk reads. Carry out
-        pending KVBM work (it may start reads deferred behind its writes); return when the
-        engine should look again, or leave that to `wake`."""
+        pending KVBM work (its copies and writes need not wait for the next step); return when
+        the engine should look again, or leave that to `wake`."""
         ...
 
     def kv_layout(self) -> KvLayoutSpec: ...

@@ -107,7 +107,7 @@ def test_staging_pool_is_bounded_and_reuses_rows_only_after_their_fence() -> Non
 
 
 def test_reader_stages_in_the_pool_across_requests_and_falls_back_when_it_is_full(tmp_path: Path) -> None:
-    from kvbm.disk_tier import DiskReader
+    from kvbm.disk_tier import BlockReads, DiskReader
 
     store = DiskStore(tmp_path, LAYOUT)
     store.start()
@@ -136,10 +136,10 @@ def test_reader_stages_in_the_pool_across_requests_and_falls_back_when_it_is_ful
         assert staged is not None and staged[0] is reader.pool.data and torch.equal(staged[0][staged[1]], blocks[h])
     assert sorted(third.staged(h)[1] for h in (5, 4, 1)) == sorted(rows_first)  # type: ignore[index]
     assert reader.pool.takes == 2 and reader.pool.misses == 1
-    # Closed before its reads ran (deferred): the rows come back once they end.
+    # Closed before its reads ran (submitted after): the rows come back once they end.
     third.close()
     reader.pool.fence(None)
-    fourth = reader.start([1, 2], defer=True)
+    fourth = BlockReads([1, 2], None)
     fourth.close()
     reader.submit(fourth)
     assert fourth.wait(30)

@@ -14,7 +14,7 @@ from dynamo.wire import KvLayoutSpec
 from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
 from kvbm.manager import KvBlockManager
-from kvbm.tiered import HOST, OffloadOp, OnboardOp, SpillOp, TransferPlan
+from kvbm.tiered import HOST, OffloadOp, OnboardOp, TransferPlan, WriteOp
 
 LAYERS, TOKENS, HEADS, DIM = 2, 4, 2, 8
 ELEMENTS = TOKENS * HEADS * DIM
@@ -144,7 +144,7 @@ def test_one_onboard_call_for_host_slots_and_staged_rows() -> None:
         assert torch.equal(block(k, v, b), data)
 
 
-def test_a_spill_of_a_slot_whose_copy_is_held_writes_the_offloaded_bytes(tmp_path: object) -> None:
+def test_a_write_of_a_slot_whose_copy_is_held_writes_the_offloaded_bytes(tmp_path: object) -> None:
     layout = KvLayoutSpec(num_layers=LAYERS, block_size_tokens=TOKENS, num_kv_heads=HEADS, head_dim=DIM, dtype="float32")
     k, v = cache(16, seed=6)
     mgr = KvBlockManager(KvbmConfig(host_blocks=8, disk_dir=str(tmp_path), disk_blocks=8), layout, k, v)
@@ -154,7 +154,7 @@ def test_a_spill_of_a_slot_whose_copy_is_held_writes_the_offloaded_bytes(tmp_pat
     want = block(k, v, 4).clone()
     mgr.execute(TransferPlan(offloads=[OffloadOp(4, 0xC, None, HOST, 5)]))
     assert mgr.copier.has_pending_offloads()
-    mgr.execute(TransferPlan(spills=[SpillOp(0xC, None, 5)]))
+    mgr.execute(TransferPlan(writes=[WriteOp(0xC, None, 5)]))
     mgr.disk.stop()
     out = torch.empty_like(want)
     assert mgr.disk.read(0xC, out) and torch.equal(out, want)

@@ -113,12 +113,13 @@ def test_flags_reach_the_config() -> None:
 
 
 def filled_cache(config: KvbmConfig) -> TieredCache:
-    """Blocks 0..3 on host, 4..11 on disk (evicted from the device, host too small)."""
+    """Blocks 0..3 on host, 4..11 on disk (evicted from the device four a step, written to
+    disk ahead of their eviction from the host, which holds four)."""
     cache = TieredCache(config, MB, block_size_tokens=16)
-    cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(4, 12)])
-    cache.finish(cache.take_plan())
-    cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
-    cache.finish(cache.take_plan())
+    for first in (4, 8, 0):
+        cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(first, first + 4)])
+        cache.finish(cache.take_plan())
+        cache.finish(cache.take_plan())  # the next step's plan: the writes ahead
     return cache
 
 
@@ -158,10 +159,10 @@ def test_mocker_tiers_follow_the_same_decision() -> None:
         sim = SimulatedKvbm(KvbmConfig(host_blocks=4, disk_blocks=32, disk_gbps=disk_gbps), MB,
                             clock=lambda: clock[0], block_size_tokens=16)
         cache = sim.cache
-        cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(4, 12)])
-        sim.step_cost_s()
-        cache.evicted([EvictedBlock(h, h, h - 1 if h else None) for h in range(4)])
-        sim.step_cost_s()
+        for first in (4, 8, 0):
+            cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(first, first + 4)])
+            sim.step_cost_s()
+            sim.step_cost_s()  # the writes ahead
         cache.observe_step(2048, 0.05)  # as the scheduler times the mocker's steps
         # Nothing read yet: the config's bandwidths stand for the tiers.
         assert [h.tier for h in cache.lookup(list(range(12)), 0)] == want

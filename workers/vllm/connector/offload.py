@@ -137,8 +137,9 @@ def _tokens_only(request: Any) -> bool:
 @dataclass(slots=True)
 class OffloadMetadata(KVConnectorMetadata):
     """One step's TransferPlan, as plain tuples (it is pickled to the workers), executed in
-    this order: spills (host slot -> file), offloads (device block -> host slot or file),
-    onboards (host slot or file -> device block), deletes (files)."""
+    this order: spills (host slot -> file: the plan's writes ahead of host evictions, of slots
+    earlier plans filled), offloads (device block -> host slot or file), onboards (host slot or
+    file -> device block), deletes (files)."""
 
     spills: list[tuple[int, int | None, int]] = field(default_factory=list)  # hash, parent, host slot
     offloads: list[tuple[int, int, int | None, str, int]] = field(default_factory=list)  # block, hash, parent, tier, slot
@@ -168,8 +169,9 @@ class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
 
 
 def _empty_stats() -> dict[str, Any]:
+    # skipped: {"tier/reason": blocks} (KvbmStats.skipped_by)
     return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
-            "skipped": 0, "usage": {}, "transfer": {}}
+            "skipped": {}, "usage": {}, "transfer": {}}
 
 
 class KvbmConnectorStats(KVConnectorStats):
@@ -193,7 +195,8 @@ class KvbmConnectorStats(KVConnectorStats):
         for key in ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes"):
             for tier, n in theirs[key].items():
                 mine[key][tier] = mine[key].get(tier, 0) + n
-        mine["skipped"] += theirs["skipped"]
+        for key, n in theirs["skipped"].items():
+            mine["skipped"][key] = mine["skipped"].get(key, 0) + n
         mine["usage"].update(theirs["usage"])
         for direction, (nbytes, seconds) in theirs["transfer"].items():
             b, s = mine["transfer"].get(direction, (0, 0.0))
@@ -206,7 +209,7 @@ class KvbmConnectorStats(KVConnectorStats):
         for key in ("hits", "offload_blocks", "onboard_blocks"):
             for tier, n in body[key].items():
                 out[f"kvbm_{key}_{tier}"] = n
-        out["kvbm_skipped"] = body["skipped"]
+        out["kvbm_skipped"] = sum(body["skipped"].values())
         return out
 
     def is_empty(self) -> bool:
@@ -250,8 +253,9 @@ class KvbmView:
             stats.offloaded(tier, n, body["offload_bytes"].get(tier, 0))
         for tier, n in body["onboard_blocks"].items():
             stats.onboarded(tier, n, body["onboard_bytes"].get(tier, 0))
-        if body["skipped"]:
-            stats.skip(body["skipped"])
+        for key, n in body["skipped"].items():
+            tier, _, reason = key.partition("/")
+            stats.skip(tier, reason, n)
         metrics: KvbmMetrics | None = stats.metrics
         if metrics is not None:
             for tier, (used, total) in body["usage"].items():
@@ -369,10 +373,11 @@ class _SchedulerSide:
     def build_meta(self, lost_blocks: list[int]) -> OffloadMetadata:
         plan = self.cache.take_plan()
         # Plans run on the workers in step order, and nothing of a plan outlives the step
-        # that carries it (disk writes queued there are readable at once): its pins can go now.
+        # that carries it (disk writes queued there are readable at once): its pins can go now
+        # (the cache has no DiskWrites: its writes count as done once taken).
         self.cache.finish(plan)
         return OffloadMetadata(
-            spills=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.spills],
+            spills=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.writes],
             offloads=[(op.device_block, op.block_hash, op.parent_hash, op.tier, op.slot) for op in plan.offloads],
             onboards=[(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards],
             deletes=[op.block_hash for op in plan.deletes],
@@ -386,7 +391,7 @@ class _SchedulerSide:
             log.warning("kvbm: disk block %016x unreadable; recomputed", h)
             self.cache.forget_disk(h)
         for h in meta.dropped:
-            self.cache.stats.skip()
+            self.cache.stats.skip(DISK, "write_failed")
             self.cache.forget_disk(h)
 
     def take_events(self) -> list[Any]:
@@ -414,8 +419,12 @@ class _SchedulerSide:
                 if delta:
                     body[key][tier] = delta
                 last[key][tier] = n
-        body["skipped"] = current.skipped - last["skipped"]
-        last["skipped"] = current.skipped
+        for (tier, reason), n in current.skipped_by.items():
+            key = f"{tier}/{reason}"
+            delta = n - last["skipped"].get(key, 0)
+            if delta:
+                body["skipped"][key] = delta
+            last["skipped"][key] = n
         usage = {tier.name: [len(tier), tier.capacity_blocks] for tier in self.cache.tiers}
         if usage != last["usage"]:
             body["usage"] = usage
@@ -502,7 +511,7 @@ class _WorkerSide:
         if meta.spills:
             assert self.disk is not None
             slots = self._slots()
-            for h, parent, slot in meta.spills:  # read before this plan's offloads reuse the slots
+            for h, parent, slot in meta.spills:  # slots earlier plans filled, pinned until now
                 self._write(h, parent, slots[slot].clone())
         if meta.offloads:
             data = self.gather([op[0] for op in meta.offloads])
