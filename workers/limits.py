@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from typing import Literal
 
 from dynamo import errors
 from dynamo.wire import OutputConstraint, PreprocessedRequest
@@ -75,6 +76,29 @@ def json_schema_text(constraint: OutputConstraint) -> str:
     if not isinstance(schema, dict):
         raise errors.InvalidRequest("a JSON schema must be a JSON object", param="response_format")
     return constraint.spec
+
+
+# What grammar backends without a choice list take (SGLang's, TensorRT-LLM's): a JSON schema,
+# any JSON object, a regex or a grammar; each engine spells the four its own way.
+GrammarForm = Literal["json_schema", "json_object", "regex", "grammar"]
+
+
+def grammar_form(constraint: OutputConstraint) -> tuple[GrammarForm, str]:
+    """Our constraint as one of the four grammar forms and its spec: a choice becomes a regex,
+    a JSON schema is checked to be an object, json_object has no spec (""). Raises
+    InvalidRequest for a malformed spec or an unknown kind."""
+    kind = constraint.kind
+    if kind == "json_schema":
+        return "json_schema", json_schema_text(constraint)
+    if kind == "json_object":
+        return "json_object", ""
+    if kind == "regex":
+        return "regex", constraint.spec
+    if kind == "choice":
+        return "regex", choice_regex(choice_list(constraint))
+    if kind == "grammar":
+        return "grammar", constraint.spec
+    raise errors.InvalidRequest(f"unknown constraint kind {kind!r}", param="response_format")
 
 
 def refuse_unresumable(request: PreprocessedRequest, engine: str, *, penalties: bool = True) -> None:

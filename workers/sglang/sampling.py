@@ -21,14 +21,7 @@ from typing import Any
 
 from dynamo import errors
 from dynamo.wire import FinishReason, OutputConstraint, PreprocessedRequest, PromptTokenLogprob
-from workers.limits import (
-    choice_list,
-    choice_regex,
-    json_schema_text,
-    refuse_unresumable,
-    stop_token_ids,
-    tokens_to_generate,
-)
+from workers.limits import GrammarForm, grammar_form, refuse_unresumable, stop_token_ids, tokens_to_generate
 
 # SGLang's "all tokens" top_k (sglang.srt.sampling.sampling_params.TOP_K_ALL, 1 << 30); -1 is
 # accepted by SGLang too but is normalized to this.
@@ -37,23 +30,17 @@ TOP_K_ALL = 1 << 30
 FINISH_TYPES: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "cancelled"}
 
 
-# What SGLang's grammar backends take (one of json_schema, regex, ebnf), per constraint kind.
+# SGLang's grammar backends take one of json_schema, regex and ebnf; any JSON object is the
+# schema of one.
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
+GRAMMAR_FIELDS: dict[GrammarForm, str] = {"json_schema": "json_schema", "regex": "regex", "grammar": "ebnf"}
 
 
 def constraint_params(constraint: OutputConstraint) -> dict[str, str]:
-    kind = constraint.kind
-    if kind == "json_schema":
-        return {"json_schema": json_schema_text(constraint)}
-    if kind == "json_object":
+    form, spec = grammar_form(constraint)
+    if form == "json_object":
         return {"json_schema": JSON_OBJECT_SCHEMA}
-    if kind == "regex":
-        return {"regex": constraint.spec}
-    if kind == "choice":
-        return {"regex": choice_regex(choice_list(constraint))}
-    if kind == "grammar":
-        return {"ebnf": constraint.spec}
-    raise errors.InvalidRequest(f"unknown constraint kind {kind!r}", param="response_format")
+    return {GRAMMAR_FIELDS[form]: spec}
 
 
 def sampling_params(

@@ -25,14 +25,7 @@ from typing import Any
 
 from dynamo import errors
 from dynamo.wire import FinishReason, OutputConstraint, PreprocessedRequest
-from workers.limits import (
-    choice_list,
-    choice_regex,
-    json_schema_text,
-    refuse_unresumable,
-    stop_token_ids,
-    tokens_to_generate,
-)
+from workers.limits import GrammarForm, grammar_form, refuse_unresumable, stop_token_ids, tokens_to_generate
 
 # CompletionOutput.finish_reason values of TensorRT-LLM 1.2.
 FINISH_REASONS: dict[str, FinishReason] = {
@@ -68,20 +61,16 @@ class LogitBias:
         return f"LogitBias({self.bias})"
 
 
+# GuidedDecodingParams' field per grammar form (json_object is a flag).
+GUIDED_FIELDS: dict[GrammarForm, str] = {"json_schema": "json", "regex": "regex", "grammar": "grammar"}
+
+
 def guided_decoding(constraint: OutputConstraint) -> dict[str, Any]:
     """GuidedDecodingParams keyword arguments for our constraint."""
-    kind = constraint.kind
-    if kind == "json_schema":
-        return {"json": json_schema_text(constraint)}
-    if kind == "json_object":
+    form, spec = grammar_form(constraint)
+    if form == "json_object":
         return {"json_object": True}
-    if kind == "regex":
-        return {"regex": constraint.spec}
-    if kind == "choice":
-        return {"regex": choice_regex(choice_list(constraint))}
-    if kind == "grammar":
-        return {"grammar": constraint.spec}
-    raise errors.InvalidRequest(f"unknown constraint kind {kind!r}", param="response_format")
+    return {GUIDED_FIELDS[form]: spec}
 
 
 def sampling_kwargs(
