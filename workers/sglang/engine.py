@@ -15,6 +15,7 @@ from dynamo import errors
 from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
 from kvbm.block_pool import KvEventSink
 from workers.engine import Engine, EngineInfo
+from workers.inflight import InflightRequests
 from workers.sglang.args import INSTALL_HINT, SglangConfig
 from workers.sglang.kv_events import wire_kv_events
 from workers.sglang.sampling import (
@@ -44,8 +45,7 @@ class SglangEngine(Engine):
         self._translator: KvEventTranslator | None = None
         self._load = LoadMetrics(worker_id=0)
         self._load_task: asyncio.Task[None] | None = None
-        self._prefill_pending: dict[str, int] = {}
-        self._num_inflight = 0
+        self._inflight = InflightRequests()
 
     # ---------------------------------------------------------------------------- lifecycle
 
@@ -143,8 +143,7 @@ class SglangEngine(Engine):
         except ValueError as exc:  # SGLang's request validation (prompt too long, ...)
             raise errors.InvalidRequest(str(exc)) from None
         deltas = OutputDeltas(self._incremental)
-        self._num_inflight += 1
-        self._prefill_pending[rid] = len(request.token_ids)
+        self._inflight.started(rid, len(request.token_ids))
         first = True
         finished = False
         try:
@@ -160,7 +159,7 @@ class SglangEngine(Engine):
                 chunk = EngineOutput(token_ids=token_ids, finish_reason=finish)
                 if first:
                     first = False
-                    self._prefill_pending.pop(rid, None)
+                    self._inflight.first_output(rid)
                     chunk.cached_tokens = int(meta.get("cached_tokens", 0))
                     if prompt_k is not None:
                         chunk.prompt_logprobs = prompt_logprobs(meta, prompt_k)
@@ -174,8 +173,7 @@ class SglangEngine(Engine):
         except ValueError as exc:
             raise errors.InvalidRequest(str(exc)) from None
         finally:
-            self._num_inflight -= 1
-            self._prefill_pending.pop(rid, None)
+            self._inflight.ended(rid)
             if not finished:
                 # Closing SGLang's generator does not stop the request in the scheduler (an
                 # Engine request has no HTTP connection to watch): abort it, freeing its KV.
@@ -186,18 +184,10 @@ class SglangEngine(Engine):
 
     def load_metrics(self) -> LoadMetrics:
         load = self._load
-        if self._num_inflight and not load.active_requests and not load.waiting_requests:
+        if self._inflight.lags(load):
             # The snapshot lags a poll behind: count what this worker knows is in flight.
-            waiting = len(self._prefill_pending)
-            return LoadMetrics(
-                worker_id=0,
-                active_requests=self._num_inflight - waiting,
-                waiting_requests=waiting,
-                kv_active_blocks=load.kv_active_blocks,
-                kv_total_blocks=load.kv_total_blocks or (self.info.kv_total_blocks if self.info else 0),
-                waiting_prefill_tokens=sum(self._prefill_pending.values()),
-                timestamp_s=load.timestamp_s,
-            )
+            total = load.kv_total_blocks or (self.info.kv_total_blocks if self.info else 0)
+            return self._inflight.load(load.kv_active_blocks, total, load.timestamp_s)
         return load
 
     def kv_snapshot(self) -> list[KvEventData]:

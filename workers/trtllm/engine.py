@@ -16,6 +16,7 @@ from dynamo import errors
 from dynamo.wire import EngineOutput, KvEventData, LoadMetrics, PreprocessedRequest
 from kvbm.block_pool import KvEventSink
 from workers.engine import Engine, EngineInfo
+from workers.inflight import InflightRequests
 from workers.trtllm.args import INSTALL_HINT, TrtllmConfig, with_kv_events
 from workers.trtllm.kv_events import TrtllmKvEvents
 from workers.trtllm.sampling import finish_reason, sampled_logprobs, sampling_kwargs, top_logprobs
@@ -38,8 +39,7 @@ class TrtllmEngine(Engine):
         self._events: TrtllmKvEvents | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._load = LoadMetrics(worker_id=0)
-        self._prefill_pending: dict[str, int] = {}
-        self._num_inflight = 0
+        self._inflight = InflightRequests()
 
     async def start(self, kv_events: KvEventSink | None = None) -> EngineInfo:
         if self._llm is not None:
@@ -130,8 +130,7 @@ class TrtllmEngine(Engine):
         rid = request.request_id
         want_logprobs = request.sampling.logprobs or request.sampling.top_logprobs > 0
         top_k = request.sampling.top_logprobs
-        self._num_inflight += 1
-        self._prefill_pending[rid] = len(request.token_ids)
+        self._inflight.started(rid, len(request.token_ids))
         first = True
         finished = False
         try:
@@ -146,7 +145,7 @@ class TrtllmEngine(Engine):
                 chunk = EngineOutput(token_ids=token_ids, finish_reason=finish)
                 if first:
                     first = False
-                    self._prefill_pending.pop(rid, None)
+                    self._inflight.first_output(rid)
                     chunk.cached_tokens = int(getattr(out, "cached_tokens", 0) or 0)
                 if want_logprobs:
                     diff = list(completion.logprobs_diff or [])
@@ -161,32 +160,22 @@ class TrtllmEngine(Engine):
         except RuntimeError as exc:  # tensorrt_llm's RequestError and executor failures
             raise errors.EngineError(f"TensorRT-LLM failed request {rid}: {exc}") from None
         finally:
-            self._num_inflight -= 1
-            self._prefill_pending.pop(rid, None)
+            self._inflight.ended(rid)
             if not finished:
                 result.abort()  # frees its KV blocks in the executor
 
     def load_metrics(self) -> LoadMetrics:
         load = self._load
         total = load.kv_total_blocks or (self._events.total_blocks if self._events else None) or 0
-        if self._num_inflight and not load.active_requests and not load.waiting_requests:
-            waiting = len(self._prefill_pending)
-            return LoadMetrics(
-                worker_id=0,
-                active_requests=self._num_inflight - waiting,
-                waiting_requests=waiting,
-                kv_active_blocks=load.kv_active_blocks,
-                kv_total_blocks=total,
-                waiting_prefill_tokens=sum(self._prefill_pending.values()),
-                timestamp_s=time.time(),
-            )
+        if self._inflight.lags(load):
+            return self._inflight.load(load.kv_active_blocks, total, time.time())
         return LoadMetrics(
             worker_id=0,
             active_requests=load.active_requests,
             waiting_requests=load.waiting_requests,
             kv_active_blocks=load.kv_active_blocks,
             kv_total_blocks=total,
-            waiting_prefill_tokens=sum(self._prefill_pending.values()),
+            waiting_prefill_tokens=self._inflight.waiting_prefill_tokens,
             timestamp_s=load.timestamp_s or time.time(),
         )
 

@@ -36,6 +36,7 @@ from dynamo.wire import (
 from kvbm.block_pool import KvEventSink
 from workers.embedding import EmbeddingConfig, PooledBatch
 from workers.engine import Engine, EngineInfo
+from workers.inflight import InflightRequests
 from workers.vllm.args import VllmConfig
 from workers.vllm.connector import kv_transfer_config
 from workers.vllm.connector.offload import KvbmView
@@ -62,9 +63,7 @@ class VllmEngine(Engine):
         self._subscriber: KvEventSubscriber | None = None
         self._translator: KvEventTranslator | None = None
         self._stats = SchedulerSnapshot()
-        # Prompt tokens of requests that have not produced their first token yet.
-        self._prefill_pending: dict[str, int] = {}
-        self._num_inflight = 0
+        self._inflight = InflightRequests()
         # Whether vLLM runs our migration-replay logits processor (workers/vllm/replay.py).
         self._replay = False
         self._validator: ConstraintValidator | None = None
@@ -220,8 +219,7 @@ class VllmEngine(Engine):
         if kv_params is not None:
             params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": kv_params}
         stream = llm.generate(tokens_input(list(request.token_ids)), params, request_id)
-        self._num_inflight += 1
-        self._prefill_pending[request_id] = len(request.token_ids)
+        self._inflight.started(request_id, len(request.token_ids))
         first = True
         try:
             async for out in stream:
@@ -236,7 +234,7 @@ class VllmEngine(Engine):
                 chunk = EngineOutput(token_ids=token_ids, finish_reason=finish)
                 if first:
                     first = False
-                    self._prefill_pending.pop(request_id, None)
+                    self._inflight.first_output(request_id)
                     chunk.cached_tokens = out.num_cached_tokens
                 if want_prompt_logprobs and out.prompt_logprobs is not None:
                     want_prompt_logprobs = False  # DELTA: vLLM sends them once, with the first output
@@ -259,8 +257,7 @@ class VllmEngine(Engine):
         except EngineGenerateError as exc:
             raise errors.EngineError(f"vLLM failed request {request_id}: {exc.__cause__!r}") from None
         finally:
-            self._num_inflight -= 1
-            self._prefill_pending.pop(request_id, None)
+            self._inflight.ended(request_id)
             # Closing vLLM's stream while the request runs (we were closed or cancelled) makes
             # vLLM abort it, freeing its KV blocks at once.
             await stream.aclose()
@@ -268,11 +265,11 @@ class VllmEngine(Engine):
     def load_metrics(self) -> LoadMetrics:
         stats = self._stats
         total = self.info.kv_total_blocks if self.info is not None else 0
-        if self._num_inflight == 0 or not stats.seen:
+        inflight = self._inflight
+        if inflight.count == 0 or not stats.seen:
             # vLLM reports stats only after a step; when nothing runs the last report is stale.
-            running = self._num_inflight - len(self._prefill_pending)
-            waiting = len(self._prefill_pending)
-            kv_active = round(stats.kv_cache_usage * total) if self._num_inflight else 0
+            running, waiting = inflight.running, inflight.waiting
+            kv_active = round(stats.kv_cache_usage * total) if inflight.count else 0
         else:
             running, waiting = stats.num_running, stats.num_waiting
             kv_active = round(stats.kv_cache_usage * total)
@@ -282,7 +279,7 @@ class VllmEngine(Engine):
             waiting_requests=waiting,
             kv_active_blocks=kv_active,
             kv_total_blocks=total,
-            waiting_prefill_tokens=sum(self._prefill_pending.values()),
+            waiting_prefill_tokens=inflight.waiting_prefill_tokens,
             timestamp_s=time.time(),
         )
 
