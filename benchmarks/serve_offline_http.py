@@ -173,8 +173,8 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)  # nano-vllm's default
-    p.add_argument("--ready-timeout-s", type=float, default=600.0, help="model build and CUDA-graph capture")
-    p.add_argument("--request-timeout-s", type=float, default=600.0)
+    p.add_argument("--ready-timeout-s", type=float, default=300.0, help="model build and CUDA-graph capture")
+    p.add_argument("--request-timeout-s", type=float, default=240.0)
     p.add_argument("--log-dir", default=None, help="where the server's log goes (default: a temporary dir)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few short sequences")
     p.add_argument("--out", default=None)
