@@ -157,6 +157,23 @@ class StreamingToolParser:
             self._out_calls = []
         return out
 
+    def _text_until_marker(self, markers: tuple[str, ...], final: bool) -> str:
+        """Plain text: hands out the buffer up to the earliest of `markers`, which then starts
+        the buffer, and returns that marker. "" when none is there: the buffer then keeps only
+        what may still grow into one (nothing when `final`)."""
+        buf = self._buf
+        i, marker = find_markers(buf, markers)
+        if i == -1:
+            hold = len(buf) if final else hold_point(buf, markers)
+            if hold:
+                self._content(buf[:hold])
+            self._buf = buf[hold:]
+            return ""
+        if i:
+            self._content(buf[:i])
+            self._buf = buf[i:]
+        return marker
+
     def _content(self, text: str) -> None:
         if self._strip_ws:
             text = text.lstrip()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from frontend.parsers.tools.base import ParsedDelta, StreamingToolParser, ToolSpec, hold_point, loads_call
+from frontend.parsers.tools.base import ParsedDelta, StreamingToolParser, ToolSpec, loads_call
 from frontend.parsers.tools.json_scan import JsonValueEnd
 
 START = "<tool_call>"
@@ -39,22 +39,15 @@ class HermesParser(StreamingToolParser):
 
     def _run(self, final: bool) -> None:
         while True:
-            buf = self._buf
             if not self._in_call:
-                i = buf.find(START)
-                if i == -1:
-                    hold = len(buf) if final else hold_point(buf, _STARTS)
-                    if hold:
-                        self._content(buf[:hold])
-                    self._buf = buf[hold:]
+                if not self._text_until_marker(_STARTS, final):
                     return
-                if i:
-                    self._content(buf[:i])
-                self._buf = buf[i + len(START) :]
+                self._buf = self._buf[len(START) :]
                 self._in_call = True
                 self._obj_at = self._obj_end = -1
                 self._scan_from = 0
                 continue
+            buf = self._buf
             if self._obj_at == -1:  # the object's opening brace, after whitespace
                 m = _NON_WS.search(buf)
                 if m is None and not final:

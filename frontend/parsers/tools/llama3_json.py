@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from frontend.parsers.tools.base import ParsedDelta, StreamingToolParser, ToolSpec, hold_point, loads_call
+from frontend.parsers.tools.base import ParsedDelta, StreamingToolParser, ToolSpec, loads_call
 from frontend.parsers.tools.json_scan import JsonValueEnd
 
 PYTHON_TAG = "<|python_tag|>"
@@ -44,21 +44,14 @@ class Llama3JsonParser(StreamingToolParser):
 
     def _run(self, final: bool) -> None:
         while True:
-            buf, state = self._buf, self._state
+            state = self._state
             if state == _CONTENT:
-                i = buf.find(PYTHON_TAG)
-                if i == -1:
-                    hold = len(buf) if final else hold_point(buf, _STARTS)
-                    if hold:
-                        self._content(buf[:hold])
-                    self._buf = buf[hold:]
+                if not self._text_until_marker(_STARTS, final):
                     return
-                if i:
-                    self._content(buf[:i])
-                self._buf = buf[i:]
                 self._pos = len(PYTHON_TAG)
                 self._state = _EXPECT
                 continue
+            buf = self._buf
             m = _NON_WS.search(buf, self._pos)
             if m is None:  # only whitespace since the last decision
                 if final:  # nothing is lost: a lone tag or `;` goes out as text

@@ -16,7 +16,6 @@ from frontend.parsers.tools.base import (
     StreamingToolParser,
     ToolSpec,
     call_from_object,
-    hold_point,
     strict_loads,
 )
 from frontend.parsers.tools.json_scan import JsonValueEnd
@@ -51,20 +50,12 @@ class MistralParser(StreamingToolParser):
 
     def _run(self, final: bool) -> None:
         while True:
-            buf = self._buf
             if not self._in_call:
-                i = buf.find(BOT)
-                if i == -1:
-                    hold = len(buf) if final else hold_point(buf, _STARTS)
-                    if hold:
-                        self._content(buf[:hold])
-                    self._buf = buf[hold:]
+                if not self._text_until_marker(_STARTS, final):
                     return
-                if i:
-                    self._content(buf[:i])
-                    self._buf = buf = buf[i:]
                 self._in_call = True
                 self._scanner = None
+            buf = self._buf
             if self._scanner is None:
                 header = self._header(buf)
                 if header is None and not final:  # needs more text

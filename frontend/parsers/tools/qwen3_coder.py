@@ -119,17 +119,9 @@ class Qwen3CoderParser(StreamingToolParser):
     # more text (or, at the end, has nothing left).
 
     def _step_content(self, final: bool) -> bool:
-        buf = self._buf
-        i, marker = find_markers(buf, _STARTS)
-        if i == -1:
-            hold = len(buf) if final else hold_point(buf, _STARTS)
-            if hold:
-                self._content(buf[:hold])
-            self._buf = buf[hold:]
+        marker = self._text_until_marker(_STARTS, final)
+        if not marker:
             return False
-        if i:
-            self._content(buf[:i])
-            self._buf = buf[i:]
         self._wrapped = marker == START
         self._pos = len(marker)
         self._state = _WRAP if self._wrapped else _FUNC_NAME
