@@ -5,9 +5,7 @@ whose one page merges the frontend's, the router's and every worker's metrics.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import uvicorn
@@ -20,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from dynamo.http_server import LoopServer
+
 log = logging.getLogger(__name__)
 
 
@@ -31,29 +31,6 @@ def live_asyncio_tasks() -> float:
         return float(len(asyncio.all_tasks()))
     except RuntimeError:
         return float("nan")
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its signal handlers (the entry point owns the signals), with an event
-    for 'listening or failed' to synchronise on."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.startup_done = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets)
-        except SystemExit as exc:
-            # uvicorn exits the process when it cannot bind; a SystemExit in a task would stop
-            # the whole event loop, so it becomes an error of this server's task instead.
-            raise OSError(f"system server could not start (uvicorn exit {exc.code})") from None
-        finally:
-            self.startup_done.set()
 
 
 class MergedMetrics(Collector):
@@ -111,14 +88,11 @@ class SystemServer:
             routes=[Route("/health", health), Route("/ready", readiness), Route("/metrics", metrics)]
         )
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
-        self._server = _QuietServer(config)
+        self._server = LoopServer(config)
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> SystemServer:
-        self._task = asyncio.create_task(self._server.serve(), name="system-server")
-        started = asyncio.create_task(self._server.startup_done.wait())
-        await asyncio.wait({self._task, started}, return_when=asyncio.FIRST_COMPLETED)
-        started.cancel()
+        self._task = await self._server.serve_in_task("system-server")
         if not self._server.started:
             await asyncio.gather(self._task, return_exceptions=True)
             raise OSError(f"system server could not listen on {self._host}:{self._port}")

@@ -4,17 +4,15 @@ the models in discovery and serves the OpenAI API with uvicorn as a task on the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import logging
-import socket
-from collections.abc import Iterator
 
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from dynamo import errors
+from dynamo.http_server import LoopServer
 from dynamo.model_registry import ModelWatcher
 from dynamo.runtime import Runtime
 from frontend.app import create_app
@@ -26,25 +24,6 @@ from frontend.rate_limit_store import BucketStore, shared_store
 __all__ = ["Frontend", "FrontendConfig", "add_frontend_args"]
 
 log = logging.getLogger(__name__)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers (the entry point owns signals) and with an event
-    for 'listening or failed', so callers synchronise on it instead of polling."""
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.startup_done = asyncio.Event()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        try:
-            await super().startup(sockets)
-        finally:
-            self.startup_done.set()
 
 
 class Frontend:
@@ -67,7 +46,7 @@ class Frontend:
             scale_from_zero_wait_s=config.scale_from_zero_wait_s, held=self.metrics.held,
         )
         self.app: FastAPI = create_app(self.manager, self.metrics, config)
-        self._server: _Server | None = None
+        self._server: LoopServer | None = None
         self._server_task: asyncio.Task[None] | None = None
         self._rate_store: BucketStore | None = None
         self.port: int = config.http_port  # the bound port (differs when http_port is 0)
@@ -93,12 +72,9 @@ class Frontend:
             timeout_graceful_shutdown=self.config.graceful_shutdown_s,
             timeout_keep_alive=self.config.keep_alive_s,
         )
-        server = _Server(uv_config)
+        server = LoopServer(uv_config)
         self._server = server
-        self._server_task = asyncio.create_task(server.serve(), name="frontend-http")
-        done_wait = asyncio.create_task(server.startup_done.wait())
-        await asyncio.wait({self._server_task, done_wait}, return_when=asyncio.FIRST_COMPLETED)
-        done_wait.cancel()
+        self._server_task = await server.serve_in_task("frontend-http")
         if not server.started:
             await self.stop()
             raise errors.DynamoError(
@@ -114,7 +90,7 @@ class Frontend:
             self._server.should_exit = True
             try:
                 await self._server_task
-            except (SystemExit, OSError) as exc:  # uvicorn exits this way when bind failed
+            except OSError as exc:  # it could not listen (LoopServer)
                 log.debug("HTTP server ended with %r", exc)
             self._server = None
             self._server_task = None

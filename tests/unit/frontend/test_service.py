@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 import openai
+import pytest
 
+from dynamo import errors
 from dynamo.config import RuntimeConfig
 from dynamo.runtime import Runtime
 from frontend.service import Frontend, FrontendConfig, add_frontend_args
@@ -43,6 +46,18 @@ async def test_frontend_serves_openai_client(tokenizer: ModelTokenizer) -> None:
                 raise AssertionError("unknown model accepted")
             await client.close()
         await worker_rt.shutdown()
+
+
+async def test_a_port_in_use_fails_clearly() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with await Runtime.create(RuntimeConfig()) as runtime:
+            config = FrontendConfig(http_host="127.0.0.1", http_port=port)
+            with pytest.raises(errors.DynamoError, match=f"could not listen on 127.0.0.1:{port}"):
+                async with Frontend(runtime, config, lambda card: RoundRobinRouter()):
+                    pass
 
 
 def test_args_become_config(monkeypatch: object) -> None:
