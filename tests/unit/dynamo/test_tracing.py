@@ -9,7 +9,6 @@ import json
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -57,17 +56,6 @@ def test_traceparent_is_formatted_as_opentelemetry_injects_it() -> None:
     carrier: dict[str, str] = {}
     TraceContextTextMapPropagator().inject(carrier, trace_api.set_span_in_context(trace_api.NonRecordingSpan(ctx)))
     assert tracing.format_traceparent(ctx.trace_id, ctx.span_id, 1) == carrier["traceparent"]
-
-
-@pytest.fixture
-def spans_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = tmp_path / "spans.jsonl"
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
-    assert tracing.setup(tracing.TracingConfig(trace_file=str(path), service_name="test-svc"))
-    try:
-        yield path
-    finally:
-        tracing.shutdown()
 
 
 async def test_spans_link_through_traceparents_as_across_processes(spans_file: Path) -> None:

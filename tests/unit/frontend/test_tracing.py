@@ -5,10 +5,7 @@ parent of the second worker's part."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from dynamo import tracing
 from dynamo.trace_view import read_spans
@@ -17,17 +14,6 @@ from tests.unit.frontend.test_reliability import ContinuingWorker, _body, _front
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-def spans_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = tmp_path / "spans.jsonl"
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
-    tracing.setup(tracing.TracingConfig(trace_file=str(path), service_name="frontend-test"))
-    try:
-        yield path
-    finally:
-        tracing.shutdown()
 
 
 async def test_a_migration_is_a_span_parenting_the_second_workers_request(stack: Stack, spans_file: Path) -> None:

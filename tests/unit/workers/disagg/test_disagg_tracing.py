@@ -4,11 +4,9 @@ trace, decoding stays under the decode worker's span."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
-import pytest
 
 from dynamo import tracing
 from dynamo.config import RuntimeConfig
@@ -21,17 +19,6 @@ from workers.worker import Worker, WorkerConfig
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 SPAN = "00f067aa0ba902b7"
-
-
-@pytest.fixture
-def spans_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    path = tmp_path / "spans.jsonl"
-    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "10")
-    tracing.setup(tracing.TracingConfig(trace_file=str(path), service_name="disagg-test"))
-    try:
-        yield path
-    finally:
-        tracing.shutdown()
 
 
 async def test_remote_prefill_and_kv_transfer_spans(spans_file: Path) -> None:
