@@ -8,6 +8,7 @@ default-route address, which would send test traffic off 127.0.0.0/8.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -15,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,3 +206,24 @@ def http_ok(url: str) -> bool:
         return httpx.get(url, timeout=1.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def wait_ready(proc: Proc, base: str, timeout_s: float) -> None:
+    """Waits until `base`/ready answers, failing with `proc`'s log if it exits first."""
+    wait_until(lambda: http_ok(f"{base}/ready") or proc.popen.poll() is not None, timeout_s, f"{proc.name} ready")
+    assert proc.popen.poll() is None, proc.log()
+
+
+@contextlib.contextmanager
+def serving(tmp: Path, *args: str) -> Iterator[str]:
+    """`python -m dynamo.serve --http-port PORT *args` on a free port: its base URL once ready;
+    stopped on exit."""
+    stack = Stack(tmp, base_env(OMP_NUM_THREADS="1"))
+    port = free_port()
+    proc = stack.start("serve", "dynamo.serve", "--http-port", str(port), *args)
+    base = f"http://{LOOPBACK}:{port}"
+    try:
+        wait_ready(proc, base, 120)
+        yield base
+    finally:
+        stack.stop_all()

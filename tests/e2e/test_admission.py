@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, http_ok, metric_samples, metric_sum, wait_until
+from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, metric_samples, metric_sum, wait_ready, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -59,9 +59,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     try:
         for proc in stack.procs:
-            url = urls[proc.name]
-            wait_until(lambda: http_ok(f"{url}/ready") or proc.popen.poll() is not None, 120, f"{proc.name} ready")
-            assert proc.popen.poll() is None, proc.log()
+            wait_ready(proc, urls[proc.name], 120)
         yield urls
     finally:
         stack.stop_all()

@@ -11,7 +11,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.e2e.procs import REPO, Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import REPO, serving
 
 pytestmark = pytest.mark.e2e
 
@@ -39,21 +39,11 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    stack = Stack(tmp_path_factory.mktemp("serve-embed"), base_env(OMP_NUM_THREADS="1"))
-    port = free_port()
-    proc = stack.start(
-        "serve", "dynamo.serve", "--http-port", str(port), "--engine", "builtin", "--model", str(model_dir),
+    with serving(
+        tmp_path_factory.mktemp("serve-embed"), "--engine", "builtin", "--model", str(model_dir),
         "--served-model-name", MODEL, "--runner", "pooling", "--pooling-type", "mean", "--dtype", "float32",
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{base}/ready") or proc.popen.poll() is not None, 120, "serve ready")
-        assert proc.popen.poll() is None, proc.log()
-    except (TimeoutError, AssertionError):
-        stack.stop_all()
-        raise
-    yield base
-    stack.stop_all()
+    ) as base:
+        yield base
 
 
 def client(base: str) -> openai.OpenAI:

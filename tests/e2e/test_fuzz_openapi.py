@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, wait_ready
 
 pytestmark = [pytest.mark.e2e]
 
@@ -39,8 +39,7 @@ def test_openapi_fuzzing_gets_no_server_errors(tmp_path: Path) -> None:
         "--speedup-ratio", "1e7", "--http-host", "127.0.0.1", "--http-port", str(port),
     )
     try:
-        wait_until(lambda: http_ok(f"{base}/ready") or server.popen.poll() is not None, 60, "dynamo.serve ready")
-        assert server.popen.poll() is None, server.log()
+        wait_ready(server, base, 60)
         result = subprocess.run(
             [str(st), "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
              "--max-examples", str(MAX_EXAMPLES), "--workers", WORKERS, "--seed", "7",

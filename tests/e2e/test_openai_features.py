@@ -23,7 +23,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from tests.e2e.procs import TINY_MODEL, Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import TINY_MODEL, serving
 
 if TYPE_CHECKING:
     from frontend.service import Frontend
@@ -71,18 +71,8 @@ MIGRATIONS = "dynamo_frontend_migrations_total"
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    stack = Stack(tmp_path_factory.mktemp("serve-features"), base_env(OMP_NUM_THREADS="1"))
-    port = free_port()
-    proc = stack.start("serve", "dynamo.serve", "--http-port", str(port), "--engine", "builtin", "--model", TINY_MODEL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{base}/ready") or proc.popen.poll() is not None, 120, "serve ready")
-        assert proc.popen.poll() is None, proc.log()
-    except (TimeoutError, AssertionError):
-        stack.stop_all()
-        raise
-    yield base
-    stack.stop_all()
+    with serving(tmp_path_factory.mktemp("serve-features"), "--engine", "builtin", "--model", TINY_MODEL) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

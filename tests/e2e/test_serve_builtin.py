@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tests.e2e.procs import Stack, base_env, free_port, http_ok, wait_until
+from tests.e2e.procs import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -17,18 +17,8 @@ MODEL = "dynamo-tiny"
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    stack = Stack(tmp_path_factory.mktemp("serve"), base_env(OMP_NUM_THREADS="1"))
-    port = free_port()
-    proc = stack.start("serve", "dynamo.serve", "--http-port", str(port), "--engine", "builtin")
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_ok(f"{base}/ready") or proc.popen.poll() is not None, 120, "serve ready")
-        assert proc.popen.poll() is None, proc.log()
-    except (TimeoutError, AssertionError):
-        stack.stop_all()
-        raise
-    yield base
-    stack.stop_all()
+    with serving(tmp_path_factory.mktemp("serve"), "--engine", "builtin") as base:
+        yield base
 
 
 def client(base: str) -> openai.OpenAI:
