@@ -323,17 +323,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
     res["graph_capture_s"] = time.perf_counter() - started
     eager = ModelRunner(model, kv, device, enforce_eager=True)
-    from workers.builtin import gemv
-
-    res["gemv_max_rows"] = gemv.MAX_ROWS
-    cublas = None
-    if args.gemv_compare and gemv.MAX_ROWS > 0:
-        # The same graphs captured with gemv off: the small batches' projections on cuBLAS.
-        saved, gemv.MAX_ROWS = gemv.MAX_ROWS, 0
-        try:
-            cublas = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
-        finally:
-            gemv.MAX_ROWS = saved
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
     print("check", res["check"], flush=True)
@@ -342,9 +331,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         row: dict[str, Any] = {}
         row["ours_graphs"] = bench_decode(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
         row["ours_graphs_overlapped"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
-        if cublas is not None and b <= gemv.MAX_ROWS:
-            row["cublas_graphs_overlapped"] = bench_decode_overlapped(cublas, b, args.prompt_len, args.steps, mc.vocab_size, device)
-            row["cublas_graph_replay_ms"] = replay_ms(cublas, b) if device.type == "cuda" else float("nan")
         # Replays the last step's inputs again: rewrites the same slots, harmless.
         row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
         if not args.no_reference:
@@ -358,9 +344,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         # context (prompt, first token, 3 warm-up steps, half the timed ones).
         ctx = args.prompt_len + 4 + args.steps / 2
         row["floor_ms_with_kv"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
-        for key in ("ours_graphs", "ours_graphs_overlapped", "cublas_graphs_overlapped"):
-            if key in row:
-                row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
+        for key in ("ours_graphs", "ours_graphs_overlapped"):
+            row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
         res["decode"][str(b)] = row
         print(b, row, flush=True)
     res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
@@ -481,77 +466,26 @@ def sweep_attention(mc: ModelConfig, device: torch.device, batch: int, ctx: int)
     return out
 
 
-def sweep_gemv(mc: ModelConfig, device: torch.device, rows_list: tuple[int, ...] = (1, 4, 8)) -> list[dict[str, Any]]:
-    """Each decode projection with the op before it, as the fused forward runs it: cuBLAS
-    (torch's F.linear) after gpu_kernels' norm or SiLU kernel, against gemv.py's fused kernel at
-    its default tiling and a few others. GB/s counts the weights; each call reads a different
-    copy of them (more copies than L2 holds), as a step's layers do."""
+def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
+    """cuBLAS (torch's F.linear) at M = 1 on the decode step's weight shapes: GB/s of weights."""
     import triton
 
-    from workers.builtin import gemv, gpu_kernels
-
-    h = mc.hidden_size
-    shapes = {"qkv": ((mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, h, "norm"),
-              "o": (h, mc.num_heads * mc.head_dim, "none"), "gate_up": (2 * mc.intermediate_size, h, "norm"),
-              "down": (h, mc.intermediate_size, "silu"), "lm_head": (mc.vocab_size, h, "none")}
-    tilings = [gemv.Tiling(bn, bk, False, warps, stages) for bn in (4, 8, 16) for bk in (256, 512)
-               for warps in (4, 8) for stages in (3, 4)]
-    tilings += [gemv.Tiling(bn, bk, True, warps, stages) for bn in (16, 32) for bk in (128, 256)
-                for warps in (4,) for stages in (3, 4)]
+    shapes = {"qkv": ((mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim, mc.hidden_size),
+              "o": (mc.hidden_size, mc.num_heads * mc.head_dim), "gate_up": (2 * mc.intermediate_size, mc.hidden_size),
+              "down": (mc.hidden_size, mc.intermediate_size), "lm_head": (mc.vocab_size, mc.hidden_size)}
     out = []
-    for name, (n, k, pro) in shapes.items():
-        copies = max(2, -(-(160 << 20) // (n * k * 2)))
-        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02 for _ in range(copies)]
-        nw = torch.ones(k, dtype=torch.bfloat16, device=device)
-        for rows in rows_list:
-            x = torch.randn(rows, 2 * k if pro == "silu" else k, dtype=torch.bfloat16, device=device)
-            res = torch.randn(rows, k, dtype=torch.bfloat16, device=device)
+    for name, (n, k) in shapes.items():
+        ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) for _ in range(4)]  # rotate: no L2 reuse
+        for m in (1, 128):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
             i = [0]
 
-            def nxt() -> torch.Tensor:
-                i[0] = (i[0] + 1) % copies
-                return ws[i[0]]
+            def f() -> torch.Tensor:
+                i[0] = (i[0] + 1) % 4
+                return torch.nn.functional.linear(x, ws[i[0]])
 
-            def cublas() -> torch.Tensor:
-                a = x
-                if pro == "norm":
-                    a = gpu_kernels.rms_norm(x, nw, 1e-6, res)[0]
-                elif pro == "silu":
-                    a = gpu_kernels.silu_mul(x)
-                return torch.nn.functional.linear(a, nxt())
-
-            def ours(t: gemv.Tiling | None) -> Any:
-                if pro == "norm":
-                    return lambda: gemv.norm_linear(x, res, nw, 1e-6, nxt(), tiling=t)[0]
-                if pro == "silu":
-                    return lambda: gemv.silu_linear(x, nxt(), tiling=t)
-                return lambda: gemv.linear(x, nxt(), tiling=t)
-
-            ref = cublas().float()
-            row: dict[str, Any] = {"shape": name, "rows": rows, "prologue": pro, "MB": round(n * k * 2 / 1e6, 1)}
-            ms = triton.testing.do_bench(cublas, warmup=5, rep=30, return_mode="median")
-            row["cublas_us"], row["cublas_GBs"] = round(1e3 * ms, 2), round(n * k * 2 / ms / 1e6)
-            default = gemv.default_tiling(rows, n, k)
-            results = []
-            # Every tiling at one row; at more, the dot tilings and two broadcast ones.
-            few = [t for t in tilings if t.dot or (rows <= 4 and t.block_n == 8 and t.num_warps == 4 and t.num_stages == 3)]
-            if name == "lm_head" and rows > 1:
-                continue
-            for t in [None] + (tilings if rows == 1 else few):
-                try:
-                    f = ours(t)
-                    i[0] = 0
-                    err = float((f().float() - ref).norm() / ref.norm())
-                    ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
-                    results.append({"tiling": repr(t or default), "default": t is None, "us": round(1e3 * ms, 2),
-                                    "GBs": round(n * k * 2 / ms / 1e6), "err": round(err, 5)})
-                except Exception as exc:  # a tiling that does not compile
-                    results.append({"tiling": repr(t), "error": repr(exc)[:100]})
-            results.sort(key=lambda r: r.get("us", 1e9))
-            row["gemv_default"] = next(r for r in results if r.get("default") or "error" not in r)
-            row["gemv_best"] = results[:3]
-            out.append(row)
-            print("gemv", json.dumps(row), flush=True)
+            ms = triton.testing.do_bench(f, warmup=5, rep=30, return_mode="median")
+            out.append({"shape": name, "m": m, "us": round(1e3 * ms, 2), "GBs": round(n * k * 2 / ms / 1e6)})
     return out
 
 
@@ -568,10 +502,10 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     model = ours_from_hf(hf, mc, device)
     del hf
     wbytes = weight_bytes_per_step(model)
-    if "gemv" in args.sweeps:
-        res["gemv"] = sweep_gemv(mc, device)
+    res["gemv"] = sweep_gemv(mc, device)
+    print("gemv", res["gemv"], flush=True)
     res["attention"] = {}
-    for b, ctx in ((128, 200), (1, 200), (128, 1024)) if "attention" in args.sweeps else ():
+    for b, ctx in ((128, 200), (1, 200), (128, 1024)):
         sw = sweep_attention(mc, device, b, ctx)
         res["attention"][f"{b}x{ctx}"] = sw
         print("attention", b, ctx, sw[:4], "default", [r for r in sw if r.get("block_n") == 128 and r.get("warps") == 4 and r.get("stages") == 3], flush=True)
@@ -634,10 +568,6 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
-    p.add_argument("--sweeps", nargs="*", default=["gemv", "attention"], choices=["gemv", "attention"],
-                   help="--profile: the kernel sweeps to run first")
-    p.add_argument("--gemv-compare", action="store_true",
-                   help="also time batches <= DYN_BUILTIN_GEMV_MAX_ROWS with gemv off (cuBLAS), same run")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
     args = p.parse_args()
     if args.profile:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.builtin import gemv, gpu_kernels
+from workers.builtin import gpu_kernels
 from workers.builtin.attention import AttentionBackend, AttentionMetadata
 from workers.builtin.config import ModelConfig, RopeScaling
 from workers.builtin.kv_cache import KVCache
@@ -125,13 +125,8 @@ class Attention(nn.Module):
     def forward_fused(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        return self.o_proj(self.attend_fused(self.qkv_proj(x), positions, rotary, kv, meta))
-
-    def attend_fused(
-        self, qkv: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """Attention output [T, heads * head_dim] (before o_proj) from the qkv projection."""
-        tokens = qkv.shape[0]
+        tokens = x.shape[0]
+        qkv = self.qkv_proj(x)
         # Qwen3's per-head norms come before RoPE, in the same kernel.
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
@@ -148,16 +143,17 @@ class Attention(nn.Module):
             out = gpu_kernels.paged_decode_attention(
                 q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale
             )
-            return out.reshape(tokens, self.q_size)
-        gpu_kernels.rope_inplace(
-            qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim, qk_norm
-        )
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+            return self.o_proj(out.reshape(tokens, self.q_size))
+        else:
+            gpu_kernels.rope_inplace(
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim, qk_norm
+            )
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(tokens, self.num_heads, self.head_dim)
+            k = k.view(tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
-        return out.reshape(tokens, self.q_size)
+        return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -193,17 +189,10 @@ class DecoderLayer(nn.Module):
         """The layer's output before its last residual add, and the residual: the next norm
         does that add in the same kernel."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        attn, mlp = self.self_attn, self.mlp
-        if gemv.fits(h):
-            # A few rows: each projection streams its weights with the op before it fused in.
-            qkv, residual = gemv.norm_linear(h, residual, norm1.weight, norm1.eps, attn.qkv_proj.weight, attn.qkv_proj.bias)
-            h = gemv.linear(attn.attend_fused(qkv, positions, rotary, kv, meta), attn.o_proj.weight)
-            gate_up, residual = gemv.norm_linear(h, residual, norm2.weight, norm2.eps, mlp.gate_up_proj.weight)
-            return gemv.silu_linear(gate_up, mlp.down_proj.weight), residual
         x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
-        h = attn.forward_fused(x, positions, rotary, kv, meta)
+        h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
-        return mlp.down_proj(gpu_kernels.silu_mul(mlp.gate_up_proj(x))), residual
+        return self.mlp.down_proj(gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))), residual
 
 
 class LlamaModel(nn.Module):

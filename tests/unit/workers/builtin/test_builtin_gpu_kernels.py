@@ -1,4 +1,4 @@
-"""gpu_kernels.py's and gemv.py's Triton kernels on CUDA, or without a GPU in Triton's CPU
+"""gpu_kernels.py's Triton kernels on CUDA, or without a GPU in Triton's CPU
 interpreter (tests/triton_interpreter.py): each kernel against its torch reference, the fused
 model forward against the plain one, the padded decode-graph path against eager steps."""
 
@@ -14,7 +14,7 @@ from tests.triton_interpreter import use_interpreter_unless_cuda
 
 CUDA = use_interpreter_unless_cuda()
 
-from workers.builtin import gemv, gpu_kernels  # noqa: E402
+from workers.builtin import gpu_kernels  # noqa: E402
 from workers.builtin.attention import SdpaPagedAttention, SeqSlice, TritonPagedAttention  # noqa: E402
 from workers.builtin.config import load_model_config  # noqa: E402
 from workers.builtin.cuda_graphs import DecodeGraphs  # noqa: E402
@@ -99,48 +99,6 @@ def test_fused_elementwise_kernels_match_torch() -> None:
     assert flat_k[[0, 1, 3, 4, 5, 6]].abs().sum() == 0 and flat_v[[0, 1, 3, 4, 5, 6]].abs().sum() == 0
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 16])
-# (Triton's CPU interpreter has no bfloat16 arithmetic: float16 stands for it there.)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16 if CUDA else torch.float16])
-def test_gemv_projections_equal_the_separate_kernels_and_torch(rows: int, dtype: torch.dtype) -> None:
-    torch.manual_seed(rows)
-    hidden, inter, out_n = 96, 80, 40  # none a multiple of the blocks: masked tails
-    h = torch.randn(rows, hidden).to(dtype)
-    res = torch.randn(rows, hidden).to(dtype)
-    nw = (1 + 0.1 * torch.randn(hidden)).to(dtype)
-    w = (0.1 * torch.randn(out_n, hidden)).to(dtype)
-    bias = torch.randn(out_n).to(dtype)
-    w_down = (0.1 * torch.randn(out_n, inter)).to(dtype)
-    gate_up = torch.randn(rows, 2 * inter).to(dtype)
-    tol = {"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
-    tilings = [None, gemv.Tiling(block_n=16, block_k=32, dot=True)]
-    if rows <= 4:
-        tilings.append(gemv.Tiling(block_n=4, block_k=64, dot=False))
-    for tiling in tilings:
-        normed, new_res = gpu_kernels.rms_norm(h, nw, 1e-6, res)
-        out, out_res = gemv.norm_linear(h, res, nw, 1e-6, w, bias, tiling=tiling)
-        # The new residual is the same rounded sum, bit for bit; the product is the norm's
-        # output times the weight, in fp32 accumulation.
-        assert torch.equal(out_res, new_res)
-        torch.testing.assert_close(out, torch.nn.functional.linear(normed, w, bias), **tol)
-        first, same = gemv.norm_linear(h, None, nw, 1e-6, w, tiling=tiling)
-        assert same is h
-        torch.testing.assert_close(first, torch.nn.functional.linear(gpu_kernels.rms_norm(h, nw, 1e-6)[0], w), **tol)
-        down = gemv.silu_linear(gate_up, w_down, tiling=tiling)
-        torch.testing.assert_close(down, torch.nn.functional.linear(gpu_kernels.silu_mul(gate_up), w_down), **tol)
-        plain = gemv.linear(h, w, tiling=tiling)
-        torch.testing.assert_close(plain, torch.nn.functional.linear(h, w), **tol)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gemv.linear(torch.randn(17, hidden).to(dtype), w)
-
-
-def no_gemv_in_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Steps through gemv take minutes in the CPU interpreter; its tests above and the fused
-    forward's cover it there, and on CUDA these tests take it as the engine does."""
-    if not CUDA:
-        monkeypatch.setattr(gemv, "MAX_ROWS", 0)
-
-
 def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     config = load_model_config(model_dir)
     plain = load_model(config, torch.float32, CPU).to(DEV)
@@ -152,15 +110,8 @@ def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
     return plain.eval(), fused.eval()
 
 
-# gemv: the shapes with a qkv bias and with q/k norms (the interpreter takes seconds a shape).
-@pytest.mark.parametrize("shape,gemv_rows", [
-    ("llama-gqa", 0), ("qwen2-bias", 0), ("qwen3-qknorm", 0), ("llama-mha-tied", 0), ("qwen2-bias", 16), ("qwen3-qknorm", 16),
-])
-def test_fused_forward_matches_plain(
-    shape: str, gemv_rows: int, model_dirs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # 16: the 12-token prefill and the decode step both take gemv's fused projections.
-    monkeypatch.setattr(gemv, "MAX_ROWS", gemv_rows)
+@pytest.mark.parametrize("shape", ["llama-gqa", "qwen2-bias", "qwen3-qknorm", "llama-mha-tied"])
+def test_fused_forward_matches_plain(shape: str, model_dirs: Callable[[str], Path]) -> None:
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
@@ -181,8 +132,7 @@ def test_fused_forward_matches_plain(
 
 
 @pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
-def test_padded_graph_decode_matches_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    no_gemv_in_interpreter(monkeypatch)
+def test_padded_graph_decode_matches_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path]) -> None:
     _, fused = _triton_model(model_dirs("llama-gqa"))
     config = fused.config
     prompts = [[3, 4, 5, 6, 7], [9, 10], [20, 21, 22, 23, 24, 25, 26]]
@@ -222,8 +172,7 @@ def test_embed_reads_placeholders_from_feedback() -> None:
 
 
 @pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
-def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    no_gemv_in_interpreter(monkeypatch)
+def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path]) -> None:
     """Each step launched before the previous one's tokens are read (its inputs placeholders for
     them, read on the device) gives the plain loop's tokens, on the padded graph path and eagerly."""
     _, fused = _triton_model(model_dirs("llama-gqa"))
