@@ -1,15 +1,12 @@
 """Helpers shared by the built-in engine's feature tests: an engine on CPU in fp64, requests,
-collecting a stream, and checking constrained output."""
+collecting a stream. Constrained output is checked with the structured-output tests' checker
+(tests/unit/workers/structured/structured_cases.py)."""
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import jsonschema
 
 from dynamo.wire import EngineOutput, OutputConstraint, PreprocessedRequest, SamplingOptions, StopConditions
 from workers.builtin.args import BuiltinConfig
@@ -45,17 +42,3 @@ async def collect(stream: AsyncIterator[EngineOutput]) -> list[EngineOutput]:
 
 def tokens(outs: list[EngineOutput]) -> list[int]:
     return [t for o in outs for t in o.token_ids]
-
-
-def check_output(constraint: OutputConstraint, text: str) -> None:
-    """Assert `text` satisfies `constraint` (by jsonschema, re, or membership)."""
-    if constraint.kind == "json_schema":
-        jsonschema.validate(json.loads(text), json.loads(constraint.spec))
-    elif constraint.kind == "json_object":
-        assert isinstance(json.loads(text), dict)
-    elif constraint.kind == "regex":
-        assert re.fullmatch(constraint.spec, text), (constraint.spec, text)
-    elif constraint.kind == "choice":
-        assert text in json.loads(constraint.spec)
-    else:
-        raise AssertionError(f"no checker for {constraint.kind}")

@@ -13,11 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from builtin_cases import EOS, check_output, collect, engine, request, tokens
+from builtin_cases import EOS, collect, engine, request, tokens
 from tokenizers import Tokenizer
 
 from dynamo import errors
 from dynamo.wire import OutputConstraint
+from tests.unit.workers.structured.structured_cases import check_output
 from workers.structured.grammar import default_field
 
 SCHEMA = {
