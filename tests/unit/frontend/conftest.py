@@ -33,6 +33,11 @@ def tokenizer() -> ModelTokenizer:
     return ModelTokenizer.load(TINY_MODEL)
 
 
+def ids(tokenizer: ModelTokenizer, text: str) -> list[int]:
+    """`text` as token ids without special tokens (a scripted worker's script)."""
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 @dataclass
 class ScriptedWorker:
     """A worker handler that answers every request with `script` (token ids), one per frame,

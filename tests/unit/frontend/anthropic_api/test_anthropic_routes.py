@@ -8,12 +8,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anthropic
-import httpx2
 import pytest
 
 from frontend.tokenizer import ModelTokenizer
-from tests.unit.frontend.conftest import MODEL, Stack, start_worker
-from tests.unit.frontend.responses_api.scripted import serve_apis, think_model
+from tests.unit.frontend.conftest import MODEL, Stack, ids, start_worker
+from tests.unit.frontend.responses_api.scripted import sdk_http_client, serve_apis, think_model
 from tests.unit.frontend.test_api_surface import tools_model  # noqa: F401 - fixture
 
 WEATHER = {
@@ -25,14 +24,9 @@ WEATHER = {
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    serve_apis(stack)
-    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=stack.app), base_url="http://test")
+    http = sdk_http_client(stack)
     async with anthropic.AsyncAnthropic(api_key="unused", base_url="http://test", http_client=http, max_retries=0) as c:
         yield c
-
-
-def ids(tokenizer: ModelTokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def test_message_non_streaming(stack: Stack, client: anthropic.AsyncAnthropic, tokenizer: ModelTokenizer) -> None:

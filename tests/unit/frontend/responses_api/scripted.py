@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import httpx2
+
 from dynamo import errors
 from frontend.outputs import ChoiceAccumulator, ChoiceDelta, ChoiceResult
 from frontend.schemas import PromptTokensDetails, Usage
@@ -70,6 +72,14 @@ def serve_apis(stack: object, ttl_s: float = 3600.0) -> object:
     store = register_responses_routes(app, app.state.pipeline, manager, config)
     register_tokenize_routes(app, manager, config)
     return store
+
+
+def sdk_http_client(stack: object) -> httpx2.AsyncClient:
+    """The APIs served on a test stack's app (serve_apis) and an httpx2 client calling it in
+    process: the `http_client` for the official SDK clients (openai, anthropic)."""
+    serve_apis(stack)
+    app = stack.app  # type: ignore[attr-defined]
+    return httpx2.AsyncClient(transport=httpx2.ASGITransport(app=app), base_url="http://test")
 
 
 def think_model(tmp_path: object) -> str:

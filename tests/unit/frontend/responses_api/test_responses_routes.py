@@ -7,13 +7,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx2
 import openai
 import pytest
 
 from frontend.tokenizer import ModelTokenizer
-from tests.unit.frontend.conftest import MODEL, Stack, start_worker
-from tests.unit.frontend.responses_api.scripted import serve_apis, think_model
+from tests.unit.frontend.conftest import MODEL, Stack, ids, start_worker
+from tests.unit.frontend.responses_api.scripted import sdk_http_client, serve_apis, think_model
 from tests.unit.frontend.test_api_surface import tools_model  # noqa: F401 - fixture
 
 WEATHER = {
@@ -26,14 +25,9 @@ WEATHER = {
 
 @pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[openai.AsyncOpenAI]:
-    serve_apis(stack)
-    http = httpx2.AsyncClient(transport=httpx2.ASGITransport(app=stack.app), base_url="http://test")
+    http = sdk_http_client(stack)
     async with openai.AsyncOpenAI(api_key="unused", base_url="http://test/v1", http_client=http, max_retries=0) as c:
         yield c
-
-
-def ids(tokenizer: ModelTokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
 
 
 async def test_text_response_and_retrieve(stack: Stack, client: openai.AsyncOpenAI, tokenizer: ModelTokenizer) -> None:
