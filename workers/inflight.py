@@ -41,6 +41,7 @@ class InflightRequests:
 
     @property
     def waiting_prefill_tokens(self) -> int:
+        """Prompt tokens of the waiting requests."""
         return sum(self._prefill_tokens.values())
 
     def lags(self, load: LoadMetrics) -> bool:
