@@ -339,7 +339,7 @@ class BlockCopier:
         out = torch.empty(tuple(staged.shape), dtype=self.dtype, pin_memory=pin)
         with torch.cuda.stream(self.stream):
             out.copy_(staged, non_blocking=pin)
-            done = self.stream.record_event()
+        done = self.fence(blocking=True)  # the disk thread waits for it
         return out, done
 
     def timer_start(self) -> Any:
@@ -378,10 +378,18 @@ class BlockCopier:
         """The next forward pass waits for everything queued on the side stream so far."""
         self._mark_ready()
 
-    def fence(self) -> torch.cuda.Event | None:
+    def fence(self, blocking: bool = False) -> torch.cuda.Event | None:
         """An event after everything queued on the side stream so far (None without one:
-        the copies are done)."""
-        return self.stream.record_event() if self.stream is not None else None
+        the copies are done). `blocking`: for another thread to synchronize() on (the disk
+        thread): it then sleeps until the event completes instead of spinning a core in the
+        CUDA driver, which the model thread's launches share."""
+        if self.stream is None:
+            return None
+        if not blocking:
+            return self.stream.record_event()
+        event = torch.cuda.Event(blocking=True)
+        event.record(self.stream)
+        return event
 
     def _mark_ready(self) -> None:
         if self.stream is not None:

@@ -176,7 +176,7 @@ class KvBlockManager:
             # copy stream follows them. The disk thread waits for it, not this one.
             copier.flush_offloads([op.host_slot for op in plan.writes])
             disk.write_batch([(op.block_hash, op.parent_hash, host.data[op.host_slot]) for op in plan.writes],
-                             copier.fence())
+                             copier.fence(blocking=True))
         if direct is not None:
             assert disk is not None
             disk.write_batch(*direct)
