@@ -203,7 +203,7 @@ class TorchExecutor:
     async def wait_for_reads(self) -> None:
         kvbm = self.kvbm
         if kvbm is not None and kvbm.has_pending():
-            await self._run_kvbm_plan(None)  # it may start reads deferred behind its writes
+            await self._run_kvbm_plan(None)  # offloads staged on the device are flushed by a plan
         # The reads end on reader threads, which call `wake`.
 
     async def _run_kvbm_plan(self, batch: ScheduledBatch | None) -> None:
