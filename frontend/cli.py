@@ -5,13 +5,12 @@ discovery."""
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 
 from prometheus_client import CollectorRegistry
 
 from dynamo.config import Backend, RuntimeConfig, add_runtime_args
-from dynamo.entry import add_common_args, run, wait_for_shutdown
+from dynamo.entry import add_common_args, freeze_startup_objects, run, wait_for_shutdown
 from dynamo.runtime import Runtime
 from frontend.config import FrontendConfig, add_frontend_args
 from frontend.models import RouterFactory
@@ -48,13 +47,7 @@ async def serve_frontend(args: argparse.Namespace) -> None:
     async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
         factory = router_factory(runtime, args, registry)
         async with Frontend(runtime, FrontendConfig.from_args(args), factory, registry=registry):
-            # What exists now (modules, the app: ~85k objects) lives as long as the process.
-            # Frozen, full collections no longer walk it; they come every few thousand
-            # requests (objects of requests in flight age into the oldest generation) and
-            # walking it cost up to a tenth of the CPU per request at concurrency
-            # (benchmarks/RESULTS.md, frontend overhead). Startup's garbage goes first.
-            gc.collect()
-            gc.freeze()
+            freeze_startup_objects()
             await wait_for_shutdown()
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 from prometheus_client import CollectorRegistry
 
 from dynamo.config import RuntimeConfig
-from dynamo.entry import SYSTEM_FLAGS, run, wait_for_shutdown
+from dynamo.entry import SYSTEM_FLAGS, freeze_startup_objects, run, wait_for_shutdown
 from dynamo.flags import Flag, FlagGroup
 from dynamo.runtime import Runtime
 from dynamo.system_server import SystemServer, merged_registry
@@ -104,6 +104,7 @@ async def serve_all(args: argparse.Namespace) -> None:
                         lambda: all(w.ready() for w in workers),
                     )
                 )
+            freeze_startup_objects()  # the engines' models included
             await wait_for_shutdown()
             # The HTTP server drains first (in-flight requests finish within
             # --http-graceful-shutdown-s), then the workers, which then have nothing left.
