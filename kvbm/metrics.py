@@ -52,7 +52,6 @@ class KvbmStats:
     offload_bytes: Tally[str] = field(default_factory=Tally)
     onboard_blocks: Tally[str] = field(default_factory=Tally)
     onboard_bytes: Tally[str] = field(default_factory=Tally)
-    skipped: int = 0
     skipped_by: Tally[tuple[str, str]] = field(default_factory=Tally)  # (tier, reason) -> blocks
     # Lower-tier hits of admitted requests by (tier, "onboard" | "recompute"): the cost model's
     # decisions (a hit recomputed because reading it would have been slower).
@@ -111,10 +110,14 @@ class KvbmStats:
         """`blocks` were not kept in `tier` for `reason` (see KvbmMetrics.skipped)."""
         if blocks <= 0:
             return
-        self.skipped += blocks
         self.skipped_by[(tier, reason)] += blocks
         if self.metrics is not None:
             self.metrics.skipped.labels(self.metrics._model, tier, reason).inc(blocks)
+
+    @property
+    def skipped(self) -> int:
+        """Blocks not kept, every tier and reason."""
+        return sum(self.skipped_by.values())
 
     def plan_executed(self, seconds: float) -> None:
         """On the model thread: one plan took `seconds` of it."""
