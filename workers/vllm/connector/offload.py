@@ -137,11 +137,11 @@ def _tokens_only(request: Any) -> bool:
 @dataclass(slots=True)
 class OffloadMetadata(KVConnectorMetadata):
     """One step's TransferPlan, as plain tuples (it is pickled to the workers), executed in
-    this order: spills (host slot -> file: the plan's writes ahead of host evictions, of slots
-    earlier plans filled), offloads (device block -> host slot or file), onboards (host slot or
+    this order: writes (host slot -> file: written ahead of host evictions, from slots earlier
+    plans filled), offloads (device block -> host slot or file), onboards (host slot or
     file -> device block), deletes (files)."""
 
-    spills: list[tuple[int, int | None, int]] = field(default_factory=list)  # hash, parent, host slot
+    writes: list[tuple[int, int | None, int]] = field(default_factory=list)  # hash, parent, host slot
     offloads: list[tuple[int, int, int | None, str, int]] = field(default_factory=list)  # block, hash, parent, tier, slot
     onboards: list[tuple[int, str, int, int]] = field(default_factory=list)  # hash, tier, slot, block
     deletes: list[int] = field(default_factory=list)
@@ -150,7 +150,7 @@ class OffloadMetadata(KVConnectorMetadata):
     lost_blocks: list[int] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.spills or self.offloads or self.onboards or self.deletes or self.lost_blocks)
+        return bool(self.writes or self.offloads or self.onboards or self.deletes or self.lost_blocks)
 
 
 @dataclass(slots=True)
@@ -377,7 +377,7 @@ class _SchedulerSide:
         # (the cache has no DiskWrites: its writes count as done once taken).
         self.cache.finish(plan)
         return OffloadMetadata(
-            spills=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.writes],
+            writes=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.writes],
             offloads=[(op.device_block, op.block_hash, op.parent_hash, op.tier, op.slot) for op in plan.offloads],
             onboards=[(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards],
             deletes=[op.block_hash for op in plan.deletes],
@@ -508,10 +508,10 @@ class _WorkerSide:
         if not meta:
             return
         started = time.perf_counter()
-        if meta.spills:
+        if meta.writes:
             assert self.disk is not None
             slots = self._slots()
-            for h, parent, slot in meta.spills:  # slots earlier plans filled, pinned until now
+            for h, parent, slot in meta.writes:  # slots earlier plans filled, pinned until now
                 self._write(h, parent, slots[slot].clone())
         if meta.offloads:
             data = self.gather([op[0] for op in meta.offloads])
