@@ -24,9 +24,9 @@ fi
 # the sum. Its output is printed once it ends. Job control puts it in a process group of its own,
 # so that a failing main suite can end it whole (pip, pytest and the engines they start).
 VLLM_VENV="${DYN_VLLM_VENV:-.venv-vllm}"
-vlog="$(mktemp)"
 vllm_pid=""
 if [ "$run_vllm" = "1" ]; then
+  vlog="$(mktemp)"
   echo "test.sh: installing vLLM into $VLLM_VENV and running its suite in the background (log: $vlog)"
   set -m
   bash scripts/test_vllm.sh "$VLLM_VENV" >"$vlog" 2>&1 &
