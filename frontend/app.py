@@ -38,8 +38,6 @@ from frontend.rate_limit import TENANT_SCOPE_KEY, Clock, RateLimiter
 from frontend.responses import register_responses_routes
 from frontend.responses.routes import OPENAPI_OPERATIONS as RESPONSES_OPERATIONS
 from frontend.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
     ModelList,
     ModelObject,
     ReadyModel,

@@ -9,7 +9,6 @@ import contextvars
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from frontend.errors import TooManyRequests
 from frontend.metrics import FrontendMetrics

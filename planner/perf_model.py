@@ -5,7 +5,6 @@ decode batch and the KV tokens it attends over. The SLA mode turns it into repli
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
