@@ -323,17 +323,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
     res["graph_capture_s"] = time.perf_counter() - started
     eager = ModelRunner(model, kv, device, enforce_eager=True)
-    from workers.builtin import gpu_kernels
-
-    res["gated_mlp_tiles"] = gpu_kernels.GATED_MLP_TILES
-    ungated = None
-    if args.compare_gated and gpu_kernels.GATED_MLP_TILES:
-        # The same graphs with gate_up on cuBLAS and a separate silu_mul, in this process.
-        saved, gpu_kernels.GATED_MLP_TILES = gpu_kernels.GATED_MLP_TILES, {}
-        try:
-            ungated = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
-        finally:
-            gpu_kernels.GATED_MLP_TILES = saved
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
     print("check", res["check"], flush=True)
@@ -344,9 +333,6 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         row["ours_graphs_overlapped"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
         # Replays the last step's inputs again: rewrites the same slots, harmless.
         row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
-        if ungated is not None:
-            row["ungated_graphs_overlapped"] = bench_decode_overlapped(ungated, b, args.prompt_len, args.steps, mc.vocab_size, device)
-            row["ungated_graph_replay_ms"] = replay_ms(ungated, b) if device.type == "cuda" else float("nan")
         if not args.no_reference:
             row["ours_eager"] = bench_decode(eager, b, args.prompt_len, args.steps, mc.vocab_size, device)
             try:
@@ -358,9 +344,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         # context (prompt, first token, 3 warm-up steps, half the timed ones).
         ctx = args.prompt_len + 4 + args.steps / 2
         row["floor_ms_with_kv"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
-        for key in ("ours_graphs", "ours_graphs_overlapped", "ungated_graphs_overlapped"):
-            if key in row:
-                row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
+        for key in ("ours_graphs", "ours_graphs_overlapped"):
+            row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
         res["decode"][str(b)] = row
         print(b, row, flush=True)
     res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
@@ -583,8 +568,6 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
-    p.add_argument("--compare-gated", action="store_true",
-                   help="also time graphs with gate_up on cuBLAS + silu_mul (gpu_kernels.GATED_MLP_TILES off)")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
     args = p.parse_args()
     if args.profile:

@@ -188,48 +188,9 @@ def _kernels() -> SimpleNamespace:
         mask = offs < H
         tl.store(out_ptr + t * H + offs, tl.load(weight_ptr + i * H + offs, mask=mask), mask=mask)
 
-    @triton.jit
-    def _linear_kernel(
-        x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-        GATED: tl.constexpr,
-    ):
-        # out = x @ w.T for few rows (a decode batch): the weight is streamed once per M tile,
-        # and the M tiles of one N tile are neighbours in launch order, so all but the first
-        # find it in L2. GATED: w is gate_up's [2N, K]; out = silu(x @ gate.T) * (x @ up.T),
-        # each program taking the same columns of both halves.
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
-        up_ptrs = w_ptrs + N * stride_wn
-        mmask = rm[:, None] < M
-        nmask = rn[:, None] < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                kmask = rk[None, :] >= 0
-            else:
-                kmask = rk[None, :] < K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=mmask & kmask, other=0.0)
-            acc = tl.dot(a, tl.trans(tl.load(w_ptrs, mask=nmask & kmask, other=0.0)), acc)
-            if GATED:
-                acc_up = tl.dot(a, tl.trans(tl.load(up_ptrs, mask=nmask & kmask, other=0.0)), acc_up)
-                up_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        if GATED:
-            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
-        tl.store(out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=mmask & (rn[None, :] < N))
-
     return SimpleNamespace(
         embed=_embed_kernel, store_kv=_store_kv_kernel, paged_decode=_paged_decode_kernel, add_rms_norm=_add_rms_norm_kernel,
-        rope=_rope_kernel, silu_mul=_silu_mul_kernel, linear=_linear_kernel, cdiv=triton.cdiv,
+        rope=_rope_kernel, silu_mul=_silu_mul_kernel, cdiv=triton.cdiv,
     )
 
 
@@ -343,44 +304,4 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, _pow2(n))
     k = _kernels()
     k.silu_mul[(tokens, k.cdiv(n, block))](gate_up, out, gate_up.stride(0), N=n, BLOCK=block)
-    return out
-
-
-# Decode batches whose gate_up projection and SiLU run as one Triton kernel (linear(gated=True))
-# rather than cuBLAS then silu_mul: rows up to each bound (and over 16) take that tiling, the
-# best of benchmarks/linear_sweep_gpu.py's on an H100 (1.07x cuBLAS + silu_mul at 32 rows, 1.13x
-# at 128: the activation is never written, and cuBLAS's 128-row tiles leave SMs idle). Up to 16
-# rows cuBLAS's kernels were not beaten (a Triton GEMV was tried: slower); prefills keep cuBLAS.
-GATED_MLP_TILES: dict[int, dict[str, int]] = {
-    32: {"block_m": 32, "block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 4},
-    128: {"block_m": 64, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 4},
-}
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of gate_up_proj (weight [2N, K], no bias) for x [M, K]."""
-    rows = x.shape[0]
-    if rows > 16:
-        for bound in sorted(GATED_MLP_TILES):
-            if rows <= bound:
-                return linear(x, weight, True, **GATED_MLP_TILES[bound])
-    return silu_mul(torch.nn.functional.linear(x, weight))
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, block_m: int = 0, block_n: int = 64,
-           block_k: int = 128, num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """x [M, K] @ weight[N, K].T for a decode batch's few rows (block_m 0: M rounded up to a
-    power of two, 16 to 128). `gated`: weight is gate_up's [2N, K] and the result
-    silu(gate) * up [M, N], what silu_mul(linear(x, weight)) would give."""
-    m, k_dim = x.shape
-    n = weight.shape[0] // 2 if gated else weight.shape[0]
-    assert weight.shape[1] == k_dim and x.stride(1) == 1 and weight.stride(1) == 1
-    block_m = block_m or min(128, max(16, _pow2(m)))
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    k = _kernels()
-    k.linear[(k.cdiv(m, block_m), k.cdiv(n, block_n))](
-        x, weight, out, m, n, k_dim, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k_dim % block_k == 0, GATED=gated,
-        num_warps=num_warps, num_stages=num_stages,
-    )
     return out

@@ -192,7 +192,7 @@ class DecoderLayer(nn.Module):
         x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
         h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
-        return self.mlp.down_proj(gpu_kernels.gate_up_silu(x, self.mlp.gate_up_proj.weight)), residual
+        return self.mlp.down_proj(gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))), residual
 
 
 class LlamaModel(nn.Module):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.triton_interpreter import use_interpreter_unless_cuda
 
@@ -211,29 +210,3 @@ def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool,
                                  feedback=padded.feedback)
     padded.graphs.capture()
     assert generate(padded, 5, overlapped=True) == expected
-
-
-@pytest.mark.parametrize(("m", "n", "k", "block_m", "block_k"), [
-    (5, 96, 64, 0, 32),     # rows and columns short of a tile
-    (40, 70, 100, 16, 32),  # several M tiles; K not a multiple of the K tile
-    (128, 64, 256, 0, 128),
-])
-def test_linear_equals_torch(m: int, n: int, k: int, block_m: int, block_k: int) -> None:
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype) / k**0.5
-    out = gpu_kernels.linear(x, w, block_m=block_m, block_n=32, block_k=block_k)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(out, x @ w.T, atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("rows", [8, 20, 100])  # cuBLAS + silu_mul, then each Triton tiling
-def test_gate_up_silu_equals_silu_mul_of_the_projection(rows: int) -> None:
-    torch.manual_seed(0)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    x, w = torch.randn(rows, 64, dtype=dtype), torch.randn(2 * 96, 64, dtype=dtype) / 8
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
-    torch.testing.assert_close(gpu_kernels.gate_up_silu(x, w), gpu_kernels.silu_mul(x @ w.T), atol=tol, rtol=tol)
-    out = gpu_kernels.linear(x, w, gated=True, block_n=16, block_k=32)
-    gate, up = (x @ w.T).float().split(96, dim=-1)
-    torch.testing.assert_close(out.float(), F.silu(gate) * up, atol=tol, rtol=tol)
