@@ -80,16 +80,20 @@ class SdpaPagedAttention:
             starts.append(s.num_computed)
             kv_lens.append(s.num_computed + s.num_new)
         max_kv = max_blocks * bs
-        q_pos = torch.arange(max_q).view(1, max_q, 1) + torch.tensor(starts).view(num_seqs, 1, 1)
-        kv_pos = torch.arange(max_kv).view(1, 1, max_kv)
+        # The mask is built on the device from two small vectors: built on the host it is
+        # megabytes a prefill step, and a copy from pageable memory waits for the stream,
+        # i.e. for the step in flight (the overlap loop launches the next one meanwhile).
+        bounds = to_device([starts, kv_lens], torch.long, device)
+        q_pos = torch.arange(max_q, device=device).view(1, max_q, 1) + bounds[0].view(num_seqs, 1, 1)
+        kv_pos = torch.arange(max_kv, device=device).view(1, 1, max_kv)
         # Causal with each sequence's offset; padded query rows still see key 0, so no row is
         # fully masked (that would make SDPA return NaN).
-        mask = (kv_pos <= q_pos) & (kv_pos < torch.tensor(kv_lens).view(num_seqs, 1, 1))
+        mask = (kv_pos <= q_pos) & (kv_pos < bounds[1].view(num_seqs, 1, 1))
         return AttentionMetadata(
             slot_mapping=to_device(slots, torch.long, device),
             block_tables=to_device(tables, torch.long, device),
             query_index=to_device(query_index, torch.long, device),
-            mask=mask.unsqueeze(1).to(device, non_blocking=True),
+            mask=mask.unsqueeze(1),
             num_seqs=num_seqs,
             max_q=max_q,
             max_kv=max_kv,
