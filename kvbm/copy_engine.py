@@ -74,6 +74,19 @@ class BlockCopier:
             fused = self.cuda and triton_available()
         self.fused = fused
         self._timings: list[tuple[Any, Any, int]] = []  # (start, end event or seconds, bytes)
+        if self.fused and self.cuda:
+            # The staging buffers and the copy kernels now, not at the first offload and
+            # onboard: compiling a kernel there stalled the model thread mid-serving (py-spy
+            # on an H100, benchmarks/RESULTS.md "Where G3's cost is").
+            if self.host is not None:
+                self._ring = self._staging()
+                self._fused_ring().warm()
+            self._inbuf = self._staging()
+            self._fused_in().warm()
+
+    def _staging(self) -> torch.Tensor:
+        return torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
+                           dtype=self.dtype, device=self.device)
 
     # ------------------------------------------------------------------------------ batches
 
@@ -209,8 +222,7 @@ class BlockCopier:
         a gather waits (stream order) only behind device-to-host copies a ring's length
         old; a row still waiting for its copy has it queued first."""
         if self._ring is None:
-            self._ring = torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
-                                     dtype=self.dtype, device=self.device)
+            self._ring = self._staging()
         start = self._ring_next if self._ring_next + n <= self.staging_rows else 0
         if any(start <= row < start + n for row, _ in self._pending):
             self.flush_offloads()
@@ -282,8 +294,7 @@ class BlockCopier:
             return
         if self.fused and total <= self.staging_rows:
             if self._inbuf is None:
-                self._inbuf = torch.empty((self.staging_rows, len(self.layers), self.elements_per_layer),
-                                          dtype=self.dtype, device=self.device)
+                self._inbuf = self._staging()
             targets: list[int] = []
             with torch.cuda.stream(self.stream):
                 # Reused by the next onboard only after this one's scatter (stream order).

@@ -117,7 +117,10 @@ def _kernels() -> SimpleNamespace:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # The block count is a plain argument, not specialised on (Triton would compile one
+    # variant for 1, one for multiples of 16 and one for the rest): one compile per layout,
+    # done when the copier is made (warm()), never on a serving step.
+    @triton.jit(do_not_specialize=["num_blocks"])
     def _copy_blocks_kernel(
         base, src_off_ptr, dst_off_ptr, ids_ptr, num_blocks,
         PIECE: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, EVEN: tl.constexpr,
@@ -217,6 +220,19 @@ class BlockCopier:
         elif len(devices) > 2:
             return "KV tensors on more than two GPUs"
         return ""
+
+    def warm(self) -> None:
+        """Compile the kernel for this pair of caches now, without running it: a first
+        compile costs the model thread up to a second, which a serving step must not pay."""
+        if not self._cuda:
+            return
+        ids = torch.zeros(2, dtype=torch.int64, device=self.device)
+        with torch.cuda.device(self.device):
+            _kernels().copy_blocks.warmup(
+                self.base, self.src_off, self.dst_off, ids, 1,
+                PIECE=self.piece_words, ALIGN=self.plan.align_words, BLOCK=self.block_words,
+                EVEN=self.piece_words % self.block_words == 0, num_warps=self.num_warps, grid=(1, len(self.src)),
+            )
 
     def copy(self, src_ids: list[int], dst_ids: list[int]) -> None:
         """Enqueue the copy on `launch_device`'s current stream (ordered after the forward

@@ -66,3 +66,33 @@ def test_fused_coalesced_offload_and_onboard_are_bit_exact(dtype: torch.dtype) -
     for t, data in want.items():
         got = torch.stack([x[t].reshape(-1) for pair in zip(k, v) for x in pair]).cpu()
         assert torch.equal(got, data)
+
+
+def test_no_copy_compiles_a_kernel_after_the_copier_is_made() -> None:
+    """The copy kernel is compiled when the copier is made (warm) and not specialised on the
+    block count, so offloads and onboards of any size never compile on a serving step."""
+    from kvbm.transfer.torch_ops import _kernels
+
+    kernel = _kernels().copy_blocks
+
+    def compiled() -> int:  # Triton keeps its compiled variants first in each device's cache
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+    layers, shape, blocks = 2, (16, 2, 64), 64
+    k = [torch.randn((blocks, *shape), device="cuda") for _ in range(layers)]
+    v = [torch.randn((blocks, *shape), device="cuda") for _ in range(layers)]
+    host = torch.zeros((64, 2 * layers, shape[0] * shape[1] * shape[2]), pin_memory=True)
+    copier = BlockCopier(k, v, host, staging_bytes=64 * 2 * layers * shape[0] * shape[1] * shape[2] * 4)
+    made = compiled()
+    assert made >= 1
+    slot = 0
+    for n in (1, 5, 16, 33):
+        copier.begin()
+        copier.offload_to_host(list(range(n)), list(range(slot, slot + n)))
+        copier.end()
+        copier.begin()
+        copier.onboard_from_host(list(range(slot, slot + n)), list(range(blocks - n, blocks)))
+        copier.end()
+        slot = (slot + n) % 16
+    copier.drain()
+    assert compiled() == made
