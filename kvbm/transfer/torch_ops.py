@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import logging
 import os
 import pickle
 from array import array
@@ -16,6 +17,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def buffer_shape(k: list[torch.Tensor], num_blocks: int) -> tuple[int, ...]:
@@ -227,12 +230,15 @@ class BlockCopier:
         if not self._cuda:
             return
         ids = torch.zeros(2, dtype=torch.int64, device=self.device)
-        with torch.cuda.device(self.device):
-            _kernels().copy_blocks.warmup(
-                self.base, self.src_off, self.dst_off, ids, 1,
-                PIECE=self.piece_words, ALIGN=self.plan.align_words, BLOCK=self.block_words,
-                EVEN=self.piece_words % self.block_words == 0, num_warps=self.num_warps, grid=(1, len(self.src)),
-            )
+        try:
+            with torch.cuda.device(self.device):
+                _kernels().copy_blocks.warmup(
+                    self.base, self.src_off, self.dst_off, ids, 1,
+                    PIECE=self.piece_words, ALIGN=self.plan.align_words, BLOCK=self.block_words,
+                    EVEN=self.piece_words % self.block_words == 0, num_warps=self.num_warps, grid=(1, len(self.src)),
+                )
+        except Exception as exc:  # a Triton without this warmup API: compiled at the first copy instead
+            log.warning("block copy kernel not compiled ahead (%s); the first copy compiles it", exc)
 
     def copy(self, src_ids: list[int], dst_ids: list[int]) -> None:
         """Enqueue the copy on `launch_device`'s current stream (ordered after the forward
