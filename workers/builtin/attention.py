@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from workers.builtin import gpu_kernels
+from workers.builtin.device_copy import to_device
 
 
 @dataclass(slots=True)
@@ -127,14 +128,6 @@ class SdpaPagedAttention:
         )
         out = out.transpose(1, 2).reshape(B * max_q, heads, head_dim)
         return out if max_q == 1 and B == q.shape[0] else out[meta.query_index]
-
-
-def to_device(values: list[int] | list[list[int]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A step input on `device`: on CUDA through pinned memory without waiting for the copy
-    (ordered before the kernels that read it on the same stream); on CPU a plain tensor."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(device, non_blocking=True)
 
 
 def decode_slots_and_tables(

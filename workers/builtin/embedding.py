@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from workers.builtin.attention import SeqSlice, to_device
+from workers.builtin.attention import SeqSlice
+from workers.builtin.device_copy import to_device
 from workers.builtin.runner import ModelRunner
 from workers.paged.embedding import PoolingBatch
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from workers.builtin.device_copy import to_device
+
 
 class PenaltyCounts:
     """`counts[slot, t]`: how often token t is in the request's output (tokens generated before a
@@ -36,19 +38,19 @@ class PenaltyCounts:
         self.counts[slot].zero_()
         self.in_prompt[slot].zero_()
         if output_ids:
-            ids = torch.tensor(output_ids, dtype=torch.long).to(self.device)
+            ids = to_device(output_ids, torch.long, self.device)
             self.counts[slot].index_add_(0, ids, torch.ones(len(output_ids), device=self.device))
         if prompt_ids:
-            self.in_prompt[slot, torch.tensor(prompt_ids, dtype=torch.long).to(self.device)] = True
+            self.in_prompt[slot, to_device(prompt_ids, torch.long, self.device)] = True
 
     def gather(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(counts, in_prompt) of these slots, [len(slots), vocab] each."""
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        index = to_device(slots, torch.long, self.device)
         return self.counts.index_select(0, index), self.in_prompt.index_select(0, index)
 
     def add(self, slots: list[int], token_ids: torch.Tensor) -> None:
         """Count one more of token_ids[i] (on the device) in slots[i]."""
-        index = torch.tensor(slots, dtype=torch.long).to(self.device)
+        index = to_device(slots, torch.long, self.device)
         self.counts.index_put_((index, token_ids), torch.ones((), device=self.device), accumulate=True)
 
 

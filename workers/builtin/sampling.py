@@ -25,6 +25,7 @@ import torch
 from dynamo import errors
 from dynamo.wire import PreprocessedRequest, PromptTokenLogprob
 from workers.builtin.grammar_masks import GrammarMasks
+from workers.builtin.device_copy import to_device
 from workers.builtin.penalties import PenaltyCounts
 
 if TYPE_CHECKING:
@@ -345,9 +346,7 @@ class Sampler:
         return self._tensor(values, torch.long)
 
     def _tensor(self, values: Sequence[int | float | bool], dtype: torch.dtype) -> torch.Tensor:
-        if self.device.type != "cuda":
-            return torch.tensor(values, dtype=dtype)
-        return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(self.device, non_blocking=True)
+        return to_device(values, dtype, self.device)
 
 
 GREEDY_BELOW_TEMPERATURE = 1e-5  # vLLM's: lower temperatures sample as greedy

@@ -1,0 +1,19 @@
+"""Host values to the device for a step without waiting: on CUDA through pinned memory, so the
+copy is queued on the stream like a kernel. A copy from pageable memory (torch.tensor(...).to(
+"cuda")) makes the host wait for the stream first, i.e. for the step in flight, which undoes the
+overlap loop's launching of the next step meanwhile."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def to_device(values: Sequence[int | float | bool] | list[list[int]], dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """`values` as a tensor on `device` (ordered before the kernels that read it on the same
+    stream); on CPU a plain tensor."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(device, non_blocking=True)
