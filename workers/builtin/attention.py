@@ -82,8 +82,7 @@ class SdpaPagedAttention:
             kv_lens.append(s.num_computed + s.num_new)
         max_kv = max_blocks * bs
         # The mask is built on the device from two small vectors: built on the host it is
-        # megabytes a prefill step, and a copy from pageable memory waits for the stream,
-        # i.e. for the step in flight (the overlap loop launches the next one meanwhile).
+        # megabytes a prefill step, copied from pageable memory (see device_copy).
         bounds = to_device([starts, kv_lens], torch.long, device)
         q_pos = torch.arange(max_q, device=device).view(1, max_q, 1) + bounds[0].view(num_seqs, 1, 1)
         kv_pos = torch.arange(max_kv, device=device).view(1, 1, max_kv)

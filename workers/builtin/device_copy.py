@@ -1,7 +1,7 @@
 """Host values to the device for a step without waiting: on CUDA through pinned memory, so the
-copy is queued on the stream like a kernel. A copy from pageable memory (torch.tensor(...).to(
-"cuda")) makes the host wait for the stream first, i.e. for the step in flight, which undoes the
-overlap loop's launching of the next step meanwhile."""
+copy is queued on the stream like a kernel. For a copy from pageable memory (torch.tensor(...).to(
+"cuda")) the driver may synchronize with the stream to stage it (CUDA's "API synchronization
+behavior"), i.e. wait for the step in flight, which undoes the overlap loop's launch-ahead."""
 
 from __future__ import annotations
 
