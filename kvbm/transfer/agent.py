@@ -229,10 +229,10 @@ class KvTransferAgent:
         if header.payload_bytes != size:
             raise TransferFailed(f"payload of {header.payload_bytes} bytes; {size} expected for the layout")
         memory = self.memory
+        buffer = bytearray(size)
+        view = memoryview(buffer)
         self.buffer_bytes += size
         try:
-            buffer = bytearray(size)
-            view = memoryview(buffer)
             offset = 0
             while offset < size:
                 chunk = await reader.readexactly(min(self.chunk_bytes, size - offset))
