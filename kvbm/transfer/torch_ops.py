@@ -192,7 +192,9 @@ class BlockCopier:
         self.src_off = torch.tensor(self.plan.src_offsets, dtype=torch.int64, device=self.device)
         self.dst_off = torch.tensor(self.plan.dst_offsets, dtype=torch.int64, device=self.device)
         self.block_words = min(block_words, 1 << max(0, (self.piece_words - 1).bit_length()))
-        self.num_warps = num_warps
+        # The kernel's compile-time arguments: copy() launches the variant warm() compiles.
+        self._launch = {"PIECE": self.piece_words, "ALIGN": self.plan.align_words, "BLOCK": self.block_words,
+                        "EVEN": self.piece_words % self.block_words == 0, "num_warps": num_warps}
         for other in {self.src[0].device, self.dst[0].device} - {self.device}:
             ensure_peer_access(self.device, other)
         self._cuda = self.device.type == "cuda"
@@ -233,9 +235,7 @@ class BlockCopier:
         try:
             with torch.cuda.device(self.device):
                 _kernels().copy_blocks.warmup(
-                    self.base, self.src_off, self.dst_off, ids, 1,
-                    PIECE=self.piece_words, ALIGN=self.plan.align_words, BLOCK=self.block_words,
-                    EVEN=self.piece_words % self.block_words == 0, num_warps=self.num_warps, grid=(1, len(self.src)),
+                    self.base, self.src_off, self.dst_off, ids, 1, grid=(1, len(self.src)), **self._launch
                 )
         except Exception as exc:  # a Triton without this warmup API: compiled at the first copy instead
             log.warning("block copy kernel not compiled ahead (%s); the first copy compiles it", exc)
@@ -257,11 +257,7 @@ class BlockCopier:
             ids = self._upload(ids)
         grid = (len(src_ids), len(self.src))
         with torch.cuda.device(self.device) if self._cuda else _null():
-            _kernels().copy_blocks[grid](
-                self.base, self.src_off, self.dst_off, ids, len(src_ids),
-                PIECE=self.piece_words, ALIGN=self.plan.align_words, BLOCK=self.block_words,
-                EVEN=self.piece_words % self.block_words == 0, num_warps=self.num_warps,
-            )
+            _kernels().copy_blocks[grid](self.base, self.src_off, self.dst_off, ids, len(src_ids), **self._launch)
 
     def _upload(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids to the launching GPU through reused pinned buffers (pinning a fresh tensor per
