@@ -19,8 +19,8 @@ import torch
 
 from dynamo.wire import PromptTokenLogprob
 from workers.builtin.attention import AttentionBackend, SeqSlice
-from workers.builtin.device_copy import to_device
 from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.builtin.device_copy import to_device
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.sampling import PenaltyInit, SampleLaunch, SampleResult, SampleRow, Sampler, SamplingParams

@@ -24,8 +24,8 @@ import torch
 
 from dynamo import errors
 from dynamo.wire import PreprocessedRequest, PromptTokenLogprob
-from workers.builtin.grammar_masks import GrammarMasks
 from workers.builtin.device_copy import to_device
+from workers.builtin.grammar_masks import GrammarMasks
 from workers.builtin.penalties import PenaltyCounts
 
 if TYPE_CHECKING:
