@@ -1,8 +1,9 @@
 """Attention over the paged KV cache for a mixed batch of prefill chunks and decodes.
 
 The portable path gathers each sequence's blocks into a padded [batch, kv_len] view and runs
-torch SDPA with a causal-with-offset mask. On CUDA with Triton, pure-decode steps run a paged
-Triton kernel straight over the block tables (CUDA-graph safe); mixed steps keep the SDPA path.
+torch SDPA with a causal-with-offset mask. On CUDA with Triton, Triton kernels read K/V in place
+through the block tables: one for pure-decode steps (CUDA-graph safe), one for steps with
+prefill chunks (varlen queries, causal with each sequence's cached prefix).
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ class AttentionMetadata:
     num_seqs: int
     max_q: int
     max_kv: int
-    # Pure-decode steps of the Triton backend: [B] int32 tokens in each sequence's cache,
-    # the new one included (0 for a padded CUDA-graph row); block_tables are int32 then.
+    # The Triton backend: [B] int32 tokens in each sequence's cache, the new ones included (0
+    # for a padded CUDA-graph row); block_tables are int32 then.
     seq_lens: torch.Tensor | None = None
+    # The Triton backend's steps with a prefill chunk: [B + 1] int32 offsets of each sequence's
+    # new tokens in the flat batch. None: a pure-decode step (one token a sequence).
+    query_starts: torch.Tensor | None = None
 
 
 class AttentionBackend(Protocol):
@@ -143,19 +147,28 @@ def decode_slots_and_tables(
 
 
 class TritonPagedAttention:
-    """CUDA: decode reads K/V in place through the block tables (no gather copy) with a Triton
-    kernel; steps with a prefill chunk fall back to the SDPA path. `fused_ops` tells the model to
-    use the fused Triton norm/RoPE/MLP kernels too."""
+    """CUDA: attention reads K/V in place through the block tables (no gather copy) with Triton
+    kernels, a decode one and a varlen prefill one. `fused_ops` tells the model to use the fused
+    Triton norm/RoPE/MLP kernels too (and to write K/V to the cache with RoPE)."""
 
     fused_ops = True
 
-    def __init__(self) -> None:
-        self._sdpa = SdpaPagedAttention()
-
     def build_metadata(self, seqs: list[SeqSlice], block_size_tokens: int, device: torch.device) -> AttentionMetadata:
-        if any(s.num_new != 1 for s in seqs):
-            return self._sdpa.build_metadata(seqs, block_size_tokens, device)
-        _, slots, seq_lens, tables = decode_slots_and_tables(seqs, block_size_tokens)
+        bs = block_size_tokens
+        if all(s.num_new == 1 for s in seqs):
+            _, slots, seq_lens, tables = decode_slots_and_tables(seqs, bs)
+            query_starts = None
+        else:
+            slots = [
+                s.block_ids[pos // bs] * bs + pos % bs
+                for s in seqs for pos in range(s.num_computed, s.num_computed + s.num_new)
+            ]
+            seq_lens = [s.num_computed + s.num_new for s in seqs]
+            tables = [s.block_ids[: -(-n // bs)] for s, n in zip(seqs, seq_lens)]
+            starts = [0]
+            for s in seqs:
+                starts.append(starts[-1] + s.num_new)
+            query_starts = to_device(starts, torch.int32, device)
         width = max(len(t) for t in tables)
         empty = torch.empty(0, device=device)
         return AttentionMetadata(
@@ -164,9 +177,10 @@ class TritonPagedAttention:
             query_index=empty.long(),
             mask=empty.bool(),
             num_seqs=len(seqs),
-            max_q=1,
-            max_kv=width * block_size_tokens,
+            max_q=max(s.num_new for s in seqs),
+            max_kv=width * bs,
             seq_lens=to_device(seq_lens, torch.int32, device),
+            query_starts=query_starts,
         )
 
     def forward(
@@ -179,10 +193,21 @@ class TritonPagedAttention:
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        if meta.seq_lens is None:
-            return self._sdpa.forward(q, k, v, k_cache, v_cache, meta, scale)
         gpu_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention(q, k_cache, v_cache, meta, scale)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """The Triton backend's attention once the step's K/V are in the cache: the decode kernel
+    for a pure-decode step, the varlen prefill kernel otherwise."""
+    assert meta.seq_lens is not None, "metadata of the Triton backend"
+    if meta.query_starts is None:
         return gpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return gpu_kernels.paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_starts, scale
+    )
 
 
 def attention_backend(device: torch.device) -> AttentionBackend:

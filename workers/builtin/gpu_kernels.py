@@ -1,6 +1,6 @@
-"""Triton kernels of the CUDA path: paged decode attention, KV-cache writes, and the fused
-elementwise ops (residual add + RMSNorm, RoPE in place, SiLU-and-mul) that keep a decode step at
-nine kernels a layer. Triton is imported at the first kernel call (CPU-only torch builds carry
+"""Triton kernels of the CUDA path: paged decode and prefill attention, KV-cache writes, and the
+fused elementwise ops (residual add + RMSNorm, RoPE in place, SiLU-and-mul) that keep a decode
+step at nine kernels a layer. Triton is imported at the first kernel call (CPU-only torch builds carry
 none), so a process can choose TRITON_INTERPRET before that; `triton_available()` says if it can."""
 
 from __future__ import annotations
@@ -92,6 +92,80 @@ def _kernels() -> SimpleNamespace:
         )
 
     @triton.jit
+    def _paged_prefill_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_starts_ptr, out_ptr,
+        scale_log2, num_seqs,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+        stride_cb, stride_ct, stride_ch,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # A program takes BLOCK_Q query tokens of one sequence times the GROUP query heads that
+        # share one KV head (rows = token-major, head-minor), so each K/V tile it reads serves
+        # them all. Sequence s owns tiles from query_starts[s] // BLOCK_Q + s on: a grid of
+        # T // BLOCK_Q + B tiles covers every sequence's ceil(new / BLOCK_Q) with no host-side
+        # tile list, and the binary search below finds a tile's sequence.
+        tile = tl.program_id(0)
+        kvh = tl.program_id(1)
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(query_starts_ptr + mid) // BLOCK_Q + mid <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        seq = lo - 1
+        q_begin = tl.load(query_starts_ptr + seq)
+        num_new = tl.load(query_starts_ptr + seq + 1) - q_begin
+        first = (tile - q_begin // BLOCK_Q - seq) * BLOCK_Q
+        if first >= num_new:
+            return
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context = seq_len - num_new
+        r = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        qi = first + r // GROUP_PAD
+        g = r % GROUP_PAD
+        d = tl.arange(0, D_PAD)
+        n = tl.arange(0, BLOCK_N)
+        dmask = d < HEAD_DIM
+        rmask = (qi < num_new) & (g < GROUP)
+        rows = (q_begin + qi).to(tl.int64)
+        heads = kvh * GROUP + g
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+            mask=rmask[:, None] & dmask[None, :], other=0.0,
+        )
+        q_pos = context + qi
+        m_i = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_Q * GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_Q * GROUP_PAD, D_PAD], dtype=tl.float32)
+        # Causal: the tile's last query sees keys up to its own position, none beyond. Every
+        # row (padded ones too) sees key 0 in the first round, so no row's maximum stays -inf.
+        kv_end = tl.minimum(seq_len, context + first + BLOCK_Q)
+        for start in range(0, kv_end, BLOCK_N):
+            tok = start + n
+            tmask = tok < kv_end
+            page = tl.load(block_tables_ptr + seq * stride_bt + tok // PAGE, mask=tmask, other=0)
+            off = page.to(tl.int64) * stride_cb + (tok % PAGE) * stride_ct + kvh * stride_ch
+            kv_mask = tmask[:, None] & dmask[None, :]
+            k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.where(tmask[None, :] & (tok[None, :] <= q_pos[:, None]), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :],
+        )
+
+    @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps,
         stride_x, stride_r, stride_o, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
@@ -116,12 +190,12 @@ def _kernels() -> SimpleNamespace:
         stride_t, stride_pos,
         NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HALF: tl.constexpr, HALF_PAD: tl.constexpr,
         HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, KV_PAD: tl.constexpr, D_PAD: tl.constexpr,
-        STORE: tl.constexpr, QK_NORM: tl.constexpr,
+        QK_NORM: tl.constexpr,
     ):
-        # Rotates the q and k heads of one token's qkv row, neox style. STORE: k goes to its
-        # cache slot (not back into the row) and v with it, all in this one launch. QK_NORM
-        # (Qwen3): each q and k head is RMS-normalised with its weights first, rounded to the
-        # model dtype where the eager norm rounds.
+        # Rotates the q and k heads of one token's qkv row, neox style: q back into the row, k
+        # to its cache slot and v with it, all in this one launch. QK_NORM (Qwen3): each q and k
+        # head is RMS-normalised with its weights first, rounded to the model dtype where the
+        # eager norm rounds.
         t = tl.program_id(0)
         pos = tl.load(pos_ptr + t)
         h = tl.arange(0, HEADS_PAD)
@@ -146,26 +220,22 @@ def _kernels() -> SimpleNamespace:
             x2 = ((x2 * rstd[:, None]).to(dt).to(tl.float32) * tl.where(is_q, qw2, kw2)).to(dt).to(tl.float32)
         y1 = (x1 * c - x2 * s).to(qkv_ptr.dtype.element_ty)
         y2 = (x2 * c + x1 * s).to(qkv_ptr.dtype.element_ty)
-        if STORE:
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            qmask = (h[:, None] < NUM_Q) & jmask[None, :]
-            tl.store(base, y1, mask=qmask)
-            tl.store(base + HALF, y2, mask=qmask)
-            # (Broadcast the slot before comparing: the CPU interpreter rejects a scalar bool
-            # in a block mask.) Slot -1: a padded CUDA-graph row owns no cache slot.
-            valid = (h[:, None] * 0 + slot) >= 0
-            kmask = (h[:, None] >= NUM_Q) & mask & valid
-            dst = slot * (NUM_KV * HEAD_DIM) + (h[:, None] - NUM_Q) * HEAD_DIM + j[None, :]
-            tl.store(k_cache_ptr + dst, y1, mask=kmask)
-            tl.store(k_cache_ptr + dst + HALF, y2, mask=kmask)
-            kv = tl.arange(0, KV_PAD)
-            d = tl.arange(0, D_PAD)
-            vmask = (kv[:, None] < NUM_KV) & (d[None, :] < HEAD_DIM) & ((kv[:, None] * 0 + slot) >= 0)
-            v = tl.load(row + (NUM_Q + NUM_KV + kv[:, None]) * HEAD_DIM + d[None, :], mask=vmask)
-            tl.store(v_cache_ptr + slot * (NUM_KV * HEAD_DIM) + kv[:, None] * HEAD_DIM + d[None, :], v, mask=vmask)
-        else:
-            tl.store(base, y1, mask=mask)
-            tl.store(base + HALF, y2, mask=mask)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        qmask = (h[:, None] < NUM_Q) & jmask[None, :]
+        tl.store(base, y1, mask=qmask)
+        tl.store(base + HALF, y2, mask=qmask)
+        # (Broadcast the slot before comparing: the CPU interpreter rejects a scalar bool
+        # in a block mask.) Slot -1: a padded CUDA-graph row owns no cache slot.
+        valid = (h[:, None] * 0 + slot) >= 0
+        kmask = (h[:, None] >= NUM_Q) & mask & valid
+        dst = slot * (NUM_KV * HEAD_DIM) + (h[:, None] - NUM_Q) * HEAD_DIM + j[None, :]
+        tl.store(k_cache_ptr + dst, y1, mask=kmask)
+        tl.store(k_cache_ptr + dst + HALF, y2, mask=kmask)
+        kv = tl.arange(0, KV_PAD)
+        d = tl.arange(0, D_PAD)
+        vmask = (kv[:, None] < NUM_KV) & (d[None, :] < HEAD_DIM) & ((kv[:, None] * 0 + slot) >= 0)
+        v = tl.load(row + (NUM_Q + NUM_KV + kv[:, None]) * HEAD_DIM + d[None, :], mask=vmask)
+        tl.store(v_cache_ptr + slot * (NUM_KV * HEAD_DIM) + kv[:, None] * HEAD_DIM + d[None, :], v, mask=vmask)
 
     @triton.jit
     def _silu_mul_kernel(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
@@ -189,7 +259,8 @@ def _kernels() -> SimpleNamespace:
         tl.store(out_ptr + t * H + offs, tl.load(weight_ptr + i * H + offs, mask=mask), mask=mask)
 
     return SimpleNamespace(
-        embed=_embed_kernel, store_kv=_store_kv_kernel, paged_decode=_paged_decode_kernel, add_rms_norm=_add_rms_norm_kernel,
+        embed=_embed_kernel, store_kv=_store_kv_kernel, paged_decode=_paged_decode_kernel,
+        paged_prefill=_paged_prefill_kernel, add_rms_norm=_add_rms_norm_kernel,
         rope=_rope_kernel, silu_mul=_silu_mul_kernel, cdiv=triton.cdiv,
     )
 
@@ -251,6 +322,48 @@ def paged_decode_attention(
     return out
 
 
+# The paged prefill kernel's tiling: rows per program (query tokens x the heads of a KV group),
+# keys per round, and Triton's launch settings (0: its default).
+PREFILL_ROWS, PREFILL_BLOCK_N, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES = 128, 64, 0, 0
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_starts: torch.Tensor, scale: float, out: torch.Tensor | None = None,
+    rows: int | None = None, block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of a mixed step: q [T, heads, head_dim] holds each sequence's new tokens
+    back to back (sequence s at query_starts[s]:query_starts[s + 1], B + 1 int32 entries), which
+    follow seq_lens[s] - new cached ones; their K/V already in the paged cache. Reads K/V in
+    place through the block tables: no gathered copy, no mask tensor, no padded queries."""
+    tokens, heads, head_dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = heads // kv_heads
+    group_pad = _pow2(group)
+    block_q = max(1, (rows or PREFILL_ROWS) // group_pad)
+    if block_q * group_pad < 16:  # tl.dot wants 16 rows at least
+        block_q = 16 // group_pad
+    if out is None:
+        out = torch.empty(tokens, heads, head_dim, dtype=q.dtype, device=q.device)
+    launch: dict[str, int] = {}
+    if num_warps or PREFILL_NUM_WARPS:
+        launch["num_warps"] = num_warps or PREFILL_NUM_WARPS
+    if num_stages or PREFILL_NUM_STAGES:
+        launch["num_stages"] = num_stages or PREFILL_NUM_STAGES
+    _kernels().paged_prefill[(tokens // block_q + num_seqs, kv_heads)](
+        q, k_cache, v_cache, block_tables, seq_lens, query_starts, out,
+        scale * 1.4426950408889634, num_seqs,  # exp2 of scores in log2 units
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, D_PAD=max(16, _pow2(head_dim)),
+        PAGE=page, BLOCK_Q=block_q, BLOCK_N=block_n or PREFILL_BLOCK_N,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **launch,
+    )
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm(x + residual) and the new residual (x + residual; x itself when none)."""
     tokens, n = x.shape
@@ -267,33 +380,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 QkNorm = tuple[torch.Tensor, torch.Tensor, float]  # Qwen3's q and k norm weights, and eps
 
 
-def rope_inplace(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 num_heads: int, num_kv_heads: int, head_dim: int, qk_norm: QkNorm | None = None) -> None:
-    """Rotate the q and k heads of each row of qkv [T, (heads + 2 * kv_heads) * head_dim] in
-    place; cos/sin are the [max_pos, head_dim] fp32 tables (only their first half is read).
-    With `qk_norm`, each head is RMS-normalised first (Qwen3)."""
-    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, None, qk_norm)
-
-
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   num_heads: int, num_kv_heads: int, head_dim: int,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                   qk_norm: QkNorm | None = None) -> None:
-    """As rope_inplace for q; the rotated k and the v of each row go to their cache slot
-    (slot -1 skipped) instead, in the same launch: what a decode step needs."""
-    _rope(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim, (k_cache, v_cache, slots), qk_norm)
-
-
-def _rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-          num_heads: int, num_kv_heads: int, head_dim: int,
-          store: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, qk_norm: QkNorm | None) -> None:
-    k_cache, v_cache, slots = store if store is not None else (qkv, qkv, positions)
+    """Rotate the q heads of each row of qkv [T, (heads + 2 * kv_heads) * head_dim] in place;
+    the rotated k and the v of each row go to their cache slot (slot -1 skipped) in the same
+    launch. cos/sin are the [max_pos, head_dim] fp32 tables (only their first half is read).
+    With `qk_norm`, each q and k head is RMS-normalised first (Qwen3)."""
     q_w, k_w, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     _kernels().rope[(qkv.shape[0],)](
         qkv, positions, cos, sin, k_cache, v_cache, slots, q_w, k_w, eps, qkv.stride(0), cos.stride(0),
         NUM_Q=num_heads, NUM_KV=num_kv_heads, HALF=head_dim // 2, HALF_PAD=_pow2(head_dim // 2),
         HEAD_DIM=head_dim, HEADS_PAD=_pow2(num_heads + num_kv_heads), KV_PAD=_pow2(num_kv_heads),
-        D_PAD=_pow2(head_dim), STORE=store is not None, QK_NORM=qk_norm is not None,
+        D_PAD=_pow2(head_dim), QK_NORM=qk_norm is not None,
     )
 
 

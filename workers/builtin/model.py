@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.builtin import gpu_kernels
-from workers.builtin.attention import AttentionBackend, AttentionMetadata
+from workers.builtin.attention import AttentionBackend, AttentionMetadata, paged_attention
 from workers.builtin.config import ModelConfig, RopeScaling
 from workers.builtin.kv_cache import KVCache
 
@@ -131,28 +131,14 @@ class Attention(nn.Module):
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        if meta.seq_lens is not None:
-            # Decode over the paged cache: RoPE and the K/V cache write in one kernel, then
-            # attention reads K/V in place.
-            k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-            gpu_kernels.rope_store_kv(
-                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
-                k_cache, v_cache, meta.slot_mapping, qk_norm,
-            )
-            q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
-            out = gpu_kernels.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, self.scale
-            )
-            return self.o_proj(out.reshape(tokens, self.q_size))
-        else:
-            gpu_kernels.rope_inplace(
-                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim, qk_norm
-            )
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(tokens, self.num_heads, self.head_dim)
-            k = k.view(tokens, self.num_kv_heads, self.head_dim)
-            v = v.view(tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, kv.k[self.layer_idx], kv.v[self.layer_idx], meta, self.scale)
+        # RoPE and the K/V cache write in one kernel, then attention reads K/V in place.
+        k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
+        gpu_kernels.rope_store_kv(
+            qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
+            k_cache, v_cache, meta.slot_mapping, qk_norm,
+        )
+        q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 

@@ -59,5 +59,10 @@ def test_triton_backend_metadata_for_decode_and_mixed_steps() -> None:
     assert meta.seq_lens is not None and meta.seq_lens.tolist() == [6, 1]
     assert meta.block_tables.dtype == torch.int32 and meta.block_tables.tolist() == [[3, 6], [9, 0]]
     assert meta.slot_mapping.tolist() == [25, 36]
-    mixed = backend.build_metadata([SeqSlice(5, 1, [3, 6]), SeqSlice(0, 3, [9])], 4, CPU)
-    assert mixed.seq_lens is None and mixed.max_q == 3  # the SDPA path's metadata
+    assert meta.query_starts is None  # the decode kernel's step
+    mixed = backend.build_metadata([SeqSlice(5, 1, [3, 6]), SeqSlice(0, 3, [9]), SeqSlice(4, 2, [2, 7, 1])], 4, CPU)
+    assert mixed.max_q == 3 and mixed.query_starts is not None  # the varlen prefill kernel's
+    assert mixed.query_starts.dtype == torch.int32 and mixed.query_starts.tolist() == [0, 1, 4, 6]
+    assert mixed.seq_lens is not None and mixed.seq_lens.tolist() == [6, 3, 6]
+    assert mixed.block_tables.tolist() == [[3, 6], [9, 0], [2, 7]]
+    assert mixed.slot_mapping.tolist() == [25, 36, 37, 38, 28, 29]

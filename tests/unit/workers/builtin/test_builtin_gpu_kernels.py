@@ -53,6 +53,36 @@ def test_paged_decode_attention_matches_sdpa_over_scattered_blocks() -> None:
     assert torch.all(out[3] == 0)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2), (4, 4)])
+def test_paged_prefill_attention_matches_sdpa_on_a_mixed_step(heads: int, kv_heads: int) -> None:
+    """Prefill chunks after cached prefixes, whole prompts and decodes in one step, over
+    scattered blocks: the varlen Triton kernel against the gather-then-SDPA backend, with the
+    default tiling and with tiles small enough that each chunk spans several."""
+    torch.manual_seed(2)
+    head_dim, page = 16, 4
+    seqs = [
+        SeqSlice(0, 13, [9, 3, 14, 0]),  # a whole prompt
+        SeqSlice(9, 1, [5, 11, 2]),  # a decode
+        SeqSlice(6, 10, [7, 1, 12, 4]),  # a chunk after a cached prefix
+        SeqSlice(0, 1, [8]),  # a one-token prompt
+        SeqSlice(3, 2, [6, 13]),
+    ]
+    k_cache = torch.randn(16, page, kv_heads, head_dim)
+    v_cache = torch.randn(16, page, kv_heads, head_dim)
+    tokens = sum(s.num_new for s in seqs)
+    q = torch.randn(tokens, heads, head_dim)
+    k, v = torch.randn(tokens, kv_heads, head_dim), torch.randn(tokens, kv_heads, head_dim)
+    sdpa, triton_backend = SdpaPagedAttention(), TritonPagedAttention()
+    ref = sdpa.forward(q, k, v, k_cache.clone(), v_cache.clone(), sdpa.build_metadata(seqs, page, DEV), 0.3)
+    meta = triton_backend.build_metadata(seqs, page, DEV)
+    assert meta.query_starts is not None and meta.query_starts.tolist() == [0, 13, 14, 24, 25, 27]
+    kc, vc = k_cache.clone(), v_cache.clone()
+    torch.testing.assert_close(triton_backend.forward(q, k, v, kc, vc, meta, 0.3), ref, atol=1e-4, rtol=1e-4)
+    assert meta.seq_lens is not None
+    small = gpu_kernels.paged_prefill_attention(q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_starts, 0.3, rows=16)
+    torch.testing.assert_close(small, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_store_kv_skips_padded_slots() -> None:
     k_cache, v_cache = torch.zeros(3, 2, 2, 4), torch.zeros(3, 2, 2, 4)
     kv = torch.randn(3, 16)  # rows of a wider qkv buffer: k and v are strided views
@@ -84,11 +114,8 @@ def test_fused_elementwise_kernels_match_torch() -> None:
     rot = torch.cat([-x3[..., 4:], x3[..., :4]], -1)
     expected[:, : 3 * head_dim] = (x3 * emb.cos()[positions][:, None] + rot * emb.sin()[positions][:, None]).reshape(3, -1)
     before = qkv.clone()
-    gpu_kernels.rope_inplace(qkv, positions, emb.cos(), emb.sin(), 2, 1, head_dim)  # 2 q, 1 k, 1 v head
-    torch.testing.assert_close(qkv, expected)
-    # The decode form: q rotated in place, rotated k and v into cache slots, slot -1 skipped.
+    # 2 q, 1 k, 1 v head: q rotated in place, rotated k and v into cache slots, slot -1 skipped.
     k_cache, v_cache = torch.zeros(4, 2, 1, head_dim), torch.zeros(4, 2, 1, head_dim)
-    qkv = before.clone()
     gpu_kernels.rope_store_kv(qkv, positions, emb.cos(), emb.sin(), 2, 1, head_dim,
                               k_cache, v_cache, torch.tensor([7, -1, 2]))
     torch.testing.assert_close(qkv[:, : 2 * head_dim], expected[:, : 2 * head_dim])
@@ -122,13 +149,15 @@ def test_fused_forward_matches_plain(shape: str, model_dirs: Callable[[str], Pat
         ref = plain.compute_logits(plain(torch.tensor(ids), torch.arange(13), ref_kv, meta))
         kv = KVCache.allocate(config, 8, 4, torch.float32, DEV)
         backend = fused.model.layers[0].self_attn.backend
-        # prefill 12 tokens (SDPA path, fused ops), then decode the 13th (Triton paged kernel)
-        meta = backend.build_metadata([SeqSlice(0, 12, blocks)], 4, DEV)
-        first = fused.compute_logits(fused(torch.tensor(ids[:12]), torch.arange(12), kv, meta))
-        meta = backend.build_metadata([SeqSlice(12, 1, blocks)], 4, DEV)
-        assert meta.seq_lens is not None
-        last = fused.compute_logits(fused(torch.tensor(ids[12:]), torch.tensor([12]), kv, meta))
-    torch.testing.assert_close(torch.cat([first, last]), ref, atol=1e-4, rtol=1e-4)
+        # Prefill 7 tokens, then 5 after them (the varlen kernel, one without and one with a
+        # cached prefix), then decode the 13th (the decode kernel).
+        logits = []
+        for start, end in ((0, 7), (7, 12), (12, 13)):
+            meta = backend.build_metadata([SeqSlice(start, end - start, blocks)], 4, DEV)
+            assert (meta.query_starts is None) == (end - start == 1)
+            hidden = fused(torch.tensor(ids[start:end]), torch.arange(start, end), kv, meta)
+            logits.append(fused.compute_logits(hidden))
+    torch.testing.assert_close(torch.cat(logits), ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
