@@ -324,7 +324,7 @@ def paged_decode_attention(
 
 # The paged prefill kernel's tiling: rows per program (query tokens x the heads of a KV group),
 # keys per round, and Triton's launch settings (0: its default).
-PREFILL_ROWS, PREFILL_BLOCK_N, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES = 128, 64, 0, 0
+PREFILL_ROWS, PREFILL_BLOCK_N, PREFILL_NUM_WARPS, PREFILL_NUM_STAGES = 64, 64, 4, 2
 
 
 def paged_prefill_attention(
