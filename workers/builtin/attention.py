@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -70,16 +71,13 @@ class SdpaPagedAttention:
         num_seqs = len(seqs)
         max_q = max(s.num_new for s in seqs)
         max_blocks = max(-(-(s.num_computed + s.num_new) // bs) for s in seqs)
-        slots: list[int] = []
-        query_index: list[int] = []
+        query_index: list[np.ndarray] = []
         tables: list[list[int]] = []
         starts: list[int] = []
         kv_lens: list[int] = []
         for b, s in enumerate(seqs):
             ids = s.block_ids
-            for pos in range(s.num_computed, s.num_computed + s.num_new):
-                slots.append(ids[pos // bs] * bs + pos % bs)
-            query_index.extend(range(b * max_q, b * max_q + s.num_new))
+            query_index.append(np.arange(b * max_q, b * max_q + s.num_new))
             used = ids[: max_blocks]
             tables.append(used + [0] * (max_blocks - len(used)))
             starts.append(s.num_computed)
@@ -94,9 +92,9 @@ class SdpaPagedAttention:
         # fully masked (that would make SDPA return NaN).
         mask = (kv_pos <= q_pos) & (kv_pos < bounds[1].view(num_seqs, 1, 1))
         return AttentionMetadata(
-            slot_mapping=to_device(slots, torch.long, device),
+            slot_mapping=to_device(new_token_slots(seqs, bs), torch.long, device),
             block_tables=to_device(tables, torch.long, device),
-            query_index=to_device(query_index, torch.long, device),
+            query_index=to_device(np.concatenate(query_index), torch.long, device),
             mask=mask.unsqueeze(1),
             num_seqs=num_seqs,
             max_q=max_q,
@@ -133,6 +131,18 @@ class SdpaPagedAttention:
         return out if max_q == 1 and B == q.shape[0] else out[meta.query_index]
 
 
+def new_token_slots(seqs: list[SeqSlice], block_size_tokens: int) -> np.ndarray:
+    """The cache slot of each new token of the step, sequence after sequence (int64). Vectorised
+    per sequence: a 16 x 512-token step is 8,192 slots, ~1 ms of host time a step as a Python
+    loop, ~0.1 ms so."""
+    bs = block_size_tokens
+    parts = []
+    for s in seqs:
+        pos = np.arange(s.num_computed, s.num_computed + s.num_new)
+        parts.append(np.asarray(s.block_ids, dtype=np.int64)[pos // bs] * bs + pos % bs)
+    return np.concatenate(parts)
+
+
 def decode_slots_and_tables(
     seqs: list[SeqSlice], block_size_tokens: int
 ) -> tuple[list[int], list[int], list[int], list[list[int]]]:
@@ -155,14 +165,12 @@ class TritonPagedAttention:
 
     def build_metadata(self, seqs: list[SeqSlice], block_size_tokens: int, device: torch.device) -> AttentionMetadata:
         bs = block_size_tokens
+        slots: list[int] | np.ndarray
         if all(s.num_new == 1 for s in seqs):
             _, slots, seq_lens, tables = decode_slots_and_tables(seqs, bs)
             query_starts = None
         else:
-            slots = [
-                s.block_ids[pos // bs] * bs + pos % bs
-                for s in seqs for pos in range(s.num_computed, s.num_computed + s.num_new)
-            ]
+            slots = new_token_slots(seqs, bs)
             seq_lens = [s.num_computed + s.num_new for s in seqs]
             tables = [s.block_ids[: -(-n // bs)] for s, n in zip(seqs, seq_lens)]
             starts = [0]

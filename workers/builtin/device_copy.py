@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
-def to_device(values: Sequence[int | float | bool] | list[list[int]], dtype: torch.dtype,
+def to_device(values: Sequence[int | float | bool] | list[list[int]] | np.ndarray, dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:
     """`values` as a tensor on `device` (ordered before the kernels that read it on the same
     stream); on CPU a plain tensor."""
