@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,11 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
     gate = asyncio.Semaphore(args.concurrency)
     ttfts: list[float] = []  # later turns
     first_ttfts: list[float] = []
+    # Later turns' TTFT split at admission: waiting (for the scheduler, blocks, disk reads)
+    # and admission to first token (prefill steps, and the steps they share).
+    queued: list[float] = []
+    prefilled: list[float] = []
+    admitted_at = record_admissions()
     cached: list[int] = []
     by_turn: dict[int, list[float]] = {}
     built = time.perf_counter()
@@ -122,9 +128,13 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
                 first = True
                 async for out in engine.generate(req):
                     if first:
-                        ttft = time.perf_counter() - start
+                        now = time.perf_counter()
+                        ttft = now - start
+                        admitted = admitted_at.pop(req.request_id, now)
                         if turn:
                             ttfts.append(ttft)
+                            queued.append(admitted - start)
+                            prefilled.append(now - admitted)
                             cached.append(out.cached_tokens or 0)
                             by_turn.setdefault(turn, []).append(ttft)
                         else:
@@ -149,10 +159,12 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
             # A slower disk, emulated on the disk thread (DiskStore's before_write hook).
             engine.kvbm.disk.before_write = lambda _h: time.sleep(delay_s)
         profile = instrument(engine) if args.profile_kvbm else None
+        timeline = gpu_timeline(engine) if args.profile_kvbm and args.device == "cuda" else None
         started = time.perf_counter()
         await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
         measured_s = time.perf_counter() - started
         steps = engine.num_steps - steps_before
+        gpu_steps = timeline() if timeline is not None else None
 
     def delta(field: str, tier: Any) -> float:
         if stats is None:
@@ -175,6 +187,10 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "ttft_p99_ms": 1e3 * percentile(ttfts, 0.99),
         "ttft_mean_ms": 1e3 * statistics.fmean(ttfts),
         "first_turn_ttft_p50_ms": 1e3 * percentile(first_ttfts, 0.5),
+        "queue_p50_ms": 1e3 * percentile(queued, 0.5),
+        "queue_p99_ms": 1e3 * percentile(queued, 0.99),
+        "admit_to_first_token_p50_ms": 1e3 * percentile(prefilled, 0.5),
+        "admit_to_first_token_p99_ms": 1e3 * percentile(prefilled, 0.99),
         "ttft_p50_ms_by_turn": {str(t): 1e3 * percentile(v, 0.5) for t, v in sorted(by_turn.items())},
         "later_turn_cached_tokens_mean": statistics.fmean(cached) if cached else 0.0,
         "later_turn_cached_tokens_ideal": ideal_cached,  # every earlier full block reused
@@ -212,7 +228,77 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
     }
     if profile is not None:
         row["model_thread_profile"] = {k: {"s": v[0], "calls": int(v[1])} for k, v in profile.items()}
+    if gpu_steps is not None:
+        row["gpu_steps"] = gpu_steps
     return row
+
+
+def record_admissions() -> dict[str, float]:
+    """request id -> perf_counter() at its first admission (Sequence.admit, patched once per
+    process; the dict is the latest config's)."""
+    from workers.paged.sequence import Sequence
+
+    admitted: dict[str, float] = {}
+    admit = getattr(Sequence.admit, "_plain", Sequence.admit)
+
+    def timed_admit(self: Any, *a: Any, **k: Any) -> None:
+        if self.cached_tokens is None:
+            admitted[self.request_id] = time.perf_counter()
+        admit(self, *a, **k)
+
+    timed_admit._plain = admit  # type: ignore[attr-defined]
+    Sequence.admit = timed_admit  # type: ignore[method-assign]
+    return admitted
+
+
+def gpu_timeline(engine: BuiltinEngine) -> Callable[[], dict[str, Any]]:
+    """CUDA events on the compute stream around each step's launch and each KVBM plan:
+    returns a function that, after the run, sums the steps' GPU spans (first to last kernel
+    of a launch, gaps where the host fell behind included), the gaps between steps (the GPU
+    idle or waiting) and the plans' spans (their launches, and the forward pass's wait for
+    the side stream's gathers and onboards)."""
+    assert engine.runner is not None
+    marks: list[tuple[str, torch.cuda.Event]] = []
+
+    def mark(kind: str) -> None:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        marks.append((kind, event))
+
+    def around(obj: Any, method: str, kind: str) -> None:
+        fn = getattr(obj, method)
+
+        def timed(*a: Any, **k: Any) -> Any:
+            mark(kind + "_start")
+            try:
+                return fn(*a, **k)
+            finally:
+                mark(kind + "_end")
+
+        setattr(obj, method, timed)
+
+    around(engine.runner, "launch", "step")
+    if engine.kvbm is not None:
+        around(engine.kvbm, "execute", "plan")
+
+    def summarize() -> dict[str, Any]:
+        torch.cuda.synchronize()
+        spans: dict[str, list[float]] = {"step": [], "plan": [], "gap_before_step": [], "gap_before_plan": []}
+        opened: dict[str, torch.cuda.Event] = {}
+        last_end: torch.cuda.Event | None = None
+        for kind, event in marks:
+            what, edge = kind.rsplit("_", 1)
+            if edge == "start":
+                if last_end is not None:
+                    spans[f"gap_before_{what}"].append(last_end.elapsed_time(event))
+                opened[what] = event
+            else:
+                spans[what].append(opened.pop(what).elapsed_time(event))
+                last_end = event
+        return {name: {"n": len(v), "total_ms": sum(v), "p50_ms": percentile(v, 0.5) if v else 0.0,
+                       "p99_ms": percentile(v, 0.99) if v else 0.0} for name, v in spans.items()}
+
+    return summarize
 
 
 def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
@@ -236,7 +322,8 @@ def instrument(engine: BuiltinEngine) -> dict[str, list[float]]:
         setattr(obj, method, timed)
 
     assert engine.runner is not None
-    wrap(engine.runner, "execute", "forward")
+    for method in ("launch", "collect"):  # the overlap loop's halves of a step
+        wrap(engine.runner, method, f"runner_{method}")
     kvbm = engine.kvbm
     if kvbm is not None:
         wrap(kvbm, "execute", "kvbm_execute")
@@ -345,7 +432,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--configs", nargs="+", default=["g1_only", "g1_g2", "g1_g2small_g3"],
-                   choices=["g1_only", "g1_g2", "g1_g2small_g3", "g1_g2small_g3_nocost", "g1_g2_nocost"],
+                   choices=["g1_only", "g1_g2", "g1_g2small", "g1_g2small_g3", "g1_g2small_g3_nocost", "g1_g2_nocost"],
                    help="_nocost: the onboard cost model off (every hit onboarded, as before it)")
     p.add_argument("--profile-kvbm", action="store_true",
                    help="time the model thread's forward passes and KVBM copies (method wrappers)")
@@ -404,6 +491,8 @@ def main() -> None:
                 kvbm = KvbmConfig()
             elif name in ("g1_g2", "g1_g2_nocost"):
                 kvbm = KvbmConfig(host_blocks=host)
+            elif name == "g1_g2small":  # G3's host tier alone: what keeping a small G2 costs
+                kvbm = KvbmConfig(host_blocks=small_host)
             else:
                 disk_dir = tempfile.mkdtemp(prefix="kvbm_mt_disk_", dir=args.disk_root)
                 kvbm = KvbmConfig(host_blocks=small_host, disk_dir=disk_dir, disk_blocks=disk)
