@@ -17,4 +17,8 @@ def to_device(values: Sequence[int | float | bool] | list[list[int]] | np.ndarra
     stream); on CPU a plain tensor."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
+    if isinstance(values, np.ndarray):  # torch.tensor cannot pin what it builds from numpy
+        host = torch.empty(values.shape, dtype=dtype, device="cpu", pin_memory=True)
+        host.copy_(torch.from_numpy(values))
+        return host.to(device, non_blocking=True)
     return torch.tensor(values, dtype=dtype, device="cpu", pin_memory=True).to(device, non_blocking=True)
