@@ -91,7 +91,9 @@ def _kernels() -> SimpleNamespace:
             out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :],
         )
 
-    @triton.jit
+    # Triton specialises integer arguments on their value (1) and divisibility (by 16); these
+    # two change from step to step, so each new class would compile a variant mid-serving.
+    @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
     def _paged_prefill_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_starts_ptr, out_ptr,
         scale_log2, num_seqs,

@@ -83,6 +83,28 @@ def test_paged_prefill_attention_matches_sdpa_on_a_mixed_step(heads: int, kv_hea
     torch.testing.assert_close(small, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not CUDA, reason="counts compiled variants: a real compile")
+def test_prefill_steps_of_any_batch_and_table_width_share_one_compiled_kernel() -> None:
+    """The sequence count and the block table's width change every step; a variant compiled
+    per value class would stall serving on first sight of each (as the KVBM copy kernel did)."""
+    kernel = gpu_kernels._kernels().paged_prefill
+    k_cache, v_cache = torch.randn(40, 4, 2, 16), torch.randn(40, 4, 2, 16)
+    backend = TritonPagedAttention()
+
+    def variants() -> int:
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+
+    counts = []
+    for seqs in ([SeqSlice(0, 5, [1, 2])], [SeqSlice(3, 13, list(range(3, 19)))],
+                 [SeqSlice(0, 9, [20, 21, 22]), SeqSlice(4, 1, [23, 24]), SeqSlice(0, 2, [25])]):
+        meta = backend.build_metadata(seqs, 4, DEV)
+        tokens = sum(s.num_new for s in seqs)
+        q, kv = torch.randn(tokens, 8, 16), torch.randn(tokens, 2, 16)
+        backend.forward(q, kv, kv, k_cache, v_cache, meta, 0.25)
+        counts.append(variants())
+    assert counts[0] >= 1 and counts == [counts[0]] * 3
+
+
 def test_store_kv_skips_padded_slots() -> None:
     k_cache, v_cache = torch.zeros(3, 2, 2, 4), torch.zeros(3, 2, 2, 4)
     kv = torch.randn(3, 16)  # rows of a wider qkv buffer: k and v are strided views
