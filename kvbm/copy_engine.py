@@ -129,7 +129,7 @@ class BlockCopier:
         with self._on_stream():
             # Allocated on the side stream, so the caching allocator orders its reuse after
             # the copies queued there.
-            idx = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            idx = self._ids(block_ids)
             out = torch.empty((len(block_ids), len(self.layers), self.elements_per_layer),
                               dtype=self.dtype, device=self.device)
             for i, layer in enumerate(self.layers):
@@ -139,7 +139,7 @@ class BlockCopier:
     def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write a [n, 2L, E] device tensor into the cache's blocks."""
         with self._on_stream():
-            idx = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            idx = self._ids(block_ids)
             for i, layer in enumerate(self.layers):
                 layer.view(self.num_blocks, -1).index_copy_(0, idx, data[:, i])
 
@@ -256,8 +256,16 @@ class BlockCopier:
         shape = tuple(self.layers[0].shape[1:])
         return [flat[t * e : t * e + rows * e].view(rows, *shape) for t in range(width)]
 
+    def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """Block ids on the device, queued on the current stream. Through pinned memory on
+        CUDA: a copy from pageable memory may first synchronize with the stream (CUDA's API
+        synchronization behavior), and the side stream waits for the forward pass in flight,
+        so the model thread would stall until that step ends (the GPU then idles while it
+        launches the next one)."""
+        return torch.tensor(block_ids, dtype=torch.long, pin_memory=self.cuda).to(self.device, non_blocking=True)
+
     def _gather_into(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
-        idx = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        idx = self._ids(block_ids)
         for i, layer in enumerate(self.layers):
             out[:, i].copy_(layer.view(self.num_blocks, -1).index_select(0, idx))
 
