@@ -217,6 +217,8 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "disk_writes_in_flight_at_end": len(engine.kvbm.cache.writing) if engine.kvbm is not None else 0,
         "disk_write_delay_ms": args.disk_write_delay_ms if kvbm.disk_dir else 0.0,
         "cost_estimates": engine.kvbm.cache.cost.snapshot() if engine.kvbm is not None else {},
+        # Offload or not (kvbm/offload_value.py): hits per offloaded block, an offload's cost.
+        "offload_value": engine.kvbm.cache.offload_value.snapshot() if engine.kvbm is not None else {},
         "disk_dropped_writes": float(engine.kvbm.disk.dropped_writes) if engine.kvbm and engine.kvbm.disk else 0.0,
         "disk_staging_pool": ({"rows": pool.rows, "takes": pool.takes, "misses": pool.misses}
                               if (pool := getattr(getattr(engine.kvbm, "reader", None), "pool", None)) else None),
@@ -432,8 +434,10 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--configs", nargs="+", default=["g1_only", "g1_g2", "g1_g2small_g3"],
-                   choices=["g1_only", "g1_g2", "g1_g2small", "g1_g2small_g3", "g1_g2small_g3_nocost", "g1_g2_nocost"],
-                   help="_nocost: the onboard cost model off (every hit onboarded, as before it)")
+                   choices=["g1_only", "g1_g2", "g1_g2small", "g1_g2small_g3", "g1_g2small_g3_nocost", "g1_g2_nocost",
+                            "g1_g2small_g3_always", "g1_g2small_always"],
+                   help="_nocost: the onboard cost model off (every hit onboarded, as before it); _always: "
+                        "every evicted block offloaded (--kvbm-offload-cost off)")
     p.add_argument("--profile-kvbm", action="store_true",
                    help="time the model thread's forward passes and KVBM copies (method wrappers)")
     p.add_argument("--disk-write-delay-ms", type=float, default=0.0,
@@ -491,13 +495,15 @@ def main() -> None:
                 kvbm = KvbmConfig()
             elif name in ("g1_g2", "g1_g2_nocost"):
                 kvbm = KvbmConfig(host_blocks=host)
-            elif name == "g1_g2small":  # G3's host tier alone: what keeping a small G2 costs
+            elif name.startswith("g1_g2small") and "g3" not in name:  # G3's host tier alone
                 kvbm = KvbmConfig(host_blocks=small_host)
             else:
                 disk_dir = tempfile.mkdtemp(prefix="kvbm_mt_disk_", dir=args.disk_root)
                 kvbm = KvbmConfig(host_blocks=small_host, disk_dir=disk_dir, disk_blocks=disk)
             if name.endswith("_nocost"):
                 kvbm = replace(kvbm, onboard_cost=False)
+            if name.endswith("_always"):
+                kvbm = replace(kvbm, offload_cost=False)
             try:
                 row = asyncio.run(run_config(args, name, model_dir, spec.vocab_size, g1, max_len, kvbm))
             except Exception:  # keep the other configs' figures; the traceback is the finding

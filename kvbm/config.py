@@ -51,6 +51,9 @@ class KvbmConfig:
     # Onboard a hit only when its measured read cost is below recomputing its tokens
     # (kvbm/onboard_cost.py); off: onboard every hit.
     onboard_cost: bool = True
+    # Offload to a tier only while it pays: its measured hits' savings against what keeping it
+    # costs the step (kvbm/offload_value.py); off: offload every evicted block the policy allows.
+    offload_cost: bool = True
     # Weigh a recomputed token by the requests of the step it lengthens (a read delays only its
     # own request); off: by the requester's time alone.
     onboard_cost_sharing: bool = True
@@ -114,6 +117,7 @@ class KvbmConfig:
             disk_gbps=getattr(args, "kvbm_disk_gbps", d.disk_gbps),
             onboard_cost=getattr(args, "kvbm_onboard_cost", "on") != "off",
             onboard_cost_sharing=getattr(args, "kvbm_onboard_cost", "on") == "on",
+            offload_cost=getattr(args, "kvbm_offload_cost", "on") != "off",
             offload_flush_blocks=getattr(args, "kvbm_offload_flush_blocks", d.offload_flush_blocks),
         )
 
@@ -144,6 +148,10 @@ KVBM_FLAGS = FlagGroup(
              "recomputing its tokens at the engine's measured prefill rate, a recomputed token weighed by the "
              "requests of the step it lengthens (on), or by the requester's time alone (requester); off: always "
              "onboard", "on", "DYN_KVBM_ONBOARD_COST", choices=ONBOARD_COSTS),
+        Flag("--kvbm-offload-cost", "offload to a tier only while it pays: its measured hits per offloaded block "
+             "times what a hit saves (recompute less the read) against the measured cost of an offload on the "
+             "step's critical path; a tier that does not pay takes one eviction batch in 8 (on); off: offload "
+             "whatever the policy allows", "on", "DYN_KVBM_OFFLOAD_COST", choices=("on", "off")),
         Flag("--kvbm-offload-flush-blocks", "device-to-host offload copies wait until this many blocks are "
              "gathered or the next step", _D.offload_flush_blocks, "DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int),
     ],

@@ -182,6 +182,7 @@ class KvBlockManager:
             disk.write_batch(*direct)
         onboard_bytes = (len(plan.onboards) - len(failed)) * block_bytes(self.layout)
         elapsed = time.perf_counter() - started
+        plan.execute_s = elapsed  # what the offloads cost this thread: TieredCache.finish weighs it
         if onboard_bytes:
             self.cache.stats.transfer("onboard", onboard_bytes, elapsed)
         self.cache.stats.plan_executed(elapsed)

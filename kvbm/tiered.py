@@ -21,6 +21,7 @@ from dynamo.wire import BlockRemoved, BlockStored, KvEventData
 from kvbm.block_pool import EvictedBlock, KvEventSink
 from kvbm.config import KvbmConfig
 from kvbm.metrics import KvbmMetrics, KvbmStats
+from kvbm.offload_value import OffloadValue
 from kvbm.onboard_cost import OnboardCostModel
 from kvbm.policy import OffloadPolicy
 from kvbm.registry import TierEntry, TierIndex
@@ -85,6 +86,9 @@ class TransferPlan:
     onboards: list[OnboardOp] = field(default_factory=list)
     deletes: list[DeleteOp] = field(default_factory=list)
     pinned: list[tuple[TierIndex, TierEntry]] = field(default_factory=list)
+    # Seconds the executor's thread spent running the plan (None: not measured, as in the
+    # mocker, whose upkeep costs no step time).
+    execute_s: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.offloads or self.onboards or self.deletes)
@@ -177,6 +181,9 @@ class TieredCache:
         self.host = TierIndex(HOST, host_blocks, *args) if host_blocks > 0 else None
         self.disk = TierIndex(DISK, disk_blocks, *args) if disk_blocks > 0 else None
         self.policy = OffloadPolicy(config.offload_policy, config.offload_min_hits)
+        # Whether offloading to a tier pays (its hits' savings against the upkeep's cost).
+        self.offload_value = OffloadValue(enabled=config.offload_cost and block_size_tokens is not None)
+        self._disk_bypassed = False  # the last eviction batch left the disk out: no writes ahead
         self.stats = KvbmStats()
         self._on_event = on_event
         self._disk_writes = disk_writes
@@ -337,6 +344,7 @@ class TieredCache:
         for hit, block_id in zip(hits, device_block_ids, strict=True):
             tier = self._tier(hit.tier)
             tier.touch(hit.block_hash)
+            self.offload_value.hit(hit.tier, 1)
             self._plan.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id, hit.staged))
             self._plan.pinned.append((tier, hit.entry))
             self.stats.hit(hit.tier, 1)
@@ -384,10 +392,18 @@ class TieredCache:
         Never waits: a block that finds no slot it can take at once is not kept (counted)."""
         if not self.tiers:
             return
+        started = self.clock()
         self._poll_writes()
         stored: dict[str, list[tuple[int, int | None]]] = {HOST: [], DISK: []}
         removed: dict[str, list[int]] = {HOST: [], DISK: []}
-        host, disk = self.host, self.disk
+        # A tier whose offloads do not pay takes this batch only now and then (offload_value).
+        host = self.host if self.host is not None and self._keeps(HOST, self.host) else None
+        disk = self.disk if self.disk is not None and self._keeps(DISK, self.disk) else None
+        self._disk_bypassed = self.disk is not None and disk is None
+        for tier in (self.host, self.disk):
+            if tier is not None and tier is not host and tier is not disk:
+                self.stats.skip(tier.name, "cost_model", len(blocks))
+        offloads_before = len(self._plan.offloads)
         for block in blocks:
             h = block.block_hash
             if not self.policy.should_offload(h):
@@ -415,6 +431,25 @@ class TieredCache:
                     # Every slot is held by a write to disk or an onboard in progress.
                     self.stats.skip(HOST, "slots_busy")
         self._emit_changes(stored, removed)
+        offloads = len(self._plan.offloads) - offloads_before
+        self.offload_value.observe_cost("schedule", self.clock() - started, offloads)
+
+    def _keeps(self, name: str, tier: TierIndex) -> bool:
+        """Whether an eviction batch (or a round of writes ahead) goes to this tier: see
+        kvbm/offload_value.py. What a hit saves: recomputing a block, weighed as lookup()
+        weighs it, less reading it back."""
+        value = self.offload_value
+        if not value.enabled:
+            return True
+        assert self.block_size_tokens is not None
+        recompute = self.cost.recompute_s(self.block_size_tokens)
+        saved = None
+        if recompute is not None:
+            sharing = float(self._step_seqs) if self.config.onboard_cost_sharing else 1.0
+            read = self.cost.onboard_s(int(name == HOST), int(name == DISK), self.block_bytes)
+            saved = recompute - read / max(1.0, sharing)  # per request of the step, as the cost is
+        return value.keep_batch(name, saved, tier.capacity_blocks)
+
 
     def _offload_to_host(self, block: EvictedBlock, stored: dict[str, list[tuple[int, int | None]]],
                          removed: dict[str, list[int]]) -> None:
@@ -428,13 +463,14 @@ class TieredCache:
             if h in self._write_failed:
                 self._write_failed.discard(h)  # counted when its write failed
             elif self.disk is not None and h not in self.disk:
-                # Not written ahead in time: the disk writer's queue had no room for it.
-                self.stats.skip(DISK, "queue_full")
+                # Not written ahead: left out as not worth it, or the writer had no room.
+                self.stats.skip(DISK, "cost_model" if self._disk_bypassed else "queue_full")
         host.pin(entry)
         self._plan.pinned.append((host, entry))
         self._plan.offloads.append(OffloadOp(block.block_id, block.block_hash, block.parent_hash, HOST, entry.slot))
         stored[HOST].append((block.block_hash, block.parent_hash))
         self.stats.offloaded(HOST, 1, self.block_bytes)
+        self.offload_value.offloaded(HOST, 1)
 
     def _offload_to_disk(self, block: EvictedBlock, removed: dict[str, list[int]]) -> None:
         """The device block straight to a file (announced once written): no host tier, or no
@@ -448,6 +484,7 @@ class TieredCache:
             return
         self._writing[block.block_hash] = (None, entry)
         self._plan.offloads.append(OffloadOp(block.block_id, block.block_hash, block.parent_hash, DISK, entry.slot))
+        self.offload_value.offloaded(DISK, 1)
 
     def _plan_writes(self) -> None:
         """Write ahead the host blocks next in line for eviction that are not on disk, while
@@ -463,6 +500,8 @@ class TieredCache:
         free = host.capacity_blocks - len(host)
         if room <= 0 or free >= lead:
             return
+        if self._disk_bypassed:  # the last eviction batch's decision (offload_value)
+            return
         removed: list[int] = []
         for i, entry in enumerate(host):  # eviction order: next victim first
             if free + i >= lead or room <= 0:
@@ -476,6 +515,7 @@ class TieredCache:
             host.pin(entry)
             self._writing[h] = (entry, disk_entry)
             self._plan.writes.append(WriteOp(h, entry.parent_hash, entry.slot))
+            self.offload_value.offloaded(DISK, 1)
             room -= 1
         if removed:
             self._emit_changes({}, {DISK: removed})
@@ -559,6 +599,11 @@ class TieredCache:
         filled once this plan has run)."""
         for tier, entry in plan.pinned:
             tier.unpin(entry)
+        upkeep = len(plan.offloads) + len(plan.writes)
+        if plan.execute_s is not None and upkeep:
+            # Launching the plan's copies held up the step (onboards, if any, count too: an
+            # upper bound on what its offloads cost).
+            self.offload_value.observe_cost("execute", plan.execute_s, upkeep)
         self._poll_writes()
         self._plan_writes()
         self._report_usage()
