@@ -400,9 +400,12 @@ class TieredCache:
         host = self.host if self.host is not None and self._keeps(HOST, self.host) else None
         disk = self.disk if self.disk is not None and self._keeps(DISK, self.disk) else None
         self._disk_bypassed = self.disk is not None and disk is None
-        for tier in (self.host, self.disk):
-            if tier is not None and tier is not host and tier is not disk:
-                self.stats.skip(tier.name, "cost_model", len(blocks))
+        # Blocks left out: the host's whole batch, or the disk's when nothing above takes it (a
+        # disk behind a host that took the batch loses only the host's victims: counted there).
+        if self.host is not None and host is None:
+            self.stats.skip(HOST, "cost_model", len(blocks))
+        if self._disk_bypassed and host is None:
+            self.stats.skip(DISK, "cost_model", len(blocks))
         offloads_before = len(self._plan.offloads)
         for block in blocks:
             h = block.block_hash
