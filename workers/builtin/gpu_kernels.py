@@ -1,7 +1,8 @@
 """Triton kernels of the CUDA path: paged decode and prefill attention, KV-cache writes, and the
-fused elementwise ops (residual add + RMSNorm, RoPE in place, SiLU-and-mul) that keep a decode
-step at nine kernels a layer. Triton is imported at the first kernel call (CPU-only torch builds carry
-none), so a process can choose TRITON_INTERPRET before that; `triton_available()` says if it can."""
+fused elementwise ops (residual add + RMSNorm, RoPE with the K/V cache write, SiLU-and-mul) that
+keep a decode step at nine kernels a layer. Triton is imported at the first kernel call (CPU-only
+torch builds carry none), so a process can choose TRITON_INTERPRET before that;
+`triton_available()` says if it can."""
 
 from __future__ import annotations
 
