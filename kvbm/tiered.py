@@ -86,9 +86,9 @@ class TransferPlan:
     onboards: list[OnboardOp] = field(default_factory=list)
     deletes: list[DeleteOp] = field(default_factory=list)
     pinned: list[tuple[TierIndex, TierEntry]] = field(default_factory=list)
-    # Seconds the executor's thread spent running the plan (None: not measured, as in the
-    # mocker, whose upkeep costs no step time).
-    execute_s: float | None = None
+    # Seconds the executor's thread spent on the plan's offloads, writes and deletes, its
+    # onboards excluded (None: not measured, as in the mocker, whose upkeep costs no step time).
+    upkeep_s: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.offloads or self.onboards or self.deletes)
@@ -603,10 +603,9 @@ class TieredCache:
         for tier, entry in plan.pinned:
             tier.unpin(entry)
         upkeep = len(plan.offloads) + len(plan.writes)
-        if plan.execute_s is not None and upkeep:
-            # Launching the plan's copies held up the step (onboards, if any, count too: an
-            # upper bound on what its offloads cost).
-            self.offload_value.observe_cost("execute", plan.execute_s, upkeep)
+        if plan.upkeep_s is not None and upkeep:
+            # Launching the plan's offload copies and queueing its writes held up the step.
+            self.offload_value.observe_cost("execute", plan.upkeep_s, upkeep)
         self._poll_writes()
         self._plan_writes()
         self._report_usage()

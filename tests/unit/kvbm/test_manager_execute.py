@@ -5,6 +5,7 @@ offloaded bytes; disk reads staged in the pool are onboarded and their rows fenc
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -44,6 +45,20 @@ def test_onboards_are_queued_before_the_offloads_device_to_host_copies() -> None
     assert calls == ["gather_for_host", "onboard_many", "land_in_host"]
     assert torch.equal(mgr.host.data[0], evicted)  # gathered before the onboard overwrote it
     assert torch.equal(device_block(k, v, 0), mgr.host.data[1])
+
+
+def test_a_plans_upkeep_time_leaves_its_onboards_out() -> None:
+    """What the offload cost model charges to offloads (TransferPlan.upkeep_s) is the plan's
+    time without its onboards' launches, which a hit pays for, not the tier's upkeep."""
+    k, v = kv()
+    mgr = KvBlockManager(KvbmConfig(host_blocks=4), LAYOUT, k, v)
+    slow = mgr.copier.onboard_many
+    mgr.copier.onboard_many = lambda groups: (time.sleep(0.2), slow(groups))[1]  # type: ignore[method-assign]
+    plan = TransferPlan(offloads=[OffloadOp(0, 0xA, None, HOST, 0)], onboards=[OnboardOp(0xB, HOST, 1, 2)])
+    started = time.perf_counter()
+    mgr.execute(plan)
+    assert time.perf_counter() - started >= 0.2
+    assert plan.upkeep_s is not None and 0 < plan.upkeep_s < 0.2
 
 
 def test_onboard_from_a_slot_the_plan_offloads_into_reads_the_offloaded_bytes() -> None:
