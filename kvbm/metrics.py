@@ -26,7 +26,8 @@ class KvbmMetrics:
         self.onboard_bytes = Counter("dynamo_kvbm_onboard_bytes_total", "Bytes copied from a tier into the device", labels, registry=registry)
         # A tier is a cache: upkeep it cannot do at once is skipped, never waited for.
         self.skipped = Counter("dynamo_kvbm_offload_skipped_blocks_total",
-                               "Blocks not kept in a tier, by reason: policy (the offload policy declined), slots_busy "
+                               "Blocks not kept in a tier, by reason: policy (the offload policy declined), cost_model "
+                               "(offloading to the tier did not pay: kvbm/offload_value.py), slots_busy "
                                "(every slot pinned by writes or onboards in progress), queue_full (the disk writer was "
                                "behind), write_failed", ["model", "tier", "reason"], registry=registry)
         self.plan_seconds = Histogram("dynamo_kvbm_plan_seconds",
