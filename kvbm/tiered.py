@@ -230,8 +230,7 @@ class TieredCache:
         # A recomputed token lengthens steps every running request shares; a read delays only
         # its own request (measured on the mocker: weighing by the step's requests beat
         # weighing by the requester alone or by the step's prefills, benchmarks/RESULTS.md).
-        sharing = float(self._step_seqs) if self.config.onboard_cost_sharing else 1.0
-        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens, sharing)
+        keep = self.cost.choose([hit.tier for hit in hits], self.block_bytes, self.block_size_tokens, self._sharing())
         if keep == len(hits):
             return Hits(hits)
         self.release(hits[keep:])
@@ -438,9 +437,9 @@ class TieredCache:
         self.offload_value.observe_cost("schedule", self.clock() - started, offloads)
 
     def _keeps(self, name: str, tier: TierIndex) -> bool:
-        """Whether an eviction batch (or a round of writes ahead) goes to this tier: see
-        kvbm/offload_value.py. What a hit saves: recomputing a block, weighed as lookup()
-        weighs it, less reading it back."""
+        """Whether an eviction batch goes to this tier (for the disk: also the writes ahead
+        until the next batch): see kvbm/offload_value.py. What a hit saves: recomputing a
+        block, weighed as lookup() weighs it, less reading it back."""
         value = self.offload_value
         if not value.enabled:
             return True
@@ -448,11 +447,14 @@ class TieredCache:
         recompute = self.cost.recompute_s(self.block_size_tokens)
         saved = None
         if recompute is not None:
-            sharing = float(self._step_seqs) if self.config.onboard_cost_sharing else 1.0
             read = self.cost.onboard_s(int(name == HOST), int(name == DISK), self.block_bytes)
-            saved = recompute - read / max(1.0, sharing)  # per request of the step, as the cost is
+            saved = recompute - read / max(1.0, self._sharing())  # per request of the step, as the cost is
         return value.keep_batch(name, saved, tier.capacity_blocks)
 
+    def _sharing(self) -> float:
+        """How many requests a recomputed token delays: those of the step it lengthens (a read
+        delays only its own request), or 1 to weigh the requester's time alone."""
+        return float(self._step_seqs) if self.config.onboard_cost_sharing else 1.0
 
     def _offload_to_host(self, block: EvictedBlock, stored: dict[str, list[tuple[int, int | None]]],
                          removed: dict[str, list[int]]) -> None:
@@ -501,9 +503,7 @@ class TieredCache:
         lead = self.config.disk_queue_blocks
         room = lead - len(self._writing)
         free = host.capacity_blocks - len(host)
-        if room <= 0 or free >= lead:
-            return
-        if self._disk_bypassed:  # the last eviction batch's decision (offload_value)
+        if room <= 0 or free >= lead or self._disk_bypassed:  # bypassed: see _keeps
             return
         removed: list[int] = []
         for i, entry in enumerate(host):  # eviction order: next victim first
