@@ -477,17 +477,19 @@ def sweep_attention(mc: ModelConfig, device: torch.device, batch: int, ctx: int)
     ref = gpu_kernels.paged_decode_attention(q, k, v, tables, lens, 0.125)
     nbytes = 2 * batch * ctx * mc.num_kv_heads * mc.head_dim * 2
     out = []
-    for block_n in (32, 64, 128):
-        for warps in (2, 4, 8):
-            for stages in (1, 2, 3):
-                try:
-                    f = lambda: gpu_kernels.paged_decode_attention(q, k, v, tables, lens, 0.125, None, block_n, warps, stages)  # noqa: E731
-                    err = float((f().float() - ref.float()).norm() / ref.float().norm())
-                    ms = triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")
-                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "us": round(1e3 * ms, 2),
-                                "GBs": round(nbytes / ms / 1e6), "err": err})
-                except Exception as exc:  # a tiling that does not compile
-                    out.append({"block_n": block_n, "warps": warps, "stages": stages, "error": repr(exc)[:80]})
+    for heads_first in (False, True):
+        for block_n in (32, 64, 128):
+            for warps in (2, 4, 8):
+                for stages in (1, 2, 3):
+                    tiling = {"block_n": block_n, "warps": warps, "stages": stages, "heads_first": heads_first}
+                    try:
+                        f = lambda: gpu_kernels.paged_decode_attention(  # noqa: E731
+                            q, k, v, tables, lens, 0.125, None, block_n, warps, stages, heads_first)
+                        err = float((f().float() - ref.float()).norm() / ref.float().norm())
+                        ms = triton.testing.do_bench(f, warmup=5, rep=20, return_mode="median")
+                        out.append({**tiling, "us": round(1e3 * ms, 2), "GBs": round(nbytes / ms / 1e6), "err": err})
+                    except Exception as exc:  # a tiling that does not compile
+                        out.append({**tiling, "error": repr(exc)[:80]})
     out.sort(key=lambda r: r.get("us", 1e9))
     return out
 
@@ -644,7 +646,19 @@ def main() -> None:
                    help="also time decode graphs captured with these L2 prefetch plans (workers/builtin/l2_prefetch.py; '' for none)")
     p.add_argument("--prefetch-check", action="store_true",
                    help="GPU: a projection's time from cold HBM, from L2, and after each prefetch form (does the prefetch land?)")
+    p.add_argument("--attention-sweep", action="store_true",
+                   help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     args = p.parse_args()
+    if args.attention_sweep:
+        _, mc = random_llama(torch.device("meta"))
+        sweeps = {f"{b}x{ctx}": sweep_attention(mc, torch.device("cuda"), b, ctx)
+                  for b, ctx in ((128, 133), (128, 200), (32, 200), (1, 200), (128, 1024))}
+        for shape, sw in sweeps.items():
+            print("attention", shape, "best", sw[:3], "default", [
+                r for r in sw if (r.get("block_n"), r.get("warps"), r.get("stages")) == (128, 4, 2)], flush=True)
+        if args.out:
+            Path(args.out).with_suffix(".attention_sweep.json").write_text(json.dumps(sweeps, indent=1))
+        return
     if args.prefetch_check:
         out = prefetch_check(torch.device("cuda"))
         print(json.dumps(out, indent=1), flush=True)

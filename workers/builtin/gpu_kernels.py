@@ -49,12 +49,17 @@ def _kernels() -> SimpleNamespace:
         stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
         stride_cb, stride_ct, stride_ch,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
-        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+        PAGE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
     ):
         # One program per (sequence, KV head) computes all GROUP query heads that share that KV
-        # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot.
-        seq = tl.program_id(0)
-        kvh = tl.program_id(1)
+        # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. HEADS_FIRST: a
+        # sequence's KV heads are neighbouring programs (their K/V rows are adjacent in the cache).
+        if HEADS_FIRST:
+            kvh = tl.program_id(0)
+            seq = tl.program_id(1)
+        else:
+            seq = tl.program_id(0)
+            kvh = tl.program_id(1)
         seq_len = tl.load(seq_lens_ptr + seq)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, D_PAD)
@@ -271,6 +276,7 @@ def _kernels() -> SimpleNamespace:
 # The paged decode kernel's tiling (0: Triton's default). Two stages rather than Triton's three:
 # on an H100 9.7 against 13.2 us at 1 x 200 tokens, the same at 128 x 200 (issue 21's sweep).
 DECODE_BLOCK_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES = 128, 0, 2
+DECODE_HEADS_FIRST = False
 
 
 def embed(input_ids: torch.Tensor, feedback: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -297,6 +303,7 @@ def paged_decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+    heads_first: bool | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: q [B, heads, head_dim] over the paged cache
     [num_blocks, page, kv_heads, head_dim]; seq_lens count the new token (already stored)."""
@@ -312,12 +319,15 @@ def paged_decode_attention(
         launch["num_warps"] = num_warps or DECODE_NUM_WARPS
     if num_stages or DECODE_NUM_STAGES:
         launch["num_stages"] = num_stages or DECODE_NUM_STAGES
-    _kernels().paged_decode[(batch, kv_heads)](
+    if heads_first is None:
+        heads_first = DECODE_HEADS_FIRST
+    grid = (kv_heads, batch) if heads_first else (batch, kv_heads)
+    _kernels().paged_decode[grid](
         q, k_cache, v_cache, block_tables, seq_lens, out, scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim, D_PAD=max(16, _pow2(head_dim)),
-        PAGE=page, BLOCK_N=block_n,
+        PAGE=page, BLOCK_N=block_n, HEADS_FIRST=heads_first,
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **launch,

@@ -34,7 +34,8 @@ def on_device() -> Iterator[None]:
         yield
 
 
-def test_paged_decode_attention_matches_sdpa_over_scattered_blocks() -> None:
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: bool) -> None:
     torch.manual_seed(0)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
     k_cache = torch.randn(12, page, kv_heads, head_dim)
@@ -43,7 +44,8 @@ def test_paged_decode_attention_matches_sdpa_over_scattered_blocks() -> None:
     lens = [15, 3, 8, 0]  # the last row is graph padding: zeros out
     q = torch.randn(4, heads, head_dim)
     bt = torch.tensor([t + [0] * (4 - len(t)) for t in tables], dtype=torch.int32)
-    out = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), 0.2)
+    out = gpu_kernels.paged_decode_attention(
+        q, k_cache, v_cache, bt, torch.tensor(lens, dtype=torch.int32), 0.2, heads_first=heads_first)
     for b in range(3):
         keys = k_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lens[b]].repeat_interleave(4, dim=1)
         values = v_cache[tables[b]].reshape(-1, kv_heads, head_dim)[: lens[b]].repeat_interleave(4, dim=1)
