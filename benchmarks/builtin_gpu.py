@@ -323,7 +323,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
     res["graph_capture_s"] = time.perf_counter() - started
     eager = ModelRunner(model, kv, device, enforce_eager=True)
-    from workers.builtin import l2_prefetch
+    from workers.builtin import gpu_kernels, l2_prefetch
 
     res["l2_prefetch_plan"] = l2_prefetch.DECODE_PLAN
     # The same graphs captured with other L2 prefetch plans, timed beside the default.
@@ -331,14 +331,17 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     for plan in args.prefetch_plans:
         if plan == l2_prefetch.DECODE_PLAN:
             continue
-        # "plan@line": the per-line prefetch form even where the bulk one exists.
-        spec, _, form = plan.partition("@")
-        l2_prefetch.BULK = False if form == "line" else None
+        # "plan@line": the per-line prefetch form even where the bulk one exists; "@unfused":
+        # RoPE and the K/V write in a kernel of their own before decode attention.
+        spec, *forms = plan.split("@")
+        l2_prefetch.BULK = False if "line" in forms else None
+        gpu_kernels.DECODE_FUSED_ROPE = "unfused" not in forms
         try:
             others[plan] = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches),
                                        max_model_len=max_len, l2_prefetch=spec)
         finally:
             l2_prefetch.BULK = None
+            gpu_kernels.DECODE_FUSED_ROPE = True
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
     print("check", res["check"], flush=True)
@@ -643,7 +646,9 @@ def main() -> None:
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
     p.add_argument("--prefetch-plans", nargs="*", default=[],
-                   help="also time decode graphs captured with these L2 prefetch plans (workers/builtin/l2_prefetch.py; '' for none)")
+                   help="also time decode graphs captured with these L2 prefetch plans (workers/builtin/l2_prefetch.py; '' for "
+                        "none), each optionally suffixed @line (per-line prefetch) and/or @unfused (RoPE kernel "
+                        "apart from decode attention)")
     p.add_argument("--prefetch-check", action="store_true",
                    help="GPU: a projection's time from cold HBM, from L2, and after each prefetch form (does the prefetch land?)")
     p.add_argument("--attention-sweep", action="store_true",

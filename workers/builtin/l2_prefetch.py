@@ -17,12 +17,13 @@ takes the leading part of a matrix (the rows a projection's first programs read)
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from workers.builtin.gpu_kernels import kernels, triton_available
 
 if TYPE_CHECKING:
     from workers.builtin.model import LlamaForCausalLM
@@ -109,42 +110,10 @@ SPAN, LINE_SPAN, PER_PROGRAM = 16 << 10, 4 << 10, 128
 BULK: bool | None = None  # None: bulk where the GPU has it (benchmarks force either form)
 
 
-@functools.cache
-def _kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _l2_prefetch_kernel(base_ptr, nbytes, span, sink_ptr, PER_PROGRAM: tl.constexpr, BULK: tl.constexpr):
-        i = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
-        # Past the end, repeat the last span: a prefetch must name valid addresses.
-        off = tl.maximum(tl.minimum(i.to(tl.int64) * span, nbytes - span), 0)
-        addr = (base_ptr + off).to(tl.int64)
-        if BULK:  # sm_90: the copy engine fetches `span` bytes; the thread does not wait
-            done = tl.inline_asm_elementwise(
-                "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.b32 $0, 0;", "=r,l,r",
-                [addr, (off * 0 + span).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-            )
-        else:  # one 128-byte line a thread, the whole span a loop
-            done = tl.zeros([PER_PROGRAM], dtype=tl.int32)
-            for line in range(0, span, 128):
-                done += tl.inline_asm_elementwise(
-                    "prefetch.global.L2::evict_last [$1];\n\tmov.b32 $0, 0;", "=r,l",
-                    [addr + line], dtype=tl.int32, is_pure=False, pack=1,
-                )
-        # Never true: keeps the prefetches from being dropped as dead code.
-        flag = tl.max(done, 0)
-        tl.store(sink_ptr, flag, mask=flag != 0)
-
-    return _l2_prefetch_kernel
-
-
 def supported(device: torch.device) -> bool:
     """Bulk L2 prefetch needs sm_90 (Hopper); per-line prefetch (fallback) sm_80."""
     if device.type != "cuda":
         return False
-    from workers.builtin.gpu_kernels import triton_available
-
     return triton_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
@@ -158,7 +127,7 @@ def prefetch(weight: torch.Tensor, nbytes: int, sink: torch.Tensor, bulk: bool |
     spans = -(-nbytes // span)
     programs = -(-spans // PER_PROGRAM)
     base = weight.view(-1).view(torch.uint8)
-    _kernel()[(programs,)](base, nbytes, span, sink, PER_PROGRAM=PER_PROGRAM, BULK=bulk, num_warps=4)
+    kernels().l2_prefetch[(programs,)](base, nbytes, span, sink, PER_PROGRAM=PER_PROGRAM, BULK=bulk, num_warps=4)
 
 
 class L2Prefetch:

@@ -138,14 +138,21 @@ class Attention(nn.Module):
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        # RoPE and the K/V cache write in one kernel, then attention reads K/V in place.
         k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-        gpu_kernels.rope_store_kv(
-            qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
-            k_cache, v_cache, meta.slot_mapping, qk_norm,
-        )
-        q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        if meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE:
+            # A pure-decode step: RoPE, the K/V write and attention in one kernel.
+            out = gpu_kernels.rope_decode_attention(
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, k_cache, v_cache, meta.slot_mapping,
+                meta.block_tables, meta.seq_lens, self.scale, qk_norm,
+            )
+        else:
+            # RoPE and the K/V cache write in one kernel, then attention reads K/V in place.
+            gpu_kernels.rope_store_kv(
+                qkv, positions, rotary.cos, rotary.sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                k_cache, v_cache, meta.slot_mapping, qk_norm,
+            )
+            q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
+            out = paged_attention(q, k_cache, v_cache, meta, self.scale)
         if prefetch is not None:
             prefetch("o", self.layer_idx)
         return self.o_proj(out.reshape(tokens, self.q_size))

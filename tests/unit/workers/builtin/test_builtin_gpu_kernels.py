@@ -55,6 +55,35 @@ def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: 
     assert torch.all(out[3] == 0)
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
+    """The fused decode kernel (RoPE, K/V write and attention in one launch, the new token's
+    score from registers) against rope_store_kv + paged_decode_attention on the same step:
+    the same cache contents and outputs; a padded row (slot -1, length 0) writes nothing."""
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, page = 8, 2, 32, 4
+    positions = torch.tensor([14, 2, 0, 0])
+    slots = torch.tensor([5 * page + 2, 9 * page + 2, 3 * page, -1])
+    tables = torch.tensor([[11, 2, 7, 5], [9, 0, 0, 0], [3, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)
+    lens = torch.tensor([15, 3, 1, 0], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(12, page, kv_heads, head_dim), torch.randn(12, page, kv_heads, head_dim)
+    qkv = torch.randn(4, (heads + 2 * kv_heads) * head_dim)
+    freqs = torch.arange(32).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat([freqs, freqs], -1)
+    norm = (torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5, 1e-6) if qk_norm else None
+    k_ref, v_ref, qkv_ref = k_cache.clone(), v_cache.clone(), qkv.clone()
+    gpu_kernels.rope_store_kv(qkv_ref, positions, emb.cos(), emb.sin(), heads, kv_heads, head_dim,
+                              k_ref, v_ref, slots, norm)
+    q = qkv_ref[:, : heads * head_dim].view(4, heads, head_dim)
+    expected = gpu_kernels.paged_decode_attention(q, k_ref, v_ref, tables, lens, 0.2)
+    out = gpu_kernels.rope_decode_attention(qkv, positions, emb.cos(), emb.sin(), heads, k_cache, v_cache, slots,
+                                            tables, lens, 0.2, norm)
+    torch.testing.assert_close(k_cache, k_ref)
+    torch.testing.assert_close(v_cache, v_ref)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[3] == 0)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2), (4, 4)])
 def test_paged_prefill_attention_matches_sdpa_on_a_mixed_step(heads: int, kv_heads: int) -> None:
     """Prefill chunks after cached prefixes, whole prompts and decodes in one step, over
@@ -89,7 +118,7 @@ def test_paged_prefill_attention_matches_sdpa_on_a_mixed_step(heads: int, kv_hea
 def test_prefill_steps_of_any_batch_and_table_width_share_one_compiled_kernel() -> None:
     """The sequence count and the block table's width change every step; a variant compiled
     per value class would stall serving on first sight of each (as the KVBM copy kernel did)."""
-    kernel = gpu_kernels._kernels().paged_prefill
+    kernel = gpu_kernels.kernels().paged_prefill
     k_cache, v_cache = torch.randn(40, 4, 2, 16), torch.randn(40, 4, 2, 16)
     backend = TritonPagedAttention()
 
