@@ -110,7 +110,7 @@ def paged_decode(
         row = q_ptr + seq * stride_qt
         pos = tl.load(pos_ptr + seq)
         c = tl.load(cos_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
-        s = tl.load(sin_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
+        sn = tl.load(sin_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
         k_at = row + (NUM_Q + kvh) * HEAD_DIM + j[None, :]
         k1 = tl.load(k_at, mask=jmask[None, :], other=0.0).to(tl.float32)
         k2 = tl.load(k_at + HALF, mask=jmask[None, :], other=0.0).to(tl.float32)
@@ -121,8 +121,8 @@ def paged_decode(
             kw1, kw2 = _norm_weights(kw_ptr, j, jmask, HALF)
             q1, q2 = _head_norm(q1, q2, qw1, qw2, eps, HEAD_DIM, dt)
             k1, k2 = _head_norm(k1, k2, kw1, kw2, eps, HEAD_DIM, dt)
-        q1, q2 = _rotate(q1, q2, c, s, dt)
-        k1, k2 = _rotate(k1, k2, c, s, dt)
+        q1, q2 = _rotate(q1, q2, c, sn, dt)
+        k1, k2 = _rotate(k1, k2, c, sn, dt)
         v_new = tl.load(row + (NUM_Q + NUM_Q // GROUP + kvh) * HEAD_DIM + d[None, :], mask=dmask[None, :], other=0.0)
         slot = tl.load(slot_ptr + seq).to(tl.int64)
         # Slot -1: a padded CUDA-graph row owns no cache slot. (Broadcast before comparing:
