@@ -128,9 +128,9 @@ def paged_decode(
         # Slot -1: a padded CUDA-graph row owns no cache slot. (Broadcast before comparing:
         # the CPU interpreter rejects a scalar bool in a block mask.)
         dst = (slot // PAGE) * stride_cb + (slot % PAGE) * stride_ct + kvh * stride_ch
-        kmask = jmask[None, :] & ((j[None, :] * 0 + slot) >= 0)
-        tl.store(k_cache_ptr + dst + j[None, :], k1, mask=kmask)
-        tl.store(k_cache_ptr + dst + HALF + j[None, :], k2, mask=kmask)
+        new_mask = jmask[None, :] & ((j[None, :] * 0 + slot) >= 0)
+        tl.store(k_cache_ptr + dst + j[None, :], k1, mask=new_mask)
+        tl.store(k_cache_ptr + dst + HALF + j[None, :], k2, mask=new_mask)
         tl.store(v_cache_ptr + dst + d[None, :], v_new, mask=dmask[None, :] & ((d[None, :] * 0 + slot) >= 0))
         context = seq_len - 1
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
