@@ -323,22 +323,16 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     graphed = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
     res["graph_capture_s"] = time.perf_counter() - started
     eager = ModelRunner(model, kv, device, enforce_eager=True)
-    from workers.builtin import gpu_kernels, l2_prefetch
+    from workers.builtin import gpu_kernels
 
-    res["l2_prefetch_plan"] = l2_prefetch.DECODE_PLAN
-    # The same graphs captured with each listed L2 prefetch plan, timed side by side.
-    others = {}
-    for plan in args.prefetch_plans:
-        # "plan@line": the per-line prefetch form even where the bulk one exists; "@unfused":
-        # RoPE and the K/V write in a kernel of their own before decode attention.
-        spec, *forms = plan.split("@")
-        l2_prefetch.BULK = False if "line" in forms else None
-        gpu_kernels.DECODE_FUSED_ROPE = "unfused" not in forms
+    unfused = None
+    if args.compare_unfused:
+        # The same graphs with RoPE and the K/V write in a kernel of their own before decode
+        # attention (gpu_kernels.DECODE_FUSED_ROPE off), in this process.
+        gpu_kernels.DECODE_FUSED_ROPE = False
         try:
-            others[plan] = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches),
-                                       max_model_len=max_len, l2_prefetch=spec)
+            unfused = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
         finally:
-            l2_prefetch.BULK = None
             gpu_kernels.DECODE_FUSED_ROPE = True
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
@@ -350,17 +344,13 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         row["ours_graphs_overlapped"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
         # Replays the last step's inputs again: rewrites the same slots, harmless.
         row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
-        if others and device.type == "cuda":
-            # Replays alternate between plans (three rounds), so drift hits them alike.
-            # Each variant its own runner, the default's too: runners built alike, in one order.
-            runners = others
-            times: dict[str, list[float]] = {plan: [] for plan in runners}
-            for _ in range(3):
-                for plan, r in runners.items():
-                    times[plan].append(replay_ms(r, b))
-            row["plans"] = {plan: {"replay_ms": min(t), "replay_ms_all": t} for plan, t in times.items()}
-            for plan, r in runners.items():
-                row["plans"][plan]["overlapped_step_ms"] = bench_decode_overlapped(r, b, args.prompt_len, args.steps, mc.vocab_size, device)["step_ms"]
+        if unfused is not None:
+            # Each replay right after its runner's own timed steps: the static inputs then hold
+            # a real step (a fresh runner's hold padding, which reads no KV).
+            row["unfused_graphs_overlapped"] = bench_decode_overlapped(unfused, b, args.prompt_len, args.steps, mc.vocab_size, device)
+            row["unfused_graph_replay_ms"] = replay_ms(unfused, b)
+            row["ours_graphs_overlapped_again"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
+            row["ours_graph_replay_ms_again"] = replay_ms(graphed, b)
         if not args.no_reference:
             row["ours_eager"] = bench_decode(eager, b, args.prompt_len, args.steps, mc.vocab_size, device)
             try:
@@ -372,8 +362,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         # context (prompt, first token, 3 warm-up steps, half the timed ones).
         ctx = args.prompt_len + 4 + args.steps / 2
         row["floor_ms_with_kv"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
-        for key in ("ours_graphs", "ours_graphs_overlapped"):
-            row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
+        for key in ("ours_graphs", "ours_graphs_overlapped", "unfused_graphs_overlapped", "ours_graphs_overlapped_again"):
+            if key in row:
+                row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
         res["decode"][str(b)] = row
         print(b, row, flush=True)
     res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
@@ -559,51 +550,6 @@ def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
-def prefetch_check(device: torch.device) -> dict[str, Any]:
-    """One projection at batch 1 on each of the model's weight shapes, timed alone (CUDA events
-    around it): with its weight cold (a 256 MB scrub before), hot (read just before), and after
-    each prefetch form, with and without a 30 us pause for the prefetch to land."""
-    from workers.builtin import l2_prefetch
-
-    scrub = torch.empty(256 << 20, dtype=torch.uint8, device=device)
-    sink = torch.zeros(1, dtype=torch.int32, device=device)
-    x = torch.randn(1, 2048, dtype=torch.bfloat16, device=device)
-    forms = {"bulk_4k": (True, 4 << 10), "bulk_16k": (True, 16 << 10), "bulk_64k": (True, 64 << 10),
-             "line_4k": (False, 4 << 10), "line_1k": (False, 1 << 10)}
-    out: dict[str, Any] = {}
-    for name, rows, cols in (("o", 2048, 2048), ("qkv", 3072, 2048), ("down", 2048, 8192), ("gate_up", 16384, 2048)):
-        w = torch.randn(rows, cols, dtype=torch.bfloat16, device=device)
-        xi = x if cols == 2048 else torch.randn(1, cols, dtype=torch.bfloat16, device=device)
-
-        def timed(before: Any) -> float:
-            ts = []
-            for _ in range(9):
-                scrub.add_(1)
-                before()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                torch.nn.functional.linear(xi, w)
-                end.record()
-                end.synchronize()
-                ts.append(start.elapsed_time(end) * 1e3)
-            return round(statistics.median(ts[2:]), 2)
-
-        row: dict[str, Any] = {"MB": round(w.numel() * 2 / 1e6, 1)}
-        row["cold_us"] = timed(lambda: None)
-        row["hot_us"] = timed(lambda: torch.nn.functional.linear(xi, w))
-        for form, (bulk, span) in forms.items():
-            try:
-                nbytes = w.numel() * 2
-                row[f"{form}_us"] = timed(lambda: l2_prefetch.prefetch(w, nbytes, sink, bulk, span))
-                row[f"{form}_wait30_us"] = timed(
-                    lambda: (l2_prefetch.prefetch(w, nbytes, sink, bulk, span), torch.cuda._sleep(60_000)))
-            except Exception as exc:  # a form the GPU or Triton refuses
-                row[form] = repr(exc)[:200]
-        out[name] = row
-        print("prefetch_check", name, row, flush=True)
-    return out
-
-
 def prefill_flops(mc: ModelConfig, weight_bytes: int, num_seqs: int, length: int) -> float:
     """Matmul FLOPs of a prefill: 2 per weight per token (weights bf16, LM head over each
     sequence's last token only), plus causal attention's QK^T and PV."""
@@ -644,12 +590,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
-    p.add_argument("--prefetch-plans", nargs="*", default=[],
-                   help="also time decode graphs captured with these L2 prefetch plans (workers/builtin/l2_prefetch.py; '' for "
-                        "none), each optionally suffixed @line (per-line prefetch) and/or @unfused (RoPE kernel "
-                        "apart from decode attention)")
-    p.add_argument("--prefetch-check", action="store_true",
-                   help="GPU: a projection's time from cold HBM, from L2, and after each prefetch form (does the prefetch land?)")
+    p.add_argument("--compare-unfused", action="store_true",
+                   help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     args = p.parse_args()
@@ -663,11 +605,6 @@ def main() -> None:
         if args.out:
             Path(args.out).with_suffix(".attention_sweep.json").write_text(json.dumps(sweeps, indent=1))
         return
-    if args.prefetch_check:
-        out = prefetch_check(torch.device("cuda"))
-        print(json.dumps(out, indent=1), flush=True)
-        if args.out:
-            Path(args.out).with_suffix(".prefetch_check.json").write_text(json.dumps(out, indent=1))
     if args.profile:
         res = run_profile(args)
     else:

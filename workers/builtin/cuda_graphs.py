@@ -10,7 +10,6 @@ import torch
 
 from workers.builtin.attention import AttentionMetadata, SeqSlice, decode_slots_and_tables
 from workers.builtin.kv_cache import KVCache
-from workers.builtin.l2_prefetch import DECODE_PLAN, L2Prefetch, supported
 from workers.builtin.model import LlamaForCausalLM
 
 MAX_GRAPH_BATCH = 256
@@ -89,14 +88,11 @@ class DecodeInputs:
 
 class DecodeGraphs:
     """Logits [bucket, vocab] of a decode step by graph replay. With `use_graphs` False the same
-    padded static-buffer step runs eagerly (how CPU tests exercise the padding logic). Graphs
-    carry the L2 prefetches of `l2_prefetch` (a plan, l2_prefetch.py; "" for none) where the
-    GPU has them."""
+    padded static-buffer step runs eagerly (how CPU tests exercise the padding logic)."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, sizes: list[int],
         max_blocks_per_seq: int, use_graphs: bool = True, feedback: torch.Tensor | None = None,
-        l2_prefetch: str = DECODE_PLAN,
     ) -> None:
         self.model = model
         # The previous step's chosen ids on the device: placeholders in the inputs read them
@@ -107,18 +103,12 @@ class DecodeGraphs:
         self.use_graphs = use_graphs
         self.inputs = DecodeInputs(sizes[-1], max_blocks_per_seq, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.prefetch = (
-            L2Prefetch(model, l2_prefetch, device) if l2_prefetch and use_graphs and supported(device) else None
-        )
 
     def _forward(self, batch: int) -> torch.Tensor:
         inp = self.inputs
         meta = inp.metadata(batch, self.kv.block_size_tokens)
-        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta, self.feedback, self.prefetch)
-        logits = self.model.compute_logits(hidden)
-        if self.prefetch is not None:
-            self.prefetch.join()
-        return logits
+        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta, self.feedback)
+        return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:

@@ -7,7 +7,6 @@ kernels; the plain one stays the reference that matches transformers on CPU."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,6 @@ from workers.builtin import gpu_kernels
 from workers.builtin.attention import AttentionBackend, AttentionMetadata, paged_attention
 from workers.builtin.config import ModelConfig, RopeScaling
 from workers.builtin.kv_cache import KVCache
-
-if TYPE_CHECKING:
-    from workers.builtin.l2_prefetch import L2Prefetch
 
 
 class RMSNorm(nn.Module):
@@ -127,13 +123,10 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(tokens, self.q_size))
 
     def forward_fused(
-        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata,
-        prefetch: L2Prefetch | None = None,
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        if prefetch is not None:
-            prefetch("attn", self.layer_idx)
         # Qwen3's per-head norms come before RoPE, in the same kernel.
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
@@ -153,8 +146,6 @@ class Attention(nn.Module):
             )
             q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
             out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        if prefetch is not None:
-            prefetch("o", self.layer_idx)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -186,24 +177,15 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(
         self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-        rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata, prefetch: L2Prefetch | None = None,
+        rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's output before its last residual add, and the residual: the next norm
-        does that add in the same kernel. `prefetch` is called at each of its points
-        (l2_prefetch.POINTS)."""
+        does that add in the same kernel."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        i = self.self_attn.layer_idx
-        if prefetch is not None:
-            prefetch("layer", i)
         x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
-        h = self.self_attn.forward_fused(x, positions, rotary, kv, meta, prefetch)
-        if prefetch is not None:
-            prefetch("mlp", i)
+        h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
-        gate_up = self.mlp.gate_up_proj(x)
-        if prefetch is not None:
-            prefetch("down", i)
-        return self.mlp.down_proj(gpu_kernels.silu_mul(gate_up)), residual
+        return self.mlp.down_proj(gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))), residual
 
 
 class LlamaModel(nn.Module):
@@ -234,14 +216,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
-        feedback: torch.Tensor | None = None, prefetch: L2Prefetch | None = None,
+        feedback: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat batch of tokens; their K/V go into `kv`. With
-        `feedback`, an input id -(r + 1) stands for feedback[r] (runner.StepInput). `prefetch`
-        (fused path only: decode graphs) forks L2 prefetches of coming weights; the caller
-        joins it."""
+        `feedback`, an input id -(r + 1) stands for feedback[r] (runner.StepInput)."""
         if self.fused:
-            return self._forward_fused(input_ids, positions, kv, meta, feedback, prefetch)
+            return self._forward_fused(input_ids, positions, kv, meta, feedback)
         if feedback is not None:
             input_ids = torch.where(input_ids >= 0, input_ids, feedback[(-1 - input_ids).clamp(min=0)])
         h = self.model.embed_tokens(input_ids)
@@ -252,7 +232,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _forward_fused(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache, meta: AttentionMetadata,
-        feedback: torch.Tensor | None, prefetch: L2Prefetch | None,
+        feedback: torch.Tensor | None,
     ) -> torch.Tensor:
         if feedback is not None:
             h = gpu_kernels.embed(input_ids, feedback, self.model.embed_tokens.weight)
@@ -260,7 +240,7 @@ class LlamaForCausalLM(nn.Module):
             h = self.model.embed_tokens(input_ids)
         residual: torch.Tensor | None = None
         for layer in self.model.layers:
-            h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta, prefetch)  # type: ignore[operator]
+            h, residual = layer.forward_fused(h, residual, positions, self.rotary, kv, meta)  # type: ignore[operator]
         norm = self.model.norm
         return gpu_kernels.rms_norm(h, norm.weight, norm.eps, residual)[0]
 

@@ -22,7 +22,6 @@ from workers.builtin.attention import AttentionBackend, SeqSlice
 from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
 from workers.builtin.device_copy import to_device
 from workers.builtin.kv_cache import KVCache
-from workers.builtin.l2_prefetch import DECODE_PLAN
 from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.sampling import PenaltyInit, SampleLaunch, SampleResult, SampleRow, Sampler, SamplingParams
 
@@ -140,7 +139,6 @@ class ModelRunner:
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, *,
         enforce_eager: bool = True, max_num_seqs: int = 256, max_model_len: int | None = None,
-        l2_prefetch: str = DECODE_PLAN,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -154,8 +152,7 @@ class ModelRunner:
             max_blocks = -(-max_len // kv.block_size_tokens)
             started = time.monotonic()
             self.graphs = DecodeGraphs(
-                model, kv, device, capture_sizes(max_num_seqs), max_blocks, feedback=self.feedback,
-                l2_prefetch=l2_prefetch,
+                model, kv, device, capture_sizes(max_num_seqs), max_blocks, feedback=self.feedback
             )
             self.graphs.capture()
             log.info("captured %d decode CUDA graphs in %.1f s", len(self.graphs.sizes), time.monotonic() - started)

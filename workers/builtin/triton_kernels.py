@@ -328,27 +328,3 @@ def embed(ids_ptr, feedback_ptr, weight_ptr, out_ptr, H: tl.constexpr, BLOCK: tl
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
     tl.store(out_ptr + t * H + offs, tl.load(weight_ptr + i * H + offs, mask=mask), mask=mask)
-
-
-@triton.jit
-def l2_prefetch(base_ptr, nbytes, span, sink_ptr, PER_PROGRAM: tl.constexpr, BULK: tl.constexpr):
-    """Ask the L2 for bytes [0, nbytes) of base_ptr, `span` bytes per thread (l2_prefetch.py)."""
-    i = tl.program_id(0) * PER_PROGRAM + tl.arange(0, PER_PROGRAM)
-    # Past the end, repeat the last span: a prefetch must name valid addresses.
-    off = tl.maximum(tl.minimum(i.to(tl.int64) * span, nbytes - span), 0)
-    addr = (base_ptr + off).to(tl.int64)
-    if BULK:  # sm_90: the copy engine fetches `span` bytes; the thread does not wait
-        done = tl.inline_asm_elementwise(
-            "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.b32 $0, 0;", "=r,l,r",
-            [addr, (off * 0 + span).to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
-        )
-    else:  # one 128-byte line an instruction, the span a loop
-        done = tl.zeros([PER_PROGRAM], dtype=tl.int32)
-        for line in range(0, span, 128):
-            done += tl.inline_asm_elementwise(
-                "prefetch.global.L2::evict_last [$1];\n\tmov.b32 $0, 0;", "=r,l",
-                [addr + line], dtype=tl.int32, is_pure=False, pack=1,
-            )
-    # Never true: keeps the prefetches from being dropped as dead code.
-    flag = tl.max(done, 0)
-    tl.store(sink_ptr, flag, mask=flag != 0)

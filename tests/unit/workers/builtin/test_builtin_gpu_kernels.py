@@ -293,28 +293,3 @@ def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool,
     padded.graphs.capture()
     assert generate(padded, 5, overlapped=True) == expected
 
-
-@pytest.mark.skipif(not CUDA, reason="L2 prefetch is inline PTX: no CPU interpreter runs it")
-def test_decode_graphs_with_l2_prefetch_give_the_same_logits(model_dirs: Callable[[str], Path]) -> None:
-    """A prefetch is a hint: graphs captured with every point and weight prefetched (side
-    branches forked and joined) give the logits of graphs without, bit for bit."""
-    _, fused = _triton_model(model_dirs("llama-gqa"))
-    config = fused.config
-    plan = "layer:qkv,o,next_qkv;attn:o;o:gate_up*0.5;mlp:gate_up;down:down,lm_head"
-    prompts = [[3, 4, 5, 6, 7], [9, 10], [20, 21, 22, 23, 24, 25, 26]]
-    tables = [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 10]]
-    logits = []
-    for spec in ("", plan):
-        runner = ModelRunner(fused, KVCache.allocate(config, 16, 4, torch.float32, DEV), DEV)
-        runner.graphs = DecodeGraphs(fused, runner.kv, DEV, [1, 4], max_blocks_per_seq=8, l2_prefetch=spec)
-        assert (runner.graphs.prefetch is not None) == bool(spec)
-        runner.graphs.capture()
-        flat = [t for p in prompts for t in p]
-        positions = [i for p in prompts for i in range(len(p))]
-        slices = [SeqSlice(0, len(p), t) for p, t in zip(prompts, tables)]
-        ends = [int(e) for e in torch.tensor([len(p) for p in prompts]).cumsum(0) - 1]
-        out = runner.execute(StepInput(flat, positions, slices, ends, [SampleRow(SamplingParams(), None)] * 3))
-        pos = [len(p) for p in prompts]
-        step = [SeqSlice(p, 1, t) for p, t in zip(pos, tables)]
-        logits.append(runner.graphs.run(out.token_ids, step, 4).clone())
-    assert torch.equal(logits[0], logits[1])
