@@ -325,15 +325,23 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     eager = ModelRunner(model, kv, device, enforce_eager=True)
     from workers.builtin import gpu_kernels
 
-    unfused = None
-    if args.compare_unfused:
-        # The same graphs with RoPE and the K/V write in a kernel of their own before decode
-        # attention (gpu_kernels.DECODE_FUSED_ROPE off), in this process.
-        gpu_kernels.DECODE_FUSED_ROPE = False
+    # Variants of the decode graphs, each captured by a runner of its own in this process
+    # (a module setting read at capture time, restored after).
+    def variant(name: str, value: Any) -> ModelRunner:
+        saved = getattr(gpu_kernels, name)
+        setattr(gpu_kernels, name, value)
         try:
-            unfused = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
+            return ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
         finally:
-            gpu_kernels.DECODE_FUSED_ROPE = True
+            setattr(gpu_kernels, name, saved)
+
+    variants: dict[str, ModelRunner] = {}
+    if args.compare_unfused:  # RoPE and the K/V write in a kernel of their own
+        variants["unfused"] = variant("DECODE_FUSED_ROPE", False)
+    for spec in args.compare_split_k:  # "QKV,O": K slices of the two projections, every batch
+        q_parts, o_parts = (int(p) for p in spec.split(","))
+        variants[f"split_k_{q_parts}_{o_parts}"] = variant("DECODE_SPLIT_K", [(1 << 20, {"qkv": q_parts, "o": o_parts})])
+    res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
     print("check", res["check"], flush=True)
@@ -344,11 +352,14 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         row["ours_graphs_overlapped"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
         # Replays the last step's inputs again: rewrites the same slots, harmless.
         row["ours_graph_replay_ms"] = replay_ms(graphed, b) if device.type == "cuda" else float("nan")
-        if unfused is not None:
+        if variants:
             # Each replay right after its runner's own timed steps: the static inputs then hold
             # a real step (a fresh runner's hold padding, which reads no KV).
-            row["unfused_graphs_overlapped"] = bench_decode_overlapped(unfused, b, args.prompt_len, args.steps, mc.vocab_size, device)
-            row["unfused_graph_replay_ms"] = replay_ms(unfused, b)
+            row["variants"] = {}
+            for label, r in variants.items():
+                step = bench_decode_overlapped(r, b, args.prompt_len, args.steps, mc.vocab_size, device)["step_ms"]
+                row["variants"][label] = {"overlapped_step_ms": step, "replay_ms": replay_ms(r, b),
+                                          "pct_of_floor": None}
             row["ours_graphs_overlapped_again"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
             row["ours_graph_replay_ms_again"] = replay_ms(graphed, b)
         if not args.no_reference:
@@ -362,9 +373,11 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         # context (prompt, first token, 3 warm-up steps, half the timed ones).
         ctx = args.prompt_len + 4 + args.steps / 2
         row["floor_ms_with_kv"] = 1e3 * (wbytes + b * ctx * kv_bytes_per_token(mc)) / (res["copy_bw_GBs"] * 1e9)
-        for key in ("ours_graphs", "ours_graphs_overlapped", "unfused_graphs_overlapped", "ours_graphs_overlapped_again"):
+        for key in ("ours_graphs", "ours_graphs_overlapped", "ours_graphs_overlapped_again"):
             if key in row:
                 row[f"pct_of_floor_with_kv_{key}"] = 100 * row["floor_ms_with_kv"] / row[key]["step_ms"]
+        for v in row.get("variants", {}).values():
+            v["pct_of_floor"] = 100 * row["floor_ms_with_kv"] / v["overlapped_step_ms"]
         res["decode"][str(b)] = row
         print(b, row, flush=True)
     res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
@@ -590,6 +603,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
+    p.add_argument("--compare-split-k", nargs="*", default=[], metavar="QKV,O",
+                   help="also time graphs whose qkv and o projections are split into QKV and O K slices at every "
+                        "batch (gpu_kernels.DECODE_SPLIT_K), e.g. 2,2 4,4 1,4")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",

@@ -86,11 +86,12 @@ def rope_decode_attention(
     """A decode step's attention from its qkv rows [B, (heads + 2 * kv_heads) * head_dim]:
     rope_store_kv and paged_decode_attention in one launch (each program rotates its own q and
     k heads and writes its k and v to their slot, -1 skipped). Returns [B, heads, head_dim]."""
-    batch = qkv.shape[0]
+    parts = qkv.shape[0] if qkv.dim() == 3 else 1
+    batch = qkv.shape[-2]
     head_dim = k_cache.shape[3]
-    out = torch.empty(batch, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _launch_decode(qkv, qkv.stride(0), head_dim, num_heads, k_cache, v_cache, block_tables, seq_lens, scale, out,
-                   (positions, cos, sin, slots, qk_norm))
+    out = torch.empty(batch, num_heads, head_dim, dtype=k_cache.dtype, device=qkv.device)
+    _launch_decode(qkv, qkv.stride(-2), head_dim, num_heads, k_cache, v_cache, block_tables, seq_lens, scale, out,
+                   (positions, cos, sin, slots, qk_norm), parts=parts, stride_part=qkv.stride(0) if parts > 1 else 0)
     return out
 
 
@@ -99,7 +100,7 @@ def _launch_decode(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, QkNorm | None] | None,
     block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
-    heads_first: bool | None = None,
+    heads_first: bool | None = None, parts: int = 1, stride_part: int = 0,
 ) -> None:
     batch = out.shape[0]
     _, page, kv_heads, head_dim = k_cache.shape
@@ -124,13 +125,13 @@ def _launch_decode(
         q, k_cache, v_cache, block_tables, seq_lens, out,
         positions, cos, sin, slots, q_w, k_w, eps, scale * LOG2_E,
         stride_qt, stride_qh, out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0) if rope is not None else 0,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0) if rope is not None else 0, stride_part,
         NUM_Q=heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim,
         HALF=head_dim // 2, HALF_PAD=max(16, _pow2(head_dim // 2)), D_PAD=max(16, _pow2(head_dim)),
         PAGE=page, BLOCK_N=block_n, HEADS_FIRST=heads_first,
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None,
+        PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
+        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts,
         **launch,
     )
 
@@ -178,16 +179,53 @@ def paged_prefill_attention(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm(x + residual) and the new residual (x + residual; x itself when none)."""
-    tokens, n = x.shape
-    out = torch.empty_like(x)
-    res_out = torch.empty_like(x) if residual is not None else x
+    """RMSNorm(x + residual) and the new residual (x + residual; x itself when none). x may be
+    split-K partials [parts, T, N] (split_k_linear; with a residual), summed here."""
+    parts = x.shape[0] if x.dim() == 3 else 1
+    tokens, n = x.shape[-2:]
+    if parts > 1 and residual is None:
+        raise ValueError("split-K partials are reduced only with a residual add")
+    like = residual if residual is not None else x
+    out = torch.empty_like(like)
+    res_out = torch.empty_like(like) if residual is not None else x
     res = residual if residual is not None else x
     kernels().add_rms_norm[(tokens,)](
-        x, res, weight, out, res_out, eps, x.stride(0), res.stride(0), out.stride(0),
-        N=n, BLOCK=_pow2(n), HAS_RES=residual is not None,
+        x, res, weight, out, res_out, eps, x.stride(-2), res.stride(0), out.stride(0), x.stride(0) if parts > 1 else 0,
+        N=n, BLOCK=_pow2(n), HAS_RES=residual is not None, PARTS=parts,
     )
     return out, res_out
+
+
+def split_k_linear(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T as `parts` fp32 partial products over K slices, [parts, T, N]:
+    one batched GEMM with `parts` times the programs of the plain one, for projections whose
+    few output tiles leave SMs idle at decode batch sizes. The consumer sums the partials
+    (rms_norm, rope_decode_attention), so no reduction launch is added."""
+    n, k = weight.shape
+    tokens = x.shape[0]
+    xs = x.view(tokens, parts, k // parts).transpose(0, 1)
+    ws = weight.view(n, parts, k // parts).transpose(0, 1).transpose(1, 2)
+    if x.is_cuda and x.dtype != torch.float32:
+        return torch.bmm(xs, ws, out_dtype=torch.float32)
+    return torch.bmm(xs.float(), ws.float())
+
+
+def decode_split_k(projection: str, rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
+    """How many K slices a decode step's `projection` ("qkv" or "o") is split into at `rows`
+    rows: DECODE_SPLIT_K's entry for the smallest row bound that holds them, 1 where the weight
+    has a bias or its K does not divide."""
+    if bias is not None:
+        return 1
+    for bound, by_projection in DECODE_SPLIT_K:
+        if rows <= bound:
+            parts = by_projection.get(projection, 1)
+            return parts if weight.shape[1] % parts == 0 else 1
+    return 1
+
+
+# (largest batch, {projection: K slices}), in increasing batch order; measured on an H200 / H100
+# with benchmarks/builtin_gpu.py --compare-split-k (RESULTS.md).
+DECODE_SPLIT_K: list[tuple[int, dict[str, int]]] = []
 
 
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

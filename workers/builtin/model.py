@@ -126,13 +126,18 @@ class Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        decode = meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE
+        parts = gpu_kernels.decode_split_k("qkv", tokens, self.qkv_proj.weight, self.qkv_proj.bias) if decode else 1
+        if parts > 1:  # partials, summed by the decode kernel as it reads them
+            qkv = gpu_kernels.split_k_linear(x, self.qkv_proj.weight, parts)
+        else:
+            qkv = self.qkv_proj(x)
         # Qwen3's per-head norms come before RoPE, in the same kernel.
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-        if meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE:
+        if decode:
             # A pure-decode step: RoPE, the K/V write and attention in one kernel.
             out = gpu_kernels.rope_decode_attention(
                 qkv, positions, rotary.cos, rotary.sin, self.num_heads, k_cache, v_cache, meta.slot_mapping,
@@ -146,7 +151,11 @@ class Attention(nn.Module):
             )
             q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
             out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(tokens, self.q_size))
+        out = out.reshape(tokens, self.q_size)
+        parts = gpu_kernels.decode_split_k("o", tokens, self.o_proj.weight, self.o_proj.bias) if decode else 1
+        if parts > 1:  # partials, summed by the next norm as it reads them
+            return gpu_kernels.split_k_linear(out, self.o_proj.weight, parts)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):

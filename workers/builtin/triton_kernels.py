@@ -27,6 +27,15 @@ def _softmax_round(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _sum_parts(ptrs, mask, stride_part, PARTS: tl.constexpr):
+    """The fp32 sum of PARTS split-K partial products (gpu_kernels.split_k_linear) at `ptrs`."""
+    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for p in tl.static_range(1, PARTS):
+        acc += tl.load(ptrs + p * stride_part, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _norm_weights(w_ptr, j, jmask, HALF: tl.constexpr):
     """A per-head RMSNorm weight's two halves, fp32, as [1, HALF_PAD] rows."""
     w1 = tl.load(w_ptr + j, mask=jmask, other=0.0).to(tl.float32)[None, :]
@@ -71,11 +80,11 @@ def store_kv(
 def paged_decode(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
     pos_ptr, cos_ptr, sin_ptr, slot_ptr, qw_ptr, kw_ptr, eps, scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ct, stride_ch, stride_pos,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt, stride_cb, stride_ct, stride_ch, stride_pos, stride_part,
     NUM_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr,
 ):
     # One program per (sequence, KV head) computes all GROUP query heads that share that KV
     # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. Heads are handled as
@@ -103,19 +112,18 @@ def paged_decode(
     heads = kvh * GROUP + g
     qmask = gmask[:, None] & jmask[None, :]
     q_at = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + j[None, :]
-    q1 = tl.load(q_at, mask=qmask, other=0.0)
-    q2 = tl.load(q_at + HALF, mask=qmask, other=0.0)
     context = seq_len
     if ROPE:
+        # The qkv row, or PARTS fp32 split-K partials of it, rounded as the projection would.
         row = q_ptr + seq * stride_qt
+        k_at = row + (NUM_Q + kvh) * HEAD_DIM + j[None, :]
+        q1 = _sum_parts(q_at, qmask, stride_part, PARTS).to(dt).to(tl.float32)
+        q2 = _sum_parts(q_at + HALF, qmask, stride_part, PARTS).to(dt).to(tl.float32)
+        k1 = _sum_parts(k_at, jmask[None, :], stride_part, PARTS).to(dt).to(tl.float32)
+        k2 = _sum_parts(k_at + HALF, jmask[None, :], stride_part, PARTS).to(dt).to(tl.float32)
         pos = tl.load(pos_ptr + seq)
         c = tl.load(cos_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
         sn = tl.load(sin_ptr + pos * stride_pos + j, mask=jmask, other=0.0)[None, :]
-        k_at = row + (NUM_Q + kvh) * HEAD_DIM + j[None, :]
-        k1 = tl.load(k_at, mask=jmask[None, :], other=0.0).to(tl.float32)
-        k2 = tl.load(k_at + HALF, mask=jmask[None, :], other=0.0).to(tl.float32)
-        q1 = q1.to(tl.float32)
-        q2 = q2.to(tl.float32)
         if QK_NORM:
             qw1, qw2 = _norm_weights(qw_ptr, j, jmask, HALF)
             kw1, kw2 = _norm_weights(kw_ptr, j, jmask, HALF)
@@ -123,7 +131,8 @@ def paged_decode(
             k1, k2 = _head_norm(k1, k2, kw1, kw2, eps, HEAD_DIM, dt)
         q1, q2 = _rotate(q1, q2, c, sn, dt)
         k1, k2 = _rotate(k1, k2, c, sn, dt)
-        v_new = tl.load(row + (NUM_Q + NUM_Q // GROUP + kvh) * HEAD_DIM + d[None, :], mask=dmask[None, :], other=0.0)
+        v_new = _sum_parts(row + (NUM_Q + NUM_Q // GROUP + kvh) * HEAD_DIM + d[None, :], dmask[None, :], stride_part,
+                           PARTS).to(dt)
         slot = tl.load(slot_ptr + seq).to(tl.int64)
         # Slot -1: a padded CUDA-graph row owns no cache slot. (Broadcast before comparing:
         # the CPU interpreter rejects a scalar bool in a block mask.)
@@ -133,6 +142,9 @@ def paged_decode(
         tl.store(k_cache_ptr + dst + HALF + j[None, :], k2, mask=new_mask)
         tl.store(v_cache_ptr + dst + d[None, :], v_new, mask=dmask[None, :] & ((d[None, :] * 0 + slot) >= 0))
         context = seq_len - 1
+    else:
+        q1 = tl.load(q_at, mask=qmask, other=0.0)
+        q2 = tl.load(q_at + HALF, mask=qmask, other=0.0)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
@@ -241,19 +253,26 @@ def paged_prefill(
 @triton.jit
 def add_rms_norm(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps,
-    stride_x, stride_r, stride_o, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    stride_x, stride_r, stride_o, stride_part, N: tl.constexpr, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    PARTS: tl.constexpr,
 ):
+    # PARTS > 1: x is that many fp32 split-K partials of a projection, summed and rounded here
+    # as the projection's own output would have been.
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    dt = out_ptr.dtype.element_ty
+    if PARTS == 1:
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    else:
+        x = _sum_parts(x_ptr + row * stride_x + offs, mask, stride_part, PARTS).to(dt)
     if HAS_RES:
         # Round the sum to the model dtype before normalising, as the eager `h + r` does.
-        x = (x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)).to(x_ptr.dtype.element_ty)
+        x = (x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)).to(dt)
         tl.store(res_out_ptr + row * N + offs, x, mask=mask)
     xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / N + eps)
-    normed = (xf * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * rstd).to(dt).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 

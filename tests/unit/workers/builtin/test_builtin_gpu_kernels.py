@@ -84,6 +84,53 @@ def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
     assert torch.all(out[3] == 0)
 
 
+def test_split_k_partials_sum_to_the_projection_in_their_consumers() -> None:
+    torch.manual_seed(4)
+    x, weight = torch.randn(3, 64), torch.randn(40, 64)
+    parts = gpu_kernels.split_k_linear(x, weight, 4)
+    assert parts.shape == (4, 3, 40) and parts.dtype == torch.float32
+    torch.testing.assert_close(parts.sum(0), x @ weight.T, atol=1e-4, rtol=1e-4)
+    # The norm after o: the partials' sum plus the residual, normalised.
+    residual, w = torch.randn(3, 40), torch.randn(40)
+    out, res = gpu_kernels.rms_norm(parts, w, 1e-6, residual)
+    ref_out, ref_res = gpu_kernels.rms_norm(parts.sum(0), w, 1e-6, residual)
+    torch.testing.assert_close(res, ref_res, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="residual"):
+        gpu_kernels.rms_norm(parts, w, 1e-6)
+    # Which projections split: by the row bound; never one with a bias or an odd K.
+    table = [(8, {"qkv": 2, "o": 4}), (128, {"o": 2})]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_kernels, "DECODE_SPLIT_K", table)
+        assert gpu_kernels.decode_split_k("qkv", 1, weight, None) == 2
+        assert gpu_kernels.decode_split_k("o", 8, weight, None) == 4
+        assert gpu_kernels.decode_split_k("qkv", 16, weight, None) == 1
+        assert gpu_kernels.decode_split_k("o", 128, weight, None) == 2
+        assert gpu_kernels.decode_split_k("o", 129, weight, None) == 1
+        assert gpu_kernels.decode_split_k("qkv", 1, weight, torch.zeros(40)) == 1
+        assert gpu_kernels.decode_split_k("o", 1, torch.randn(40, 66), None) == 1
+
+
+def test_rope_decode_attention_reads_split_k_partials() -> None:
+    torch.manual_seed(5)
+    heads, kv_heads, head_dim, page = 8, 2, 32, 4
+    x, weight = torch.randn(2, 48), torch.randn((heads + 2 * kv_heads) * head_dim, 48)
+    positions, slots = torch.tensor([5, 0]), torch.tensor([6 * page + 1, 2 * page])
+    tables = torch.tensor([[3, 6], [2, 0]], dtype=torch.int32)
+    lens = torch.tensor([6, 1], dtype=torch.int32)
+    freqs = torch.arange(16).float()[:, None] * (1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    emb = torch.cat([freqs, freqs], -1)
+    caches = [(torch.randn(8, page, kv_heads, head_dim), torch.randn(8, page, kv_heads, head_dim))]
+    caches.append((caches[0][0].clone(), caches[0][1].clone()))
+    whole = gpu_kernels.rope_decode_attention(x @ weight.T, positions, emb.cos(), emb.sin(), heads, *caches[0],
+                                              slots, tables, lens, 0.2)
+    split = gpu_kernels.rope_decode_attention(gpu_kernels.split_k_linear(x, weight, 3), positions, emb.cos(), emb.sin(),
+                                              heads, *caches[1], slots, tables, lens, 0.2)
+    torch.testing.assert_close(split, whole, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1][0], caches[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[1][1], caches[0][1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("heads,kv_heads", [(8, 2), (6, 2), (4, 4)])
 def test_paged_prefill_attention_matches_sdpa_on_a_mixed_step(heads: int, kv_heads: int) -> None:
     """Prefill chunks after cached prefixes, whole prompts and decodes in one step, over
@@ -191,7 +238,13 @@ def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
 
 
 @pytest.mark.parametrize("shape", ["llama-gqa", "qwen2-bias", "qwen3-qknorm", "llama-mha-tied"])
-def test_fused_forward_matches_plain(shape: str, model_dirs: Callable[[str], Path]) -> None:
+@pytest.mark.parametrize("split_k", [False, True])
+def test_fused_forward_matches_plain(shape: str, split_k: bool, model_dirs: Callable[[str], Path],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """split_k: the decode step's qkv and o projections as split-K partials, summed by their
+    consumers (a projection with a bias stays whole)."""
+    if split_k:
+        monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4}), (256, {"o": 2})])
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
