@@ -137,7 +137,7 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         k_cache, v_cache = kv.k[self.layer_idx], kv.v[self.layer_idx]
-        if decode:
+        if decode and meta.seq_lens is not None:
             # A pure-decode step: RoPE, the K/V write and attention in one kernel.
             out = gpu_kernels.rope_decode_attention(
                 qkv, positions, rotary.cos, rotary.sin, self.num_heads, k_cache, v_cache, meta.slot_mapping,
