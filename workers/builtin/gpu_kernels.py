@@ -85,7 +85,8 @@ def rope_decode_attention(
 ) -> torch.Tensor:
     """A decode step's attention from its qkv rows [B, (heads + 2 * kv_heads) * head_dim]:
     rope_store_kv and paged_decode_attention in one launch (each program rotates its own q and
-    k heads and writes its k and v to their slot, -1 skipped). Returns [B, heads, head_dim]."""
+    k heads and writes its k and v to their slot, -1 skipped). qkv may instead be split-K
+    partials [parts, B, ...] (split_k_linear), summed as they are read. Returns [B, heads, head_dim]."""
     parts = qkv.shape[0] if qkv.dim() == 3 else 1
     batch = qkv.shape[-2]
     head_dim = k_cache.shape[3]

@@ -125,6 +125,8 @@ class Attention(nn.Module):
     def forward_fused(
         self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
+        """[T, hidden]; in a decode step whose o projection is split (gpu_kernels.DECODE_SPLIT_K),
+        its fp32 partials [parts, T, hidden], which the next norm sums."""
         tokens = x.shape[0]
         decode = meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE
         parts = gpu_kernels.decode_split_k("qkv", tokens, self.qkv_proj.weight, self.qkv_proj.bias) if decode else 1
