@@ -21,6 +21,9 @@ fi
 # Triton before the interpreter could be chosen. DYN_TEST_TRITON=1 makes a missing Triton a failure.
 DYN_TEST_TRITON=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/unit/workers/builtin/test_builtin_gpu_kernels.py tests/unit/kvbm/transfer/test_copy_kernel.py
+# The same kernels compiled for an H100 (Triton's NVIDIA backend needs no GPU): what the
+# interpreter lets through. Its own process, without the interpreter.
+TRITON_DEFAULT_FP_FUSION=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/unit/workers/builtin/test_triton_compile.py
 
 # DYN_TEST_VLLM=1 (with CI=true) turns "vLLM not importable" from a skip into a failure. The
 # SGLang/TensorRT-LLM unit tests run here again for the ZMQ test that needs pyzmq (vLLM brings it),
