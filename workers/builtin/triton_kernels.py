@@ -27,6 +27,18 @@ def _softmax_round(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _key_tile(block_tables_ptr, seq, stride_bt, start, n, end, kvh, stride_cb, stride_ct, stride_ch,
+              PAGE: tl.constexpr):
+    """The keys start + n (those before `end` valid) of one sequence's paged cache: their
+    positions, validity and element offsets of their KV head's row (block table -> page)."""
+    tok = start + n
+    tmask = tok < end
+    page = tl.load(block_tables_ptr + seq * stride_bt + tok // PAGE, mask=tmask, other=0)
+    off = page.to(tl.int64) * stride_cb + (tok % PAGE) * stride_ct + kvh * stride_ch
+    return tok, tmask, off
+
+
+@triton.jit
 def _sum_parts(ptrs, mask, stride_part, PARTS: tl.constexpr):
     """The fp32 sum of PARTS split-K partial products (gpu_kernels.split_k_linear) at `ptrs`."""
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -149,10 +161,8 @@ def paged_decode(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     for start in range(0, context, BLOCK_N):
-        tok = start + n
-        tmask = tok < context
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // PAGE, mask=tmask, other=0)
-        off = page.to(tl.int64) * stride_cb + (tok % PAGE) * stride_ct + kvh * stride_ch
+        _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
+                                  stride_cb, stride_ct, stride_ch, PAGE)
         kmask = tmask[:, None] & jmask[None, :]
         k1t = tl.load(k_cache_ptr + off[:, None] + j[None, :], mask=kmask, other=0.0)
         k2t = tl.load(k_cache_ptr + off[:, None] + HALF + j[None, :], mask=kmask, other=0.0)
@@ -233,10 +243,8 @@ def paged_prefill(
     # row (padded ones too) sees key 0 in the first round, so no row's maximum stays -inf.
     kv_end = tl.minimum(seq_len, context + first + BLOCK_Q)
     for start in range(0, kv_end, BLOCK_N):
-        tok = start + n
-        tmask = tok < kv_end
-        page = tl.load(block_tables_ptr + seq * stride_bt + tok // PAGE, mask=tmask, other=0)
-        off = page.to(tl.int64) * stride_cb + (tok % PAGE) * stride_ct + kvh * stride_ch
+        tok, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, kv_end, kvh,
+                                    stride_cb, stride_ct, stride_ch, PAGE)
         kv_mask = tmask[:, None] & dmask[None, :]
         k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
