@@ -217,7 +217,7 @@ class TieredCache:
 
     # ---------------------------------------------------------------------------- admission
 
-    def lookup(self, block_hashes: Sequence[int], device_blocks: int) -> list[LowerHit]:
+    def lookup(self, block_hashes: Sequence[int], device_blocks: int) -> Hits:
         """Pin the leading blocks of `block_hashes[device_blocks:]` that a lower tier holds
         (host preferred), up to the first miss, and of those keep the leading ones the cost
         model finds cheaper to onboard than to recompute (the rest are unpinned and counted
@@ -373,6 +373,12 @@ class TieredCache:
         """The engine computed a step of `num_tokens` tokens in `seconds` (its forward pass):
         what recomputing a declined hit costs."""
         self.cost.observe_step(num_tokens, seconds)
+
+    def observe_upkeep(self, seconds: float, blocks: int) -> None:
+        """Carrying out `blocks` offloads and disk writes (launching copies, queueing writes,
+        or copying where an executor does it in line) held up a step for `seconds`: the
+        executor's part of what an offload costs (kvbm/offload_value.py)."""
+        self.offload_value.observe_cost("execute", seconds, blocks)
 
     def observe_read(self, tier: str, nbytes: int, seconds: float) -> None:
         """An executor moved `nbytes` of `tier` toward the device in `seconds` (see
@@ -602,10 +608,8 @@ class TieredCache:
         filled once this plan has run)."""
         for tier, entry in plan.pinned:
             tier.unpin(entry)
-        upkeep = len(plan.offloads) + len(plan.writes)
-        if plan.upkeep_s is not None and upkeep:
-            # Launching the plan's offload copies and queueing its writes held up the step.
-            self.offload_value.observe_cost("execute", plan.upkeep_s, upkeep)
+        if plan.upkeep_s is not None:
+            self.observe_upkeep(plan.upkeep_s, len(plan.offloads) + len(plan.writes))
         self._poll_writes()
         self._plan_writes()
         self._report_usage()

@@ -3,7 +3,8 @@
 it by others and asked again is onboarded from the tiers (part from disk, where the small host
 tier spilled its oldest blocks, part from host): its cached_tokens cover them, the tier hit
 metric counts them, and the greedy output is the cold run's; the tiers' blocks are announced as
-tier-tagged KV events with the project's block hashes."""
+tier-tagged KV events with the project's block hashes. The onboard cost model runs on what the
+worker side measured (prefill passes, reads): its estimates and decisions reach the metrics."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ class Harness:
 
     def hits(self, tier: str) -> float:
         value = self.registry.get_sample_value("dynamo_kvbm_hit_blocks_total", {"model": "tiny", "tier": tier})
+        return value or 0.0
+
+    def onboarded(self, tier: str) -> float:
+        value = self.registry.get_sample_value("dynamo_kvbm_onboard_decision_blocks_total",
+                                               {"model": "tiny", "tier": tier, "decision": "onboard"})
+        return value or 0.0
+
+    def recompute_rate(self) -> float:
+        value = self.registry.get_sample_value("dynamo_kvbm_recompute_tokens_per_second", {"model": "tiny"})
         return value or 0.0
 
     async def run(self, token_ids: list[int], request_id: str) -> tuple[list[int], int | None]:
@@ -114,6 +124,11 @@ async def test_evicted_prompt_is_onboarded_from_host_and_disk(harness: Harness) 
     await wait_for(lambda: harness.hits("host") > 0 and harness.hits("disk") > 0, 30, "host and disk hits")
     # Every cached block beyond vLLM's own prefix hit came from a tier.
     assert harness.hits("host") + harness.hits("disk") <= cached // BLOCK
+    # The cost model had measured the prefill passes before the warm run's lookup (reads were
+    # still at their priors, far cheaper than this model's recompute) and chose to onboard.
+    await wait_for(lambda: harness.recompute_rate() > 0, 30, "the measured prefill rate")
+    tiers = ("host", "disk")
+    await wait_for(lambda: sum(map(harness.onboarded, tiers)) == sum(map(harness.hits, tiers)), 30, "onboard decisions")
 
     ours = set(block_hashes(a, BLOCK)[: PROMPT_TOKENS // BLOCK])
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,10 +59,12 @@ from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec
 from kvbm.block_pool import EvictedBlock
 from kvbm.config import KvbmConfig
 from kvbm.disk_tier import DiskStore
+from kvbm.forward_timer import ForwardTimer
 from kvbm.host_tier import HostStore
 from kvbm.layout import block_bytes, elements_per_layer
 from kvbm.metrics import KvbmMetrics
-from kvbm.tiered import DISK, HOST, TieredCache
+from kvbm.onboard_cost import PREFILL_MIN_TOKENS
+from kvbm.tiered import DISK, HOST, Hits, TieredCache
 
 if TYPE_CHECKING:
     from workers.vllm.args import VllmConfig
@@ -148,6 +151,9 @@ class OffloadMetadata(KVConnectorMetadata):
     # Device blocks promised to vLLM that nothing can fill (a hit gone before its load was
     # planned): reported as load errors so that vLLM recomputes them.
     lost_blocks: list[int] = field(default_factory=list)
+    # Tokens the step's forward pass computes: the worker times prefill-sized ones for the
+    # onboard cost model (a plan's truth does not depend on it).
+    step_tokens: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.offloads or self.onboards or self.deletes or self.lost_blocks)
@@ -156,28 +162,42 @@ class OffloadMetadata(KVConnectorMetadata):
 @dataclass(slots=True)
 class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
     """Worker -> scheduler: disk files that could not be read, and disk writes the full queue
-    dropped; the scheduler side forgets both."""
+    dropped (the scheduler side forgets both); and what the cost models measure, which only the
+    worker can time: forward passes, reads and the offloads' hold on the step."""
 
     unreadable: set[int] = field(default_factory=set)
     dropped: set[int] = field(default_factory=set)
+    steps: list[tuple[int, float]] = field(default_factory=list)  # prefill-sized forwards: tokens, seconds
+    reads: list[tuple[str, int, float]] = field(default_factory=list)  # onboards: tier, bytes, seconds
+    upkeep: list[tuple[int, float]] = field(default_factory=list)  # offloads and writes: blocks, seconds
+
+    def __bool__(self) -> bool:
+        return bool(self.unreadable or self.dropped or self.steps or self.reads or self.upkeep)
 
     def aggregate(self, other: Any) -> OffloadWorkerMetadata:
-        return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.dropped | other.dropped)
+        return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.dropped | other.dropped,
+                                     self.steps + other.steps, self.reads + other.reads,
+                                     self.upkeep + other.upkeep)
 
 
 # -------------------------------------------------------------------------------- stats
 
 
 def _empty_stats() -> dict[str, Any]:
-    # skipped: {"tier/reason": blocks} (KvbmStats.skipped_by)
+    # skipped: {"tier/reason": blocks} (KvbmStats.skipped_by); decisions: {"tier/decision":
+    # blocks} (KvbmStats.decisions); estimates: the onboard cost model's (latest wins)
     return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
-            "skipped": {}, "usage": {}, "transfer": {}}
+            "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}}
+
+# Counters keyed "tier/reason" or "tier/decision": summed when payloads aggregate.
+_KEYED = ("skipped", "decisions")
 
 
 class KvbmConnectorStats(KVConnectorStats):
-    """Counter deltas since the last report ({tier: n} tallies), tier usage ({tier: [used,
-    total]}, latest wins) and worker-side transfer time ({direction: [bytes, seconds]}), under
-    EXTRA_KEY so the worker process finds them inside a MultiConnector's payload too."""
+    """Counter deltas since the last report ({tier: n} tallies, {"tier/reason": n} ones), tier
+    usage ({tier: [used, total]}) and the onboard cost model's estimates (latest wins both), and
+    worker-side transfer time ({direction: [bytes, seconds]}), under EXTRA_KEY so the worker
+    process finds them inside a MultiConnector's payload too."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__(data=data if data is not None else {EXTRA_KEY: _empty_stats()})
@@ -195,9 +215,11 @@ class KvbmConnectorStats(KVConnectorStats):
         for key in ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes"):
             for tier, n in theirs[key].items():
                 mine[key][tier] = mine[key].get(tier, 0) + n
-        for key, n in theirs["skipped"].items():
-            mine["skipped"][key] = mine["skipped"].get(key, 0) + n
+        for keyed in _KEYED:
+            for key, n in theirs[keyed].items():
+                mine[keyed][key] = mine[keyed].get(key, 0) + n
         mine["usage"].update(theirs["usage"])
+        mine["estimates"].update(theirs["estimates"])
         for direction, (nbytes, seconds) in theirs["transfer"].items():
             b, s = mine["transfer"].get(direction, (0, 0.0))
             mine["transfer"][direction] = [b + nbytes, s + seconds]
@@ -214,8 +236,8 @@ class KvbmConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         body = self.body
-        return not (any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer"))
-                    or body["skipped"])
+        return not any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
+                                          "estimates", *_KEYED))
 
 
 def find_stats(payload: Any) -> dict[str, Any] | None:
@@ -256,6 +278,11 @@ class KvbmView:
         for key, n in body["skipped"].items():
             tier, _, reason = key.partition("/")
             stats.skip(tier, reason, n)
+        for key, n in body["decisions"].items():
+            tier, _, decision = key.partition("/")
+            stats.decided(tier, decision, n)
+        if body["estimates"]:
+            stats.estimates(body["estimates"])
         metrics: KvbmMetrics | None = stats.metrics
         if metrics is not None:
             for tier, (used, total) in body["usage"].items():
@@ -271,6 +298,9 @@ class KvbmView:
 class _Request:
     hashes: list[int] = field(default_factory=list)  # of the leading full blocks of all_token_ids
     local_tokens: int = 0  # vLLM's own prefix hit at the last get_num_new_matched_tokens
+    # Hits that lookup left to recompute (cheaper than reading them), per tier: counted at
+    # admission when nothing is loaded (after_alloc then looks nothing up).
+    declined: Counter[str] = field(default_factory=Counter)
     onboarded: dict[str, int] = field(default_factory=dict)  # tier -> tokens, for hit sources
 
 
@@ -281,8 +311,13 @@ class _SchedulerSide:
         root = disk_root(config, layout)
         if root is None:
             config = dataclasses.replace(config, disk_dir=None, disk_blocks=0, disk_gb=None)
+        # Loads run synchronously before the step's forward pass, so a read holds up every
+        # request of the step, as the recompute of its tokens would: the cost model compares
+        # the two as they are, unweighted by the step's requests.
+        config = dataclasses.replace(config, onboard_cost_sharing=False)
         self._events: list[KvEventData] = []
-        self.cache = TieredCache(config, self.block_bytes, self._events.append)
+        self.cache = TieredCache(config, self.block_bytes, self._events.append,
+                                 block_size_tokens=self.block_size)
         if root is not None and self.cache.disk is not None:
             # Only reads headers (a restart's or a neighbour's files); the worker side writes.
             store = DiskStore(root, layout)
@@ -322,6 +357,7 @@ class _SchedulerSide:
         hashes = self._hashes(request, request.num_tokens - 1)
         hits = self.cache.lookup(hashes, num_computed_tokens // self.block_size)
         self.cache.release(hits)  # side-effect free: looked up again once slots are allocated
+        state.declined = hits.declined
         return len(hits) * self.block_size
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> list[int]:
@@ -335,11 +371,11 @@ class _SchedulerSide:
         hashes = self._hashes(request, request.num_tokens - 1)
         n = num_external_tokens // self.block_size
         if n == 0:
-            self.cache.record(hashes, device_blocks)
+            self.cache.onboard(hashes, device_blocks, Hits((), state.declined), [])
             return []
-        hits = self.cache.lookup(hashes, device_blocks)
-        self.cache.release(hits[n:])
-        hits = hits[:n]
+        found = self.cache.lookup(hashes, device_blocks)
+        self.cache.release(found[n:])
+        hits = Hits(found[:n], found.declined)
         targets = list(block_ids[device_blocks : device_blocks + n])
         self.cache.onboard(hashes, device_blocks, hits, targets[: len(hits)])
         for hit in hits:
@@ -370,7 +406,7 @@ class _SchedulerSide:
 
     # ------------------------------------------------------------------------ the step
 
-    def build_meta(self, lost_blocks: list[int]) -> OffloadMetadata:
+    def build_meta(self, lost_blocks: list[int], step_tokens: int) -> OffloadMetadata:
         plan = self.cache.take_plan()
         # Plans run on the workers in step order, and nothing of a plan outlives the step
         # that carries it (disk writes queued there are readable at once): its pins can go now
@@ -382,6 +418,7 @@ class _SchedulerSide:
             onboards=[(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards],
             deletes=[op.block_hash for op in plan.deletes],
             lost_blocks=lost_blocks,
+            step_tokens=step_tokens,
         )
 
     def worker_output(self, meta: Any) -> None:
@@ -393,6 +430,13 @@ class _SchedulerSide:
         for h in meta.dropped:
             self.cache.stats.skip(DISK, "write_failed")
             self.cache.forget_disk(h)
+        cache = self.cache
+        for tokens, seconds in meta.steps:
+            cache.observe_step(tokens, seconds)
+        for tier, nbytes, seconds in meta.reads:
+            cache.observe_read(tier, nbytes, seconds)
+        for blocks, seconds in meta.upkeep:
+            cache.observe_upkeep(seconds, blocks)
 
     def take_events(self) -> list[Any]:
         events, self._events[:] = list(self._events), []
@@ -425,10 +469,20 @@ class _SchedulerSide:
             if delta:
                 body["skipped"][key] = delta
             last["skipped"][key] = n
+        for (tier, decision), n in current.decisions.items():
+            key = f"{tier}/{decision}"
+            delta = n - last["decisions"].get(key, 0)
+            if delta:
+                body["decisions"][key] = delta
+            last["decisions"][key] = n
         usage = {tier.name: [len(tier), tier.capacity_blocks] for tier in self.cache.tiers}
         if usage != last["usage"]:
             body["usage"] = usage
             last["usage"] = usage
+        estimates = self.cache.cost.snapshot()
+        if estimates != last["estimates"]:
+            body["estimates"] = estimates
+            last["estimates"] = estimates
         stats = KvbmConnectorStats({EXTRA_KEY: body})
         return None if stats.is_empty() else stats
 
@@ -454,6 +508,9 @@ class _WorkerSide:
         self._unreadable: set[int] = set()
         self._dropped: set[int] = set()
         self._transfer: dict[str, list[float]] = {}
+        self._measured = OffloadWorkerMetadata()  # cost samples not yet reported
+        self._step_tokens = 0  # of the step whose plan ran last
+        self._forward: ForwardTimer | None = None
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
@@ -466,6 +523,7 @@ class _WorkerSide:
             self.layers.append(t)
             self.block_dims.append(dims[0])
         first = self.layers[0]
+        self._forward = ForwardTimer(first.device)
         size = block_bytes(self.layout)
         capacity = self.config.host_capacity_blocks(size)
         if capacity > 0:
@@ -505,6 +563,7 @@ class _WorkerSide:
 
     def execute(self, meta: OffloadMetadata) -> None:
         self._lost.update(meta.lost_blocks)
+        self._step_tokens = meta.step_tokens
         if not meta:
             return
         started = time.perf_counter()
@@ -522,6 +581,9 @@ class _WorkerSide:
                 if tier == DISK:
                     self._write(h, parent, data[i].clone())
             self._time("offload", data.numel() * data.element_size(), started)
+        if meta.writes or meta.offloads:
+            # In line, before the forward pass: all of it held up the step.
+            self._measured.upkeep.append((len(meta.writes) + len(meta.offloads), time.perf_counter() - started))
         if meta.onboards:
             loaded = time.perf_counter()
             rows: list[torch.Tensor] = []
@@ -531,6 +593,7 @@ class _WorkerSide:
                 rows.append(self._slots()[torch.tensor([op[2] for op in from_host])])
                 targets.extend(op[3] for op in from_host)
             shape = (2 * self.layout.num_layers, elements_per_layer(self.layout))
+            disk_read = 0
             for h, tier, _, block in meta.onboards:
                 if tier != DISK:
                     continue
@@ -539,13 +602,20 @@ class _WorkerSide:
                 if self.disk.read(h, buf):
                     rows.append(buf.view(1, len(self.layers), -1))
                     targets.append(block)
+                    disk_read += buf.numel() * buf.element_size()
                 else:
                     self._unreadable.add(h)
                     self._lost.add(block)
+            if disk_read:
+                # The cost model's disk read ends in host memory; the copy up is the host part.
+                self._measured.reads.append((DISK, disk_read, time.perf_counter() - loaded))
             if targets:
+                copied = time.perf_counter()
                 data = torch.cat(rows) if len(rows) > 1 else rows[0]
-                self.scatter(targets, data)
-                self._time("onboard", data.numel() * data.element_size(), loaded)
+                self.scatter(targets, data)  # synchronous
+                nbytes = data.numel() * data.element_size()
+                self._measured.reads.append((HOST, nbytes, time.perf_counter() - copied))
+                self._time("onboard", nbytes, loaded)
         if meta.deletes:
             assert self.disk is not None
             for h in meta.deletes:
@@ -567,12 +637,25 @@ class _WorkerSide:
         lost, self._lost = self._lost, set()
         return lost
 
+    def forward_started(self) -> None:
+        """The step's plan has run; its forward pass comes next. Timed when prefill-sized:
+        what recomputing a declined hit's tokens costs."""
+        if self._forward is not None and self._step_tokens >= PREFILL_MIN_TOKENS:
+            self._forward.start(self._step_tokens)
+
+    def forward_done(self) -> None:
+        if self._forward is not None:
+            self._forward.stop()
+
     def worker_meta(self) -> OffloadWorkerMetadata | None:
-        if not (self._unreadable or self._dropped):
+        measured = self._measured
+        if self._forward is not None:
+            measured.steps.extend(self._forward.take())
+        measured.unreadable, measured.dropped = self._unreadable, self._dropped
+        if not measured:
             return None
-        meta = OffloadWorkerMetadata(self._unreadable, self._dropped)
-        self._unreadable, self._dropped = set(), set()
-        return meta
+        self._measured, self._unreadable, self._dropped = OffloadWorkerMetadata(), set(), set()
+        return measured
 
     def stats(self) -> KvbmConnectorStats | None:
         if not self._transfer:
@@ -630,6 +713,7 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
         assert self._worker is not None
         if isinstance(kv_connector_metadata, OffloadMetadata):
             self._worker.execute(kv_connector_metadata)
+            self._worker.forward_started()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         pass  # loaded in handle_preemptions
@@ -641,7 +725,9 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
         pass
 
     def wait_for_save(self) -> None:
-        pass
+        # vLLM calls this once the step's forward pass is launched (or, on a CPU, done).
+        if self._worker is not None:
+            self._worker.forward_done()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_lost() if self._worker is not None else set()
@@ -672,7 +758,7 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self._scheduler is not None
         lost, self._lost = self._lost, []
-        return self._scheduler.build_meta(lost)
+        return self._scheduler.build_meta(lost, scheduler_output.total_num_scheduled_tokens)
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self._scheduler is not None

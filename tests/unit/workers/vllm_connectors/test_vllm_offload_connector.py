@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from dynamo.kv_hash import block_hashes  # noqa: E402
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
+from kvbm.onboard_cost import PREFILL_MIN_TOKENS  # noqa: E402
 from workers.vllm.connector.offload import (  # noqa: E402
     EXTRA_KEY,
     KvbmView,
@@ -61,7 +62,7 @@ def finish(side: _SchedulerSide, req: FakeRequest, block_ids: list[int]) -> Offl
     """The request computed all but its last token and releases its blocks."""
     req.num_computed_tokens = req.num_tokens - 1
     side.finished(req, block_ids)
-    return side.build_meta([])
+    return side.build_meta([], 0)
 
 
 def test_offload_on_release_then_onboard_beyond_the_device_hit() -> None:
@@ -82,7 +83,7 @@ def test_offload_on_release_then_onboard_beyond_the_device_hit() -> None:
     assert side.num_new_matched_tokens(again, BS) == 3 * BS
     assert side.num_new_matched_tokens(again, BS) == 3 * BS  # side-effect free
     assert side.after_alloc(again, [1, 2, 3, 4, 11], 3 * BS) == []
-    meta = side.build_meta([])
+    meta = side.build_meta([], 0)
     assert [(op[0], op[1], op[3]) for op in meta.onboards] == [(ours[1], "host", 2), (ours[2], "host", 3),
                                                                (ours[3], "host", 4)]
     assert side.cache.stats.hits["host"] == 3
@@ -229,3 +230,92 @@ def test_multiconnector_prometheus_observer_takes_our_stats() -> None:
     stats = side.stats()
     assert stats is not None
     multi.observe({"DynamoKvbmConnector": stats.to_dict()})
+
+
+# ----------------------------------------------------------------------- the cost models
+
+
+def test_worker_measures_forward_passes_reads_and_offloads_for_the_scheduler() -> None:
+    caches = cpu_kv_caches()
+    worker = _WorkerSide(KvbmConfig(host_blocks=4), LAYOUT, list(caches), NUM_BLOCKS)
+    worker.register(caches)
+    worker.execute(OffloadMetadata(offloads=[(3, 111, None, "host", 2)], step_tokens=8))
+    worker.forward_started()  # a decode-sized step: not timed
+    worker.forward_done()
+    worker.execute(OffloadMetadata(onboards=[(111, "host", 2, 9)], step_tokens=PREFILL_MIN_TOKENS))
+    worker.forward_started()
+    worker.forward_done()
+    meta = worker.worker_meta()
+    assert meta is not None
+    assert [tokens for tokens, _ in meta.steps] == [PREFILL_MIN_TOKENS]
+    block = 2 * LAYOUT.num_layers * BS * LAYOUT.num_kv_heads * LAYOUT.head_dim * 4
+    assert [(tier, nbytes) for tier, nbytes, _ in meta.reads] == [("host", block)]
+    assert [blocks for blocks, _ in meta.upkeep] == [1]
+    assert worker.worker_meta() is None  # reported once
+
+    side = _SchedulerSide(KvbmConfig(host_blocks=4), LAYOUT)
+    assert side.cache.cost.recompute_s(BS) is None
+    side.worker_output(meta)
+    assert side.cache.cost.recompute_s(BS) is not None
+    assert side.cache.cost.reads["host"].samples == 1
+
+
+def disk_side(tmp_path: Path) -> tuple[_SchedulerSide, list[int]]:
+    """A scheduler side whose disk tier holds a released prompt's 4 blocks."""
+    side = _SchedulerSide(KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8), LAYOUT)
+    prompt = list(range(100, 118))
+    finish(side, FakeRequest("a", prompt), [1, 2, 3, 4, 5])
+    side.build_meta([], 0)  # the writes are done once their plan has run
+    return side, prompt
+
+
+def test_a_disk_slower_than_recompute_is_not_read(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kvbm.metrics import KvbmMetrics
+    from workers.vllm.connector.offload import OffloadWorkerMetadata
+
+    side, prompt = disk_side(tmp_path)
+    block = side.block_bytes
+    # Prefill measured at 1 us a token; a disk read of one block takes a second.
+    side.worker_output(OffloadWorkerMetadata(steps=[(PREFILL_MIN_TOKENS, PREFILL_MIN_TOKENS * 1e-6)],
+                                             reads=[("disk", block, 1.0)]))
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == 0  # recomputed: vLLM loads nothing
+    assert side.after_alloc(req, [], 0) == []
+    assert side.cache.stats.decisions[("disk", "recompute")] == 4
+    stats = side.stats()
+    assert stats is not None
+    body = stats.data[EXTRA_KEY]
+    assert body["decisions"] == {"disk/recompute": 4}
+    assert body["estimates"]["recompute_tokens_per_s"] == pytest.approx(1e6)
+
+    # The same counters and estimates reach dynamo_kvbm_* in the worker process.
+    registry = CollectorRegistry()
+    view = KvbmView(KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8))
+    view.cache.bind_metrics(KvbmMetrics(registry, "m"))
+    view.apply(stats.to_dict())
+    sample = registry.get_sample_value
+    declined = {"model": "m", "tier": "disk", "decision": "recompute"}
+    assert sample("dynamo_kvbm_onboard_decision_blocks_total", declined) == 4
+    assert sample("dynamo_kvbm_recompute_tokens_per_second", {"model": "m"}) == pytest.approx(1e6)
+
+
+def test_a_disk_faster_than_recompute_is_read(tmp_path: Path) -> None:
+    from workers.vllm.connector.offload import OffloadWorkerMetadata
+
+    side, prompt = disk_side(tmp_path)
+    # Prefill measured at 10 ms a token; a disk read of one block takes 10 us.
+    side.worker_output(OffloadWorkerMetadata(steps=[(PREFILL_MIN_TOKENS, PREFILL_MIN_TOKENS * 1e-2)],
+                                             reads=[("disk", side.block_bytes, 1e-5)]))
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == 4 * BS
+    assert side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS) == []
+    assert [(op[1], op[3]) for op in side.build_meta([], 4 * BS + 2).onboards] == [("disk", b) for b in (6, 7, 8, 9)]
+    assert side.cache.stats.decisions[("disk", "onboard")] == 4
+
+
+def test_step_tokens_reach_the_worker_in_the_plan() -> None:
+    side = _SchedulerSide(KvbmConfig(host_blocks=4), LAYOUT)
+    assert side.build_meta([], 300).step_tokens == 300
+    assert not OffloadMetadata(step_tokens=300)  # carries no copies: the worker skips the plan
