@@ -106,7 +106,9 @@ async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Pa
         assert engine.kvbm is not None
         stats = engine.kvbm.cache.stats
         counters = {"hits": dict(stats.hits), "onboard_blocks": dict(stats.onboard_blocks),
-                    "offload_blocks": dict(stats.offload_blocks), "tier_request_cached_tokens": onboarded}
+                    "offload_blocks": dict(stats.offload_blocks), "tier_request_cached_tokens": onboarded,
+                    # The onboard cost model's choices (tier/onboard or tier/recompute, in blocks).
+                    "decisions": {f"{tier}/{decision}": n for (tier, decision), n in stats.decisions.items()}}
     finally:
         await engine.stop()
     return {"samples": samples, "counters": counters}
