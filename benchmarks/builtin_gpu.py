@@ -466,6 +466,32 @@ def profile_step(runner: ModelRunner, batch: int, prompt_len: int, vocab: int, d
     return out
 
 
+def ncu_step(args: argparse.Namespace, batch: int) -> None:
+    """One decode step of `batch` rows run eagerly over the graphs' static buffers, between
+    cudaProfilerStart and Stop, for Nsight Compute: `ncu --profile-from-start off --kernel-name
+    regex:paged_decode --launch-count 1 --set full python3 benchmarks/builtin_gpu.py --ncu-step 128`."""
+    device = torch.device("cuda")
+    hf, mc = random_llama(device)
+    model = ours_from_hf(hf, mc, device)
+    del hf
+    kv = KVCache.allocate(mc, args.num_blocks, BLOCK, torch.bfloat16, device)
+    runner = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=batch, max_model_len=4096)
+    graphs = runner.graphs
+    assert graphs is not None
+    seqs = Sequences(batch, args.prompt_len, args.prompt_len + 64, mc.vocab_size)
+    seqs.prefill(runner)
+    for _ in range(4):
+        seqs.decode(runner)
+    bucket = graphs.bucket(batch) or batch
+    with torch.inference_mode():
+        graphs._forward(bucket)
+        sync(device)
+        torch.cuda.cudart().cudaProfilerStart()
+        graphs._forward(bucket)
+        sync(device)
+        torch.cuda.cudart().cudaProfilerStop()
+
+
 def sweep_attention(mc: ModelConfig, device: torch.device, batch: int, ctx: int) -> list[dict[str, Any]]:
     """The paged decode kernel's time per tiling, at `batch` sequences of `ctx` tokens with
     scattered blocks; GB/s counts the K/V bytes read."""
@@ -609,7 +635,12 @@ def main() -> None:
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
+    p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",
+                   help="GPU: one eager decode step of BATCH rows inside cudaProfilerStart/Stop, for ncu")
     args = p.parse_args()
+    if args.ncu_step is not None:
+        ncu_step(args, args.ncu_step)
+        return
     if args.attention_sweep:
         _, mc = random_llama(torch.device("meta"))
         sweeps = {f"{b}x{ctx}": sweep_attention(mc, torch.device("cuda"), b, ctx)
