@@ -593,7 +593,7 @@ class _WorkerSide:
                 rows.append(self._slots()[torch.tensor([op[2] for op in from_host])])
                 targets.extend(op[3] for op in from_host)
             shape = (2 * self.layout.num_layers, elements_per_layer(self.layout))
-            disk_read = 0
+            disk_read, reading = 0, time.perf_counter()
             for h, tier, _, block in meta.onboards:
                 if tier != DISK:
                     continue
@@ -608,7 +608,7 @@ class _WorkerSide:
                     self._lost.add(block)
             if disk_read:
                 # The cost model's disk read ends in host memory; the copy up is the host part.
-                self._measured.reads.append((DISK, disk_read, time.perf_counter() - loaded))
+                self._measured.reads.append((DISK, disk_read, time.perf_counter() - reading))
             if targets:
                 copied = time.perf_counter()
                 data = torch.cat(rows) if len(rows) > 1 else rows[0]
