@@ -338,9 +338,10 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, ModelRunner] = {}
     if args.compare_unfused:  # RoPE and the K/V write in a kernel of their own
         variants["unfused"] = variant("DECODE_FUSED_ROPE", False)
-    for spec in args.compare_split_k:  # "QKV,O": K slices of the two projections, every batch
-        q_parts, o_parts = (int(p) for p in spec.split(","))
-        variants[f"split_k_{q_parts}_{o_parts}"] = variant("DECODE_SPLIT_K", [(1 << 20, {"qkv": q_parts, "o": o_parts})])
+    for spec in args.compare_split_k:  # "QKV,O[,DOWN]": K slices of the projections, every batch
+        parts = [int(p) for p in spec.split(",")]
+        split = dict(zip(("qkv", "o", "down"), parts))
+        variants["split_k_" + "_".join(map(str, parts))] = variant("DECODE_SPLIT_K", [(1 << 20, split)])
     res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
     res["check"]["overlapped_tokens_equal_plain"] = check_overlapped(graphed, mc.vocab_size, min(8, max(args.batches)))
@@ -628,9 +629,9 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="run the GPU code path on CPU with a tiny model")
     p.add_argument("--no-reference", action="store_true", help="skip eager and transformers' figures")
     p.add_argument("--profile", action="store_true", help="GPU: where a decode step's time goes (kernels, host stages)")
-    p.add_argument("--compare-split-k", nargs="*", default=[], metavar="QKV,O",
-                   help="also time graphs whose qkv and o projections are split into QKV and O K slices at every "
-                        "batch (gpu_kernels.DECODE_SPLIT_K), e.g. 2,2 4,4 1,4")
+    p.add_argument("--compare-split-k", nargs="*", default=[], metavar="QKV,O[,DOWN]",
+                   help="also time graphs whose qkv, o (and down) projections are split into QKV, O (and DOWN) K "
+                        "slices at every batch (gpu_kernels.DECODE_SPLIT_K), e.g. 2,2 4,4 1,4 2,2,2")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",

@@ -212,7 +212,7 @@ def split_k_linear(x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.T
 
 
 def decode_split_k(projection: str, rows: int, weight: torch.Tensor, bias: torch.Tensor | None) -> int:
-    """How many K slices a decode step's `projection` ("qkv" or "o") is split into at `rows`
+    """How many K slices a decode step's `projection` ("qkv", "o" or "down") is split into at `rows`
     rows: DECODE_SPLIT_K's entry for the smallest row bound that holds them, 1 where the weight
     has a bias or its K does not divide."""
     if bias is not None:

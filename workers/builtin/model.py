@@ -128,7 +128,7 @@ class Attention(nn.Module):
         """[T, hidden]; in a decode step whose o projection is split (gpu_kernels.DECODE_SPLIT_K),
         its fp32 partials [parts, T, hidden], which the next norm sums."""
         tokens = x.shape[0]
-        decode = meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE
+        decode = fused_decode(meta)
         parts = gpu_kernels.decode_split_k("qkv", tokens, self.qkv_proj.weight, self.qkv_proj.bias) if decode else 1
         if parts > 1:  # partials, summed by the decode kernel as it reads them
             qkv = gpu_kernels.split_k_linear(x, self.qkv_proj.weight, parts)
@@ -158,6 +158,12 @@ class Attention(nn.Module):
         if parts > 1:  # partials, summed by the next norm as it reads them
             return gpu_kernels.split_k_linear(out, self.o_proj.weight, parts)
         return self.o_proj(out)
+
+
+def fused_decode(meta: AttentionMetadata) -> bool:
+    """A pure-decode step on the fused path: RoPE inside the attention kernel, and projections
+    that may be split (gpu_kernels.DECODE_SPLIT_K)."""
+    return meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE
 
 
 class MLP(nn.Module):
@@ -190,13 +196,19 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
         rotary: RotaryEmbedding, kv: KVCache, meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's output before its last residual add, and the residual: the next norm
-        does that add in the same kernel."""
+        """The layer's output before its last residual add (in a decode step whose down projection
+        is split, its fp32 partials), and the residual: the next norm does that add (and sums
+        the partials) in the same kernel."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
         h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
-        return self.mlp.down_proj(gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))), residual
+        act = gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))
+        down = self.mlp.down_proj
+        parts = gpu_kernels.decode_split_k("down", x.shape[0], down.weight, down.bias) if fused_decode(meta) else 1
+        if parts > 1:
+            return gpu_kernels.split_k_linear(act, down.weight, parts), residual
+        return down(act), residual
 
 
 class LlamaModel(nn.Module):

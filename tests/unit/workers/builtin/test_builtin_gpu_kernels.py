@@ -241,10 +241,10 @@ def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
 @pytest.mark.parametrize("split_k", [False, True])
 def test_fused_forward_matches_plain(shape: str, split_k: bool, model_dirs: Callable[[str], Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """split_k: the decode step's qkv and o projections as split-K partials, summed by their
-    consumers (a projection with a bias stays whole)."""
+    """split_k: the decode step's qkv, o and down projections as split-K partials, summed by
+    their consumers (a projection with a bias stays whole)."""
     if split_k:
-        monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4}), (256, {"o": 2})])
+        monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4, "down": 2}), (256, {"o": 2, "down": 4})])
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
