@@ -361,6 +361,19 @@ class BlockCopier:
         done = self.fence(blocking=True)  # the disk thread waits for it
         return out, done
 
+    def download_into(self, staged: torch.Tensor, dst: torch.Tensor, rows: Sequence[int]) -> torch.cuda.Event | None:
+        """download() into rows of a host tensor allocated once (pinned on CUDA): block i of
+        `staged` to dst[rows[i]]. Returns the event after which they hold the blocks (None:
+        done on return)."""
+        if self.stream is None:
+            for first, start, n in contiguous_runs(rows):
+                dst[start : start + n].copy_(staged[first : first + n])
+            return None
+        with torch.cuda.stream(self.stream):
+            for first, start, n in contiguous_runs(rows):
+                dst[start : start + n].copy_(staged[first : first + n], non_blocking=dst.is_pinned())
+        return self.fence(blocking=True)  # the disk thread waits for it
+
     def timer_start(self) -> Any:
         """A mark before copies whose duration the caller wants (timer_stop)."""
         if self.stream is None:

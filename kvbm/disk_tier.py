@@ -36,6 +36,7 @@ _STOP = object()
 class _Writes:
     blocks: list[tuple[int, int | None, torch.Tensor]]  # hash, parent, bytes (a CPU tensor)
     ready: Any  # a CUDA event after the copies that fill the tensors; None: filled already
+    on_done: Callable[[], None] | None  # the tensors are no longer read (borrowed rows go back)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,14 +118,18 @@ class DiskStore:
         """write_batch() of one block."""
         return self.write_batch([(block_hash, parent_hash, data)], ready)
 
-    def write_batch(self, blocks: Sequence[tuple[int, int | None, torch.Tensor]], ready: Any = None) -> bool:
+    def write_batch(self, blocks: Sequence[tuple[int, int | None, torch.Tensor]], ready: Any = None,
+                    on_done: Callable[[], None] | None = None) -> bool:
         """Queue CPU tensors (blocks' bytes: host slots or a downloaded batch) for writing;
         never blocks. `ready` (a CUDA event) is waited for on the disk thread before the
-        bytes are read; the tensors must stay untouched until each write is reported done.
-        Past the bound the whole batch is dropped (False; counted in `dropped_writes` and
-        reported as failed writes)."""
+        bytes are read; the tensors must stay untouched until each write is reported done, or
+        until `on_done` is called (on the disk thread once the whole batch is written; at once
+        for a batch refused). Past the bound the whole batch is dropped (False; counted in
+        `dropped_writes` and reported as failed writes)."""
         blocks = list(blocks)
         if not blocks:
+            if on_done is not None:
+                on_done()
             return True
         with self._lock:
             refused = len(self._inflight) + len(blocks) > self._max_blocks
@@ -135,8 +140,10 @@ class DiskStore:
             self.dropped_writes += len(blocks)
             if self._report:
                 self._completed.extend((h, False) for h, _, _ in blocks)
+            if on_done is not None:
+                on_done()
             return False
-        self._queue.put(_Writes(blocks, ready))
+        self._queue.put(_Writes(blocks, ready, on_done))
         return True
 
     def completed(self) -> list[tuple[int, bool]]:
@@ -154,14 +161,20 @@ class DiskStore:
 
     def read(self, block_hash: int, out: torch.Tensor) -> bool:
         """Fill the contiguous CPU tensor `out` with the block; False if it is unreadable."""
-        with self._lock:
-            pending = self._inflight.get(block_hash)
-        if pending is not None:
+        while True:
+            with self._lock:
+                pending = self._inflight.get(block_hash)
+            if pending is None:
+                break
             data, ready = pending
             if ready is not None:
                 ready.synchronize()
-            out.copy_(data.view(out.shape))
-            return True
+            # Copied while still queued (its source may be a borrowed row, handed back and
+            # refilled once the write is done); once written, the file is in place.
+            with self._lock:
+                if self._inflight.get(block_hash) is pending:
+                    out.copy_(data.view(out.shape))
+                    return True
         try:
             with open(self.path(block_hash), "rb") as f:
                 if parse_block_header(self.layout, f.read(HEADER_BYTES)) is None:
@@ -195,6 +208,8 @@ class DiskStore:
                     filled = False
             for block_hash, parent_hash, data in job.blocks:
                 self._write_one(block_hash, parent_hash, data, filled)
+            if job.on_done is not None:
+                job.on_done()
 
     def _write_one(self, block_hash: int, parent_hash: int | None, data: torch.Tensor, filled: bool) -> None:
         ok = False
@@ -260,6 +275,13 @@ class StagingPool:
             rows, self._free = self._free[:n], self._free[n:]
             self.takes += 1
             return rows
+
+    def give_back(self, rows: Sequence[int]) -> None:
+        """Rows nothing reads or copies into any more: free at once (no fence)."""
+        if rows:
+            with self._lock:
+                self._free.extend(rows)
+                self._free.sort()
 
     def release(self, rows: Sequence[int]) -> None:
         """Rows no longer read into nor handed to a plan (copies already planned out of them

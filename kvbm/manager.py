@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -21,7 +22,7 @@ import torch
 from kvbm.block_pool import KvEventSink
 from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
-from kvbm.disk_tier import DiskReader, DiskStore
+from kvbm.disk_tier import DiskReader, DiskStore, StagingPool
 from kvbm.host_tier import HostStore
 from dynamo.wire import KvLayoutSpec
 from kvbm.layout import block_bytes, elements_per_layer
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 # reader); a request it cannot hold at the moment gets a buffer of its own.
 STAGING_BYTES = 512 << 20
 STAGING_MAX_ROWS = 8192
+# Device blocks evicted straight to disk are downloaded into rows of a pool of this size, held
+# until written (pinning host memory per batch, cudaHostAlloc, is slow on the model thread); at
+# most the disk queue's bound (TieredCache keeps no more such writes in flight).
+WRITE_STAGING_BYTES = 256 << 20
 
 
 class KvBlockManager:
@@ -63,7 +68,10 @@ class KvBlockManager:
         self.copier = BlockCopier(k, v, self.host.data if self.host else None,
                                   flush_blocks=config.offload_flush_blocks if self.pin else 1)
         self.reader: DiskReader | None = None
+        self.write_staging: StagingPool | None = None
         if self.disk is not None:
+            self.write_staging = StagingPool(max(1, min(config.disk_queue_blocks, WRITE_STAGING_BYTES // size)),
+                                             (2 * layout.num_layers, elements_per_layer(layout)), k[0].dtype, self.pin)
             rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size))
             self.reader = DiskReader(self.disk, k[0].dtype, self.pin, threads=min(4, os.cpu_count() or 1),
                                      staging_rows=rows)
@@ -164,10 +172,17 @@ class KvBlockManager:
             self.reader.pool.fence(copier.fence())
         if host_gathered is not None:
             copier.land_in_host(host_gathered)
-        direct: tuple[list[tuple[int, int | None, torch.Tensor]], object] | None = None
+        direct: tuple[list[tuple[int, int | None, torch.Tensor]], object, Callable[[], None] | None] | None = None
         if disk_gathered is not None:
-            data, ready = copier.download(disk_gathered, self.pin)
-            direct = ([(op.block_hash, op.parent_hash, data[i]) for i, op in enumerate(to_disk)], ready)
+            pool = self.write_staging
+            rows = pool.take(len(to_disk)) if pool is not None else None
+            if pool is not None and rows is not None:
+                ready = copier.download_into(disk_gathered, pool.data, rows)
+                blocks = [(op.block_hash, op.parent_hash, pool.data[row]) for op, row in zip(to_disk, rows)]
+                direct = (blocks, ready, functools.partial(pool.give_back, rows))
+            else:  # more in flight than the pool holds: a pinned buffer of its own
+                data, ready = copier.download(disk_gathered, self.pin)
+                direct = ([(op.block_hash, op.parent_hash, data[i]) for i, op in enumerate(to_disk)], ready, None)
         if late:
             onboards_from = time.perf_counter()
             copier.onboard_from_host([op.slot for op in late], [op.device_block for op in late])

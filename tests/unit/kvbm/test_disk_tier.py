@@ -146,3 +146,27 @@ def test_reader_stages_in_the_pool_across_requests_and_falls_back_when_it_is_ful
     reader.pool.fence(None)
     assert reader.pool.num_free == 3
     reader.stop()
+
+
+def test_a_batch_hands_its_sources_back_once_written_or_refused(tmp_path: Path) -> None:
+    import threading
+
+    held = threading.Event()
+
+    def hold(_: int) -> None:
+        held.wait(30)
+
+    store = DiskStore(tmp_path, LAYOUT, queue_blocks=1, before_write=hold)
+    store.start()
+    done: list[str] = []
+    assert store.write_batch([(1, None, block(1))], on_done=lambda: done.append("first"))
+    # Not written yet: its source is still read (a read copies it while it is queued).
+    out = torch.empty((4, elements_per_layer(LAYOUT)))
+    assert store.read(1, out) and torch.equal(out, block(1)) and done == []
+    assert store.write_batch([(2, None, block(2)), (3, None, block(3))], on_done=lambda: done.append("second"))
+    assert not store.write_batch([(4, None, block(4))], on_done=lambda: done.append("refused"))
+    assert done == ["refused"]  # at once: nothing will read it
+    held.set()
+    store.stop()
+    assert done == ["refused", "first", "second"]
+    assert store.read(3, out) and torch.equal(out, block(3))  # from its file now

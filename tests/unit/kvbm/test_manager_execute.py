@@ -1,7 +1,8 @@
 """KvBlockManager.execute on CPU: onboard copies are queued between the device-side gathers of
 evicted blocks and their device-to-host copies (so the forward pass need not wait for the
 latter), except an onboard from a host slot the same plan offloads into, which reads the
-offloaded bytes; disk reads staged in the pool are onboarded and their rows fenced."""
+offloaded bytes; disk reads staged in the pool are onboarded and their rows fenced; blocks
+evicted straight to disk borrow rows of a write pool until written."""
 
 from __future__ import annotations
 
@@ -93,4 +94,40 @@ def test_staged_disk_blocks_are_onboarded_and_their_rows_reused(tmp_path: Path) 
             assert torch.equal(device_block(k, v, 3 + h), want[h])
         assert pool.num_free == free
     assert pool.takes == 2 and pool.misses == 0
+    mgr.reader.stop()
+
+
+def test_blocks_evicted_straight_to_disk_borrow_pool_rows_until_written(tmp_path: Path) -> None:
+    """Downloaded into rows of a host pool made once (no pinned allocation per batch), which
+    return to it when the disk thread has written them; a batch the pool cannot hold gets a
+    buffer of its own."""
+    import threading
+
+    k, v = kv()
+    held = threading.Event()
+
+    def hold(_: int) -> None:
+        held.wait(30)
+
+    config = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=16, disk_queue_blocks=3)
+    mgr = KvBlockManager(config, LAYOUT, k, v, disk_before_write=hold)
+    assert mgr.disk is not None and mgr.write_staging is not None
+    pool = mgr.write_staging
+    assert pool.rows == 3
+    mgr.disk.start()
+    want = {b: device_block(k, v, b).clone() for b in range(5)}
+    mgr.execute(TransferPlan(offloads=[OffloadOp(b, 0x10 + b, None, DISK, 0) for b in (0, 1)]))
+    assert pool.num_free == 1  # held until written
+    mgr.execute(TransferPlan(offloads=[OffloadOp(b, 0x10 + b, None, DISK, 0) for b in (2, 3)]))  # too many
+    assert pool.num_free == 1 and pool.misses == 1
+    for b in range(5):  # the device blocks are reused at once: the pool's copies are the data
+        for t in (*k, *v):
+            t[b].fill_(-1.0)
+    held.set()
+    mgr.disk.stop()
+    assert pool.num_free == 3
+    out = torch.empty((4, elements_per_layer(LAYOUT)))
+    for b in range(4):
+        assert mgr.disk.read(0x10 + b, out) and torch.equal(out, want[b])
+    assert mgr.reader is not None
     mgr.reader.stop()
