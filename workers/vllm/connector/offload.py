@@ -189,7 +189,8 @@ def _empty_stats() -> dict[str, Any]:
     return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
             "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}}
 
-# Counters keyed "tier/reason" or "tier/decision": summed when payloads aggregate.
+# Counters keyed "tier/reason" or "tier/decision" (KvbmStats.skipped_by and .decisions, in
+# this order): summed when payloads aggregate.
 _KEYED = ("skipped", "decisions")
 
 
@@ -463,18 +464,13 @@ class _SchedulerSide:
                 if delta:
                     body[key][tier] = delta
                 last[key][tier] = n
-        for (tier, reason), n in current.skipped_by.items():
-            key = f"{tier}/{reason}"
-            delta = n - last["skipped"].get(key, 0)
-            if delta:
-                body["skipped"][key] = delta
-            last["skipped"][key] = n
-        for (tier, decision), n in current.decisions.items():
-            key = f"{tier}/{decision}"
-            delta = n - last["decisions"].get(key, 0)
-            if delta:
-                body["decisions"][key] = delta
-            last["decisions"][key] = n
+        for name, keyed in zip(_KEYED, (current.skipped_by, current.decisions)):
+            for (tier, what), n in keyed.items():
+                key = f"{tier}/{what}"
+                delta = n - last[name].get(key, 0)
+                if delta:
+                    body[name][key] = delta
+                last[name][key] = n
         usage = {tier.name: [len(tier), tier.capacity_blocks] for tier in self.cache.tiers}
         if usage != last["usage"]:
             body["usage"] = usage
