@@ -42,12 +42,16 @@ def contiguous_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
 
 
 class BlockCopier:
-    """Copies whole blocks, all layers at once, in the layout of kvbm/layout.py."""
+    """Copies whole blocks, all layers at once, in the layout of kvbm/layout.py.
+
+    `k` and `v`: the cache's per-layer K and V tensors of shape [num_blocks, ...]; a block's
+    host row is their pieces K0, V0, K1, V1, ... Or `v` empty and `k` the tensors whose pieces
+    make the row, in order (vLLM backends keep a layer's K and V at one block index). `host`:
+    [slots, pieces, elements of a piece]."""
 
     def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], host: torch.Tensor | None,
                  flush_blocks: int = 1, fused: bool | None = None, staging_bytes: int = STAGING_BYTES) -> None:
-        self.k, self.v = list(k), list(v)
-        self.layers = [t for pair in zip(k, v) for t in pair]  # K0, V0, K1, V1, ...
+        self.layers = [t for pair in zip(k, v) for t in pair] if v else list(k)
         first = self.layers[0]
         self.device = first.device
         self.num_blocks = first.shape[0]
@@ -71,7 +75,7 @@ class BlockCopier:
         self._ring_copier: FusedCopier | None = None
         self._in_copier: FusedCopier | None = None
         if fused is None:
-            fused = self.cuda and triton_available()
+            fused = self.cuda and triton_available() and all(t.is_contiguous() for t in self.layers)
         self.fused = fused
         self._timings: list[tuple[Any, Any, int]] = []  # (start, end event or seconds, bytes)
         if self.fused and self.cuda:
@@ -236,18 +240,18 @@ class BlockCopier:
         if self._ring_copier is None:
             assert self._ring is not None
             views = self._row_views(self._ring)
-            self._ring_copier = FusedCopier(self.k, self.v, views[0::2], views[1::2])
+            self._ring_copier = FusedCopier(self.layers, [], views, [])
         return self._ring_copier
 
     def _fused_in(self) -> FusedCopier:
         if self._in_copier is None:
             assert self._inbuf is not None
             views = self._row_views(self._inbuf)
-            self._in_copier = FusedCopier(views[0::2], views[1::2], self.k, self.v)
+            self._in_copier = FusedCopier(views, [], self.layers, [])
         return self._in_copier
 
     def _row_views(self, staging: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer tensor t (K0, V0, K1, ...), a view of `staging` whose block i*2L is row
+        """Per piece t (K0, V0, K1, ...), a view of `staging` whose block i*2L is row
         i's piece t."""
         width = len(self.layers)
         flat = staging.view(-1)

@@ -11,9 +11,12 @@ with tensor parallelism, the worker side once more per rank, in vLLM's worker pr
   TransferPlan, sent to the workers as this connector's metadata;
 - worker side (`_WorkerSide`, on the thread that runs the model): the bytes: the host tier
   (one kvbm.host_tier.HostStore tensor, its slots numbered by the scheduler side) and the disk
-  tier's files (kvbm.disk_tier.DiskStore, written by its own thread). It executes each plan in
-  handle_preemptions(), which vLLM calls before every forward pass (start_load_kv may run after
-  the forward is launched when no request of the step loads synchronously).
+  tier's files (kvbm.disk_tier.DiskStore, written by its own thread). It runs each plan with
+  kvbm.plan_executor, the built-in engine's executor, in handle_preemptions(), which vLLM calls
+  before every forward pass (start_load_kv may run after the forward is launched when no
+  request of the step loads synchronously). On a GPU the copies go on a side stream that the
+  forward pass waits for only where it reads or overwrites their blocks; disk writes report
+  back through the worker metadata, and their host slots stay pinned until then.
 
 vLLM's offloading-connector contract, as this connector keeps it: a request's full, computed
 blocks are offered to the tiers when the request releases them (request_finished; the copy runs
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,7 +66,8 @@ from kvbm.host_tier import HostStore
 from kvbm.layout import block_bytes, elements_per_layer
 from kvbm.metrics import KvbmMetrics
 from kvbm.onboard_cost import PREFILL_MIN_TOKENS
-from kvbm.tiered import DISK, HOST, Hits, TieredCache
+from kvbm.plan_executor import PlanExecutor
+from kvbm.tiered import DISK, HOST, DeleteOp, Hits, OffloadOp, OnboardOp, TieredCache, TransferPlan, WriteOp
 
 if TYPE_CHECKING:
     from workers.vllm.args import VllmConfig
@@ -161,23 +164,49 @@ class OffloadMetadata(KVConnectorMetadata):
 
 @dataclass(slots=True)
 class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: disk files that could not be read, and disk writes the full queue
-    dropped (the scheduler side forgets both); and what the cost models measure, which only the
-    worker can time: forward passes, reads and the offloads' hold on the step."""
+    """Worker -> scheduler: disk files that could not be read (the scheduler side forgets
+    them), the outcome of each disk write (its host slot and file stay pinned until every rank
+    has reported it); and what the cost models measure, which only the worker can time: forward
+    passes, reads and the offloads' hold on the step. vLLM aggregates one step's metadata over
+    the ranks."""
 
     unreadable: set[int] = field(default_factory=set)
-    dropped: set[int] = field(default_factory=set)
+    written: list[tuple[int, bool]] = field(default_factory=list)  # block hash, written
     steps: list[tuple[int, float]] = field(default_factory=list)  # prefill-sized forwards: tokens, seconds
     reads: list[tuple[str, int, float]] = field(default_factory=list)  # onboards: tier, bytes, seconds
     upkeep: list[tuple[int, float]] = field(default_factory=list)  # offloads and writes: blocks, seconds
 
     def __bool__(self) -> bool:
-        return bool(self.unreadable or self.dropped or self.steps or self.reads or self.upkeep)
+        return bool(self.unreadable or self.written or self.steps or self.reads or self.upkeep)
 
     def aggregate(self, other: Any) -> OffloadWorkerMetadata:
-        return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.dropped | other.dropped,
+        return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.written + other.written,
                                      self.steps + other.steps, self.reads + other.reads,
                                      self.upkeep + other.upkeep)
+
+
+class _ReportedWrites:
+    """kvbm.tiered.DiskWrites for the scheduler side: the disk writes the workers report done.
+    With tensor parallelism each rank writes its own part of a block to its own directory; the
+    block is on disk once every rank's part is (and failed if any rank's failed)."""
+
+    def __init__(self, ranks: int) -> None:
+        self.ranks = ranks
+        self._partial: dict[int, tuple[int, bool]] = {}  # block hash -> (ranks reported, all ok)
+        self._done: list[tuple[int, bool]] = []
+
+    def report(self, results: Iterable[tuple[int, bool]]) -> None:
+        for h, ok in results:
+            seen, good = self._partial.pop(h, (0, True))
+            seen, good = seen + 1, good and ok
+            if seen >= self.ranks:
+                self._done.append((h, good))
+            else:
+                self._partial[h] = (seen, good)
+
+    def completed(self) -> list[tuple[int, bool]]:
+        done, self._done = self._done, []
+        return done
 
 
 # -------------------------------------------------------------------------------- stats
@@ -317,7 +346,8 @@ class _SchedulerSide:
         # the two as they are, unweighted by the step's requests.
         config = dataclasses.replace(config, onboard_cost_sharing=False)
         self._events: list[KvEventData] = []
-        self.cache = TieredCache(config, self.block_bytes, self._events.append,
+        self._written = _ReportedWrites(layout.tp_size)
+        self.cache = TieredCache(config, self.block_bytes, self._events.append, disk_writes=self._written,
                                  block_size_tokens=self.block_size)
         if root is not None and self.cache.disk is not None:
             # Only reads headers (a restart's or a neighbour's files); the worker side writes.
@@ -409,9 +439,9 @@ class _SchedulerSide:
 
     def build_meta(self, lost_blocks: list[int], step_tokens: int) -> OffloadMetadata:
         plan = self.cache.take_plan()
-        # Plans run on the workers in step order, and nothing of a plan outlives the step
-        # that carries it (disk writes queued there are readable at once): its pins can go now
-        # (the cache has no DiskWrites: its writes count as done once taken).
+        # Plans run on the workers in step order, their copies in order on one stream, so a
+        # later plan's copies follow this one's: its pins can go now. Disk writes, which the
+        # disk thread reads from host slots, keep theirs until the workers report them done.
         self.cache.finish(plan)
         return OffloadMetadata(
             writes=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.writes],
@@ -428,10 +458,9 @@ class _SchedulerSide:
         for h in meta.unreadable:
             log.warning("kvbm: disk block %016x unreadable; recomputed", h)
             self.cache.forget_disk(h)
-        for h in meta.dropped:
-            self.cache.stats.skip(DISK, "write_failed")
-            self.cache.forget_disk(h)
+        self._written.report(meta.written)
         cache = self.cache
+        cache.writes_done(self._written.completed())  # before the next lookups: announced now
         for tokens, seconds in meta.steps:
             cache.observe_step(tokens, seconds)
         for tier, nbytes, seconds in meta.reads:
@@ -487,145 +516,87 @@ class _SchedulerSide:
 
 
 class _WorkerSide:
-    """Moves whole blocks, every layer, between vLLM's KV cache tensors and the tiers. A block
-    of one layer is whatever vLLM's attention backend keeps at one index of the tensor's block
-    dimension (K and V together; kept as it is: files are read back only by vLLM workers)."""
+    """Moves whole blocks, every layer, between vLLM's KV cache tensors and the tiers through
+    kvbm.plan_executor (as the built-in engine does: on a GPU, copies on a side stream the
+    forward pass waits for only where it must). A block of one layer is whatever vLLM's
+    attention backend keeps at one index of the tensor's block dimension (K and V together, or
+    K and V apart where the tensor is [2, num_blocks, ...]); host slots and files keep those
+    bytes as they are (files are read back only by vLLM workers)."""
 
     def __init__(self, config: KvbmConfig, layout: KvLayoutSpec, layer_names: Sequence[str], num_blocks: int) -> None:
         self.config = config
         self.layout = layout
         self.layer_names = list(layer_names)
         self.num_blocks = num_blocks
-        self.layers: list[torch.Tensor] = []
-        self.block_dims: list[int] = []
-        self.host: HostStore | None = None
-        self.disk: DiskStore | None = None
+        self.executor: PlanExecutor | None = None
         self._lost: set[int] = set()  # device blocks of this step that could not be loaded
-        self._unreadable: set[int] = set()
-        self._dropped: set[int] = set()
         self._transfer: dict[str, list[float]] = {}
-        self._measured = OffloadWorkerMetadata()  # cost samples not yet reported
+        self._measured = OffloadWorkerMetadata()  # not yet reported
         self._step_tokens = 0  # of the step whose plan ran last
         self._forward: ForwardTimer | None = None
+
+    @property
+    def host(self) -> HostStore | None:
+        return self.executor.host if self.executor is not None else None
+
+    @property
+    def disk(self) -> DiskStore | None:
+        return self.executor.disk if self.executor is not None else None
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
         names = [n for n in self.layer_names if n in kv_caches] or list(kv_caches)
         per_block = 2 * elements_per_layer(self.layout)
+        pieces: list[torch.Tensor] = []
         for name in names:
             t = kv_caches[name]
-            dims = [d for d in (0, 1) if t.dim() > d and t.shape[d] == self.num_blocks]
-            if not dims or t.select(dims[0], 0).numel() != per_block:
+            if t.dim() > 0 and t.shape[0] == self.num_blocks and t[0].numel() == per_block:
+                pieces.append(t)  # [num_blocks, ...]: K and V of a block together
+            elif t.dim() > 1 and t.shape[:2] == (2, self.num_blocks) and 2 * t[0, 0].numel() == per_block:
+                pieces += [t[0], t[1]]  # [2, num_blocks, ...]: K and V apart (FlashAttention)
+            else:
                 raise ValueError(f"KVBM: unexpected vLLM KV cache shape {tuple(t.shape)} for layer {name}")
-            self.layers.append(t)
-            self.block_dims.append(dims[0])
-        first = self.layers[0]
+        first = pieces[0]
         self._forward = ForwardTimer(first.device)
-        size = block_bytes(self.layout)
-        capacity = self.config.host_capacity_blocks(size)
+        cuda = first.device.type == "cuda"
+        capacity = self.config.host_capacity_blocks(block_bytes(self.layout))
+        host = None
         if capacity > 0:
-            self.host = HostStore(capacity, len(self.layers), elements_per_layer(self.layout), first.dtype,
-                                  pin=first.device.type == "cuda")
+            host = HostStore(capacity, len(names), elements_per_layer(self.layout), first.dtype, pin=cuda)
+        disk = None
         root = disk_root(self.config, self.layout)
         if root is not None:
-            store = DiskStore(root, self.layout, self.config.disk_queue_blocks)
-            store.start()
-            self.disk = store
+            disk = DiskStore(root, self.layout, self.config.disk_queue_blocks, report_writes=True)
+            disk.start()
+        self.executor = PlanExecutor(self.layout, pieces, host, disk, flush_blocks=self.config.offload_flush_blocks,
+                                     disk_queue_blocks=self.config.disk_queue_blocks)
         log.info("kvbm: vLLM connector with %d host blocks%s", capacity,
-                 f", disk tier in {self.disk.dir}" if self.disk else "")
+                 f", disk tier in {disk.dir}" if disk else "")
 
-    # ---------------------------------------------------------------------------- copies
-
-    def _slots(self) -> torch.Tensor:
-        assert self.host is not None
-        return self.host.data.view(self.host.capacity_blocks, len(self.layers), -1)
-
-    def gather(self, block_ids: Sequence[int]) -> torch.Tensor:
-        """Device blocks as a [n, layers, 2E] CPU tensor."""
-        n = len(block_ids)
-        out = torch.empty((n, len(self.layers), 2 * elements_per_layer(self.layout)), dtype=self.layers[0].dtype)
-        for i, (t, d) in enumerate(zip(self.layers, self.block_dims)):
-            idx = torch.tensor(block_ids, dtype=torch.long, device=t.device)
-            out[:, i].copy_(t.index_select(d, idx).movedim(d, 0).reshape(n, -1))
-        return out
-
-    def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
-        """Write a [n, layers, 2E] CPU tensor into device blocks."""
-        n = len(block_ids)
-        for i, (t, d) in enumerate(zip(self.layers, self.block_dims)):
-            idx = torch.tensor(block_ids, dtype=torch.long, device=t.device)
-            shape = t.select(d, 0).shape
-            src = data[:, i].reshape(n, *shape).to(t.device, non_blocking=False).movedim(0, d)
-            t.index_copy_(d, idx, src)
+    # --------------------------------------------------------------------------- the plan
 
     def execute(self, meta: OffloadMetadata) -> None:
         self._lost.update(meta.lost_blocks)
         self._step_tokens = meta.step_tokens
-        if not meta:
+        if not meta or self.executor is None:
             return
-        started = time.perf_counter()
-        if meta.writes:
-            assert self.disk is not None
-            slots = self._slots()
-            for h, parent, slot in meta.writes:  # slots earlier plans filled, pinned until now
-                self._write(h, parent, slots[slot].clone())
-        if meta.offloads:
-            data = self.gather([op[0] for op in meta.offloads])
-            to_host = [i for i, op in enumerate(meta.offloads) if op[3] == HOST]
-            if to_host:
-                self._slots()[torch.tensor([meta.offloads[i][4] for i in to_host])] = data[to_host]
-            for i, (_, h, parent, tier, _) in enumerate(meta.offloads):
-                if tier == DISK:
-                    self._write(h, parent, data[i].clone())
-            self._time("offload", data.numel() * data.element_size(), started)
-        if meta.writes or meta.offloads:
-            # In line, before the forward pass: all of it held up the step.
-            self._measured.upkeep.append((len(meta.writes) + len(meta.offloads), time.perf_counter() - started))
-        if meta.onboards:
-            loaded = time.perf_counter()
-            rows: list[torch.Tensor] = []
-            targets: list[int] = []
-            from_host = [op for op in meta.onboards if op[1] == HOST]
-            if from_host:
-                rows.append(self._slots()[torch.tensor([op[2] for op in from_host])])
-                targets.extend(op[3] for op in from_host)
-            shape = (2 * self.layout.num_layers, elements_per_layer(self.layout))
-            disk_read, reading = 0, time.perf_counter()
-            for h, tier, _, block in meta.onboards:
-                if tier != DISK:
-                    continue
-                assert self.disk is not None
-                buf = torch.empty(shape, dtype=self.layers[0].dtype)
-                if self.disk.read(h, buf):
-                    rows.append(buf.view(1, len(self.layers), -1))
-                    targets.append(block)
-                    disk_read += buf.numel() * buf.element_size()
-                else:
-                    self._unreadable.add(h)
-                    self._lost.add(block)
-            if disk_read:
-                # The cost model's disk read ends in host memory; the copy up is the host part.
-                self._measured.reads.append((DISK, disk_read, time.perf_counter() - reading))
-            if targets:
-                copied = time.perf_counter()
-                data = torch.cat(rows) if len(rows) > 1 else rows[0]
-                self.scatter(targets, data)  # synchronous
-                nbytes = data.numel() * data.element_size()
-                self._measured.reads.append((HOST, nbytes, time.perf_counter() - copied))
-                self._time("onboard", nbytes, loaded)
-        if meta.deletes:
-            assert self.disk is not None
-            for h in meta.deletes:
-                self.disk.delete(h)
-
-    def _write(self, h: int, parent: int | None, data: torch.Tensor) -> None:
-        assert self.disk is not None
-        if not self.disk.write(h, parent, data.view(2 * self.layout.num_layers, -1)):
-            self._dropped.add(h)
-
-    def _time(self, direction: str, nbytes: int, started: float) -> None:
-        entry = self._transfer.setdefault(direction, [0, 0.0])
-        entry[0] += nbytes
-        entry[1] += time.perf_counter() - started
+        plan = TransferPlan(
+            writes=[WriteOp(h, parent, slot) for h, parent, slot in meta.writes],
+            offloads=[OffloadOp(block, h, parent, tier, slot) for block, h, parent, tier, slot in meta.offloads],
+            onboards=[OnboardOp(h, tier, slot, block) for h, tier, slot, block in meta.onboards],
+            deletes=[DeleteOp(h) for h in meta.deletes],
+        )
+        done = self.executor.execute(plan)
+        measured = self._measured
+        self._lost.update(done.failed)
+        measured.unreadable.update(done.unreadable)
+        measured.reads += done.reads
+        if (plan.writes or plan.offloads) and plan.upkeep_s is not None:
+            # In line, before the forward pass: what it held up the step.
+            measured.upkeep.append((len(plan.writes) + len(plan.offloads), plan.upkeep_s))
+        if done.onboard_bytes:
+            entry = self._transfer.setdefault("onboard", [0, 0.0])
+            entry[0] += done.onboard_bytes
+            entry[1] += done.elapsed
 
     # --------------------------------------------------------------------- step results
 
@@ -647,10 +618,11 @@ class _WorkerSide:
         measured = self._measured
         if self._forward is not None:
             measured.steps.extend(self._forward.take())
-        measured.unreadable, measured.dropped = self._unreadable, self._dropped
+        if self.disk is not None:
+            measured.written.extend(self.disk.completed())
         if not measured:
             return None
-        self._measured, self._unreadable, self._dropped = OffloadWorkerMetadata(), set(), set()
+        self._measured = OffloadWorkerMetadata()
         return measured
 
     def stats(self) -> KvbmConnectorStats | None:
@@ -661,9 +633,10 @@ class _WorkerSide:
         return KvbmConnectorStats({EXTRA_KEY: body})
 
     def shutdown(self) -> None:
-        if self.disk is not None:
-            self.disk.stop()  # queued writes are what a restart finds
-            self.disk = None
+        disk = self.disk
+        if disk is not None:
+            disk.stop()  # queued writes are what a restart finds
+            self.executor = None
 
 
 # ----------------------------------------------------------------------------- connector
