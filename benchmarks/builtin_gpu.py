@@ -32,7 +32,7 @@ from workers.builtin.sampling import SampleRow, SamplingParams  # noqa: E402
 
 GREEDY = SampleRow(SamplingParams(), None)
 BLOCK = 16
-SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+SHAPE: dict[str, Any] = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=32, num_key_value_heads=8, head_dim=64)
 
 
@@ -62,13 +62,17 @@ def random_llama(device: torch.device) -> tuple[Any, ModelConfig]:
     """transformers' Llama with random bf16 weights, and our config of the same shape."""
     import transformers
 
-    cfg = transformers.LlamaConfig(
+    # rope_theta: the config's typed fields lack it, but its __init__ takes it (transformers 5
+    # moves it into rope_parameters).
+    cfg = transformers.LlamaConfig(  # type: ignore[call-arg]
         **SHAPE, max_position_embeddings=4096, rope_theta=500000.0, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0,
     )
     torch.manual_seed(0)
     with torch.device(device):
-        hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+        # PreTrainedModel.to is typed through functools.wraps(Module.to), as if unbound.
+        hf = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()  # type: ignore[arg-type]
+    assert cfg.num_key_value_heads is not None  # filled in from num_attention_heads when not given
     mc = ModelConfig(
         model_dir=Path("."), architecture="LlamaForCausalLM", vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -357,9 +361,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             # Each replay right after its runner's own timed steps: the static inputs then hold
             # a real step (a fresh runner's hold padding, which reads no KV).
             row["variants"] = {}
-            for label, r in variants.items():
-                step = bench_decode_overlapped(r, b, args.prompt_len, args.steps, mc.vocab_size, device)["step_ms"]
-                row["variants"][label] = {"overlapped_step_ms": step, "replay_ms": replay_ms(r, b)}
+            for label, runner in variants.items():
+                step = bench_decode_overlapped(runner, b, args.prompt_len, args.steps, mc.vocab_size, device)["step_ms"]
+                row["variants"][label] = {"overlapped_step_ms": step, "replay_ms": replay_ms(runner, b)}
             row["ours_graphs_overlapped_again"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
             row["ours_graph_replay_ms_again"] = replay_ms(graphed, b)
         if not args.no_reference:

@@ -38,7 +38,7 @@ from workers.builtin.args import BuiltinConfig  # noqa: E402
 from workers.builtin.config import ModelConfig  # noqa: E402
 from workers.builtin.engine import BuiltinEngine  # noqa: E402
 
-QWEN3_0_6B = {
+QWEN3_0_6B: dict[str, Any] = {
     "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
     "hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
     "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960, "rope_theta": 1000000.0,
@@ -56,7 +56,9 @@ def workload(num_seqs: int, lo: int, hi: int, max_id: int = 10000, seed: int = 0
 
 
 async def run_engine(config: BuiltinConfig, work: list[tuple[list[int], int]], temperature: float) -> dict[str, Any]:
-    async with BuiltinEngine(config) as eng:
+    # Bound before `async with`: Engine.__aenter__ is typed as returning the base Engine.
+    eng = BuiltinEngine(config)
+    async with eng:
         # Warm-up: one short request (first-call compilations, allocator growth).
         warm = PreprocessedRequest(request_id="warm", model="m", token_ids=work[0][0][:64],
                                    sampling=SamplingOptions(temperature=temperature),
@@ -159,7 +161,7 @@ def main() -> None:
         base = dict(model=tmp, load_format="dummy", device=device, max_num_seqs=256,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16)
         for mode in args.modes:
-            config = BuiltinConfig(**base, overlap_schedule=mode == "overlap")  # type: ignore[arg-type]
+            config = BuiltinConfig(**base, overlap_schedule=mode == "overlap")
             r = asyncio.run(run_engine(config, work, args.temperature))
             res[f"engine_{mode}"] = r
             print(mode, r, flush=True)
@@ -168,7 +170,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         mean_ctx = int(statistics.mean(len(p_) + out / 2 for p_, out in work))
         if args.runner_steps:
-            res["runner_only"] = runner_only(BuiltinConfig(**base), min(256, args.num_seqs), mean_ctx, args.runner_steps)  # type: ignore[arg-type]
+            res["runner_only"] = runner_only(BuiltinConfig(**base), min(256, args.num_seqs), mean_ctx, args.runner_steps)
             print("runner only", res["runner_only"], flush=True)
     if device == "cuda":
         from workers.builtin.config import load_model_config

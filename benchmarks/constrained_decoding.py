@@ -32,12 +32,13 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
@@ -50,7 +51,7 @@ from workers.builtin.testing_models import TinyModelSpec, build_random_model  # 
 from workers.structured.masks import MaskFiller  # noqa: E402
 from workers.structured.matcher import GrammarMatcher  # noqa: E402
 
-ITEM = {
+ITEM: dict[str, Any] = {
     "type": "object",
     "properties": {
         "id": {"type": "integer", "minimum": 0, "maximum": 9999},
@@ -93,9 +94,9 @@ class Timers:
         original_fill = MaskFiller.fill
         seconds = self.seconds
 
-        def fill(filler: MaskFiller, bitmask: Any, rows: Any) -> None:
+        def fill(self: MaskFiller, bitmask: np.ndarray, rows: Sequence[tuple[int, GrammarMatcher]]) -> None:
             start = time.perf_counter()
-            original_fill(filler, bitmask, rows)
+            original_fill(self, bitmask, rows)
             if threading.current_thread().name.startswith("grammar-fill"):
                 seconds["fill_ahead"] += time.perf_counter() - start
 
@@ -163,7 +164,9 @@ async def measure(args: argparse.Namespace, batch: int) -> dict[str, Any]:
     config = BuiltinConfig(model=args.model, device=args.device, dtype=args.dtype, num_gpu_blocks=args.blocks,
                            max_num_seqs=max(batch, 1), enforce_eager=args.enforce_eager)
     out: dict[str, Any] = {"batch": batch}
-    async with BuiltinEngine(config) as engine:
+    # Bound before `async with`: Engine.__aenter__ is typed as returning the base Engine.
+    engine = BuiltinEngine(config)
+    async with engine:
         await run_once(engine, batch, 8, False)  # warm-up: graphs, allocator, compile cache
         await run_once(engine, batch, 8, True)
         runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
@@ -217,7 +220,7 @@ def penalty_counts(device: torch.device, vocab: int, batch: int, lengths: list[i
             got.scatter_add_(0, index, torch.ones(len(flat), device=device))
             return got.view(batch, vocab)
 
-        row = {"vocab": vocab, "batch": batch, "output_tokens": length}
+        row: dict[str, float] = {"vocab": vocab, "batch": batch, "output_tokens": length}
         for name, fn in (("incremental_ms", incremental), ("rebuild_ms", rebuild)):
             fn(0)
             if device.type == "cuda":

@@ -68,7 +68,7 @@ def sync_all() -> None:
         torch.cuda.synchronize(i)
 
 
-def timed(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     """(best, median) seconds, wall clock around fn plus a sync of both GPUs: what a sender
     that announces completion afterwards pays, launch and sync included."""
     fn()

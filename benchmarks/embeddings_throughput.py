@@ -22,6 +22,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +88,9 @@ def hf(model_dir: Path, args: argparse.Namespace) -> dict[str, object]:
     return asyncio.run(measure(embed, args))
 
 
-async def measure(embed, args: argparse.Namespace) -> dict[str, object]:  # type: ignore[no-untyped-def]
+async def measure(
+    embed: Callable[[list[list[int]]], Awaitable[np.ndarray]], args: argparse.Namespace
+) -> dict[str, object]:
     results: dict[str, object] = {}
     probe = inputs_for(64, args.input_tokens, seed=1)
     results["probe"] = await embed(probe)

@@ -33,8 +33,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 MASK = (1 << 63) - 1
@@ -88,14 +89,14 @@ class Workload:
                 self.churn.append((w, "removed", tail, None))
             # The new sequence shares a system prompt this worker already holds, as a new
             # conversation would, so its event's parent is known to both indexes.
-            new = list(seq[:prefix_blocks])
-            parent = new[-1][1]
+            fresh = list(seq[:prefix_blocks])
+            parent = fresh[-1][1]
             for _ in range(EVENT_BLOCKS):
                 local = rng.getrandbits(63)
                 parent = chain(parent, local)
-                new.append((local, parent))
-            seqs.append(new)
-            self.churn.append((w, "stored", new[prefix_blocks:], new[prefix_blocks - 1][1]))
+                fresh.append((local, parent))
+            seqs.append(fresh)
+            self.churn.append((w, "stored", fresh[prefix_blocks:], fresh[prefix_blocks - 1][1]))
         # Queries: follow one worker's stored sequence for a random depth, then diverge.
         self.queries: list[list[tuple[int, int]]] = []
         for _ in range(queries):
@@ -166,6 +167,7 @@ def run_dynamo(wl: Workload) -> dict[str, Any]:
         out = []
         for w, kind, blocks, parent in events:
             next_id[w] += 1
+            data: dict[str, Any]
             if kind == "stored":
                 data = {"stored": {"parent_hash": parent, "blocks": [{"block_hash": c, "tokens_hash": l} for l, c in blocks]}}
             else:
@@ -182,7 +184,19 @@ def run_dynamo(wl: Workload) -> dict[str, Any]:
     )
 
 
-def _measure(wl: Workload, wire, apply, queries, match, entries) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+# What one side's wire() encodes an event into and its apply() takes: bytes for ours, a
+# (worker, JSON) pair for Dynamo's RadixTree.
+_Payload = TypeVar("_Payload")
+
+
+def _measure(
+    wl: Workload,
+    wire: Callable[[list[tuple[int, str, list[tuple[int, int]], int | None]]], list[_Payload]],
+    apply: Callable[[_Payload], object],
+    queries: list[list[int]],
+    match: Callable[[list[int]], Mapping[int, int]],
+    entries: Callable[[], int | None],
+) -> dict[str, Any]:
     import gc
 
     build = wire(wl.build)

@@ -356,7 +356,8 @@ def instrument_held(kvbm: Any, tally: dict[str, list[float]]) -> None:
         tally[key] = [0.0, 0.0]
     tally["held_reading_max"] = [0.0, 0.0]
     tally["held_done_to_admit_max"] = [0.0, 0.0]
-    cls = disk_tier.BlockReads
+    # Any, as wrap()'s obj: its methods are replaced and a marker attribute added at run time.
+    cls: Any = disk_tier.BlockReads
     if not getattr(cls, "_profiled", False):
         init, finish = cls.__init__, cls._finish
 

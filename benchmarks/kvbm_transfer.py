@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from kvbm.copy_engine import BlockCopier  # noqa: E402
 MiB = 1 << 20
 
 
-def timed(fn, repeat: int = 5) -> float:  # type: ignore[no-untyped-def]
+def timed(fn: Callable[[], object], repeat: int = 5) -> float:
     """Best wall time of `fn` over `repeat` runs, synchronised."""
     best = float("inf")
     fn()

@@ -72,7 +72,8 @@ def arrivals(trace: list[tuple[float, float]], seed: int) -> list[float]:
     rng = random.Random(seed)
     peak = max(r for _, r in trace)
     end = trace[-1][0]
-    t, out = 0.0, []
+    t = 0.0
+    out: list[float] = []
     while True:
         t += rng.expovariate(peak)
         if t >= end:
@@ -296,7 +297,9 @@ def main() -> None:
     print(f"{'policy':10} {'requests':>8} {'failed':>6} {'SLA %':>6} {'TTFT p50':>9} {'TTFT p90':>9} "
           f"{'GPU-s':>7} {'mean wk':>7} {'max wk':>6}")
     for r in rows:
-        print(f"{r['policy']:10} {r['requests']:>8} {r['failed']:>6} {100 * r['sla_attainment']:>6.1f} "
+        sla = r["sla_attainment"]
+        assert isinstance(sla, float)
+        print(f"{r['policy']:10} {r['requests']:>8} {r['failed']:>6} {100 * sla:>6.1f} "
               f"{r['ttft_p50_s'] or 0:>9.2f} {r['ttft_p90_s'] or 0:>9.2f} {r['gpu_seconds']:>7} "
               f"{r['mean_workers']:>7} {r['max_workers']:>6}")
     if args.out:

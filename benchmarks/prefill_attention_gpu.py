@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -28,6 +28,17 @@ from workers.builtin.attention import SdpaPagedAttention, SeqSlice, TritonPagedA
 BLOCK = 16
 # The ~1.1B Llama shape of builtin_gpu.py: 32 query heads over 8 KV heads of 64.
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 64
+
+
+class Tiling(TypedDict, total=False):
+    """Keyword overrides of gpu_kernels.paged_prefill_attention's launch; absent: its default."""
+
+    rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
 # (name, [(cached, new)] per sequence)
 SHAPES: list[tuple[str, list[tuple[int, int]]]] = [
     ("4 prompts x 512", [(0, 512)] * 4),
@@ -80,7 +91,7 @@ def host_ms(build: Any, device: torch.device, reps: int) -> float:
 
 
 def run_shape(name: str, shape: list[tuple[int, int]], device: torch.device, dtype: torch.dtype,
-              tilings: list[dict[str, int]], reps: int) -> dict[str, Any]:
+              tilings: list[Tiling], reps: int) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     per_seq = [-(-(c + n) // BLOCK) for c, n in shape]
     num_blocks = sum(per_seq) + 1
@@ -101,6 +112,8 @@ def run_shape(name: str, shape: list[tuple[int, int]], device: torch.device, dty
         sdpa_meta = sdpa.build_metadata(seqs, BLOCK, device)
         meta = triton_backend.build_metadata(seqs, BLOCK, device)
         assert meta.seq_lens is not None and meta.query_starts is not None
+        # Bound here: the assert's narrowing of meta's attributes does not reach step() below.
+        seq_lens, query_starts = meta.seq_lens, meta.query_starts
         ref = sdpa.forward(q, k, v, k_cache, v_cache, sdpa_meta, scale).float()
         out: dict[str, Any] = {"shape": name, "tokens": tokens, "GFLOP": round(flops(shape) / 1e9, 2)}
         out["sdpa_ms"] = bench(lambda: sdpa.forward(q, k, v, k_cache, v_cache, sdpa_meta, scale), device, reps)
@@ -108,12 +121,12 @@ def run_shape(name: str, shape: list[tuple[int, int]], device: torch.device, dty
             "sdpa": host_ms(lambda: sdpa.build_metadata(seqs, BLOCK, device), device, reps),
             "triton": host_ms(lambda: triton_backend.build_metadata(seqs, BLOCK, device), device, reps),
         }
-        runs = []
+        runs: list[dict[str, Any]] = []
         for t in tilings:
             def step() -> torch.Tensor:
                 gpu_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
                 return gpu_kernels.paged_prefill_attention(
-                    q, k_cache, v_cache, meta.block_tables, meta.seq_lens, meta.query_starts, scale, **t
+                    q, k_cache, v_cache, meta.block_tables, seq_lens, query_starts, scale, **t
                 )
             try:
                 err = float((step().float() - ref).norm() / ref.norm())
@@ -137,7 +150,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    tilings: list[dict[str, int]] = [{}]  # the kernel's defaults
+    tilings: list[Tiling] = [{}]  # the kernel's defaults
     if not (args.smoke or args.no_sweep):
         tilings += [
             {"rows": rows, "block_n": bn, "num_warps": w, "num_stages": st}

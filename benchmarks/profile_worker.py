@@ -98,9 +98,9 @@ async def profile(args: argparse.Namespace) -> PerfModel:
         decode = []
         for context in _ints(args.context):
             for batch in _ints(args.batch):
-                point = await p.decode(batch, context, args.decode_tokens)
-                decode.append(point)
-                print(f"decode batch {batch:4d} context {context:6d}: itl {point.itl_s * 1000:7.2f} ms", flush=True)
+                decode_point = await p.decode(batch, context, args.decode_tokens)
+                decode.append(decode_point)
+                print(f"decode batch {batch:4d} context {context:6d}: itl {decode_point.itl_s * 1000:7.2f} ms", flush=True)
     finally:
         await p.aclose()
     return PerfModel(

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dynamo.runtime.embedded import EmbeddedRequestPlane  # noqa: E402
 from dynamo.runtime.nats_planes import NatsConnection, NatsRequestPlane  # noqa: E402
-from dynamo.runtime.planes import RequestContext, RequestPlane  # noqa: E402
+from dynamo.runtime.planes import Handler, RequestContext, RequestPlane  # noqa: E402
 from dynamo.runtime.tcp_plane import TcpRequestPlane  # noqa: E402
 from dynamo.wire import EngineOutput, encode  # noqa: E402
 
@@ -31,7 +31,7 @@ ADDRESS = "bench.backend.generate.1"
 FRAME = encode(EngineOutput(token_ids=[31337]))
 
 
-def make_handler(frames: int):  # type: ignore[no-untyped-def]
+def make_handler(frames: int) -> Handler:
     async def handler(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         for _ in range(frames):
             yield FRAME

@@ -10,7 +10,7 @@ import json
 import math
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 try:  # msgspec decodes the per-chunk JSON several times faster than json; optional
@@ -57,7 +57,7 @@ class RawConnection:
             self.writer.close()
             self.reader = self.writer = None
 
-    async def post_stream(self, path: str, body: bytes) -> AsyncIterator[tuple[int, bytes]]:
+    async def post_stream(self, path: str, body: bytes) -> AsyncGenerator[tuple[int, bytes], None]:
         """Yields (status, body piece) as pieces arrive; the status repeats on every piece."""
         if self.writer is None or self.writer.is_closing():
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
@@ -123,7 +123,7 @@ class HttpxConnection:
     async def close(self) -> None:
         pass
 
-    async def post_stream(self, path: str, body: bytes) -> AsyncIterator[tuple[int, bytes]]:
+    async def post_stream(self, path: str, body: bytes) -> AsyncGenerator[tuple[int, bytes], None]:
         headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
         async with self.client.stream("POST", path, content=body, headers=headers) as resp:  # type: ignore[attr-defined]
             async for piece in resp.aiter_raw():

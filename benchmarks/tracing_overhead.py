@@ -208,7 +208,9 @@ def main() -> None:
                     )  # fmt: skip
                     row = measure(stack, config)
                     req_s = float(row["req_per_s"])  # type: ignore[arg-type]
-                    workers = sum(v for k, v in row["stack_cpu_cores_by_process"].items() if k.startswith("worker"))  # type: ignore[union-attr]
+                    by_process = row["stack_cpu_cores_by_process"]
+                    assert isinstance(by_process, dict)
+                    workers = sum(v for k, v in by_process.items() if k.startswith("worker"))
                     row["worker_cpu_ms_per_req"] = round(1000 * workers / req_s, 3) if req_s else None
                     row["round"] = r
                     rows.append(row)

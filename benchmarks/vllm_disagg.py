@@ -36,7 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.vllm_kvbm import BLOCK, build_model, prompt  # noqa: E402
+from vllm_kvbm import BLOCK, build_model, prompt  # noqa: E402  (benchmarks/ is sys.path[0])
 from tests.e2e.procs import Stack, base_env, free_port, http_ok, wait_until  # noqa: E402
 
 MODEL = "bench"

@@ -89,8 +89,11 @@ def markdown(rows: list[dict[str, object]], levels: list[int]) -> str:
         o, v = by["ours"], by["vllm"]
 
         def ratio(key: str, q: str | None = None) -> str:
-            a = o[key][q] if q else o[key]  # type: ignore[index]
-            b = v[key][q] if q else v[key]  # type: ignore[index]
+            a, b = o[key], v[key]
+            if q:
+                assert isinstance(a, dict) and isinstance(b, dict)
+                a, b = a[q], b[q]
+            assert isinstance(a, (int, float)) and isinstance(b, (int, float))
             return f"{float(a) / float(b):.3f}" if float(b) else "n/a"
 
         lines.append(f"| {level} | {ratio('req_per_s')} | {ratio('ttft_ms', 'p50')} | {ratio('itl_ms', 'p50')} | {ratio('itl_ms', 'p99')} |")

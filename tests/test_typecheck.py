@@ -1,6 +1,6 @@
-"""The type check of the packages (dynamo, frontend, router, workers, kvbm, serve, planner), run as part
-of the test command: mypy with pyproject.toml's [tool.mypy] configuration. About 50 s of CPU
-from a cold cache, a few seconds with .mypy_cache warm."""
+"""The type check of the packages (dynamo, frontend, router, workers, kvbm, serve, planner) and the
+benchmark scripts, run as part of the test command: mypy with pyproject.toml's [tool.mypy]
+configuration. About 50 s of CPU from a cold cache, a few seconds with .mypy_cache warm."""
 
 from __future__ import annotations
 
