@@ -214,9 +214,10 @@ class _ReportedWrites:
 
 def _empty_stats() -> dict[str, Any]:
     # skipped: {"tier/reason": blocks} (KvbmStats.skipped_by); decisions: {"tier/decision":
-    # blocks} (KvbmStats.decisions); estimates: the onboard cost model's (latest wins)
+    # blocks} (KvbmStats.decisions); estimates: the onboard cost model's (latest wins); plans:
+    # the model thread's seconds per executed plan (the dynamo_kvbm_plan_seconds histogram)
     return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
-            "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}}
+            "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}, "plans": []}
 
 # Counters keyed "tier/reason" or "tier/decision" (KvbmStats.skipped_by and .decisions, in
 # this order): summed when payloads aggregate.
@@ -226,8 +227,8 @@ _KEYED = ("skipped", "decisions")
 class KvbmConnectorStats(KVConnectorStats):
     """Counter deltas since the last report ({tier: n} tallies, {"tier/reason": n} ones), tier
     usage ({tier: [used, total]}) and the onboard cost model's estimates (latest wins both), and
-    worker-side transfer time ({direction: [bytes, seconds]}), under EXTRA_KEY so the worker
-    process finds them inside a MultiConnector's payload too."""
+    worker-side transfer time ({direction: [bytes, seconds]}) and plan times ([seconds]), under
+    EXTRA_KEY so the worker process finds them inside a MultiConnector's payload too."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__(data=data if data is not None else {EXTRA_KEY: _empty_stats()})
@@ -253,6 +254,7 @@ class KvbmConnectorStats(KVConnectorStats):
         for direction, (nbytes, seconds) in theirs["transfer"].items():
             b, s = mine["transfer"].get(direction, (0, 0.0))
             mine["transfer"][direction] = [b + nbytes, s + seconds]
+        mine["plans"] = mine.get("plans", []) + theirs.get("plans", [])
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -266,8 +268,8 @@ class KvbmConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         body = self.body
-        return not any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
-                                          "estimates", *_KEYED))
+        return not any(body.get(k) for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
+                                              "estimates", "plans", *_KEYED))
 
 
 def find_stats(payload: Any) -> dict[str, Any] | None:
@@ -319,6 +321,8 @@ class KvbmView:
                 metrics.tier(tier, used, total)
         for direction, (nbytes, seconds) in body["transfer"].items():
             stats.transfer(direction, nbytes, seconds)
+        for seconds in body.get("plans", ()):
+            stats.plan_executed(seconds)
 
 
 # ------------------------------------------------------------------------ scheduler side
@@ -531,6 +535,7 @@ class _WorkerSide:
         self.executor: PlanExecutor | None = None
         self._lost: set[int] = set()  # device blocks of this step that could not be loaded
         self._transfer: dict[str, list[float]] = {}
+        self._plans: list[float] = []  # seconds of each executed plan, not yet reported
         self._measured = OffloadWorkerMetadata()  # not yet reported
         self._step_tokens = 0  # of the step whose plan ran last
         self._forward: ForwardTimer | None = None
@@ -586,6 +591,7 @@ class _WorkerSide:
             deletes=[DeleteOp(h) for h in meta.deletes],
         )
         done = self.executor.execute(plan)
+        self._plans.append(done.elapsed)
         measured = self._measured
         self._lost.update(done.failed)
         measured.unreadable.update(done.unreadable)
@@ -626,10 +632,11 @@ class _WorkerSide:
         return measured
 
     def stats(self) -> KvbmConnectorStats | None:
-        if not self._transfer:
+        if not self._transfer and not self._plans:
             return None
         body = _empty_stats()
         body["transfer"], self._transfer = self._transfer, {}
+        body["plans"], self._plans = self._plans, []
         return KvbmConnectorStats({EXTRA_KEY: body})
 
     def shutdown(self) -> None:

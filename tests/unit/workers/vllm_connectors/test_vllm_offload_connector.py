@@ -164,6 +164,17 @@ def test_worker_host_round_trip_and_flash_layout() -> None:
         stats = worker.stats()
         # Offloads finish in the background on a GPU, as in the built-in engine: onboards are timed.
         assert stats is not None and set(stats.data[EXTRA_KEY]["transfer"]) == {"onboard"}
+        assert len(stats.data[EXTRA_KEY]["plans"]) == 2
+    # The plans' times reach dynamo_kvbm_plan_seconds in the worker process.
+    from prometheus_client import CollectorRegistry
+
+    from kvbm.metrics import KvbmMetrics
+
+    registry = CollectorRegistry()
+    view = KvbmView(KvbmConfig(host_blocks=4))
+    view.cache.bind_metrics(KvbmMetrics(registry, "m"))
+    view.apply(stats.to_dict())
+    assert registry.get_sample_value("dynamo_kvbm_plan_seconds_count", {"model": "m"}) == 2
 
 
 def test_worker_disk_round_trip_and_an_unreadable_file(tmp_path: Path) -> None:
