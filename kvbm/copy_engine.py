@@ -50,7 +50,10 @@ class BlockCopier:
     [slots, pieces, elements of a piece]."""
 
     def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], host: torch.Tensor | None,
-                 flush_blocks: int = 1, fused: bool | None = None, staging_bytes: int = STAGING_BYTES) -> None:
+                 flush_blocks: int = 1, fused: bool | None = None, staging_bytes: int = STAGING_BYTES,
+                 ring: bool | None = None) -> None:
+        """`ring`: make the offload ring (and compile its kernel) now; by default where there
+        is a host tier (gather_staged() uses it too: set it for a disk tier without one)."""
         self.layers = [t for pair in zip(k, v) for t in pair] if v else list(k)
         first = self.layers[0]
         self.device = first.device
@@ -82,7 +85,7 @@ class BlockCopier:
             # The staging buffers and the copy kernels now, not at the first offload and
             # onboard: compiling a kernel there stalled the model thread mid-serving (py-spy
             # on an H100, benchmarks/RESULTS.md "Where G3's cost is").
-            if self.host is not None:
+            if ring or (ring is None and self.host is not None):
                 self._ring = self._staging()
                 self._fused_ring().warm()
             self._inbuf = self._staging()
@@ -139,6 +142,22 @@ class BlockCopier:
             for i, layer in enumerate(self.layers):
                 out[:, i].copy_(layer.view(self.num_blocks, -1).index_select(0, idx))
         return out
+
+    def gather_staged(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """gather(), in one launch of the block-copy kernel into rows of the offload ring where
+        they fit (a per-layer gather is two launches a layer: ~2 ms of the model thread for a
+        1.1B model's disk-bound offloads, in the H100 profile of issue 21). The result may be
+        a view of ring rows, good until the next gather into the ring: queue its copy out
+        first (stream order then keeps the rows until it has read them)."""
+        n = len(block_ids)
+        if not self.fused or n == 0 or n > self.staging_rows:
+            return self.gather(block_ids)
+        start = self._ring_rows(n)
+        ring = self._ring
+        assert ring is not None
+        with self._on_stream():
+            self._fused_ring().copy(list(block_ids), [(start + i) * len(self.layers) for i in range(n)])
+        return ring[start : start + n]
 
     def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write a [n, 2L, E] device tensor into the cache's blocks."""

@@ -72,7 +72,8 @@ class PlanExecutor:
         self.width = len(pieces)
         host_rows = self.rows(host.data) if host is not None else None
         # Without a GPU the copies are synchronous: holding offloads back would save nothing.
-        self.copier = BlockCopier(pieces, [], host_rows, flush_blocks=flush_blocks if self.pin else 1)
+        self.copier = BlockCopier(pieces, [], host_rows, flush_blocks=flush_blocks if self.pin else 1,
+                                  ring=host is not None or disk is not None)
         self.write_staging: StagingPool | None = None
         if disk is not None:
             self.write_staging = StagingPool(max(1, min(disk_queue_blocks, WRITE_STAGING_BYTES // self.block_bytes)),
@@ -109,7 +110,8 @@ class PlanExecutor:
         disk_gathered = None
         if to_disk:
             assert disk is not None
-            disk_gathered = copier.gather([op.device_block for op in to_disk])
+            # Into ring rows: their download below is queued before any other ring gather.
+            disk_gathered = copier.gather_staged([op.device_block for op in to_disk])
             copier.mark_ready()
         from_host = [op for op in plan.onboards if op.tier == HOST]
         # A host slot this plan also offloads into is read only after that copy lands.

@@ -35,6 +35,10 @@ def test_cpu_passes_are_reported_once_with_their_tokens() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_passes_are_reported_after_the_device_ran_them() -> None:
     timer = ForwardTimer(torch.device("cuda"))
+    # Warm first, as an engine's passes are: a first matmul loads cuBLAS's kernels, which
+    # waited for the device on an H100 (the pass below then completed before take()).
+    work("cuda")
+    torch.cuda.synchronize()
     torch.cuda._sleep(50_000_000)  # the stream is busy: the pass below cannot have completed
     timer.start(256)
     work("cuda")

@@ -102,3 +102,21 @@ def test_gpu_round_trips_in_every_layout(tmp_path: Path) -> None:
         out = torch.empty(2 * LAYOUT.num_layers, E)
         assert disk.read(0xA, out) and torch.equal(out, want[0]), name
         assert disk.read(0xB, out) and torch.equal(out, want[1]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (the offload ring's copy kernel)")
+def test_gpu_disk_tier_without_a_host_tier_gathers_through_the_ring(tmp_path: Path) -> None:
+    pieces = [t.cuda() for t in kv_apart()]
+    disk = DiskStore(tmp_path, LAYOUT, report_writes=True)
+    disk.start()
+    ex = PlanExecutor(LAYOUT, pieces, None, disk)
+    assert ex.copier.fused and ex.copier._ring is not None  # made (and its kernel compiled) up front
+    want = [block(pieces, b).cpu() for b in range(BLOCKS)]
+    for b in range(BLOCKS):
+        ex.execute(TransferPlan(offloads=[OffloadOp(b, 0x100 + b, None, DISK, 0)]))
+        pieces[0][b].zero_()  # the next forward pass reuses the device block
+    disk.stop()
+    assert sorted(disk.completed()) == [(0x100 + b, True) for b in range(BLOCKS)]
+    out = torch.empty(2 * LAYOUT.num_layers, E)
+    for b in range(BLOCKS):
+        assert disk.read(0x100 + b, out) and torch.equal(out, want[b]), b
