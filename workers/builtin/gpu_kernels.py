@@ -226,8 +226,8 @@ def decode_split_k(projection: str, rows: int, weight: torch.Tensor, bias: torch
 
 # (largest batch, {projection: K slices}), in increasing batch order; measured with
 # benchmarks/builtin_gpu.py --compare-split-k (RESULTS.md, "Split-K"): on an H100, halving the
-# K of qkv, o and down made an overlapped decode step 2.8% / 1.9% / 1.8% shorter at batch
-# 1 / 32 / 128 (more CTAs for cuBLAS-sized skinny GEMMs, and no split-K reduce launch of its
+# K of qkv, o and down made an overlapped decode step 2.8-3.1% / 1.9-2.1% / 1.5-1.8% shorter
+# at batch 1 / 32 / 128 (more CTAs for cuBLAS-sized skinny GEMMs, and no split-K reduce launch of its
 # own: the partials are summed where they are consumed). Larger batches are unmeasured: off.
 DECODE_SPLIT_K: list[tuple[int, dict[str, int]]] = [(128, {"qkv": 2, "o": 2, "down": 2})]
 
