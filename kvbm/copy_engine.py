@@ -152,12 +152,23 @@ class BlockCopier:
         n = len(block_ids)
         if not self.fused or n == 0 or n > self.staging_rows:
             return self.gather(block_ids)
+        start = self._gather_to_ring(block_ids)
+        assert self._ring is not None
+        return self._ring[start : start + n]
+
+    def _gather_to_ring(self, block_ids: Sequence[int]) -> int:
+        """Gather the blocks into consecutive ring rows (one kernel launch where fused), on
+        the side stream; returns the first row."""
+        n = len(block_ids)
         start = self._ring_rows(n)
         ring = self._ring
         assert ring is not None
         with self._on_stream():
-            self._fused_ring().copy(list(block_ids), [(start + i) * len(self.layers) for i in range(n)])
-        return ring[start : start + n]
+            if self.fused:
+                self._fused_ring().copy(list(block_ids), [(start + i) * len(self.layers) for i in range(n)])
+            else:
+                self._gather_into(block_ids, ring[start : start + n])
+        return start
 
     def scatter(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
         """Write a [n, 2L, E] device tensor into the cache's blocks."""
@@ -186,14 +197,7 @@ class BlockCopier:
             staged = self.gather(block_ids) if n else None
             self._mark_ready()
             return staged, slots
-        start = self._ring_rows(n)
-        ring = self._ring
-        assert ring is not None
-        with self._on_stream():
-            if self.fused:
-                self._fused_ring().copy(list(block_ids), [(start + i) * len(self.layers) for i in range(n)])
-            else:
-                self._gather_into(block_ids, ring[start : start + n])
+        start = self._gather_to_ring(block_ids)
         self._mark_ready()
         self._pending.extend(zip(range(start, start + n), slots))
         return None, []

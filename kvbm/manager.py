@@ -20,7 +20,8 @@ import torch
 
 from kvbm.block_pool import KvEventSink
 from kvbm.config import KvbmConfig
-from kvbm.disk_tier import DiskReader, DiskStore
+from kvbm.copy_engine import BlockCopier
+from kvbm.disk_tier import DiskReader, DiskStore, StagingPool
 from kvbm.host_tier import HostStore
 from dynamo.wire import KvLayoutSpec
 from kvbm.layout import block_bytes, elements_per_layer
@@ -68,8 +69,19 @@ class KvBlockManager:
         self.executor = PlanExecutor(layout, [t for pair in zip(k, v) for t in pair], host, self.disk,
                                      flush_blocks=config.offload_flush_blocks,
                                      disk_queue_blocks=config.disk_queue_blocks, reader=self.reader)
-        # The executor's parts, as tests and the engine reach them.
-        self.host, self.copier, self.write_staging = host, self.executor.copier, self.executor.write_staging
+
+    # The executor's parts, as tests and the engine reach them.
+    @property
+    def host(self) -> HostStore | None:
+        return self.executor.host
+
+    @property
+    def copier(self) -> BlockCopier:
+        return self.executor.copier
+
+    @property
+    def write_staging(self) -> StagingPool | None:
+        return self.executor.write_staging
 
     # --------------------------------------------------------------------------- lifecycle
 

@@ -129,11 +129,7 @@ class Attention(nn.Module):
         its fp32 partials [parts, T, hidden], which the next norm sums."""
         tokens = x.shape[0]
         decode = fused_decode(meta)
-        parts = gpu_kernels.decode_split_k("qkv", tokens, self.qkv_proj.weight, self.qkv_proj.bias) if decode else 1
-        if parts > 1:  # partials, summed by the decode kernel as it reads them
-            qkv = gpu_kernels.split_k_linear(x, self.qkv_proj.weight, parts)
-        else:
-            qkv = self.qkv_proj(x)
+        qkv = project("qkv", self.qkv_proj, x, decode)  # partials: summed by the decode kernel
         # Qwen3's per-head norms come before RoPE, in the same kernel.
         qk_norm = None
         if self.q_norm is not None and self.k_norm is not None:
@@ -153,17 +149,23 @@ class Attention(nn.Module):
             )
             q = qkv[:, : self.q_size].view(tokens, self.num_heads, self.head_dim)
             out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        out = out.reshape(tokens, self.q_size)
-        parts = gpu_kernels.decode_split_k("o", tokens, self.o_proj.weight, self.o_proj.bias) if decode else 1
-        if parts > 1:  # partials, summed by the next norm as it reads them
-            return gpu_kernels.split_k_linear(out, self.o_proj.weight, parts)
-        return self.o_proj(out)
+        return project("o", self.o_proj, out.reshape(tokens, self.q_size), decode)  # partials: summed by the next norm
 
 
 def fused_decode(meta: AttentionMetadata) -> bool:
     """A pure-decode step on the fused path: RoPE inside the attention kernel, and projections
     that may be split (gpu_kernels.DECODE_SPLIT_K)."""
     return meta.query_starts is None and meta.seq_lens is not None and gpu_kernels.DECODE_FUSED_ROPE
+
+
+def project(name: str, linear: nn.Linear, x: torch.Tensor, decode: bool) -> torch.Tensor:
+    """linear(x); in a fused decode step (`decode`) whose `name` projection ("qkv", "o" or
+    "down") is split, its fp32 partials [parts, T, out] instead, which its consumer sums as it
+    reads them."""
+    parts = gpu_kernels.decode_split_k(name, x.shape[0], linear.weight, linear.bias) if decode else 1
+    if parts > 1:
+        return gpu_kernels.split_k_linear(x, linear.weight, parts)
+    return linear(x)
 
 
 class MLP(nn.Module):
@@ -204,11 +206,7 @@ class DecoderLayer(nn.Module):
         h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
         act = gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))
-        down = self.mlp.down_proj
-        parts = gpu_kernels.decode_split_k("down", x.shape[0], down.weight, down.bias) if fused_decode(meta) else 1
-        if parts > 1:
-            return gpu_kernels.split_k_linear(act, down.weight, parts), residual
-        return down(act), residual
+        return project("down", self.mlp.down_proj, act, fused_decode(meta)), residual
 
 
 class LlamaModel(nn.Module):

@@ -254,7 +254,7 @@ class KvbmConnectorStats(KVConnectorStats):
         for direction, (nbytes, seconds) in theirs["transfer"].items():
             b, s = mine["transfer"].get(direction, (0, 0.0))
             mine["transfer"][direction] = [b + nbytes, s + seconds]
-        mine["plans"] = mine.get("plans", []) + theirs.get("plans", [])
+        mine["plans"] = mine["plans"] + theirs["plans"]
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -268,8 +268,8 @@ class KvbmConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         body = self.body
-        return not any(body.get(k) for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
-                                              "estimates", "plans", *_KEYED))
+        return not any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
+                                          "estimates", "plans", *_KEYED))
 
 
 def find_stats(payload: Any) -> dict[str, Any] | None:
@@ -321,7 +321,7 @@ class KvbmView:
                 metrics.tier(tier, used, total)
         for direction, (nbytes, seconds) in body["transfer"].items():
             stats.transfer(direction, nbytes, seconds)
-        for seconds in body.get("plans", ()):
+        for seconds in body["plans"]:
             stats.plan_executed(seconds)
 
 
