@@ -32,9 +32,15 @@ def kernels() -> Any:
     return importlib.import_module("workers.builtin.triton_kernels")
 
 
-# The paged decode kernel's tiling (0: Triton's default). Two stages rather than Triton's three:
-# on an H100 9.7 against 13.2 us at 1 x 200 tokens, the same at 128 x 200 (issue 21's sweep).
-DECODE_BLOCK_N, DECODE_NUM_WARPS, DECODE_NUM_STAGES = 128, 0, 2
+# The paged decode kernel's tiling by batch: (largest batch, (keys a tile, warps, stages)), in
+# increasing batch order (0 warps: Triton's default). A graph's batch is fixed at capture, its
+# contexts are not, so a tiling is chosen per batch. Up to 32 rows, 128 keys and two stages
+# rather than Triton's three: on an H100 9.7 against 13.2 us at 1 x 200 tokens (issue 21's
+# sweep); 64 keys and two warps at 1 or 32 rows made the overlapped decode step 2.4% / 0-0.5%
+# longer. Above 32 rows those made it 0.3-1.1% shorter at 64 rows and 1.5-1.7% at 128; 32-key
+# tiles, 21% faster in the kernel's own sweep at 128 x 133 tokens, did not carry over into the
+# model's graphs (builtin_gpu.py --compare-decode-tiles; RESULTS.md, "Decode tiles by batch").
+DECODE_TILES: list[tuple[int, tuple[int, int, int]]] = [(32, (128, 0, 2)), (1 << 30, (64, 2, 2))]
 DECODE_HEADS_FIRST = False
 # Pure-decode steps rotate q and k and write K/V inside the attention kernel (one launch a layer
 # fewer); False: rope_store_kv, then paged_decode_attention (benchmarks compare the two).
@@ -96,6 +102,15 @@ def rope_decode_attention(
     return out
 
 
+def decode_tiling(batch: int) -> tuple[int, int, int]:
+    """(keys a tile, warps, stages) of the paged decode kernel at `batch` rows: DECODE_TILES'
+    entry for the smallest batch bound that holds them (the last entry past every bound)."""
+    for bound, tiling in DECODE_TILES:
+        if batch <= bound:
+            return tiling
+    return DECODE_TILES[-1][1]
+
+
 def _launch_decode(
     q: torch.Tensor, stride_qt: int, stride_qh: int, heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor,
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, out: torch.Tensor,
@@ -106,13 +121,13 @@ def _launch_decode(
     batch = out.shape[0]
     _, page, kv_heads, head_dim = k_cache.shape
     group = heads // kv_heads
-    # 128 keys a step: a short decode context takes few dependent (block table -> K) rounds.
-    block_n = block_n or DECODE_BLOCK_N
+    tile_n, tile_warps, tile_stages = decode_tiling(batch)
+    block_n = block_n or tile_n
     launch: dict[str, int] = {}
-    if num_warps or DECODE_NUM_WARPS:
-        launch["num_warps"] = num_warps or DECODE_NUM_WARPS
-    if num_stages or DECODE_NUM_STAGES:
-        launch["num_stages"] = num_stages or DECODE_NUM_STAGES
+    if num_warps or tile_warps:
+        launch["num_warps"] = num_warps or tile_warps
+    if num_stages or tile_stages:
+        launch["num_stages"] = num_stages or tile_stages
     if heads_first is None:
         heads_first = DECODE_HEADS_FIRST
     grid = (kv_heads, batch) if heads_first else (batch, kv_heads)

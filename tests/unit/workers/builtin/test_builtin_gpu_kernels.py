@@ -84,6 +84,26 @@ def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
     assert torch.all(out[3] == 0)
 
 
+def test_decode_tiling_is_chosen_by_batch_and_every_tiling_gives_the_same_attention(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DECODE_TILES picks the decode kernel's tiling by the step's batch (a graph's is fixed at
+    capture); a context of several tiles of 16 keys attends as one tile of 128 does."""
+    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(2, (16, 0, 2)), (16, (32, 2, 1))])
+    assert gpu_kernels.decode_tiling(1) == gpu_kernels.decode_tiling(2) == (16, 0, 2)
+    assert gpu_kernels.decode_tiling(3) == (32, 2, 1)
+    assert gpu_kernels.decode_tiling(1000) == (32, 2, 1)  # past every bound: the last entry
+    torch.manual_seed(5)
+    heads, kv_heads, head_dim, page = 4, 2, 16, 4
+    k_cache, v_cache = torch.randn(24, page, kv_heads, head_dim), torch.randn(24, page, kv_heads, head_dim)
+    tables = torch.tensor([list(range(23, 13, -1)), list(range(10))], dtype=torch.int32)
+    lens = torch.tensor([37, 9], dtype=torch.int32)  # 3 tiles of 16 keys and 1, the last ones partial
+    q = torch.randn(2, heads, head_dim)
+    small = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
+    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(1 << 30, (128, 0, 2))])
+    whole = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
+    torch.testing.assert_close(small, whole, atol=1e-5, rtol=1e-5)
+
+
 def test_split_k_partials_sum_to_the_projection_in_their_consumers() -> None:
     torch.manual_seed(4)
     x, weight = torch.randn(3, 64), torch.randn(40, 64)

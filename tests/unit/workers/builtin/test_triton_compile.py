@@ -47,10 +47,13 @@ def _compile(name: str, constexprs: dict[str, Any], types: dict[str, str] | None
     assert "cubin" in compiled.asm
 
 
-@pytest.mark.parametrize("rope, qk_norm, parts", [(False, False, 1), (True, False, 1), (True, True, 1), (True, False, 3)])
-def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int) -> None:
-    # Split-K partials are fp32; with ROPE off q is a bf16 [B, heads, dim] tensor.
-    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts},
+@pytest.mark.parametrize("rope, qk_norm, parts, block_n",
+                         [(False, False, 1, 128), (True, False, 1, 128), (True, True, 1, 128), (True, False, 3, 128),
+                          (True, False, 2, 32)])
+def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int, block_n: int) -> None:
+    # Split-K partials are fp32; with ROPE off q is a bf16 [B, heads, dim] tensor. 32 keys: a
+    # tile of two pages (gpu_kernels.DECODE_TILES at large batches).
+    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts, "BLOCK_N": block_n},
              {"q_ptr": "*fp32"} if parts > 1 else None)
 
 
