@@ -334,9 +334,11 @@ class TieredCache:
             self._tier(hit.tier).unpin(hit.entry)
 
     def onboard(self, block_hashes: Sequence[int], device_blocks: int, hits: Sequence[LowerHit],
-                device_block_ids: Sequence[int]) -> None:
+                device_block_ids: Sequence[int], plan: TransferPlan | None = None) -> None:
         """Plan copying each hit into the fresh device block beside it; the pins move to the
-        plan. Also tells the policy about the admitted prompt."""
+        plan: `plan`, one the caller finishes itself (a load that outlives the step), or
+        None for the pending plan. Also tells the policy about the admitted prompt."""
+        target = self._plan if plan is None else plan
         self.policy.record(block_hashes, device_blocks + len(hits))
         for tier, blocks in getattr(hits, "declined", {}).items():
             self.stats.decided(tier, "recompute", blocks)
@@ -344,8 +346,8 @@ class TieredCache:
             tier = self._tier(hit.tier)
             tier.touch(hit.block_hash)
             self.offload_value.hit(hit.tier, 1)
-            self._plan.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id, hit.staged))
-            self._plan.pinned.append((tier, hit.entry))
+            target.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id, hit.staged))
+            target.pinned.append((tier, hit.entry))
             self.stats.hit(hit.tier, 1)
             self.stats.onboarded(hit.tier, 1, self.block_bytes)
             self.stats.decided(hit.tier, "onboard", 1)
@@ -356,7 +358,12 @@ class TieredCache:
         if len(starts) > 64:  # steps that never finished (a failed engine): forget them
             starts.clear()
         starts[id(batch)] = self.clock()
-        self._step_seqs = max(1, len(batch.seqs))
+        self.step_requests(len(batch.seqs))
+
+    def step_requests(self, count: int) -> None:
+        """The engine scheduled a step of `count` requests: how many a recomputed prompt token
+        delays (lookup weighs recompute with it; step_started counts its batch's itself)."""
+        self._step_seqs = max(1, count)
 
     def step_finished(self, batch: Any, num_tokens: int) -> None:
         """A step's results are in: its time, from when it was picked or, when steps overlap,

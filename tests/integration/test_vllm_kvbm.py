@@ -1,10 +1,12 @@
 """KVBM's host and disk tiers below vLLM for CPUs (`pytest -m vllm`), through our connector
 (workers/vllm/connector/offload.py): with vLLM's own KV cache made tiny, a prompt pushed out of
 it by others and asked again is onboarded from the tiers (part from disk, where the small host
-tier spilled its oldest blocks, part from host): its cached_tokens cover them, the tier hit
-metric counts them, and the greedy output is the cold run's; the tiers' blocks are announced as
-tier-tagged KV events with the project's block hashes. The onboard cost model runs on what the
-worker side measured (prefill passes, reads): its estimates and decisions reach the metrics."""
+tier spilled its oldest blocks, part from host; with a disk hit the whole load is asynchronous:
+vLLM holds the request in WAITING_FOR_REMOTE_KVS while the worker process reads the files):
+its cached_tokens cover them, the tier hit metric counts them, and the greedy output is the cold
+run's; the tiers' blocks are announced as tier-tagged KV events with the project's block hashes.
+The onboard cost model runs on what the worker side measured (prefill passes, reads, the disk
+reads' time off the model thread included): its estimates and decisions reach the metrics."""
 
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ class Harness:
     def onboarded(self, tier: str) -> float:
         value = self.registry.get_sample_value("dynamo_kvbm_onboard_decision_blocks_total",
                                                {"model": "tiny", "tier": tier, "decision": "onboard"})
+        return value or 0.0
+
+    def read_gbps(self, tier: str) -> float:
+        value = self.registry.get_sample_value("dynamo_kvbm_read_gbps", {"model": "tiny", "tier": tier})
         return value or 0.0
 
     def recompute_rate(self) -> float:
@@ -129,6 +135,8 @@ async def test_evicted_prompt_is_onboarded_from_host_and_disk(harness: Harness) 
     await wait_for(lambda: harness.recompute_rate() > 0, 30, "the measured prefill rate")
     tiers = ("host", "disk")
     await wait_for(lambda: sum(map(harness.onboarded, tiers)) == sum(map(harness.hits, tiers)), 30, "onboard decisions")
+    # The asynchronous load's disk reads were timed on the worker and reached the cost model.
+    await wait_for(lambda: harness.read_gbps("disk") > 0, 30, "the measured disk read rate")
 
     ours = set(block_hashes(a, BLOCK)[: PROMPT_TOKENS // BLOCK])
 

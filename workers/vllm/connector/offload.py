@@ -11,20 +11,27 @@ with tensor parallelism, the worker side once more per rank, in vLLM's worker pr
   TransferPlan, sent to the workers as this connector's metadata;
 - worker side (`_WorkerSide`, on the thread that runs the model): the bytes: the host tier
   (one kvbm.host_tier.HostStore tensor, its slots numbered by the scheduler side) and the disk
-  tier's files (kvbm.disk_tier.DiskStore, written by its own thread). It runs each plan with
+  tier's files (kvbm.disk_tier.DiskStore, written by its own thread, read ahead of their
+  onboards by a kvbm.disk_tier.DiskReader's threads). It runs each plan with
   kvbm.plan_executor, the built-in engine's executor, in handle_preemptions(), which vLLM calls
-  before every forward pass (start_load_kv may run after the forward is launched when no
-  request of the step loads synchronously). On a GPU the copies go on a side stream that the
-  forward pass waits for only where it reads or overwrites their blocks; disk writes report
-  back through the worker metadata, and their host slots stay pinned until then.
+  at every step, before its forward pass and in steps without one (start_load_kv may run after
+  the forward is launched when no request of the step loads synchronously). On a GPU the
+  copies go on a side stream that the forward pass waits for only where it reads or overwrites
+  their blocks; disk writes report back through the worker metadata, and their host slots stay
+  pinned until then.
 
 vLLM's offloading-connector contract, as this connector keeps it: a request's full, computed
 blocks are offered to the tiers when the request releases them (request_finished; the copy runs
 before the next forward pass, the first that may overwrite them, so vLLM need not hold them);
-hits beyond vLLM's own prefix cache are reported by get_num_new_matched_tokens and loaded
-synchronously into the slots vLLM allocated (update_state_after_alloc), before the forward pass
-that reads them; a block that cannot be read (a vanished disk file) is reported through
-get_block_ids_with_load_errors and vLLM recomputes it.
+hits beyond vLLM's own prefix cache are reported by get_num_new_matched_tokens and loaded into
+the slots vLLM allocated (update_state_after_alloc). Host hits alone load synchronously, before
+the forward pass that reads them. A request with a disk hit loads asynchronously, as vLLM's
+NIXL and offloading connectors do: vLLM holds it in WAITING_FOR_REMOTE_KVS while the worker
+side reads its files off the model thread; once they are read, the request's onboards (host
+and disk hits together) join a step's plan and the request is reported by get_finished. Its
+pins (host slots, files) are held until vLLM reports the load finished, also when the request
+is aborted meanwhile (vLLM frees its blocks only then). A block that cannot be read (a vanished
+disk file) is reported through get_block_ids_with_load_errors, and vLLM recomputes it.
 
 What leaves the engine core: tier KV events go out on vLLM's own KV-event stream with media of
 our own (`dynamo-host`, `dynamo-disk`: hashes already ours; workers/vllm/kv_events.py forwards
@@ -38,6 +45,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,10 +69,11 @@ from dynamo.kv_hash import block_hash
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec
 from kvbm.block_pool import EvictedBlock
 from kvbm.config import KvbmConfig
-from kvbm.disk_tier import DiskStore
+from kvbm.disk_tier import BlockReads, DiskReader, DiskStore
 from kvbm.forward_timer import ForwardTimer
 from kvbm.host_tier import HostStore
 from kvbm.layout import block_bytes, elements_per_layer
+from kvbm.manager import STAGING_BYTES, STAGING_MAX_ROWS
 from kvbm.metrics import KvbmMetrics
 from kvbm.onboard_cost import PREFILL_MIN_TOKENS
 from kvbm.plan_executor import PlanExecutor
@@ -145,12 +155,16 @@ class OffloadMetadata(KVConnectorMetadata):
     """One step's TransferPlan, as plain tuples (it is pickled to the workers), executed in
     this order: writes (host slot -> file: written ahead of host evictions, from slots earlier
     plans filled), offloads (device block -> host slot or file), onboards (host slot or
-    file -> device block), deletes (files)."""
+    file -> device block), deletes (files). Besides the plan: the step's new asynchronous loads,
+    which join a later step's plan once their disk reads are done."""
 
     writes: list[tuple[int, int | None, int]] = field(default_factory=list)  # hash, parent, host slot
     offloads: list[tuple[int, int, int | None, str, int]] = field(default_factory=list)  # block, hash, parent, tier, slot
     onboards: list[tuple[int, str, int, int]] = field(default_factory=list)  # hash, tier, slot, block
     deletes: list[int] = field(default_factory=list)
+    # Requests vLLM holds in WAITING_FOR_REMOTE_KVS for a disk hit: request id and all its
+    # onboards (as `onboards`), host hits included (one load, reported finished at once).
+    loads: list[tuple[str, list[tuple[int, str, int, int]]]] = field(default_factory=list)
     # Device blocks promised to vLLM that nothing can fill (a hit gone before its load was
     # planned): reported as load errors so that vLLM recomputes them.
     lost_blocks: list[int] = field(default_factory=list)
@@ -159,7 +173,11 @@ class OffloadMetadata(KVConnectorMetadata):
     step_tokens: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.writes or self.offloads or self.onboards or self.deletes or self.lost_blocks)
+        return bool(self.writes or self.offloads or self.onboards or self.deletes or self.loads or self.lost_blocks)
+
+
+def _onboards(plan: TransferPlan) -> list[tuple[int, str, int, int]]:
+    return [(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards]
 
 
 @dataclass(slots=True)
@@ -336,6 +354,11 @@ class _Request:
     # admission when nothing is loaded (after_alloc then looks nothing up).
     declined: Counter[str] = field(default_factory=Counter)
     onboarded: dict[str, int] = field(default_factory=dict)  # tier -> tokens, for hit sources
+    # The hits of the last lookup include a disk hit: vLLM was told to load them asynchronously.
+    load_async: bool = False
+    # Its asynchronous load is planned: vLLM's second update_state_after_alloc, once the load
+    # is in, has nothing to plan and nothing to count again.
+    loaded_async: bool = False
 
 
 class _SchedulerSide:
@@ -345,10 +368,10 @@ class _SchedulerSide:
         root = disk_root(config, layout)
         if root is None:
             config = dataclasses.replace(config, disk_dir=None, disk_blocks=0, disk_gb=None)
-        # Loads run synchronously before the step's forward pass, so a read holds up every
-        # request of the step, as the recompute of its tokens would: the cost model compares
-        # the two as they are, unweighted by the step's requests.
-        config = dataclasses.replace(config, onboard_cost_sharing=False)
+        # The cost model weighs a recomputed token by the requests of the step it lengthens
+        # (build_meta reports them) against a read that delays only its own request, as with
+        # the built-in engine: a disk hit is read while vLLM holds its request back. A host hit
+        # is copied before the step's forward pass, but in a fraction of a recompute's time.
         self._events: list[KvEventData] = []
         self._written = _ReportedWrites(layout.tp_size)
         self.cache = TieredCache(config, self.block_bytes, self._events.append, disk_writes=self._written,
@@ -361,6 +384,12 @@ class _SchedulerSide:
             if adopted:
                 log.info("kvbm: found %d vLLM blocks in %s", adopted, store.dir)
         self._requests: dict[str, _Request] = {}
+        # Asynchronous loads, by request id, until vLLM reports them finished (every rank's):
+        # each a plan of its own, so that its pins outlive the step that sent it.
+        self._loads: dict[str, TransferPlan] = {}
+        self._new_loads: list[tuple[str, TransferPlan]] = []  # not sent to the workers yet
+        # Unreadable files a load in flight still pins: forgotten once it ends.
+        self._unreadable: set[int] = set()
         self._reported = _empty_stats()
 
     # ------------------------------------------------------------------------- hashing
@@ -381,24 +410,37 @@ class _SchedulerSide:
 
     # ----------------------------------------------------------------------- admission
 
-    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> int:
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        """Tokens the tiers hold beyond vLLM's own prefix hit, and whether they load
+        asynchronously: with a disk hit among them, whose files are read off the model thread
+        while vLLM holds the request back (host hits alone are copied before the step's
+        forward pass, holding up nothing but the copy)."""
         state = self._requests.setdefault(request.request_id, _Request())
         state.local_tokens = num_computed_tokens
+        # vLLM asks only before a request's (re)admission: any earlier load is behind it.
+        state.load_async = state.loaded_async = False
         if getattr(request, "skip_reading_prefix_cache", False) or not _tokens_only(request):
-            return 0
+            return 0, False
         if num_computed_tokens % self.block_size:
-            return 0  # a partial local hit: vLLM keeps it, nothing of ours lines up behind it
+            return 0, False  # a partial local hit: vLLM keeps it, nothing of ours lines up behind it
         # At least the last prompt token is computed: its logits are the first sample.
         hashes = self._hashes(request, request.num_tokens - 1)
         hits = self.cache.lookup(hashes, num_computed_tokens // self.block_size)
         self.cache.release(hits)  # side-effect free: looked up again once slots are allocated
         state.declined = hits.declined
-        return len(hits) * self.block_size
+        state.load_async = any(hit.tier == DISK for hit in hits)
+        return len(hits) * self.block_size, state.load_async
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> list[int]:
         """Plan the onboard of `num_external_tokens` (a whole number of blocks) into the slots
-        vLLM allocated; returns the device blocks that nothing can fill (normally none)."""
+        vLLM allocated; returns the device blocks that nothing can fill (normally none). A load
+        vLLM was told is asynchronous gets a plan of its own, sent once by build_meta and
+        finished by loads_done."""
         state = self._requests.setdefault(request.request_id, _Request())
+        if state.loaded_async and not num_external_tokens:
+            # vLLM's second call, once the load is in: planned, counted and recorded at the first.
+            state.loaded_async = False
+            return []
         state.onboarded = {}
         device_blocks = state.local_tokens // self.block_size
         if not _tokens_only(request):
@@ -412,7 +454,14 @@ class _SchedulerSide:
         self.cache.release(found[n:])
         hits = Hits(found[:n], found.declined)
         targets = list(block_ids[device_blocks : device_blocks + n])
-        self.cache.onboard(hashes, device_blocks, hits, targets[: len(hits)])
+        plan = None
+        if state.load_async:
+            # Registered even with no hit left to load: vLLM waits for it to be reported.
+            plan = TransferPlan()
+            self._loads[request.request_id] = plan
+            self._new_loads.append((request.request_id, plan))
+            state.loaded_async = True
+        self.cache.onboard(hashes, device_blocks, hits, targets[: len(hits)], plan=plan)
         for hit in hits:
             state.onboarded[hit.tier] = state.onboarded.get(hit.tier, 0) + self.block_size
         return targets[len(hits):]
@@ -430,6 +479,12 @@ class _SchedulerSide:
 
     def finished(self, request: Any, block_ids: Sequence[int]) -> None:
         """The request releases its blocks: offer its full, computed blocks to the tiers."""
+        if request.request_id in self._loads:
+            # Aborted while loading: vLLM counts the blocks being loaded as computed, but they
+            # may hold nothing yet. It frees them once the load is reported finished, and the
+            # load's pins go then (loads_done).
+            self._requests.pop(request.request_id, None)
+            return
         done = request.num_computed_tokens - getattr(request, "num_in_flight_tokens", 0)
         usable = min(done, request.num_tokens - 1, len(block_ids) * self.block_size)
         hashes = self._hashes(request, usable) if _tokens_only(request) else []
@@ -441,27 +496,57 @@ class _SchedulerSide:
 
     # ------------------------------------------------------------------------ the step
 
-    def build_meta(self, lost_blocks: list[int], step_tokens: int) -> OffloadMetadata:
+    def build_meta(self, lost_blocks: list[int], step_tokens: int, step_requests: int = 1) -> OffloadMetadata:
+        self.cache.step_requests(step_requests)
         plan = self.cache.take_plan()
         # Plans run on the workers in step order, their copies in order on one stream, so a
         # later plan's copies follow this one's: its pins can go now. Disk writes, which the
         # disk thread reads from host slots, keep theirs until the workers report them done.
         self.cache.finish(plan)
+        # An asynchronous load's pins stay until vLLM reports it finished (loads_done).
+        loads, self._new_loads = self._new_loads, []
         return OffloadMetadata(
             writes=[(op.block_hash, op.parent_hash, op.host_slot) for op in plan.writes],
             offloads=[(op.device_block, op.block_hash, op.parent_hash, op.tier, op.slot) for op in plan.offloads],
-            onboards=[(op.block_hash, op.tier, op.slot, op.device_block) for op in plan.onboards],
+            onboards=_onboards(plan),
             deletes=[op.block_hash for op in plan.deletes],
+            loads=[(request_id, _onboards(load)) for request_id, load in loads],
             lost_blocks=lost_blocks,
             step_tokens=step_tokens,
         )
+
+    def loads_done(self, request_ids: Iterable[str]) -> None:
+        """vLLM reports these requests' loads finished on every rank: their copies are queued
+        (on a GPU, on the side stream, ahead of any later plan's reuse of a slot they read;
+        staging rows are fenced), so their pins go. Ids of other connectors' loads (under
+        vLLM's MultiConnector) are not ours: ignored."""
+        finished = False
+        for request_id in request_ids:
+            plan = self._loads.pop(request_id, None)
+            if plan is not None:
+                self.cache.finish(plan)
+                finished = True
+        if finished and self._unreadable:
+            pending, self._unreadable = self._unreadable, set()
+            for h in pending:
+                self._forget_unreadable(h)
+
+    def _forget_unreadable(self, block_hash: int) -> None:
+        disk = self.cache.disk
+        entry = disk.get(block_hash) if disk is not None else None
+        if entry is not None and entry.ref_count:
+            # Pinned by a load in flight (its own, until every rank has reported it; forget_disk
+            # leaves pinned files alone): tried again when a load ends.
+            self._unreadable.add(block_hash)
+        else:
+            self.cache.forget_disk(block_hash)
 
     def worker_output(self, meta: Any) -> None:
         if not isinstance(meta, OffloadWorkerMetadata):
             return
         for h in meta.unreadable:
             log.warning("kvbm: disk block %016x unreadable; recomputed", h)
-            self.cache.forget_disk(h)
+            self._forget_unreadable(h)
         self._written.report(meta.written)
         cache = self.cache
         cache.writes_done(self._written.completed())  # before the next lookups: announced now
@@ -519,6 +604,15 @@ class _SchedulerSide:
 # --------------------------------------------------------------------------- worker side
 
 
+@dataclass(slots=True)
+class _Load:
+    """A request's onboards waiting for its disk reads (None: nothing to read here)."""
+
+    onboards: list[OnboardOp]
+    reads: BlockReads | None
+    started: float  # time.perf_counter() when the reads were started
+
+
 class _WorkerSide:
     """Moves whole blocks, every layer, between vLLM's KV cache tensors and the tiers through
     kvbm.plan_executor (as the built-in engine does: on a GPU, copies on a side stream the
@@ -533,6 +627,9 @@ class _WorkerSide:
         self.layer_names = list(layer_names)
         self.num_blocks = num_blocks
         self.executor: PlanExecutor | None = None
+        self.reader: DiskReader | None = None
+        self._loads: dict[str, _Load] = {}  # by request id: reads in flight
+        self._loaded: set[str] = set()  # loads queued, not yet reported by get_finished
         self._lost: set[int] = set()  # device blocks of this step that could not be loaded
         self._transfer: dict[str, list[float]] = {}
         self._plans: list[float] = []  # seconds of each executed plan, not yet reported
@@ -572,24 +669,40 @@ class _WorkerSide:
         if root is not None:
             disk = DiskStore(root, self.layout, self.config.disk_queue_blocks, report_writes=True)
             disk.start()
+            # Sized as the built-in engine's (kvbm/manager.py), and never beyond what the disk
+            # tier holds; a load the pool cannot hold at the moment gets a buffer of its own.
+            size = block_bytes(self.layout)
+            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size, self.config.disk_capacity_blocks(size)))
+            self.reader = DiskReader(disk, first.dtype, cuda, threads=min(4, os.cpu_count() or 1), staging_rows=rows)
         self.executor = PlanExecutor(self.layout, pieces, host, disk, flush_blocks=self.config.offload_flush_blocks,
-                                     disk_queue_blocks=self.config.disk_queue_blocks)
+                                     disk_queue_blocks=self.config.disk_queue_blocks, reader=self.reader)
         log.info("kvbm: vLLM connector with %d host blocks%s", capacity,
                  f", disk tier in {disk.dir}" if disk else "")
 
     # --------------------------------------------------------------------------- the plan
 
     def execute(self, meta: OffloadMetadata) -> None:
+        """The step's plan, with the onboards of the asynchronous loads whose reads are done
+        (polled here: vLLM calls this at every step, also while only such loads are left)."""
         self._lost.update(meta.lost_blocks)
         self._step_tokens = meta.step_tokens
-        if not meta or self.executor is None:
+        if self.executor is None:
+            return
+        for request_id, onboards in meta.loads:
+            self._start_load(request_id, [OnboardOp(h, tier, slot, block) for h, tier, slot, block in onboards])
+        loaded = self._take_loaded() if self._loads else []
+        if not meta and not loaded:
             return
         plan = TransferPlan(
             writes=[WriteOp(h, parent, slot) for h, parent, slot in meta.writes],
             offloads=[OffloadOp(block, h, parent, tier, slot) for block, h, parent, tier, slot in meta.offloads],
-            onboards=[OnboardOp(h, tier, slot, block) for h, tier, slot, block in meta.onboards],
+            onboards=[OnboardOp(h, tier, slot, block) for h, tier, slot, block in meta.onboards] + loaded,
             deletes=[DeleteOp(h) for h in meta.deletes],
         )
+        # The loads taken above are reported finished by this step's get_finished, right
+        # after their copies are queued, not done: on a GPU the plan ends with vLLM's current
+        # stream waiting for the side stream's copies (the executor's end-of-plan wait_event),
+        # and vLLM schedules the request at the earliest in the next step, on that stream.
         done = self.executor.execute(plan)
         self._plans.append(done.elapsed)
         measured = self._measured
@@ -604,7 +717,56 @@ class _WorkerSide:
             entry[0] += done.onboard_bytes
             entry[1] += done.elapsed
 
+    def _start_load(self, request_id: str, onboards: list[OnboardOp]) -> None:
+        on_disk = [op.block_hash for op in onboards if op.tier == DISK]
+        # Without a reader (no disk tier here) the executor would read in line: never expected.
+        reads = self.reader.start(on_disk) if on_disk and self.reader is not None else None
+        self._loads[request_id] = _Load(onboards, reads, time.perf_counter())
+
+    def _take_loaded(self) -> list[OnboardOp]:
+        """The onboards of the loads whose reads are done, their disk hits staged; those
+        requests are then reported finished. A file that was not read is left out (handed
+        to the executor unstaged, it would be read here, on the model thread): its device
+        block is reported as a load error."""
+        out: list[OnboardOp] = []
+        for request_id, load in list(self._loads.items()):
+            reads = load.reads
+            if reads is not None and not reads.done:
+                continue
+            del self._loads[request_id]
+            self._loaded.add(request_id)
+            if reads is None:
+                out += load.onboards
+                continue
+            read = 0
+            for op in load.onboards:
+                if op.tier == DISK:
+                    staged = reads.staged(op.block_hash)
+                    if staged is None:
+                        self._lost.add(op.device_block)
+                        if reads.buf is not None:
+                            # Read and failed. (No buffer: nothing was read, for want of
+                            # staging memory or a reader: the file may well be fine.)
+                            self._measured.unreadable.add(op.block_hash)
+                        continue
+                    op = dataclasses.replace(op, staged=staged)
+                    read += 1
+                out.append(op)
+            if read:
+                # From the start of the reads to their being found done: what the disk hit
+                # cost its request (the cost model's disk read; the copy up is timed apart).
+                self._measured.reads.append((DISK, read * block_bytes(self.layout), time.perf_counter() - load.started))
+            # Before the plan that copies out of the rows: released rows are reused only once
+            # the next plan's fence, recorded after those copies are queued, has completed.
+            reads.close()
+        return out
+
     # --------------------------------------------------------------------- step results
+
+    def take_finished(self) -> set[str]:
+        """Loads whose copies are queued since the last call (get_finished)."""
+        loaded, self._loaded = self._loaded, set()
+        return loaded
 
     def take_lost(self) -> set[int]:
         lost, self._lost = self._lost, set()
@@ -640,6 +802,13 @@ class _WorkerSide:
         return KvbmConnectorStats({EXTRA_KEY: body})
 
     def shutdown(self) -> None:
+        for load in self._loads.values():
+            if load.reads is not None:
+                load.reads.close()  # reads still running drop their rows when done
+        self._loads.clear()
+        if self.reader is not None:
+            self.reader.stop()  # the reads already queued finish: file reads, bounded
+            self.reader = None
         disk = self.disk
         if disk is not None:
             disk.stop()  # queued writes are what a restart finds
@@ -685,14 +854,15 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
         self._worker.register(kv_caches)
 
     def handle_preemptions(self, kv_connector_metadata: Any) -> None:
-        # vLLM calls this before every forward pass (see the module docstring).
+        # vLLM calls this at every step, before its forward pass if it has one (see the module
+        # docstring).
         assert self._worker is not None
         if isinstance(kv_connector_metadata, OffloadMetadata):
             self._worker.execute(kv_connector_metadata)
             self._worker.forward_started()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
-        pass  # loaded in handle_preemptions
+        pass  # loaded in handle_preemptions, asynchronous loads included
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         pass
@@ -704,6 +874,12 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
         # vLLM calls this once the step's forward pass is launched (or, on a CPU, done).
         if self._worker is not None:
             self._worker.forward_done()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        # Asynchronous loads queued this step. vLLM calls get_block_ids_with_load_errors right
+        # after, in the same step: their failed blocks are reported with them, as it requires.
+        loaded = self._worker.take_finished() if self._worker is not None else set()
+        return None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_lost() if self._worker is not None else set()
@@ -719,8 +895,9 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        tokens = self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
-        return tokens, False  # loaded synchronously, before the step's forward pass
+        # A disk hit loads asynchronously (vLLM holds the request in WAITING_FOR_REMOTE_KVS);
+        # host hits alone synchronously, before the step's forward pass.
+        return self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         assert self._scheduler is not None
@@ -734,16 +911,21 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         assert self._scheduler is not None
         lost, self._lost = self._lost, []
-        return self._scheduler.build_meta(lost, scheduler_output.total_num_scheduled_tokens)
+        return self._scheduler.build_meta(lost, scheduler_output.total_num_scheduled_tokens,
+                                          len(scheduler_output.num_scheduled_tokens))
 
     def update_connector_output(self, connector_output: Any) -> None:
         assert self._scheduler is not None
+        # Loads first: an unreadable file they pinned can then be forgotten at once.
+        self._scheduler.loads_done(getattr(connector_output, "finished_recving", None) or ())
         self._scheduler.worker_output(getattr(connector_output, "kv_connector_worker_meta", None))
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         assert self._scheduler is not None
         self._scheduler.finished(request, block_ids)
-        return False, None  # copied before any forward pass can overwrite them: free them now
+        # Copied before any forward pass can overwrite them: free them now. (Aborted while
+        # loading, vLLM keeps them until the load is reported finished anyway.)
+        return False, None
 
     def take_events(self) -> Iterable[Any]:
         return self._scheduler.take_events() if self._scheduler is not None else ()

@@ -3,12 +3,18 @@ scheduler side's bookkeeping against fake vLLM requests (offload when a request 
 blocks, hits beyond vLLM's prefix cache, onboard plans into the allocated slots, requests whose
 KV is more than their tokens left alone), the worker side's copies on a tensor shaped like vLLM
 CPU's KV cache (host and disk round trips, an unreadable file reported as a load error), tier
-events through the KV-event translator, and the counters reaching the dynamo_kvbm_* metrics."""
+events through the KV-event translator, and the counters reaching the dynamo_kvbm_* metrics.
+Disk hits load asynchronously: reads held back with an event, pins kept until vLLM reports the
+load finished (an abort included), and the whole protocol once more through vLLM's own
+scheduler, stepped by hand with a fake forward pass that checks the loaded blocks' contents."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,8 @@ import torch  # noqa: E402
 from dynamo.kv_hash import block_hashes  # noqa: E402
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
+from kvbm.disk_tier import DiskStore  # noqa: E402
+from kvbm.layout import block_bytes  # noqa: E402
 from kvbm.onboard_cost import PREFILL_MIN_TOKENS  # noqa: E402
 from workers.vllm.connector.offload import (  # noqa: E402
     EXTRA_KEY,
@@ -71,7 +79,7 @@ def test_offload_on_release_then_onboard_beyond_the_device_hit() -> None:
     side = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
     prompt = list(range(100, 118))  # 4 full blocks + 2 tokens
     first = FakeRequest("a", prompt)
-    assert side.num_new_matched_tokens(first, 0) == 0
+    assert side.num_new_matched_tokens(first, 0) == (0, False)
     assert side.after_alloc(first, [], 0) == []
     meta = finish(side, first, [5, 6, 7, 8, 9])
     ours = block_hashes(prompt, BS)
@@ -82,8 +90,8 @@ def test_offload_on_release_then_onboard_beyond_the_device_hit() -> None:
     # Asked again with vLLM's own cache holding the first block: the rest comes from the tier
     # (the last prompt token is always computed: 18 tokens -> at most 17 cached -> 4 blocks).
     again = FakeRequest("b", prompt)
-    assert side.num_new_matched_tokens(again, BS) == 3 * BS
-    assert side.num_new_matched_tokens(again, BS) == 3 * BS  # side-effect free
+    assert side.num_new_matched_tokens(again, BS) == (3 * BS, False)
+    assert side.num_new_matched_tokens(again, BS) == (3 * BS, False)  # side-effect free
     assert side.after_alloc(again, [1, 2, 3, 4, 11], 3 * BS) == []
     meta = side.build_meta([], 0)
     assert [(op[0], op[1], op[3]) for op in meta.onboards] == [(ours[1], "host", 2), (ours[2], "host", 3),
@@ -101,11 +109,11 @@ def test_requests_whose_kv_is_more_than_tokens_are_left_alone() -> None:
     prompt = list(range(50, 70))
     finish(side, FakeRequest("plain", prompt), list(range(1, 6)))
     lora = FakeRequest("lora", prompt, lora_request=object())
-    assert side.num_new_matched_tokens(lora, 0) == 0
+    assert side.num_new_matched_tokens(lora, 0) == (0, False)
     assert not finish(side, FakeRequest("salted", list(range(200, 220)), cache_salt="s"), list(range(6, 11))).offloads
     skip = FakeRequest("skip", prompt, skip_reading_prefix_cache=True)
-    assert side.num_new_matched_tokens(skip, 0) == 0
-    assert side.num_new_matched_tokens(FakeRequest("plain2", prompt), 0) == 4 * BS
+    assert side.num_new_matched_tokens(skip, 0) == (0, False)
+    assert side.num_new_matched_tokens(FakeRequest("plain2", prompt), 0) == (4 * BS, False)
 
 
 def test_tier_events_reach_the_router_with_our_hashes() -> None:
@@ -177,18 +185,90 @@ def test_worker_host_round_trip_and_flash_layout() -> None:
     assert registry.get_sample_value("dynamo_kvbm_plan_seconds_count", {"model": "m"}) == 2
 
 
+class GatedReads:
+    """Holds the worker's disk reads (on its reader threads) until `open` is set, and counts
+    them by block hash."""
+
+    def __init__(self, store: DiskStore) -> None:
+        self.open = threading.Event()
+        self.calls: Counter[int] = Counter()
+        self._lock = threading.Lock()
+        read = store.read
+
+        def gated(block_hash: int, out: torch.Tensor) -> bool:
+            with self._lock:
+                self.calls[block_hash] += 1
+            if not self.open.wait(30):
+                raise TimeoutError("reads held for 30 s")
+            return read(block_hash, out)
+
+        store.read = gated  # type: ignore[method-assign]
+
+
+def wait_for_reads(worker: _WorkerSide, request_id: str) -> None:
+    load = worker._loads[request_id]
+    assert load.reads is not None and load.reads.wait(30)
+
+
+def test_a_disk_load_finishes_once_its_reads_are_done(tmp_path: Path) -> None:
+    """Read off the model thread: the steps meanwhile run (and onboard host hits) as usual;
+    once read, the load's host and disk hits land in their device blocks and vLLM is told."""
+    caches = cpu_kv_caches()
+    worker = _WorkerSide(KvbmConfig(host_blocks=4, disk_dir=str(tmp_path), disk_blocks=8), LAYOUT, list(caches),
+                         NUM_BLOCKS)
+    worker.register(caches)
+    try:
+        assert worker.disk is not None and worker.reader is not None
+        gate = GatedReads(worker.disk)
+        want = {block: [t[block].clone() for t in caches.values()] for block in (3, 4, 5)}
+        worker.execute(OffloadMetadata(offloads=[(3, 111, None, "host", 2), (4, 222, None, "disk", 0),
+                                                 (5, 223, 222, "disk", 1)]))
+        load = [(222, "disk", 0, 12), (223, "disk", 1, 13), (111, "host", 2, 14)]
+        before = {block: [t[block].clone() for t in caches.values()] for block in (12, 13, 14)}
+        worker.execute(OffloadMetadata(loads=[("r", load)], onboards=[(111, "host", 2, 9)]))
+        assert all(torch.equal(t, w) for t, w in zip((t[9] for t in caches.values()), want[3]))  # not held up
+        assert worker.take_finished() == set()
+        worker.execute(OffloadMetadata())  # a step while the reads are held
+        assert worker.take_finished() == set()
+        for block, was in before.items():  # nothing of the load landed yet, its host hit neither
+            assert all(torch.equal(t[block], w) for t, w in zip(caches.values(), was))
+
+        gate.open.set()
+        wait_for_reads(worker, "r")
+        worker.execute(OffloadMetadata())  # the next step finds them read
+        assert worker.take_finished() == {"r"}
+        for block, source in ((12, 4), (13, 5), (14, 3)):
+            assert all(torch.equal(t[block], w) for t, w in zip(caches.values(), want[source]))
+        assert worker.take_lost() == set()
+        assert worker.take_finished() == set()  # reported once
+        assert gate.calls == {222: 1, 223: 1}  # by the reader only
+        meta = worker.worker_meta()
+        assert meta is not None and [(tier, n) for tier, n, _ in meta.reads if tier == "disk"] == [
+            ("disk", 2 * block_bytes(LAYOUT))]
+    finally:
+        worker.shutdown()
+
+
 def test_worker_disk_round_trip_and_an_unreadable_file(tmp_path: Path) -> None:
     caches = cpu_kv_caches()
     config = KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8)
     worker = _WorkerSide(config, LAYOUT, list(caches), NUM_BLOCKS)
     worker.register(caches)
     try:
+        assert worker.disk is not None
+        gate = GatedReads(worker.disk)
+        gate.open.set()
         want = [t[4].clone() for t in caches.values()]
         worker.execute(OffloadMetadata(offloads=[(4, 222, None, "disk", 0)]))
-        worker.execute(OffloadMetadata(onboards=[(222, "disk", 0, 12), (333, "disk", 1, 13)]))
+        worker.execute(OffloadMetadata(loads=[("r", [(222, "disk", 0, 12), (333, "disk", 1, 13)])]))
+        wait_for_reads(worker, "r")
+        worker.execute(OffloadMetadata())
+        # The request still finishes; its unreadable block is a load error, reported with it.
+        assert worker.take_finished() == {"r"}
+        assert worker.take_lost() == {13}  # vLLM recomputes it
         for t, w in zip(caches.values(), want):
             assert torch.equal(t[12], w)
-        assert worker.take_lost() == {13}  # vLLM recomputes it
+        assert gate.calls == {222: 1, 333: 1}  # not read again on the model thread
         meta = worker.worker_meta()
         assert meta is not None and meta.unreadable == {333}
     finally:
@@ -198,6 +278,23 @@ def test_worker_disk_round_trip_and_an_unreadable_file(tmp_path: Path) -> None:
     # A restarted scheduler side finds the block on disk and offers it.
     side = _SchedulerSide(config, LAYOUT)
     assert side.cache.disk is not None and 222 in side.cache.disk
+
+
+def test_shutdown_with_a_load_in_flight_returns(tmp_path: Path) -> None:
+    caches = cpu_kv_caches()
+    worker = _WorkerSide(KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8), LAYOUT, list(caches), NUM_BLOCKS)
+    worker.register(caches)
+    assert worker.disk is not None
+    gate = GatedReads(worker.disk)
+    worker.execute(OffloadMetadata(offloads=[(4, 222, None, "disk", 0)]))
+    worker.execute(OffloadMetadata(loads=[("r", [(222, "disk", 0, 12)])]))
+    assert worker.take_finished() == set()
+    stopper = threading.Thread(target=worker.shutdown)
+    stopper.start()
+    gate.open.set()  # the read in progress ends; nothing waits for the load to be taken
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert worker.reader is None and worker._loads == {}
 
 
 def test_disk_writes_report_through_the_worker_metadata(tmp_path: Path) -> None:
@@ -231,7 +328,7 @@ def test_a_disk_write_is_announced_once_every_rank_reports_it(tmp_path: Path) ->
     assert [list(e.block_hashes) for e in events] == [hashes[:3]] and events[0].medium == "dynamo-disk"
     assert side.cache.disk is not None and hashes[3] not in side.cache.disk
     assert side.cache.stats.skipped_by[("disk", "write_failed")] == 1
-    assert side.num_new_matched_tokens(FakeRequest("b", prompt), 0) == 3 * BS
+    assert side.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (3 * BS, True)
 
 
 def test_view_feeds_the_metrics_also_inside_a_multiconnector_payload() -> None:
@@ -246,7 +343,7 @@ def test_view_feeds_the_metrics_also_inside_a_multiconnector_payload() -> None:
     prompt = list(range(100, 118))
     finish(side, FakeRequest("a", prompt), [1, 2, 3, 4, 5])
     req = FakeRequest("b", prompt)
-    assert side.num_new_matched_tokens(req, 0) == 4 * BS
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, False)
     side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS)
     stats = side.stats()
     assert stats is not None
@@ -328,7 +425,7 @@ def test_a_disk_slower_than_recompute_is_not_read(tmp_path: Path) -> None:
     side.worker_output(OffloadWorkerMetadata(steps=[(PREFILL_MIN_TOKENS, PREFILL_MIN_TOKENS * 1e-6)],
                                              reads=[("disk", block, 1.0)]))
     req = FakeRequest("b", prompt)
-    assert side.num_new_matched_tokens(req, 0) == 0  # recomputed: vLLM loads nothing
+    assert side.num_new_matched_tokens(req, 0) == (0, False)  # recomputed: vLLM loads nothing
     assert side.after_alloc(req, [], 0) == []
     assert side.cache.stats.decisions[("disk", "recompute")] == 4
     stats = side.stats()
@@ -354,13 +451,349 @@ def test_a_disk_faster_than_recompute_is_read(tmp_path: Path) -> None:
     side.worker_output(OffloadWorkerMetadata(steps=[(PREFILL_MIN_TOKENS, PREFILL_MIN_TOKENS * 1e-2)],
                                              reads=[("disk", side.block_bytes, 1e-5)]))
     req = FakeRequest("b", prompt)
-    assert side.num_new_matched_tokens(req, 0) == 4 * BS
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
     assert side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS) == []
-    assert [(op[1], op[3]) for op in side.build_meta([], 4 * BS + 2).onboards] == [("disk", b) for b in (6, 7, 8, 9)]
+    meta = side.build_meta([], 4 * BS + 2)
+    assert not meta.onboards  # not in the step's plan: a load of its own, read off the model thread
+    assert [(rid, [(op[1], op[3]) for op in ops]) for rid, ops in meta.loads] == [
+        ("b", [("disk", b) for b in (6, 7, 8, 9)])]
     assert side.cache.stats.decisions[("disk", "onboard")] == 4
+
+
+def test_recompute_is_weighed_by_the_requests_of_the_step(tmp_path: Path) -> None:
+    """A disk hit is read while vLLM holds only its own request back; recomputing it lengthens
+    a step every scheduled request waits for: a read dearer than one request's recompute is
+    still taken when the last step ran several requests (build_meta reports them)."""
+    side, prompt = disk_side(tmp_path)
+    # Prefill at 1 us a token; a disk read of a block costs three blocks' recompute.
+    side.worker_output(OffloadWorkerMetadata(steps=[(PREFILL_MIN_TOKENS, PREFILL_MIN_TOKENS * 1e-6)],
+                                             reads=[("disk", side.block_bytes, 3 * BS * 1e-6)]))
+    side.build_meta([], 0, step_requests=1)
+    assert side.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (0, False)
+    side.build_meta([], 0, step_requests=8)
+    assert side.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, True)
 
 
 def test_step_tokens_reach_the_worker_in_the_plan() -> None:
     side = _SchedulerSide(KvbmConfig(host_blocks=4), LAYOUT)
     assert side.build_meta([], 300).step_tokens == 300
     assert not OffloadMetadata(step_tokens=300)  # carries no copies: the worker skips the plan
+
+
+# ------------------------------------------------------------------ asynchronous disk loads
+
+
+def adopted_side(tmp_path: Path, prompt: list[int], host_blocks: int = 0) -> tuple[_SchedulerSide, list[int]]:
+    """A scheduler side whose disk tier holds the prompt's full blocks (found there at start,
+    as after a restart) and whose host tier, if any, holds none of them."""
+    side = _SchedulerSide(KvbmConfig(host_blocks=host_blocks, disk_dir=str(tmp_path), disk_blocks=8), LAYOUT)
+    hashes = block_hashes(prompt, BS)[: (len(prompt) - 1) // BS]
+    assert side.cache.adopt_disk(list(zip(hashes, [None, *hashes[:-1]]))) == len(hashes)
+    side.take_events()
+    return side, hashes
+
+
+def pins(side: _SchedulerSide, hashes: list[int]) -> list[int]:
+    disk = side.cache.disk
+    assert disk is not None
+    entries = [disk.get(h) for h in hashes]
+    return [e.ref_count if e is not None else -1 for e in entries]
+
+
+def test_only_a_disk_hit_loads_asynchronously(tmp_path: Path) -> None:
+    prompt = list(range(100, 118))
+    host = _SchedulerSide(KvbmConfig(host_blocks=8), LAYOUT)
+    finish(host, FakeRequest("a", prompt), [1, 2, 3, 4, 5])
+    assert host.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (4 * BS, False)
+    assert host.num_new_matched_tokens(FakeRequest("c", list(range(500, 518))), 0) == (0, False)
+
+    disk, _ = adopted_side(tmp_path / "disk", prompt)
+    assert disk.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (4 * BS, True)
+
+    # Two blocks kept on host, the two after them on disk: one load, asynchronous.
+    mixed = _SchedulerSide(KvbmConfig(host_blocks=2, disk_dir=str(tmp_path / "mixed"), disk_blocks=8), LAYOUT)
+    meta = finish(mixed, FakeRequest("a", prompt), [1, 2, 3, 4, 5])
+    assert [op[3] for op in meta.offloads] == ["host", "host", "disk", "disk"]
+    mixed.worker_output(OffloadWorkerMetadata(written=[(op[1], True) for op in meta.offloads if op[3] == "disk"]))
+    req = FakeRequest("b", prompt)
+    assert mixed.num_new_matched_tokens(req, 0) == (4 * BS, True)
+    assert mixed.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS) == []
+    loads = mixed.build_meta([], 0).loads
+    assert [(rid, [(op[1], op[3]) for op in ops]) for rid, ops in loads] == [
+        ("b", [("host", 6), ("host", 7), ("disk", 8), ("disk", 9)])]
+
+
+def test_an_async_load_holds_its_pins_until_vllm_reports_it_finished(tmp_path: Path) -> None:
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    prompt = list(range(100, 118))
+    side, ours = adopted_side(tmp_path, prompt)
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
+    assert pins(side, ours) == [0] * 4  # asking pins nothing
+    assert side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS) == []
+    assert side.hit_sources(req, 4 * BS) == {CacheHitSource.DISK: 4 * BS}
+    assert pins(side, ours) == [1] * 4
+    meta = side.build_meta([], 0)
+    assert not meta.onboards  # not the step's plan, whose pins go once it is built
+    assert meta.loads == [("b", [(h, "disk", i, block) for i, (h, block) in enumerate(zip(ours, (6, 7, 8, 9)))])]
+    assert not side.build_meta([], 0).loads  # sent once
+    assert pins(side, ours) == [1] * 4  # steps go by while the files are read
+    side.loads_done({"some-other-connectors-request"})
+    assert pins(side, ours) == [1] * 4
+    side.loads_done({"b"})
+    assert pins(side, ours) == [0] * 4
+
+
+def test_the_second_update_state_after_alloc_counts_nothing_again(tmp_path: Path) -> None:
+    """vLLM calls update_state_after_alloc again once an asynchronous load is in (with no
+    external tokens): the admission was planned, counted and recorded at the first call."""
+    from kvbm.policy import OffloadPolicy
+
+    prompt = list(range(100, 118))
+    side, ours = adopted_side(tmp_path, prompt)
+    side.cache.policy = policy = OffloadPolicy("reused")  # one that keeps per-block counts
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
+    side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS)
+    side.build_meta([], 0)
+    side.loads_done({"b"})
+    counted = (dict(side.cache.stats.hits), dict(side.cache.stats.decisions), policy._counts[ours[0]].copy())
+    assert counted[2] == [1, 1]
+
+    req.num_computed_tokens = 4 * BS  # vLLM's, once the load is in
+    assert side.after_alloc(req, [6, 7, 8, 9, 10], 0) == []
+    assert (dict(side.cache.stats.hits), dict(side.cache.stats.decisions), policy._counts[ours[0]]) == counted
+    meta = side.build_meta([], 0)
+    assert not meta.onboards and not meta.loads and pins(side, ours) == [0] * 4
+
+    # Readmitted later (preempted): vLLM asks first, and that admission counts.
+    req.num_computed_tokens = 0
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
+    side.after_alloc(req, [11, 12, 13, 14, 15], 4 * BS)
+    assert policy._counts[ours[0]] == [2, 2]
+    assert [rid for rid, _ in side.build_meta([], 0).loads] == ["b"]
+
+
+def test_a_request_aborted_while_loading_keeps_its_pins_until_the_load_is_reported(tmp_path: Path) -> None:
+    prompt = list(range(100, 118))
+    side, ours = adopted_side(tmp_path, prompt, host_blocks=8)
+    req = FakeRequest("b", prompt)
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
+    side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS)
+    side.build_meta([], 0)
+    # vLLM counts the blocks being loaded as computed; aborted, it frees them only once the
+    # load is reported finished.
+    req.num_computed_tokens = 4 * BS
+    side.finished(req, [6, 7, 8, 9, 10])
+    # Nothing offered to the host tier: those device blocks may hold nothing yet.
+    assert not side.build_meta([], 0).offloads
+    assert pins(side, ours) == [1] * 4
+    side.loads_done({"b"})
+    assert pins(side, ours) == [0] * 4
+    assert side._loads == {} and "b" not in side._requests
+
+
+def test_an_unreadable_file_a_load_pins_is_forgotten_once_the_load_ends(tmp_path: Path) -> None:
+    prompt = list(range(100, 118))
+    side, ours = adopted_side(tmp_path, prompt)
+    for rid in ("b", "c"):  # two loads of one prompt
+        req = FakeRequest(rid, prompt)
+        assert side.num_new_matched_tokens(req, 0) == (4 * BS, True)
+        side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS)
+    side.build_meta([], 0)
+    assert pins(side, ours) == [2] * 4
+    side.loads_done({"b"})
+    side.worker_output(OffloadWorkerMetadata(unreadable={ours[2]}))
+    assert side.cache.disk is not None and ours[2] in side.cache.disk  # c still pins it
+    side.loads_done({"c"})
+    assert ours[2] not in side.cache.disk
+    assert [list(e.block_hashes) for e in side.take_events()] == [[ours[2]]]  # removed, tier-tagged
+
+
+# ------------------------------------------------------------- with vLLM's own scheduler
+
+LAYERS = ("layers.0.attn", "layers.1.attn")
+SAMPLED = 7  # the fake forward pass's every sampled token
+
+
+class VllmSteps:
+    """vLLM's scheduler with our connector (role SCHEDULER), and our connector's worker role on
+    CPU tensors shaped like vLLM CPU's KV cache, stepped as vLLM's engine core and model runner
+    step them: handle_preemptions, the forward pass, then the step's transfer results, load
+    errors and worker metadata into its output. The forward pass is faked: it checks that each
+    block the request had computed (or loaded) before it holds its tokens' KV, then writes the
+    blocks it completes."""
+
+    def __init__(self, tmp_path: Path, kvbm: KvbmConfig) -> None:
+        import json
+
+        from vllm.config import CacheConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.utils.hashing import get_hash_fn_by_name
+        from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.structured_output import StructuredOutputManager
+
+        from workers.vllm.connector.offload import DynamoKvbmConnector
+
+        model = tmp_path / "model"  # a config is all vLLM's config classes read: no weights
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1000,
+            "hidden_size": 4 * LAYOUT.head_dim, "intermediate_size": 64, "num_attention_heads": 4,
+            "num_key_value_heads": LAYOUT.num_kv_heads, "head_dim": LAYOUT.head_dim,
+            "num_hidden_layers": LAYOUT.num_layers, "max_position_embeddings": 256, "torch_dtype": "float32",
+        }))
+        config = VllmConfig(
+            model_config=ModelConfig(model=str(model), dtype="float32", max_model_len=128, skip_tokenizer_init=True),
+            cache_config=CacheConfig(block_size=BS, enable_prefix_caching=True),
+            scheduler_config=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128,
+                                             is_encoder_decoder=False),
+            kv_transfer_config=KVTransferConfig(**connector_config(kvbm)),
+        )
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=LAYOUT.num_kv_heads, head_size=LAYOUT.head_dim,
+                                  dtype=torch.float32)
+        kv_cache_config = KVCacheConfig(num_blocks=NUM_BLOCKS, kv_cache_tensors=[],
+                                        kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)])
+        config.cache_config.num_gpu_blocks = NUM_BLOCKS
+        self.scheduler = Scheduler(vllm_config=config, kv_cache_config=kv_cache_config,
+                                   structured_output_manager=StructuredOutputManager(config), block_size=BS,
+                                   log_stats=True)
+        hash_fn = get_hash_fn_by_name(config.cache_config.prefix_caching_hash_algo)
+        init_none_hash(hash_fn)
+        self.block_hasher = get_request_block_hasher(BS, hash_fn)
+        self.connector = DynamoKvbmConnector(config, KVConnectorRole.WORKER, kv_cache_config)
+        self.caches = {name: torch.zeros(NUM_BLOCKS, LAYOUT.num_kv_heads, BS, 2 * LAYOUT.head_dim) for name in LAYERS}
+        self.connector.register_kv_caches(self.caches)
+
+    @property
+    def side(self) -> _SchedulerSide:
+        side = self.scheduler.connector._scheduler  # type: ignore[union-attr]
+        assert side is not None
+        return side
+
+    @property
+    def worker(self) -> _WorkerSide:
+        worker = self.connector._worker
+        assert worker is not None
+        return worker
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int = 1) -> None:
+        from vllm.sampling_params import SamplingParams
+        from vllm.v1.request import Request
+
+        self.scheduler.add_request(Request(request_id, prompt, SamplingParams(max_tokens=max_tokens), None,
+                                           block_hasher=self.block_hasher))
+
+    @staticmethod
+    def kv(tokens: list[int], layer: int) -> float:
+        return float(sum(tokens) % 1009 + layer / 4 + 1)
+
+    def forward(self, scheduled: dict[str, int]) -> None:
+        for request_id, n in scheduled.items():
+            request = self.scheduler.requests[request_id]
+            start = request.num_computed_tokens - n  # vLLM counts the step's tokens at scheduling
+            (block_ids,) = self.scheduler.kv_cache_manager.get_block_ids(request_id)
+            tokens = request.all_token_ids
+            for i in range((start + n) // BS):
+                kv = [self.kv(tokens[i * BS : (i + 1) * BS], layer) for layer in range(len(LAYERS))]
+                for t, value in zip(self.caches.values(), kv):
+                    if i < start // BS:  # what attention reads: the block must hold its KV already
+                        assert bool((t[block_ids[i]] == value).all()), (request_id, i, block_ids[i])
+                    else:
+                        t[block_ids[i]] = value
+
+    def step(self) -> dict[str, int]:
+        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+        scheduler, connector = self.scheduler, self.connector
+        out = scheduler.schedule()
+        connector.handle_preemptions(out.kv_connector_metadata)
+        scheduled = dict(out.num_scheduled_tokens)
+        self.forward(scheduled)
+        connector.wait_for_save()
+        _, recving = connector.get_finished(out.finished_req_ids)
+        results = KVConnectorOutput(finished_recving=recving,
+                                    invalid_block_ids=connector.get_block_ids_with_load_errors(),
+                                    kv_connector_worker_meta=connector.build_connector_worker_meta())
+        ids = list(scheduled)
+        sampled = [[SAMPLED] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else []
+                   for r in ids]
+        scheduler.update_from_output(out, ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
+            kv_connector_output=results))
+        return scheduled
+
+    def run_until(self, condition: Callable[[], bool], what: str) -> None:
+        """Steps until `condition()`; between steps, waits a little for the disk thread."""
+        pause = threading.Event()
+        for _ in range(1000):
+            self.step()
+            if condition():
+                return
+            pause.wait(0.005)
+        raise AssertionError(f"not reached: {what}")
+
+
+def test_async_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
+    from vllm.v1.request import RequestStatus
+
+    steps = VllmSteps(tmp_path, KvbmConfig(disk_dir=str(tmp_path / "disk"), disk_blocks=32))
+    scheduler, side, worker = steps.scheduler, steps.side, steps.worker
+    disk = side.cache.disk
+    assert disk is not None and worker.disk is not None
+    prompt = list(range(100, 122))  # 5 full blocks and 2 tokens
+    ours = block_hashes(prompt, BS)[:5]
+    steps.add("a", prompt)
+    steps.run_until(lambda: "a" not in scheduler.requests, "a finished")
+    steps.run_until(lambda: not side.cache.writing and all(h in disk for h in ours), "a's blocks on disk")
+    assert scheduler.reset_prefix_cache()  # vLLM's own copies gone: the disk tier has them
+    gate = GatedReads(worker.disk)
+
+    # b waits for its disk reads; c, admitted beside it, runs to the end meanwhile.
+    steps.add("b", prompt)
+    steps.add("c", list(range(300, 310)), max_tokens=4)
+    assert steps.step() == {"c": 10}
+    assert scheduler.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    assert pins(side, ours) == [1] * 5
+    steps.run_until(lambda: "c" not in scheduler.requests, "c finished")
+    assert scheduler.requests["b"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    gate.open.set()
+    wait_for_reads(worker, "b")
+    assert steps.step() == {}  # copied in and reported: vLLM's pins go
+    assert pins(side, ours) == [0] * 5
+    assert steps.step() == {"b": 2}  # the forward pass finds the 5 blocks' KV in place
+    assert "b" not in scheduler.requests
+    assert side.cache.stats.hits["disk"] == 5  # vLLM's second update_state_after_alloc counted nothing
+
+    # Aborted while loading: vLLM holds its blocks until the load is reported, the pins stay.
+    assert scheduler.reset_prefix_cache()
+    gate.open.clear()
+    steps.add("d", prompt)
+    steps.step()
+    pool = scheduler.kv_cache_manager.block_pool
+    free = pool.get_num_free_blocks()
+    assert scheduler.finish_requests("d", RequestStatus.FINISHED_ABORTED)
+    assert "d" in scheduler.requests and pool.get_num_free_blocks() == free
+    steps.step()
+    assert pins(side, ours) == [1] * 5
+    gate.open.set()
+    wait_for_reads(worker, "d")
+    steps.step()
+    assert "d" not in scheduler.requests and pool.get_num_free_blocks() == NUM_BLOCKS - 1  # all but the null block
+    assert pins(side, ours) == [0] * 5
+
+    # A vanished file: a load error reported with the load; vLLM recomputes from that block.
+    assert scheduler.reset_prefix_cache()
+    worker.disk.path(ours[2]).unlink()
+    gate.open.clear()
+    steps.add("e", prompt)
+    steps.step()
+    gate.open.set()
+    wait_for_reads(worker, "e")
+    steps.step()
+    assert ours[2] not in disk  # forgotten as soon as the load's pins went
+    assert steps.step() == {"e": len(prompt) - 2 * BS}  # blocks 0 and 1 loaded
+    assert "e" not in scheduler.requests and ours[2] in side.cache.writing  # recomputed, offered again
