@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -727,9 +728,11 @@ class VllmSteps:
         return scheduled
 
     def run_until(self, condition: Callable[[], bool], what: str) -> None:
-        """Steps until `condition()`; between steps, waits a little for the disk thread."""
+        """Steps until `condition()`; between steps, waits a little for the disk thread (for
+        up to a minute: a loaded machine may starve it)."""
         pause = threading.Event()
-        for _ in range(1000):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             self.step()
             if condition():
                 return
