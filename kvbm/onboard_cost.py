@@ -79,6 +79,18 @@ class LinearRate:
         fitted = self.fit()
         return None if fitted is None else fitted[1]
 
+    def shared_cost_s(self, units: float) -> float | None:
+        """cost_s of `units` moved within a transfer of the mean size measured: its share of
+        that transfer's latency (all of it when transfers are no larger) plus its own bytes."""
+        fitted = self.fit()
+        if fitted is None:
+            return None
+        latency, per_unit = fitted
+        with self._lock:
+            mean = self._mx if self.samples else 0.0
+        share = units / mean if mean > units else 1.0
+        return latency * share + per_unit * units
+
 
 class PrefillRate:
     """Seconds per prompt token, from steps' (tokens, seconds): the `quantile` of seconds/token
@@ -148,10 +160,16 @@ class OnboardCostModel:
         per_token = self.prefill.per_unit_s()
         return None if per_token is None else per_token * num_tokens
 
-    def onboard_s(self, host_blocks: int, disk_blocks: int, block_bytes: int) -> float:
-        """Seconds to bring these blocks to the device: disk blocks are read (one batch of
-        reads), then every block is copied up from pinned memory (one batch)."""
-        return _onboard_s(self.reads["host"].fit(), self.reads["disk"].fit(), host_blocks, disk_blocks, block_bytes)
+    def block_onboard_s(self, tier: str, block_bytes: int) -> float:
+        """What onboarding one block of `tier` costs as blocks come: read with the other blocks
+        of a request (a disk block then copied up, as choose prices it), so sharing each transfer's
+        latency with them. Per-block latency would price a disk whose reads take milliseconds
+        to start, and then stream, as if every block paid the whole start."""
+        total = 0.0
+        for name in ("disk", "host") if tier == "disk" else ("host",):
+            cost = self.reads[name].shared_cost_s(block_bytes)
+            total += cost or 0.0
+        return total
 
     def choose(self, tiers: Sequence[str], block_bytes: int, tokens_per_block: int, sharing: float = 1.0) -> int:
         """How many leading hits (their tiers, in prefix order) to onboard: the count whose

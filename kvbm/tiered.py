@@ -460,7 +460,7 @@ class TieredCache:
         recompute = self.cost.recompute_s(self.block_size_tokens)
         saved = None
         if recompute is not None:
-            read = self.cost.onboard_s(int(name == HOST), int(name == DISK), self.block_bytes)
+            read = self.cost.block_onboard_s(name, self.block_bytes)
             saved = recompute - read / max(1.0, self._sharing())  # per request of the step, as the cost is
         return value.keep_batch(name, saved, tier.capacity_blocks)
 

@@ -35,6 +35,22 @@ def test_linear_fit_recovers_latency_and_bandwidth() -> None:
     assert LinearRate(prior_per_unit_s=1e-9).cost_s(1000) == pytest.approx(1e-6)
 
 
+def test_a_block_shares_its_reads_latency_with_the_blocks_read_alongside() -> None:
+    rate = LinearRate()
+    assert rate.shared_cost_s(MB) is None
+    for nbytes in [1, 4, 2, 8, 3, 16, 5, 1, 12] * 3:  # 2 ms + 2 GB/s, reads of several MB
+        rate.observe(nbytes * MB, 0.002 + nbytes * MB / 2e9)
+    # A 1 MB part of reads averaging more than 3 MB: under a third of the latency is its share.
+    assert MB / 2e9 < rate.shared_cost_s(MB) < 0.002 / 3 + MB / 2e9  # type: ignore[operator]
+    assert rate.shared_cost_s(64 * MB) == pytest.approx(rate.cost_s(64 * MB))  # larger: all of it
+    # A disk that takes 2 ms to start and then streams: a block of a typical read costs its
+    # 0.5 ms of streaming, its copy up and a share of the start, not the 2.5 ms of a lone read.
+    m = model(host_gbps=50, disk_gbps=2, disk_latency_s=0.002, tokens_per_s=1e5)
+    per_block = m.block_onboard_s(DISK, MB)
+    assert MB / 2e9 + MB / 50e9 < per_block < 0.0016 < m.reads[DISK].cost_s(MB)  # type: ignore[operator]
+    assert m.block_onboard_s(HOST, MB) == pytest.approx(MB / 50e9, rel=1e-3)
+
+
 def model(host_gbps: float, disk_gbps: float, disk_latency_s: float, tokens_per_s: float) -> OnboardCostModel:
     """A cost model fed exact measurements of the given rates (several sizes each)."""
     m = OnboardCostModel(host_gbps=55, disk_gbps=5)
