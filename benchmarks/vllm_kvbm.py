@@ -16,6 +16,11 @@ offload goes to disk), over a random-weight Llama big enough for prefill to cost
 - device: the same prompt once more: vLLM's own prefix cache, for scale.
 TTFT is the time from submitting the request to the engine to its first output token
 (max_tokens 1), in-process: no HTTP, no frontend.
+
+With `--stream`, another request decodes beside each onboarded one (started just before it,
+aborted once it has its first token): the gaps between that stream's tokens while the prompt is
+onboarded show what the onboard costs the requests already running (a disk read on the model
+thread lengthens their steps; one off it does not), against the stream's median gap.
 """
 
 from __future__ import annotations
@@ -74,6 +79,39 @@ async def ttft(engine: Any, tokens: list[int], request_id: str) -> tuple[float, 
     return first, cached
 
 
+class Stream:
+    """A request decoding beside the measured ones: when each of its tokens arrived."""
+
+    def __init__(self, engine: Any, request_id: str, max_tokens: int) -> None:
+        self.times: list[float] = []
+        self.started = asyncio.Event()
+        self.task = asyncio.create_task(self._run(engine, request_id, max_tokens))
+
+    async def _run(self, engine: Any, request_id: str, max_tokens: int) -> None:
+        from dynamo.wire import PreprocessedRequest, SamplingOptions, StopConditions
+
+        req = PreprocessedRequest(request_id=request_id, model="m", token_ids=prompt(99_999, 64),
+                                  sampling=SamplingOptions(), stop=StopConditions(max_tokens=max_tokens, ignore_eos=True))
+        async for out in engine.generate(req):
+            self.times.extend([time.perf_counter()] * len(out.token_ids))
+            if len(self.times) >= 8:  # decoding steadily
+                self.started.set()
+        self.started.set()
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        try:
+            await self.task
+        except asyncio.CancelledError:
+            pass
+
+    def gaps(self, start: float, end: float) -> tuple[float, float]:
+        """(the longest gap between tokens that overlaps [start, end], the median gap)."""
+        pairs = list(zip(self.times, self.times[1:]))
+        inside = [b - a for a, b in pairs if b >= start and a <= end]
+        return max(inside, default=0.0), statistics.median(b - a for a, b in pairs)
+
+
 async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     from kvbm.config import KvbmConfig
     from workers.vllm.args import VllmConfig
@@ -86,7 +124,8 @@ async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Pa
     kvbm = KvbmConfig(host_gb=1.0) if tier == "host" else KvbmConfig(disk_dir=str(scratch / "disk"), disk_gb=4.0)
     engine = VllmEngine(dataclasses.replace(config, kvbm=kvbm))
     await engine.start()
-    samples: dict[str, list[float]] = {"cold": [], "tier": [], "device": []}
+    samples: dict[str, list[float]] = {"cold": [], "tier": [], "device": [], "stream_gap_max": [],
+                                       "stream_gap_median": []}
     onboarded: list[int] = []
     try:
         await ttft(engine, prompt(10_000, 64), "warmup")
@@ -96,7 +135,17 @@ async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Pa
                 t, cached = await ttft(engine, prompt(seed, args.prompt_tokens), f"{tier}-{r}-cold-{k}")
                 assert cached == 0, cached
                 samples["cold"].append(t)
+            stream = None
+            if args.stream:
+                stream = Stream(engine, f"{tier}-{r}-stream", args.prompt_tokens)
+                await asyncio.wait_for(stream.started.wait(), 120)
+            submitted = time.perf_counter()
             t, cached = await ttft(engine, prompt(seeds[0], args.prompt_tokens), f"{tier}-{r}-tier")
+            if stream is not None:
+                await stream.stop()
+                longest, median = stream.gaps(submitted, submitted + t)
+                samples["stream_gap_max"].append(longest)
+                samples["stream_gap_median"].append(median)
             assert cached >= args.prompt_tokens - BLOCK, f"expected an onboarded prompt, cached {cached}"
             onboarded.append(cached)
             samples["tier"].append(t)
@@ -121,6 +170,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tiers", default="host,disk")
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
+    parser.add_argument("--stream", action="store_true",
+                        help="a request decoding beside each onboarded one: its longest token gap meanwhile")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     results: dict[str, Any] = {"args": vars(args), "model": dataclasses.asdict(SPEC), "tiers": {}}
@@ -137,6 +188,12 @@ def main() -> None:
         s = res["samples"]
         cold, hit, dev = (statistics.median(s[k]) * 1e3 for k in ("cold", "tier", "device"))
         lines.append(f"| {tier} | {cold:.0f} | {hit:.0f} | {dev:.0f} | {cold / hit:.1f}x | {len(s['cold'])}, {len(s['tier'])} |")
+    if args.stream:
+        lines += ["", "| tier | stream's longest gap while onboarding, ms (per round) | its median gap ms |", "|---|---|---|"]
+        for tier, res in results["tiers"].items():
+            s = res["samples"]
+            longest = ", ".join(f"{v * 1e3:.0f}" for v in s["stream_gap_max"])
+            lines.append(f"| {tier} | {longest} | {statistics.median(s['stream_gap_median']) * 1e3:.0f} |")
     table = "\n".join(lines)
     print(table)
     for tier, res in results["tiers"].items():
