@@ -28,7 +28,8 @@ the slots vLLM allocated (update_state_after_alloc). Host hits alone load synchr
 the forward pass that reads them. A request with a disk hit loads asynchronously, as vLLM's
 NIXL and offloading connectors do: vLLM holds it in WAITING_FOR_REMOTE_KVS while the worker
 side reads its files off the model thread; once they are read, the request's onboards (host
-and disk hits together) join a step's plan and the request is reported by get_finished. Its
+and disk hits together) are copied in at the end of that step (get_finished, which reports the
+load) or with the next step's plan, and the request runs from the step after. Its
 pins (host slots, files) are held until vLLM reports the load finished, also when the request
 is aborted meanwhile (vLLM frees its blocks only then). A block that cannot be read (a vanished
 disk file) is reported through get_block_ids_with_load_errors, and vLLM recomputes it.
@@ -682,8 +683,8 @@ class _WorkerSide:
     # --------------------------------------------------------------------------- the plan
 
     def execute(self, meta: OffloadMetadata) -> None:
-        """The step's plan, with the onboards of the asynchronous loads whose reads are done
-        (polled here: vLLM calls this at every step, also while only such loads are left)."""
+        """The step's plan, with the onboards of the asynchronous loads whose reads ended since
+        the last step ended (vLLM calls this at every step, also while only such loads are left)."""
         self._lost.update(meta.lost_blocks)
         self._step_tokens = meta.step_tokens
         if self.executor is None:
@@ -699,7 +700,21 @@ class _WorkerSide:
             onboards=[OnboardOp(h, tier, slot, block) for h, tier, slot, block in meta.onboards] + loaded,
             deletes=[DeleteOp(h) for h in meta.deletes],
         )
-        # The loads taken above are reported finished by this step's get_finished, right
+        self._run(plan)
+
+    def finish_loads(self) -> None:
+        """At the end of a step (get_finished): the loads whose reads ended during its forward
+        pass are copied in now, so that vLLM hears of them with this step's output and
+        schedules them in the next step rather than one later."""
+        if self._loads and self.executor is not None:
+            loaded = self._take_loaded()
+            if loaded:
+                self._run(TransferPlan(onboards=loaded))
+
+    def _run(self, plan: TransferPlan) -> None:
+        """Execute `plan`; keep what it measured for the scheduler side."""
+        assert self.executor is not None
+        # Loads among its onboards are reported finished by this step's get_finished, right
         # after their copies are queued, not done: on a GPU the plan ends with vLLM's current
         # stream waiting for the side stream's copies (the executor's end-of-plan wait_event),
         # and vLLM schedules the request at the earliest in the next step, on that stream.
@@ -878,8 +893,10 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         # Asynchronous loads queued this step. vLLM calls get_block_ids_with_load_errors right
         # after, in the same step: their failed blocks are reported with them, as it requires.
-        loaded = self._worker.take_finished() if self._worker is not None else set()
-        return None, loaded or None
+        if self._worker is None:
+            return None, None
+        self._worker.finish_loads()
+        return None, self._worker.take_finished() or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_lost() if self._worker is not None else set()

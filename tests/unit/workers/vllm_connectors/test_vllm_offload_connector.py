@@ -230,13 +230,14 @@ def test_a_disk_load_finishes_once_its_reads_are_done(tmp_path: Path) -> None:
         assert all(torch.equal(t, w) for t, w in zip((t[9] for t in caches.values()), want[3]))  # not held up
         assert worker.take_finished() == set()
         worker.execute(OffloadMetadata())  # a step while the reads are held
+        worker.finish_loads()  # its end: nothing read yet
         assert worker.take_finished() == set()
         for block, was in before.items():  # nothing of the load landed yet, its host hit neither
             assert all(torch.equal(t[block], w) for t, w in zip(caches.values(), was))
 
         gate.open.set()
         wait_for_reads(worker, "r")
-        worker.execute(OffloadMetadata())  # the next step finds them read
+        worker.finish_loads()  # the end of the step during which they were read
         assert worker.take_finished() == {"r"}
         for block, source in ((12, 4), (13, 5), (14, 3)):
             assert all(torch.equal(t[block], w) for t, w in zip(caches.values(), want[source]))
