@@ -388,6 +388,12 @@ class BlockReads:
                 log.debug("kvbm read notification failed", exc_info=True)
 
 
+# An engine's disk reads land in one staging pool of this size (pinned on CUDA, allocated once
+# with the reader); a request it cannot hold at the moment gets a buffer of its own.
+READ_STAGING_BYTES = 512 << 20
+READ_STAGING_MAX_ROWS = 8192
+
+
 class DiskReader:
     """Reads blocks of a DiskStore on `threads` threads, into rows of a StagingPool of
     `staging_rows` rows (pinned host memory when `pin`); a request the pool cannot hold gets
@@ -406,6 +412,14 @@ class DiskReader:
         if staging_rows > 0:
             self.pool = StagingPool(staging_rows, (2 * layout.num_layers, elements_per_layer(layout)), dtype, pin)
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="kvbm-disk-read")
+
+    @classmethod
+    def for_tier(cls, store: DiskStore, dtype: torch.dtype, pin: bool, capacity_blocks: int) -> DiskReader:
+        """The reader an engine gives its disk tier of `capacity_blocks`: up to four threads and
+        a staging pool of READ_STAGING_BYTES, never of more rows than the tier holds."""
+        size = block_bytes(store.layout)
+        rows = max(1, min(READ_STAGING_MAX_ROWS, READ_STAGING_BYTES // size, capacity_blocks))
+        return cls(store, dtype, pin, threads=min(4, os.cpu_count() or 1), staging_rows=rows)
 
     def start(self, hashes: Sequence[int]) -> BlockReads:
         """Read `hashes` into one buffer, on the reader threads."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,12 +28,6 @@ from kvbm.plan_executor import PlanExecutor
 from kvbm.tiered import TieredCache, TransferPlan
 
 log = logging.getLogger(__name__)
-
-# Disk reads land in one staging pool of this size (pinned on CUDA, allocated once with the
-# reader); a request it cannot hold at the moment gets a buffer of its own.
-STAGING_BYTES = 512 << 20
-STAGING_MAX_ROWS = 8192
-
 
 class KvBlockManager:
     """G2 (pinned host tensors) and G3 (files) below a device cache given as per-layer K and V
@@ -61,9 +54,8 @@ class KvBlockManager:
                              k[0].dtype, pin=k[0].device.type == "cuda")
         self.reader: DiskReader | None = None
         if self.disk is not None:
-            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size))
-            self.reader = DiskReader(self.disk, k[0].dtype, k[0].device.type == "cuda",
-                                     threads=min(4, os.cpu_count() or 1), staging_rows=rows)
+            self.reader = DiskReader.for_tier(self.disk, k[0].dtype, k[0].device.type == "cuda",
+                                              config.disk_capacity_blocks(size))
             self.cache.reader = self.reader
             self.cache.disk_probe = self.disk.exists  # workers of one host may share the directory
         self.executor = PlanExecutor(layout, [t for pair in zip(k, v) for t in pair], host, self.disk,

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -74,7 +73,6 @@ from kvbm.disk_tier import BlockReads, DiskReader, DiskStore
 from kvbm.forward_timer import ForwardTimer
 from kvbm.host_tier import HostStore
 from kvbm.layout import block_bytes, elements_per_layer
-from kvbm.manager import STAGING_BYTES, STAGING_MAX_ROWS
 from kvbm.metrics import KvbmMetrics
 from kvbm.onboard_cost import PREFILL_MIN_TOKENS
 from kvbm.plan_executor import PlanExecutor
@@ -670,11 +668,8 @@ class _WorkerSide:
         if root is not None:
             disk = DiskStore(root, self.layout, self.config.disk_queue_blocks, report_writes=True)
             disk.start()
-            # Sized as the built-in engine's (kvbm/manager.py), and never beyond what the disk
-            # tier holds; a load the pool cannot hold at the moment gets a buffer of its own.
-            size = block_bytes(self.layout)
-            rows = max(1, min(STAGING_MAX_ROWS, STAGING_BYTES // size, self.config.disk_capacity_blocks(size)))
-            self.reader = DiskReader(disk, first.dtype, cuda, threads=min(4, os.cpu_count() or 1), staging_rows=rows)
+            self.reader = DiskReader.for_tier(disk, first.dtype, cuda,
+                                              self.config.disk_capacity_blocks(block_bytes(self.layout)))
         self.executor = PlanExecutor(self.layout, pieces, host, disk, flush_blocks=self.config.offload_flush_blocks,
                                      disk_queue_blocks=self.config.disk_queue_blocks, reader=self.reader)
         log.info("kvbm: vLLM connector with %d host blocks%s", capacity,
