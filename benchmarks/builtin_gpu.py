@@ -331,24 +331,35 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     # Variants of the decode graphs, each captured by a runner of its own in this process
     # (a module setting read at capture time, restored after).
-    def variant(name: str, value: Any) -> ModelRunner:
+    variant_errors: dict[str, str] = {}
+    res["variant_errors"] = variant_errors
+
+    def variant(name: str, value: Any) -> ModelRunner | None:
         saved = getattr(gpu_kernels, name)
         setattr(gpu_kernels, name, value)
         try:
             return ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
+        except Exception as exc:  # a variant that does not compile must not lose the others' figures
+            variant_errors[f"{name}={value!r}"] = repr(exc)[:300]
+            print("variant failed", name, value, repr(exc)[:300], flush=True)
+            return None
         finally:
             setattr(gpu_kernels, name, saved)
 
-    variants: dict[str, ModelRunner] = {}
+    variants: dict[str, ModelRunner | None] = {}
     if args.compare_unfused:  # RoPE and the K/V write in a kernel of their own
         variants["unfused"] = variant("DECODE_FUSED_ROPE", False)
     for spec in args.compare_split_k:  # "QKV,O[,DOWN]": K slices of the projections, every batch
         parts = [int(p) for p in spec.split(",")]
         split = dict(zip(("qkv", "o", "down"), parts))
         variants["split_k_" + "_".join(map(str, parts))] = variant("DECODE_SPLIT_K", [(1 << 20, split)])
-    for spec in args.compare_decode_tiles:  # "BLOCK_N,WARPS,STAGES": the decode kernel's tiling, every batch
-        block_n, warps, stages = (int(p) for p in spec.split(","))
-        variants[f"tiles_{block_n}_{warps}_{stages}"] = variant("DECODE_TILES", [(1 << 30, (block_n, warps, stages))])
+    for spec in args.compare_decode_tiles:  # "BLOCK_N,WARPS,STAGES[,fma][,prefetch]": the decode kernel's tiling
+        numbers, words = spec.split(",")[:3], spec.split(",")[3:]
+        if set(words) - {"fma", "prefetch"}:
+            raise SystemExit(f"--compare-decode-tiles {spec}: only 'fma' and 'prefetch' may follow the numbers")
+        block_n, warps, stages = (int(p) for p in numbers)
+        tiling = gpu_kernels.DecodeTiling(block_n, warps, stages, "fma" not in words, "prefetch" in words)
+        variants["tiles_" + spec.replace(",", "_")] = variant("DECODE_TILES", [(1 << 30, tiling)])
     res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["decode_tiles"] = repr(gpu_kernels.DECODE_TILES)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
@@ -366,6 +377,8 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
             # a real step (a fresh runner's hold padding, which reads no KV).
             row["variants"] = {}
             for label, runner in variants.items():
+                if runner is None:
+                    continue
                 step = bench_decode_overlapped(runner, b, args.prompt_len, args.steps, mc.vocab_size, device)["step_ms"]
                 row["variants"][label] = {"overlapped_step_ms": step, "replay_ms": replay_ms(runner, b)}
             row["ours_graphs_overlapped_again"] = bench_decode_overlapped(graphed, b, args.prompt_len, args.steps, mc.vocab_size, device)
@@ -640,9 +653,10 @@ def main() -> None:
     p.add_argument("--compare-split-k", nargs="*", default=[], metavar="QKV,O[,DOWN]",
                    help="also time graphs whose qkv, o (and down) projections are split into QKV, O (and DOWN) K "
                         "slices at every batch (gpu_kernels.DECODE_SPLIT_K), e.g. 2,2 4,4 1,4 2,2,2")
-    p.add_argument("--compare-decode-tiles", nargs="*", default=[], metavar="BLOCK_N,WARPS,STAGES",
+    p.add_argument("--compare-decode-tiles", nargs="*", default=[], metavar="BLOCK_N,WARPS,STAGES[,fma][,prefetch]",
                    help="also time graphs whose decode attention kernel takes BLOCK_N keys a tile with WARPS warps "
-                        "(0: Triton's default) and STAGES stages at every batch (gpu_kernels.DECODE_TILES), e.g. 32,4,2")
+                        "(0: Triton's default) and STAGES stages at every batch (gpu_kernels.DECODE_TILES), on CUDA "
+                        "cores with 'fma', each tile's loads issued a tile ahead with 'prefetch'; e.g. 32,4,2 64,4,2,fma")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -32,15 +32,28 @@ def kernels() -> Any:
     return importlib.import_module("workers.builtin.triton_kernels")
 
 
-# The paged decode kernel's tiling by batch: (largest batch, (keys a tile, warps, stages)), in
-# increasing batch order (0 warps: Triton's default). A graph's batch is fixed at capture, its
-# contexts are not, so a tiling is chosen per batch. Up to 32 rows, 128 keys and two stages
-# rather than Triton's three: on an H100 9.7 against 13.2 us at 1 x 200 tokens (issue 21's
-# sweep); 64 keys and two warps at 1 or 32 rows made the overlapped decode step 2.4% / 0-0.5%
-# longer. Above 32 rows those made it 0.3-1.1% shorter at 64 rows and 1.5-1.7% at 128; 32-key
-# tiles, 21% faster in the kernel's own sweep at 128 x 133 tokens, did not carry over into the
-# model's graphs (builtin_gpu.py --compare-decode-tiles; RESULTS.md, "Decode tiles by batch").
-DECODE_TILES: list[tuple[int, tuple[int, int, int]]] = [(32, (128, 0, 2)), (1 << 30, (64, 2, 2))]
+class DecodeTiling(NamedTuple):
+    """The paged decode kernel's launch: keys a tile, warps (0: Triton's default), pipeline
+    stages, whether scores and values go through tensor cores (tl.dot, rows padded to 16,
+    operands in shared memory) or CUDA cores (broadcast products over the GQA group's rows),
+    and whether each tile's loads are issued a tile ahead (triton_kernels.paged_decode)."""
+
+    block_n: int
+    warps: int
+    stages: int
+    tensor_cores: bool = True
+    prefetch: bool = False
+
+
+# The paged decode kernel's tiling by batch: (largest batch, tiling), in increasing batch order.
+# A graph's batch is fixed at capture, its contexts are not, so a tiling is chosen per batch. Up
+# to 32 rows, 128 keys and two stages rather than Triton's three: on an H100 9.7 against 13.2 us
+# at 1 x 200 tokens (issue 21's sweep); 64 keys and two warps at 1 or 32 rows made the
+# overlapped decode step 2.4% / 0-0.5% longer. Above 32 rows those made it 0.3-1.1% shorter at
+# 64 rows and 1.5-1.7% at 128; 32-key tiles, 21% faster in the kernel's own sweep at 128 x 133
+# tokens, did not carry over into the model's graphs (builtin_gpu.py --compare-decode-tiles;
+# RESULTS.md, "Decode tiles by batch").
+DECODE_TILES: list[tuple[int, DecodeTiling]] = [(32, DecodeTiling(128, 0, 2)), (1 << 30, DecodeTiling(64, 2, 2))]
 DECODE_HEADS_FIRST = False
 # Pure-decode steps rotate q and k and write K/V inside the attention kernel (one launch a layer
 # fewer); False: rope_store_kv, then paged_decode_attention (benchmarks compare the two).
@@ -102,9 +115,8 @@ def rope_decode_attention(
     return out
 
 
-def decode_tiling(batch: int) -> tuple[int, int, int]:
-    """(keys a tile, warps, stages) of the paged decode kernel at `batch` rows: DECODE_TILES'
-    entry for the smallest batch bound that holds them (the last entry past every bound)."""
+def decode_tiling(batch: int) -> DecodeTiling:
+    """The paged decode kernel's tiling at `batch` rows: DECODE_TILES' entry for the smallest batch bound that holds them (the last entry past every bound)."""
     for bound, tiling in DECODE_TILES:
         if batch <= bound:
             return tiling
@@ -121,7 +133,7 @@ def _launch_decode(
     batch = out.shape[0]
     _, page, kv_heads, head_dim = k_cache.shape
     group = heads // kv_heads
-    tile_n, tile_warps, tile_stages = decode_tiling(batch)
+    tile_n, tile_warps, tile_stages, tensor_cores, prefetch = decode_tiling(batch)
     block_n = block_n or tile_n
     launch: dict[str, int] = {}
     if num_warps or tile_warps:
@@ -142,13 +154,13 @@ def _launch_decode(
         positions, cos, sin, slots, q_w, k_w, eps, scale * LOG2_E,
         stride_qt, stride_qh, out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0) if rope is not None else 0, stride_part,
-        NUM_Q=heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim,
+        NUM_Q=heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)) if tensor_cores else _pow2(group), HEAD_DIM=head_dim,
         HALF=head_dim // 2, HALF_PAD=max(16, _pow2(head_dim // 2)), D_PAD=max(16, _pow2(head_dim)),
         PAGE=page, BLOCK_N=block_n, HEADS_FIRST=heads_first,
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts,
-        **launch,
+        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts, DOT=tensor_cores,
+        PREFETCH=prefetch, **launch,
     )
 
 
