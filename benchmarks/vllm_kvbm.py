@@ -4,7 +4,7 @@ disk tier (workers/vllm/connector/offload.py) against recomputing it, on vLLM fo
 Run it with the vLLM venv's interpreter (scripts/install_vllm.sh):
 
     .venv-vllm/bin/python benchmarks/vllm_kvbm.py [--prompt-tokens 2048] [--rounds 3] \
-        [--tiers host,disk] [--out-dir benchmarks/results]
+        [--tiers host,disk] [--disk-load auto|sync|async] [--out-dir benchmarks/results]
 
 One VllmEngine in this process per tier (`--kvbm-host-gb 1`, or `--kvbm-disk-dir` alone: every
 offload goes to disk), over a random-weight Llama big enough for prefill to cost something
@@ -21,6 +21,10 @@ With `--stream`, another request decodes beside each onboarded one (started just
 aborted once it has its first token): the gaps between that stream's tokens while the prompt is
 onboarded show what the onboard costs the requests already running (a disk read on the model
 thread lengthens their steps; one off it does not), against the stream's median gap.
+
+`--disk-load` is KvbmConfig.disk_load: how a request with disk hits loads (auto: the connector
+chooses per request; sync or async: always so). The requests that loaded each way are counted
+(`disk_loads` in the counters, and the table).
 """
 
 from __future__ import annotations
@@ -121,7 +125,8 @@ async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Pa
         str(model), dtype="float32", max_model_len=args.prompt_tokens + 256, block_size=BLOCK, enforce_eager=True,
         num_gpu_blocks_override=args.device_blocks,
     )
-    kvbm = KvbmConfig(host_gb=1.0) if tier == "host" else KvbmConfig(disk_dir=str(scratch / "disk"), disk_gb=4.0)
+    kvbm = (KvbmConfig(host_gb=1.0) if tier == "host"
+            else KvbmConfig(disk_dir=str(scratch / "disk"), disk_gb=4.0, disk_load=args.disk_load))
     engine = VllmEngine(dataclasses.replace(config, kvbm=kvbm))
     await engine.start()
     samples: dict[str, list[float]] = {"cold": [], "tier": [], "device": [], "stream_gap_max": [],
@@ -157,13 +162,17 @@ async def run_tier(model: Path, tier: str, args: argparse.Namespace, scratch: Pa
         counters = {"hits": dict(stats.hits), "onboard_blocks": dict(stats.onboard_blocks),
                     "offload_blocks": dict(stats.offload_blocks), "tier_request_cached_tokens": onboarded,
                     # The onboard cost model's choices (tier/onboard or tier/recompute, in blocks).
-                    "decisions": {f"{tier}/{decision}": n for (tier, decision), n in stats.decisions.items()}}
+                    "decisions": {f"{tier}/{decision}": n for (tier, decision), n in stats.decisions.items()},
+                    # Requests with a disk hit, by how they loaded ("sync", "async").
+                    "disk_loads": dict(engine.kvbm.disk_loads)}
     finally:
         await engine.stop()
     return {"samples": samples, "counters": counters}
 
 
 def main() -> None:
+    from kvbm.config import DISK_LOADS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--device-blocks", type=int, default=140, help="vLLM's KV cache in blocks of 32 tokens")
@@ -172,6 +181,8 @@ def main() -> None:
     parser.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--stream", action="store_true",
                         help="a request decoding beside each onboarded one: its longest token gap meanwhile")
+    parser.add_argument("--disk-load", choices=DISK_LOADS, default="auto",
+                        help="how a request with disk hits loads: chosen per request (auto), or always sync or async")
     args = parser.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     results: dict[str, Any] = {"args": vars(args), "model": dataclasses.asdict(SPEC), "tiers": {}}
@@ -182,12 +193,15 @@ def main() -> None:
             load = os.getloadavg()[0]
             results["tiers"][tier] = asyncio.run(run_tier(model, tier, args, scratch))
             results["tiers"][tier]["load_before_after"] = [load, os.getloadavg()[0]]
-    lines = ["| tier | cold TTFT p50 ms | onboarded TTFT p50 ms | vLLM prefix hit TTFT p50 ms | cold/onboarded | samples (cold, tier) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| tier | cold TTFT p50 ms | onboarded TTFT p50 ms | vLLM prefix hit TTFT p50 ms | cold/onboarded | "
+             "samples (cold, tier) | disk loads sync, async |",
+             "|---|---|---|---|---|---|---|"]
     for tier, res in results["tiers"].items():
         s = res["samples"]
         cold, hit, dev = (statistics.median(s[k]) * 1e3 for k in ("cold", "tier", "device"))
-        lines.append(f"| {tier} | {cold:.0f} | {hit:.0f} | {dev:.0f} | {cold / hit:.1f}x | {len(s['cold'])}, {len(s['tier'])} |")
+        loads = res["counters"]["disk_loads"]
+        lines.append(f"| {tier} | {cold:.0f} | {hit:.0f} | {dev:.0f} | {cold / hit:.1f}x | {len(s['cold'])}, {len(s['tier'])} "
+                     f"| {loads.get('sync', 0)}, {loads.get('async', 0)} |")
     if args.stream:
         lines += ["", "| tier | stream's longest gap while onboarding, ms (per round) | its median gap ms |", "|---|---|---|"]
         for tier, res in results["tiers"].items():

@@ -11,9 +11,11 @@ from dynamo.flags import Flag, FlagGroup
 
 OffloadPolicyName = Literal["all", "reused", "frequency"]
 EvictionName = Literal["lru", "slru"]
+DiskLoadName = Literal["auto", "sync", "async"]
 OFFLOAD_POLICIES: tuple[OffloadPolicyName, ...] = ("all", "reused", "frequency")
 EVICTIONS: tuple[EvictionName, ...] = ("lru", "slru")
 ONBOARD_COSTS = ("on", "requester", "off")
+DISK_LOADS: tuple[DiskLoadName, ...] = ("auto", "sync", "async")
 
 # Disk size when a directory is given but no size: enough for a few thousand 2 MiB blocks.
 DEFAULT_DISK_GB = 16.0
@@ -60,6 +62,12 @@ class KvbmConfig:
     # Device-to-host copies of offloaded blocks wait (in device staging) until this many are
     # gathered or the next step boundary, so small evictions move in fewer, larger copies.
     offload_flush_blocks: int = 16
+    # vLLM's connector: how a request with disk hits loads. sync: its files are read on the model
+    # thread before the forward pass of the step that schedules it (every request of the step
+    # waits); async: read off that thread while vLLM holds the request back (it runs a step
+    # later); auto: per request, sync when its estimated read is short next to a step
+    # (workers/vllm/connector/offload.py). The built-in engine always reads off its model thread.
+    disk_load: DiskLoadName = "auto"
 
     def __post_init__(self) -> None:
         for name in ("host_blocks", "disk_blocks"):
@@ -84,6 +92,8 @@ class KvbmConfig:
             raise ValueError("bandwidths must be positive")
         if self.offload_flush_blocks < 1:
             raise ValueError(f"offload_flush_blocks must be >= 1, got {self.offload_flush_blocks}")
+        if self.disk_load not in DISK_LOADS:
+            raise ValueError(f"disk_load must be one of {DISK_LOADS}, got {self.disk_load!r}")
 
     def host_capacity_blocks(self, block_bytes: int) -> int:
         if self.host_blocks is not None:

@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -313,7 +314,10 @@ class StagingPool:
 
 class BlockReads:
     """The reads of one request's disk blocks (kvbm.tiered.DiskReads): row rows[i] of `buf`
-    holds `hashes[i]` once `done`, if `ok[i]`."""
+    holds `hashes[i]` once `done`, if `ok[i]`. `read_s` is the seconds of the `read_blocks`
+    reads that ran, each its own time, summed: what reading them one after another on one
+    thread would take, however many reader threads shared them (an overstatement where the
+    threads share a bandwidth-bound disk or too few cores; their wall time would understate it)."""
 
     def __init__(self, hashes: Sequence[int], on_done: Callable[[], None] | None) -> None:
         self.hashes = list(hashes)
@@ -324,6 +328,8 @@ class BlockReads:
         self._pool: StagingPool | None = None  # owner of `rows` of `buf`, if borrowed
         self._closed = False
         self._left = len(self.hashes)
+        self.read_s = 0.0
+        self.read_blocks = 0
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._on_done = on_done
@@ -361,16 +367,21 @@ class BlockReads:
             pool.release(rows)
 
     def _read_one(self, store: DiskStore, i: int) -> None:
+        started = time.perf_counter()
         try:
             assert self.buf is not None
             self.ok[i] = store.read(self.hashes[i], self.buf[self.rows[i]])
         except Exception:  # never leave a request waiting
             log.exception("kvbm disk read of %016x failed", self.hashes[i])
         finally:
-            self._count_down(1)
+            self._count_down(1, time.perf_counter() - started)
 
-    def _count_down(self, n: int) -> None:
+    def _count_down(self, n: int, read_s: float | None = None) -> None:
+        """`n` blocks are done with, read in `read_s` (None: not read at all)."""
         with self._lock:
+            if read_s is not None:
+                self.read_s += read_s
+                self.read_blocks += n
             self._left -= n
             last = self._left == 0
             closed = self._closed

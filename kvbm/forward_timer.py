@@ -1,6 +1,7 @@
 """How long an engine's forward passes take, on the device's own clock: what recomputing a
-prompt's tokens costs (kvbm/onboard_cost.py), measured where only the model's thread can (vLLM's
-worker side, workers/vllm/connector/offload.py)."""
+prompt's tokens costs (kvbm/onboard_cost.py), and what a step costs the requests that a disk read
+on the model thread would hold up (the vLLM connector's sync-or-async choice), measured where only
+the model's thread can (vLLM's worker side, workers/vllm/connector/offload.py)."""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """KVBM's host and disk tiers below vLLM for CPUs (`pytest -m vllm`), through our connector
 (workers/vllm/connector/offload.py): with vLLM's own KV cache made tiny, a prompt pushed out of
 it by others and asked again is onboarded from the tiers (part from disk, where the small host
-tier spilled its oldest blocks, part from host; with a disk hit the whole load is asynchronous:
-vLLM holds the request in WAITING_FOR_REMOTE_KVS while the worker process reads the files):
-its cached_tokens cover them, the tier hit metric counts them, and the greedy output is the cold
-run's; the tiers' blocks are announced as tier-tagged KV events with the project's block hashes.
-The onboard cost model runs on what the worker side measured (prefill passes, reads, the disk
-reads' time off the model thread included): its estimates and decisions reach the metrics."""
+tier spilled its oldest blocks, part from host): its cached_tokens cover them, the tier hit
+metric counts them, and the greedy output is the cold run's; the tiers' blocks are announced as
+tier-tagged KV events with the project's block hashes. With a disk hit the load goes one of two
+ways, both run here: asynchronously (vLLM holds the request in WAITING_FOR_REMOTE_KVS while the
+worker process reads the files), which the connector chooses while it has measured no file read
+yet (`disk_load` auto, the first disk hit), or synchronously (the files read on the model thread
+in the step that runs the request; `disk_load` sync). The onboard cost model runs on what the
+worker side measured (prefill passes, reads): its estimates and decisions reach the metrics."""
 
 from __future__ import annotations
 
@@ -42,10 +44,11 @@ def prompt(seed: int) -> list[int]:
 
 
 class Harness:
-    def __init__(self, engine: Any, events: list[KvEventData], registry: Any) -> None:
+    def __init__(self, engine: Any, events: list[KvEventData], registry: Any, loads: str) -> None:
         self.engine = engine
         self.events = events
         self.registry = registry
+        self.loads = loads  # how the connector loads the first disk hit: "async" or "sync"
 
     def hits(self, tier: str) -> float:
         value = self.registry.get_sample_value("dynamo_kvbm_hit_blocks_total", {"model": "tiny", "tier": tier})
@@ -73,8 +76,12 @@ class Harness:
         return [t for out in outs for t in out.token_ids], outs[0].cached_tokens
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
+# KvbmConfig.disk_load, and how the first disk hit then loads.
+DISK_LOADS = {"auto": "async", "sync": "sync"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=list(DISK_LOADS))
+async def harness(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Harness]:
     if not HAVE_VLLM:
         message = "vllm is not importable here: run scripts/install_vllm.sh and pytest from that venv"
         if VLLM_REQUIRED:
@@ -95,7 +102,8 @@ async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
         num_gpu_blocks_override=DEVICE_BLOCKS,
     )
     disk = tmp_path_factory.mktemp("vllm-kvbm-disk")
-    config = dataclasses.replace(config, kvbm=KvbmConfig(host_blocks=HOST_BLOCKS, disk_dir=str(disk), disk_blocks=64))
+    kvbm = KvbmConfig(host_blocks=HOST_BLOCKS, disk_dir=str(disk), disk_blocks=64, disk_load=request.param)
+    config = dataclasses.replace(config, kvbm=kvbm)
     events: list[KvEventData] = []
     engine = VllmEngine(config)
     await engine.start(events.append)
@@ -104,7 +112,7 @@ async def harness(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Har
     assert engine.kvbm is not None
     engine.kvbm.cache.bind_metrics(KvbmMetrics(registry, "tiny"))
     try:
-        yield Harness(engine, events, registry)
+        yield Harness(engine, events, registry, DISK_LOADS[request.param])
     finally:
         await engine.stop()
 
@@ -135,7 +143,11 @@ async def test_evicted_prompt_is_onboarded_from_host_and_disk(harness: Harness) 
     await wait_for(lambda: harness.recompute_rate() > 0, 30, "the measured prefill rate")
     tiers = ("host", "disk")
     await wait_for(lambda: sum(map(harness.onboarded, tiers)) == sum(map(harness.hits, tiers)), 30, "onboard decisions")
-    # The asynchronous load's disk reads were timed on the worker and reached the cost model.
+    # The load took the expected path, and its disk reads were timed on the worker and reached
+    # the cost model.
+    view = harness.engine.kvbm
+    await wait_for(lambda: sum(view.disk_loads.values()) > 0, 30, "the disk load's stats")
+    assert view.disk_loads == {harness.loads: 1}
     await wait_for(lambda: harness.read_gbps("disk") > 0, 30, "the measured disk read rate")
 
     ours = set(block_hashes(a, BLOCK)[: PROMPT_TOKENS // BLOCK])

@@ -25,11 +25,13 @@ blocks are offered to the tiers when the request releases them (request_finished
 before the next forward pass, the first that may overwrite them, so vLLM need not hold them);
 hits beyond vLLM's own prefix cache are reported by get_num_new_matched_tokens and loaded into
 the slots vLLM allocated (update_state_after_alloc). Host hits alone load synchronously, before
-the forward pass that reads them. A request with a disk hit loads asynchronously, as vLLM's
-NIXL and offloading connectors do: vLLM holds it in WAITING_FOR_REMOTE_KVS while the worker
-side reads its files off the model thread; once they are read, the request's onboards (host
-and disk hits together) are copied in at the end of that step (get_finished, which reports the
-load) or with the next step's plan, and the request runs from the step after. Its
+the forward pass that reads them. A request with a disk hit loads synchronously too (its files
+read on the model thread, in the step that schedules it) when its estimated read is short next
+to a step (`_DiskLoadChoice`), and otherwise asynchronously, as vLLM's NIXL and offloading
+connectors do: vLLM holds it in WAITING_FOR_REMOTE_KVS while the worker side reads its files
+off the model thread; once they are read, the request's onboards (host and disk hits together)
+are copied in at the end of that step (get_finished, which reports the load) or with the next
+step's plan, and the request runs from the step after. Its
 pins (host slots, files) are held until vLLM reports the load finished, also when the request
 is aborted meanwhile (vLLM frees its blocks only then). A block that cannot be read (a vanished
 disk file) is reported through get_block_ids_with_load_errors, and vLLM recomputes it.
@@ -46,12 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import operator
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import torch
 from vllm.distributed.kv_events import BlockRemoved as VllmBlockRemoved
@@ -68,14 +71,14 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from dynamo.kv_hash import block_hash
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec
 from kvbm.block_pool import EvictedBlock
-from kvbm.config import KvbmConfig
+from kvbm.config import DiskLoadName, KvbmConfig
 from kvbm.disk_tier import BlockReads, DiskReader, DiskStore
 from kvbm.forward_timer import ForwardTimer
 from kvbm.host_tier import HostStore
 from kvbm.layout import block_bytes, elements_per_layer
 from kvbm.metrics import KvbmMetrics
-from kvbm.onboard_cost import PREFILL_MIN_TOKENS
-from kvbm.plan_executor import PlanExecutor
+from kvbm.onboard_cost import LinearRate
+from kvbm.plan_executor import Executed, PlanExecutor
 from kvbm.tiered import DISK, HOST, DeleteOp, Hits, OffloadOp, OnboardOp, TieredCache, TransferPlan, WriteOp
 
 if TYPE_CHECKING:
@@ -167,9 +170,11 @@ class OffloadMetadata(KVConnectorMetadata):
     # Device blocks promised to vLLM that nothing can fill (a hit gone before its load was
     # planned): reported as load errors so that vLLM recomputes them.
     lost_blocks: list[int] = field(default_factory=list)
-    # Tokens the step's forward pass computes: the worker times prefill-sized ones for the
-    # onboard cost model (a plan's truth does not depend on it).
+    # Tokens the step's forward pass computes: the worker times the passes that compute any
+    # (a plan's truth does not depend on it).
     step_tokens: int = 0
+    # The step's number: the key under which every rank reports the files it read in line.
+    step: int = 0
 
     def __bool__(self) -> bool:
         return bool(self.writes or self.offloads or self.onboards or self.deletes or self.loads or self.lost_blocks)
@@ -189,41 +194,64 @@ class OffloadWorkerMetadata(KVConnectorWorkerMetadata):
 
     unreadable: set[int] = field(default_factory=set)
     written: list[tuple[int, bool]] = field(default_factory=list)  # block hash, written
-    steps: list[tuple[int, float]] = field(default_factory=list)  # prefill-sized forwards: tokens, seconds
+    steps: list[tuple[int, float]] = field(default_factory=list)  # forward passes: tokens, seconds
     reads: list[tuple[str, int, float]] = field(default_factory=list)  # onboards: tier, bytes, seconds
     upkeep: list[tuple[int, float]] = field(default_factory=list)  # offloads and writes: blocks, seconds
+    # The file reads alone, as one thread reading them in turn takes them: a load's (by request
+    # id) or a step's in-line reads (by step number), bytes, seconds. Every rank reports each.
+    file_reads: list[tuple[str | int, int, float]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.unreadable or self.written or self.steps or self.reads or self.upkeep)
+        return bool(self.unreadable or self.written or self.steps or self.reads or self.upkeep or self.file_reads)
 
     def aggregate(self, other: Any) -> OffloadWorkerMetadata:
+        # Concatenated: a rank's reads of a load may end a step after another's, so the
+        # scheduler side pairs them by key (_RankReports) rather than this one step's output.
         return OffloadWorkerMetadata(self.unreadable | other.unreadable, self.written + other.written,
                                      self.steps + other.steps, self.reads + other.reads,
-                                     self.upkeep + other.upkeep)
+                                     self.upkeep + other.upkeep, self.file_reads + other.file_reads)
 
 
-class _ReportedWrites:
-    """kvbm.tiered.DiskWrites for the scheduler side: the disk writes the workers report done.
-    With tensor parallelism each rank writes its own part of a block to its own directory; the
-    block is on disk once every rank's part is (and failed if any rank's failed)."""
+K = TypeVar("K")
+V = TypeVar("V")
 
-    def __init__(self, ranks: int) -> None:
+
+class _RankReports(Generic[K, V]):
+    """What the workers report of one thing each rank does on its own part (with tensor
+    parallelism, each rank writes and reads its own part of a block, in its own directory):
+    complete once every rank has reported the key, their values combined by `merge`."""
+
+    def __init__(self, ranks: int, merge: Callable[[V, V], V]) -> None:
         self.ranks = ranks
-        self._partial: dict[int, tuple[int, bool]] = {}  # block hash -> (ranks reported, all ok)
-        self._done: list[tuple[int, bool]] = []
+        self._merge = merge
+        self._partial: dict[K, tuple[int, V]] = {}  # key -> (ranks reported, merged value)
+        self._done: list[tuple[K, V]] = []
 
-    def report(self, results: Iterable[tuple[int, bool]]) -> None:
-        for h, ok in results:
-            seen, good = self._partial.pop(h, (0, True))
-            seen, good = seen + 1, good and ok
-            if seen >= self.ranks:
-                self._done.append((h, good))
+    def report(self, results: Iterable[tuple[K, V]]) -> None:
+        for key, value in results:
+            seen = self._partial.pop(key, None)
+            count = 1
+            if seen is not None:
+                count, value = seen[0] + 1, self._merge(seen[1], value)
+            if count >= self.ranks:
+                self._done.append((key, value))
             else:
-                self._partial[h] = (seen, good)
+                self._partial[key] = (count, value)
 
-    def completed(self) -> list[tuple[int, bool]]:
+    def completed(self) -> list[tuple[K, V]]:
         done, self._done = self._done, []
         return done
+
+
+def _reported_writes(ranks: int) -> _RankReports[int, bool]:
+    """kvbm.tiered.DiskWrites for the scheduler side: a block is on disk once every rank's part
+    is (and failed if any rank's failed)."""
+    return _RankReports(ranks, operator.and_)
+
+
+def _slowest(a: tuple[int, float], b: tuple[int, float]) -> tuple[int, float]:
+    """Two ranks' reads of one load: the load waits for the slower."""
+    return max(a[0], b[0]), max(a[1], b[1])
 
 
 # -------------------------------------------------------------------------------- stats
@@ -232,9 +260,14 @@ class _ReportedWrites:
 def _empty_stats() -> dict[str, Any]:
     # skipped: {"tier/reason": blocks} (KvbmStats.skipped_by); decisions: {"tier/decision":
     # blocks} (KvbmStats.decisions); estimates: the onboard cost model's (latest wins); plans:
-    # the model thread's seconds per executed plan (the dynamo_kvbm_plan_seconds histogram)
+    # the model thread's seconds per executed plan (the dynamo_kvbm_plan_seconds histogram);
+    # disk_loads: {"sync" or "async": requests} with a disk hit, by how they loaded
     return {"hits": {}, "offload_blocks": {}, "offload_bytes": {}, "onboard_blocks": {}, "onboard_bytes": {},
-            "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}, "plans": []}
+            "skipped": {}, "decisions": {}, "estimates": {}, "usage": {}, "transfer": {}, "plans": [],
+            "disk_loads": {}}
+
+# Tallies ({key: n}) summed when payloads aggregate.
+_TALLIES = ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes", "disk_loads")
 
 # Counters keyed "tier/reason" or "tier/decision" (KvbmStats.skipped_by and .decisions, in
 # this order): summed when payloads aggregate.
@@ -242,10 +275,11 @@ _KEYED = ("skipped", "decisions")
 
 
 class KvbmConnectorStats(KVConnectorStats):
-    """Counter deltas since the last report ({tier: n} tallies, {"tier/reason": n} ones), tier
-    usage ({tier: [used, total]}) and the onboard cost model's estimates (latest wins both), and
-    worker-side transfer time ({direction: [bytes, seconds]}) and plan times ([seconds]), under
-    EXTRA_KEY so the worker process finds them inside a MultiConnector's payload too."""
+    """Counter deltas since the last report ({tier: n} tallies, {"tier/reason": n} ones, disk
+    loads by how they loaded), tier usage ({tier: [used, total]}) and the onboard cost model's
+    estimates (latest wins both), and worker-side transfer time ({direction: [bytes, seconds]})
+    and plan times ([seconds]), under EXTRA_KEY so the worker process finds them inside a
+    MultiConnector's payload too."""
 
     def __init__(self, data: dict[str, Any] | None = None) -> None:
         super().__init__(data=data if data is not None else {EXTRA_KEY: _empty_stats()})
@@ -260,7 +294,7 @@ class KvbmConnectorStats(KVConnectorStats):
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         mine, theirs = self.body, other.data.get(EXTRA_KEY) or _empty_stats()
-        for key in ("hits", "offload_blocks", "offload_bytes", "onboard_blocks", "onboard_bytes"):
+        for key in _TALLIES:
             for tier, n in theirs[key].items():
                 mine[key][tier] = mine[key].get(tier, 0) + n
         for keyed in _KEYED:
@@ -277,7 +311,7 @@ class KvbmConnectorStats(KVConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         body = self.body
         out: dict[str, int | float] = {}
-        for key in ("hits", "offload_blocks", "onboard_blocks"):
+        for key in ("hits", "offload_blocks", "onboard_blocks", "disk_loads"):
             for tier, n in body[key].items():
                 out[f"kvbm_{key}_{tier}"] = n
         out["kvbm_skipped"] = sum(body["skipped"].values())
@@ -286,7 +320,7 @@ class KvbmConnectorStats(KVConnectorStats):
     def is_empty(self) -> bool:
         body = self.body
         return not any(body[k] for k in ("hits", "offload_blocks", "onboard_blocks", "usage", "transfer",
-                                          "estimates", "plans", *_KEYED))
+                                          "estimates", "plans", "disk_loads", *_KEYED))
 
 
 def find_stats(payload: Any) -> dict[str, Any] | None:
@@ -306,12 +340,14 @@ def find_stats(payload: Any) -> dict[str, Any] | None:
 class KvbmView:
     """The tiers as the worker process sees them (the bookkeeping itself lives in vLLM's engine
     core): a TieredCache used only for its counters and metric binding (workers/worker.py binds
-    `cache` as it does for the built-in engine), fed by `apply` with the connector's stats."""
+    `cache` as it does for the built-in engine), fed by `apply` with the connector's stats;
+    `disk_loads`: the requests with a disk hit so far, by how they loaded ("sync", "async")."""
 
     def __init__(self, config: KvbmConfig) -> None:
         # Capacities are in the engine core's hands; the usage reports carry them.
         self.cache = TieredCache(dataclasses.replace(config, host_blocks=0, disk_blocks=0, host_gb=None, disk_gb=None,
                                                      disk_dir=None), 1)
+        self.disk_loads: Counter[str] = Counter()
 
     def apply(self, payload: Any) -> None:
         body = find_stats(payload)
@@ -340,9 +376,57 @@ class KvbmView:
             stats.transfer(direction, nbytes, seconds)
         for seconds in body["plans"]:
             stats.plan_executed(seconds)
+        self.disk_loads.update(body["disk_loads"])
 
 
 # ------------------------------------------------------------------------ scheduler side
+
+# A synchronous disk load reads its files on the model thread before the forward pass of the
+# step that schedules its request: every request of that step waits for the read. An
+# asynchronous one costs the others nothing but costs its own request about one step: it is
+# reported at the end of the step in which its reads end, and runs in the next, where a
+# synchronous one runs in the step that reads it. So a load goes asynchronously when its read,
+# times the requests it would hold up, exceeds this many steps (the recompute of a declined hit
+# is weighed by the step's requests likewise, kvbm.tiered.TieredCache.lookup).
+ASYNC_LOAD_STEPS = 1.0
+# Weight of the newest step in the step estimate: about the last four count. The step a
+# synchronous read would stall, or an asynchronous load wait through, is the next one, most like
+# the latest (a burst of long prefills some twenty steps back says little about it).
+STEP_ALPHA = 0.25
+
+
+class _DiskLoadChoice:
+    """Whether a request's disk hits load synchronously or asynchronously (`mode` "auto"; or
+    always one way), from two estimates: the read of its files, as the model thread would take
+    it, and a step. Each is an exponentially weighted kvbm.onboard_cost.LinearRate. Until both
+    are measured, asynchronously: a read of unknown length on the model thread could stall
+    every running request for as long."""
+
+    def __init__(self, mode: DiskLoadName, ranks: int = 1) -> None:
+        self.mode = mode
+        # Seconds to read a load's bytes of files, one file after another (the model thread
+        # reads them so; reader threads' reads are summed alike), the slowest rank's: the
+        # reads alone, not the onboard cost model's start-to-admission time, which includes
+        # the wait for a step and so would feed this choice back into itself.
+        self.read = LinearRate()
+        # Forward passes of steps that compute tokens, one unit each: its per-unit cost is the
+        # mean step, the recent ones weighing most (every rank times each step: each weighs a
+        # rank's share). Timed after the step's plan, so a synchronous read does not lengthen
+        # the step it is weighed against.
+        self.step = LinearRate(alpha=STEP_ALPHA / ranks)
+        # In the last scheduled step; at least one: a read on the model thread also holds up
+        # the requests that arrive meanwhile.
+        self.step_requests = 1
+        self.taken: Counter[str] = Counter()  # "sync"/"async" loads not yet reported in stats
+
+    def is_async(self, nbytes: int) -> bool:
+        """Whether a load of `nbytes` of files goes asynchronously."""
+        if self.mode != "auto":
+            return self.mode == "async"
+        read_s, step_s = self.read.cost_s(nbytes), self.step.per_unit_s()
+        if read_s is None or step_s is None:
+            return True
+        return read_s * self.step_requests > ASYNC_LOAD_STEPS * step_s
 
 
 @dataclass(slots=True)
@@ -353,7 +437,8 @@ class _Request:
     # admission when nothing is loaded (after_alloc then looks nothing up).
     declined: Counter[str] = field(default_factory=Counter)
     onboarded: dict[str, int] = field(default_factory=dict)  # tier -> tokens, for hit sources
-    # The hits of the last lookup include a disk hit: vLLM was told to load them asynchronously.
+    # The hits of the last lookup include a disk hit, and vLLM was told to load them
+    # asynchronously (_DiskLoadChoice).
     load_async: bool = False
     # Its asynchronous load is planned: vLLM's second update_state_after_alloc, once the load
     # is in, has nothing to plan and nothing to count again.
@@ -369,10 +454,15 @@ class _SchedulerSide:
             config = dataclasses.replace(config, disk_dir=None, disk_blocks=0, disk_gb=None)
         # The cost model weighs a recomputed token by the requests of the step it lengthens
         # (build_meta reports them) against a read that delays only its own request, as with
-        # the built-in engine: a disk hit is read while vLLM holds its request back. A host hit
-        # is copied before the step's forward pass, but in a fraction of a recompute's time.
+        # the built-in engine: a disk hit is read while vLLM holds its request back, unless
+        # its read is short enough not to matter to the step's other requests (_DiskLoadChoice).
+        # A host hit is copied before the step's forward pass, but in a fraction of a
+        # recompute's time.
         self._events: list[KvEventData] = []
-        self._written = _ReportedWrites(layout.tp_size)
+        self._written = _reported_writes(layout.tp_size)
+        self._file_reads: _RankReports[str | int, tuple[int, float]] = _RankReports(layout.tp_size, _slowest)
+        self.disk_load = _DiskLoadChoice(config.disk_load, layout.tp_size)
+        self._steps = 0  # build_meta's, numbering the plans
         self.cache = TieredCache(config, self.block_bytes, self._events.append, disk_writes=self._written,
                                  block_size_tokens=self.block_size)
         if root is not None and self.cache.disk is not None:
@@ -411,9 +501,10 @@ class _SchedulerSide:
 
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         """Tokens the tiers hold beyond vLLM's own prefix hit, and whether they load
-        asynchronously: with a disk hit among them, whose files are read off the model thread
-        while vLLM holds the request back (host hits alone are copied before the step's
-        forward pass, holding up nothing but the copy)."""
+        asynchronously: with a disk hit among them whose read would hold up the step's other
+        requests for long (_DiskLoadChoice), the files are read off the model thread while
+        vLLM holds the request back; otherwise everything is copied (and read) before the
+        step's forward pass."""
         state = self._requests.setdefault(request.request_id, _Request())
         state.local_tokens = num_computed_tokens
         # vLLM asks only before a request's (re)admission: any earlier load is behind it.
@@ -427,7 +518,8 @@ class _SchedulerSide:
         hits = self.cache.lookup(hashes, num_computed_tokens // self.block_size)
         self.cache.release(hits)  # side-effect free: looked up again once slots are allocated
         state.declined = hits.declined
-        state.load_async = any(hit.tier == DISK for hit in hits)
+        on_disk = sum(1 for hit in hits if hit.tier == DISK)
+        state.load_async = on_disk > 0 and self.disk_load.is_async(on_disk * self.block_bytes)
         return len(hits) * self.block_size, state.load_async
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> list[int]:
@@ -463,6 +555,8 @@ class _SchedulerSide:
         self.cache.onboard(hashes, device_blocks, hits, targets[: len(hits)], plan=plan)
         for hit in hits:
             state.onboarded[hit.tier] = state.onboarded.get(hit.tier, 0) + self.block_size
+        if DISK in state.onboarded:
+            self.disk_load.taken["async" if state.load_async else "sync"] += 1
         return targets[len(hits):]
 
     def hit_sources(self, request: Any, num_external_tokens: int) -> dict[CacheHitSource, int]:
@@ -497,6 +591,8 @@ class _SchedulerSide:
 
     def build_meta(self, lost_blocks: list[int], step_tokens: int, step_requests: int = 1) -> OffloadMetadata:
         self.cache.step_requests(step_requests)
+        self.disk_load.step_requests = max(1, step_requests)
+        self._steps += 1
         plan = self.cache.take_plan()
         # Plans run on the workers in step order, their copies in order on one stream, so a
         # later plan's copies follow this one's: its pins can go now. Disk writes, which the
@@ -512,6 +608,7 @@ class _SchedulerSide:
             loads=[(request_id, _onboards(load)) for request_id, load in loads],
             lost_blocks=lost_blocks,
             step_tokens=step_tokens,
+            step=self._steps,
         )
 
     def loads_done(self, request_ids: Iterable[str]) -> None:
@@ -550,11 +647,15 @@ class _SchedulerSide:
         cache = self.cache
         cache.writes_done(self._written.completed())  # before the next lookups: announced now
         for tokens, seconds in meta.steps:
-            cache.observe_step(tokens, seconds)
+            cache.observe_step(tokens, seconds)  # the cost model takes prefill-sized ones
+            self.disk_load.step.observe(1, seconds)
         for tier, nbytes, seconds in meta.reads:
             cache.observe_read(tier, nbytes, seconds)
         for blocks, seconds in meta.upkeep:
             cache.observe_upkeep(seconds, blocks)
+        self._file_reads.report((key, (nbytes, seconds)) for key, nbytes, seconds in meta.file_reads)
+        for _, (nbytes, seconds) in self._file_reads.completed():
+            self.disk_load.read.observe(nbytes, seconds)  # a load none of whose files was read: ignored
 
     def take_events(self) -> list[Any]:
         events, self._events[:] = list(self._events), []
@@ -596,6 +697,7 @@ class _SchedulerSide:
         if estimates != last["estimates"]:
             body["estimates"] = estimates
             last["estimates"] = estimates
+        body["disk_loads"], self.disk_load.taken = dict(self.disk_load.taken), Counter()
         stats = KvbmConnectorStats({EXTRA_KEY: body})
         return None if stats.is_empty() else stats
 
@@ -695,7 +797,14 @@ class _WorkerSide:
             onboards=[OnboardOp(h, tier, slot, block) for h, tier, slot, block in meta.onboards] + loaded,
             deletes=[DeleteOp(h) for h in meta.deletes],
         )
-        self._run(plan)
+        done = self._run(plan)
+        if any(tier == DISK for _, tier, _, _ in meta.onboards):
+            # Synchronous disk loads: the executor read their files here, on this thread (its
+            # one DISK read entry; none when no file could be read). Reported even then, so
+            # that the scheduler side hears from every rank.
+            inline = [(nbytes, seconds) for tier, nbytes, seconds in done.reads if tier == DISK]
+            nbytes, seconds = inline[0] if inline else (0, 0.0)
+            self._measured.file_reads.append((meta.step, nbytes, seconds))
 
     def finish_loads(self) -> None:
         """At the end of a step (get_finished): the loads whose reads ended during its forward
@@ -706,7 +815,7 @@ class _WorkerSide:
             if loaded:
                 self._run(TransferPlan(onboards=loaded))
 
-    def _run(self, plan: TransferPlan) -> None:
+    def _run(self, plan: TransferPlan) -> Executed:
         """Execute `plan`; keep what it measured for the scheduler side."""
         assert self.executor is not None
         # Loads among its onboards are reported finished by this step's get_finished, right
@@ -726,6 +835,7 @@ class _WorkerSide:
             entry = self._transfer.setdefault("onboard", [0, 0.0])
             entry[0] += done.onboard_bytes
             entry[1] += done.elapsed
+        return done
 
     def _start_load(self, request_id: str, onboards: list[OnboardOp]) -> None:
         on_disk = [op.block_hash for op in onboards if op.tier == DISK]
@@ -766,6 +876,8 @@ class _WorkerSide:
                 # From the start of the reads to their being found done: what the disk hit
                 # cost its request (the cost model's disk read; the copy up is timed apart).
                 self._measured.reads.append((DISK, read * block_bytes(self.layout), time.perf_counter() - load.started))
+            # Also with nothing read, so that the scheduler side hears from every rank.
+            self._measured.file_reads.append((request_id, reads.read_blocks * block_bytes(self.layout), reads.read_s))
             # Before the plan that copies out of the rows: released rows are reused only once
             # the next plan's fence, recorded after those copies are queued, has completed.
             reads.close()
@@ -783,9 +895,10 @@ class _WorkerSide:
         return lost
 
     def forward_started(self) -> None:
-        """The step's plan has run; its forward pass comes next. Timed when prefill-sized:
-        what recomputing a declined hit's tokens costs."""
-        if self._forward is not None and self._step_tokens >= PREFILL_MIN_TOKENS:
+        """The step's plan has run; its forward pass comes next. Timed when it computes
+        anything: a step (_DiskLoadChoice), and when prefill-sized, what recomputing a declined
+        hit's tokens costs."""
+        if self._forward is not None and self._step_tokens > 0:
             self._forward.start(self._step_tokens)
 
     def forward_done(self) -> None:
@@ -907,8 +1020,9 @@ class DynamoKvbmConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
-        # A disk hit loads asynchronously (vLLM holds the request in WAITING_FOR_REMOTE_KVS);
-        # host hits alone synchronously, before the step's forward pass.
+        # Asynchronously (vLLM holds the request in WAITING_FOR_REMOTE_KVS) when a disk hit's
+        # read would hold up the step for long; otherwise synchronously, before the step's
+        # forward pass.
         return self._scheduler.num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:

@@ -6,7 +6,10 @@ CPU's KV cache (host and disk round trips, an unreadable file reported as a load
 events through the KV-event translator, and the counters reaching the dynamo_kvbm_* metrics.
 Disk hits load asynchronously: reads held back with an event, pins kept until vLLM reports the
 load finished (an abort included), and the whole protocol once more through vLLM's own
-scheduler, stepped by hand with a fake forward pass that checks the loaded blocks' contents."""
+scheduler, stepped by hand with a fake forward pass that checks the loaded blocks' contents.
+Or synchronously, when the measured file reads are short next to a step: the choice against
+seeded estimates, the reads' times from the worker (every rank's, the slowest counting) to the
+scheduler side, and a synchronous load through vLLM's scheduler."""
 
 from __future__ import annotations
 
@@ -33,10 +36,10 @@ import torch  # noqa: E402
 
 from dynamo.kv_hash import block_hashes  # noqa: E402
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec  # noqa: E402
-from kvbm.config import KvbmConfig  # noqa: E402
+from kvbm.config import DiskLoadName, KvbmConfig  # noqa: E402
 from kvbm.disk_tier import DiskStore  # noqa: E402
 from kvbm.layout import block_bytes  # noqa: E402
-from kvbm.onboard_cost import PREFILL_MIN_TOKENS  # noqa: E402
+from kvbm.onboard_cost import ALPHA, PREFILL_MIN_TOKENS, LinearRate  # noqa: E402
 from workers.vllm.connector.offload import (  # noqa: E402
     EXTRA_KEY,
     KvbmView,
@@ -387,14 +390,17 @@ def test_worker_measures_forward_passes_reads_and_offloads_for_the_scheduler() -
     worker = _WorkerSide(KvbmConfig(host_blocks=4), LAYOUT, list(caches), NUM_BLOCKS)
     worker.register(caches)
     worker.execute(OffloadMetadata(offloads=[(3, 111, None, "host", 2)], step_tokens=8))
-    worker.forward_started()  # a decode-sized step: not timed
+    worker.forward_started()  # a decode-sized step: timed as a step
+    worker.forward_done()
+    worker.execute(OffloadMetadata(step_tokens=0))
+    worker.forward_started()  # nothing computed: not timed
     worker.forward_done()
     worker.execute(OffloadMetadata(onboards=[(111, "host", 2, 9)], step_tokens=PREFILL_MIN_TOKENS))
     worker.forward_started()
     worker.forward_done()
     meta = worker.worker_meta()
     assert meta is not None
-    assert [tokens for tokens, _ in meta.steps] == [PREFILL_MIN_TOKENS]
+    assert [tokens for tokens, _ in meta.steps] == [8, PREFILL_MIN_TOKENS]
     block = 2 * LAYOUT.num_layers * BS * LAYOUT.num_kv_heads * LAYOUT.head_dim * 4
     assert [(tier, nbytes) for tier, nbytes, _ in meta.reads] == [("host", block)]
     assert [blocks for blocks, _ in meta.upkeep] == [1]
@@ -404,6 +410,8 @@ def test_worker_measures_forward_passes_reads_and_offloads_for_the_scheduler() -
     assert side.cache.cost.recompute_s(BS) is None
     side.worker_output(meta)
     assert side.cache.cost.recompute_s(BS) is not None
+    assert side.cache.cost.prefill.samples == 1  # the prefill-sized step only
+    assert side.disk_load.step.samples == 2  # both steps
     assert side.cache.cost.reads["host"].samples == 1
 
 
@@ -485,10 +493,12 @@ def test_step_tokens_reach_the_worker_in_the_plan() -> None:
 # ------------------------------------------------------------------ asynchronous disk loads
 
 
-def adopted_side(tmp_path: Path, prompt: list[int], host_blocks: int = 0) -> tuple[_SchedulerSide, list[int]]:
+def adopted_side(tmp_path: Path, prompt: list[int], host_blocks: int = 0,
+                 disk_load: DiskLoadName = "auto") -> tuple[_SchedulerSide, list[int]]:
     """A scheduler side whose disk tier holds the prompt's full blocks (found there at start,
     as after a restart) and whose host tier, if any, holds none of them."""
-    side = _SchedulerSide(KvbmConfig(host_blocks=host_blocks, disk_dir=str(tmp_path), disk_blocks=8), LAYOUT)
+    config = KvbmConfig(host_blocks=host_blocks, disk_dir=str(tmp_path), disk_blocks=8, disk_load=disk_load)
+    side = _SchedulerSide(config, LAYOUT)
     hashes = block_hashes(prompt, BS)[: (len(prompt) - 1) // BS]
     assert side.cache.adopt_disk(list(zip(hashes, [None, *hashes[:-1]]))) == len(hashes)
     side.take_events()
@@ -613,6 +623,121 @@ def test_an_unreadable_file_a_load_pins_is_forgotten_once_the_load_ends(tmp_path
     assert [list(e.block_hashes) for e in side.take_events()] == [[ours[2]]]  # removed, tier-tagged
 
 
+# ------------------------------------------------------------- sync or async disk loads
+
+
+def measured(side: _SchedulerSide, read_s_per_block: float, step_s: float) -> None:
+    """The workers report a step of `step_s` and a load's files read at `read_s_per_block`
+    (a decode-sized step: the onboard cost model's prefill rate stays unmeasured, so it onboards
+    every hit)."""
+    side.worker_output(OffloadWorkerMetadata(steps=[(8, step_s)],
+                                             file_reads=[("earlier", side.block_bytes, read_s_per_block)]))
+
+
+def test_a_disk_load_is_synchronous_when_its_read_is_short_next_to_a_step(tmp_path: Path) -> None:
+    prompt = list(range(100, 118))  # 4 full blocks on disk
+    # Nothing measured: asynchronous, whatever the read turns out to be.
+    side, ours = adopted_side(tmp_path / "cold", prompt)
+    assert side.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (4 * BS, True)
+    side.worker_output(OffloadWorkerMetadata(steps=[(8, 0.02)]))  # a step, but no read yet
+    assert side.num_new_matched_tokens(FakeRequest("b", prompt), 0) == (4 * BS, True)
+
+    # 4 blocks read in 0.4 ms against 20 ms steps: synchronous, in the step's own plan.
+    measured(side, 1e-4, 0.02)
+    req = FakeRequest("c", prompt)
+    assert side.num_new_matched_tokens(req, 0) == (4 * BS, False)
+    assert side.after_alloc(req, [6, 7, 8, 9, 10], 4 * BS) == []
+    meta = side.build_meta([], 4 * BS + 2)
+    assert not meta.loads
+    assert meta.onboards == [(h, "disk", i, block) for i, (h, block) in enumerate(zip(ours, (6, 7, 8, 9)))]
+    assert pins(side, ours) == [0] * 4  # read before any later plan runs, as a host hit is copied
+    stats = side.stats()
+    assert stats is not None and stats.data[EXTRA_KEY]["disk_loads"] == {"sync": 1}
+    assert stats.reduce()["kvbm_disk_loads_sync"] == 1
+
+    # Reads of 10 ms a block: 40 ms, longer than a step.
+    slow, _ = adopted_side(tmp_path / "slow", prompt)
+    measured(slow, 0.01, 0.02)
+    assert slow.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, True)
+
+    # 8 ms against a 20 ms step: synchronous while the last step ran one request; with four,
+    # the read would hold up 32 ms of requests' time, more than the step a load costs its own.
+    weighed, _ = adopted_side(tmp_path / "weighed", prompt)
+    measured(weighed, 0.002, 0.02)
+    weighed.build_meta([], 0, step_requests=1)
+    assert weighed.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, False)
+    weighed.build_meta([], 0, step_requests=4)
+    assert weighed.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, True)
+
+    # The configuration can fix either way.
+    forced, _ = adopted_side(tmp_path / "async", prompt, disk_load="async")
+    measured(forced, 1e-4, 0.02)
+    assert forced.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, True)
+    forced, _ = adopted_side(tmp_path / "sync", prompt, disk_load="sync")
+    assert forced.num_new_matched_tokens(FakeRequest("c", prompt), 0) == (4 * BS, False)
+
+
+def test_file_reads_count_once_every_rank_reports_them_the_slowest_rank_s() -> None:
+    """With tensor parallelism every rank reads its own part of each file: a read is known
+    once every rank has reported it, in the step's aggregated metadata or a later one's (a
+    rank's reader threads may finish a step after another's), and it took the slowest's time."""
+    side = _SchedulerSide(KvbmConfig(host_blocks=4), msgspec.structs.replace(LAYOUT, tp_size=2))
+    read = side.disk_load.read
+    size = 2 * side.block_bytes
+    # One step's metadata, aggregated over the ranks as vLLM does: step 3's in-line reads, both
+    # ranks'; load r's reads, rank 0's.
+    rank0 = OffloadWorkerMetadata(file_reads=[(3, size, 0.001), ("r", size, 0.004)])
+    rank1 = OffloadWorkerMetadata(file_reads=[(3, size, 0.003)])
+    side.worker_output(rank0.aggregate(rank1))
+    assert read.samples == 1 and read.cost_s(size) == pytest.approx(0.003)
+    side.worker_output(OffloadWorkerMetadata(file_reads=[("r", size, 0.002)]))  # rank 1's, a step later
+    assert read.samples == 2 and read.cost_s(size) == pytest.approx(0.003 + ALPHA * (0.004 - 0.003))
+    # A rank that read nothing (no staging memory) reports anyway; the other's read counts.
+    side.worker_output(OffloadWorkerMetadata(file_reads=[("q", 0, 0.0), ("z", 0, 0.0)]))
+    side.worker_output(OffloadWorkerMetadata(file_reads=[("q", size, 0.005), ("z", 0, 0.0)]))
+    assert read.samples == 3  # z, read by neither, is no sample
+
+
+def test_worker_reports_the_file_reads_of_both_kinds_of_load(tmp_path: Path) -> None:
+    caches = cpu_kv_caches()
+    worker = _WorkerSide(KvbmConfig(disk_dir=str(tmp_path), disk_blocks=8), LAYOUT, list(caches), NUM_BLOCKS)
+    worker.register(caches)
+    size = block_bytes(LAYOUT)
+    try:
+        assert worker.disk is not None
+        want = {block: [t[block].clone() for t in caches.values()] for block in (4, 5)}
+        worker.execute(OffloadMetadata(offloads=[(4, 222, None, "disk", 0), (5, 223, 222, "disk", 1)]))
+        worker.disk.stop()  # returns once the files are written
+        worker.worker_meta()
+        gate = GatedReads(worker.disk)
+        gate.open.set()
+        # Asynchronous: read by the reader threads.
+        worker.execute(OffloadMetadata(loads=[("r", [(222, "disk", 0, 12), (223, "disk", 1, 13)])]))
+        wait_for_reads(worker, "r")
+        worker.finish_loads()
+        assert worker.take_finished() == {"r"}
+        # Synchronous: read by the executor in the step's plan, on this thread.
+        worker.execute(OffloadMetadata(onboards=[(222, "disk", 0, 14), (223, "disk", 1, 15)], step=7))
+        for block, source in ((12, 4), (13, 5), (14, 4), (15, 5)):
+            assert all(torch.equal(t[block], w) for t, w in zip(caches.values(), want[source]))
+        assert gate.calls == {222: 2, 223: 2}
+        # A vanished file: nothing read, reported all the same (the scheduler side waits for
+        # every rank's report); its block is a load error.
+        worker.disk.path(223).unlink()
+        worker.execute(OffloadMetadata(onboards=[(223, "disk", 1, 6)], step=8))
+        assert worker.take_lost() == {6}
+        meta = worker.worker_meta()
+        assert meta is not None
+        assert [(key, nbytes) for key, nbytes, _ in meta.file_reads] == [("r", 2 * size), (7, 2 * size), (8, 0)]
+        assert all(seconds > 0 for _, nbytes, seconds in meta.file_reads if nbytes)
+    finally:
+        worker.shutdown()
+
+    side = _SchedulerSide(KvbmConfig(host_blocks=4), LAYOUT)
+    side.worker_output(meta)
+    assert side.disk_load.read.samples == 2
+
+
 # ------------------------------------------------------------- with vLLM's own scheduler
 
 LAYERS = ("layers.0.attn", "layers.1.attn")
@@ -623,8 +748,9 @@ class VllmSteps:
     """vLLM's scheduler with our connector (role SCHEDULER), and our connector's worker role on
     CPU tensors shaped like vLLM CPU's KV cache, stepped as vLLM's engine core and model runner
     step them: handle_preemptions, the forward pass, then the step's transfer results, load
-    errors and worker metadata into its output. The forward pass is faked: it checks that each
-    block the request had computed (or loaded) before it holds its tokens' KV, then writes the
+    errors, worker metadata and stats into its output; the stats vLLM returns reach a KvbmView
+    (`view`), as in the worker process. The forward pass is faked: it checks that each block
+    the request had computed (or loaded) before it holds its tokens' KV, then writes the
     blocks it completes."""
 
     def __init__(self, tmp_path: Path, kvbm: KvbmConfig) -> None:
@@ -669,6 +795,7 @@ class VllmSteps:
         self.connector = DynamoKvbmConnector(config, KVConnectorRole.WORKER, kv_cache_config)
         self.caches = {name: torch.zeros(NUM_BLOCKS, LAYOUT.num_kv_heads, BS, 2 * LAYOUT.head_dim) for name in LAYERS}
         self.connector.register_kv_caches(self.caches)
+        self.view = KvbmView(kvbm)
 
     @property
     def side(self) -> _SchedulerSide:
@@ -719,13 +846,17 @@ class VllmSteps:
         _, recving = connector.get_finished(out.finished_req_ids)
         results = KVConnectorOutput(finished_recving=recving,
                                     invalid_block_ids=connector.get_block_ids_with_load_errors(),
+                                    kv_connector_stats=connector.get_kv_connector_stats(),
                                     kv_connector_worker_meta=connector.build_connector_worker_meta())
         ids = list(scheduled)
         sampled = [[SAMPLED] if scheduler.requests[r].num_computed_tokens >= scheduler.requests[r].num_tokens else []
                    for r in ids]
-        scheduler.update_from_output(out, ModelRunnerOutput(
+        outputs = scheduler.update_from_output(out, ModelRunnerOutput(
             req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
             kv_connector_output=results))
+        for eco in outputs.values():
+            if eco.scheduler_stats is not None:
+                self.view.apply(eco.scheduler_stats.kv_connector_stats)
         return scheduled
 
     def run_until(self, condition: Callable[[], bool], what: str) -> None:
@@ -744,7 +875,8 @@ class VllmSteps:
 def test_async_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
     from vllm.v1.request import RequestStatus
 
-    steps = VllmSteps(tmp_path, KvbmConfig(disk_dir=str(tmp_path / "disk"), disk_blocks=32))
+    # Always asynchronous: the reads held at the gate would make the measured ones long anyway.
+    steps = VllmSteps(tmp_path, KvbmConfig(disk_dir=str(tmp_path / "disk"), disk_blocks=32, disk_load="async"))
     scheduler, side, worker = steps.scheduler, steps.side, steps.worker
     disk = side.cache.disk
     assert disk is not None and worker.disk is not None
@@ -801,3 +933,50 @@ def test_async_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
     assert ours[2] not in disk  # forgotten as soon as the load's pins went
     assert steps.step() == {"e": len(prompt) - 2 * BS}  # blocks 0 and 1 loaded
     assert "e" not in scheduler.requests and ours[2] in side.cache.writing  # recomputed, offered again
+    assert steps.view.disk_loads == {"async": 3}  # b, d and e
+
+
+def test_sync_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
+    """Reads measured far shorter than a step: a disk hit is read on the model thread in the
+    step that admits its request, which runs at once; far longer, it waits for its reads."""
+    from vllm.v1.request import RequestStatus
+
+    steps = VllmSteps(tmp_path, KvbmConfig(disk_dir=str(tmp_path / "disk"), disk_blocks=32))
+    scheduler, side, worker = steps.scheduler, steps.side, steps.worker
+    disk = side.cache.disk
+    assert disk is not None and worker.disk is not None
+    prompt = list(range(100, 122))  # 5 full blocks and 2 tokens
+    ours = block_hashes(prompt, BS)[:5]
+    steps.add("a", prompt)
+    steps.run_until(lambda: "a" not in scheduler.requests, "a finished")
+    steps.run_until(lambda: not side.cache.writing and all(h in disk for h in ours), "a's blocks on disk")
+    assert steps.view.disk_loads == {}
+    gate = GatedReads(worker.disk)
+    gate.open.set()
+
+    def estimates(read_s_per_block: float) -> None:
+        # Fresh: the fake forward passes' own times must not move them. Steps are measured
+        # meanwhile, far shorter than the 1 s seeded; either way the margin is a factor of 1e6.
+        choice = side.disk_load
+        choice.read = LinearRate(alpha=choice.read.alpha)
+        choice.read.observe(side.block_bytes, read_s_per_block)
+        choice.step = LinearRate(alpha=choice.step.alpha)
+        choice.step.observe(1, 1.0)
+
+    estimates(1e-9)
+    assert scheduler.reset_prefix_cache()
+    steps.add("b", prompt)
+    assert steps.step() == {"b": 2}  # admitted, its files read and its last tokens computed in one step
+    assert "b" not in scheduler.requests and worker._loads == {}
+    assert gate.calls == {h: 1 for h in ours}
+    assert side.cache.stats.hits["disk"] == 5 and pins(side, ours) == [0] * 5
+    assert side.disk_load.read.samples == 2  # the in-line read's time came back
+    assert steps.view.disk_loads == {"sync": 1}
+
+    estimates(100.0)
+    assert scheduler.reset_prefix_cache()
+    steps.add("c", prompt)
+    assert steps.step() == {}
+    assert scheduler.requests["c"].status == RequestStatus.WAITING_FOR_REMOTE_KVS
+    steps.run_until(lambda: "c" not in scheduler.requests, "c finished")
+    assert steps.view.disk_loads == {"sync": 1, "async": 1}
