@@ -34,14 +34,11 @@ def kernels() -> Any:
 
 class DecodeTiling(NamedTuple):
     """The paged decode kernel's launch: keys a tile, warps (0: Triton's default), pipeline
-    stages, whether scores and values go through tensor cores (tl.dot, rows padded to 16,
-    operands in shared memory) or CUDA cores (broadcast products over the GQA group's rows),
-    and whether each tile's loads are issued a tile ahead (triton_kernels.paged_decode)."""
+    stages, and whether each tile's loads are issued a tile ahead (triton_kernels.paged_decode)."""
 
     block_n: int
     warps: int
     stages: int
-    tensor_cores: bool = True
     prefetch: bool = False
 
 
@@ -133,7 +130,7 @@ def _launch_decode(
     batch = out.shape[0]
     _, page, kv_heads, head_dim = k_cache.shape
     group = heads // kv_heads
-    tile_n, tile_warps, tile_stages, tensor_cores, prefetch = decode_tiling(batch)
+    tile_n, tile_warps, tile_stages, prefetch = decode_tiling(batch)
     block_n = block_n or tile_n
     launch: dict[str, int] = {}
     if num_warps or tile_warps:
@@ -154,13 +151,13 @@ def _launch_decode(
         positions, cos, sin, slots, q_w, k_w, eps, scale * LOG2_E,
         stride_qt, stride_qh, out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cos.stride(0) if rope is not None else 0, stride_part,
-        NUM_Q=heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)) if tensor_cores else _pow2(group), HEAD_DIM=head_dim,
+        NUM_Q=heads, GROUP=group, GROUP_PAD=max(16, _pow2(group)), HEAD_DIM=head_dim,
         HALF=head_dim // 2, HALF_PAD=max(16, _pow2(head_dim // 2)), D_PAD=max(16, _pow2(head_dim)),
         PAGE=page, BLOCK_N=block_n, HEADS_FIRST=heads_first,
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts, DOT=tensor_cores,
-        PREFETCH=prefetch, **launch,
+        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts, PREFETCH=prefetch,
+        **launch,
     )
 
 

@@ -27,18 +27,6 @@ def _softmax_round(s, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _softmax_round_fma(s, v, m_i, l_i, acc):
-    """_softmax_round on CUDA cores: the value sum as a broadcast product reduced over the keys
-    (fp32 throughout), for row counts too small for tl.dot's 16."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _key_tile(block_tables_ptr, seq, stride_bt, start, n, end, kvh, stride_cb, stride_ct, stride_ch,
               PAGE: tl.constexpr):
     """The keys start + n (those before `end` valid) of one sequence's paged cache: their
@@ -118,13 +106,10 @@ def paged_decode(
     NUM_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr, DOT: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     # One program per (sequence, KV head) computes all GROUP query heads that share that KV
-    # head, so each K/V byte is read once. DOT: scores and values through tl.dot (tensor cores,
-    # GROUP_PAD >= 16, operands staged in shared memory); otherwise as broadcast products on
-    # CUDA cores over GROUP_PAD = GROUP rows, no shared memory, so more programs fit an SM. Heads are handled as
+    # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. Heads are handled as
     # their two RoPE halves (two dots of HALF for one of HEAD_DIM), so that with ROPE the
     # program rotates its new q and k itself: q_ptr is then the step's qkv rows, the new k and
     # v go to their cache slot from here, and the new token's score comes from registers after
@@ -154,9 +139,9 @@ def paged_decode(
     q_at = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + j[None, :]
     # With ROPE the new token is not read from the cache: this program writes it.
     context = seq_len - 1 if ROPE else seq_len
-    if PREFETCH:
-        _, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, 0, n, context, kvh,
-                                      stride_cb, stride_ct, stride_ch, PAGE)
+    if PREFETCH:  # (a name of its own for the unused positions: Triton types a loop-carried name once)
+        _first, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, 0, n, context, kvh,
+                                           stride_cb, stride_ct, stride_ch, PAGE)
         k1n, k2n, vn = _kv_tile(k_cache_ptr, v_cache_ptr, off_n, tmask_n, j, jmask, d, dmask, HALF)
     if ROPE:
         # The qkv row, or PARTS fp32 split-K partials of it, rounded as the projection would.
@@ -192,27 +177,20 @@ def paged_decode(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
-    q1f = q1.to(dt).to(tl.float32)[:, None, :]
-    q2f = q2.to(dt).to(tl.float32)[:, None, :]
     for start in range(0, context, BLOCK_N):
         if PREFETCH:
             tmask, k1t, k2t, v = tmask_n, k1n, k2n, vn
-            _, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, start + BLOCK_N, n, context, kvh,
-                                          stride_cb, stride_ct, stride_ch, PAGE)
+            _next, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, start + BLOCK_N, n, context, kvh,
+                                              stride_cb, stride_ct, stride_ch, PAGE)
             k1n, k2n, vn = _kv_tile(k_cache_ptr, v_cache_ptr, off_n, tmask_n, j, jmask, d, dmask, HALF)
         else:
             _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
                                       stride_cb, stride_ct, stride_ch, PAGE)
             k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
-        if DOT:
-            s = tl.dot(q1.to(dt), tl.trans(k1t), input_precision=PRECISION)
-            s = tl.dot(q2.to(dt), tl.trans(k2t), s, input_precision=PRECISION) * scale_log2
-            s = tl.where(tmask[None, :], s, float("-inf"))
-            m_i, l_i, acc = _softmax_round(s, v, m_i, l_i, acc, PRECISION)
-        else:
-            s = tl.sum(q1f * k1t.to(tl.float32)[None, :, :], 2) + tl.sum(q2f * k2t.to(tl.float32)[None, :, :], 2)
-            s = tl.where(tmask[None, :], s * scale_log2, float("-inf"))
-            m_i, l_i, acc = _softmax_round_fma(s, v, m_i, l_i, acc)
+        s = tl.dot(q1.to(dt), tl.trans(k1t), input_precision=PRECISION)
+        s = tl.dot(q2.to(dt), tl.trans(k2t), s, input_precision=PRECISION) * scale_log2
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_i, l_i, acc = _softmax_round(s, v, m_i, l_i, acc, PRECISION)
     if ROPE:
         if seq_len > 0:  # the new token, from registers
             s_new = (tl.sum(q1.to(tl.float32) * k1.to(tl.float32), 1)
