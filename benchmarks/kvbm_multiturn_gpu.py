@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -38,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dynamo.entry import freeze_startup_objects  # noqa: E402
 from dynamo.wire import PreprocessedRequest, SamplingOptions, StopConditions  # noqa: E402
 from kvbm.config import KvbmConfig  # noqa: E402
 from workers.builtin.args import BuiltinConfig  # noqa: E402
@@ -147,6 +149,10 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         startup_s = started - built
         await warm_up(engine, args, vocab, args.turns * (args.user_tokens + args.output_tokens))
         warm_s = time.perf_counter() - started
+        # As a serving process does once up (serve/cli.py): a full collection would otherwise
+        # walk torch's and transformers' objects mid-run (the suspect of a 227 ms KVBM plan on an
+        # H100). Unfrozen after the run, so that the next config's collections free this engine.
+        freeze_startup_objects()
         stats = engine.kvbm.cache.stats if engine.kvbm is not None else None
         tallies = ("hits", "onboard_blocks", "offload_blocks", "skipped_by", "decisions")
         before = {k: dict(getattr(stats, k)) for k in tallies} if stats else {}
@@ -163,6 +169,7 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         started = time.perf_counter()
         await asyncio.gather(*(conversation(c) for c in range(args.conversations)))
         measured_s = time.perf_counter() - started
+        gc.unfreeze()
         steps = engine.num_steps - steps_before
         gpu_steps = timeline() if timeline is not None else None
 
