@@ -113,7 +113,8 @@ def rope_decode_attention(
 
 
 def decode_tiling(batch: int) -> DecodeTiling:
-    """The paged decode kernel's tiling at `batch` rows: DECODE_TILES' entry for the smallest batch bound that holds them (the last entry past every bound)."""
+    """The paged decode kernel's tiling at `batch` rows: DECODE_TILES' entry for the smallest
+    batch bound that holds them (the last entry past every bound)."""
     for bound, tiling in DECODE_TILES:
         if batch <= bound:
             return tiling
