@@ -353,13 +353,10 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         parts = [int(p) for p in spec.split(",")]
         split = dict(zip(("qkv", "o", "down"), parts))
         variants["split_k_" + "_".join(map(str, parts))] = variant("DECODE_SPLIT_K", [(1 << 20, split)])
-    for spec in args.compare_decode_tiles:  # "BLOCK_N,WARPS,STAGES[,prefetch]": the decode kernel's tiling
-        numbers, words = spec.split(",")[:3], spec.split(",")[3:]
-        if set(words) - {"prefetch"}:
-            raise SystemExit(f"--compare-decode-tiles {spec}: only 'prefetch' may follow the numbers")
-        block_n, warps, stages = (int(p) for p in numbers)
-        tiling = gpu_kernels.DecodeTiling(block_n, warps, stages, "prefetch" in words)
-        variants["tiles_" + spec.replace(",", "_")] = variant("DECODE_TILES", [(1 << 30, tiling)])
+    for spec in args.compare_decode_tiles:  # "BLOCK_N,WARPS,STAGES": the decode kernel's tiling, every batch
+        block_n, warps, stages = (int(p) for p in spec.split(","))
+        tiling = gpu_kernels.DecodeTiling(block_n, warps, stages)
+        variants[f"tiles_{block_n}_{warps}_{stages}"] = variant("DECODE_TILES", [(1 << 30, tiling)])
     res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["decode_tiles"] = repr(gpu_kernels.DECODE_TILES)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
@@ -653,10 +650,9 @@ def main() -> None:
     p.add_argument("--compare-split-k", nargs="*", default=[], metavar="QKV,O[,DOWN]",
                    help="also time graphs whose qkv, o (and down) projections are split into QKV, O (and DOWN) K "
                         "slices at every batch (gpu_kernels.DECODE_SPLIT_K), e.g. 2,2 4,4 1,4 2,2,2")
-    p.add_argument("--compare-decode-tiles", nargs="*", default=[], metavar="BLOCK_N,WARPS,STAGES[,prefetch]",
+    p.add_argument("--compare-decode-tiles", nargs="*", default=[], metavar="BLOCK_N,WARPS,STAGES",
                    help="also time graphs whose decode attention kernel takes BLOCK_N keys a tile with WARPS warps "
-                        "(0: Triton's default) and STAGES stages at every batch (gpu_kernels.DECODE_TILES), each "
-                        "tile's loads issued a tile ahead with 'prefetch'; e.g. 32,4,2 64,2,2,prefetch")
+                        "(0: Triton's default) and STAGES stages at every batch (gpu_kernels.DECODE_TILES), e.g. 32,4,2")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--attention-sweep", action="store_true",

@@ -234,9 +234,16 @@ class BlockCopier:
         ids = torch.zeros(2, dtype=torch.int64, device=self.device)
         try:
             with torch.cuda.device(self.device):
-                _kernels().copy_blocks.warmup(
+                compiled = _kernels().copy_blocks.warmup(
                     self.base, self.src_off, self.dst_off, ids, 1, grid=(1, len(self.src)), **self._launch
                 )
+                # Triton's warmup compiles but leaves loading the binary and building its
+                # launcher (a C stub compiled with the host compiler, where Triton's cache does
+                # not hold it yet) to the first launch: 0.3-0.4 s of a serving step on a fresh
+                # H100 machine (py-spy, RESULTS.md "KVBM run 10"). Done here instead.
+                init_handles = getattr(compiled, "_init_handles", None)
+                if init_handles is not None:
+                    init_handles()
         except Exception as exc:  # a Triton without this warmup API: compiled at the first copy instead
             log.warning("block copy kernel not compiled ahead (%s); the first copy compiles it", exc)
 

@@ -34,12 +34,11 @@ def kernels() -> Any:
 
 class DecodeTiling(NamedTuple):
     """The paged decode kernel's launch: keys a tile, warps (0: Triton's default), pipeline
-    stages, and whether each tile's loads are issued a tile ahead (triton_kernels.paged_decode)."""
+    stages (triton_kernels.paged_decode)."""
 
     block_n: int
     warps: int
     stages: int
-    prefetch: bool = False
 
 
 # The paged decode kernel's tiling by batch: (largest batch, tiling), in increasing batch order.
@@ -131,7 +130,7 @@ def _launch_decode(
     batch = out.shape[0]
     _, page, kv_heads, head_dim = k_cache.shape
     group = heads // kv_heads
-    tile_n, tile_warps, tile_stages, prefetch = decode_tiling(batch)
+    tile_n, tile_warps, tile_stages = decode_tiling(batch)
     block_n = block_n or tile_n
     launch: dict[str, int] = {}
     if num_warps or tile_warps:
@@ -157,7 +156,7 @@ def _launch_decode(
         PAGE=page, BLOCK_N=block_n, HEADS_FIRST=heads_first,
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts, PREFETCH=prefetch,
+        ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts,
         **launch,
     )
 

@@ -106,7 +106,7 @@ def paged_decode(
     NUM_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr, PREFETCH: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr,
 ):
     # One program per (sequence, KV head) computes all GROUP query heads that share that KV
     # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. Heads are handled as
@@ -116,9 +116,6 @@ def paged_decode(
     # the cached context (no read back of what this program just stored). Without ROPE, q_ptr
     # is q [B, heads, head_dim] and the new K/V are already in the cache. HEADS_FIRST: a
     # sequence's KV heads are neighbouring programs (their K/V rows are adjacent in the cache).
-    # PREFETCH: each key tile's block-table, K and V loads are issued before the previous tile's
-    # (or, for the first, the q prologue's) arithmetic, so that a short context's few tiles wait
-    # on memory once rather than once per dependent step.
     if HEADS_FIRST:
         kvh = tl.program_id(0)
         seq = tl.program_id(1)
@@ -139,10 +136,6 @@ def paged_decode(
     q_at = q_ptr + seq * stride_qt + heads[:, None] * stride_qh + j[None, :]
     # With ROPE the new token is not read from the cache: this program writes it.
     context = seq_len - 1 if ROPE else seq_len
-    if PREFETCH:  # (a name of its own for the unused positions: Triton types a loop-carried name once)
-        _first, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, 0, n, context, kvh,
-                                           stride_cb, stride_ct, stride_ch, PAGE)
-        k1n, k2n, vn = _kv_tile(k_cache_ptr, v_cache_ptr, off_n, tmask_n, j, jmask, d, dmask, HALF)
     if ROPE:
         # The qkv row, or PARTS fp32 split-K partials of it, rounded as the projection would.
         row = q_ptr + seq * stride_qt
@@ -178,15 +171,9 @@ def paged_decode(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
     for start in range(0, context, BLOCK_N):
-        if PREFETCH:
-            tmask, k1t, k2t, v = tmask_n, k1n, k2n, vn
-            _next, tmask_n, off_n = _key_tile(block_tables_ptr, seq, stride_bt, start + BLOCK_N, n, context, kvh,
-                                              stride_cb, stride_ct, stride_ch, PAGE)
-            k1n, k2n, vn = _kv_tile(k_cache_ptr, v_cache_ptr, off_n, tmask_n, j, jmask, d, dmask, HALF)
-        else:
-            _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
-                                      stride_cb, stride_ct, stride_ch, PAGE)
-            k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
+        _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
+                                  stride_cb, stride_ct, stride_ch, PAGE)
+        k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
         s = tl.dot(q1.to(dt), tl.trans(k1t), input_precision=PRECISION)
         s = tl.dot(q2.to(dt), tl.trans(k2t), s, input_precision=PRECISION) * scale_log2
         s = tl.where(tmask[None, :], s, float("-inf"))

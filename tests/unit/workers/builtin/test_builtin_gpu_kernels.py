@@ -34,11 +34,8 @@ def on_device() -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("heads_first, prefetch", [(False, False), (True, False), (False, True)])
-def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(
-        heads_first: bool, prefetch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    tiling = gpu_kernels.DecodeTiling(16, 0, 2, prefetch)  # the 15-token context: one tile and its next
-    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(1 << 30, tiling)])
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: bool) -> None:
     torch.manual_seed(0)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
     k_cache = torch.randn(12, page, kv_heads, head_dim)
@@ -58,15 +55,11 @@ def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(
     assert torch.all(out[3] == 0)
 
 
-@pytest.mark.parametrize("qk_norm, prefetch", [(False, False), (True, False), (True, True)])
-def test_rope_decode_attention_equals_rope_then_decode(
-        qk_norm: bool, prefetch: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
     """The fused decode kernel (RoPE, K/V write and attention in one launch, the new token's
     score from registers) against rope_store_kv + paged_decode_attention on the same step:
-    the same cache contents and outputs; a padded row (slot -1, length 0) writes nothing.
-    Tiles loaded ahead or not, the same tiling on both sides."""
-    tiling = gpu_kernels.DecodeTiling(16, 0, 2, prefetch)
-    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(1 << 30, tiling)])
+    the same cache contents and outputs; a padded row (slot -1, length 0) writes nothing."""
     torch.manual_seed(3)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
     positions = torch.tensor([14, 2, 0, 0])
@@ -94,13 +87,12 @@ def test_rope_decode_attention_equals_rope_then_decode(
 def test_decode_tiling_is_chosen_by_batch_and_every_tiling_gives_the_same_attention(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """DECODE_TILES picks the decode kernel's tiling by the step's batch (a graph's is fixed at
-    capture); a context of several tiles of 16 keys attends as one tile of 128 does, with each
-    tile's loads issued a tile ahead or not."""
+    capture); a context of several tiles of 16 keys attends as one tile of 128 does."""
     tiling = gpu_kernels.DecodeTiling
-    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(2, tiling(16, 0, 2)), (16, tiling(32, 2, 1, True))])
-    assert gpu_kernels.decode_tiling(1) == gpu_kernels.decode_tiling(2) == (16, 0, 2, False)
-    assert gpu_kernels.decode_tiling(3) == (32, 2, 1, True)
-    assert gpu_kernels.decode_tiling(1000) == (32, 2, 1, True)  # past every bound: the last entry
+    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(2, tiling(16, 0, 2)), (16, tiling(32, 2, 1))])
+    assert gpu_kernels.decode_tiling(1) == gpu_kernels.decode_tiling(2) == (16, 0, 2)
+    assert gpu_kernels.decode_tiling(3) == (32, 2, 1)
+    assert gpu_kernels.decode_tiling(1000) == (32, 2, 1)  # past every bound: the last entry
     torch.manual_seed(5)
     heads, kv_heads, head_dim, page = 4, 2, 16, 4
     k_cache, v_cache = torch.randn(24, page, kv_heads, head_dim), torch.randn(24, page, kv_heads, head_dim)
@@ -108,12 +100,9 @@ def test_decode_tiling_is_chosen_by_batch_and_every_tiling_gives_the_same_attent
     lens = torch.tensor([37, 9], dtype=torch.int32)  # 3 tiles of 16 keys and 1, the last ones partial
     q = torch.randn(2, heads, head_dim)
     small = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
-    monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(1 << 30, tiling(16, 0, 2, True))])
-    ahead = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
     monkeypatch.setattr(gpu_kernels, "DECODE_TILES", [(1 << 30, tiling(128, 0, 2))])
     whole = gpu_kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.25)
     torch.testing.assert_close(small, whole, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ahead, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_split_k_partials_sum_to_the_projection_in_their_consumers() -> None:

@@ -47,15 +47,13 @@ def _compile(name: str, constexprs: dict[str, Any], types: dict[str, str] | None
     assert "cubin" in compiled.asm
 
 
-@pytest.mark.parametrize("rope, qk_norm, parts, block_n, prefetch",
-                         [(False, False, 1, 128, False), (True, False, 1, 128, False), (True, True, 1, 128, False),
-                          (True, False, 3, 128, False), (True, False, 2, 32, False), (False, False, 1, 64, True),
-                          (True, False, 2, 64, True)])
-def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int, block_n: int, prefetch: bool) -> None:
+@pytest.mark.parametrize("rope, qk_norm, parts, block_n",
+                         [(False, False, 1, 128), (True, False, 1, 128), (True, True, 1, 128), (True, False, 3, 128),
+                          (True, False, 2, 32)])
+def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int, block_n: int) -> None:
     # Split-K partials are fp32; with ROPE off q is a bf16 [B, heads, dim] tensor. 32 keys: a
-    # tile of two pages. The decode graphs' seq_lens are int64 (loop-carried values keep their type).
-    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts, "BLOCK_N": block_n,
-                              "PREFETCH": prefetch},
+    # tile of two pages. The decode graphs' seq_lens are int64.
+    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts, "BLOCK_N": block_n},
              {"q_ptr": "*fp32", "seq_lens_ptr": "*i64"} if parts > 1 else {"seq_lens_ptr": "*i64"})
 
 
