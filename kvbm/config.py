@@ -129,6 +129,7 @@ class KvbmConfig:
             onboard_cost_sharing=getattr(args, "kvbm_onboard_cost", "on") == "on",
             offload_cost=getattr(args, "kvbm_offload_cost", "on") != "off",
             offload_flush_blocks=getattr(args, "kvbm_offload_flush_blocks", d.offload_flush_blocks),
+            disk_load=getattr(args, "kvbm_disk_load", d.disk_load),
         )
 
 
@@ -160,10 +161,15 @@ KVBM_FLAGS = FlagGroup(
              "onboard", "on", "DYN_KVBM_ONBOARD_COST", choices=ONBOARD_COSTS),
         Flag("--kvbm-offload-cost", "offload to a tier only while it pays: its measured hits per offloaded block "
              "times what a hit saves (recompute less the read) against the measured cost of an offload on the "
-             "step's critical path; a tier that does not pay takes one eviction batch in 8 (on); off: offload "
-             "whatever the policy allows", "on", "DYN_KVBM_OFFLOAD_COST", choices=("on", "off")),
+             "step's critical path; a tier that does not pay takes one eviction batch in 8, none while its hits "
+             "would be recomputed anyway (on); off: offload whatever the policy allows", "on",
+             "DYN_KVBM_OFFLOAD_COST", choices=("on", "off")),
         Flag("--kvbm-offload-flush-blocks", "device-to-host offload copies wait until this many blocks are "
              "gathered or the next step", _D.offload_flush_blocks, "DYN_KVBM_OFFLOAD_FLUSH_BLOCKS", int),
+        Flag("--kvbm-disk-load", "vLLM worker: how a request with disk hits loads: sync (read on the model "
+             "thread before the step that schedules it), async (read off it while vLLM holds the request back a "
+             "step), or auto (sync when its measured read, times the step's requests, is shorter than a step)",
+             _D.disk_load, "DYN_KVBM_DISK_LOAD", choices=DISK_LOADS),
     ],
 )
 

@@ -126,6 +126,8 @@ def test_flags_reach_the_config() -> None:
                                                     "--kvbm-offload-flush-blocks", "4"]))
     assert (alone.onboard_cost, alone.onboard_cost_sharing, alone.offload_flush_blocks) == (True, False, 4)
     assert not KvbmConfig.from_args(parser.parse_args(["--kvbm-onboard-cost", "off"])).onboard_cost
+    assert on.disk_load == "auto"
+    assert KvbmConfig.from_args(parser.parse_args(["--kvbm-disk-load", "sync"])).disk_load == "sync"
 
 
 def filled_cache(config: KvbmConfig) -> TieredCache:
