@@ -111,6 +111,7 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
     gate = asyncio.Semaphore(args.concurrency)
     ttfts: list[float] = []  # later turns
     first_ttfts: list[float] = []
+    first_queued: list[float] = []  # first turns' wait for admission
     # Later turns' TTFT split at admission: waiting (for the scheduler, blocks, disk reads)
     # and admission to first token (prefill steps, and the steps they share).
     queued: list[float] = []
@@ -141,6 +142,7 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
                             by_turn.setdefault(turn, []).append(ttft)
                         else:
                             first_ttfts.append(ttft)
+                            first_queued.append(admitted - start)
                         first = False
                     history += out.token_ids
 
@@ -194,6 +196,7 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "ttft_p99_ms": 1e3 * percentile(ttfts, 0.99),
         "ttft_mean_ms": 1e3 * statistics.fmean(ttfts),
         "first_turn_ttft_p50_ms": 1e3 * percentile(first_ttfts, 0.5),
+        "first_turn_queue_p50_ms": 1e3 * percentile(first_queued, 0.5),
         "queue_p50_ms": 1e3 * percentile(queued, 0.5),
         "queue_p99_ms": 1e3 * percentile(queued, 0.99),
         "admit_to_first_token_p50_ms": 1e3 * percentile(prefilled, 0.5),
