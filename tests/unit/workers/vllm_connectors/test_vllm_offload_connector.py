@@ -859,6 +859,18 @@ class VllmSteps:
                 self.view.apply(eco.scheduler_stats.kv_connector_stats)
         return scheduled
 
+    def run_to_disk(self, request_id: str, prompt: list[int]) -> list[int]:
+        """Runs a request to its end and until the disk tier holds its full blocks, whose
+        hashes it returns."""
+        disk = self.side.cache.disk
+        assert disk is not None
+        hashes = block_hashes(prompt, BS)[: len(prompt) // BS]
+        self.add(request_id, prompt)
+        self.run_until(lambda: request_id not in self.scheduler.requests, f"{request_id} finished")
+        self.run_until(lambda: not self.side.cache.writing and all(h in disk for h in hashes),
+                       f"{request_id}'s blocks on disk")
+        return hashes
+
     def run_until(self, condition: Callable[[], bool], what: str) -> None:
         """Steps until `condition()`; between steps, waits a little for the disk thread (for
         up to a minute: a loaded machine may starve it)."""
@@ -881,10 +893,7 @@ def test_async_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
     disk = side.cache.disk
     assert disk is not None and worker.disk is not None
     prompt = list(range(100, 122))  # 5 full blocks and 2 tokens
-    ours = block_hashes(prompt, BS)[:5]
-    steps.add("a", prompt)
-    steps.run_until(lambda: "a" not in scheduler.requests, "a finished")
-    steps.run_until(lambda: not side.cache.writing and all(h in disk for h in ours), "a's blocks on disk")
+    ours = steps.run_to_disk("a", prompt)
     assert scheduler.reset_prefix_cache()  # vLLM's own copies gone: the disk tier has them
     gate = GatedReads(worker.disk)
 
@@ -946,10 +955,7 @@ def test_sync_disk_loads_through_vllms_scheduler(tmp_path: Path) -> None:
     disk = side.cache.disk
     assert disk is not None and worker.disk is not None
     prompt = list(range(100, 122))  # 5 full blocks and 2 tokens
-    ours = block_hashes(prompt, BS)[:5]
-    steps.add("a", prompt)
-    steps.run_until(lambda: "a" not in scheduler.requests, "a finished")
-    steps.run_until(lambda: not side.cache.writing and all(h in disk for h in ours), "a's blocks on disk")
+    ours = steps.run_to_disk("a", prompt)
     assert steps.view.disk_loads == {}
     gate = GatedReads(worker.disk)
     gate.open.set()
