@@ -282,8 +282,11 @@ async def test_stream_shape_finish_reasons_and_cached_tokens(vllm_engine: Engine
     engine = vllm_engine.engine
     prompt = list(range(300, 300 + 3 * BLOCK + 5))
     first = await collect(engine, request(prompt, "shape-1", ignore_eos=True))
-    assert [len(o.token_ids) for o in first] == [1] * MAX_TOKENS  # one delta per step
-    assert [o.finish_reason for o in first] == [None] * (MAX_TOKENS - 1) + ["length"]
+    # Deltas: every output carries new tokens, MAX_TOKENS in all. Usually one a step, but vLLM's
+    # RequestOutputCollector merges a step's delta into the one not yet taken when its consumer
+    # falls behind (a loaded machine), so a count per output is not promised.
+    assert all(o.token_ids for o in first) and sum(len(o.token_ids) for o in first) == MAX_TOKENS
+    assert [o.finish_reason for o in first] == [None] * (len(first) - 1) + ["length"]
     assert first[0].cached_tokens == 0
     again = await collect(engine, request(prompt, "shape-2", ignore_eos=True))
     assert again[0].cached_tokens == 3 * BLOCK  # the prefix cache's full blocks
