@@ -149,6 +149,8 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
     async with engine:
         started = time.perf_counter()
         startup_s = started - built
+        # The cost model's estimates before anything ran: the disk's is the probe's (or the config's).
+        estimates_at_start = engine.kvbm.cache.cost.snapshot() if engine.kvbm is not None else {}
         await warm_up(engine, args, vocab, args.turns * (args.user_tokens + args.output_tokens))
         warm_s = time.perf_counter() - started
         # As a serving process does once up (serve/cli.py): a full collection would otherwise
@@ -226,6 +228,8 @@ async def run_config(args: argparse.Namespace, name: str, model_dir: str, vocab:
         "kvbm_plan_s_total": plan_s,
         "disk_writes_in_flight_at_end": len(engine.kvbm.cache.writing) if engine.kvbm is not None else 0,
         "disk_write_delay_ms": args.disk_write_delay_ms if kvbm.disk_dir else 0.0,
+        "disk_probe": kvbm.disk_probe if kvbm.disk_dir else None,
+        "cost_estimates_at_start": estimates_at_start,
         "cost_estimates": engine.kvbm.cache.cost.snapshot() if engine.kvbm is not None else {},
         # Offload or not (kvbm/offload_value.py): hits per offloaded block, an offload's cost.
         "offload_value": engine.kvbm.cache.offload_value.snapshot() if engine.kvbm is not None else {},
@@ -453,6 +457,9 @@ def main() -> None:
                    help="time the model thread's forward passes and KVBM copies (method wrappers)")
     p.add_argument("--disk-write-delay-ms", type=float, default=0.0,
                    help="G3 configs: sleep this long on the disk thread before each block's write (a slower disk)")
+    p.add_argument("--disk-probe", default="on", choices=("on", "off"),
+                   help="G3 configs: measure disk reads when the tier opens (KvbmConfig.disk_probe, "
+                        "--kvbm-disk-probe), or start from the configured bandwidth")
     p.add_argument("--smoke", action="store_true",
                    help="check the script on CPU: tiny model, 4 conversations x 3 turns of 48 + 8 tokens")
     p.add_argument("--json-out", default=None)
@@ -515,6 +522,7 @@ def main() -> None:
                 kvbm = replace(kvbm, onboard_cost=False)
             if name.endswith("_always"):
                 kvbm = replace(kvbm, offload_cost=False)
+            kvbm = replace(kvbm, disk_probe=args.disk_probe == "on")
             try:
                 row = asyncio.run(run_config(args, name, model_dir, spec.vocab_size, g1, max_len, kvbm))
             except Exception:  # keep the other configs' figures; the traceback is the finding

@@ -30,7 +30,8 @@ class KvbmConfig:
     simulates the disk tier, so it needs no `disk_dir`; the built-in engine does.
     Bandwidths (GB/s) feed the mocker's time model and start the onboard cost model's estimates
     (kvbm/onboard_cost.py) before it has measured a tier: 55 is the pinned-host copy measured on
-    an H200 (DESIGN.md), 5 a PCIe 4 NVMe drive's sequential read.
+    an H200 (DESIGN.md), 5 a PCIe 4 NVMe drive's sequential read. With `disk_probe` a real disk
+    tier's read estimate is measured when it opens instead (kvbm/disk_probe.py).
     """
 
     host_blocks: int | None = None
@@ -68,6 +69,10 @@ class KvbmConfig:
     # later); auto: per request, sync when its estimated read is short next to a step
     # (workers/vllm/connector/offload.py). The built-in engine always reads off its model thread.
     disk_load: DiskLoadName = "auto"
+    # Time reads of a few block files (written, then dropped from the page cache) when a real
+    # disk tier opens: the onboard cost model's disk estimate until a real read replaces it, so
+    # the tier is judged from its first eviction (kvbm/disk_probe.py); off: `disk_gbps` stands.
+    disk_probe: bool = True
 
     def __post_init__(self) -> None:
         for name in ("host_blocks", "disk_blocks"):
@@ -130,6 +135,7 @@ class KvbmConfig:
             offload_cost=getattr(args, "kvbm_offload_cost", "on") != "off",
             offload_flush_blocks=getattr(args, "kvbm_offload_flush_blocks", d.offload_flush_blocks),
             disk_load=getattr(args, "kvbm_disk_load", d.disk_load),
+            disk_probe=getattr(args, "kvbm_disk_probe", "on") != "off",
         )
 
 
@@ -154,7 +160,8 @@ KVBM_FLAGS = FlagGroup(
         Flag("--kvbm-host-gbps", "host-to-device bandwidth: the mocker's simulated one, and the onboard cost "
              "model's estimate until it has measured one", _D.host_gbps, "DYN_KVBM_HOST_GBPS", float),
         Flag("--kvbm-disk-gbps", "disk read bandwidth: the mocker's simulated one, and the onboard cost model's "
-             "estimate until it has measured one", _D.disk_gbps, "DYN_KVBM_DISK_GBPS", float),
+             "estimate until it has measured one (with --kvbm-disk-probe off)", _D.disk_gbps, "DYN_KVBM_DISK_GBPS",
+             float),
         Flag("--kvbm-onboard-cost", "onboard a lower-tier hit only when its measured read cost is below "
              "recomputing its tokens at the engine's measured prefill rate, a recomputed token weighed by the "
              "requests of the step it lengthens (on), or by the requester's time alone (requester); off: always "
@@ -170,6 +177,10 @@ KVBM_FLAGS = FlagGroup(
              "thread before the step that schedules it), async (read off it while vLLM holds the request back a "
              "step), or auto (sync when its measured read, times the step's requests, is shorter than a step)",
              _D.disk_load, "DYN_KVBM_DISK_LOAD", choices=DISK_LOADS),
+        Flag("--kvbm-disk-probe", "when the disk tier opens, time reading back a few block files written "
+             "under its directory and dropped from the page cache: the onboard cost model's disk estimate until a real "
+             "disk hit is read, so a disk slower than recompute takes no offload from the first eviction (on); "
+             "off: --kvbm-disk-gbps stands until then", "on", "DYN_KVBM_DISK_PROBE", choices=("on", "off")),
     ],
 )
 

@@ -234,6 +234,12 @@ class DiskStore:
             if self._report:
                 self._completed.append((block_hash, ok))
 
+    def write_now(self, block_hash: int, parent_hash: int | None, data: torch.Tensor) -> Path:
+        """Write a block's file on the caller's thread, as the disk thread writes one, past the
+        queue and unreported (the read probe's files, kvbm/disk_probe.py); returns its path."""
+        self._write_file(block_hash, parent_hash, data)
+        return self.path(block_hash)
+
     def _write_file(self, block_hash: int, parent_hash: int | None, data: torch.Tensor) -> None:
         final = self.path(block_hash)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")

@@ -20,6 +20,7 @@ import torch
 from kvbm.block_pool import KvEventSink
 from kvbm.config import KvbmConfig
 from kvbm.copy_engine import BlockCopier
+from kvbm.disk_probe import probe_disk_tier
 from kvbm.disk_tier import DiskReader, DiskStore, StagingPool
 from kvbm.host_tier import HostStore
 from dynamo.wire import KvLayoutSpec
@@ -78,10 +79,14 @@ class KvBlockManager:
     # --------------------------------------------------------------------------- lifecycle
 
     async def start(self) -> int:
-        """Start the disk thread and index the blocks already on disk; returns their count."""
+        """Start the disk thread, index the blocks already on disk (returns their count) and
+        measure what reading the disk costs (kvbm/disk_probe.py), off the event loop."""
         if self.disk is None:
             return 0
         await asyncio.to_thread(self.disk.start)
+        config = self.cache.config
+        assert config.disk_dir is not None
+        await asyncio.to_thread(probe_disk_tier, config, self.cache.cost, config.disk_dir, self.layout)
         found = await asyncio.to_thread(self.disk.scan)
         adopted = self.cache.adopt_disk(found)
         if adopted:

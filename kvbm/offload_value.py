@@ -15,9 +15,10 @@ time in `explore_every`, so its hit rate keeps being measured and a workload tha
 re-using blocks turns it back on. A tier whose reads cost more than recompute (its hits are
 declined) is worth nothing whatever its hit rate, and takes no batch at all until recompute gets
 dearer than its reads (on one H100 a 1.1B model's disk took ~1,700 exploring writes a run and
-read back 14-20 of its hits); any other is judged only once it has taken as many offloads as it
-holds (its first blocks' hits come later), and never before recompute and the offload cost are
-measured. Pure bookkeeping, on the scheduler's thread."""
+read back 14-20 of its hits), from the first eviction on once recompute is measured: a disk
+tier's read cost is known from its start (kvbm/disk_probe.py). Any other is judged only once it
+has taken as many offloads as it holds (its first blocks' hits come later), and never before
+recompute and the offload cost are measured. Pure bookkeeping, on the scheduler's thread."""
 
 from __future__ import annotations
 
@@ -99,10 +100,15 @@ class OffloadValue:
         """Whether offloading to `tier` pays, a hit saving `saved_per_hit_s` (None: unknown);
         `judge_after`: the tier's capacity in blocks."""
         cost = self.cost_s()
-        if not self.enabled or saved_per_hit_s is None or cost is None:
+        if not self.enabled or saved_per_hit_s is None:
             return True
-        if saved_per_hit_s <= 0:  # its hits are recomputed anyway: worth only what it costs
-            return cost <= 0
+        if saved_per_hit_s <= 0:
+            # Its hits are recomputed anyway: worth only what it costs, which is never less than
+            # nothing (so not before that is measured either: a disk probed dearer than
+            # recompute takes not even the first batch).
+            return cost is not None and cost <= 0
+        if cost is None:
+            return True
         rate = self.hit_rate(tier, judge_after)
         return rate is None or rate * saved_per_hit_s >= cost
 

@@ -6,8 +6,9 @@ bytes (a latency and a bandwidth) over what requests actually waited: a host cop
 copy stream, a disk hit's time from the start of its reads to its request's admission. For
 recompute, the engine's prefill seconds per token over its recent prefill-sized steps, a low
 quantile: steps also carry KVBM copies, disk spills and reader threads' contention, which a
-recomputed token would not add. Pure bookkeeping: the engines report what they measured,
-TieredCache.lookup asks `choose`."""
+recomputed token would not add. Until a tier has been read from, its estimate is a prior: the
+disk's is what kvbm/disk_probe.py measured when the tier opened (else the configured bandwidth).
+Pure bookkeeping: the engines report what they measured, TieredCache.lookup asks `choose`."""
 
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ class LinearRate:
             self._mxx += a * (units * units - self._mxx)
             self._mxy += a * (units * seconds - self._mxy)
             self.samples += 1
+
+    def set_prior(self, per_unit_s: float) -> None:
+        """Replace the prior (a measurement taken outside serving); the first sample still
+        replaces it."""
+        with self._lock:
+            self._prior = per_unit_s
 
     def fit(self) -> tuple[float, float] | None:
         """(latency_s, per_unit_s), or None while nothing was measured and there is no prior."""
@@ -133,7 +140,8 @@ class OnboardCostModel:
     def __init__(self, host_gbps: float, disk_gbps: float, enabled: bool = True) -> None:
         self.enabled = enabled
         # Config bandwidths are the priors: optimistic, so a tier is tried (and measured)
-        # before it can be judged; the fits replace them after one transfer.
+        # before it can be judged; the fits replace them after one transfer. A disk tier's is
+        # replaced at start by what its probe measured (prior_read).
         self.reads: dict[str, LinearRate] = {
             "host": LinearRate(1.0 / (host_gbps * 1e9)),
             "disk": LinearRate(1.0 / (disk_gbps * 1e9)),
@@ -148,6 +156,13 @@ class OnboardCostModel:
         rate = self.reads.get(tier)
         if rate is not None:
             rate.observe(nbytes, seconds)
+
+    def prior_read(self, tier: str, nbytes: int, seconds: float) -> None:
+        """Reading `nbytes` of `tier` took `seconds` outside serving (kvbm/disk_probe.py): the
+        tier's estimate until its first real read, which replaces it (thread-safe)."""
+        rate = self.reads.get(tier)
+        if rate is not None and nbytes > 0 and seconds > 0:
+            rate.set_prior(seconds / nbytes)
 
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """One engine step computed `num_tokens` tokens in `seconds`."""

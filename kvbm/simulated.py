@@ -120,6 +120,9 @@ class SimulatedKvbm:
             self.writer = SimulatedDiskWriter(clock, block_bytes / (config.disk_write_gbps * 1e9))
         self.cache = TieredCache(config, block_bytes, on_event, disk_writes=self.writer,
                                  block_size_tokens=block_size_tokens)
+        # The executor's part of an offload's cost is none (above), known before any offload: a
+        # tier that costs nothing is kept, also one whose hits would be declined.
+        self.cache.offload_value.observe_cost("execute", 0.0, 1)
         self.onboard_time_s = 0.0  # simulated, before the speedup ratio
         self.reader: SimulatedDiskReader | None = None
         if clock is not None:

@@ -1,9 +1,9 @@
 """Offload or not (kvbm/offload_value.py) and its use by TieredCache.evicted: a tier whose
 offloads are never read back takes only one eviction batch in eight once it is judged, one whose
 reads cost more than recompute none until recompute gets dearer (counted as skipped for the cost
-model); a tier whose blocks are
-hit keeps taking every batch; nothing is judged before recompute and the cost are measured, the
-tier has taken as many offloads as it holds, or with the flag off."""
+model, and from the first eviction, its offload cost still unmeasured); a tier whose blocks are
+hit keeps taking every batch; nothing else is judged before recompute and the cost are measured,
+the tier has taken as many offloads as it holds, or with the flag off."""
 
 from __future__ import annotations
 
@@ -33,7 +33,12 @@ def test_value_against_cost() -> None:
     v.hit(HOST, 10)  # 10 hits in 200 offloads: 5% x 1 ms = 50 us > 30 us
     assert v.worth(HOST, 1e-3)
     assert not v.worth(HOST, 0.5e-3)  # 25 us < 30 us
-    assert not v.worth(DISK, -1e-3) and OffloadValue().worth(DISK, -1e-3)  # reads lose: cost only
+    # Reads lose: worth only what it costs, nothing while that is unmeasured (a disk probed
+    # dearer than recompute takes not even the first batch), all when it is measured free.
+    free = OffloadValue()
+    assert not v.worth(DISK, -1e-3) and not free.worth(DISK, -1e-3)
+    free.observe_cost("schedule", 0.0, 8)
+    assert free.worth(DISK, -1e-3)
     assert not any(v.keep_batch(DISK, -1e-3) for _ in range(16))  # nor explored: hits would be declined
     kept = [v.keep_batch(HOST, 0.5e-3) for _ in range(8)]
     assert kept == [False, False, False, True] * 2  # one batch in four explores
@@ -136,9 +141,9 @@ def test_a_disk_slower_than_recompute_gets_no_writes_until_recompute_gets_dearer
     _, every = run(False)
     cache, gated = run(True)
     assert sum(n > 0 for n in every) >= 30
-    # Its cost is measured at the first batch; from then on its hits would be recomputed
-    # whatever its hit rate: no exploring writes either.
-    assert sum(n > 0 for n in gated[2:]) == 0
+    # Its hits would be recomputed whatever its hit rate: no batch from the first eviction
+    # (the offload cost not measured yet), no exploring writes either.
+    assert sum(gated) == 0
     # Host victims not written ahead are lost to the disk for that reason, not a full queue.
     assert cache.stats.skipped_by[(DISK, "cost_model")] > 0
     assert cache.stats.skipped_by[(DISK, "queue_full")] == 0

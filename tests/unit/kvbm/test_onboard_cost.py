@@ -128,6 +128,7 @@ def test_flags_reach_the_config() -> None:
     assert not KvbmConfig.from_args(parser.parse_args(["--kvbm-onboard-cost", "off"])).onboard_cost
     assert on.disk_load == "auto"
     assert KvbmConfig.from_args(parser.parse_args(["--kvbm-disk-load", "sync"])).disk_load == "sync"
+    assert on.disk_probe and not KvbmConfig.from_args(parser.parse_args(["--kvbm-disk-probe", "off"])).disk_probe
 
 
 def filled_cache(config: KvbmConfig) -> TieredCache:

@@ -72,6 +72,7 @@ from dynamo.kv_hash import block_hash
 from dynamo.wire import BlockRemoved, BlockStored, KvEventData, KvLayoutSpec
 from kvbm.block_pool import EvictedBlock
 from kvbm.config import DiskLoadName, KvbmConfig
+from kvbm.disk_probe import probe_disk_tier
 from kvbm.disk_tier import BlockReads, DiskReader, DiskStore
 from kvbm.forward_timer import ForwardTimer
 from kvbm.host_tier import HostStore
@@ -472,6 +473,9 @@ class _SchedulerSide:
             adopted = self.cache.adopt_disk(store.scan())
             if adopted:
                 log.info("kvbm: found %d vLLM blocks in %s", adopted, store.dir)
+            # What a disk read costs, before the first eviction is offered to the tier (the
+            # worker side reads the same directory).
+            probe_disk_tier(config, self.cache.cost, root, layout)
         self._requests: dict[str, _Request] = {}
         # Asynchronous loads, by request id, until vLLM reports them finished (every rank's):
         # each a plan of its own, so that its pins outlive the step that sent it.

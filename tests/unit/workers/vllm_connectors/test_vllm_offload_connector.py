@@ -424,6 +424,22 @@ def disk_side(tmp_path: Path) -> tuple[_SchedulerSide, list[int]]:
     return side, prompt
 
 
+def test_the_scheduler_side_probes_its_disk_tier_before_any_eviction(tmp_path: Path) -> None:
+    """The disk's read estimate is measured where the tier opens (kvbm/disk_probe.py), in the
+    directory the worker side reads, unless the probe is off; no probe file stays behind."""
+    configured = 1 / (KvbmConfig().disk_gbps * 1e9)
+    for probe in (True, False):
+        root = tmp_path / str(probe)
+        side = _SchedulerSide(KvbmConfig(disk_dir=str(root), disk_blocks=8, disk_probe=probe), LAYOUT)
+        fit = side.cache.cost.reads["disk"].fit()
+        assert fit is not None and side.cache.cost.reads["disk"].samples == 0
+        if probe:
+            assert fit[1] != pytest.approx(configured)
+        else:
+            assert fit == (0.0, pytest.approx(configured))
+        assert not any(root.rglob("*.kvb"))
+
+
 def test_a_disk_slower_than_recompute_is_not_read(tmp_path: Path) -> None:
     from prometheus_client import CollectorRegistry
 
