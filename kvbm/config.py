@@ -69,9 +69,10 @@ class KvbmConfig:
     # later); auto: per request, sync when its estimated read is short next to a step
     # (workers/vllm/connector/offload.py). The built-in engine always reads off its model thread.
     disk_load: DiskLoadName = "auto"
-    # Time reads of a few block files (written, then dropped from the page cache) when a real
-    # disk tier opens: the onboard cost model's disk estimate until a real read replaces it, so
-    # the tier is judged from its first eviction (kvbm/disk_probe.py); off: `disk_gbps` stands.
+    # Time reads of a few block files when a real disk tier opens (from the device or the page
+    # cache, as the tier's size says its hits will be): the onboard cost model's disk estimate
+    # until a real read replaces it, so the tier is judged from its first eviction
+    # (kvbm/disk_probe.py); off: `disk_gbps` stands.
     disk_probe: bool = True
 
     def __post_init__(self) -> None:
@@ -178,9 +179,10 @@ KVBM_FLAGS = FlagGroup(
              "step), or auto (sync when its measured read, times the step's requests, is shorter than a step)",
              _D.disk_load, "DYN_KVBM_DISK_LOAD", choices=DISK_LOADS),
         Flag("--kvbm-disk-probe", "when the disk tier opens, time reading back a few block files written "
-             "under its directory and dropped from the page cache: the onboard cost model's disk estimate until a real "
-             "disk hit is read, so a disk slower than recompute takes no offload from the first eviction (on); "
-             "off: --kvbm-disk-gbps stands until then", "on", "DYN_KVBM_DISK_PROBE", choices=("on", "off")),
+             "under its directory (dropped from the page cache first when the tier is larger than half the memory "
+             "available to cache it): the onboard cost model's disk estimate until a real disk hit is read, so a disk "
+             "slower than recompute takes no offload from the first eviction (on); off: --kvbm-disk-gbps stands until "
+             "then", "on", "DYN_KVBM_DISK_PROBE", choices=("on", "off")),
     ],
 )
 

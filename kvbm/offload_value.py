@@ -49,7 +49,9 @@ class OffloadValue:
         self.min_offloads = min_offloads
         self.explore_every = max(1, explore_every)
         self._tiers: dict[str, _TierCounts] = {}
-        self._cost_parts: dict[str, float] = {}  # part -> seconds per offloaded block (EWMA)
+        # part -> (seconds, blocks), each an EWMA over the part's batches: their ratio is the
+        # cost per offloaded block, each batch weighed by its blocks.
+        self._cost_parts: dict[str, tuple[float, float]] = {}
 
     def _counts(self, tier: str) -> _TierCounts:
         counts = self._tiers.get(tier)
@@ -75,17 +77,24 @@ class OffloadValue:
 
     def observe_cost(self, part: str, seconds: float, blocks: int) -> None:
         """Offloading `blocks` cost `seconds` of the engine's critical path in `part` (the
-        scheduler's bookkeeping, the executor's launches): the parts' per-block costs add."""
+        scheduler's bookkeeping, the executor's launches): the parts' per-block costs add. A
+        batch's cost is mostly fixed (a plan's launches, a poll of the disk writer), so an average
+        of per-batch ratios would count a batch of one block as if every block cost that batch's
+        time (on one H100 that put an offload at 4-5x what the blocks cost in all): the
+        seconds and the blocks are averaged apart."""
         if blocks <= 0 or seconds < 0:
             return
-        sample = seconds / blocks
         old = self._cost_parts.get(part)
-        self._cost_parts[part] = sample if old is None else old + COST_ALPHA * (sample - old)
+        if old is None:
+            self._cost_parts[part] = (seconds, float(blocks))
+        else:
+            s, b = old
+            self._cost_parts[part] = (s + COST_ALPHA * (seconds - s), b + COST_ALPHA * (blocks - b))
 
     def cost_s(self) -> float | None:
         """Seconds of the critical path per offloaded block (None: not measured)."""
         parts = self._cost_parts
-        return sum(parts.values()) if parts else None
+        return sum(s / b for s, b in parts.values()) if parts else None
 
     # ----------------------------------------------------------------------------- decision
 

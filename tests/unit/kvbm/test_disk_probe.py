@@ -57,6 +57,37 @@ def test_the_probe_reads_back_real_block_files_dropped_from_the_page_cache(
     assert list(tmp_path.iterdir()) == []  # the scratch directory is gone; the tier's was never made
 
 
+def test_a_probe_of_a_tier_the_page_cache_holds_reads_it_from_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dropped: list[Path] = []
+    monkeypatch.setattr(disk_probe, "_drop_from_page_cache", dropped.append)
+    probe = probe_disk_reads(tmp_path, LAYOUT, blocks=2, rounds=1, cold=False)
+    assert probe.blocks == 2 and probe.seconds > 0 and dropped == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_whether_a_tier_reads_its_device_or_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemFree:         1000000 kB\nMemAvailable:   100000000 kB\n")
+    available = 100000000 * 1024
+    assert not disk_probe.reads_miss_page_cache(available // 2, meminfo)
+    assert disk_probe.reads_miss_page_cache(available // 2 + 1, meminfo)
+    assert disk_probe.reads_miss_page_cache(1, tmp_path / "absent")  # unknown: the device
+    meminfo.write_text("MemTotal: 1 kB\n")
+    assert disk_probe.reads_miss_page_cache(1, meminfo)
+    # The tier's capacity decides how the probe reads.
+    asked: list[tuple[int, bool]] = []
+    monkeypatch.setattr(disk_probe, "reads_miss_page_cache", lambda tier_bytes: tier_bytes > 100 * MB)
+
+    def probe(root: Path, layout: KvLayout, cold: bool) -> DiskReadProbe:
+        asked.append((block_bytes(layout), cold))
+        return DiskReadProbe(1, MB, 1e-3)
+    monkeypatch.setattr(disk_probe, "probe_disk_reads", probe)
+    for blocks in (10, 10**6):
+        probe_disk_tier(KvbmConfig(disk_dir=str(tmp_path), disk_blocks=blocks), OnboardCostModel(55, 5), tmp_path, LAYOUT)
+    assert [cold for _, cold in asked] == [False, True]
+
+
 def test_the_probe_keeps_within_its_byte_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(disk_probe, "PROBE_MAX_BYTES", 9 * block_bytes(LAYOUT))
     assert probe_disk_reads(tmp_path, LAYOUT, blocks=8, rounds=2).blocks == 3  # 3 rounds of 3 files
@@ -65,7 +96,7 @@ def test_the_probe_keeps_within_its_byte_bound(tmp_path: Path, monkeypatch: pyte
 def probed(monkeypatch: pytest.MonkeyPatch, seconds_per_block: float) -> None:
     """The probe finds the disk reads a block of 1 MB in `seconds_per_block`."""
     monkeypatch.setattr(disk_probe, "probe_disk_reads",
-                        lambda root, layout: DiskReadProbe(8, 8 * MB, 8 * seconds_per_block))
+                        lambda root, layout, cold: DiskReadProbe(8, 8 * MB, 8 * seconds_per_block))
 
 
 def test_the_probe_is_the_disk_estimate_until_a_real_read_replaces_it(
@@ -79,7 +110,7 @@ def test_the_probe_is_the_disk_estimate_until_a_real_read_replaces_it(
     # Off, or failed: the configured bandwidth stands.
     for config in (KvbmConfig(disk_dir=str(tmp_path), disk_probe=False), KvbmConfig(disk_dir=str(tmp_path))):
         if config.disk_probe:
-            def fail(root: Path, layout: KvLayout) -> DiskReadProbe:
+            def fail(root: Path, layout: KvLayout, cold: bool) -> DiskReadProbe:
                 raise OSError("no space left on device")
             monkeypatch.setattr(disk_probe, "probe_disk_reads", fail)
         cost = OnboardCostModel(host_gbps=55, disk_gbps=5)

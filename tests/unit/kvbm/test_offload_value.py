@@ -45,6 +45,18 @@ def test_value_against_cost() -> None:
     assert OffloadValue(enabled=False).worth(HOST, -1.0)
 
 
+def test_an_offload_costs_what_the_batches_cost_over_the_blocks_they_took() -> None:
+    v = OffloadValue()
+    # Batches of one block at 200 us and of 31 blocks at 420 us: 20 us a block in all, not the
+    # ~100 us an average of the two batches' ratios would make it.
+    for _ in range(200):
+        v.observe_cost("execute", 200e-6, 1)
+        v.observe_cost("execute", 420e-6, 31)
+    assert v.cost_s() == pytest.approx(20e-6, rel=0.1)
+    v.observe_cost("schedule", 5e-6, 1)  # the parts add
+    assert v.cost_s() == pytest.approx(25e-6, rel=0.1)
+
+
 class Clock:
     """The cache's clock: each reading advances it, so every evicted() call costs time."""
 
