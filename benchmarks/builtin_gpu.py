@@ -9,6 +9,7 @@ Imports only torch-level modules (no asyncio engine, no msgspec), so it runs on 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
@@ -349,6 +350,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     variants: dict[str, ModelRunner | None] = {}
     if args.compare_unfused:  # RoPE and the K/V write in a kernel of their own
         variants["unfused"] = variant("DECODE_FUSED_ROPE", False)
+    for spec in args.compare_setting:  # "NAME=VALUE": any gpu_kernels setting, a Python literal
+        name, _, value = spec.partition("=")
+        variants[f"{name}={value}"] = variant(name, ast.literal_eval(value))
     for spec in args.compare_split_k:  # "QKV,O[,DOWN]": K slices of the projections, every batch
         parts = [int(p) for p in spec.split(",")]
         split = dict(zip(("qkv", "o", "down"), parts))
@@ -655,6 +659,9 @@ def main() -> None:
                         "(0: Triton's default) and STAGES stages at every batch (gpu_kernels.DECODE_TILES), e.g. 32,4,2")
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
+    p.add_argument("--compare-setting", nargs="*", default=[], metavar="NAME=VALUE",
+                   help="also time graphs captured with gpu_kernels.NAME set to VALUE (a Python literal) at every "
+                        "batch, e.g. DECODE_HEADS_FIRST=True NORM_NUM_WARPS=8")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",
