@@ -205,8 +205,8 @@ def paged_prefill_attention(
 
 # The add + RMSNorm kernel's warps (0: Triton's default, 4): one program a row, latency-bound
 # at decode batch sizes, so more threads each loading less finish sooner. On an H100, 8 made
-# every decode graph replay 0.7-1.5% shorter at batch 1, 32 and 128 (two runs; RESULTS.md,
-# "Norm warps").
+# every decode graph replay 0.5-1.8% shorter at batch 1, 32 and 128 (three runs; 16 level with
+# 8, 2 slower; RESULTS.md, "Norm warps").
 NORM_NUM_WARPS = 8
 
 
@@ -281,8 +281,9 @@ def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     )
 
 
-# SiLU-and-mul: columns a program (4,096 and 256 made decode steps slower on an H100), and
-# warps (0: Triton's default).
+# SiLU-and-mul: columns a program, and warps (0: Triton's default, 4). On an H100, 4,096 or 256
+# columns made decode graph replays 1-2% longer, 8 or 2 warps level or longer (RESULTS.md,
+# "Norm warps").
 SILU_BLOCK = 1024
 SILU_NUM_WARPS = 0
 
