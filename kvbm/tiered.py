@@ -365,6 +365,11 @@ class TieredCache:
         delays (lookup weighs recompute with it; step_started counts its batch's itself)."""
         self._step_seqs = max(1, count)
 
+    @property
+    def last_step_requests(self) -> int:
+        """Requests in the last scheduled step (at least one)."""
+        return self._step_seqs
+
     def step_finished(self, batch: Any, num_tokens: int) -> None:
         """A step's results are in: its time, from when it was picked or, when steps overlap,
         from when the one before it finished (the device runs one at a time), is what

@@ -415,19 +415,18 @@ class _DiskLoadChoice:
         # rank's share). Timed after the step's plan, so a synchronous read does not lengthen
         # the step it is weighed against.
         self.step = LinearRate(alpha=STEP_ALPHA / ranks)
-        # In the last scheduled step; at least one: a read on the model thread also holds up
-        # the requests that arrive meanwhile.
-        self.step_requests = 1
         self.taken: Counter[str] = Counter()  # "sync"/"async" loads not yet reported in stats
 
-    def is_async(self, nbytes: int) -> bool:
-        """Whether a load of `nbytes` of files goes asynchronously."""
+    def is_async(self, nbytes: int, step_requests: int) -> bool:
+        """Whether a load of `nbytes` of files goes asynchronously, with `step_requests` in the
+        last scheduled step (at least one: a read on the model thread also holds up the requests
+        that arrive meanwhile)."""
         if self.mode != "auto":
             return self.mode == "async"
         read_s, step_s = self.read.cost_s(nbytes), self.step.per_unit_s()
         if read_s is None or step_s is None:
             return True
-        return read_s * self.step_requests > ASYNC_LOAD_STEPS * step_s
+        return read_s * max(1, step_requests) > ASYNC_LOAD_STEPS * step_s
 
 
 @dataclass(slots=True)
@@ -523,7 +522,8 @@ class _SchedulerSide:
         self.cache.release(hits)  # side-effect free: looked up again once slots are allocated
         state.declined = hits.declined
         on_disk = sum(1 for hit in hits if hit.tier == DISK)
-        state.load_async = on_disk > 0 and self.disk_load.is_async(on_disk * self.block_bytes)
+        state.load_async = on_disk > 0 and self.disk_load.is_async(
+            on_disk * self.block_bytes, self.cache.last_step_requests)
         return len(hits) * self.block_size, state.load_async
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> list[int]:
@@ -595,7 +595,6 @@ class _SchedulerSide:
 
     def build_meta(self, lost_blocks: list[int], step_tokens: int, step_requests: int = 1) -> OffloadMetadata:
         self.cache.step_requests(step_requests)
-        self.disk_load.step_requests = max(1, step_requests)
         self._steps += 1
         plan = self.cache.take_plan()
         # Plans run on the workers in step order, their copies in order on one stream, so a
