@@ -335,24 +335,28 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     variant_errors: dict[str, str] = {}
     res["variant_errors"] = variant_errors
 
-    def variant(name: str, value: Any) -> ModelRunner | None:
-        saved = getattr(gpu_kernels, name)
-        setattr(gpu_kernels, name, value)
+    def variant(name: str, value: Any, *more: tuple[str, Any]) -> ModelRunner | None:
+        settings = [(name, value), *more]
+        saved = [(n, getattr(gpu_kernels, n)) for n, _ in settings]
+        label = ";".join(f"{n}={v!r}" for n, v in settings)
+        for n, v in settings:
+            setattr(gpu_kernels, n, v)
         try:
             return ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches), max_model_len=max_len)
         except Exception as exc:  # a variant that does not compile must not lose the others' figures
-            variant_errors[f"{name}={value!r}"] = f"{type(exc).__name__}: ...{str(exc)[-1500:]}"  # Triton's cause is last
-            print("variant failed", name, value, variant_errors[f"{name}={value!r}"], flush=True)
+            variant_errors[label] = f"{type(exc).__name__}: ...{str(exc)[-1500:]}"  # Triton's cause is last
+            print("variant failed", label, variant_errors[label], flush=True)
             return None
         finally:
-            setattr(gpu_kernels, name, saved)
+            for n, v in saved:
+                setattr(gpu_kernels, n, v)
 
     variants: dict[str, ModelRunner | None] = {}
     if args.compare_unfused:  # RoPE and the K/V write in a kernel of their own
         variants["unfused"] = variant("DECODE_FUSED_ROPE", False)
-    for spec in args.compare_setting:  # "NAME=VALUE": any gpu_kernels setting, a Python literal
-        name, _, value = spec.partition("=")
-        variants[f"{name}={value}"] = variant(name, ast.literal_eval(value))
+    for spec in args.compare_setting:  # "NAME=VALUE[;NAME=VALUE...]": gpu_kernels settings, Python literals
+        settings = [(n, ast.literal_eval(v)) for n, _, v in (part.partition("=") for part in spec.split(";"))]
+        variants[spec] = variant(*settings[0], *settings[1:])
     for spec in args.compare_split_k:  # "QKV,O[,DOWN]": K slices of the projections, every batch
         parts = [int(p) for p in spec.split(",")]
         split = dict(zip(("qkv", "o", "down"), parts))
@@ -660,8 +664,9 @@ def main() -> None:
     p.add_argument("--compare-unfused", action="store_true",
                    help="also time graphs with RoPE and the K/V write apart from decode attention (gpu_kernels.DECODE_FUSED_ROPE off)")
     p.add_argument("--compare-setting", nargs="*", default=[], metavar="NAME=VALUE",
-                   help="also time graphs captured with gpu_kernels.NAME set to VALUE (a Python literal) at every "
-                        "batch, e.g. DECODE_HEADS_FIRST=True NORM_NUM_WARPS=8")
+                   help="also time graphs captured with gpu_kernels.NAME set to VALUE (a Python literal; several "
+                        "joined by ';') at every batch, e.g. DECODE_HEADS_FIRST=True "
+                        "'DECODE_FULL_DOT=True;DECODE_TILES=[(1073741824, (64, 2, 3))]'")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",

@@ -43,14 +43,21 @@ class DecodeTiling(NamedTuple):
 
 # The paged decode kernel's tiling by batch: (largest batch, tiling), in increasing batch order.
 # A graph's batch is fixed at capture, its contexts are not, so a tiling is chosen per batch. Up
-# to 32 rows, 128 keys and two stages rather than Triton's three: on an H100 9.7 against 13.2 us
-# at 1 x 200 tokens (issue 21's sweep); 64 keys and two warps at 1 or 32 rows made the
-# overlapped decode step 2.4% / 0-0.5% longer. Above 32 rows those made it 0.3-1.1% shorter at
-# 64 rows and 1.5-1.7% at 128; 32-key tiles, 21% faster in the kernel's own sweep at 128 x 133
-# tokens, did not carry over into the model's graphs (builtin_gpu.py --compare-decode-tiles;
-# RESULTS.md, "Decode tiles by batch").
-DECODE_TILES: list[tuple[int, DecodeTiling]] = [(32, DecodeTiling(128, 0, 2)), (1 << 30, DecodeTiling(64, 2, 2))]
+# to 32 rows, 128 keys (64 keys and two warps made the overlapped step 2.4% / 0-0.5% longer at 1
+# / 32 rows); above, 64 keys and two warps (0.3-1.1% shorter at 64 rows, 1.5-1.7% at 128). 32-key
+# tiles, 21% faster in the kernel's own sweep at 128 x 133 tokens, did not carry over into the
+# model's graphs (builtin_gpu.py --compare-decode-tiles; RESULTS.md, "Decode tiles by batch").
+# Stages: with per-half scores two (issue 21's sweep: 9.7 against 13.2 us for three at 1 x 200
+# tokens on an H100); with whole-row scores (DECODE_FULL_DOT) three, level with two or four in
+# the model's graphs (RESULTS.md, "Whole-row scores").
+DECODE_TILES: list[tuple[int, DecodeTiling]] = [(32, DecodeTiling(128, 0, 3)), (1 << 30, DecodeTiling(64, 2, 3))]
 DECODE_HEADS_FIRST = False
+# Scores as one product over whole key rows (q's rotated halves joined) rather than one per
+# RoPE half, where the halves need no padding (a power-of-two head_dim of 32 or more): a key
+# tile is one load of whole rows feeding one tl.dot instead of two half-row loads and two dots.
+# On an H100 (with three stages, DECODE_TILES) decode graph replays 1.0 / 1.4 / 2.0% shorter at
+# batch 1 / 32 / 128; two stages or four do about as well (RESULTS.md, "Whole-row scores").
+DECODE_FULL_DOT = True
 # Pure-decode steps rotate q and k and write K/V inside the attention kernel (one launch a layer
 # fewer); False: rope_store_kv, then paged_decode_attention (benchmarks compare the two).
 DECODE_FUSED_ROPE = True
@@ -157,6 +164,7 @@ def _launch_decode(
         # tf32 would cost an fp32 model its precision; bf16/fp16 operands are exact either way.
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         ROPE=rope is not None, QK_NORM=rope is not None and rope[4] is not None, PARTS=parts,
+        FULL_DOT=DECODE_FULL_DOT and head_dim >= 32 and head_dim == _pow2(head_dim),
         **launch,
     )
 

@@ -106,7 +106,7 @@ def paged_decode(
     NUM_Q: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     HALF: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
-    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr,
+    ROPE: tl.constexpr, QK_NORM: tl.constexpr, PARTS: tl.constexpr, FULL_DOT: tl.constexpr = False,
 ):
     # One program per (sequence, KV head) computes all GROUP query heads that share that KV
     # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. Heads are handled as
@@ -170,12 +170,20 @@ def paged_decode(
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, D_PAD], dtype=tl.float32)
+    if FULL_DOT:
+        # The halves side by side: one product over whole key rows (HALF == HALF_PAD).
+        q_full = tl.reshape(tl.permute(tl.join(q1.to(dt), q2.to(dt)), (0, 2, 1)), (GROUP_PAD, 2 * HALF_PAD))
     for start in range(0, context, BLOCK_N):
         _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
                                   stride_cb, stride_ct, stride_ch, PAGE)
-        k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
-        s = tl.dot(q1.to(dt), tl.trans(k1t), input_precision=PRECISION)
-        s = tl.dot(q2.to(dt), tl.trans(k2t), s, input_precision=PRECISION) * scale_log2
+        if FULL_DOT:
+            kt = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            s = tl.dot(q_full, tl.trans(kt), input_precision=PRECISION) * scale_log2
+        else:
+            k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
+            s = tl.dot(q1.to(dt), tl.trans(k1t), input_precision=PRECISION)
+            s = tl.dot(q2.to(dt), tl.trans(k2t), s, input_precision=PRECISION) * scale_log2
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_i, l_i, acc = _softmax_round(s, v, m_i, l_i, acc, PRECISION)
     if ROPE:

@@ -35,7 +35,10 @@ def on_device() -> Iterator[None]:
 
 
 @pytest.mark.parametrize("heads_first", [False, True])
-def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: bool) -> None:
+@pytest.mark.parametrize("full_dot", [False, True])
+def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: bool, full_dot: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gpu_kernels, "DECODE_FULL_DOT", full_dot)
     torch.manual_seed(0)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
     k_cache = torch.randn(12, page, kv_heads, head_dim)
@@ -56,10 +59,14 @@ def test_paged_decode_attention_matches_sdpa_over_scattered_blocks(heads_first: 
 
 
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
+@pytest.mark.parametrize("full_dot", [False, True])
+def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool, full_dot: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The fused decode kernel (RoPE, K/V write and attention in one launch, the new token's
     score from registers) against rope_store_kv + paged_decode_attention on the same step:
-    the same cache contents and outputs; a padded row (slot -1, length 0) writes nothing."""
+    the same cache contents and outputs; a padded row (slot -1, length 0) writes nothing.
+    full_dot: the fused kernel's scores as one product over whole key rows (the reference's
+    per half)."""
     torch.manual_seed(3)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
     positions = torch.tensor([14, 2, 0, 0])
@@ -76,6 +83,7 @@ def test_rope_decode_attention_equals_rope_then_decode(qk_norm: bool) -> None:
                               k_ref, v_ref, slots, norm)
     q = qkv_ref[:, : heads * head_dim].view(4, heads, head_dim)
     expected = gpu_kernels.paged_decode_attention(q, k_ref, v_ref, tables, lens, 0.2)
+    monkeypatch.setattr(gpu_kernels, "DECODE_FULL_DOT", full_dot)
     out = gpu_kernels.rope_decode_attention(qkv, positions, emb.cos(), emb.sin(), heads, k_cache, v_cache, slots,
                                             tables, lens, 0.2, norm)
     torch.testing.assert_close(k_cache, k_ref)

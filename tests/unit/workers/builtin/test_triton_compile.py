@@ -47,13 +47,15 @@ def _compile(name: str, constexprs: dict[str, Any], types: dict[str, str] | None
     assert "cubin" in compiled.asm
 
 
-@pytest.mark.parametrize("rope, qk_norm, parts, block_n",
-                         [(False, False, 1, 128), (True, False, 1, 128), (True, True, 1, 128), (True, False, 3, 128),
-                          (True, False, 2, 32)])
-def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int, block_n: int) -> None:
+@pytest.mark.parametrize("rope, qk_norm, parts, block_n, full_dot",
+                         [(False, False, 1, 128, False), (True, False, 1, 128, False), (True, True, 1, 128, False),
+                          (True, False, 3, 128, False), (True, False, 2, 32, False), (False, False, 1, 128, True),
+                          (True, True, 2, 64, True)])
+def test_paged_decode_compiles(rope: bool, qk_norm: bool, parts: int, block_n: int, full_dot: bool) -> None:
     # Split-K partials are fp32; with ROPE off q is a bf16 [B, heads, dim] tensor. 32 keys: a
-    # tile of two pages. The decode graphs' seq_lens are int64.
-    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts, "BLOCK_N": block_n},
+    # tile of two pages. The decode graphs' seq_lens are int64. full_dot: whole-row scores.
+    _compile("paged_decode", {**DECODE, "ROPE": rope, "QK_NORM": qk_norm, "PARTS": parts, "BLOCK_N": block_n,
+                              "FULL_DOT": full_dot},
              {"q_ptr": "*fp32", "seq_lens_ptr": "*i64"} if parts > 1 else {"seq_lens_ptr": "*i64"})
 
 
