@@ -49,6 +49,15 @@ def _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF: tl.
 
 
 @triton.jit
+def _kv_rows(k_cache_ptr, v_cache_ptr, off, tmask, d, dmask):
+    """A key tile's whole K and V rows at `off` (_key_tile)."""
+    mask = tmask[:, None] & dmask[None, :]
+    k = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _sum_parts(ptrs, mask, stride_part, PARTS: tl.constexpr):
     """The fp32 sum of PARTS split-K partial products (gpu_kernels.split_k_linear) at `ptrs`."""
     acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -110,12 +119,14 @@ def paged_decode(
 ):
     # One program per (sequence, KV head) computes all GROUP query heads that share that KV
     # head, so each K/V byte is read once; GROUP_PAD >= 16 for tl.dot. Heads are handled as
-    # their two RoPE halves (two dots of HALF for one of HEAD_DIM), so that with ROPE the
-    # program rotates its new q and k itself: q_ptr is then the step's qkv rows, the new k and
-    # v go to their cache slot from here, and the new token's score comes from registers after
-    # the cached context (no read back of what this program just stored). Without ROPE, q_ptr
-    # is q [B, heads, head_dim] and the new K/V are already in the cache. HEADS_FIRST: a
-    # sequence's KV heads are neighbouring programs (their K/V rows are adjacent in the cache).
+    # their two RoPE halves, so that with ROPE the program rotates its new q and k itself: q_ptr
+    # is then the step's qkv rows, the new k and v go to their cache slot from here, and the new
+    # token's score comes from registers after the cached context (no read back of what this
+    # program just stored). Without ROPE, q_ptr is q [B, heads, head_dim] and the new K/V are
+    # already in the cache. A key tile's scores are two dots of HALF, or with FULL_DOT (halves
+    # unpadded) one of HEAD_DIM over q's halves joined, fed by one load of whole key rows.
+    # HEADS_FIRST: a sequence's KV heads are neighbouring programs (their K/V rows are adjacent
+    # in the cache).
     if HEADS_FIRST:
         kvh = tl.program_id(0)
         seq = tl.program_id(1)
@@ -177,8 +188,7 @@ def paged_decode(
         _, tmask, off = _key_tile(block_tables_ptr, seq, stride_bt, start, n, context, kvh,
                                   stride_cb, stride_ct, stride_ch, PAGE)
         if FULL_DOT:
-            kt = tl.load(k_cache_ptr + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
-            v = tl.load(v_cache_ptr + off[:, None] + d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+            kt, v = _kv_rows(k_cache_ptr, v_cache_ptr, off, tmask, d, dmask)
             s = tl.dot(q_full, tl.trans(kt), input_precision=PRECISION) * scale_log2
         else:
             k1t, k2t, v = _kv_tile(k_cache_ptr, v_cache_ptr, off, tmask, j, jmask, d, dmask, HALF)
