@@ -11,6 +11,7 @@ plans (KvBlockManager.execute: copy launches, disk writes queued) per engine ste
 
 GPU (~1.1B bf16 Llama, as builtin_gpu.py's):
     python benchmarks/kvbm_multiturn_gpu.py --json-out results.json
+    python benchmarks/kvbm_multiturn_gpu.py --configs g1_only g1_g2small_g3 --rounds 3  # ratios per round
 CPU (tiny model, for checking the script):
     python benchmarks/kvbm_multiturn_gpu.py --smoke
 """
@@ -460,6 +461,10 @@ def main() -> None:
     p.add_argument("--disk-probe", default="on", choices=("on", "off"),
                    help="G3 configs: measure disk reads when the tier opens (KvbmConfig.disk_probe, "
                         "--kvbm-disk-probe), or start from the configured bandwidth")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configs this many times, in turn (g1_only, G3, g1_only, G3, ...), and report "
+                        "each round's ratios to its own g1_only run and their medians: one machine's run-to-run "
+                        "drift (G1 only alone moved 20-39 ms p50 between runs on one H100) then falls on both sides")
     p.add_argument("--smoke", action="store_true",
                    help="check the script on CPU: tiny model, 4 conversations x 3 turns of 48 + 8 tokens")
     p.add_argument("--json-out", default=None)
@@ -507,7 +512,7 @@ def main() -> None:
         layers, kv_heads, head_dim = spec.num_layers, spec.num_kv_heads, spec.head_dim
         elem = 2 if args.device == "cuda" else 4
         results["model"]["kv_block_bytes"] = 2 * layers * BLOCK * kv_heads * head_dim * elem
-        for name in args.configs:
+        for round_no, name in ((r, n) for r in range(max(1, args.rounds)) for n in args.configs):
             disk_dir = None
             if name == "g1_only":
                 kvbm = KvbmConfig()
@@ -526,30 +531,47 @@ def main() -> None:
             try:
                 row = asyncio.run(run_config(args, name, model_dir, spec.vocab_size, g1, max_len, kvbm))
             except Exception:  # keep the other configs' figures; the traceback is the finding
-                results.setdefault("errors", {})[name] = traceback.format_exc()
-                print(f"config {name} failed:\n{results['errors'][name]}", flush=True)
+                results.setdefault("errors", {})[f"{name}#{round_no}"] = traceback.format_exc()
+                print(f"config {name} (round {round_no}) failed:\n{traceback.format_exc()}", flush=True)
                 continue
             finally:
                 if disk_dir is not None:
                     shutil.rmtree(disk_dir, ignore_errors=True)
                 if args.device == "cuda":
                     torch.cuda.empty_cache()
-            results["configs"][name] = row
+            results["configs"].setdefault(name, row)  # the first round's, as with one round
+            while len(results.setdefault("rounds", [])) <= round_no:
+                results["rounds"].append({})
+            results["rounds"][round_no][name] = row
             print(json.dumps(row), flush=True)
             write(args.json_out, results)  # partial results survive a timeout
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
     base = results["configs"].get("g1_only")
     if base:
-        results["ratios_vs_g1_only"] = {
-            name: {"ttft_p50": row["ttft_p50_ms"] / base["ttft_p50_ms"],
-                   "ttft_p99": row["ttft_p99_ms"] / base["ttft_p99_ms"]}
-            for name, row in results["configs"].items() if name != "g1_only"
-        }
+        results["ratios_vs_g1_only"] = ratios(results["configs"])
         results["goal"] = "TTFT p50 with KVBM tiers <= 0.5x G1 only"
         print("ratios", json.dumps(results["ratios_vs_g1_only"]), flush=True)
+    if len(results.get("rounds", [])) > 1:
+        by_round = [ratios(r) for r in results["rounds"]]
+        results["ratios_by_round"] = by_round
+        names = sorted({name for r in by_round for name in r})
+        results["ratio_medians"] = {
+            name: {key: statistics.median(r[name][key] for r in by_round if name in r) for key in ("ttft_p50", "ttft_p99")}
+            for name in names
+        }
+        print("ratios by round", json.dumps(by_round), "medians", json.dumps(results["ratio_medians"]), flush=True)
     write(args.json_out, results)
     summary(results)
+
+
+def ratios(configs: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each config's TTFT p50 and p99 over g1_only's of the same round (none without it)."""
+    base = configs.get("g1_only")
+    if not base:
+        return {}
+    return {name: {"ttft_p50": row["ttft_p50_ms"] / base["ttft_p50_ms"], "ttft_p99": row["ttft_p99_ms"] / base["ttft_p99_ms"]}
+            for name, row in configs.items() if name != "g1_only"}
 
 
 def summary(results: dict[str, Any]) -> None:
