@@ -412,6 +412,27 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         r = bench_prefill(eager, n, length, mc.vocab_size, device)
         r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
         res["prefill"][f"ours_{n}x{length}"] = r
+    if args.compare_prefill_graphs and device.type == "cuda":
+        # The same shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py), a runner of their own.
+        from workers.builtin import prefill_graphs
+
+        shapes = ((args.prefill_seqs, args.prefill_len), (16, 512))
+        prefill_graphs.PREFILL_GRAPHS = True
+        try:
+            started = time.perf_counter()
+            graphed_prefill = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches),
+                                          max_model_len=max_len, prefill_graph_tokens=max(n * m for n, m in shapes))
+            res["prefill_graph_capture_s"] = time.perf_counter() - started
+        finally:
+            prefill_graphs.PREFILL_GRAPHS = False
+        for n, length in shapes:
+            r = bench_prefill(graphed_prefill, n, length, mc.vocab_size, device)
+            r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
+            res["prefill"][f"graphs_{n}x{length}"] = r
+        for n, length in shapes:  # eager again, after: both sides of the comparison see the same machine
+            r = bench_prefill(eager, n, length, mc.vocab_size, device)
+            r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
+            res["prefill"][f"ours_{n}x{length}_again"] = r
     if not args.no_reference:
         res["prefill"]["hf_forward"] = bench_hf_prefill(hf, args.prefill_seqs, args.prefill_len, mc.vocab_size, device)
     print("prefill", res["prefill"], flush=True)
@@ -667,6 +688,8 @@ def main() -> None:
                    help="also time graphs captured with gpu_kernels.NAME set to VALUE (a Python literal; several "
                         "joined by ';') at every batch, e.g. DECODE_HEADS_FIRST=True "
                         "'DECODE_FULL_DOT=True;DECODE_TILES=[(1073741824, (64, 2, 3))]'")
+    p.add_argument("--compare-prefill-graphs", action="store_true",
+                   help="also time the prefill shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py)")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",

@@ -1,6 +1,7 @@
 """CUDA graphs for pure-decode steps: one graph per batch-size bucket, captured over static
 input buffers (token ids, positions, slot mapping, block tables, sequence lengths); a step is
-padded up to its bucket, its inputs copied in from pinned memory, and the graph replayed."""
+padded up to its bucket, its inputs copied in from pinned memory, and the graph replayed.
+BucketGraphs, the capture and replay, also serves prefill_graphs.py."""
 
 from __future__ import annotations
 
@@ -86,29 +87,18 @@ class DecodeInputs:
         )
 
 
-class DecodeGraphs:
-    """Logits [bucket, vocab] of a decode step by graph replay. With `use_graphs` False the same
-    padded static-buffer step runs eagerly (how CPU tests exercise the padding logic)."""
+class BucketGraphs:
+    """One CUDA graph per bucket size over static inputs that `_forward(size)` reads, each
+    returning the logits it computed. With `use_graphs` False the same padded static-buffer
+    step runs eagerly (how CPU tests exercise the padding logic)."""
 
-    def __init__(
-        self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, sizes: list[int],
-        max_blocks_per_seq: int, use_graphs: bool = True, feedback: torch.Tensor | None = None,
-    ) -> None:
-        self.model = model
-        # The previous step's chosen ids on the device: placeholders in the inputs read them
-        # inside the graph (runner.StepInput).
-        self.feedback = feedback
-        self.kv = kv
+    def __init__(self, sizes: list[int], use_graphs: bool) -> None:
         self.sizes = sizes
         self.use_graphs = use_graphs
-        self.inputs = DecodeInputs(sizes[-1], max_blocks_per_seq, device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    def _forward(self, batch: int) -> torch.Tensor:
-        inp = self.inputs
-        meta = inp.metadata(batch, self.kv.block_size_tokens)
-        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta, self.feedback)
-        return self.model.compute_logits(hidden)
+    def _forward(self, size: int) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -117,15 +107,45 @@ class DecodeGraphs:
         if not self.use_graphs:
             return
         pool = None
-        for batch in reversed(self.sizes):
-            self._forward(batch)  # warm-up outside capture: Triton compiles, cuBLAS picks
+        for size in reversed(self.sizes):
+            self._forward(size)  # warm-up outside capture: Triton compiles, cuBLAS picks
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(batch)
+                logits = self._forward(size)
             pool = graph.pool()
-            self._graphs[batch] = (graph, logits)
+            self._graphs[size] = (graph, logits)
         torch.cuda.synchronize()
+
+    def _replay(self, size: int) -> torch.Tensor:
+        """The bucket's logits for the inputs just filled in."""
+        if not self.use_graphs:
+            return self._forward(size)
+        graph, logits = self._graphs[size]
+        graph.replay()
+        return logits
+
+
+class DecodeGraphs(BucketGraphs):
+    """Logits [bucket, vocab] of a decode step by graph replay."""
+
+    def __init__(
+        self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, sizes: list[int],
+        max_blocks_per_seq: int, use_graphs: bool = True, feedback: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(sizes, use_graphs)
+        self.model = model
+        # The previous step's chosen ids on the device: placeholders in the inputs read them
+        # inside the graph (runner.StepInput).
+        self.feedback = feedback
+        self.kv = kv
+        self.inputs = DecodeInputs(sizes[-1], max_blocks_per_seq, device)
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        inp = self.inputs
+        meta = inp.metadata(batch, self.kv.block_size_tokens)
+        hidden = self.model(inp.input_ids[:batch], inp.positions[:batch], self.kv, meta, self.feedback)
+        return self.model.compute_logits(hidden)
 
     def bucket(self, num_seqs: int) -> int | None:
         return bucket_for(num_seqs, self.sizes)
@@ -133,9 +153,5 @@ class DecodeGraphs:
     def run(self, input_ids: list[int], seqs: list[SeqSlice], batch: int) -> torch.Tensor:
         """Logits of the first len(seqs) rows; `batch` is bucket(len(seqs))."""
         self.inputs.fill(input_ids, seqs, batch, self.kv.block_size_tokens)
-        if not self.use_graphs:
-            return self._forward(batch)[: len(seqs)]
-        graph, logits = self._graphs[batch]
-        graph.replay()
-        return logits[: len(seqs)]
+        return self._replay(batch)[: len(seqs)]
 

@@ -267,6 +267,7 @@ class TorchExecutor:
         return ModelRunner(
             model, kv, self.device, enforce_eager=config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self._max_len,
+            prefill_graph_tokens=config.max_num_batched_tokens,
         )
 
     def _load_grammar(self) -> None:

@@ -19,10 +19,12 @@ import torch
 
 from dynamo.wire import PromptTokenLogprob
 from workers.builtin.attention import AttentionBackend, SeqSlice
-from workers.builtin.cuda_graphs import DecodeGraphs, capture_sizes
+from workers.builtin.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, capture_sizes
 from workers.builtin.device_copy import to_device
+from workers.builtin import prefill_graphs
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
+from workers.builtin.prefill_graphs import PrefillGraphs
 from workers.builtin.sampling import PenaltyInit, SampleLaunch, SampleResult, SampleRow, Sampler, SamplingParams
 
 if TYPE_CHECKING:
@@ -132,19 +134,23 @@ class RunnerLaunch:
 class ModelRunner:
     """Runs steps on one device. CUDA graphs are captured at construction when the model runs
     the Triton backend on CUDA and `enforce_eager` is off; `max_model_len` sizes their block
-    tables. `launch` queues a step and returns before its tokens are known; `collect` waits for
+    tables. With prefill_graphs.PREFILL_GRAPHS, steps with prefill chunks of up to
+    `prefill_graph_tokens` replay graphs too (their memory pool is their own: activations for
+    that many tokens on top of what the executor reserves; not yet on by default). `launch` queues a step and returns before its tokens are known; `collect` waits for
     them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
     the next step may be launched before they are read (placeholders, StepInput)."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, *,
         enforce_eager: bool = True, max_num_seqs: int = 256, max_model_len: int | None = None,
+        prefill_graph_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv = kv
         self.device = device
         self.backend: AttentionBackend = model.model.layers[0].self_attn.backend  # type: ignore[union-attr,assignment]
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.sampler = Sampler(model.config.vocab_size, device, max_batch=max_num_seqs)
         self.feedback = torch.zeros(max_num_seqs, dtype=torch.long, device=device)
         if not enforce_eager and device.type == "cuda" and model.fused:
@@ -156,6 +162,15 @@ class ModelRunner:
             )
             self.graphs.capture()
             log.info("captured %d decode CUDA graphs in %.1f s", len(self.graphs.sizes), time.monotonic() - started)
+            if prefill_graphs.PREFILL_GRAPHS and prefill_graph_tokens > 0:
+                started = time.monotonic()
+                self.prefill_graphs = PrefillGraphs(
+                    model, kv, device, prefill_graph_tokens, min(max_num_seqs, MAX_GRAPH_BATCH), max_blocks,
+                    feedback=self.feedback,
+                )
+                self.prefill_graphs.capture()
+                log.info("captured %d prefill CUDA graphs in %.1f s", len(self.prefill_graphs.sizes),
+                         time.monotonic() - started)
 
     def execute(self, step: StepInput) -> SampleResult:
         """The step's sampled tokens; with prompt logprobs, per entry of step.prompt_logits,
@@ -181,6 +196,14 @@ class ModelRunner:
                 if len(step.sample_indices) != len(step.slices):
                     # A one-token prefill chunk that is not its prompt's last samples nothing.
                     logits = logits.index_select(0, to_device(step.sample_indices, torch.long, self.device))
+                return RunnerLaunch(self.sampler.launch(logits, step.sample_rows, self.feedback))
+        prefill = self.prefill_graphs
+        if prefill is not None and not step.prompt_logits:
+            tokens = prefill.fits(len(step.input_ids), len(step.slices))
+            if tokens is not None:
+                logits = prefill.run(step.input_ids, step.positions, step.slices, step.sample_indices, tokens)
+                if not step.sample_rows:  # a prompt's chunk before its last: nothing sampled
+                    return RunnerLaunch(None)
                 return RunnerLaunch(self.sampler.launch(logits, step.sample_rows, self.feedback))
         device = self.device
         meta = self.backend.build_metadata(step.slices, self.kv.block_size_tokens, device)

@@ -1,5 +1,6 @@
-"""cuda_graphs.py and the decode metadata builders in attention.py, on CPU: bucket choice, the
-padding a graph bucket gets (slot -1, length 0), block tables cut to the blocks in use."""
+"""cuda_graphs.py, prefill_graphs.py and the decode metadata builders in attention.py, on CPU:
+bucket choice, the padding a graph bucket gets (slot -1, length 0; for prefill, sequences with
+no tokens), block tables cut to the blocks in use."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch
 
 from workers.builtin.attention import SeqSlice, TritonPagedAttention, decode_slots_and_tables
 from workers.builtin.cuda_graphs import DecodeInputs, bucket_for, capture_sizes
+from workers.builtin.prefill_graphs import PrefillInputs, token_buckets
 
 CPU = torch.device("cpu")
 
@@ -66,3 +68,23 @@ def test_triton_backend_metadata_for_decode_and_mixed_steps() -> None:
     assert mixed.seq_lens is not None and mixed.seq_lens.tolist() == [6, 3, 6]
     assert mixed.block_tables.tolist() == [[3, 6], [9, 0], [2, 7]]
     assert mixed.slot_mapping.tolist() == [25, 36, 37, 38, 28, 29]
+
+
+def test_prefill_inputs_pad_tokens_and_sequences() -> None:
+    assert token_buckets(2048) == [64, 128, 256, 512, 1024, 2048]
+    assert token_buckets(100) == [64, 100] and token_buckets(50) == [50]
+    inputs = PrefillInputs(max_tokens=16, max_seqs=4, max_blocks_per_seq=4, device=CPU)
+    # A larger step first: its rows must not survive as anything but padding.
+    inputs.fill(list(range(12)), list(range(12)), [SeqSlice(0, 12, [0, 1, 2])], [11], 16, 4)
+    seqs = [SeqSlice(4, 3, [5, 6]), SeqSlice(0, 1, [9])]  # a chunk after 4 cached tokens, a one-token prompt
+    inputs.fill([7, 8, 9, 3], [4, 5, 6, 0], seqs, [2, 3], 8, 4)
+    assert inputs.input_ids[:8].tolist() == [7, 8, 9, 3, 0, 0, 0, 0]
+    assert inputs.positions[:8].tolist() == [4, 5, 6, 0, 0, 0, 0, 0]
+    assert inputs.slot_mapping[:8].tolist() == [6 * 4 + 0, 6 * 4 + 1, 6 * 4 + 2, 9 * 4, -1, -1, -1, -1]
+    # Padded sequences own no tokens (their starts at the step's end) and have length 0.
+    assert inputs.query_starts.tolist() == [0, 3, 4, 4, 4]
+    assert inputs.seq_lens.tolist() == [7, 1, 0, 0]
+    assert inputs.sample_rows.tolist() == [2, 3, 0, 0]
+    assert inputs.block_tables[0, :2].tolist() == [5, 6] and inputs.block_tables[1, 0] == 9
+    with pytest.raises(ValueError, match="needs 5 blocks"):
+        inputs.fill([1], [16], [SeqSlice(16, 1, [0, 1, 2, 3, 4])], [0], 1, 4)

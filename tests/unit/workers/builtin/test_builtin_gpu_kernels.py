@@ -21,6 +21,7 @@ from workers.builtin.cuda_graphs import DecodeGraphs  # noqa: E402
 from workers.builtin.kv_cache import KVCache  # noqa: E402
 from workers.builtin.loader import load_model  # noqa: E402
 from workers.builtin.model import LlamaForCausalLM  # noqa: E402
+from workers.builtin.prefill_graphs import PrefillGraphs  # noqa: E402
 from workers.builtin.runner import ModelRunner, StepInput  # noqa: E402
 from workers.builtin.sampling import SampleRow, SamplingParams  # noqa: E402
 
@@ -375,3 +376,36 @@ def test_overlapped_decode_reads_placeholders_like_eager_steps(use_graphs: bool,
     padded.graphs.capture()
     assert generate(padded, 5, overlapped=True) == expected
 
+
+
+@pytest.mark.parametrize("use_graphs", [False, True] if CUDA else [False])
+def test_padded_prefill_graph_steps_match_eager_steps(use_graphs: bool, model_dirs: Callable[[str], Path]) -> None:
+    """A step with prefill chunks through PrefillGraphs' padded static buffers (tokens padded
+    to a bucket of 64, sequences to 4) gives the eager step's sampled logits and cache writes:
+    two prompts, then a mixed step (one sequence decodes, the other's next chunk follows its
+    cached prefix); padded tokens and sequences write and disturb nothing."""
+    _, fused = _triton_model(model_dirs("llama-gqa"))
+    config = fused.config
+    backend = fused.model.layers[0].self_attn.backend
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    first = [list(range(3, 8)), list(range(10, 17))]  # 5 and 7 prompt tokens
+    steps = [
+        ([SeqSlice(0, 5, tables[0]), SeqSlice(0, 7, tables[1])], first[0] + first[1], [4, 11]),
+        # seq 0 decodes token 5; seq 1's next 4 prompt tokens follow its 7 cached ones
+        ([SeqSlice(5, 1, tables[0]), SeqSlice(7, 4, tables[1])], [9] + [20, 21, 22, 23], [0, 4]),
+    ]
+    eager_kv = KVCache.allocate(config, 8, 4, torch.float32, DEV)
+    graph_kv = KVCache.allocate(config, 8, 4, torch.float32, DEV)
+    graphs = PrefillGraphs(fused, graph_kv, DEV, max_tokens=64, max_seqs=4, max_blocks_per_seq=4, use_graphs=use_graphs)
+    assert graphs.sizes == [64] and graphs.fits(12, 2) == 64 and graphs.fits(65, 2) is None and graphs.fits(8, 5) is None
+    graphs.capture()
+    with torch.no_grad():
+        for slices, ids, sample in steps:
+            positions = [p for s in slices for p in range(s.num_computed, s.num_computed + s.num_new)]
+            meta = backend.build_metadata(slices, 4, DEV)
+            hidden = fused(torch.tensor(ids), torch.tensor(positions), eager_kv, meta)
+            expected = fused.compute_logits(hidden[torch.tensor(sample)])
+            got = graphs.run(ids, positions, slices, sample, graphs.fits(len(ids), len(slices)) or 0)
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+            for cache_e, cache_g in zip((*eager_kv.k, *eager_kv.v), (*graph_kv.k, *graph_kv.v)):
+                torch.testing.assert_close(cache_g, cache_e)
