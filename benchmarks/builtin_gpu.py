@@ -420,8 +420,10 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         prefill_graphs.PREFILL_GRAPHS = True
         try:
             started = time.perf_counter()
-            graphed_prefill = ModelRunner(model, kv, device, enforce_eager=False, max_num_seqs=max(args.batches),
+            graphed_prefill = ModelRunner(model, kv, device, enforce_eager=False,
+                                          max_num_seqs=max(*args.batches, *(n for n, _ in shapes)),
                                           max_model_len=max_len, prefill_graph_tokens=max(n * m for n, m in shapes))
+            assert graphed_prefill.prefill_graphs is not None
             res["prefill_graph_capture_s"] = time.perf_counter() - started
         finally:
             prefill_graphs.PREFILL_GRAPHS = False
