@@ -86,7 +86,9 @@ class PrefillInputs:
             if used > width:
                 raise ValueError(f"sequence needs {used} blocks; graphs were captured for {width}")
             table[i, :used] = s.block_ids[:used]
-        self.tokens[:, :padded].copy_(tok_host[:, :padded], non_blocking=True)
+        # Whole: a column slice is not contiguous, and torch may stage such a copy through
+        # pageable memory (which waits for the stream); 24 bytes a token of the largest bucket.
+        self.tokens.copy_(tok_host, non_blocking=True)
         self.seqs.copy_(seq_host, non_blocking=True)
         self.block_tables[:num_seqs].copy_(table_host[:num_seqs], non_blocking=True)
         # Rows of sequences this step does not have keep older tables: their length is 0, so
