@@ -28,10 +28,40 @@ import pytest
 READY_TIMEOUT_S = 15.0
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports for servers a test starts: below the kernel's ephemeral range, so that no port-0 bind
+# and no outgoing connection of any process is given one between our pick and the server's
+# bind (a port picked by binding port 0 was: "address already in use", once in a CI run),
+# each pytest process in its own slice (by pid), checked free when picked.
+_PORT_BASE, _PORT_SLICES = 10000, 64
+_port_slice = max(1, (_ephemeral_low() - _PORT_BASE) // _PORT_SLICES)
+_port_next = 0
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that the kernel hands to no one else."""
+    global _port_next
+    if _port_slice < 16:  # an unusual ephemeral range: fall back to the kernel's pick
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    start = _PORT_BASE + (os.getpid() % _PORT_SLICES) * _port_slice
+    for _ in range(_port_slice):
+        port = start + _port_next % _port_slice
+        _port_next += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering): the next one
+            return port
+    raise RuntimeError(f"no free port in {start}-{start + _port_slice - 1}")
 
 
 def find_binary(name: str) -> str | None:

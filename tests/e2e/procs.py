@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,10 @@ from pathlib import Path
 
 import httpx
 
+from tests.infra import free_port  # noqa: F401 (the e2e tests import it from here)
+
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = str(REPO / "models" / "dynamo-tiny")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, interval_s: float = 0.05) -> None:

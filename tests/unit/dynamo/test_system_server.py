@@ -10,12 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from dynamo.system_server import SystemServer, merged_registry
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.infra import free_port
 
 
 def test_merged_registry_labels_each_source_and_merges_families() -> None:
