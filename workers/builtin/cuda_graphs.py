@@ -6,6 +6,7 @@ BucketGraphs, the capture and replay, also serves prefill_graphs.py."""
 from __future__ import annotations
 
 import bisect
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -87,7 +88,7 @@ class DecodeInputs:
         )
 
 
-class BucketGraphs:
+class BucketGraphs(ABC):
     """One CUDA graph per bucket size over static inputs that `_forward(size)` reads, each
     returning the logits it computed. With `use_graphs` False the same padded static-buffer
     step runs eagerly (how CPU tests exercise the padding logic)."""
@@ -97,8 +98,9 @@ class BucketGraphs:
         self.use_graphs = use_graphs
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
+    @abstractmethod
     def _forward(self, size: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The bucket's forward pass over the static inputs: its logits."""
 
     @torch.inference_mode()
     def capture(self) -> None:
