@@ -408,10 +408,14 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         print(b, row, flush=True)
     res["matmul_bf16_TFLOPs"] = matmul_peak(device) / 1e12 if device.type == "cuda" else float("nan")
     res["prefill"] = {}
-    for n, length in ((args.prefill_seqs, args.prefill_len), (16, 512)):
-        r = bench_prefill(eager, n, length, mc.vocab_size, device)
+
+    def timed_prefill(runner: ModelRunner, n: int, length: int) -> dict[str, float]:
+        r = bench_prefill(runner, n, length, mc.vocab_size, device)
         r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
-        res["prefill"][f"ours_{n}x{length}"] = r
+        return r
+
+    for n, length in ((args.prefill_seqs, args.prefill_len), (16, 512)):
+        res["prefill"][f"ours_{n}x{length}"] = timed_prefill(eager, n, length)
     if args.compare_prefill_graphs and device.type == "cuda":
         # The same shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py), a runner of their own.
         from workers.builtin import prefill_graphs
@@ -428,13 +432,9 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             prefill_graphs.PREFILL_GRAPHS = False
         for n, length in shapes:
-            r = bench_prefill(graphed_prefill, n, length, mc.vocab_size, device)
-            r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
-            res["prefill"][f"graphs_{n}x{length}"] = r
+            res["prefill"][f"graphs_{n}x{length}"] = timed_prefill(graphed_prefill, n, length)
         for n, length in shapes:  # eager again, after: both sides of the comparison see the same machine
-            r = bench_prefill(eager, n, length, mc.vocab_size, device)
-            r["pct_of_matmul_peak"] = 100 * prefill_flops(mc, wbytes, n, length) / (r["step_ms"] / 1e3) / (res["matmul_bf16_TFLOPs"] * 1e12)
-            res["prefill"][f"ours_{n}x{length}_again"] = r
+            res["prefill"][f"ours_{n}x{length}_again"] = timed_prefill(eager, n, length)
     if not args.no_reference:
         res["prefill"]["hf_forward"] = bench_hf_prefill(hf, args.prefill_seqs, args.prefill_len, mc.vocab_size, device)
     print("prefill", res["prefill"], flush=True)
