@@ -263,9 +263,16 @@ def bench_hf_prefill(hf: Any, num_seqs: int, prompt_len: int, vocab: int, device
 
 def check_logits(hf: Any, runner: ModelRunner, vocab: int, device: torch.device) -> dict[str, float]:
     """Our last-token logits (prefill 63 tokens, then one decode step through the runner's graph
-    path) against transformers' over all 64: ‖ours − hf‖ / ‖hf‖, and greedy agreement."""
+    path) against transformers' over all 64: ‖ours − hf‖ / ‖hf‖, and greedy agreement. The
+    prefill's logits too, with the reference's top-2 margin over its logits' spread: with random
+    weights the top logits can be near-tied, and then a greedy mismatch says nothing."""
     seqs = Sequences(1, 63, 72, vocab, first_block=0)
     prompt = list(seqs.tokens[0])
+    with torch.inference_mode():
+        # The prompt through the eager model first: it writes the same KV the runner's prefill then rewrites.
+        meta = runner.backend.build_metadata([SeqSlice(0, 63, seqs.tables[0])], BLOCK, device)
+        h = runner.model(torch.tensor(prompt, device=device), torch.arange(63, device=device), runner.kv, meta)
+        ours_prefill = runner.model.compute_logits(h[-1:])[0].float()
     seqs.prefill(runner)  # appends token 64 (ours)
     tokens = seqs.tokens[0]
     graphs = runner.graphs
@@ -279,8 +286,11 @@ def check_logits(hf: Any, runner: ModelRunner, vocab: int, device: torch.device)
             ours = runner.model.compute_logits(h)[0].float()
         ref = hf(torch.tensor([prompt + [tokens[63]]], device=device)).logits[0, -1].float()
         ref_prefill = hf(torch.tensor([prompt], device=device)).logits[0, -1].float()
+    top2 = ref_prefill.topk(2).values
     return {
         "decode_logits_rel_err": float((ours - ref).norm() / ref.norm()),
+        "prefill_logits_rel_err": float((ours_prefill - ref_prefill).norm() / ref_prefill.norm()),
+        "prefill_hf_top2_margin_over_std": float((top2[0] - top2[1]) / ref_prefill.std()),
         "prefill_greedy_matches_hf": float(int(ref_prefill.argmax()) == tokens[63]),
         "decode_greedy_matches_hf": float(int(ours.argmax()) == int(ref.argmax())),
     }
