@@ -428,19 +428,13 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         res["prefill"][f"ours_{n}x{length}"] = timed_prefill(eager, n, length)
     if args.compare_prefill_graphs and device.type == "cuda":
         # The same shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py), a runner of their own.
-        from workers.builtin import prefill_graphs
-
         shapes = ((args.prefill_seqs, args.prefill_len), (16, 512))
-        prefill_graphs.PREFILL_GRAPHS = True
-        try:
-            started = time.perf_counter()
-            graphed_prefill = ModelRunner(model, kv, device, enforce_eager=False,
-                                          max_num_seqs=max(*args.batches, *(n for n, _ in shapes)),
-                                          max_model_len=max_len, prefill_graph_tokens=max(n * m for n, m in shapes))
-            assert graphed_prefill.prefill_graphs is not None
-            res["prefill_graph_capture_s"] = time.perf_counter() - started
-        finally:
-            prefill_graphs.PREFILL_GRAPHS = False
+        started = time.perf_counter()
+        graphed_prefill = ModelRunner(model, kv, device, enforce_eager=False,
+                                      max_num_seqs=max(*args.batches, *(n for n, _ in shapes)),
+                                      max_model_len=max_len, prefill_graph_tokens=max(n * m for n, m in shapes))
+        assert graphed_prefill.prefill_graphs is not None
+        res["prefill_graph_capture_s"] = time.perf_counter() - started
         for n, length in shapes:
             res["prefill"][f"graphs_{n}x{length}"] = timed_prefill(graphed_prefill, n, length)
         for n, length in shapes:  # eager again, after: both sides of the comparison see the same machine

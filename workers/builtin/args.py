@@ -33,6 +33,9 @@ class BuiltinConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enforce_eager: bool = False  # True: no CUDA graphs for decode (they apply on CUDA only)
+    # Steps with prefill chunks through CUDA graphs too (workers/builtin/prefill_graphs.py);
+    # off until measured on a GPU to pay for their memory.
+    prefill_cuda_graphs: bool = False
     seed: int = 0  # seeds requests that give no seed, in arrival order
     # Launch step N+1 before reading step N's tokens (PagedEngine's overlap loop); None: on CUDA.
     overlap_schedule: bool | None = None
@@ -76,6 +79,7 @@ class BuiltinConfig:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
             enforce_eager=args.enforce_eager,
+            prefill_cuda_graphs=args.prefill_cuda_graphs,
             seed=args.seed,
             overlap_schedule=getattr(args, "overlap_schedule", None),
             kvbm=KvbmConfig.from_args(args),
@@ -110,6 +114,9 @@ BUILTIN_FLAGS = FlagGroup(
              int, default_doc="the model's"),
         Flag("--enforce-eager", "run decode without CUDA graphs (graphs are used on CUDA only)", _D.enforce_eager,
              "DYN_BUILTIN_ENFORCE_EAGER", bool),
+        Flag("--prefill-cuda-graphs", "run steps with prefill chunks of up to --max-num-batched-tokens through CUDA "
+             "graphs as well (one per token bucket; their activations are reserved a second time; CUDA only, "
+             "not with --enforce-eager)", _D.prefill_cuda_graphs, "DYN_BUILTIN_PREFILL_CUDA_GRAPHS", bool),
         Flag("--seed", "base seed for requests that carry none", _D.seed, "DYN_BUILTIN_SEED", int),
         Flag("--overlap-schedule", "launch each step before reading the previous one's tokens, so scheduling "
              "overlaps the forward pass", None, "DYN_BUILTIN_OVERLAP_SCHEDULE", bool, default_doc="on for CUDA"),

@@ -267,8 +267,14 @@ class TorchExecutor:
         return ModelRunner(
             model, kv, self.device, enforce_eager=config.enforce_eager,
             max_num_seqs=config.max_num_seqs, max_model_len=self._max_len,
-            prefill_graph_tokens=config.max_num_batched_tokens,
+            prefill_graph_tokens=self._prefill_graph_tokens(),
         )
+
+    def _prefill_graph_tokens(self) -> int:
+        """The token budget prefill CUDA graphs are captured for; 0: none (ModelRunner)."""
+        config = self.config
+        on = config.prefill_cuda_graphs and not config.enforce_eager and self.device.type == "cuda"
+        return config.max_num_batched_tokens if on else 0
 
     def _load_grammar(self) -> None:
         """The model's vocabulary for output constraints (structured outputs, forced tool
@@ -290,8 +296,10 @@ class TorchExecutor:
         elif self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             elem = torch.empty((), dtype=self.dtype).element_size()
-            # Room for one step's activations: MLP and logits of a full token budget.
-            reserve = GiB + config.max_num_batched_tokens * (2 * mc.intermediate_size + 4 * mc.hidden_size) * elem
+            # Room for one step's activations: MLP and logits of a full token budget; prefill
+            # graphs hold a second such room in their own memory pool.
+            activations = config.max_num_batched_tokens * (2 * mc.intermediate_size + 4 * mc.hidden_size) * elem
+            reserve = GiB + activations * (2 if self._prefill_graph_tokens() else 1)
             reserve += config.max_num_seqs * mc.vocab_size * 4 * 2
             # This engine's share of the GPU, less its own weights: what another engine on the
             # same GPU holds counts against what is free, not against this share.

@@ -9,7 +9,7 @@ sequence on the device), so a step pads into its bucket: tokens past the step's 
 (no K/V written) and belong to no sequence; sequences past the step's own have no new tokens and
 length 0, so their programs return at once. The rows sampled are gathered inside the graph (the
 LM head runs over `max_seqs` rows; rows past the step's sampled ones read row 0 and are dropped).
-Off by default (PREFILL_GRAPHS) until measured on a GPU."""
+Off by default (--prefill-cuda-graphs) until measured on a GPU."""
 
 from __future__ import annotations
 
@@ -23,8 +23,6 @@ from workers.builtin.cuda_graphs import BucketGraphs
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 
-# Whether a runner with decode graphs captures prefill graphs too (builtin_gpu.py compares).
-PREFILL_GRAPHS = False
 # Token buckets: powers of two from 64 up to the step's token budget.
 MIN_BUCKET = 64
 

@@ -21,7 +21,6 @@ from dynamo.wire import PromptTokenLogprob
 from workers.builtin.attention import AttentionBackend, SeqSlice
 from workers.builtin.cuda_graphs import MAX_GRAPH_BATCH, DecodeGraphs, capture_sizes
 from workers.builtin.device_copy import to_device
-from workers.builtin import prefill_graphs
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 from workers.builtin.prefill_graphs import PrefillGraphs
@@ -134,9 +133,9 @@ class RunnerLaunch:
 class ModelRunner:
     """Runs steps on one device. CUDA graphs are captured at construction when the model runs
     the Triton backend on CUDA and `enforce_eager` is off; `max_model_len` sizes their block
-    tables. With prefill_graphs.PREFILL_GRAPHS, steps with prefill chunks of up to
-    `prefill_graph_tokens` replay graphs too (their memory pool is their own: activations for
-    that many tokens on top of what the executor reserves; not yet on by default). `launch` queues a step and returns before its tokens are known; `collect` waits for
+    tables. With `prefill_graph_tokens` (--prefill-cuda-graphs), steps with prefill chunks of up
+    to that many tokens replay graphs too (in a memory pool of their own: activations for that
+    many tokens, which the executor reserves a second time). `launch` queues a step and returns before its tokens are known; `collect` waits for
     them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
     the next step may be launched before they are read (placeholders, StepInput)."""
 
@@ -162,7 +161,7 @@ class ModelRunner:
             )
             self.graphs.capture()
             log.info("captured %d decode CUDA graphs in %.1f s", len(self.graphs.sizes), time.monotonic() - started)
-            if prefill_graphs.PREFILL_GRAPHS and prefill_graph_tokens > 0:
+            if prefill_graph_tokens > 0:
                 started = time.monotonic()
                 self.prefill_graphs = PrefillGraphs(
                     model, kv, device, prefill_graph_tokens, min(max_num_seqs, MAX_GRAPH_BATCH), max_blocks,

@@ -1,5 +1,6 @@
 """The built-in engine's flags: a prefill worker of dynamo.serve takes the --prefill-* device and
-memory flags, a decode (or aggregated) worker the plain ones; --load-format reaches the config."""
+memory flags, a decode (or aggregated) worker the plain ones; --load-format and
+--prefill-cuda-graphs reach the config."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def test_load_format_from_the_flag_or_the_environment(monkeypatch: pytest.Monkey
     assert BuiltinConfig.from_args(parse([])).load_format == "dummy"
     with pytest.raises(SystemExit):
         parse(["--load-format", "safetensors"])
+
+
+def test_prefill_cuda_graphs_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BuiltinConfig.from_args(parse([])).prefill_cuda_graphs is False
+    assert BuiltinConfig.from_args(parse(["--prefill-cuda-graphs"])).prefill_cuda_graphs is True
+    monkeypatch.setenv("DYN_BUILTIN_PREFILL_CUDA_GRAPHS", "1")
+    assert BuiltinConfig.from_args(parse([])).prefill_cuda_graphs is True
+    assert BuiltinConfig.from_args(parse(["--no-prefill-cuda-graphs"])).prefill_cuda_graphs is False
