@@ -375,6 +375,16 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         block_n, warps, stages = (int(p) for p in spec.split(","))
         tiling = gpu_kernels.DecodeTiling(block_n, warps, stages)
         variants[f"tiles_{block_n}_{warps}_{stages}"] = variant("DECODE_TILES", [(1 << 30, tiling)])
+    if args.gate_up_sweep and device.type == "cuda":
+        try:
+            res["gate_up_sweep"], table = sweep_gate_up(mc, device, args.batches)
+        except Exception as exc:  # the sweep's failure must not lose the run's other figures
+            variant_errors["gate_up_sweep"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+            table = []
+        res["gate_up_table"] = repr(table)
+        print("gate_up table", table, flush=True)
+        if any(t is not None for _, t in table):
+            variants["gate_up_fused"] = variant("DECODE_GATE_UP", table)
     res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["decode_tiles"] = repr(gpu_kernels.DECODE_TILES)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
@@ -602,6 +612,57 @@ def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
     return out
 
 
+def sweep_gate_up(mc: ModelConfig, device: torch.device, batches: list[int]
+                  ) -> tuple[list[dict[str, Any]], list[tuple[int, Any]]]:
+    """gpu_kernels.gate_up_silu's tilings against cuBLAS then silu_mul at each batch's rows, each
+    timed as a CUDA graph over 4 weights in turn (67 MB each at 1.1B: no L2 reuse). Returns the
+    rows and a DECODE_GATE_UP table: per batch the fastest tiling where it beats cuBLAS by 2%."""
+    import itertools
+
+    import triton
+
+    from workers.builtin import gpu_kernels
+
+    n, k = 2 * mc.intermediate_size, mc.hidden_size
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) / k**0.5 for _ in range(4)]
+    rows: list[dict[str, Any]] = []
+    table: list[tuple[int, Any]] = []
+    for m in sorted(batches):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        ref = gpu_kernels.silu_mul(torch.nn.functional.linear(x, ws[0])).float()
+
+        def cublas() -> None:
+            for w in ws:
+                gpu_kernels.silu_mul(torch.nn.functional.linear(x, w))
+
+        base = triton.testing.do_bench_cudagraph(cublas, rep=30, return_mode="median") * 1e3 / len(ws)
+        rows.append({"m": m, "tiling": "cublas+silu_mul", "us": round(base, 2), "GBs": round(n * k * 2 / base / 1e3)})
+        best: tuple[float, Any] = (base / 1.02, None)
+        block_m = max(16, min(128, 1 << max(0, (m - 1).bit_length())))
+        for bn, bk, warps, stages in itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4)):
+            if stages * (block_m * bk + 2 * bn * bk) * 2 > 200 * 1024:  # shared memory
+                continue
+            tiling = gpu_kernels.GemmTiling(bn, bk, warps, stages)
+            try:
+                err = float((gpu_kernels.gate_up_silu(x, ws[0], tiling).float() - ref).norm() / ref.norm())
+
+                def fused(tiling: Any = tiling) -> None:
+                    for w in ws:
+                        gpu_kernels.gate_up_silu(x, w, tiling)
+
+                us = triton.testing.do_bench_cudagraph(fused, rep=30, return_mode="median") * 1e3 / len(ws)
+            except Exception as exc:  # a tiling that does not compile or fit
+                rows.append({"m": m, "tiling": tuple(tiling), "error": f"{type(exc).__name__}: {str(exc)[-300:]}"})
+                continue
+            rows.append({"m": m, "tiling": tuple(tiling), "us": round(us, 2), "GBs": round(n * k * 2 / us / 1e3),
+                         "rel_err": err})
+            if us < best[0] and err < 2e-2:
+                best = (us, tiling)
+        print("gate_up", m, "cublas", round(base, 2), "best", best, flush=True)
+        table.append((m, best[1]))
+    return rows, table
+
+
 def run_profile(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda")
     res: dict[str, Any] = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__}
@@ -696,6 +757,9 @@ def main() -> None:
                         "'DECODE_FULL_DOT=True;DECODE_TILES=[(1073741824, (64, 2, 3))]'")
     p.add_argument("--compare-prefill-graphs", action="store_true",
                    help="also time the prefill shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py)")
+    p.add_argument("--gate-up-sweep", action="store_true",
+                   help="GPU: time gpu_kernels.gate_up_silu's tilings against cuBLAS then silu_mul at each batch, "
+                        "and the decode graphs with the winners (gpu_kernels.DECODE_GATE_UP)")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",

@@ -305,3 +305,50 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     k.silu_mul[(tokens, k.cdiv(n, block))](gate_up, out, gate_up.stride(0), N=n, BLOCK=block,
                                            **({"num_warps": SILU_NUM_WARPS} if SILU_NUM_WARPS else {}))
     return out
+
+
+class GemmTiling(NamedTuple):
+    """A Triton product's launch (gate_up_silu): output columns and K a tile, warps, stages."""
+
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+
+
+# A decode step's gate_up product and SiLU-and-mul as one Triton kernel (gate_up_silu) by batch:
+# (largest batch, tiling; None: cuBLAS, then silu_mul), in increasing batch order, as
+# DECODE_TILES. Empty: cuBLAS everywhere, until the fused kernel is measured to beat it
+# (builtin_gpu.py --gate-up-sweep).
+DECODE_GATE_UP: list[tuple[int, GemmTiling | None]] = []
+
+
+def decode_gate_up(rows: int, weight: torch.Tensor) -> GemmTiling | None:
+    """The fused gate_up tiling of a decode step of `rows` rows (DECODE_GATE_UP's entry for the
+    smallest bound that holds them), or None where none applies or K does not divide."""
+    for bound, tiling in DECODE_GATE_UP:
+        if rows <= bound:
+            if tiling is None:
+                return None
+            tiling = GemmTiling(*tiling)  # a plain tuple from a benchmark's --compare-setting
+            return tiling if weight.shape[1] % tiling.block_k == 0 else None
+    return None
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tiling: GemmTiling) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for weight [2N, K] = [gate; up], x [T, K], in one launch:
+    each program reads its gate and up rows once and writes [T, N] (no [T, 2N] product between
+    two launches). Small T only: a tile holds every row up to 128 (programs over rows past that)."""
+    tokens, k = x.shape
+    n = weight.shape[0] // 2
+    assert k % tiling.block_k == 0, (k, tiling)
+    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, min(128, _pow2(tokens)))  # tl.dot's smallest tile is 16
+    ker = kernels()
+    ker.gate_up_silu[(ker.cdiv(n, tiling.block_n), ker.cdiv(tokens, block_m))](
+        x, weight, out, tokens, x.stride(0), weight.stride(0), N=n, K=k,
+        BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=tiling.warps, num_stages=tiling.stages,
+    )
+    return out

@@ -205,8 +205,14 @@ class DecoderLayer(nn.Module):
         x, residual = gpu_kernels.rms_norm(h, norm1.weight, norm1.eps, residual)
         h = self.self_attn.forward_fused(x, positions, rotary, kv, meta)
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
-        act = gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))
-        return project("down", self.mlp.down_proj, act, fused_decode(meta)), residual
+        decode = fused_decode(meta)
+        gate_up = self.mlp.gate_up_proj.weight
+        tiling = gpu_kernels.decode_gate_up(x.shape[0], gate_up) if decode else None
+        if tiling is not None:
+            act = gpu_kernels.gate_up_silu(x, gate_up, tiling)
+        else:
+            act = gpu_kernels.silu_mul(self.mlp.gate_up_proj(x))
+        return project("down", self.mlp.down_proj, act, decode), residual
 
 
 class LlamaModel(nn.Module):

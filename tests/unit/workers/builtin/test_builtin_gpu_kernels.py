@@ -141,6 +141,26 @@ def test_split_k_partials_sum_to_the_projection_in_their_consumers() -> None:
         assert gpu_kernels.decode_split_k("o", 1, torch.randn(40, 66), None) == 1
 
 
+@pytest.mark.parametrize("rows", [3, 130])
+def test_gate_up_silu_is_the_product_then_silu_mul(rows: int) -> None:
+    """40 output columns (a partial tile of 32), and past 128 rows a second program of rows."""
+    torch.manual_seed(6)
+    x, weight = torch.randn(rows, 64), torch.randn(80, 64) / 8
+    out = gpu_kernels.gate_up_silu(x, weight, gpu_kernels.GemmTiling(32, 32, 4, 2))
+    torch.testing.assert_close(out, gpu_kernels.silu_mul(x @ weight.T), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_gate_up_tiling_by_rows() -> None:
+    tiling = gpu_kernels.GemmTiling(32, 32, 4, 2)
+    weight = torch.randn(80, 64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpu_kernels, "DECODE_GATE_UP", [(8, tiling), (32, None)])
+        assert gpu_kernels.decode_gate_up(8, weight) == tiling
+        assert gpu_kernels.decode_gate_up(9, weight) is None  # cuBLAS at this bound
+        assert gpu_kernels.decode_gate_up(33, weight) is None  # past every bound
+        assert gpu_kernels.decode_gate_up(1, torch.randn(80, 48)) is None  # K not a multiple of block_k
+
+
 def test_rope_decode_attention_reads_split_k_partials() -> None:
     torch.manual_seed(5)
     heads, kv_heads, head_dim, page = 8, 2, 32, 4
@@ -268,13 +288,15 @@ def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
 
 
 @pytest.mark.parametrize("shape", ["llama-gqa", "qwen2-bias", "qwen3-qknorm", "llama-mha-tied"])
-@pytest.mark.parametrize("split_k", [False, True])
-def test_fused_forward_matches_plain(shape: str, split_k: bool, model_dirs: Callable[[str], Path],
+@pytest.mark.parametrize("decode_variants", [False, True])
+def test_fused_forward_matches_plain(shape: str, decode_variants: bool, model_dirs: Callable[[str], Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """split_k: the decode step's qkv, o and down projections as split-K partials, summed by
-    their consumers (a projection with a bias stays whole)."""
-    if split_k:
+    """decode_variants: the decode step's qkv, o and down projections as split-K partials, summed
+    by their consumers (a projection with a bias stays whole), and its gate_up product and SiLU
+    as one kernel (gpu_kernels.gate_up_silu)."""
+    if decode_variants:
         monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4, "down": 2}), (256, {"o": 2, "down": 4})])
+        monkeypatch.setattr(gpu_kernels, "DECODE_GATE_UP", [(4, gpu_kernels.GemmTiling(16, 16, 4, 2))])
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
