@@ -77,3 +77,8 @@ def test_rope_and_small_kernels_compile(qk_norm: bool) -> None:
     _compile("store_kv", dict(ROW=512, BLOCK=512))
     _compile("silu_mul", dict(N=5632, BLOCK=1024))
     _compile("embed", dict(H=2048, BLOCK=1024), {"weight_ptr": "*bf16"})
+
+
+@pytest.mark.parametrize("block_m", [16, 128])
+def test_gate_up_silu_compiles(block_m: int) -> None:
+    _compile("gate_up_silu", dict(N=8192, K=2048, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"))
