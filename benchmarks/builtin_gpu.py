@@ -375,16 +375,19 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
         block_n, warps, stages = (int(p) for p in spec.split(","))
         tiling = gpu_kernels.DecodeTiling(block_n, warps, stages)
         variants[f"tiles_{block_n}_{warps}_{stages}"] = variant("DECODE_TILES", [(1 << 30, tiling)])
-    if args.gate_up_sweep and device.type == "cuda":
+    if args.skinny_sweep and device.type == "cuda":
         try:
-            res["gate_up_sweep"], table = sweep_gate_up(mc, device, args.batches)
+            res["skinny_sweep"], table = sweep_skinny(mc, device, args.batches)
         except Exception as exc:  # the sweep's failure must not lose the run's other figures
-            variant_errors["gate_up_sweep"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
+            variant_errors["skinny_sweep"] = f"{type(exc).__name__}: {str(exc)[-1500:]}"
             table = []
-        res["gate_up_table"] = repr(table)
-        print("gate_up table", table, flush=True)
-        if any(t is not None for _, t in table):
-            variants["gate_up_fused"] = variant("DECODE_GATE_UP", table)
+        res["skinny_table"] = repr(table)
+        print("skinny table", table, flush=True)
+        if any(chosen for _, chosen in table):
+            variants["triton_products"] = variant("DECODE_TRITON", table)
+            gate_up_only = [(m, {p: t for p, t in chosen.items() if p == "gate_up"}) for m, chosen in table]
+            if any(chosen for _, chosen in gate_up_only) and gate_up_only != table:
+                variants["triton_gate_up_only"] = variant("DECODE_TRITON", gate_up_only)
     res["decode_split_k"] = repr(gpu_kernels.DECODE_SPLIT_K)
     res["decode_tiles"] = repr(gpu_kernels.DECODE_TILES)
     res["check"] = check_logits(hf, graphed, mc.vocab_size, device)
@@ -612,54 +615,72 @@ def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
     return out
 
 
-def sweep_gate_up(mc: ModelConfig, device: torch.device, batches: list[int]
-                  ) -> tuple[list[dict[str, Any]], list[tuple[int, Any]]]:
-    """gpu_kernels.gate_up_silu's tilings against cuBLAS then silu_mul at each batch's rows, each
-    timed as a CUDA graph over 4 weights in turn (67 MB each at 1.1B: no L2 reuse). Returns the
-    rows and a DECODE_GATE_UP table: per batch the fastest tiling where it beats cuBLAS by 2%."""
+def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budget_s: float = 200.0
+                 ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
+    """The decode products (qkv, o, down with DECODE_SPLIT_K's slices; gate_up with SiLU) through
+    gpu_kernels' Triton skinny kernel, per tiling, against their cuBLAS path, at each batch's
+    rows. Each is timed as a CUDA graph over 4 weights in turn (no L2 reuse between calls).
+    Returns the rows and a DECODE_TRITON table: per batch, each product's fastest tiling where
+    it beats cuBLAS by 2%. Tilings past `budget_s` are not tried (the rows say so)."""
     import itertools
 
     import triton
 
     from workers.builtin import gpu_kernels
 
-    n, k = 2 * mc.intermediate_size, mc.hidden_size
-    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) / k**0.5 for _ in range(4)]
+    started = time.perf_counter()
+    q = mc.num_heads * mc.head_dim
+    shapes = {"qkv": (q + 2 * mc.num_kv_heads * mc.head_dim, mc.hidden_size), "o": (mc.hidden_size, q),
+              "down": (mc.hidden_size, mc.intermediate_size), "gate_up": (2 * mc.intermediate_size, mc.hidden_size)}
+    tilings = [gpu_kernels.GemmTiling(bn, bk, w, st)
+               for bn, bk, (w, st) in itertools.product((32, 64, 128), (64, 128), ((4, 3), (4, 4)))]
     rows: list[dict[str, Any]] = []
-    table: list[tuple[int, Any]] = []
+    table: list[tuple[int, dict[str, Any]]] = []
     for m in sorted(batches):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        ref = gpu_kernels.silu_mul(torch.nn.functional.linear(x, ws[0])).float()
+        chosen: dict[str, Any] = {}
+        for name, (n, k) in shapes.items():
+            ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) / k**0.5 for _ in range(4)]
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            parts = 1 if name == "gate_up" else gpu_kernels.decode_split_k(name, m, ws[0], None)
 
-        def cublas() -> None:
-            for w in ws:
-                gpu_kernels.silu_mul(torch.nn.functional.linear(x, w))
+            def cublas(w: torch.Tensor, name: str = name, parts: int = parts, x: torch.Tensor = x) -> torch.Tensor:
+                if name == "gate_up":
+                    return gpu_kernels.silu_mul(torch.nn.functional.linear(x, w))
+                return gpu_kernels.split_k_linear(x, w, parts) if parts > 1 else torch.nn.functional.linear(x, w)
 
-        base = triton.testing.do_bench_cudagraph(cublas, rep=30, return_mode="median") * 1e3 / len(ws)
-        rows.append({"m": m, "tiling": "cublas+silu_mul", "us": round(base, 2), "GBs": round(n * k * 2 / base / 1e3)})
-        best: tuple[float, Any] = (base / 1.02, None)
-        block_m = max(16, min(128, 1 << max(0, (m - 1).bit_length())))
-        for bn, bk, warps, stages in itertools.product((32, 64, 128), (64, 128), (4, 8), (3, 4)):
-            if stages * (block_m * bk + 2 * bn * bk) * 2 > 200 * 1024:  # shared memory
-                continue
-            tiling = gpu_kernels.GemmTiling(bn, bk, warps, stages)
-            try:
-                err = float((gpu_kernels.gate_up_silu(x, ws[0], tiling).float() - ref).norm() / ref.norm())
+            def triton_path(w: torch.Tensor, t: Any, name: str = name, parts: int = parts,
+                            x: torch.Tensor = x) -> torch.Tensor:
+                if name == "gate_up":
+                    return gpu_kernels.gate_up_silu(x, w, t)
+                return gpu_kernels.skinny_linear(x, w, parts, t)
 
-                def fused(tiling: Any = tiling) -> None:
-                    for w in ws:
-                        gpu_kernels.gate_up_silu(x, w, tiling)
-
-                us = triton.testing.do_bench_cudagraph(fused, rep=30, return_mode="median") * 1e3 / len(ws)
-            except Exception as exc:  # a tiling that does not compile or fit
-                rows.append({"m": m, "tiling": tuple(tiling), "error": f"{type(exc).__name__}: {str(exc)[-300:]}"})
-                continue
-            rows.append({"m": m, "tiling": tuple(tiling), "us": round(us, 2), "GBs": round(n * k * 2 / us / 1e3),
-                         "rel_err": err})
-            if us < best[0] and err < 2e-2:
-                best = (us, tiling)
-        print("gate_up", m, "cublas", round(base, 2), "best", best, flush=True)
-        table.append((m, best[1]))
+            ref = cublas(ws[0]).float()
+            base = triton.testing.do_bench_cudagraph(lambda: [cublas(w) for w in ws], rep=30,
+                                                     return_mode="median") * 1e3 / len(ws)
+            rows.append({"m": m, "proj": name, "parts": parts, "tiling": "cublas", "us": round(base, 2),
+                         "GBs": round(n * k * 2 / base / 1e3)})
+            best: tuple[float, Any] = (base / 1.02, None)
+            for t in tilings:
+                if time.perf_counter() - started > budget_s:
+                    rows.append({"m": m, "proj": name, "tiling": tuple(t), "error": "sweep budget spent"})
+                    continue
+                if k % (parts * t.block_k):
+                    continue
+                try:
+                    err = float((triton_path(ws[0], t).float() - ref).norm() / ref.norm())
+                    us = triton.testing.do_bench_cudagraph(lambda t=t: [triton_path(w, t) for w in ws], rep=30,
+                                                           return_mode="median") * 1e3 / len(ws)
+                except Exception as exc:  # a tiling that does not compile or fit
+                    rows.append({"m": m, "proj": name, "tiling": tuple(t), "error": f"{type(exc).__name__}: {str(exc)[-300:]}"})
+                    continue
+                rows.append({"m": m, "proj": name, "parts": parts, "tiling": tuple(t), "us": round(us, 2),
+                             "GBs": round(n * k * 2 / us / 1e3), "rel_err": err})
+                if us < best[0] and err < 2e-2:
+                    best = (us, t)
+            print("skinny", m, name, "cublas", round(base, 2), "best", best, flush=True)
+            if best[1] is not None:
+                chosen[name] = best[1]
+        table.append((m, chosen))
     return rows, table
 
 
@@ -757,9 +778,9 @@ def main() -> None:
                         "'DECODE_FULL_DOT=True;DECODE_TILES=[(1073741824, (64, 2, 3))]'")
     p.add_argument("--compare-prefill-graphs", action="store_true",
                    help="also time the prefill shapes through prefill CUDA graphs (workers/builtin/prefill_graphs.py)")
-    p.add_argument("--gate-up-sweep", action="store_true",
-                   help="GPU: time gpu_kernels.gate_up_silu's tilings against cuBLAS then silu_mul at each batch, "
-                        "and the decode graphs with the winners (gpu_kernels.DECODE_GATE_UP)")
+    p.add_argument("--skinny-sweep", action="store_true",
+                   help="GPU: time the decode products through gpu_kernels' Triton skinny kernel per tiling against "
+                        "cuBLAS at each batch, then the decode graphs with the winners (gpu_kernels.DECODE_TRITON)")
     p.add_argument("--attention-sweep", action="store_true",
                    help="GPU: only the paged decode kernel's tilings at a few batch x context shapes")
     p.add_argument("--ncu-step", type=int, default=None, metavar="BATCH",

@@ -308,7 +308,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class GemmTiling(NamedTuple):
-    """A Triton product's launch (gate_up_silu): output columns and K a tile, warps, stages."""
+    """A Triton skinny product's launch (skinny_matmul): output columns and K a tile, warps, stages."""
 
     block_n: int
     block_k: int
@@ -316,39 +316,59 @@ class GemmTiling(NamedTuple):
     stages: int
 
 
-# A decode step's gate_up product and SiLU-and-mul as one Triton kernel (gate_up_silu) by batch:
-# (largest batch, tiling; None: cuBLAS, then silu_mul), in increasing batch order, as
-# DECODE_TILES. Empty: cuBLAS everywhere, until the fused kernel is measured to beat it
-# (builtin_gpu.py --gate-up-sweep).
-DECODE_GATE_UP: list[tuple[int, GemmTiling | None]] = []
+# Decode-step products through the Triton kernel (skinny_matmul) rather than cuBLAS, by batch:
+# (largest batch, {projection: tiling}) in increasing batch order, as DECODE_SPLIT_K. "qkv", "o"
+# and "down" keep DECODE_SPLIT_K's K slices; "gate_up" is one product with SiLU-and-mul in its
+# epilogue. Empty: cuBLAS everywhere, until the kernel is measured to beat it
+# (builtin_gpu.py --skinny-sweep).
+DECODE_TRITON: list[tuple[int, dict[str, GemmTiling]]] = []
 
 
-def decode_gate_up(rows: int, weight: torch.Tensor) -> GemmTiling | None:
-    """The fused gate_up tiling of a decode step of `rows` rows (DECODE_GATE_UP's entry for the
-    smallest bound that holds them), or None where none applies or K does not divide."""
-    for bound, tiling in DECODE_GATE_UP:
+def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int = 1) -> GemmTiling | None:
+    """The Triton tiling of a decode step's `projection` at `rows` rows (DECODE_TRITON's entry for
+    the smallest bound that holds them), or None: cuBLAS (no entry, or K / parts not a multiple
+    of the tile's K)."""
+    for bound, by_projection in DECODE_TRITON:
         if rows <= bound:
+            tiling = by_projection.get(projection)
             if tiling is None:
                 return None
             tiling = GemmTiling(*tiling)  # a plain tuple from a benchmark's --compare-setting
-            return tiling if weight.shape[1] % tiling.block_k == 0 else None
+            return tiling if weight.shape[1] % (parts * tiling.block_k) == 0 else None
     return None
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, parts: int, tiling: GemmTiling) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T for small T: with `parts` > 1 as fp32 split-K partials
+    [parts, T, N] (split_k_linear's contract), else [T, N] in x's dtype."""
+    tokens, k = x.shape
+    n = weight.shape[0]
+    if parts > 1:
+        out = torch.empty(parts, tokens, n, dtype=torch.float32, device=x.device)
+    else:
+        out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
+    _skinny(x, weight, out, n, parts, tiling, gate_up=False)
+    return out
 
 
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, tiling: GemmTiling) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for weight [2N, K] = [gate; up], x [T, K], in one launch:
     each program reads its gate and up rows once and writes [T, N] (no [T, 2N] product between
-    two launches). Small T only: a tile holds every row up to 128 (programs over rows past that)."""
-    tokens, k = x.shape
+    two launches)."""
     n = weight.shape[0] // 2
-    assert k % tiling.block_k == 0, (k, tiling)
-    out = torch.empty(tokens, n, dtype=x.dtype, device=x.device)
-    block_m = max(16, min(128, _pow2(tokens)))  # tl.dot's smallest tile is 16
-    ker = kernels()
-    ker.gate_up_silu[(ker.cdiv(n, tiling.block_n), ker.cdiv(tokens, block_m))](
-        x, weight, out, tokens, x.stride(0), weight.stride(0), N=n, K=k,
-        BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=tiling.warps, num_stages=tiling.stages,
-    )
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    _skinny(x, weight, out, n, 1, tiling, gate_up=True)
     return out
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, n: int, parts: int, tiling: GemmTiling,
+            gate_up: bool) -> None:
+    tokens, k = x.shape
+    assert k % (parts * tiling.block_k) == 0, (k, parts, tiling)
+    block_m = max(16, min(128, _pow2(tokens)))  # tl.dot's smallest tile is 16; past 128 rows, more programs
+    ker = kernels()
+    ker.skinny_matmul[(ker.cdiv(n, tiling.block_n), parts, ker.cdiv(tokens, block_m))](
+        x, weight, out, tokens, x.stride(0), weight.stride(0), out.stride(0) if parts > 1 else 0,
+        N=n, K_PART=k // parts, BLOCK_M=block_m, BLOCK_N=tiling.block_n, BLOCK_K=tiling.block_k, GATE_UP=gate_up,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=tiling.warps, num_stages=tiling.stages,
+    )

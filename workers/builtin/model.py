@@ -161,8 +161,11 @@ def fused_decode(meta: AttentionMetadata) -> bool:
 def project(name: str, linear: nn.Linear, x: torch.Tensor, decode: bool) -> torch.Tensor:
     """linear(x); in a fused decode step (`decode`) whose `name` projection ("qkv", "o" or
     "down") is split, its fp32 partials [parts, T, out] instead, which its consumer sums as it
-    reads them."""
+    reads them; through the Triton skinny kernel where gpu_kernels.DECODE_TRITON names it."""
     parts = gpu_kernels.decode_split_k(name, x.shape[0], linear.weight, linear.bias) if decode else 1
+    tiling = gpu_kernels.decode_triton(name, x.shape[0], linear.weight, parts) if decode and linear.bias is None else None
+    if tiling is not None:
+        return gpu_kernels.skinny_linear(x, linear.weight, parts, tiling)
     if parts > 1:
         return gpu_kernels.split_k_linear(x, linear.weight, parts)
     return linear(x)
@@ -207,7 +210,7 @@ class DecoderLayer(nn.Module):
         x, residual = gpu_kernels.rms_norm(h, norm2.weight, norm2.eps, residual)
         decode = fused_decode(meta)
         gate_up = self.mlp.gate_up_proj.weight
-        tiling = gpu_kernels.decode_gate_up(x.shape[0], gate_up) if decode else None
+        tiling = gpu_kernels.decode_triton("gate_up", x.shape[0], gate_up) if decode else None
         if tiling is not None:
             act = gpu_kernels.gate_up_silu(x, gate_up, tiling)
         else:

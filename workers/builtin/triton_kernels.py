@@ -371,32 +371,35 @@ def silu_mul(x_ptr, out_ptr, stride_x, N: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def gate_up_silu(x_ptr, w_ptr, out_ptr, M, stride_x, stride_w, N: tl.constexpr, K: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    # Gate rows n and up rows N + n of the same program: SiLU-and-mul in the epilogue, on the
-    # fp32 accumulators. K is a multiple of BLOCK_K (gpu_kernels.gate_up_silu).
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+def skinny_matmul(x_ptr, w_ptr, out_ptr, M, stride_x, stride_w, stride_op, N: tl.constexpr, K_PART: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATE_UP: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    # Program (column tile, K slice, row tile): x[:, slice] @ w[cols, slice].T into out[slice]
+    # (split-K partials, or the product itself with one slice). GATE_UP (one slice): w is
+    # [gate; up], N rows each, and the program also reads up's rows N + cols and writes
+    # silu(gate) * up from its fp32 accumulators. K_PART is a multiple of BLOCK_K.
+    part = tl.program_id(1)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
+    rk = part * K_PART + tl.arange(0, BLOCK_K)
     m_mask = rm < M
     n_mask = rn < N
     x_ptrs = x_ptr + rm[:, None] * stride_x + rk[None, :]
-    g_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
-    u_ptrs = g_ptrs + N * stride_w
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_w + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K_PART, BLOCK_K):
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        g = tl.load(g_ptrs, mask=n_mask[:, None], other=0.0)
-        u = tl.load(u_ptrs, mask=n_mask[:, None], other=0.0)
-        acc_g = tl.dot(x, tl.trans(g), acc_g, input_precision=PRECISION)
-        acc_u = tl.dot(x, tl.trans(u), acc_u, input_precision=PRECISION)
+        acc = tl.dot(x, tl.trans(tl.load(w_ptrs, mask=n_mask[:, None], other=0.0)), acc, input_precision=PRECISION)
+        if GATE_UP:
+            up = tl.load(w_ptrs + N * stride_w, mask=n_mask[:, None], other=0.0)
+            acc_up = tl.dot(x, tl.trans(up), acc_up, input_precision=PRECISION)
         x_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
-    act = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], act.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+        w_ptrs += BLOCK_K
+    if GATE_UP:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    out = out_ptr + part * stride_op + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 @triton.jit

@@ -142,23 +142,32 @@ def test_split_k_partials_sum_to_the_projection_in_their_consumers() -> None:
 
 
 @pytest.mark.parametrize("rows", [3, 130])
-def test_gate_up_silu_is_the_product_then_silu_mul(rows: int) -> None:
-    """40 output columns (a partial tile of 32), and past 128 rows a second program of rows."""
+def test_skinny_products_match_torch(rows: int) -> None:
+    """40 output columns (a partial tile of 32), and past 128 rows a second program of rows:
+    the plain product, split-K partials, and gate_up with SiLU-and-mul."""
     torch.manual_seed(6)
-    x, weight = torch.randn(rows, 64), torch.randn(80, 64) / 8
-    out = gpu_kernels.gate_up_silu(x, weight, gpu_kernels.GemmTiling(32, 32, 4, 2))
-    torch.testing.assert_close(out, gpu_kernels.silu_mul(x @ weight.T), atol=1e-4, rtol=1e-4)
+    tiling = gpu_kernels.GemmTiling(32, 32, 4, 2)
+    x, weight = torch.randn(rows, 192), torch.randn(80, 192) / 8
+    ref = x @ weight.T
+    torch.testing.assert_close(gpu_kernels.skinny_linear(x, weight, 1, tiling), ref, atol=1e-4, rtol=1e-4)
+    parts = gpu_kernels.skinny_linear(x, weight, 3, tiling)
+    torch.testing.assert_close(parts, gpu_kernels.split_k_linear(x, weight, 3), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(parts.sum(0), ref, atol=1e-4, rtol=1e-4)
+    out = gpu_kernels.gate_up_silu(x, weight, tiling)
+    torch.testing.assert_close(out, gpu_kernels.silu_mul(ref), atol=1e-4, rtol=1e-4)
 
 
-def test_decode_gate_up_tiling_by_rows() -> None:
+def test_decode_triton_tiling_by_rows() -> None:
     tiling = gpu_kernels.GemmTiling(32, 32, 4, 2)
     weight = torch.randn(80, 64)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gpu_kernels, "DECODE_GATE_UP", [(8, tiling), (32, None)])
-        assert gpu_kernels.decode_gate_up(8, weight) == tiling
-        assert gpu_kernels.decode_gate_up(9, weight) is None  # cuBLAS at this bound
-        assert gpu_kernels.decode_gate_up(33, weight) is None  # past every bound
-        assert gpu_kernels.decode_gate_up(1, torch.randn(80, 48)) is None  # K not a multiple of block_k
+        mp.setattr(gpu_kernels, "DECODE_TRITON", [(8, {"gate_up": tiling, "o": tiling}), (32, {"o": tiling})])
+        assert gpu_kernels.decode_triton("gate_up", 8, weight) == tiling
+        assert gpu_kernels.decode_triton("gate_up", 9, weight) is None  # cuBLAS at this bound
+        assert gpu_kernels.decode_triton("o", 32, weight, parts=2) == tiling
+        assert gpu_kernels.decode_triton("o", 32, weight, parts=4) is None  # K / parts not a multiple of 32
+        assert gpu_kernels.decode_triton("o", 33, weight) is None  # past every bound
+        assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(80, 48)) is None
 
 
 def test_rope_decode_attention_reads_split_k_partials() -> None:
@@ -292,11 +301,12 @@ def _triton_model(model_dir: Path) -> tuple[LlamaForCausalLM, LlamaForCausalLM]:
 def test_fused_forward_matches_plain(shape: str, decode_variants: bool, model_dirs: Callable[[str], Path],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """decode_variants: the decode step's qkv, o and down projections as split-K partials, summed
-    by their consumers (a projection with a bias stays whole), and its gate_up product and SiLU
-    as one kernel (gpu_kernels.gate_up_silu)."""
+    by their consumers (a projection with a bias stays whole), through the Triton skinny kernel for
+    o and down, and its gate_up product and SiLU as one kernel (gpu_kernels.gate_up_silu)."""
     if decode_variants:
         monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4, "down": 2}), (256, {"o": 2, "down": 4})])
-        monkeypatch.setattr(gpu_kernels, "DECODE_GATE_UP", [(4, gpu_kernels.GemmTiling(16, 16, 4, 2))])
+        tiling = gpu_kernels.GemmTiling(16, 16, 4, 2)
+        monkeypatch.setattr(gpu_kernels, "DECODE_TRITON", [(4, {"gate_up": tiling, "o": tiling, "down": tiling})])
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]

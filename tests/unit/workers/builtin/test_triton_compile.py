@@ -79,6 +79,8 @@ def test_rope_and_small_kernels_compile(qk_norm: bool) -> None:
     _compile("embed", dict(H=2048, BLOCK=1024), {"weight_ptr": "*bf16"})
 
 
-@pytest.mark.parametrize("block_m", [16, 128])
-def test_gate_up_silu_compiles(block_m: int) -> None:
-    _compile("gate_up_silu", dict(N=8192, K=2048, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"))
+@pytest.mark.parametrize("block_m, gate_up, partials", [(16, True, False), (128, True, False), (128, False, True),
+                                                         (16, False, False)])
+def test_skinny_matmul_compiles(block_m: int, gate_up: bool, partials: bool) -> None:
+    _compile("skinny_matmul", dict(N=8192, K_PART=1024, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=128, GATE_UP=gate_up,
+                                   PRECISION="tf32"), {"out_ptr": "*fp32"} if partials else None)
