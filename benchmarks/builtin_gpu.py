@@ -615,7 +615,7 @@ def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
     return out
 
 
-def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budget_s: float = 200.0
+def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budget_s: float = 150.0
                  ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
     """The decode products (qkv, o, down with DECODE_SPLIT_K's slices; gate_up with SiLU) through
     gpu_kernels' Triton skinny kernel, per tiling, against their cuBLAS path, at each batch's
@@ -636,7 +636,7 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
                for bn, bk, (w, st) in itertools.product((32, 64, 128), (64, 128), ((4, 3), (4, 4)))]
     rows: list[dict[str, Any]] = []
     table: list[tuple[int, dict[str, Any]]] = []
-    for m in sorted(batches):
+    for m in sorted(batches, reverse=True):  # the largest batch first: the budget cuts the smallest
         chosen: dict[str, Any] = {}
         for name, (n, k) in shapes.items():
             ws = [torch.randn(n, k, dtype=torch.bfloat16, device=device) / k**0.5 for _ in range(4)]
@@ -681,7 +681,7 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
             if best[1] is not None:
                 chosen[name] = best[1]
         table.append((m, chosen))
-    return rows, table
+    return rows, sorted(table, key=lambda entry: entry[0])
 
 
 def run_profile(args: argparse.Namespace) -> dict[str, Any]:
