@@ -135,8 +135,8 @@ class ModelRunner:
     the Triton backend on CUDA and `enforce_eager` is off; `max_model_len` sizes their block
     tables. With `prefill_graph_tokens` (--prefill-cuda-graphs), steps with prefill chunks of up
     to that many tokens replay graphs too (in a memory pool of their own: activations for that
-    many tokens, which the executor reserves a second time). `launch` queues a step and returns before its tokens are known; `collect` waits for
-    them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
+    many tokens, which the executor reserves a second time). `launch` queues a step and returns
+    before its tokens are known; `collect` waits for them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
     the next step may be launched before they are read (placeholders, StepInput)."""
 
     def __init__(
