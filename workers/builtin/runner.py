@@ -136,8 +136,9 @@ class ModelRunner:
     tables. With `prefill_graph_tokens` (--prefill-cuda-graphs), steps with prefill chunks of up
     to that many tokens replay graphs too (in a memory pool of their own: activations for that
     many tokens, which the executor reserves a second time). `launch` queues a step and returns
-    before its tokens are known; `collect` waits for them; `execute` is both. Each step's chosen ids also stay on the device in `feedback`, so
-    the next step may be launched before they are read (placeholders, StepInput)."""
+    before its tokens are known; `collect` waits for them; `execute` is both. Each step's chosen
+    ids also stay on the device in `feedback`, so the next step may be launched before they are
+    read (placeholders, StepInput)."""
 
     def __init__(
         self, model: LlamaForCausalLM, kv: KVCache, device: torch.device, *,
