@@ -632,8 +632,8 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
     q = mc.num_heads * mc.head_dim
     shapes = {"qkv": (q + 2 * mc.num_kv_heads * mc.head_dim, mc.hidden_size), "o": (mc.hidden_size, q),
               "down": (mc.hidden_size, mc.intermediate_size), "gate_up": (2 * mc.intermediate_size, mc.hidden_size)}
-    tilings = [gpu_kernels.GemmTiling(bn, bk, w, st)
-               for bn, bk, (w, st) in itertools.product((32, 64, 128), (64, 128), ((4, 3), (4, 4)))]
+    tilings = [gpu_kernels.GemmTiling(bn, bk, w, st, bm) for bn, bk, (w, st), bm
+               in itertools.product((32, 64, 128), (64, 128), ((4, 3), (4, 4), (8, 3)), (0, 64))]
     rows: list[dict[str, Any]] = []
     table: list[tuple[int, dict[str, Any]]] = []
     for m in sorted(batches, reverse=True):  # the largest batch first: the budget cuts the smallest
@@ -664,7 +664,7 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
                 if time.perf_counter() - started > budget_s:
                     rows.append({"m": m, "proj": name, "tiling": tuple(t), "error": "sweep budget spent"})
                     continue
-                if k % (parts * t.block_k):
+                if k % (parts * t.block_k) or (t.block_m and t.block_m >= m):
                     continue
                 try:
                     err = float((triton_path(ws[0], t).float() - ref).norm() / ref.norm())

@@ -308,20 +308,28 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class GemmTiling(NamedTuple):
-    """A Triton skinny product's launch (skinny_matmul): output columns and K a tile, warps, stages."""
+    """A Triton skinny product's launch (skinny_matmul): output columns and K a tile, warps,
+    stages, and rows a tile (0: every row up to 128, at least 16)."""
 
     block_n: int
     block_k: int
     warps: int
     stages: int
+    block_m: int = 0
 
 
 # Decode-step products through the Triton kernel (skinny_matmul) rather than cuBLAS, by batch:
-# (largest batch, {projection: tiling}) in increasing batch order, as DECODE_SPLIT_K. "qkv", "o"
-# and "down" keep DECODE_SPLIT_K's K slices; "gate_up" is one product with SiLU-and-mul in its
-# epilogue. Empty: cuBLAS everywhere, until the kernel is measured to beat it
-# (builtin_gpu.py --skinny-sweep).
-DECODE_TRITON: list[tuple[int, dict[str, GemmTiling]]] = []
+# (largest batch, {projection: tiling}) in increasing batch order, as DECODE_SPLIT_K; a product
+# not named stays on cuBLAS. "qkv", "o" and "down" keep DECODE_SPLIT_K's K slices; "gate_up" is
+# one product with SiLU-and-mul in its epilogue (the silu_mul launch and the [T, 2N] product's
+# round trip gone). On an H100 at the 1.1B shape (builtin_gpu.py --skinny-sweep, RESULTS.md
+# "Triton skinny products") the gate_up kernel beat cuBLAS + silu_mul at 1, 32 and 128 rows
+# (24.3 / 25.5 / 28.5 against 26.7 / 28.2 / 31.8 us), qkv and o only at one row; down never.
+DECODE_TRITON: list[tuple[int, dict[str, GemmTiling]]] = [
+    (1, {"qkv": GemmTiling(32, 128, 4, 4), "o": GemmTiling(32, 128, 4, 4), "gate_up": GemmTiling(64, 128, 4, 3)}),
+    (32, {"gate_up": GemmTiling(64, 128, 4, 3)}),
+    (128, {"gate_up": GemmTiling(64, 128, 8, 3)}),
+]
 
 
 def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int = 1) -> GemmTiling | None:
@@ -365,7 +373,8 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, n: int, pa
             gate_up: bool) -> None:
     tokens, k = x.shape
     assert k % (parts * tiling.block_k) == 0, (k, parts, tiling)
-    block_m = max(16, min(128, _pow2(tokens)))  # tl.dot's smallest tile is 16; past 128 rows, more programs
+    # tl.dot's smallest tile is 16; past 128 rows, more programs.
+    block_m = tiling.block_m or max(16, min(128, _pow2(tokens)))
     ker = kernels()
     ker.skinny_matmul[(ker.cdiv(n, tiling.block_n), parts, ker.cdiv(tokens, block_m))](
         x, weight, out, tokens, x.stride(0), weight.stride(0), out.stride(0) if parts > 1 else 0,

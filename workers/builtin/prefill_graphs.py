@@ -46,9 +46,10 @@ class PrefillInputs:
         self.max_tokens, self.max_seqs = max_tokens, max_seqs
 
         def host() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return (torch.zeros((3, max_tokens), dtype=torch.long, pin_memory=pin),
-                    torch.zeros((3, max_seqs + 1), dtype=torch.int32, pin_memory=pin),
-                    torch.zeros((max_seqs, max_blocks_per_seq), dtype=torch.int32, pin_memory=pin))
+            # device="cpu" stated: under a torch.device context a bare zeros() would not be on the host.
+            return (torch.zeros((3, max_tokens), dtype=torch.long, device="cpu", pin_memory=pin),
+                    torch.zeros((3, max_seqs + 1), dtype=torch.int32, device="cpu", pin_memory=pin),
+                    torch.zeros((max_seqs, max_blocks_per_seq), dtype=torch.int32, device="cpu", pin_memory=pin))
         self._host = [host(), host()]
         self._turn = 0
         # ids, positions, slots | query starts, sequence lengths, sampled rows | block tables

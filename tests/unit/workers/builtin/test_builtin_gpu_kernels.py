@@ -155,6 +155,8 @@ def test_skinny_products_match_torch(rows: int) -> None:
     torch.testing.assert_close(parts.sum(0), ref, atol=1e-4, rtol=1e-4)
     out = gpu_kernels.gate_up_silu(x, weight, tiling)
     torch.testing.assert_close(out, gpu_kernels.silu_mul(ref), atol=1e-4, rtol=1e-4)
+    rows16 = gpu_kernels.GemmTiling(32, 32, 4, 2, block_m=16)  # programs of 16 rows
+    torch.testing.assert_close(gpu_kernels.gate_up_silu(x, weight, rows16), out, atol=1e-4, rtol=1e-4)
 
 
 def test_decode_triton_tiling_by_rows() -> None:
