@@ -16,9 +16,11 @@ re-using blocks turns it back on. A tier whose reads cost more than recompute (i
 declined) is worth nothing whatever its hit rate, and takes no batch at all until recompute gets
 dearer than its reads (on one H100 a 1.1B model's disk took ~1,700 exploring writes a run and
 read back 14-20 of its hits), from the first eviction on once recompute is measured: a disk
-tier's read cost is known from its start (kvbm/disk_probe.py). Any other is judged only once it
-has taken as many offloads as it holds (its first blocks' hits come later), and never before
-recompute and the offload cost are measured. Pure bookkeeping, on the scheduler's thread."""
+tier's read cost is known from its start (kvbm/disk_probe.py). Any other is judged on its hit
+rate only once it has taken as many offloads as it holds (its first blocks' hits come later),
+and never before recompute and the offload cost are measured; until then it is taken as one hit
+per offload, so a tier whose hit saves less than an offload costs is explored, not fed. Pure
+bookkeeping, on the scheduler's thread."""
 
 from __future__ import annotations
 
@@ -119,7 +121,13 @@ class OffloadValue:
         if cost is None:
             return True
         rate = self.hit_rate(tier, judge_after)
-        return rate is None or rate * saved_per_hit_s >= cost
+        if rate is None:
+            # Not judged yet (a large tier's first blocks are hit long after they are written):
+            # taken as one hit per offload, a tier whose hit cannot repay even its own offload.
+            # On one H100 a disk read within 2 us of recompute took 810 writes a run, before
+            # its first reads corrected the estimate, and read back 14-18 of its 360-530 hits.
+            return saved_per_hit_s >= cost
+        return rate * saved_per_hit_s >= cost
 
     def keep_batch(self, tier: str, saved_per_hit_s: float | None, judge_after: int = 0) -> bool:
         """Whether this eviction batch goes to `tier`: always when the tier pays, never when a

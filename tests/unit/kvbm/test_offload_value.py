@@ -30,6 +30,8 @@ def test_value_against_cost() -> None:
     assert v.cost_s() == pytest.approx(30e-6)
     assert not v.worth(HOST, 1e-3)  # no hits: worth nothing
     assert v.worth(HOST, 1e-3, judge_after=300)  # not judged before 300 offloads
+    # Until judged, one hit per offload: a hit saving 20 us cannot repay a 30 us offload.
+    assert not v.worth(HOST, 20e-6, judge_after=300)
     v.hit(HOST, 10)  # 10 hits in 200 offloads: 5% x 1 ms = 50 us > 30 us
     assert v.worth(HOST, 1e-3)
     assert not v.worth(HOST, 0.5e-3)  # 25 us < 30 us
