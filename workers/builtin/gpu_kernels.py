@@ -332,18 +332,41 @@ DECODE_TRITON: list[tuple[int, dict[str, GemmTiling]]] = [
 ]
 
 
+# The skinny kernel splits a product only by columns, K slices and row tiles, never further: at
+# a shape whose grid leaves more than a tenth of the SMs idle (a smaller model's gate_up: 48
+# programs of 64 columns at Qwen3-0.6B's 3,072) cuBLAS, which picks its own split, is kept.
+TRITON_MIN_GRID_FRACTION = 0.9
+
+
 def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int = 1) -> GemmTiling | None:
     """The Triton tiling of a decode step's `projection` at `rows` rows (DECODE_TRITON's entry for
-    the smallest bound that holds them), or None: cuBLAS (no entry, or K / parts not a multiple
-    of the tile's K)."""
+    the smallest bound that holds them), or None: cuBLAS (no entry, K / parts not a multiple of
+    the tile's K, or a grid too small for the GPU)."""
     for bound, by_projection in DECODE_TRITON:
         if rows <= bound:
             tiling = by_projection.get(projection)
             if tiling is None:
                 return None
             tiling = GemmTiling(*tiling)  # a plain tuple from a benchmark's --compare-setting
-            return tiling if weight.shape[1] % (parts * tiling.block_k) == 0 else None
+            if weight.shape[1] % (parts * tiling.block_k):
+                return None
+            sms = _sm_count(weight.device)
+            columns = weight.shape[0] // 2 if projection == "gate_up" else weight.shape[0]
+            programs = -(-columns // tiling.block_n) * parts * -(-rows // _block_m(rows, tiling))
+            return tiling if sms is None or programs >= TRITON_MIN_GRID_FRACTION * sms else None
     return None
+
+
+def _sm_count(device: torch.device) -> int | None:
+    """The device's SM count; None off CUDA (Triton's interpreter has no grid to fill)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def _block_m(rows: int, tiling: GemmTiling) -> int:
+    # tl.dot's smallest tile is 16; past 128 rows, more programs.
+    return tiling.block_m or max(16, min(128, _pow2(rows)))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, parts: int, tiling: GemmTiling) -> torch.Tensor:
@@ -373,8 +396,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, n: int, pa
             gate_up: bool) -> None:
     tokens, k = x.shape
     assert k % (parts * tiling.block_k) == 0, (k, parts, tiling)
-    # tl.dot's smallest tile is 16; past 128 rows, more programs.
-    block_m = tiling.block_m or max(16, min(128, _pow2(tokens)))
+    block_m = _block_m(tokens, tiling)
     ker = kernels()
     ker.skinny_matmul[(ker.cdiv(n, tiling.block_n), parts, ker.cdiv(tokens, block_m))](
         x, weight, out, tokens, x.stride(0), weight.stride(0), out.stride(0) if parts > 1 else 0,

@@ -170,6 +170,16 @@ def test_decode_triton_tiling_by_rows() -> None:
         assert gpu_kernels.decode_triton("o", 32, weight, parts=4) is None  # K / parts not a multiple of 32
         assert gpu_kernels.decode_triton("o", 33, weight) is None  # past every bound
         assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(80, 48)) is None
+        # On a GPU, only where the grid fills 90% of its SMs: 132 SMs need 119 programs.
+        mp.setattr(gpu_kernels, "_sm_count", lambda device: 132)
+        wide = gpu_kernels.GemmTiling(64, 32, 4, 2)
+        mp.setattr(gpu_kernels, "DECODE_TRITON", [(128, {"gate_up": wide, "o": wide})])
+        assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(2 * 8192, 64)) == wide  # 128 programs
+        assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(2 * 3072, 64)) is None  # 48
+        assert gpu_kernels.decode_triton("gate_up", 128, torch.randn(2 * 3072, 64)) is None  # one row tile
+        o = torch.randn(2048, 256)
+        assert gpu_kernels.decode_triton("o", 1, o, parts=4) == wide  # 32 column tiles x 4 K slices
+        assert gpu_kernels.decode_triton("o", 1, o, parts=2) is None  # 64
 
 
 def test_rope_decode_attention_reads_split_k_partials() -> None:
