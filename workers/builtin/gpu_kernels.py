@@ -396,6 +396,7 @@ def _skinny(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, n: int, pa
             gate_up: bool) -> None:
     tokens, k = x.shape
     assert k % (parts * tiling.block_k) == 0, (k, parts, tiling)
+    assert x.stride(1) == 1 and weight.stride(1) == 1, "rows must be contiguous"
     block_m = _block_m(tokens, tiling)
     ker = kernels()
     ker.skinny_matmul[(ker.cdiv(n, tiling.block_n), parts, ker.cdiv(tokens, block_m))](
