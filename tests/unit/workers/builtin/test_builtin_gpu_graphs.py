@@ -88,3 +88,13 @@ def test_prefill_inputs_pad_tokens_and_sequences() -> None:
     assert inputs.block_tables[0, :2].tolist() == [5, 6] and inputs.block_tables[1, 0] == 9
     with pytest.raises(ValueError, match="needs 5 blocks"):
         inputs.fill([1], [16], [SeqSlice(16, 1, [0, 1, 2, 3, 4])], [0], 1, 4)
+
+
+def test_host_mirrors_stay_on_the_host_under_a_device_context() -> None:
+    """The graphs' pinned mirrors name the CPU: under a torch.device("cuda") context (as the GPU
+    tests run) a bare torch.zeros(pin_memory=True) went to the GPU and failed; "meta" stands in."""
+    with torch.device("meta"):
+        decode = DecodeInputs(4, 8, torch.device("cpu"))
+        prefill = PrefillInputs(64, 4, 8, torch.device("cpu"))
+    for host in (*decode._host, *prefill._host):
+        assert all(t.device.type == "cpu" for t in host)
