@@ -7,7 +7,10 @@ that an H100 runs in 7.9 ms (benchmarks/prefill_host_gpu.py, RESULTS.md "Norm wa
 Every input of the Triton path is a device tensor (the varlen prefill kernel finds each tile's
 sequence on the device), so a step pads into its bucket: tokens past the step's own get slot -1
 (no K/V written) and belong to no sequence; sequences past the step's own have no new tokens and
-length 0, so their programs return at once. The rows sampled are gathered inside the graph (the
+length 0, so their programs return at once. No attention program writes a padded token's row, so
+those rows carry whatever the output buffer held (Triton's interpreter may warn of an overflow in
+the norm after them); every later op is row-wise and only the sampled rows are read, so no real
+row sees them. The rows sampled are gathered inside the graph (the
 LM head runs over `max_seqs` rows; rows past the step's sampled ones read row 0 and are dropped).
 Off by default (--prefill-cuda-graphs) until measured on a GPU."""
 
