@@ -617,9 +617,9 @@ def sweep_gemv(mc: ModelConfig, device: torch.device) -> list[dict[str, Any]]:
 
 def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budget_s: float = 150.0
                  ) -> tuple[list[dict[str, Any]], list[tuple[int, dict[str, Any]]]]:
-    """The decode products (qkv, o, down with DECODE_SPLIT_K's slices; gate_up with SiLU) through
-    gpu_kernels' Triton skinny kernel, per tiling, against their cuBLAS path, at each batch's
-    rows. Each is timed as a CUDA graph over 4 weights in turn (no L2 reuse between calls).
+    """The decode products (qkv, o, down with DECODE_SPLIT_K's K slices, or twice as many; gate_up
+    with SiLU) through gpu_kernels' Triton skinny kernel, per tiling, against their cuBLAS path
+    (DECODE_SPLIT_K's slices), at each batch's rows. Each is timed as a CUDA graph over 4 weights in turn (no L2 reuse between calls).
     Returns the rows and a DECODE_TRITON table: per batch, each product's fastest tiling where
     it beats cuBLAS by 2%. Tilings past `budget_s` are not tried (the rows say so)."""
     import itertools
@@ -652,28 +652,33 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
                             x: torch.Tensor = x) -> torch.Tensor:
                 if name == "gate_up":
                     return gpu_kernels.gate_up_silu(x, w, t)
-                return gpu_kernels.skinny_linear(x, w, parts, t)
+                return gpu_kernels.skinny_linear(x, w, t)
 
-            ref = cublas(ws[0]).float()
+            def total(out: torch.Tensor) -> torch.Tensor:  # partials summed: slices may differ
+                return out.float().sum(0) if out.dim() == 3 else out.float()
+
+            ref = total(cublas(ws[0]))
             base = triton.testing.do_bench_cudagraph(lambda: [cublas(w) for w in ws], rep=30,
                                                      return_mode="median") * 1e3 / len(ws)
             rows.append({"m": m, "proj": name, "parts": parts, "tiling": "cublas", "us": round(base, 2),
                          "GBs": round(n * k * 2 / base / 1e3)})
             best: tuple[float, Any] = (base / 1.02, None)
-            for t in tilings:
+            # The projection's own K slices and twice as many (the consumers sum any number).
+            slices = (1,) if name == "gate_up" else (parts, 2 * parts)
+            for t in (t._replace(parts=p) for t in tilings for p in slices):
                 if time.perf_counter() - started > budget_s:
                     rows.append({"m": m, "proj": name, "tiling": tuple(t), "error": "sweep budget spent"})
                     continue
-                if k % (parts * t.block_k) or (t.block_m and t.block_m >= m):
+                if k % (t.parts * t.block_k) or (t.block_m and t.block_m >= m):
                     continue
                 try:
-                    err = float((triton_path(ws[0], t).float() - ref).norm() / ref.norm())
+                    err = float((total(triton_path(ws[0], t)) - ref).norm() / ref.norm())
                     us = triton.testing.do_bench_cudagraph(lambda t=t: [triton_path(w, t) for w in ws], rep=30,
                                                            return_mode="median") * 1e3 / len(ws)
                 except Exception as exc:  # a tiling that does not compile or fit
                     rows.append({"m": m, "proj": name, "tiling": tuple(t), "error": f"{type(exc).__name__}: {str(exc)[-300:]}"})
                     continue
-                rows.append({"m": m, "proj": name, "parts": parts, "tiling": tuple(t), "us": round(us, 2),
+                rows.append({"m": m, "proj": name, "parts": t.parts, "tiling": tuple(t), "us": round(us, 2),
                              "GBs": round(n * k * 2 / us / 1e3), "rel_err": err})
                 if us < best[0] and err < 2e-2:
                     best = (us, t)

@@ -309,19 +309,22 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 class GemmTiling(NamedTuple):
     """A Triton skinny product's launch (skinny_matmul): output columns and K a tile, warps,
-    stages, and rows a tile (0: every row up to 128, at least 16)."""
+    stages, rows a tile (0: every row up to 128, at least 16), and K slices (0: DECODE_SPLIT_K's
+    for the projection; gate_up always one)."""
 
     block_n: int
     block_k: int
     warps: int
     stages: int
     block_m: int = 0
+    parts: int = 0
 
 
 # Decode-step products through the Triton kernel (skinny_matmul) rather than cuBLAS, by batch:
 # (largest batch, {projection: tiling}) in increasing batch order, as DECODE_SPLIT_K; a product
-# not named stays on cuBLAS. "qkv", "o" and "down" keep DECODE_SPLIT_K's K slices; "gate_up" is
-# one product with SiLU-and-mul in its epilogue (the silu_mul launch and the [T, 2N] product's
+# not named stays on cuBLAS. "qkv", "o" and "down" take DECODE_SPLIT_K's K slices unless the
+# tiling names its own (their consumers sum any number); "gate_up" is one product with
+# SiLU-and-mul in its epilogue (the silu_mul launch and the [T, 2N] product's
 # round trip gone). On an H100 at the 1.1B shape (builtin_gpu.py --skinny-sweep, RESULTS.md
 # "Triton skinny products") the gate_up kernel beat cuBLAS + silu_mul at 1, 32 and 128 rows
 # (24.3 / 25.5 / 28.5 against 26.7 / 28.2 / 31.8 us), qkv and o only at one row; down never.
@@ -340,7 +343,8 @@ TRITON_MIN_GRID_FRACTION = 0.9
 
 def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int = 1) -> GemmTiling | None:
     """The Triton tiling of a decode step's `projection` at `rows` rows (DECODE_TRITON's entry for
-    the smallest bound that holds them), or None: cuBLAS (no entry, K / parts not a multiple of
+    the smallest bound that holds them) with its K slices resolved (its own, else `parts`, the
+    projection's DECODE_SPLIT_K slices), or None: cuBLAS (no entry, K / slices not a multiple of
     the tile's K, or a grid too small for the GPU)."""
     for bound, by_projection in DECODE_TRITON:
         if rows <= bound:
@@ -348,6 +352,8 @@ def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int =
             if tiling is None:
                 return None
             tiling = GemmTiling(*tiling)  # a plain tuple from a benchmark's --compare-setting
+            parts = 1 if projection == "gate_up" else tiling.parts or parts
+            tiling = tiling._replace(parts=parts)
             if weight.shape[1] % (parts * tiling.block_k):
                 return None
             sms = _sm_count(weight.device)
@@ -369,11 +375,12 @@ def _block_m(rows: int, tiling: GemmTiling) -> int:
     return tiling.block_m or max(16, min(128, _pow2(rows)))
 
 
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, parts: int, tiling: GemmTiling) -> torch.Tensor:
-    """x [T, K] @ weight [N, K].T for small T: with `parts` > 1 as fp32 split-K partials
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tiling: GemmTiling) -> torch.Tensor:
+    """x [T, K] @ weight [N, K].T for small T: with tiling.parts > 1 as fp32 split-K partials
     [parts, T, N] (split_k_linear's contract), else [T, N] in x's dtype."""
     tokens, k = x.shape
     n = weight.shape[0]
+    parts = max(1, tiling.parts)
     if parts > 1:
         out = torch.empty(parts, tokens, n, dtype=torch.float32, device=x.device)
     else:

@@ -164,8 +164,8 @@ def project(name: str, linear: nn.Linear, x: torch.Tensor, decode: bool) -> torc
     reads them; through the Triton skinny kernel where gpu_kernels.DECODE_TRITON names it."""
     parts = gpu_kernels.decode_split_k(name, x.shape[0], linear.weight, linear.bias) if decode else 1
     tiling = gpu_kernels.decode_triton(name, x.shape[0], linear.weight, parts) if decode and linear.bias is None else None
-    if tiling is not None:
-        return gpu_kernels.skinny_linear(x, linear.weight, parts, tiling)
+    if tiling is not None:  # its K slices may differ from DECODE_SPLIT_K's: the consumers sum any number
+        return gpu_kernels.skinny_linear(x, linear.weight, tiling)
     if parts > 1:
         return gpu_kernels.split_k_linear(x, linear.weight, parts)
     return linear(x)

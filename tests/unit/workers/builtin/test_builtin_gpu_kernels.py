@@ -149,8 +149,8 @@ def test_skinny_products_match_torch(rows: int) -> None:
     tiling = gpu_kernels.GemmTiling(32, 32, 4, 2)
     x, weight = torch.randn(rows, 192), torch.randn(80, 192) / 8
     ref = x @ weight.T
-    torch.testing.assert_close(gpu_kernels.skinny_linear(x, weight, 1, tiling), ref, atol=1e-4, rtol=1e-4)
-    parts = gpu_kernels.skinny_linear(x, weight, 3, tiling)
+    torch.testing.assert_close(gpu_kernels.skinny_linear(x, weight, tiling), ref, atol=1e-4, rtol=1e-4)
+    parts = gpu_kernels.skinny_linear(x, weight, tiling._replace(parts=3))
     torch.testing.assert_close(parts, gpu_kernels.split_k_linear(x, weight, 3), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(parts.sum(0), ref, atol=1e-4, rtol=1e-4)
     out = gpu_kernels.gate_up_silu(x, weight, tiling)
@@ -164,21 +164,25 @@ def test_decode_triton_tiling_by_rows() -> None:
     weight = torch.randn(80, 64)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gpu_kernels, "DECODE_TRITON", [(8, {"gate_up": tiling, "o": tiling}), (32, {"o": tiling})])
-        assert gpu_kernels.decode_triton("gate_up", 8, weight) == tiling
+        assert gpu_kernels.decode_triton("gate_up", 8, weight) == tiling._replace(parts=1)
         assert gpu_kernels.decode_triton("gate_up", 9, weight) is None  # cuBLAS at this bound
-        assert gpu_kernels.decode_triton("o", 32, weight, parts=2) == tiling
+        assert gpu_kernels.decode_triton("o", 32, weight, parts=2) == tiling._replace(parts=2)
         assert gpu_kernels.decode_triton("o", 32, weight, parts=4) is None  # K / parts not a multiple of 32
+        # A tiling's own K slices stand over DECODE_SPLIT_K's; gate_up's are always one.
+        mp.setattr(gpu_kernels, "DECODE_TRITON", [(8, {"gate_up": tiling._replace(parts=2), "o": tiling._replace(parts=2)})])
+        assert gpu_kernels.decode_triton("o", 1, weight, parts=1) == tiling._replace(parts=2)
+        assert gpu_kernels.decode_triton("gate_up", 1, weight) == tiling._replace(parts=1)
         assert gpu_kernels.decode_triton("o", 33, weight) is None  # past every bound
         assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(80, 48)) is None
         # On a GPU, only where the grid fills 90% of its SMs: 132 SMs need 119 programs.
         mp.setattr(gpu_kernels, "_sm_count", lambda device: 132)
         wide = gpu_kernels.GemmTiling(64, 32, 4, 2)
         mp.setattr(gpu_kernels, "DECODE_TRITON", [(128, {"gate_up": wide, "o": wide})])
-        assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(2 * 8192, 64)) == wide  # 128 programs
+        assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(2 * 8192, 64)) == wide._replace(parts=1)  # 128 programs
         assert gpu_kernels.decode_triton("gate_up", 1, torch.randn(2 * 3072, 64)) is None  # 48
         assert gpu_kernels.decode_triton("gate_up", 128, torch.randn(2 * 3072, 64)) is None  # one row tile
         o = torch.randn(2048, 256)
-        assert gpu_kernels.decode_triton("o", 1, o, parts=4) == wide  # 32 column tiles x 4 K slices
+        assert gpu_kernels.decode_triton("o", 1, o, parts=4) == wide._replace(parts=4)  # 32 column tiles x 4 K slices
         assert gpu_kernels.decode_triton("o", 1, o, parts=2) is None  # 64
 
 
@@ -314,11 +318,15 @@ def test_fused_forward_matches_plain(shape: str, decode_variants: bool, model_di
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """decode_variants: the decode step's qkv, o and down projections as split-K partials, summed
     by their consumers (a projection with a bias stays whole), through the Triton skinny kernel for
-    o and down, and its gate_up product and SiLU as one kernel (gpu_kernels.gate_up_silu)."""
+    qkv, o and down (with K slices of their own), and its gate_up product and SiLU as one kernel
+    (gpu_kernels.gate_up_silu)."""
     if decode_variants:
         monkeypatch.setattr(gpu_kernels, "DECODE_SPLIT_K", [(4, {"qkv": 2, "o": 4, "down": 2}), (256, {"o": 2, "down": 4})])
         tiling = gpu_kernels.GemmTiling(16, 16, 4, 2)
-        monkeypatch.setattr(gpu_kernels, "DECODE_TRITON", [(4, {"gate_up": tiling, "o": tiling, "down": tiling})])
+        # o at DECODE_SPLIT_K's 4 slices, down at 4 of its own (not 2), qkv whole (not 2).
+        monkeypatch.setattr(gpu_kernels, "DECODE_TRITON", [(4, {"gate_up": tiling, "o": tiling,
+                                                                "down": tiling._replace(parts=4),
+                                                                "qkv": tiling._replace(parts=1)})])
     plain, fused = _triton_model(model_dirs(shape))
     config = plain.config
     ids = [(5 * i + 1) % config.vocab_size for i in range(13)]
