@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -118,13 +119,22 @@ def rope_decode_attention(
     return out
 
 
+_Entry = TypeVar("_Entry")
+
+
+def for_rows(table: Sequence[tuple[int, _Entry]], rows: int) -> _Entry | None:
+    """The entry of a (largest batch, entry) table, in increasing batch order, for the smallest
+    bound that holds `rows`; None past every bound (the decode settings by batch below)."""
+    for bound, entry in table:
+        if rows <= bound:
+            return entry
+    return None
+
+
 def decode_tiling(batch: int) -> DecodeTiling:
     """The paged decode kernel's tiling at `batch` rows: DECODE_TILES' entry for the smallest
     batch bound that holds them (the last entry past every bound)."""
-    for bound, tiling in DECODE_TILES:
-        if batch <= bound:
-            return tiling
-    return DECODE_TILES[-1][1]
+    return for_rows(DECODE_TILES, batch) or DECODE_TILES[-1][1]
 
 
 def _launch_decode(
@@ -255,13 +265,11 @@ def decode_split_k(projection: str, rows: int, weight: torch.Tensor, bias: torch
     """How many K slices a decode step's `projection` ("qkv", "o" or "down") is split into at `rows`
     rows: DECODE_SPLIT_K's entry for the smallest row bound that holds them, 1 where the weight
     has a bias or its K does not divide."""
-    if bias is not None:
+    by_projection = for_rows(DECODE_SPLIT_K, rows)
+    if bias is not None or by_projection is None:
         return 1
-    for bound, by_projection in DECODE_SPLIT_K:
-        if rows <= bound:
-            parts = by_projection.get(projection, 1)
-            return parts if weight.shape[1] % parts == 0 else 1
-    return 1
+    parts = by_projection.get(projection, 1)
+    return parts if weight.shape[1] % parts == 0 else 1
 
 
 # (largest batch, {projection: K slices}), in increasing batch order; measured with
@@ -346,21 +354,18 @@ def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int =
     the smallest bound that holds them) with its K slices resolved (its own, else `parts`, the
     projection's DECODE_SPLIT_K slices), or None: cuBLAS (no entry, K / slices not a multiple of
     the tile's K, or a grid too small for the GPU)."""
-    for bound, by_projection in DECODE_TRITON:
-        if rows <= bound:
-            tiling = by_projection.get(projection)
-            if tiling is None:
-                return None
-            tiling = GemmTiling(*tiling)  # a plain tuple from a benchmark's --compare-setting
-            parts = 1 if projection == "gate_up" else tiling.parts or parts
-            tiling = tiling._replace(parts=parts)
-            if weight.shape[1] % (parts * tiling.block_k):
-                return None
-            sms = _sm_count(weight.device)
-            columns = weight.shape[0] // 2 if projection == "gate_up" else weight.shape[0]
-            programs = -(-columns // tiling.block_n) * parts * -(-rows // _block_m(rows, tiling))
-            return tiling if sms is None or programs >= TRITON_MIN_GRID_FRACTION * sms else None
-    return None
+    entry = (for_rows(DECODE_TRITON, rows) or {}).get(projection)
+    if entry is None:
+        return None
+    tiling = GemmTiling(*entry)  # a plain tuple from a benchmark's --compare-setting
+    parts = 1 if projection == "gate_up" else tiling.parts or parts
+    tiling = tiling._replace(parts=parts)
+    if weight.shape[1] % (parts * tiling.block_k):
+        return None
+    sms = _sm_count(weight.device)
+    columns = weight.shape[0] // 2 if projection == "gate_up" else weight.shape[0]
+    programs = -(-columns // tiling.block_n) * parts * -(-rows // _block_m(rows, tiling))
+    return tiling if sms is None or programs >= TRITON_MIN_GRID_FRACTION * sms else None
 
 
 def _sm_count(device: torch.device) -> int | None:
