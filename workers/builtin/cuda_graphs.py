@@ -27,9 +27,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
-def bucket_for(num_seqs: int, sizes: list[int]) -> int | None:
-    """The smallest captured size that holds `num_seqs`, or None when none does."""
-    i = bisect.bisect_left(sizes, num_seqs)
+def bucket_for(count: int, sizes: list[int]) -> int | None:
+    """The smallest captured size (sequences, or prefill_graphs.py's tokens) that holds `count`,
+    or None when none does."""
+    i = bisect.bisect_left(sizes, count)
     return sizes[i] if i < len(sizes) else None
 
 

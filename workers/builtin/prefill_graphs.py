@@ -10,19 +10,16 @@ sequence on the device), so a step pads into its bucket: tokens past the step's 
 length 0, so their programs return at once. No attention program writes a padded token's row, so
 those rows carry whatever the output buffer held (Triton's interpreter may warn of an overflow in
 the norm after them); every later op is row-wise and only the sampled rows are read, so no real
-row sees them. The rows sampled are gathered inside the graph (the
-LM head runs over `max_seqs` rows; rows past the step's sampled ones read row 0 and are dropped).
-Off by default (--prefill-cuda-graphs) until measured on a GPU."""
+row sees them. The rows sampled are gathered inside the graph (the LM head runs over `max_seqs`
+rows; rows past the step's sampled ones read row 0 and are dropped). Off by default (--prefill-cuda-graphs) until measured on a GPU."""
 
 from __future__ import annotations
-
-import bisect
 
 import numpy as np
 import torch
 
 from workers.builtin.attention import AttentionMetadata, SeqSlice, new_token_slots
-from workers.builtin.cuda_graphs import BucketGraphs
+from workers.builtin.cuda_graphs import BucketGraphs, bucket_for
 from workers.builtin.kv_cache import KVCache
 from workers.builtin.model import LlamaForCausalLM
 
@@ -126,8 +123,7 @@ class PrefillGraphs(BucketGraphs):
         """The bucket a step of `num_tokens` over `num_seqs` sequences replays, or None."""
         if num_seqs > self.inputs.max_seqs:
             return None
-        i = bisect.bisect_left(self.sizes, num_tokens)
-        return self.sizes[i] if i < len(self.sizes) else None
+        return bucket_for(num_tokens, self.sizes)
 
     def run(self, input_ids: list[int], positions: list[int], seqs: list[SeqSlice], sample_indices: list[int],
             tokens: int) -> torch.Tensor:
