@@ -137,6 +137,8 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)  # nano-vllm's default
     p.add_argument("--modes", nargs="+", default=["overlap", "plain"])
     p.add_argument("--runner-steps", type=int, default=32)
+    p.add_argument("--compare-prefill-graphs", action="store_true",
+                   help="run the first mode again with --no-prefill-cuda-graphs (eager prefill steps)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few short sequences")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -160,11 +162,15 @@ def main() -> None:
         # No checkpoint: random weights of the shape (--load-format dummy).
         base = dict(model=tmp, load_format="dummy", device=device, max_num_seqs=256,
                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16)
-        for mode in args.modes:
-            config = BuiltinConfig(**base, overlap_schedule=mode == "overlap")
+        runs = [(mode, True) for mode in args.modes]
+        if args.compare_prefill_graphs:
+            runs.append((args.modes[0], False))
+        for mode, prefill_graphs in runs:
+            config = BuiltinConfig(**base, overlap_schedule=mode == "overlap", prefill_cuda_graphs=prefill_graphs)
             r = asyncio.run(run_engine(config, work, args.temperature))
-            res[f"engine_{mode}"] = r
-            print(mode, r, flush=True)
+            key = mode if prefill_graphs else f"{mode}_eager_prefill"
+            res[f"engine_{key}"] = r
+            print(key, r, flush=True)
         gc.collect()  # the engines' caches go before the runner's is allocated
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -180,8 +186,8 @@ def main() -> None:
             mc = load_model_config(tmp)
         key = f"engine_{args.modes[0]}"
         res["floor"] = floor(mc, work, res[key]["steps"], res["copy_bw_GBs"] * 1e9, res["matmul_bf16_TFLOPs"] * 1e12)
-        for mode in args.modes:
-            res[f"engine_{mode}"]["pct_of_floor"] = 100 * res[f"engine_{mode}"]["output_tok_s"] / res["floor"]["floor_output_tok_s"]
+        for key in (k for k in res if k.startswith("engine_")):
+            res[key]["pct_of_floor"] = 100 * res[key]["output_tok_s"] / res["floor"]["floor_output_tok_s"]
         print("floor", res["floor"], flush=True)
     text = json.dumps(res, indent=1)
     if args.out:

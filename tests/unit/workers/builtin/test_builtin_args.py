@@ -49,8 +49,8 @@ def test_load_format_from_the_flag_or_the_environment(monkeypatch: pytest.Monkey
 
 
 def test_prefill_cuda_graphs_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert BuiltinConfig.from_args(parse([])).prefill_cuda_graphs is False
-    assert BuiltinConfig.from_args(parse(["--prefill-cuda-graphs"])).prefill_cuda_graphs is True
-    monkeypatch.setenv("DYN_BUILTIN_PREFILL_CUDA_GRAPHS", "1")
     assert BuiltinConfig.from_args(parse([])).prefill_cuda_graphs is True
     assert BuiltinConfig.from_args(parse(["--no-prefill-cuda-graphs"])).prefill_cuda_graphs is False
+    monkeypatch.setenv("DYN_BUILTIN_PREFILL_CUDA_GRAPHS", "0")
+    assert BuiltinConfig.from_args(parse([])).prefill_cuda_graphs is False
+    assert BuiltinConfig.from_args(parse(["--prefill-cuda-graphs"])).prefill_cuda_graphs is True
