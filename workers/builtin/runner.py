@@ -97,7 +97,8 @@ def build_step_input(batch: ScheduledBatch) -> StepInput:
             assert pending == 1 and state.row >= 0, "only the in-flight step's token is unknown"
             input_ids.append(-1 - state.row)
         positions.extend(range(start, start + num_new))
-        slices.append(SeqSlice(start, num_new, [b.block_id for b in seq.block_table]))
+        # A copy: the scheduler grows and rewrites seq.block_ids while this step is in flight.
+        slices.append(SeqSlice(start, num_new, seq.block_ids[:]))
         if state.prompt_logprobs is not None and seq.needs_prompt_logits:
             # Position p's logits predict prompt token p + 1.
             end = min(start + num_new, seq.num_prompt_tokens - 1)

@@ -237,7 +237,7 @@ class Scheduler:
         while True:
             blocks = self.pool.allocate(need)
             if blocks is not None:
-                seq.block_table.extend(blocks)
+                seq.add_blocks(blocks)
                 return True
             victim = self.running.pop()
             self._preempt(victim)
@@ -316,15 +316,14 @@ class Scheduler:
         if end <= start:
             return
         hashes = seq.hashes_upto(end, self.block_size)
-        table = seq.block_table
-        mine = table[start:end]
+        mine = seq.block_table[start:end]
         used = self.pool.commit_many(mine, hashes[start:end], hashes[start - 1] if start else None)
         for offset, (block, shared) in enumerate(zip(mine, used)):
             if shared is not block:
                 # Another request cached this block first (same tokens, same KV): share it.
                 self.pool.acquire([shared])
                 self.pool.release([block])
-                table[start + offset] = shared
+                seq.replace_block(start + offset, shared)
         seq.num_committed_blocks = end
 
     def _preempt(self, seq: Sequence) -> None:

@@ -48,6 +48,9 @@ class Sequence:
     num_computed_tokens: int = 0
     num_generated: int = 0
     block_table: list[Block] = field(default_factory=list)
+    # block_table's ids, kept in step by the methods below: a step's input copies this list
+    # (one C-level copy) instead of walking the Blocks of every running request every step.
+    block_ids: list[int] = field(default_factory=list)
     # Chained hashes of the leading full blocks; token_ids only grow, so they stay valid
     # across preemption and each is computed once.
     block_hashes: list[int] = field(default_factory=list)
@@ -101,7 +104,7 @@ class Sequence:
     def admit(self, blocks: list[Block], num_cached_blocks: int, num_computed_tokens: int) -> None:
         """Waiting -> running with `blocks` (the first `num_cached_blocks` from the prefix
         cache) and `num_computed_tokens` whose KV is there or onboarded before the next step."""
-        self.block_table = blocks
+        self._set_blocks(blocks)
         self.num_computed_tokens = num_computed_tokens
         self.num_committed_blocks = num_cached_blocks
         if self.cached_tokens is None:
@@ -113,7 +116,7 @@ class Sequence:
         """Take a prompt whose KV another engine computed into `blocks` (the first
         `num_cached_blocks` were cached here) and its first token: running, nothing to
         recompute. Returns the finish reason after that token, if it is the last."""
-        self.block_table = blocks
+        self._set_blocks(blocks)
         self.num_computed_tokens = len(self.token_ids)
         self.num_committed_blocks = num_cached_blocks
         self.cached_tokens = first.cached_tokens or 0
@@ -142,5 +145,21 @@ class Sequence:
 
     def take_blocks(self) -> list[Block]:
         """Hand the block table over (to be released, or held for a KV transfer)."""
-        blocks, self.block_table = self.block_table, []
+        blocks = self.block_table
+        self._set_blocks([])
         return blocks
+
+    def add_blocks(self, blocks: list[Block]) -> None:
+        """Grow the block table (a running request's next tokens need them)."""
+        self.block_table.extend(blocks)
+        self.block_ids.extend([b.block_id for b in blocks])
+
+    def replace_block(self, index: int, block: Block) -> None:
+        """Put `block` at `index` (a committed block another request cached first)."""
+        self.block_table[index] = block
+        self.block_ids[index] = block.block_id
+
+    def _set_blocks(self, blocks: list[Block]) -> None:
+        # New lists, never cleared in place: a step built earlier may still hold the old ones.
+        self.block_table = blocks
+        self.block_ids = [b.block_id for b in blocks]

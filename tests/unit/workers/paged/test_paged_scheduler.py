@@ -54,6 +54,8 @@ def run(scheduler: Scheduler) -> int:
         assert batch.num_tokens <= scheduler.max_num_batched_tokens
         assert len(scheduler.running) <= scheduler.max_num_seqs
         scheduler.finish_step(batch, sample(batch))
+        for s in scheduler.running:  # what steps' inputs copy, in step with the table
+            assert s.block_ids == [b.block_id for b in s.block_table]
         steps += 1
     return steps
 
@@ -98,6 +100,22 @@ def test_full_blocks_are_committed_as_they_complete_and_reused() -> None:
     run(s)
     assert again[0].cached_tokens == 8
     assert not any(isinstance(e, BlockStored) for e in events)
+
+
+def test_a_block_cached_first_by_another_request_replaces_its_id_too() -> None:
+    """Two requests computing the same prompt in one step: the later commit shares the block
+    the earlier one cached, and its block ids (a step's input) follow."""
+    s = make()
+    outs: list[list[EngineOutput]] = [[], []]
+    twins = [seq(list(range(10)), 3, out, seed=i) for i, out in enumerate(outs)]
+    for twin in twins:
+        s.add(twin)
+    step(s)
+    first, second = twins
+    assert second.block_table[:2] == first.block_table[:2]  # shared after the commit
+    assert second.block_ids == [b.block_id for b in second.block_table]
+    run(s)
+    assert [len(o) for o in outs] == [3, 3]
 
 
 def test_preemption_requeues_the_newest_and_everything_completes() -> None:
