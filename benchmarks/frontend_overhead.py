@@ -147,33 +147,8 @@ def start_ours(
     nats-server; tcp: the frontend connects to the worker directly, NATS carries events only);
     `extra_env` goes to the frontend and the workers (benchmarks/tracing_overhead.py: exporters)."""
     stack = Stack(name or ("ours" if request_plane == "nats" else f"ours-{request_plane}"), free_port(), log_dir)
-    venv_bin = REPO / ".venv" / "bin"
-    nats = find_binary("nats-server", [str(venv_bin / "nats-server")])
-    etcd = find_binary("etcd", [str(venv_bin / "etcd"), "/tmp/etcdx/usr/bin/etcd"])
-    data = Path(tempfile.mkdtemp(prefix="bench-infra-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
-    nats_port, etcd_port, peer_port = free_port(), free_port(), free_port()
-    stack.spawn("nats", [nats, "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(data / "js")])
-    client_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
-    stack.spawn(
-        "etcd",
-        [
-            etcd, "--name", "bench", "--data-dir", str(data / "etcd"),
-            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
-            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
-            "--initial-cluster", f"bench={peer_url}", "--log-level", "warn",
-        ],
-    )  # fmt: skip
-    wait_until(lambda: _http_ok(f"{client_url}/health"), 30, "etcd health", stack.dead)
-    env = {
-        "NATS_SERVER": f"nats://127.0.0.1:{nats_port}",
-        "ETCD_ENDPOINTS": client_url,
-        "DYN_NAMESPACE": f"bench{os.getpid()}",
-        "DYN_LOG": args.our_log_level,
-        "DYN_REQUEST_PLANE": request_plane,
-        "DYN_REQUEST_PLANE_HOST": "127.0.0.1",
-        **(extra_env or {}),
-    }
-    python = sys.executable if (REPO / ".venv").resolve() in Path(sys.executable).resolve().parents else str(venv_bin / "python")
+    env = {**start_infra(stack), "DYN_LOG": args.our_log_level, "DYN_REQUEST_PLANE": request_plane, **(extra_env or {})}
+    python = repo_python()
     stack.spawn(
         "frontend",
         [python, "-m", "dynamo.frontend", "--http-port", str(stack.http_port), "--router-mode", args.router_mode],
@@ -188,8 +163,42 @@ def start_ours(
             ],
             env,
         )  # fmt: skip
-    stack.data_dir = data
     return stack
+
+
+def repo_python() -> str:
+    """This interpreter when it is the project's virtual environment's, else that one."""
+    venv = REPO / ".venv"
+    return sys.executable if venv.resolve() in Path(sys.executable).resolve().parents else str(venv / "bin" / "python")
+
+
+def start_infra(stack: Stack) -> dict[str, str]:
+    """nats-server and etcd on free local ports for `stack` (their data removed at its stop);
+    returns the environment its frontend and workers need to find them."""
+    venv_bin = REPO / ".venv" / "bin"
+    nats = find_binary("nats-server", [str(venv_bin / "nats-server")])
+    etcd = find_binary("etcd", [str(venv_bin / "etcd"), "/tmp/etcdx/usr/bin/etcd"])
+    data = Path(tempfile.mkdtemp(prefix="bench-infra-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    stack.data_dir = data
+    nats_port, etcd_port, peer_port = free_port(), free_port(), free_port()
+    stack.spawn("nats", [nats, "-js", "-a", "127.0.0.1", "-p", str(nats_port), "-sd", str(data / "js")])
+    client_url, peer_url = f"http://127.0.0.1:{etcd_port}", f"http://127.0.0.1:{peer_port}"
+    stack.spawn(
+        "etcd",
+        [
+            etcd, "--name", "bench", "--data-dir", str(data / "etcd"),
+            "--listen-client-urls", client_url, "--advertise-client-urls", client_url,
+            "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+            "--initial-cluster", f"bench={peer_url}", "--log-level", "warn",
+        ],
+    )  # fmt: skip
+    wait_until(lambda: _http_ok(f"{client_url}/health"), 30, "etcd health", stack.dead)
+    return {
+        "NATS_SERVER": f"nats://127.0.0.1:{nats_port}",
+        "ETCD_ENDPOINTS": client_url,
+        "DYN_NAMESPACE": f"bench{os.getpid()}",
+        "DYN_REQUEST_PLANE_HOST": "127.0.0.1",
+    }
 
 
 def start_dynamo(args: argparse.Namespace, log_dir: Path) -> Stack:

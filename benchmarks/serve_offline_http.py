@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from builtin_offline import QWEN3_0_6B, SMOKE, workload  # noqa: E402
-from frontend_overhead import SERVED_MODEL, Stack, free_port  # noqa: E402
+from frontend_overhead import SERVED_MODEL, Stack, free_port, start_infra  # noqa: E402
 from loadgen import percentile  # noqa: E402
 from proc_cpu import process_cpu_s, thread_cpu_s  # noqa: E402
 from sse_client import RawConnection, RequestResult, one_request  # noqa: E402
@@ -77,16 +77,31 @@ def write_model_dir(shape: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def serve_argv(model_dir: Path, port: int, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
-    """The embedded default (frontend, round-robin router, one worker in one process) with the
-    in-process run's engine settings; CUDA graphs and the overlap loop are on by default on CUDA."""
+def engine_args(model_dir: Path, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
+    """The in-process run's engine settings; CUDA graphs and the overlap loop are on by default
+    on CUDA."""
     return [
-        sys.executable, "-m", "dynamo.serve", "--engine", "builtin", "--model", str(model_dir),
-        "--served-model-name", SERVED_MODEL, "--load-format", "dummy", "--device", device,
-        "--http-host", "127.0.0.1", "--http-port", str(port),
-        "--max-num-seqs", "256", "--max-num-batched-tokens", str(max_num_batched_tokens),
-        "--max-model-len", str(max_model_len),
+        "--engine", "builtin", "--model", str(model_dir), "--served-model-name", SERVED_MODEL,
+        "--load-format", "dummy", "--device", device, "--max-num-seqs", "256",
+        "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-model-len", str(max_model_len),
     ]
+
+
+def serve_argv(model_dir: Path, port: int, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
+    """The embedded default: frontend, round-robin router and one worker in one process."""
+    return [sys.executable, "-m", "dynamo.serve", *engine_args(model_dir, device, max_model_len, max_num_batched_tokens),
+            "--http-host", "127.0.0.1", "--http-port", str(port)]
+
+
+def start_split(stack: Stack, model_dir: Path, device: str, max_model_len: int, max_num_batched_tokens: int) -> int:
+    """nats-server, etcd, a `dynamo.frontend` on stack.http_port and a `dynamo.worker` (the
+    engine in a process of its own, reached over TCP); returns the worker's pid."""
+    env = {**start_infra(stack), "DYN_REQUEST_PLANE": "tcp"}
+    stack.spawn("frontend", [sys.executable, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
+                             "--http-port", str(stack.http_port), "--router-mode", "round-robin"], env)
+    worker = stack.spawn("worker", [sys.executable, "-m", "dynamo.worker",
+                                    *engine_args(model_dir, device, max_model_len, max_num_batched_tokens)], env)
+    return worker.pid
 
 
 def request_body(prompt: list[int], max_tokens: int, temperature: float) -> bytes:
@@ -97,9 +112,9 @@ def request_body(prompt: list[int], max_tokens: int, temperature: float) -> byte
 
 
 async def send_all(port: int, work: list[tuple[list[int], int]], temperature: float, timeout_s: float,
-                   pid: int) -> dict[str, Any]:
+                   pid: int, worker_pid: int | None = None) -> dict[str, Any]:
     """One warm-up request on the measured path, then every request of `work` at once, each on
-    its own connection; the server's CPU is read around the burst."""
+    its own connection; the server's CPU (and a separate worker's) is read around the burst."""
     warm = RawConnection("127.0.0.1", port, quickack=True)
     first = await one_request(warm, "/v1/completions", request_body(work[0][0][:64], 8, temperature), False, timeout_s)
     await warm.close()
@@ -109,6 +124,7 @@ async def send_all(port: int, work: list[tuple[list[int], int]], temperature: fl
     conns = [RawConnection("127.0.0.1", port, quickack=True) for _ in work]
     bodies = [request_body(prompt, max_tokens, temperature) for prompt, max_tokens in work]
     cpu0, main0, client0 = process_cpu_s(pid), thread_cpu_s(pid, pid), time.process_time()
+    worker0 = process_cpu_s(worker_pid) if worker_pid is not None else 0.0
     start = time.monotonic()
     results = await asyncio.gather(
         *(one_request(conn, "/v1/completions", body, False, timeout_s) for conn, body in zip(conns, bodies, strict=True))
@@ -116,8 +132,12 @@ async def send_all(port: int, work: list[tuple[list[int], int]], temperature: fl
     end = max(r.end_s for r in results)
     cpu_s, main_s = process_cpu_s(pid) - cpu0, thread_cpu_s(pid, pid) - main0
     client_s = time.process_time() - client0
+    worker_s = process_cpu_s(worker_pid) - worker0 if worker_pid is not None else None
     await asyncio.gather(*(c.close() for c in conns))
-    return summarize(work, results, end - start, cpu_s, main_s, client_s)
+    res = summarize(work, results, end - start, cpu_s, main_s, client_s)
+    if worker_s is not None:
+        res.update(worker_cpu_s=worker_s, worker_cores_busy=worker_s / (end - start))
+    return res
 
 
 def summarize(work: list[tuple[list[int], int]], results: list[RequestResult], elapsed_s: float,
@@ -147,8 +167,8 @@ def summarize(work: list[tuple[list[int], int]], results: list[RequestResult], e
 
 
 def run_client(port: int, work: list[tuple[list[int], int]], temperature: float, timeout_s: float,
-               pid: int) -> dict[str, Any]:
-    coro = send_all(port, work, temperature, timeout_s, pid)
+               pid: int, worker_pid: int | None = None) -> dict[str, Any]:
+    coro = send_all(port, work, temperature, timeout_s, pid, worker_pid)
     try:
         import uvloop  # the client's own CPU per chunk stays small beside the server's
 
@@ -177,6 +197,9 @@ def main() -> None:
     p.add_argument("--request-timeout-s", type=float, default=240.0)
     p.add_argument("--log-dir", default=None, help="where the server's log goes (default: a temporary dir)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few short sequences")
+    p.add_argument("--split-processes", action="store_true",
+                   help="dynamo.frontend and dynamo.worker as two processes over nats-server and etcd "
+                        "(the server's CPU figures are then the frontend's)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape: dict[str, Any] = SMOKE_HTTP if args.smoke else QWEN3_0_6B
@@ -192,22 +215,32 @@ def main() -> None:
         log_dir = Path(args.log_dir) if args.log_dir else Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         model_dir = write_model_dir(shape, Path(tmp) / "model")
-        argv = serve_argv(model_dir, free_port(), device, 2 * args.max_len + 16, args.max_num_batched_tokens)
-        res["server_argv"] = argv[1:]
-        stack = Stack("serve_http", int(argv[argv.index("--http-port") + 1]), log_dir)
-        stack.spawn("server", argv)
+        stack = Stack("serve_http", free_port(), log_dir)
+        max_model_len = 2 * args.max_len + 16
+        worker_pid = None
         try:
             t0 = time.monotonic()
+            if args.split_processes:
+                worker_pid = start_split(stack, model_dir, device, max_model_len, args.max_num_batched_tokens)
+            else:
+                argv = serve_argv(model_dir, stack.http_port, device, max_model_len, args.max_num_batched_tokens)
+                res["server_argv"] = argv[1:]
+                stack.spawn("server", argv)
+            res["split_processes"] = args.split_processes
             stack.wait_ready(args.ready_timeout_s)
             res["server_ready_s"] = time.monotonic() - t0
             assert stack.frontend_pid is not None
-            res.update(run_client(stack.http_port, work, args.temperature, args.request_timeout_s, stack.frontend_pid))
+            res.update(run_client(stack.http_port, work, args.temperature, args.request_timeout_s, stack.frontend_pid,
+                                  worker_pid))
         except BaseException:
-            print(stack.log_tail("server"), file=sys.stderr)
+            for label, _ in stack.procs:
+                print(f"--- {label}\n{stack.log_tail(label)}", file=sys.stderr)
             raise
         finally:
             stack.stop()
-        res["server_log"] = str(log_dir / "serve_http-server.log") if args.log_dir else None
+            if stack.data_dir is not None:
+                shutil.rmtree(stack.data_dir, ignore_errors=True)
+        res["server_logs"] = [str(log_dir / f"serve_http-{label}.log") for label, _ in stack.procs] if args.log_dir else None
     text = json.dumps(res, indent=1)
     if args.out:
         Path(args.out).write_text(text)
