@@ -171,9 +171,11 @@ def main() -> None:
             key = mode if prefill_graphs else f"{mode}_eager_prefill"
             res[f"engine_{key}"] = r
             print(key, r, flush=True)
-        gc.collect()  # the engines' caches go before the runner's is allocated
-        if device == "cuda":
-            torch.cuda.empty_cache()
+            # This engine's cache goes before the next engine (or the runner) sizes its own from
+            # what is free: on an H100 a second engine found 8,393 blocks free against 33,024.
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
         mean_ctx = int(statistics.mean(len(p_) + out / 2 for p_, out in work))
         if args.runner_steps:
             res["runner_only"] = runner_only(BuiltinConfig(**base), min(256, args.num_seqs), mean_ctx, args.runner_steps)
