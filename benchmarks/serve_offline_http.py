@@ -15,7 +15,14 @@ models/dynamo-tiny's byte-level BPE (8,192 ids) with its vocabulary grown to the
 ids (each new id the text of two of its tokens): prompt ids up to 10,000 are accepted and every
 output id decodes to text, as with a real checkpoint's tokenizer.
 
+With --split-processes the frontend (`dynamo.frontend`) and the engine (`dynamo.worker`) are two
+processes over nats-server and etcd, the request plane over TCP; the server's CPU figures are then
+the frontend's, with the worker's beside them. With --engine mocker the engine takes no time at
+all (the mocker at --speedup-ratio 1e6, on the CPU): what the HTTP path alone sustains.
+
 GPU:  python benchmarks/serve_offline_http.py --out serve_http.json --log-dir .
+      python benchmarks/serve_offline_http.py --split-processes --out serve_http_split.json
+CPU, the HTTP path alone: python benchmarks/serve_offline_http.py --engine mocker [--split-processes]
 CPU smoke (tiny shape, a few sequences, under a minute): python benchmarks/serve_offline_http.py --smoke
 """
 
@@ -77,30 +84,30 @@ def write_model_dir(shape: dict[str, Any], out: Path) -> Path:
     return out
 
 
-def engine_args(model_dir: Path, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
-    """The in-process run's engine settings; CUDA graphs and the overlap loop are on by default
-    on CUDA."""
-    return [
-        "--engine", "builtin", "--model", str(model_dir), "--served-model-name", SERVED_MODEL,
-        "--load-format", "dummy", "--device", device, "--max-num-seqs", "256",
+def engine_args(engine: str, model_dir: Path, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
+    """The in-process run's engine settings (builtin: CUDA graphs and the overlap loop are on by
+    default on CUDA), or the mocker's with no simulated time at all: the HTTP path alone."""
+    common = [
+        "--model", str(model_dir), "--served-model-name", SERVED_MODEL, "--max-num-seqs", "256",
         "--max-num-batched-tokens", str(max_num_batched_tokens), "--max-model-len", str(max_model_len),
     ]
+    if engine == "mocker":
+        return ["--engine", "mocker", *common, "--speedup-ratio", "1e6"]
+    return ["--engine", "builtin", *common, "--load-format", "dummy", "--device", device]
 
 
-def serve_argv(model_dir: Path, port: int, device: str, max_model_len: int, max_num_batched_tokens: int) -> list[str]:
+def serve_argv(port: int, engine: list[str]) -> list[str]:
     """The embedded default: frontend, round-robin router and one worker in one process."""
-    return [sys.executable, "-m", "dynamo.serve", *engine_args(model_dir, device, max_model_len, max_num_batched_tokens),
-            "--http-host", "127.0.0.1", "--http-port", str(port)]
+    return [sys.executable, "-m", "dynamo.serve", *engine, "--http-host", "127.0.0.1", "--http-port", str(port)]
 
 
-def start_split(stack: Stack, model_dir: Path, device: str, max_model_len: int, max_num_batched_tokens: int) -> int:
+def start_split(stack: Stack, engine: list[str]) -> int:
     """nats-server, etcd, a `dynamo.frontend` on stack.http_port and a `dynamo.worker` (the
     engine in a process of its own, reached over TCP); returns the worker's pid."""
     env = {**start_infra(stack), "DYN_REQUEST_PLANE": "tcp"}
     stack.spawn("frontend", [sys.executable, "-m", "dynamo.frontend", "--http-host", "127.0.0.1",
                              "--http-port", str(stack.http_port), "--router-mode", "round-robin"], env)
-    worker = stack.spawn("worker", [sys.executable, "-m", "dynamo.worker",
-                                    *engine_args(model_dir, device, max_model_len, max_num_batched_tokens)], env)
+    worker = stack.spawn("worker", [sys.executable, "-m", "dynamo.worker", *engine], env)
     return worker.pid
 
 
@@ -197,6 +204,8 @@ def main() -> None:
     p.add_argument("--request-timeout-s", type=float, default=240.0)
     p.add_argument("--log-dir", default=None, help="where the server's log goes (default: a temporary dir)")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few short sequences")
+    p.add_argument("--engine", choices=["builtin", "mocker"], default="builtin",
+                   help="mocker: no engine time at all (CPU, the full workload): what the HTTP path alone sustains")
     p.add_argument("--split-processes", action="store_true",
                    help="dynamo.frontend and dynamo.worker as two processes over nats-server and etcd "
                         "(the server's CPU figures are then the frontend's)")
@@ -205,7 +214,7 @@ def main() -> None:
     shape: dict[str, Any] = SMOKE_HTTP if args.smoke else QWEN3_0_6B
     if args.smoke:
         args.num_seqs, args.min_len, args.max_len = 8, 4, 24
-    device = "cpu" if args.smoke else "cuda"
+    device = "cpu" if args.smoke or args.engine == "mocker" else "cuda"
     work = workload(args.num_seqs, args.min_len, args.max_len, min(10000, shape["vocab_size"] - 1))
     res: dict[str, Any] = {"shape": {k: shape[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")},
                            "num_seqs": args.num_seqs, "lengths": [args.min_len, args.max_len],
@@ -218,15 +227,16 @@ def main() -> None:
         stack = Stack("serve_http", free_port(), log_dir)
         max_model_len = 2 * args.max_len + 16
         worker_pid = None
+        engine = engine_args(args.engine, model_dir, device, max_model_len, args.max_num_batched_tokens)
+        res.update(engine=args.engine, split_processes=args.split_processes)
         try:
             t0 = time.monotonic()
             if args.split_processes:
-                worker_pid = start_split(stack, model_dir, device, max_model_len, args.max_num_batched_tokens)
+                worker_pid = start_split(stack, engine)
             else:
-                argv = serve_argv(model_dir, stack.http_port, device, max_model_len, args.max_num_batched_tokens)
+                argv = serve_argv(stack.http_port, engine)
                 res["server_argv"] = argv[1:]
                 stack.spawn("server", argv)
-            res["split_processes"] = args.split_processes
             stack.wait_ready(args.ready_timeout_s)
             res["server_ready_s"] = time.monotonic() - t0
             assert stack.frontend_pid is not None
