@@ -206,6 +206,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shape, a few short sequences")
     p.add_argument("--engine", choices=["builtin", "mocker"], default="builtin",
                    help="mocker: no engine time at all (CPU, the full workload): what the HTTP path alone sustains")
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the worker's --stream-interval: tokens a message after the first")
     p.add_argument("--split-processes", action="store_true",
                    help="dynamo.frontend and dynamo.worker as two processes over nats-server and etcd "
                         "(the server's CPU figures are then the frontend's)")
@@ -227,8 +229,9 @@ def main() -> None:
         stack = Stack("serve_http", free_port(), log_dir)
         max_model_len = 2 * args.max_len + 16
         worker_pid = None
-        engine = engine_args(args.engine, model_dir, device, max_model_len, args.max_num_batched_tokens)
-        res.update(engine=args.engine, split_processes=args.split_processes)
+        engine = [*engine_args(args.engine, model_dir, device, max_model_len, args.max_num_batched_tokens),
+                  "--stream-interval", str(args.stream_interval)]
+        res.update(engine=args.engine, split_processes=args.split_processes, stream_interval=args.stream_interval)
         try:
             t0 = time.monotonic()
             if args.split_processes:

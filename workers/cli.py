@@ -92,6 +92,15 @@ WORKER_FLAGS = FlagGroup(
             default_doc="recognised from the chat template",
         ),
         Flag(
+            "--stream-interval",
+            "after a request's first token, send its tokens in groups of at least this many (the "
+            "last group may be smaller): fewer messages and SSE chunks per token, burstier "
+            "inter-token latency; 1 sends each token as it comes",
+            default=1,
+            env="DYN_STREAM_INTERVAL",
+            type=int,
+        ),
+        Flag(
             "--max-queued-requests",
             "requests waiting for the engine before new ones are refused as overloaded, so the "
             "frontend tries another worker or answers 503 (0: unbounded)",
@@ -169,6 +178,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         role=args.role,
         migration_limit=migration_limit,
         max_queued_requests=args.max_queued_requests,
+        stream_interval=args.stream_interval,
         tool_call_parser=args.dyn_tool_call_parser or "",
         reasoning_parser=args.dyn_reasoning_parser or "",
         embedding=embedding,

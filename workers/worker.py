@@ -63,10 +63,18 @@ class WorkerConfig:
     # Requests allowed to wait for the engine (admitted but not yet scheduled); past it a new
     # request is refused with Overloaded so the frontend tries elsewhere. 0: unbounded.
     max_queued_requests: int = 1024  # waiting in the engine; 0: unbounded
+    # After the first token, a message waits until it holds this many tokens (or the last):
+    # per-message costs (the response plane, the frontend's SSE chunk and socket write) are
+    # paid once per group. SGLang's --stream-interval, at the worker so every engine has it.
+    stream_interval: int = 1
     disagg: DisaggConfig | None = None  # prefill/decode roles (workers/disagg); None: defaults
     # Set: the model is an embedding model, served by handle_embed on `endpoint` instead of
     # generate (workers/embedding.py).
     embedding: EmbeddingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {self.stream_interval}")
 
 
 def _merge_outputs(first: EngineOutput, second: EngineOutput) -> EngineOutput | None:
@@ -254,6 +262,7 @@ class Worker:
         self._active += 1
         self._idle.clear()
         tokens = 0
+        interval = self.config.stream_interval
         pending: Suspended[EngineOutput] | None = None
         try:
             ended = False
@@ -266,10 +275,15 @@ class Worker:
                     break
                 # Outputs the engine already holds go out with this one, in one response-plane
                 # message (one frame for the caller to receive and decode); an output that is
-                # not ready yet is never waited for.
+                # not ready yet is waited for only to fill a group of --stream-interval tokens
+                # after the first token, which always goes at once.
                 while output.finish_reason is None:
+                    ready: EngineOutput | Suspended[EngineOutput]
                     try:
-                        ready = next_if_ready(outputs)
+                        if tokens and len(output.token_ids) < interval:
+                            ready = await anext(outputs)
+                        else:
+                            ready = next_if_ready(outputs)
                     except StopAsyncIteration:
                         ended = True
                         break

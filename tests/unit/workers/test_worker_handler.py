@@ -27,12 +27,14 @@ from workers.mocker.engine import MockerEngine
 from workers.worker import Worker, WorkerConfig
 
 
-def make_worker(runtime: Runtime) -> Worker:
+def make_worker(runtime: Runtime, speedup_ratio: float = 1e9, stream_interval: int = 1) -> Worker:
     config = MockerConfig(
-        block_size_tokens=4, num_gpu_blocks=64, max_model_len=128, speedup_ratio=1e9, vocab_size=100
+        block_size_tokens=4, num_gpu_blocks=64, max_model_len=128, speedup_ratio=speedup_ratio, vocab_size=100
     )
     engine = MockerEngine(config)
-    return Worker(runtime, engine, WorkerConfig(served_model_name="m", model_path="/nowhere", engine_name="mocker"))
+    worker_config = WorkerConfig(served_model_name="m", model_path="/nowhere", engine_name="mocker",
+                                 stream_interval=stream_interval)
+    return Worker(runtime, engine, worker_config)
 
 
 def request(rid: str, prompt: list[int], max_tokens: int = 5) -> bytes:
@@ -54,6 +56,28 @@ async def test_worker_registers_its_model_and_streams_tokens() -> None:
             assert outputs[-1].finish_reason == "length"
             await client.close()
         await watcher.close()
+
+
+@pytest.mark.parametrize("interval", [1, 4])
+async def test_stream_interval_groups_tokens_after_the_first(interval: int) -> None:
+    """With --stream-interval N every message after the first holds at least N tokens but the
+    last; with 1 a paced engine's tokens go one a message. The mocker paces its steps (a few ms
+    each), so without the grouping the tokens would not have piled up."""
+    async with await Runtime.create(RuntimeConfig()) as rt:
+        async with make_worker(rt, speedup_ratio=5.0, stream_interval=interval) as worker:
+            client = await rt.endpoint("backend", "generate").client()
+            stream = await client.generate(request("r", list(range(10)), max_tokens=14), worker.instance_id, "r")
+            sizes = [len(OUTPUT_CODEC.decode(b).token_ids) async for b in stream]
+            await client.close()
+    assert sum(sizes) == 14
+    assert all(n >= interval for n in sizes[1:-1]), sizes
+    if interval > 1:
+        assert len(sizes) <= 1 + -(-13 // interval), sizes
+
+
+def test_stream_interval_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="stream_interval"):
+        WorkerConfig(served_model_name="m", model_path="/nowhere", engine_name="mocker", stream_interval=0)
 
 
 async def test_over_long_prompt_is_a_clear_error() -> None:
