@@ -28,6 +28,15 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (argparse names this function in its error: "invalid
+    positive_int value")."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Flag:
     """One flag. `type` parses the command line's and the environment's text (`bool` makes a

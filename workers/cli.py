@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dynamo.config import RuntimeConfig, add_runtime_args
 from dynamo.entry import SYSTEM_FLAGS, add_common_args, run, wait_for_shutdown
-from dynamo.flags import Flag, FlagGroup
+from dynamo.flags import Flag, FlagGroup, positive_int
 from dynamo.runtime import Runtime
 from dynamo.system_server import SystemServer
 from workers.disagg.args import DisaggConfig, add_disagg_args
@@ -98,7 +98,7 @@ WORKER_FLAGS = FlagGroup(
             "inter-token latency; 1 sends each token as it comes",
             default=1,
             env="DYN_STREAM_INTERVAL",
-            type=int,
+            type=positive_int,
         ),
         Flag(
             "--max-queued-requests",

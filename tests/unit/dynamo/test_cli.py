@@ -61,6 +61,25 @@ def test_one_migration_limit_in_serve(monkeypatch: pytest.MonkeyPatch) -> None:
     assert worker_config(args).migration_limit == 0
 
 
+def test_stream_interval_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from serve.cli import build_parser
+    from workers.cli import worker_config
+
+    monkeypatch.delenv("DYN_STREAM_INTERVAL", raising=False)
+    argv = ["--engine", "mocker"]
+    assert worker_config(build_parser(argv).parse_args(argv)).stream_interval == 1
+    assert worker_config(build_parser(argv).parse_args([*argv, "--stream-interval", "4"])).stream_interval == 4
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args([*argv, "--stream-interval", "0"])
+    assert "invalid positive_int value: '0'" in capsys.readouterr().err
+    monkeypatch.setenv("DYN_STREAM_INTERVAL", "3")
+    assert worker_config(build_parser(argv).parse_args(argv)).stream_interval == 3
+    monkeypatch.setenv("DYN_STREAM_INTERVAL", "0")
+    with pytest.raises(SystemExit, match="must be at least 1"):
+        build_parser(argv).parse_args(argv)
+
+
 def test_worker_needs_a_model(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from workers.cli import parse_args
 
