@@ -368,8 +368,10 @@ def decode_triton(projection: str, rows: int, weight: torch.Tensor, parts: int =
     return tiling if sms is None or programs >= TRITON_MIN_GRID_FRACTION * sms else None
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int | None:
-    """The device's SM count; None off CUDA (Triton's interpreter has no grid to fill)."""
+    """The device's SM count; None off CUDA (Triton's interpreter has no grid to fill). Cached:
+    asked for each projection of each layer in an eager decode step."""
     if device.type != "cuda":
         return None
     return int(torch.cuda.get_device_properties(device).multi_processor_count)
