@@ -648,8 +648,7 @@ def sweep_skinny(mc: ModelConfig, device: torch.device, batches: list[int], budg
                     return gpu_kernels.silu_mul(torch.nn.functional.linear(x, w))
                 return gpu_kernels.split_k_linear(x, w, parts) if parts > 1 else torch.nn.functional.linear(x, w)
 
-            def triton_path(w: torch.Tensor, t: Any, name: str = name, parts: int = parts,
-                            x: torch.Tensor = x) -> torch.Tensor:
+            def triton_path(w: torch.Tensor, t: Any, name: str = name, x: torch.Tensor = x) -> torch.Tensor:
                 if name == "gate_up":
                     return gpu_kernels.gate_up_silu(x, w, t)
                 return gpu_kernels.skinny_linear(x, w, t)
