@@ -17,12 +17,13 @@ output id decodes to text, as with a real checkpoint's tokenizer.
 
 With --split-processes the frontend (`dynamo.frontend`) and the engine (`dynamo.worker`) are two
 processes over nats-server and etcd, the request plane over TCP; the server's CPU figures are then
-the frontend's, with the worker's beside them. With --engine mocker the engine takes no time at
+the frontend's, with the worker's beside them. --worker-processes splits them the same way inside
+`dynamo.serve` itself (the engine in a child process on the parent's hub, no NATS or etcd). With --engine mocker the engine takes no time at
 all (the mocker at --speedup-ratio 1e6, on the CPU): what the HTTP path alone sustains.
 
 GPU:  python benchmarks/serve_offline_http.py --out serve_http.json --log-dir .
       python benchmarks/serve_offline_http.py --split-processes --out serve_http_split.json
-CPU, the HTTP path alone: python benchmarks/serve_offline_http.py --engine mocker [--split-processes]
+CPU, the HTTP path alone: python benchmarks/serve_offline_http.py --engine mocker [--split-processes | --worker-processes]
 CPU smoke (tiny shape, a few sequences, under a minute): python benchmarks/serve_offline_http.py --smoke
 """
 
@@ -211,6 +212,9 @@ def main() -> None:
     p.add_argument("--split-processes", action="store_true",
                    help="dynamo.frontend and dynamo.worker as two processes over nats-server and etcd "
                         "(the server's CPU figures are then the frontend's)")
+    p.add_argument("--worker-processes", action="store_true",
+                   help="dynamo.serve --worker-processes: the engine in a child process, no NATS or etcd "
+                        "(the server's CPU figures are then the parent's, the child's beside them)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     shape: dict[str, Any] = SMOKE_HTTP if args.smoke else QWEN3_0_6B
@@ -231,16 +235,20 @@ def main() -> None:
         worker_pid = None
         engine = [*engine_args(args.engine, model_dir, device, max_model_len, args.max_num_batched_tokens),
                   "--stream-interval", str(args.stream_interval)]
-        res.update(engine=args.engine, split_processes=args.split_processes, stream_interval=args.stream_interval)
+        res.update(engine=args.engine, split_processes=args.split_processes, stream_interval=args.stream_interval,
+                   worker_processes=args.worker_processes)
         try:
             t0 = time.monotonic()
             if args.split_processes:
                 worker_pid = start_split(stack, engine)
             else:
-                argv = serve_argv(stack.http_port, engine)
+                argv = serve_argv(stack.http_port, [*engine, *(["--worker-processes"] if args.worker_processes else [])])
                 res["server_argv"] = argv[1:]
-                stack.spawn("server", argv)
+                server = stack.spawn("server", argv)
             stack.wait_ready(args.ready_timeout_s)
+            if args.worker_processes:
+                # The parent opens its HTTP port only once its worker child serves.
+                worker_pid = int(Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()[0])
             res["server_ready_s"] = time.monotonic() - t0
             assert stack.frontend_pid is not None
             res.update(run_client(stack.http_port, work, args.temperature, args.request_timeout_s, stack.frontend_pid,

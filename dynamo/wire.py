@@ -205,6 +205,93 @@ class TcpFrame(msgspec.Struct, array_like=True, tag=3):
 TcpMessage = TcpRequest | TcpCancel | TcpAck | TcpFrame
 
 
+# The hub (dynamo/runtime/hub.py): a parent process serves its in-memory discovery and event
+# plane to its own child processes over one local TCP connection each. Child -> parent calls
+# carry an `id` the parent's HubReply answers; pushes name the watch or subscription (`handle`,
+# the id of the call that opened it).
+
+
+class HubLease(msgspec.Struct, array_like=True, tag=10):
+    id: int
+    ttl_s: float
+    keep_alive: bool
+
+
+class HubRevoke(msgspec.Struct, array_like=True, tag=11):
+    id: int
+    lease_id: int
+
+
+class HubPut(msgspec.Struct, array_like=True, tag=12):
+    id: int
+    key: str
+    value: bytes
+    lease_id: int | None
+
+
+class HubDelete(msgspec.Struct, array_like=True, tag=13):
+    id: int
+    key: str
+
+
+class HubGet(msgspec.Struct, array_like=True, tag=14):
+    id: int
+    prefix: str
+
+
+class HubWatch(msgspec.Struct, array_like=True, tag=15):
+    id: int
+    prefix: str
+
+
+class HubSubscribe(msgspec.Struct, array_like=True, tag=16):
+    id: int
+    subject: str
+
+
+class HubClose(msgspec.Struct, array_like=True, tag=17):
+    """Child -> parent: close the watch or subscription `handle`."""
+
+    id: int
+    handle: int
+
+
+class HubPublish(msgspec.Struct, array_like=True, tag=18):
+    """Child -> parent, unanswered (a publish on NATS is not acknowledged either)."""
+
+    subject: str
+    payload: bytes
+
+
+class HubReply(msgspec.Struct, array_like=True, tag=19, omit_defaults=True):
+    """Parent -> child: call `id` succeeded (empty `error`) with `number` (a lease id) or
+    `values` (a prefix read), or failed."""
+
+    id: int
+    error: str = ""
+    number: int = 0
+    values: dict[str, bytes] = {}
+
+
+class HubWatchEvent(msgspec.Struct, array_like=True, tag=20, omit_defaults=True):
+    handle: int
+    kind: Literal["put", "delete"]
+    key: str
+    value: bytes = b""
+
+
+class HubMessage(msgspec.Struct, array_like=True, tag=21):
+    """Parent -> child: one event published on a subject subscription `handle` matches."""
+
+    handle: int
+    payload: bytes
+
+
+HubRequest = HubLease | HubRevoke | HubPut | HubDelete | HubGet | HubWatch | HubSubscribe | HubClose  # answered
+HubCall = HubRequest | HubPublish
+HubPush = HubReply | HubWatchEvent | HubMessage
+
+
 PoolingType = Literal["last", "mean", "cls"]
 
 
@@ -403,3 +490,5 @@ EMBEDDING_REQUEST_CODEC = Codec(EmbeddingRequest)
 EMBEDDING_OUTPUT_CODEC = Codec(EmbeddingOutput)
 # A union, not a Struct type: decoded by its tag (the first array element).
 TCP_MESSAGE_DECODER: msgspec.msgpack.Decoder[TcpMessage] = msgspec.msgpack.Decoder(TcpMessage)  # type: ignore[arg-type]
+HUB_CALL_DECODER: msgspec.msgpack.Decoder[HubCall] = msgspec.msgpack.Decoder(HubCall)  # type: ignore[arg-type]
+HUB_PUSH_DECODER: msgspec.msgpack.Decoder[HubPush] = msgspec.msgpack.Decoder(HubPush)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import sys
 from dataclasses import replace
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +21,7 @@ from dynamo.config import RuntimeConfig
 from dynamo.entry import SYSTEM_FLAGS, freeze_startup_objects, run, wait_for_shutdown
 from dynamo.flags import Flag, FlagGroup
 from dynamo.runtime import Runtime
+from dynamo.runtime.hub import hub_parent_runtime
 from dynamo.system_server import SystemServer, merged_registry
 from frontend.cli import add_args as add_frontend_args
 from frontend.cli import router_factory
@@ -27,12 +29,21 @@ from frontend.config import FrontendConfig
 from frontend.service import Frontend
 from workers.cli import add_model_args, add_worker_args, chosen_engine, default_model_dir, worker_config
 from workers.registry import engine_spec
-from workers.worker import Worker
+from serve.worker_process import ChildSpec, WorkerExited, WorkerProcess
+from workers.worker import Worker, WorkerConfig
 
 SERVE_FLAGS = FlagGroup(
     "serve",
     [
         Flag("--num-workers", "workers to run in this process", default=1, env="DYN_NUM_WORKERS", type=int),
+        Flag(
+            "--worker-processes",
+            "run each worker in a child process of its own (the frontend and router stay in this "
+            "one), so the engine loop and the HTTP path each get a core; no NATS or etcd needed",
+            default=False,
+            env="DYN_WORKER_PROCESSES",
+            type=bool,
+        ),
         Flag(
             "--num-prefill-workers",
             "prefill workers in this process; when > 0 the --num-workers workers become decode "
@@ -59,21 +70,29 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def worker_roles(args: argparse.Namespace) -> list[WorkerConfig]:
+    """One config per worker: --num-workers aggregated workers, or as many decode workers plus
+    --num-prefill-workers prefill workers."""
+    config = worker_config(args)
+    if args.num_prefill_workers <= 0:
+        return [config] * args.num_workers
+    assert config.disagg is not None
+    return [replace(config, role="decode")] * args.num_workers + [
+        replace(config, role="prefill", component=config.disagg.prefill_component)
+    ] * args.num_prefill_workers
+
+
 async def serve_all(args: argparse.Namespace) -> None:
     """Serve until SIGINT/SIGTERM, then drain the HTTP server and the workers."""
+    if args.worker_processes:
+        await serve_with_worker_processes(args)
+        return
     spec = engine_spec(args.engine)
     registry = CollectorRegistry()
     async with await Runtime.create(RuntimeConfig.from_args(args)) as runtime:
         async with contextlib.AsyncExitStack() as stack:
             workers: list[Worker] = []
-            config = worker_config(args)
-            roles = [config] * args.num_workers
-            if args.num_prefill_workers > 0:  # disaggregated: decode workers + prefill workers
-                assert config.disagg is not None
-                roles = [replace(config, role="decode")] * args.num_workers + [
-                    replace(config, role="prefill", component=config.disagg.prefill_component)
-                ] * args.num_prefill_workers
-            for i, role_config in enumerate(roles):
+            for i, role_config in enumerate(worker_roles(args)):
                 # Each worker needs its own lease (its instance id) on the shared planes.
                 worker_runtime = runtime if i == 0 else runtime.sibling()
                 if i > 0:
@@ -110,6 +129,52 @@ async def serve_all(args: argparse.Namespace) -> None:
             # --http-graceful-shutdown-s), then the workers, which then have nothing left.
             await frontend.stop()
             await asyncio.gather(*(w.drain(args.graceful_shutdown_timeout_s) for w in workers))
+
+
+async def serve_with_worker_processes(args: argparse.Namespace) -> None:
+    """The frontend and router here, each worker in a child process on this process's hub.
+    Exits with an error when a worker process dies: a server without its engine serves nothing."""
+    registry = CollectorRegistry()
+    runtime, hub = hub_parent_runtime(RuntimeConfig.from_args(args))
+    died: WorkerProcess | None = None
+    async with runtime, hub:
+        children = [WorkerProcess(ChildSpec(args, role, hub.address, i)) for i, role in enumerate(worker_roles(args))]
+        try:
+            # One at a time, as in one process: an engine sizing its KV cache from free GPU
+            # memory must see what the one before it took.
+            for child in children:
+                await child.start()
+            async with contextlib.AsyncExitStack() as stack:
+                frontend = await stack.enter_async_context(
+                    Frontend(runtime, FrontendConfig.from_args(args), router_factory(runtime, args, registry), registry=registry)
+                )
+                if args.system_port:
+                    # The frontend's and router's metrics; each worker's stay in its process.
+                    await stack.enter_async_context(
+                        SystemServer(args.system_host, args.system_port, registry, lambda: all(c.running for c in children))
+                    )
+                freeze_startup_objects()
+                died = await _shutdown_or_first_exit(children)
+                await frontend.stop()
+        except WorkerExited as exc:
+            raise SystemExit(str(exc)) from None
+        finally:
+            await asyncio.gather(*(c.stop(args.graceful_shutdown_timeout_s) for c in children))
+    if died is not None:
+        raise SystemExit(f"{died.label} exited unexpectedly; stopping")
+
+
+async def _shutdown_or_first_exit(children: list[WorkerProcess]) -> WorkerProcess | None:
+    """Wait for SIGINT/SIGTERM (None) or for a worker process to exit (that worker)."""
+    shutdown = asyncio.create_task(wait_for_shutdown())
+    exits: dict[asyncio.Future[Any], WorkerProcess] = {asyncio.create_task(c.wait()): c for c in children}
+    try:
+        done, _ = await asyncio.wait({shutdown, *exits}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (shutdown, *exits):
+            task.cancel()
+        await asyncio.gather(shutdown, *exits, return_exceptions=True)
+    return next((exits[t] for t in done if t in exits), None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -90,7 +90,7 @@ class EmbeddedRequestPlane(RequestPlane):
 # -------------------------------------------------------------------------------------- events
 
 
-class _EmbeddedSubscription(Subscription):
+class EmbeddedSubscription(Subscription):
     def __init__(self, plane: EmbeddedEventPlane, subject: str) -> None:
         self._plane = plane
         self.subject = subject
@@ -108,21 +108,33 @@ class _EmbeddedSubscription(Subscription):
         return item
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         self._plane._subs.discard(self)
         self.queue.put_nowait(None)
 
 
 class EmbeddedEventPlane(EventPlane):
     def __init__(self) -> None:
-        self._subs: set[_EmbeddedSubscription] = set()
+        self._subs: set[EmbeddedSubscription] = set()
+
+    # The *_now methods never wait; the hub (dynamo/runtime/hub.py) calls them inline so that
+    # its children's calls take effect in the order they arrived.
 
     async def publish(self, subject: str, payload: bytes) -> None:
+        self.publish_now(subject, payload)
+
+    def publish_now(self, subject: str, payload: bytes) -> None:
         for sub in list(self._subs):
             if sub.matches(subject):
                 sub.queue.put_nowait(payload)
 
     async def subscribe(self, subject: str) -> Subscription:
-        sub = _EmbeddedSubscription(self, subject)
+        return self.subscribe_now(subject)
+
+    def subscribe_now(self, subject: str) -> EmbeddedSubscription:
+        sub = EmbeddedSubscription(self, subject)
         self._subs.add(sub)
         return sub
 
@@ -134,7 +146,7 @@ class EmbeddedEventPlane(EventPlane):
 # ----------------------------------------------------------------------------------- discovery
 
 
-class _EmbeddedWatch(Watch):
+class EmbeddedWatch(Watch):
     def __init__(self, discovery: EmbeddedDiscovery, prefix: str) -> None:
         self._discovery = discovery
         self.prefix = prefix
@@ -147,6 +159,9 @@ class _EmbeddedWatch(Watch):
         return item
 
     async def close(self) -> None:
+        self.close_now()
+
+    def close_now(self) -> None:
         self._discovery._watches.discard(self)
         self.queue.put_nowait(None)
 
@@ -157,7 +172,7 @@ class EmbeddedDiscovery(Discovery):
     def __init__(self) -> None:
         self._data: dict[str, tuple[bytes, int | None]] = {}
         self._leases: dict[int, float] = {}  # lease id -> ttl_s
-        self._watches: set[_EmbeddedWatch] = set()
+        self._watches: set[EmbeddedWatch] = set()
         self._ids = itertools.count(uuid.uuid4().int & 0xFFFF_FFFF | 1 << 40)
 
     def _notify(self, event: WatchEvent) -> None:
@@ -165,7 +180,12 @@ class EmbeddedDiscovery(Discovery):
             if event.key.startswith(watch.prefix):
                 watch.queue.put_nowait(event)
 
+    # The *_now methods never wait: see EmbeddedEventPlane.
+
     async def create_lease(self, ttl_s: float, keep_alive: bool = True) -> int:
+        return self.create_lease_now(ttl_s)
+
+    def create_lease_now(self, ttl_s: float) -> int:
         lease_id = next(self._ids)
         self._leases[lease_id] = ttl_s
         # In one process nothing can stop the keep-alive except revoking, so no timer is armed;
@@ -185,20 +205,32 @@ class EmbeddedDiscovery(Discovery):
         self.expire_lease(lease_id)
 
     async def put(self, key: str, value: bytes, lease_id: int | None = None) -> None:
+        self.put_now(key, value, lease_id)
+
+    def put_now(self, key: str, value: bytes, lease_id: int | None = None) -> None:
         if lease_id is not None and lease_id not in self._leases:
             raise errors.DynamoError(f"lease {lease_id:x} does not exist")
         self._data[key] = (value, lease_id)
         self._notify(WatchEvent("put", key, value))
 
     async def delete(self, key: str) -> None:
+        self.delete_now(key)
+
+    def delete_now(self, key: str) -> None:
         if self._data.pop(key, None) is not None:
             self._notify(WatchEvent("delete", key))
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        return self.get_prefix_now(prefix)
+
+    def get_prefix_now(self, prefix: str) -> dict[str, bytes]:
         return {k: v for k, (v, _) in self._data.items() if k.startswith(prefix)}
 
     async def watch_prefix(self, prefix: str) -> Watch:
-        watch = _EmbeddedWatch(self, prefix)
+        return self.watch_prefix_now(prefix)
+
+    def watch_prefix_now(self, prefix: str) -> EmbeddedWatch:
+        watch = EmbeddedWatch(self, prefix)
         for key, (value, _) in sorted(self._data.items()):
             if key.startswith(prefix):
                 watch.queue.put_nowait(WatchEvent("put", key, value))

@@ -25,7 +25,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from typing import Literal
+from typing import Generic, Literal, TypeVar
 
 import msgspec
 
@@ -56,6 +56,9 @@ _READ_CHUNK = 1 << 16
 _HIGH_WATER = 4 << 20
 DRAIN_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 2.0
+
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 _ACKED = object()
 _TIMED_OUT = object()
@@ -126,20 +129,23 @@ def enable_keepalive(sock: socket.socket) -> None:
 # --------------------------------------------------------------------------------- connection
 
 
-class _Connection:
-    """One TCP connection carrying length-prefixed msgpack messages, either side.
+class FramedConnection(Generic[In, Out]):
+    """One TCP connection carrying length-prefixed msgpack messages, either side: the request
+    plane's (In and Out both TcpMessage) and the hub's (dynamo/runtime/hub.py).
 
-    `on_message` is called for every decoded message from the read task, `on_lost` once when the
-    connection ends for any reason (EOF, reset, protocol error, close())."""
+    `on_message` is called for every message `decoder` decodes, from the read task; `on_lost`
+    once when the connection ends for any reason (EOF, reset, protocol error, close())."""
 
     def __init__(
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        on_message: Callable[[TcpMessage], None],
+        on_message: Callable[[In], None],
         on_lost: Callable[[Exception], None],
         label: str,
+        decoder: msgspec.msgpack.Decoder[In],
     ) -> None:
+        self._decoder = decoder
         self._reader = reader
         self._writer = writer
         self._transport = writer.transport
@@ -161,7 +167,7 @@ class _Connection:
 
     # ---- writing
 
-    def send(self, message: TcpMessage) -> None:
+    def send(self, message: Out) -> None:
         """Queue one message; never blocks. Dropped if the connection is closed (its streams
         are failed or cancelled by `on_lost`)."""
         if self.closed:
@@ -220,7 +226,7 @@ class _Connection:
                     end = pos + 4 + length
                     if end > size:
                         break  # the rest of this frame is still on its way
-                    message = TCP_MESSAGE_DECODER.decode(buf[pos + 4 : end])
+                    message = self._decoder.decode(buf[pos + 4 : end])
                     pos = end
                     self._on_message(message)
                 if pos:
@@ -300,7 +306,9 @@ class _ServerConnection:
     def __init__(self, plane: TcpRequestPlane, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._plane = plane
         peer = writer.get_extra_info("peername")
-        self.conn = _Connection(reader, writer, self._on_message, self._on_lost, f"caller {peer}")
+        self.conn: FramedConnection[TcpMessage, TcpMessage] = FramedConnection(
+            reader, writer, self._on_message, self._on_lost, f"caller {peer}", TCP_MESSAGE_DECODER
+        )
         self._tasks: dict[int, tuple[asyncio.Task[None], RequestContext, _TcpServed]] = {}
 
     def _on_message(self, message: TcpMessage) -> None:
@@ -389,7 +397,9 @@ class _Peer:
         self.streams: dict[int, _TcpStream] = {}
         self.acks: dict[int, asyncio.Future[object]] = {}
         self._sids = itertools.count()
-        self.conn = _Connection(reader, writer, self._on_message, self._on_lost, f"worker {key[0]}:{key[1]}")
+        self.conn: FramedConnection[TcpMessage, TcpMessage] = FramedConnection(
+            reader, writer, self._on_message, self._on_lost, f"worker {key[0]}:{key[1]}", TCP_MESSAGE_DECODER
+        )
 
     def next_sid(self) -> int:
         return next(self._sids)
@@ -523,6 +533,10 @@ class TcpRequestPlane(RequestPlane):
     async def call(self, address: str, request_id: str, payload: bytes) -> ResponseStream:
         if self._closed:
             raise errors.InstanceUnavailable("the TCP request plane is closed")
+        if not address.startswith(SCHEME):
+            # A NATS subject: where this plane is the only one (the hub's processes), nobody
+            # serves it, which is what a caller must learn, as from NATS's "no responders".
+            raise errors.InstanceUnavailable(f"no server at {address} (not a TCP request-plane address)")
         host, port, name = parse_address(address)
         peer = await self._peer(host, port)
         sid = peer.next_sid()

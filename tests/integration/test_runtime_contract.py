@@ -1,6 +1,7 @@
-"""One contract, three backends: every test here runs on the embedded backend and on the
-distributed one (real nats-server and etcd) with requests over NATS and over direct TCP, so all
-keep the same semantics."""
+"""One contract, four backends: every test here runs on the embedded backend, on the hub (a
+parent's embedded planes served to runtimes that reach them over loopback TCP, as
+`dynamo.serve --worker-processes` children do) and on the distributed one (real nats-server and
+etcd) with requests over NATS and over direct TCP, so all keep the same semantics."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from dynamo import errors
 from dynamo.config import RuntimeConfig
 from dynamo.runtime import RequestContext, Runtime, WatchEvent
+from dynamo.runtime.hub import HubServer, hub_child_runtime, hub_parent_runtime
 
 pytestmark = pytest.mark.integration
 
@@ -23,15 +25,22 @@ WAIT_S = 5.0
 class Backend:
     """Makes runtimes that share one deployment (one namespace), as separate processes would."""
 
-    def __init__(self, config: RuntimeConfig) -> None:
+    def __init__(self, config: RuntimeConfig, name: str) -> None:
         self.config = config
-        self.name = config.backend
+        self.name = name
+        self._hub: HubServer | None = None
         self._runtimes: list[Runtime] = []
         self._root: Runtime | None = None
 
     async def runtime(self) -> Runtime:
         if self.config.backend == "distributed":
             rt = await Runtime.create(self.config)
+        elif self.name == "hub":
+            if self._hub is None:  # the first is the parent, every later one a child of its own
+                rt, self._hub = hub_parent_runtime(self.config)
+                await self._hub.start()
+            else:
+                rt = await hub_child_runtime(self.config, self._hub.address)
         elif self._root is None:
             rt = self._root = await Runtime.create(self.config)
         else:
@@ -42,9 +51,11 @@ class Backend:
     async def close(self) -> None:
         for rt in reversed(self._runtimes):
             await rt.shutdown()
+        if self._hub is not None:
+            await self._hub.close()
 
 
-@pytest.fixture(params=["embedded", "distributed-nats", "distributed-tcp"])
+@pytest.fixture(params=["embedded", "hub", "distributed-nats", "distributed-tcp"])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     namespace = f"t{uuid.uuid4().hex[:10]}"
     if request.param.startswith("distributed"):
@@ -60,7 +71,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         )
     else:
         config = RuntimeConfig(backend="embedded", namespace=namespace, lease_ttl_s=2.0)
-    b = Backend(config)
+    b = Backend(config, "hub" if request.param == "hub" else config.backend)
     try:
         yield b
     finally:
