@@ -12,17 +12,19 @@ import argparse
 import asyncio
 import contextlib
 import sys
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+import httpx
 from prometheus_client import CollectorRegistry
 
 from dynamo.config import RuntimeConfig
 from dynamo.entry import SYSTEM_FLAGS, freeze_startup_objects, run, wait_for_shutdown
 from dynamo.flags import Flag, FlagGroup
 from dynamo.runtime import Runtime
-from dynamo.runtime.hub import hub_parent_runtime
-from dynamo.system_server import SystemServer, merged_registry
+from dynamo.runtime.hub import LOOPBACK, hub_parent_runtime
+from dynamo.system_server import MetricSource, ScrapedMetrics, SystemServer, merged_registry
 from frontend.cli import add_args as add_frontend_args
 from frontend.cli import router_factory
 from frontend.config import FrontendConfig
@@ -149,10 +151,9 @@ async def serve_with_worker_processes(args: argparse.Namespace) -> None:
                     Frontend(runtime, FrontendConfig.from_args(args), router_factory(runtime, args, registry), registry=registry)
                 )
                 if args.system_port:
-                    # The frontend's and router's metrics; each worker's stay in its process.
-                    await stack.enter_async_context(
-                        SystemServer(args.system_host, args.system_port, registry, lambda: all(c.running for c in children))
-                    )
+                    # One page, as in one process: the frontend's and router's metrics, and each
+                    # worker child's, scraped from its loopback page at every scrape of this one.
+                    await stack.enter_async_context(worker_processes_system_server(args, registry, children))
                 freeze_startup_objects()
                 died = await _shutdown_or_first_exit(children)
                 await frontend.stop()
@@ -162,6 +163,31 @@ async def serve_with_worker_processes(args: argparse.Namespace) -> None:
             await asyncio.gather(*(c.stop(args.graceful_shutdown_timeout_s) for c in children))
     if died is not None:
         raise SystemExit(f"{died.label} exited unexpectedly; stopping")
+
+
+@contextlib.asynccontextmanager
+async def worker_processes_system_server(
+    args: argparse.Namespace, registry: CollectorRegistry, children: list[WorkerProcess]
+) -> AsyncIterator[SystemServer]:
+    scraped = [
+        (ScrapedMetrics(f"http://{LOOPBACK}:{c.metrics_port}/metrics"), {"worker_instance": f"{c.instance_id:x}"})
+        for c in children
+    ]
+    sources: list[tuple[MetricSource, dict[str, str]]] = [(registry, {}), *scraped]
+    async with httpx.AsyncClient() as client:
+
+        async def scrape_children() -> None:
+            await asyncio.gather(*(source.scrape(client) for source, _ in scraped))
+
+        server = SystemServer(
+            args.system_host,
+            args.system_port,
+            merged_registry(sources),
+            lambda: all(c.running for c in children),
+            before_scrape=scrape_children,
+        )
+        async with server:
+            yield server
 
 
 async def _shutdown_or_first_exit(children: list[WorkerProcess]) -> WorkerProcess | None:

@@ -10,7 +10,8 @@ HTTP servers. The child reaches the parent's discovery and events through the hu
 The parent side is `WorkerProcess`; the child side is this module's `main`. The parent hands the
 child its parsed arguments and role on stdin (a length-prefixed pickle: both ends are this
 program) and keeps stdin open: the child stops when it reads EOF, so a parent that dies, even
-by SIGKILL, takes its children with it. The child says it is serving with one line on stdout.
+by SIGKILL, takes its children with it. The child says it is serving with one line on stdout;
+when the parent serves /metrics, the child serves its own on loopback for the parent to merge.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from dataclasses import dataclass
 
 from dynamo.config import RuntimeConfig
 from dynamo.entry import freeze_startup_objects, run
-from dynamo.runtime.hub import HubDiscovery, hub_child_runtime
+from dynamo.runtime.hub import LOOPBACK, HubDiscovery, hub_child_runtime
+from dynamo.system_server import SystemServer
 from workers.registry import engine_spec
 from workers.worker import Worker, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-READY_LINE = b"dynamo-worker-process-ready\n"
+# The child's one line to its parent once it serves: this, its instance id (hex) and the port
+# of its loopback metrics page (0: none; the parent serves no system port).
+READY_PREFIX = b"dynamo-worker-process-ready "
 _LENGTH = struct.Struct(">Q")
 # A child asked to stop drains its requests for --graceful-shutdown-timeout-s; this much more is
 # left for it to close its engine before it is killed.
@@ -61,6 +65,8 @@ class WorkerProcess:
         self._proc: asyncio.subprocess.Process | None = None
         self._stdout_task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self.instance_id = 0
+        self.metrics_port = 0
 
     @property
     def label(self) -> str:
@@ -96,7 +102,9 @@ class WorkerProcess:
         """Wait for the ready line; anything else the child prints goes to this stdout."""
         assert self._proc is not None and self._proc.stdout is not None
         async for line in self._proc.stdout:
-            if line == READY_LINE and not self._ready.is_set():
+            if line.startswith(READY_PREFIX) and not self._ready.is_set():
+                instance, port = line[len(READY_PREFIX) :].split()
+                self.instance_id, self.metrics_port = int(instance, 16), int(port)
                 self._ready.set()
             else:
                 sys.stdout.buffer.write(line)
@@ -191,9 +199,15 @@ async def serve_child(spec: ChildSpec) -> None:
     config = RuntimeConfig.from_args(args)
     async with await hub_child_runtime(config, spec.hub_address) as runtime:
         engine = engine_spec(args.engine).create(argparse.Namespace(**{**vars(args), "role": spec.role.role}))
-        async with Worker(runtime, engine, spec.role) as worker:
+        async with Worker(runtime, engine, spec.role) as worker, contextlib.AsyncExitStack() as stack:
+            metrics_port = 0
+            if args.system_port:
+                # The parent's /metrics scrapes this page (loopback, an ephemeral port) and
+                # labels its samples with this worker's instance, as in one process.
+                system = SystemServer(LOOPBACK, 0, worker.registry, worker.ready)
+                metrics_port = (await stack.enter_async_context(system)).bound_port
             freeze_startup_objects()
-            sys.stdout.buffer.write(READY_LINE)
+            sys.stdout.buffer.write(READY_PREFIX + f"{worker.instance_id:x} {metrics_port}\n".encode())
             sys.stdout.flush()
             assert isinstance(runtime.discovery, HubDiscovery)
             reason = await _until_told_to_stop(runtime.discovery.lost)

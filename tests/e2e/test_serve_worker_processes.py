@@ -20,8 +20,11 @@ from tests.e2e.procs import (
     Stack,
     base_env,
     free_port,
+    http_ok,
     in_networks,
     listening_sockets,
+    metric_samples,
+    metric_sum,
     wait_ready,
     wait_until,
 )
@@ -57,8 +60,13 @@ def start(tmp: Path, *args: str) -> tuple[Proc, str]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[Proc, str]]:
-    proc, base = start(tmp_path, "--engine", "mocker", "--num-workers", "2")
+def system_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def server(tmp_path: Path, system_port: int) -> Iterator[tuple[Proc, str]]:
+    proc, base = start(tmp_path, "--engine", "mocker", "--num-workers", "2", "--system-port", str(system_port))
     try:
         yield proc, base
     finally:
@@ -85,6 +93,21 @@ def test_requests_reach_worker_processes_over_loopback(server: tuple[Proc, str])
         listening = listening_sockets(pid)
         assert listening, f"pid {pid} listens on nothing"
         assert all(in_networks(host, []) for host, _ in listening), listening
+
+
+def test_one_metrics_page_carries_every_worker_process(server: tuple[Proc, str], system_port: int) -> None:
+    proc, base = server
+    for _ in range(4):
+        client(base).completions.create(model=MODEL, prompt="hi", max_tokens=5)
+    page = f"http://{LOOPBACK}:{system_port}/metrics"
+    # Each child's samples, labelled with its instance, beside the frontend's own.
+    served = metric_samples(page, "dynamo_worker_output_tokens_total")
+    assert served is not None, proc.log()
+    instances = {key.split('worker_instance="')[1].split('"')[0] for key in served}
+    assert len(instances) == 2, served
+    assert sum(served.values()) == 20
+    assert metric_sum(page, "dynamo_frontend_requests_total") is not None
+    assert http_ok(f"http://{LOOPBACK}:{system_port}/ready")
 
 
 def test_a_dead_worker_process_stops_the_server(server: tuple[Proc, str]) -> None:

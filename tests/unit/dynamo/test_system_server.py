@@ -7,9 +7,9 @@ import socket
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from dynamo.system_server import SystemServer, merged_registry
+from dynamo.system_server import ScrapedMetrics, SystemServer, merged_registry
 from tests.infra import free_port
 
 
@@ -24,6 +24,31 @@ def test_merged_registry_labels_each_source_and_merges_families() -> None:
     assert 'dynamo_kvbm_blocks_used{tier="host",worker_instance="a"} 5.0' in text
     assert 'dynamo_kvbm_blocks_used{tier="host",worker_instance="b"} 7.0' in text
     assert text.count("# TYPE dynamo_kvbm_blocks_used gauge") == 1  # one family, two samples
+
+
+async def test_scraped_pages_merge_like_registries() -> None:
+    """A worker child's page, fetched over HTTP and parsed, lands on the parent's page as the
+    same families an in-process worker's registry would give: counters, gauges, histograms."""
+    worker, parent = CollectorRegistry(), CollectorRegistry()
+    Counter("dynamo_worker_output_tokens", "tokens", ["model"], registry=worker).labels("m").inc(7)
+    Histogram("dynamo_worker_step_seconds", "steps", registry=worker).observe(0.3)
+    Counter("dynamo_router_decisions", "decisions", registry=parent).inc()
+    port = free_port()
+    async with SystemServer("127.0.0.1", 0, worker, lambda: True) as child:
+        scraped = ScrapedMetrics(f"http://127.0.0.1:{child.bound_port}/metrics")
+        merged = merged_registry([(parent, {}), (scraped, {"worker_instance": "a"})])
+        async with httpx.AsyncClient() as client:
+            async with SystemServer("127.0.0.1", port, merged, lambda: True, before_scrape=lambda: scraped.scrape(client)):
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+    assert 'dynamo_worker_output_tokens_total{model="m",worker_instance="a"} 7.0' in text
+    assert 'dynamo_worker_step_seconds_count{worker_instance="a"} 1.0' in text
+    assert "dynamo_router_decisions_total 1.0" in text
+    assert text.count("# TYPE dynamo_worker_output_tokens_total counter") == 1
+    # A page that cannot be fetched gives nothing rather than failing the parent's scrape.
+    gone = ScrapedMetrics(f"http://127.0.0.1:{free_port()}/metrics", timeout_s=1.0)
+    async with httpx.AsyncClient() as client:
+        await gone.scrape(client)
+    assert list(gone.collect()) == []
 
 
 async def test_serves_health_ready_and_metrics() -> None:
