@@ -137,6 +137,9 @@ async def serve_with_worker_processes(args: argparse.Namespace) -> None:
     """The frontend and router here, each worker in a child process on this process's hub.
     Exits with an error when a worker process dies: a server without its engine serves nothing."""
     registry = CollectorRegistry()
+    if getattr(args, "kv_transfer_host", None) is None:
+        # Disaggregated children move KV between each other, never off this machine.
+        args = argparse.Namespace(**{**vars(args), "kv_transfer_host": LOOPBACK})
     runtime, hub = hub_parent_runtime(RuntimeConfig.from_args(args))
     died: WorkerProcess | None = None
     async with runtime, hub:

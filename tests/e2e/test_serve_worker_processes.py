@@ -142,24 +142,38 @@ def test_sigterm_drains_and_exits_cleanly(server: tuple[Proc, str]) -> None:
     assert "stopping: SIGTERM" in proc.log()
 
 
-def test_builtin_engine_in_a_worker_process_answers_as_in_process(tmp_path: Path) -> None:
-    """The same greedy completions from the built-in engine in the server and in a child."""
+def test_builtin_engine_in_worker_processes_answers_as_in_process(tmp_path: Path) -> None:
+    """The same greedy completions from the built-in engine in the server, in a child, and
+    disaggregated over two children (every prompt prefilled by the prefill child, its KV pulled
+    by the decode child over loopback)."""
     prompts = ["The for statement", "def main():"]
-    answers = []
-    for i, extra in enumerate(([], ["--worker-processes"])):
+    setups = {
+        "one process": [],
+        "worker process": ["--worker-processes"],
+        "disaggregated": ["--worker-processes", "--num-prefill-workers", "1", "--disagg-min-prefill-tokens", "1",
+                          "--log-level", "DEBUG"],
+    }
+    answers = {}
+    for i, (name, extra) in enumerate(setups.items()):
         stack = Stack(tmp_path, base_env(OMP_NUM_THREADS="1"))
         port = free_port()
         proc = stack.start(f"serve{i}", "dynamo.serve", "--http-port", str(port), "--engine", "builtin", *extra)
         base = f"http://{LOOPBACK}:{port}"
         try:
             wait_ready(proc, base, 120)
-            answers.append(
-                [client(base).completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0).choices[0].text for p in prompts]
-            )
+            answers[name] = [
+                client(base).completions.create(model=MODEL, prompt=p, max_tokens=10, temperature=0).choices[0].text
+                for p in prompts
+            ]
         finally:
             stack.stop_all()
-    assert answers[0] == answers[1]
-    assert all(answers[0])
+        if name == "disaggregated":
+            log = proc.log_path.read_text(errors="replace")
+            assert log.count("prefilled on worker") >= len(prompts), proc.log()
+            assert "over host" in log and "KV transfer agent on 127.0.0.1:" in log
+    assert answers["worker process"] == answers["one process"]
+    assert answers["disaggregated"] == answers["one process"]
+    assert all(answers["one process"])
 
 
 def test_a_worker_that_cannot_start_fails_the_server(tmp_path: Path) -> None:
