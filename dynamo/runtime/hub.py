@@ -74,7 +74,7 @@ class _ChildConnection:
         )
         self._leases: set[int] = set()  # kept-alive leases, revoked when the child goes
         self._feeds: dict[int, EmbeddedWatch | EmbeddedSubscription] = {}
-        self._forwarders: set[asyncio.Task[None]] = set()
+        self.forwarders: set[asyncio.Task[None]] = set()
 
     def _on_message(self, call: HubCall) -> None:
         if isinstance(call, HubPublish):
@@ -117,8 +117,8 @@ class _ChildConnection:
 
     def _spawn(self, forwarder: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(forwarder)
-        self._forwarders.add(task)
-        task.add_done_callback(self._forwarders.discard)
+        self.forwarders.add(task)
+        task.add_done_callback(self.forwarders.discard)
 
     async def _forward_watch(self, handle: int, watch: EmbeddedWatch) -> None:
         async for event in watch:
@@ -166,8 +166,9 @@ class HubServer:
             self._server = None
         children = list(self._children)
         for child in children:
-            child.conn.close(errors.StreamBroken("the hub closed"))
+            child.conn.close(errors.StreamBroken("the hub closed"))  # ends its forwarders' feeds
         await asyncio.gather(*(child.conn.wait_closed() for child in children))
+        await asyncio.gather(*(task for child in children for task in list(child.forwarders)))
 
     async def __aenter__(self) -> HubServer:
         await self.start()
