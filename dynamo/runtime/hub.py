@@ -342,14 +342,20 @@ class HubDiscovery(Discovery):
         reply = await self._client.call(HubLease(self._client.next_id(), ttl_s, keep_alive))
         return reply.number
 
+    # Once the connection is gone, the parent has already dropped this child's kept-alive
+    # leases and their keys (or is gone itself): revoking and deleting have nothing left to do,
+    # and a child shutting down after its parent should not report them as failures.
+
     async def revoke_lease(self, lease_id: int) -> None:
-        await self._client.call(HubRevoke(self._client.next_id(), lease_id))
+        if not self._client.closed:
+            await self._client.call(HubRevoke(self._client.next_id(), lease_id))
 
     async def put(self, key: str, value: bytes, lease_id: int | None = None) -> None:
         await self._client.call(HubPut(self._client.next_id(), key, value, lease_id))
 
     async def delete(self, key: str) -> None:
-        await self._client.call(HubDelete(self._client.next_id(), key))
+        if not self._client.closed:
+            await self._client.call(HubDelete(self._client.next_id(), key))
 
     async def get_prefix(self, prefix: str) -> dict[str, bytes]:
         reply = await self._client.call(HubGet(self._client.next_id(), prefix))
