@@ -211,4 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser(argv).parse_args(argv)
     if args.num_workers < 1:
         raise SystemExit("--num-workers must be at least 1")
+    if args.worker_processes and args.runtime != "embedded":
+        # The children live on this process's hub; on NATS and etcd, workers are processes of
+        # their own already.
+        raise SystemExit("--worker-processes needs the embedded runtime; with --runtime distributed run dynamo.worker processes")
     run(lambda: serve_all(args), args)

@@ -137,3 +137,17 @@ def test_planner_imports_only_the_runtime() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
                 assert not node.module.startswith(("workers", "frontend", "serve", "router", "kvbm")), path
+
+
+def test_worker_processes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve.cli import build_parser, main
+
+    monkeypatch.delenv("DYN_WORKER_PROCESSES", raising=False)
+    argv = ["--engine", "mocker"]
+    assert build_parser(argv).parse_args(argv).worker_processes is False
+    assert build_parser(argv).parse_args([*argv, "--worker-processes"]).worker_processes is True
+    monkeypatch.setenv("DYN_WORKER_PROCESSES", "1")
+    assert build_parser(argv).parse_args(argv).worker_processes is True
+    # Children live on the parent's hub, which the distributed runtime does not have.
+    with pytest.raises(SystemExit, match="embedded runtime"):
+        main([*argv, "--runtime", "distributed"])
