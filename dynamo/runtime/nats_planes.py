@@ -13,6 +13,8 @@ import itertools
 import logging
 import socket
 import ssl
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,8 +37,8 @@ from dynamo.runtime.planes import (
     Subscription,
 )
 from dynamo.runtime.streaming import FrameStream, run_handler
-from dynamo.runtime.tcp_plane import enable_keepalive
-from dynamo.wire import ENVELOPE_CODEC, FRAME_CODEC, RequestEnvelope, StreamFrame, encode
+from dynamo.runtime.tcp_plane import DEAD_PEER_S, enable_keepalive
+from dynamo.wire import ENVELOPE_CODEC, FRAME_CODEC, FRAME_ERROR, RequestEnvelope, StreamFrame, encode
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ _MUX_PENDING_BYTES = 1 << 30
 # cannot come. nats-py's defaults (120 s, 2) took 4-6 minutes.
 PING_INTERVAL_S = 2.0
 PING_MAX_OUTSTANDING = 2
+# Frames a server published this long before its connection was declared dead may have gone
+# down with it: the stale check's pings, then closing the old socket (bounded by DEAD_PEER_S),
+# twice over for a loaded event loop.
+SUSPECT_S = 2 * ((PING_MAX_OUTSTANDING + 1) * PING_INTERVAL_S + DEAD_PEER_S)
 
 
 class NatsConnection:
@@ -270,6 +276,9 @@ class _NatsServed(Served):
         # Keyed by the caller's inbox, which is unique per call (request ids may repeat when a
         # request migrates), so a cancel names exactly one stream.
         self._tasks: dict[str, tuple[asyncio.Task[None], RequestContext]] = {}
+        # (finished at, reply_to, the seq after its last frame) of streams that ended recently:
+        # those that ended within SUSPECT_S of a disconnect are told after the reconnect.
+        self._finished: deque[tuple[float, str, int]] = deque()
         self._stopped = False
 
     @property
@@ -303,19 +312,64 @@ class _NatsServed(Served):
         reply_to = envelope.reply_to
         max_payload = nc.max_payload
 
+        next_seq = 0
+
         async def send(frame: StreamFrame) -> None:
+            nonlocal next_seq
             data = encode(frame)
             if len(data) > max_payload:
                 # run_handler turns this into an error frame, which does fit.
                 raise _too_large("response frame", len(data), max_payload)
             await nc.publish(reply_to, data)
+            next_seq = frame.seq + 1
 
         try:
             await run_handler(self._handler, envelope.payload, ctx, send)
         except nats_errors.Error as exc:
-            # The connection is closed or its outbound buffer is full while reconnecting:
-            # the caller's stream is aborted on its side when its connection drops.
+            # The connection is closed or its outbound buffer is full while reconnecting: the
+            # caller learns it from the frame sent after the reconnect (stream_lost).
             log.warning("could not send response of request %s: %r", ctx.request_id, exc)
+        finally:
+            self._note_finished(reply_to, next_seq)
+
+    def _note_finished(self, reply_to: str, next_seq: int) -> None:
+        now = time.monotonic()
+        finished = self._finished
+        finished.append((now, reply_to, next_seq))
+        # While disconnected every entry is kept: they are the ones to tell after the
+        # reconnect (no request arrives meanwhile, so they are at most the streams in flight).
+        if self._nc.is_connected:
+            while finished and finished[0][0] < now - SUSPECT_S:
+                finished.popleft()
+
+    async def streams_lost(self, disconnected_at: float) -> int:
+        """After a reconnect: what this server published on its old connection in the last
+        SUSPECT_S before the disconnect was noticed, and what it could not publish since, may be
+        lost, and NATS core does not say. A stream whose last frames went down with it would
+        wait for them forever: its caller has no other way to learn that the stream ended. So
+        each stream that ended since then gets one more frame, an error right after its last
+        one. A caller that had every frame has finished the stream and drops it unread; one
+        that missed some sees a gap or the error, and fails the stream (StreamBroken: it may
+        migrate). Streams still running need nothing: their next frame shows any gap. Returns
+        how many were told."""
+        since = disconnected_at - SUSPECT_S
+        told = 0
+        for finished_at, reply_to, next_seq in list(self._finished):
+            if finished_at < since:
+                continue
+            frame = StreamFrame(
+                next_seq, FRAME_ERROR, code=errors.StreamBroken.code,
+                error=f"the worker at {self.address} lost its NATS connection while this stream ended; "
+                      "its last frames may be lost",
+            )
+            try:
+                await self._nc.publish(reply_to, encode(frame))
+            except nats_errors.Error as exc:  # disconnected again: the next reconnect tells them
+                log.debug("could not tell %s its stream may have lost frames: %r", reply_to, exc)
+                return told
+            told += 1
+        self._finished.clear()
+        return told
 
     async def _on_cancel(self, msg: Msg) -> None:
         entry = self._tasks.get(msg.data.decode())
@@ -395,7 +449,9 @@ class NatsRequestPlane(RequestPlane):
         self._tokens = itertools.count()
         self._mux: NatsSub | None = None
         self._closed = False
+        self._disconnected_at: float | None = None
         conn.on_disconnect(self._connection_lost)
+        conn.on_reconnect(self._reconnected)
 
     @classmethod
     async def create(cls, conn: NatsConnection, *, ack_timeout_s: float) -> NatsRequestPlane:
@@ -437,10 +493,28 @@ class NatsRequestPlane(RequestPlane):
             stream.abort(errors.StreamBroken(f"malformed response frame for {stream.request_id}: {exc}"))
 
     def _connection_lost(self) -> None:
+        if self._disconnected_at is None:  # the first of an outage's failed attempts
+            self._disconnected_at = time.monotonic()
         # NATS core does not redeliver what was published while we were away: a stream that
         # outlived the disconnect may have lost frames, so fail it now rather than hang.
         for stream in list(self._streams.values()):
             stream.abort(errors.StreamBroken(f"NATS connection lost during request {stream.request_id}"))
+
+    def _reconnected(self) -> None:
+        disconnected_at, self._disconnected_at = self._disconnected_at, None
+        if disconnected_at is None or self._closed or not self._served:
+            return
+        task = asyncio.ensure_future(self._tell_streams_lost(disconnected_at))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _tell_streams_lost(self, disconnected_at: float) -> None:
+        told = 0
+        for served in list(self._served.values()):
+            told += await served.streams_lost(disconnected_at)
+        if told:
+            log.warning("told the callers of %d streams that ended around the NATS outage that "
+                        "their last frames may be lost", told)
 
     async def serve(self, address: str, handler: Handler) -> Served:
         if address in self._served:

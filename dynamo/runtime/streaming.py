@@ -138,8 +138,10 @@ class FrameStream(ResponseStream):
         if item.seq != self._next_seq:
             self._finish()
             await self._cancel_remote()
+            # An error frame after a gap may say why the frames were lost.
+            why = f" ({item.error})" if item.kind == FRAME_ERROR and item.error else ""
             raise errors.StreamBroken(
-                f"response stream {self.request_id} lost frames: expected {self._next_seq}, got {item.seq}"
+                f"response stream {self.request_id} lost frames: expected {self._next_seq}, got {item.seq}{why}"
             )
         self._next_seq += 1
         if item.kind == FRAME_DATA:

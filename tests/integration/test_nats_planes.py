@@ -221,6 +221,101 @@ async def test_connection_loss_breaks_streams_then_reconnects(private_nats: Serv
         await server.close()
 
 
+class LinkToNats:
+    """A TCP link between one client and nats-server that can be cut: while cut, both
+    directions are read and dropped, as a partition drops packets, so the client's writes
+    succeed and vanish and its pings go unanswered; new connections are taken and dropped
+    alike. Connections made after the heal are forwarded; ones that lived through a cut stay
+    dead, as their peers' state has diverged."""
+
+    def __init__(self, upstream: str) -> None:
+        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut = False
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        return f"nats://127.0.0.1:{port}"
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        if self.cut:
+            await self._pump(reader, None, dead=[True])
+            return
+        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        self._writers.append(up_writer)
+        dead = [False]
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(src, dst, dead))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter | None, dead: list[bool]) -> None:
+        while data := await src.read(65536):
+            dead[0] = dead[0] or self.cut
+            if dst is not None and not dead[0]:
+                dst.write(data)
+                await dst.drain()
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def test_a_stream_whose_last_frames_a_cut_link_lost_fails_after_the_reconnect(
+    private_nats: ServerProcess, fastpath: bool
+) -> None:
+    """The serving side's link to NATS is cut just as its handler sends its last frames and
+    ends: those frames vanish, and nothing of the stream follows them. After the heal and its
+    reconnect the server tells the stream's caller, who fails the stream (StreamBroken) rather
+    than wait for frames that cannot come. A stream that ended whole before the cut is not
+    touched."""
+    link = LinkToNats(private_nats.url)
+    server_conn = await connect(await link.start(), fastpath)
+    caller_conn = await connect(private_nats.url, fastpath)
+    lost, back = asyncio.Event(), asyncio.Event()
+    server_conn.on_disconnect(lost.set)
+    server_conn.on_reconnect(back.set)
+    server = await NatsRequestPlane.create(server_conn, ack_timeout_s=1.0)
+    caller = await NatsRequestPlane.create(caller_conn, ack_timeout_s=1.0)
+    go = asyncio.Event()
+
+    async def two_parts(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        if payload == b"wait":
+            await go.wait()
+        yield b"last"
+
+    try:
+        addr = address()
+        await server.serve(addr, two_parts)
+        whole = await caller.call(addr, "r-whole", b"")
+        assert [item async for item in whole] == [b"first", b"last"]
+        stream = await caller.call(addr, "r-cut", b"wait")
+        assert await anext(stream) == b"first"
+
+        link.cut = True
+        go.set()  # "last" and the end frame go into the cut link
+        await asyncio.wait_for(lost.wait(), 20)  # the stale-connection check: 4-6 s of pings
+        link.cut = False
+        await asyncio.wait_for(back.wait(), 20)
+        with pytest.raises(errors.StreamBroken, match="lost frames: expected 1, got 3 .*lost its NATS connection"):
+            await asyncio.wait_for(anext(stream), 10)
+    finally:
+        await caller.close()
+        await server.close()
+        await link.close()
+
+
 async def test_an_event_published_right_after_subscribe_is_delivered(nats_server: str) -> None:
     """subscribe() returns once the server has the interest, as the embedded plane promises."""
     pub_conn, sub_conn = await connect(nats_server), await connect(nats_server)

@@ -408,7 +408,9 @@ async def test_worker_cut_from_nats(fleet: Fleet) -> None:
     frames ride on it: the frontends cannot tell a silent worker from a slow one, so w1's
     streams pause for the cut; w1 detects its dead connection (pings), reconnects after the
     heal, and what its old connection held is lost: those streams end with a sequence gap,
-    migrated or cleanly errored. None may hang."""
+    migrated or cleanly errored. A stream whose last frames were lost has no later frame to
+    show the gap: w1 tells its caller after the reconnect (nats_planes.SUSPECT_S). None may
+    hang."""
     cut = [("w1", "nats")]
     w1 = fleet.workers["w1"]
 
