@@ -450,6 +450,7 @@ class NatsRequestPlane(RequestPlane):
         self._mux: NatsSub | None = None
         self._closed = False
         self._disconnected_at: float | None = None
+        self._reachability_listeners: list[Callable[[bool], None]] = []
         conn.on_disconnect(self._connection_lost)
         conn.on_reconnect(self._reconnected)
 
@@ -492,9 +493,14 @@ class NatsRequestPlane(RequestPlane):
         except msgspec.DecodeError as exc:
             stream.abort(errors.StreamBroken(f"malformed response frame for {stream.request_id}: {exc}"))
 
+    def on_reachability(self, listener: Callable[[bool], None]) -> None:
+        self._reachability_listeners.append(listener)
+
     def _connection_lost(self) -> None:
         if self._disconnected_at is None:  # the first of an outage's failed attempts
             self._disconnected_at = time.monotonic()
+            for listener in self._reachability_listeners:
+                listener(False)
         # NATS core does not redeliver what was published while we were away: a stream that
         # outlived the disconnect may have lost frames, so fail it now rather than hang.
         for stream in list(self._streams.values()):
@@ -502,7 +508,11 @@ class NatsRequestPlane(RequestPlane):
 
     def _reconnected(self) -> None:
         disconnected_at, self._disconnected_at = self._disconnected_at, None
-        if disconnected_at is None or self._closed or not self._served:
+        if disconnected_at is None or self._closed:
+            return
+        for listener in self._reachability_listeners:
+            listener(True)
+        if not self._served:
             return
         task = asyncio.ensure_future(self._tell_streams_lost(disconnected_at))
         self._background.add(task)

@@ -112,6 +112,12 @@ class RequestPlane(ABC):
         """Send a request; returns once the server accepted it.
         Raises InstanceUnavailable when nobody serves `address`."""
 
+    def on_reachability(self, listener: Callable[[bool], None]) -> None:
+        """`listener(False)` once callers can no longer reach what this plane serves (its
+        link to a broker was found dead), `listener(True)` once they can again. A plane that
+        callers reach directly never calls it: a caller finds a dead server itself."""
+        return None
+
     async def close(self) -> None:
         return None
 

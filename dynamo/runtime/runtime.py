@@ -4,7 +4,9 @@ whichever backend (embedded or distributed) provides the planes.
 An instance is one server of an endpoint; it registers under the runtime's lease, so when the
 process dies its registrations vanish within the lease TTL and every client forgets it. If the
 lease is lost while the process lives (an etcd outage longer than the TTL), the runtime grants a
-new one and re-puts every registration under it, keeping the same instance id.
+new one and re-puts every registration under it, keeping the same instance id. If callers cannot
+reach its instances while its lease lives (its link to NATS is down, where it serves on NATS),
+it withdraws them from discovery until they can.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ from dynamo.runtime.planes import (
 from dynamo.wire import INSTANCE_CODEC, InstanceInfo, encode
 
 log = logging.getLogger(__name__)
+
+# How long the request plane may stay unreachable before this runtime's instances are withdrawn
+# from discovery. An instance callers cannot reach while its lease lives would take requests
+# that wait out the ack timeout, and its callers' streams would wait for it as long as the
+# outage lasts; withdrawn, it is dropped at once and its streams migrate. Shorter outages keep
+# it registered: withdrawing costs routers their view of its cache.
+WITHDRAW_AFTER_S = 10.0
 
 INSTANCES_ROOT = "v1/instances/"
 
@@ -76,6 +85,10 @@ class Runtime:
         self._lease_owners: dict[int, Runtime] = {}
         if owns_planes and hasattr(discovery, "on_lease_lost"):
             discovery.on_lease_lost = self._dispatch_lease_lost  # type: ignore[attr-defined]
+        # Instance keys taken out of discovery while callers cannot reach them.
+        self._withdrawn: set[str] = set()
+        self._reachability: asyncio.Task[None] | None = None
+        requests.on_reachability(self._reachability_changed)
 
     @classmethod
     async def create(cls, config: RuntimeConfig) -> Runtime:
@@ -130,6 +143,53 @@ class Runtime:
         self._registrations.pop(key, None)
         await self.discovery.delete(key)
 
+    def _reachability_changed(self, reachable: bool) -> None:
+        if self._closing:
+            return
+        previous = self._reachability
+        if previous is not None:
+            previous.cancel()  # a withdrawal not yet due, or a restore the outage overtook
+        self._reachability = asyncio.ensure_future(
+            self._restore(previous) if reachable else self._withdraw_after(WITHDRAW_AFTER_S, previous)
+        )
+
+    async def _withdraw_after(self, delay_s: float, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        await asyncio.sleep(delay_s)  # the grace an outage gets before callers are told
+        keys = [served.key for served in self._served if served.key in self._registrations]
+        for key in keys:
+            try:
+                await self.discovery.delete(key)
+            except errors.DynamoError as exc:  # etcd gone too: the lease expires instead
+                log.warning("could not withdraw %s: %s", key, exc)
+                continue
+            self._withdrawn.add(key)
+        if keys:
+            log.warning("instance %x withdrawn from discovery: callers have not reached it for %.0fs "
+                        "(its request plane's link is down); it comes back when the link does",
+                        self._instance_id or 0, delay_s)
+
+    async def _restore(self, previous: asyncio.Task[None] | None) -> None:
+        if previous is not None:
+            await asyncio.gather(previous, return_exceptions=True)
+        delay_s = 0.2
+        while self._withdrawn and not self._closing:
+            try:
+                lease_id = await self.primary_lease()
+                for key in sorted(self._withdrawn):
+                    value = self._registrations.get(key)
+                    if value is not None:  # not deregistered meanwhile
+                        await self.discovery.put(key, value, lease_id=lease_id)
+                    self._withdrawn.discard(key)
+            except errors.DynamoError as exc:
+                log.warning("restoring instance %x to discovery failed (%s); retrying in %.1fs",
+                            self._instance_id or 0, exc, delay_s)
+                await asyncio.sleep(delay_s)  # retry backoff while etcd is unreachable
+                delay_s = min(delay_s * 2, 5.0)
+                continue
+            log.warning("instance %x is reachable again and back in discovery", self._instance_id or 0)
+
     async def _dispatch_lease_lost(self, lease_id: int) -> None:
         owner = self._lease_owners.pop(lease_id, None)
         if owner is not None:
@@ -146,7 +206,8 @@ class Runtime:
             try:
                 new_lease = await self.primary_lease()
                 for key, value in list(self._registrations.items()):
-                    await self.discovery.put(key, value, lease_id=new_lease)
+                    if key not in self._withdrawn:  # put back when it is reachable again
+                        await self.discovery.put(key, value, lease_id=new_lease)
             except errors.DynamoError as exc:
                 log.warning("re-registering instance %x after losing lease %x failed (%s); retrying in %.1fs",
                             self._instance_id or 0, lease_id, exc, delay_s)
@@ -170,6 +231,9 @@ class Runtime:
 
     async def shutdown(self) -> None:
         self._closing = True
+        if self._reachability is not None:
+            self._reachability.cancel()
+            await asyncio.gather(self._reachability, return_exceptions=True)
         for served in reversed(self._served):
             await served.stop()
         self._served.clear()

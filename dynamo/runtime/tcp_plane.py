@@ -614,6 +614,10 @@ class SchemeRequestPlane(RequestPlane):
             return await self.tcp.call(address, request_id, payload)
         return await self.nats.call(address, request_id, payload)
 
+    def on_reachability(self, listener: Callable[[bool], None]) -> None:
+        if self.serve_on != "tcp":  # the NATS link matters to callers only where we serve on it
+            self.nats.on_reachability(listener)
+
     async def close(self) -> None:
         try:
             await self.tcp.close()

@@ -20,7 +20,7 @@ from dynamo.runtime import nats_fastpath, nats_planes
 from dynamo.runtime.nats_fastpath import DirectClient
 from dynamo.runtime.nats_planes import NatsConnection, NatsEventPlane, NatsRequestPlane
 from dynamo.runtime.planes import RequestContext
-from tests.infra import ServerProcess, free_port, start_nats
+from tests.infra import LinkToNats, ServerProcess, free_port, start_nats
 
 pytestmark = pytest.mark.integration
 
@@ -219,56 +219,6 @@ async def test_connection_loss_breaks_streams_then_reconnects(private_nats: Serv
     finally:
         await caller.close()
         await server.close()
-
-
-class LinkToNats:
-    """A TCP link between one client and nats-server that can be cut: while cut, both
-    directions are read and dropped, as a partition drops packets, so the client's writes
-    succeed and vanish and its pings go unanswered; new connections are taken and dropped
-    alike. Connections made after the heal are forwarded; ones that lived through a cut stay
-    dead, as their peers' state has diverged."""
-
-    def __init__(self, upstream: str) -> None:
-        host, port = upstream.removeprefix("nats://").rsplit(":", 1)
-        self.upstream = (host, int(port))
-        self.cut = False
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> str:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        return f"nats://127.0.0.1:{port}"
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.append(writer)
-        if self.cut:
-            await self._pump(reader, None, dead=[True])
-            return
-        up_reader, up_writer = await asyncio.open_connection(*self.upstream)
-        self._writers.append(up_writer)
-        dead = [False]
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            task = asyncio.create_task(self._pump(src, dst, dead))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _pump(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter | None, dead: list[bool]) -> None:
-        while data := await src.read(65536):
-            dead[0] = dead[0] or self.cut
-            if dst is not None and not dead[0]:
-                dst.write(data)
-                await dst.drain()
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def test_a_stream_whose_last_frames_a_cut_link_lost_fails_after_the_reconnect(

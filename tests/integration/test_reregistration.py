@@ -1,6 +1,8 @@
 """A runtime whose etcd lease is lost re-registers everything under a new lease with the same
-instance id, and a client watching the endpoint sees it come back; URLs with credentials are
-redacted from what gets logged."""
+instance id, and a client watching the endpoint sees it come back; one that callers cannot reach
+(its NATS link is cut while it serves on NATS) withdraws its instance from discovery, so its
+callers' streams end, and returns after the heal; URLs with credentials are redacted from what
+gets logged."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from dynamo import errors
 from dynamo.config import RuntimeConfig, redact_url
 from dynamo.runtime import RequestContext, Runtime
 from dynamo.runtime.distributed import connect_distributed
-from tests.infra import free_port
+from dynamo.runtime import runtime as runtime_module
+from tests.infra import LinkToNats, ServerProcess, free_port, start_nats
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +55,62 @@ async def test_lost_lease_is_regranted_and_registrations_reput(
         finally:
             await client.close()
     assert any("re-registered" in r.getMessage() for r in caplog.records)
+
+
+async def test_an_instance_callers_cannot_reach_is_withdrawn_until_they_can(
+    etcd_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's link to NATS is cut for longer than the withdrawal grace while it streams:
+    callers cannot tell a silent worker from a slow one, but the worker finds its connection
+    dead, withdraws its instance, and the caller's stream ends (StreamBroken: it may migrate)
+    instead of waiting for the outage to end. After the heal it is back in discovery, under
+    the same instance id, and serves."""
+    monkeypatch.setattr(runtime_module, "WITHDRAW_AFTER_S", 1.0)
+    caplog.set_level(logging.INFO)
+    nats: ServerProcess = start_nats()
+    link = LinkToNats(nats.url)
+    namespace = f"unreachable{free_port()}"
+
+    def config(nats_url: str) -> RuntimeConfig:
+        return RuntimeConfig(
+            backend="distributed", nats_server=nats_url, etcd_endpoints=(etcd_server,), request_plane="nats",
+            namespace=namespace, lease_ttl_s=2.0,
+        )
+
+    async def waits(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"first"
+        if payload == b"wait":
+            await asyncio.Event().wait()
+
+    try:
+        worker_config = config(await link.start())
+        async with await Runtime.create(worker_config) as server, await Runtime.create(config(nats.url)) as caller:
+            served = await server.endpoint("worker", "generate").serve(waits)
+            client = await caller.endpoint("worker", "generate").client()
+            try:
+                await client.wait_for_instances(timeout_s=5)
+                gone, back = asyncio.Event(), asyncio.Event()
+                client.on_change(lambda i, up: (back if up else gone).set() if i == served.instance_id else None)
+                stream = await client.generate(b"wait", served.instance_id, "r-cut")
+                assert await anext(stream) == b"first"
+
+                link.cut = True
+                # Found dead by the pings (4-6 s), then the grace: the stream ends, not hangs.
+                with pytest.raises(errors.StreamBroken, match="went away"):
+                    await asyncio.wait_for(anext(stream), 20)
+                assert gone.is_set()
+                link.cut = False
+                await asyncio.wait_for(back.wait(), 20)
+                again = await client.generate(b"", served.instance_id, "r-after")
+                assert [item async for item in again] == [b"first"]
+            finally:
+                await client.close()
+    finally:
+        await link.close()
+        nats.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("withdrawn from discovery" in m for m in messages), messages
+    assert any("back in discovery" in m for m in messages), messages
 
 
 def test_redact_url_hides_credentials() -> None:
