@@ -5,6 +5,7 @@ waiting side, the simulated backend takes bytes / bandwidth, and buffers are fre
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -13,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from dynamo.wire import KvLayoutSpec  # noqa: E402
-from kvbm.transfer.agent import KvTransferAgent, TransferFailed  # noqa: E402
+from kvbm.transfer.agent import KvTransferAgent, TransferFailed, connect_to_agent  # noqa: E402
 from kvbm.transfer.factory import make_agent  # noqa: E402
 from kvbm.transfer.host import HostBackend  # noqa: E402
 from kvbm.transfer.layout import KvLayoutMismatch, KvMemory, block_bytes, check_compatible  # noqa: E402
@@ -67,6 +68,30 @@ async def test_agent_without_a_host_listens_everywhere_and_advertises_its_route_
         await src.send(dst.info, "t1", [2], [4])
         await asyncio.wait_for(landed, 5)
         assert torch.equal(dst_mem.k[0][4], src_mem.k[0][2])
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux socket options")
+async def test_transfer_connections_carry_the_dead_peer_bound_on_both_ends() -> None:
+    """A peer gone mid-transfer (host lost, link cut) fails the transfer within DEAD_PEER_S on
+    both sides, as on the request plane, not after the kernel's minutes of retransmissions."""
+    from dynamo.runtime.tcp_plane import DEAD_PEER_S
+
+    def bounded(sock: socket.socket) -> bool:
+        return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == DEAD_PEER_S * 1000)
+
+    async with KvTransferAgent(LAYOUT, memory(2), [HostBackend()]) as dst:
+        _, writer = await connect_to_agent(dst.info.address)
+        try:
+            assert bounded(writer.get_extra_info("socket"))
+            for _ in range(500):  # the agent's accept callback runs on this loop
+                if dst._conns:
+                    break
+                await asyncio.sleep(0.01)
+            (accepted,) = dst._conns.values()
+            assert bounded(accepted.get_extra_info("socket"))
+        finally:
+            writer.close()
 
 
 def test_layout_mismatch_is_a_clear_error() -> None:
