@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
+import os
 import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,6 +15,8 @@ from typing import Any
 from dynamo import tracing
 from dynamo.flags import Flag, FlagGroup
 from dynamo.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 try:
     import uvloop
@@ -48,16 +52,35 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 
 async def wait_for_shutdown() -> None:
-    """Return on SIGINT or SIGTERM."""
+    """Return on SIGINT or SIGTERM, for the caller to drain. From then on a second one exits
+    the process at once, with 128 + the signal's number (an operator's second Ctrl-C, or an
+    orchestrator out of patience): without a handler Python would raise KeyboardInterrupt
+    wherever the drain stood and print its traceback."""
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def first(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, first, sig)
     try:
         await stop.wait()
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    log.info("%s: draining (send it again to exit at once)", received[0].name)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _exit_now, sig)
+
+
+def _exit_now(sig: signal.Signals) -> None:
+    log.warning("%s during the drain: exiting now, requests in flight are cut", sig.name)
+    logging.shutdown()
+    # Child processes stop on their own: each reads EOF on the stdin this process held.
+    os._exit(128 + sig)
 
 
 def freeze_startup_objects() -> None:

@@ -142,6 +142,24 @@ def test_sigterm_drains_and_exits_cleanly(server: tuple[Proc, str]) -> None:
     assert "stopping: SIGTERM" in proc.log()
 
 
+def test_a_second_signal_during_the_drain_exits_at_once(server: tuple[Proc, str]) -> None:
+    """The first SIGINT drains (a long stream keeps it waiting); a second one ends the server
+    at once with 130, saying so, without a KeyboardInterrupt traceback, and its worker
+    processes follow it."""
+    proc, base = server
+    workers = children(proc.popen.pid)
+    stream = client(base).completions.create(model=MODEL, prompt="hi", max_tokens=1500, stream=True)
+    next(iter(stream))  # in flight
+    proc.popen.send_signal(signal.SIGINT)
+    wait_until(lambda: "SIGINT: draining" in proc.log(), EXIT_WAIT_S, "the server to start draining")
+    proc.popen.send_signal(signal.SIGINT)
+    assert proc.popen.wait(timeout=EXIT_WAIT_S) == 128 + signal.SIGINT, proc.log()
+    log = proc.log()
+    assert "SIGINT during the drain: exiting now" in log and "Traceback" not in log, log
+    for pid in workers:
+        wait_until(lambda: not alive(pid), EXIT_WAIT_S, f"worker process {pid} to exit")  # noqa: B023
+
+
 def test_builtin_engine_in_worker_processes_answers_as_in_process(tmp_path: Path) -> None:
     """The same greedy completions from the built-in engine in the server, in a child, and
     disaggregated over two children (every prompt prefilled by the prefill child, its KV pulled
