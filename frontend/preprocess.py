@@ -194,6 +194,9 @@ def _refuse_chat_only_fields(body: ChatCompletionRequest) -> None:
 
 
 def _refuse_common(body: SamplingFields) -> None:
+    if body.stream_options is not None and not body.stream:
+        # As OpenAI and vLLM answer: there is no stream for the options to shape.
+        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
     if body.store:
         raise errors.InvalidRequest("store=true is not supported: this server does not keep completions", param="store")
     if body.metadata is not None:

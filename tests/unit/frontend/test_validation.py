@@ -67,6 +67,7 @@ MSG = [{"role": "user", "content": "x"}]
         ({"model": MODEL, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"model": MODEL, "messages": MSG, "stop": [""]}, 400, "stop"),
         ({"model": MODEL, "messages": MSG, "stream": "yes"}, 400, "stream"),
+        ({"model": MODEL, "messages": MSG, "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ({"model": MODEL, "messages": MSG, "min_tokens": 10, "max_tokens": 5}, 400, "min_tokens"),
         ({"model": MODEL, "messages": MSG, "stop_token_ids": [99999]}, 400, "stop_token_ids"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "word " * 400}]}, 400, "context"),
@@ -95,6 +96,7 @@ async def test_bad_chat_input(stack: Stack, body: dict[str, Any], status: int, n
         ({"model": MODEL, "prompt": [1, -2]}, "prompt"),
         ({"model": MODEL, "prompt": list(range(CONTEXT))}, "context"),
         ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
+        ({"model": MODEL, "prompt": "x", "stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 async def test_bad_completion_input(stack: Stack, body: dict[str, Any], needle: str) -> None:
