@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from dynamo import errors
@@ -173,22 +173,33 @@ class Runtime:
     async def _restore(self, previous: asyncio.Task[None] | None) -> None:
         if previous is not None:
             await asyncio.gather(previous, return_exceptions=True)
+        if not self._withdrawn:
+            return
+
+        async def put_back() -> None:
+            lease_id = await self.primary_lease()
+            for key in sorted(self._withdrawn):
+                value = self._registrations.get(key)
+                if value is not None:  # not deregistered meanwhile
+                    await self.discovery.put(key, value, lease_id=lease_id)
+                self._withdrawn.discard(key)
+
+        if await self._retry(f"restoring instance {self._instance_id or 0:x} to discovery", put_back):
+            log.warning("instance %x is reachable again and back in discovery", self._instance_id or 0)
+
+    async def _retry(self, what: str, attempt: Callable[[], Awaitable[None]]) -> bool:
+        """Run `attempt` until it succeeds (True) or this runtime closes (False), backing off
+        while etcd is unreachable."""
         delay_s = 0.2
-        while self._withdrawn and not self._closing:
+        while not self._closing:
             try:
-                lease_id = await self.primary_lease()
-                for key in sorted(self._withdrawn):
-                    value = self._registrations.get(key)
-                    if value is not None:  # not deregistered meanwhile
-                        await self.discovery.put(key, value, lease_id=lease_id)
-                    self._withdrawn.discard(key)
+                await attempt()
+                return True
             except errors.DynamoError as exc:
-                log.warning("restoring instance %x to discovery failed (%s); retrying in %.1fs",
-                            self._instance_id or 0, exc, delay_s)
+                log.warning("%s failed (%s); retrying in %.1fs", what, exc, delay_s)
                 await asyncio.sleep(delay_s)  # retry backoff while etcd is unreachable
                 delay_s = min(delay_s * 2, 5.0)
-                continue
-            log.warning("instance %x is reachable again and back in discovery", self._instance_id or 0)
+        return False
 
     async def _dispatch_lease_lost(self, lease_id: int) -> None:
         owner = self._lease_owners.pop(lease_id, None)
@@ -198,27 +209,24 @@ class Runtime:
     async def _on_lease_lost(self, lease_id: int) -> None:
         """etcd dropped our lease (and our keys with it): frontends have forgotten this
         instance. Grant a new lease and re-put every registration, retrying until it works."""
-        delay_s = 0.2
-        while not self._closing:
+        new_lease = 0
+
+        async def reregister() -> None:
+            nonlocal new_lease
             async with self._lease_lock:
                 if self._lease_id == lease_id:
                     self._lease_id = None
-            try:
-                new_lease = await self.primary_lease()
-                for key, value in list(self._registrations.items()):
-                    if key not in self._withdrawn:  # put back when it is reachable again
-                        await self.discovery.put(key, value, lease_id=new_lease)
-            except errors.DynamoError as exc:
-                log.warning("re-registering instance %x after losing lease %x failed (%s); retrying in %.1fs",
-                            self._instance_id or 0, lease_id, exc, delay_s)
-                await asyncio.sleep(delay_s)  # retry backoff while etcd is still unreachable
-                delay_s = min(delay_s * 2, 5.0)
-                continue
+            new_lease = await self.primary_lease()
+            for key, value in list(self._registrations.items()):
+                if key not in self._withdrawn:  # put back when it is reachable again
+                    await self.discovery.put(key, value, lease_id=new_lease)
+
+        if await self._retry(f"re-registering instance {self._instance_id or 0:x} after losing lease {lease_id:x}",
+                             reregister):
             log.warning(
                 "lease %x was lost; instance %x re-registered %d keys under new lease %x",
                 lease_id, self._instance_id or 0, len(self._registrations), new_lease,
             )
-            return
 
     def endpoint(self, component: str, name: str, namespace: str | None = None) -> Endpoint:
         return Endpoint(self, EndpointPath(namespace or self.namespace, component, name))
