@@ -327,7 +327,7 @@ class _NatsServed(Served):
             await run_handler(self._handler, envelope.payload, ctx, send)
         except nats_errors.Error as exc:
             # The connection is closed or its outbound buffer is full while reconnecting: the
-            # caller learns it from the frame sent after the reconnect (stream_lost).
+            # caller learns it from the frame sent after the reconnect (streams_lost).
             log.warning("could not send response of request %s: %r", ctx.request_id, exc)
         finally:
             self._note_finished(reply_to, next_seq)
