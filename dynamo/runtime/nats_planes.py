@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import socket
 import ssl
 import time
 from collections import deque
@@ -37,7 +36,7 @@ from dynamo.runtime.planes import (
     Subscription,
 )
 from dynamo.runtime.streaming import FrameStream, run_handler
-from dynamo.runtime.tcp_plane import DEAD_PEER_S, enable_keepalive
+from dynamo.runtime.tcp_plane import DEAD_PEER_S, bound_dead_peer
 from dynamo.wire import ENVELOPE_CODEC, FRAME_CODEC, FRAME_ERROR, RequestEnvelope, StreamFrame, encode
 
 log = logging.getLogger(__name__)
@@ -214,7 +213,7 @@ async def sync(nc: NatsClient, timeout_s: float) -> None:
 
 def _bound_dead_peer(nc: NatsClient) -> None:
     """Give the connection's socket the TCP request plane's dead-peer bound (keepalive and
-    TCP_USER_TIMEOUT, tcp_plane.enable_keepalive). Without it a link cut while the socket holds
+    TCP_USER_TIMEOUT, tcp_plane.bound_dead_peer). Without it a link cut while the socket holds
     unsent data (a worker streaming frames) stays unnoticed for the kernel's ~15 minutes: the
     PING that nats-py's stale check sends never gets its PONG, but its reconnect then waits
     for the old transport to close, which waits for that data to be sent. With it the kernel
@@ -222,13 +221,8 @@ def _bound_dead_peer(nc: NatsClient) -> None:
     options, so this reaches its transport's stream writer (a private attribute, present
     throughout nats-py 2.x); where it is missing the socket keeps the kernel's defaults."""
     writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
-    sock = writer.get_extra_info("socket") if writer is not None else None
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    try:
-        enable_keepalive(sock)
-    except OSError as exc:  # a socket that is already gone: the reconnect handles it
-        log.debug("NATS socket options: %r", exc)
+    if writer is not None:
+        bound_dead_peer(writer)  # a socket already gone: the reconnect handles it
 
 
 async def _close_quietly(nc: NatsClient) -> None:

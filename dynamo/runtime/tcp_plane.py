@@ -126,6 +126,19 @@ def enable_keepalive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
+def bound_dead_peer(writer: asyncio.StreamWriter) -> None:
+    """enable_keepalive on a stream's socket where it is TCP (connections this process did
+    not open itself: NATS's, the KV transfer agents'). A socket already reset keeps the
+    kernel's defaults: its connection fails on its own."""
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        enable_keepalive(sock)
+    except OSError as exc:
+        log.debug("socket options: %r", exc)
+
+
 # --------------------------------------------------------------------------------- connection
 
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import uuid
 from dataclasses import dataclass, field
 
 import torch
 
 from dynamo import errors
-from dynamo.runtime.tcp_plane import default_advertise_host, enable_keepalive
+from dynamo.runtime.tcp_plane import bound_dead_peer, default_advertise_host
 from dynamo.wire import FRAME_DATA, FRAME_END, FRAME_ERROR, KvAgentInfo, KvLayoutSpec, TransferHeader
 from kvbm.transfer.backends import PREFERENCE, BackendUnavailable, TransferBackend
 from kvbm.transfer.framing import header_bytes, read_header
@@ -181,7 +180,9 @@ class KvTransferAgent:
         task = asyncio.current_task()
         assert task is not None
         self._conns[task] = writer
-        _bound_dead_peer(writer)
+        # A peer gone mid-transfer fails it within DEAD_PEER_S on either end, not after the
+        # kernel's ~15 minutes of retransmissions.
+        bound_dead_peer(writer)
         current: str | None = None
         try:
             while True:
@@ -337,18 +338,5 @@ async def connect_to_agent(address: str) -> tuple[asyncio.StreamReader, asyncio.
         reader, writer = await asyncio.open_connection(host, int(port))
     except OSError as exc:
         raise TransferFailed(f"cannot reach the peer's transfer agent at {address}: {exc}") from exc
-    _bound_dead_peer(writer)
+    bound_dead_peer(writer)
     return reader, writer
-
-
-def _bound_dead_peer(writer: asyncio.StreamWriter) -> None:
-    """The request plane's dead-peer bound on a transfer connection, both ends: a peer whose
-    host or link went away mid-transfer fails the transfer within DEAD_PEER_S (the receiver by
-    keepalive probes, the sender by TCP_USER_TIMEOUT on its unacknowledged data) instead of the
-    kernel's ~15 minutes of retransmissions, so the prefill and decode sides both move on."""
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            enable_keepalive(sock)
-        except OSError as exc:  # already reset: the transfer fails on its own
-            log.debug("transfer socket options: %r", exc)
