@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dynamo.wire import AllBlocksCleared, BlockRemoved, BlockStored, KvEventData
 
@@ -14,9 +15,10 @@ from dynamo.wire import AllBlocksCleared, BlockRemoved, BlockStored, KvEventData
 KvEventSink = Callable[[KvEventData], None]
 
 
-@dataclass(slots=True, frozen=True)
-class EvictedBlock:
-    """A cached block allocate() is about to reuse: its KV is still intact while the hook runs."""
+class EvictedBlock(NamedTuple):
+    """A cached block allocate() is about to reuse: its KV is still intact while the hook runs.
+    A named tuple: allocate() builds one per evicted block on the scheduler's hot path, at half
+    a frozen dataclass's cost."""
 
     block_id: int
     block_hash: int

@@ -30,7 +30,7 @@ class LinearRate:
     per unit (an upper bound on the marginal cost of large transfers, exact for the sizes
     seen). `prior_per_unit_s` stands until the first sample; None: unknown."""
 
-    __slots__ = ("alpha", "samples", "_mx", "_my", "_mxx", "_mxy", "_prior", "_lock")
+    __slots__ = ("alpha", "samples", "_mx", "_my", "_mxx", "_mxy", "_prior", "_lock", "_fitted")
 
     def __init__(self, prior_per_unit_s: float | None = None, alpha: float = ALPHA) -> None:
         self.alpha = alpha
@@ -39,6 +39,9 @@ class LinearRate:
         self._prior = prior_per_unit_s
         # Disk reads report from reader threads while the scheduler reads the fit.
         self._lock = threading.Lock()
+        # fit()'s answer until the next sample or prior: the scheduler asks for every eviction
+        # batch, samples come once per transfer.
+        self._fitted: tuple[float, float] | None = None
 
     def observe(self, units: float, seconds: float) -> None:
         if units <= 0 or seconds < 0:
@@ -51,29 +54,36 @@ class LinearRate:
             self._mxx += a * (units * units - self._mxx)
             self._mxy += a * (units * seconds - self._mxy)
             self.samples += 1
+            self._fitted = None
 
     def set_prior(self, per_unit_s: float) -> None:
         """Replace the prior (a measurement taken outside serving); the first sample still
         replaces it."""
         with self._lock:
             self._prior = per_unit_s
+            self._fitted = None
 
     def fit(self) -> tuple[float, float] | None:
         """(latency_s, per_unit_s), or None while nothing was measured and there is no prior."""
         with self._lock:
             if self.samples == 0:
                 return None if self._prior is None else (0.0, self._prior)
-            mx, my = self._mx, self._my
-            var = self._mxx - mx * mx
-            average = my / mx
-            # A spread under ~10% of the mean size cannot separate latency from bandwidth.
-            if var <= 0.01 * mx * mx:
-                return 0.0, average
-            slope = (self._mxy - mx * my) / var
-            intercept = my - slope * mx
-            if slope <= 0 or intercept < 0:  # noise: fall back to the plain average
-                return 0.0, average
-            return intercept, slope
+            if self._fitted is None:
+                self._fitted = self._solve()
+            return self._fitted
+
+    def _solve(self) -> tuple[float, float]:
+        mx, my = self._mx, self._my
+        var = self._mxx - mx * mx
+        average = my / mx
+        # A spread under ~10% of the mean size cannot separate latency from bandwidth.
+        if var <= 0.01 * mx * mx:
+            return 0.0, average
+        slope = (self._mxy - mx * my) / var
+        intercept = my - slope * mx
+        if slope <= 0 or intercept < 0:  # noise: fall back to the plain average
+            return 0.0, average
+        return intercept, slope
 
     def cost_s(self, units: float) -> float | None:
         fitted = self.fit()
@@ -105,7 +115,7 @@ class PrefillRate:
     fixed cost). A step's fixed cost is spread over its tokens, so this slightly overstates
     the marginal cost of a token; the low quantile leaves out steps slowed by other work."""
 
-    __slots__ = ("min_tokens", "quantile", "_samples", "_lock")
+    __slots__ = ("min_tokens", "quantile", "_samples", "_lock", "_quantile_s")
 
     def __init__(self, min_tokens: int = PREFILL_MIN_TOKENS, window: int = PREFILL_WINDOW,
                  quantile: float = PREFILL_QUANTILE) -> None:
@@ -113,6 +123,7 @@ class PrefillRate:
         self.quantile = quantile
         self._samples: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
+        self._quantile_s: float | None = None  # per_unit_s() until the next sample: sorted once
 
     @property
     def samples(self) -> int:
@@ -122,13 +133,14 @@ class PrefillRate:
         if tokens >= self.min_tokens and seconds > 0:
             with self._lock:
                 self._samples.append(seconds / tokens)
+                self._quantile_s = None
 
     def per_unit_s(self) -> float | None:
         with self._lock:
-            if not self._samples:
-                return None
-            ordered = sorted(self._samples)
-        return ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            if self._quantile_s is None and self._samples:
+                ordered = sorted(self._samples)
+                self._quantile_s = ordered[min(len(ordered) - 1, int(self.quantile * len(ordered)))]
+            return self._quantile_s
 
 
 class OnboardCostModel:

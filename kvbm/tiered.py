@@ -423,6 +423,8 @@ class TieredCache:
             self.stats.skip(HOST, "cost_model", len(blocks))
         if self._disk_bypassed and host is None:
             self.stats.skip(DISK, "cost_model", len(blocks))
+        if host is None and disk is None:
+            return  # no tier takes the batch: nothing to do per block (the usual case on a fast GPU)
         offloads_before = len(self._plan.offloads)
         for block in blocks:
             h = block.block_hash

@@ -6,6 +6,7 @@ event loop's thread beforehand, so that thread never reads scheduler state an ab
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dynamo import errors
 from dynamo.wire import KvLayoutSpec, PreprocessedRequest
 from kvbm.block_pool import KvEventSink
 from kvbm.manager import KvBlockManager
+from kvbm.tiered import TransferPlan
 from kvbm.transfer.layout import KvMemory
 from workers.builtin.args import BuiltinConfig
 from workers.builtin.config import ModelConfig, load_model_config
@@ -178,11 +180,21 @@ class TorchExecutor:
         """Queue the step on the model thread without waiting for it: the thread runs steps'
         launches and collects in the order they are asked for."""
         kvbm, loop = self.kvbm, asyncio.get_running_loop()
+        plan_ran: asyncio.Future[list[int]] | None = None
         if kvbm is not None and kvbm.has_pending():
-            await self._run_kvbm_plan(batch)
+            plan = kvbm.take_plan()
+            if plan.onboards:
+                await self._run_kvbm_plan(batch, plan)  # an onboard that fails changes what the step computes
+            else:
+                # Offloads and writes fail no block the step reads, and the model thread runs
+                # them before the step's launch (it keeps order): queued, not waited for, which
+                # spares the step a round trip to that thread (a request admitted to an idle
+                # engine waited for it).
+                plan_ran = loop.run_in_executor(self._thread, kvbm.execute, plan)
+                plan_ran.add_done_callback(functools.partial(_plan_ran, kvbm, plan))
         step = build_step_input(batch)
         assert self.runner is not None
-        return TorchLaunch(self, batch, step, loop.run_in_executor(self._thread, self.runner.launch, step))
+        return TorchLaunch(self, batch, step, loop.run_in_executor(self._thread, self.runner.launch, step), plan_ran)
 
     async def _collect(self, batch: ScheduledBatch, step: StepInput, launched: RunnerLaunch) -> StepResult:
         loop = asyncio.get_running_loop()
@@ -206,12 +218,13 @@ class TorchExecutor:
             await self._run_kvbm_plan(None)  # offloads staged on the device are flushed by a plan
         # The reads end on reader threads, which call `wake`.
 
-    async def _run_kvbm_plan(self, batch: ScheduledBatch | None) -> None:
+    async def _run_kvbm_plan(self, batch: ScheduledBatch | None, plan: TransferPlan | None = None) -> None:
         """Copy evicted blocks down and onboarded blocks up, on the model thread, before the
         step's forward pass reuses or reads them. An onboard that failed is recomputed."""
         kvbm = self.kvbm
         assert kvbm is not None and self._thread is not None
-        plan = kvbm.take_plan()
+        if plan is None:
+            plan = kvbm.take_plan()
         loop = asyncio.get_running_loop()
         failed = await loop.run_in_executor(self._thread, kvbm.execute, plan)
         kvbm.finish(plan, failed)
@@ -323,12 +336,22 @@ class TorchLaunch:
     """A step on the model thread's queue (TorchExecutor.launch)."""
 
     def __init__(
-        self, executor: TorchExecutor, batch: ScheduledBatch, step: StepInput, launched: asyncio.Future[RunnerLaunch]
+        self, executor: TorchExecutor, batch: ScheduledBatch, step: StepInput, launched: asyncio.Future[RunnerLaunch],
+        plan_ran: asyncio.Future[list[int]] | None = None,
     ) -> None:
         self._executor, self._batch, self._step, self._launched = executor, batch, step, launched
+        self._plan_ran = plan_ran  # a KVBM plan queued ahead of the launch: its failure fails the step
 
     async def result(self) -> StepResult:
+        if self._plan_ran is not None:
+            await self._plan_ran
         return await self._executor._collect(self._batch, self._step, await self._launched)
+
+
+def _plan_ran(kvbm: KvBlockManager, plan: TransferPlan, ran: asyncio.Future[list[int]]) -> None:
+    """On the event loop, once a plan queued ahead of a step has run: unpin what it read."""
+    if not ran.cancelled() and ran.exception() is None:
+        kvbm.finish(plan, ran.result())
 
 
 def _resolve_device(name: str) -> torch.device:

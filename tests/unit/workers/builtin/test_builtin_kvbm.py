@@ -8,6 +8,7 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -291,3 +292,54 @@ async def test_workers_sharing_a_disk_directory_reuse_each_others_blocks(
             assert tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
         finally:
             await reader.stop()
+
+
+async def test_a_plan_of_offloads_only_is_queued_ahead_of_its_step_not_waited_for(
+    model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+) -> None:
+    """Offloads fail no block a step reads, so the step is launched without waiting for their
+    plan (a round trip to the model thread less for a request admitted to an idle engine); the
+    model thread still runs the plan first, and its pins are released once it has run."""
+    hang_s = 60.0  # the old behaviour: launch() waited for the held plan, which waits for launch()
+    async with engine(model_dirs(SHAPE), KvbmConfig(host_blocks=64)) as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.runner is not None
+        kvbm, executor, runner = eng.kvbm, eng.executor, eng.runner
+        take_plan, execute, launch, runner_launch = kvbm.take_plan, kvbm.execute, executor.launch, runner.launch
+        launched: dict[int, threading.Event] = {}  # id(plan) -> set once the launch() that took it returned
+        taken: list[TransferPlan] = []
+        order: list[str] = []  # on the model thread
+        waited: list[bool] = []
+
+        def taking() -> TransferPlan:
+            plan = take_plan()
+            launched[id(plan)] = threading.Event()
+            taken.append(plan)
+            return plan
+
+        async def launching(batch: Any) -> Any:
+            taken.clear()
+            step = await launch(batch)
+            for plan in taken:
+                launched[id(plan)].set()
+            return step
+
+        def executing(plan: TransferPlan) -> list[int]:
+            order.append("plan")
+            if plan.offloads and not plan.onboards:
+                waited.append(launched[id(plan)].wait(hang_s))
+            return execute(plan)
+
+        def launching_step(step: Any) -> Any:
+            order.append("step")
+            return runner_launch(step)
+
+        kvbm.take_plan = taking  # type: ignore[method-assign]
+        kvbm.execute = executing  # type: ignore[method-assign]
+        executor.launch = launching  # type: ignore[method-assign]
+        runner.launch = launching_step  # type: ignore[method-assign]
+        outs = await churn(eng)
+        host = kvbm.cache.host
+        assert host is not None and all(entry.ref_count == 0 for entry in host)
+    assert waited and all(waited)  # every offload-only plan ran after its step's launch was queued
+    assert all(order[i + 1] == "step" for i, what in enumerate(order) if what == "plan")  # and before the step
+    assert outs[0].cached_tokens == 24 and tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
