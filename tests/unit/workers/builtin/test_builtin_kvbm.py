@@ -34,10 +34,10 @@ def request(rid: str, prompt: list[int], max_tokens: int = 4) -> PreprocessedReq
     )
 
 
-def engine(model_dir: Path, kvbm: KvbmConfig) -> BuiltinEngine:
+def engine(model_dir: Path, kvbm: KvbmConfig, overlap: bool | None = None) -> BuiltinEngine:
     return BuiltinEngine(BuiltinConfig(
         model=str(model_dir), dtype="float32", device="cpu", block_size_tokens=BLOCK, num_gpu_blocks=10,
-        max_num_batched_tokens=64, kvbm=kvbm,
+        max_num_batched_tokens=64, kvbm=kvbm, overlap_schedule=overlap,
     ))
 
 
@@ -294,14 +294,15 @@ async def test_workers_sharing_a_disk_directory_reuse_each_others_blocks(
             await reader.stop()
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain_loop", "overlap_loop"])
 async def test_a_plan_of_offloads_only_is_queued_ahead_of_its_step_not_waited_for(
-    model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
+    overlap: bool, model_dirs: Callable[[str], Path], hf_greedy: HfGreedy
 ) -> None:
     """Offloads fail no block a step reads, so the step is launched without waiting for their
     plan (a round trip to the model thread less for a request admitted to an idle engine); the
     model thread still runs the plan first, and its pins are released once it has run."""
     hang_s = 60.0  # the old behaviour: launch() waited for the held plan, which waits for launch()
-    async with engine(model_dirs(SHAPE), KvbmConfig(host_blocks=64)) as eng:
+    async with engine(model_dirs(SHAPE), KvbmConfig(host_blocks=64), overlap) as eng:
         assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None and eng.runner is not None
         kvbm, executor, runner = eng.kvbm, eng.executor, eng.runner
         take_plan, execute, launch, runner_launch = kvbm.take_plan, kvbm.execute, executor.launch, runner.launch
