@@ -34,9 +34,9 @@ def request(rid: str, prompt: list[int], max_tokens: int = 4) -> PreprocessedReq
     )
 
 
-def engine(model_dir: Path, kvbm: KvbmConfig, overlap: bool | None = None) -> BuiltinEngine:
+def engine(model_dir: Path, kvbm: KvbmConfig, overlap: bool | None = None, device: str = "cpu") -> BuiltinEngine:
     return BuiltinEngine(BuiltinConfig(
-        model=str(model_dir), dtype="float32", device="cpu", block_size_tokens=BLOCK, num_gpu_blocks=10,
+        model=str(model_dir), dtype="float32", device=device, block_size_tokens=BLOCK, num_gpu_blocks=10,
         max_num_batched_tokens=64, kvbm=kvbm, overlap_schedule=overlap,
     ))
 
@@ -344,3 +344,27 @@ async def test_a_plan_of_offloads_only_is_queued_ahead_of_its_step_not_waited_fo
     assert waited and all(waited)  # every offload-only plan ran after its step's launch was queued
     assert all(order[i + 1] == "step" for i, what in enumerate(order) if what == "plan")  # and before the step
     assert outs[0].cached_tokens == 24 and tokens(outs) == hf_greedy(SHAPE, PROMPTS[0], 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: run on the device machine (benchmarks/RESULTS.md)")
+@pytest.mark.parametrize("tiers", ["host", "host+disk"])
+async def test_on_cuda_an_onboarded_prefix_decodes_as_its_cold_run(
+    tiers: str, tmp_path: Path, model_dirs: Callable[[str], Path]
+) -> None:
+    """On a GPU (overlap loop, copies on the side stream, offload plans queued ahead of their
+    steps): a prefix evicted into the tiers and onboarded decodes the tokens its cold run did.
+    The cost models are off: this is the transfer path, not whether a tiny model's tiers pay."""
+    kvbm = {
+        "host": KvbmConfig(host_blocks=64, onboard_cost=False, offload_cost=False),
+        "host+disk": KvbmConfig(host_blocks=2, disk_dir=str(tmp_path), disk_blocks=64, onboard_cost=False,
+                                offload_cost=False),
+    }[tiers]
+    async with engine(model_dirs(SHAPE), kvbm, device="cuda") as eng:
+        assert isinstance(eng, BuiltinEngine) and eng.kvbm is not None
+        cold = await collect(eng.generate(request("a", PROMPTS[0])))
+        for i in (1, 2):
+            await collect(eng.generate(request(f"b{i}", PROMPTS[i])))
+        again = await collect(eng.generate(request("again", PROMPTS[0])))
+        onboarded = dict(eng.kvbm.cache.stats.onboard_blocks)
+    assert again[0].cached_tokens == 24 and sum(onboarded.values()) == 6
+    assert tokens(again) == tokens(cold)
