@@ -103,7 +103,9 @@ class KvBlockManager:
     # ------------------------------------------------------------------- the step's transfer
 
     def has_pending(self) -> bool:
-        # Offloads staged on the device are flushed by the next step's execute().
+        # Offloads staged on the device are flushed by the next step's execute(). A plan still
+        # running on the model thread (queued ahead of a step, not waited for) may stage some
+        # after this is read: a later step's plan flushes them.
         return self.cache.has_pending() or self.executor.has_pending()
 
     def take_plan(self) -> TransferPlan:
