@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dynamo.kv_hash import block_hash
+from dynamo.kv_hash import block_hashes
 from dynamo.wire import EngineOutput, FinishReason, SamplingOptions
 from kvbm.block_pool import Block
 
@@ -87,10 +87,10 @@ class Sequence:
     def hashes_upto(self, num_blocks: int, block_size_tokens: int) -> list[int]:
         """Make sure the first `num_blocks` block hashes exist; returns the hash list."""
         hashes = self.block_hashes
-        tokens = self.token_ids
-        while len(hashes) < num_blocks:
+        if len(hashes) < num_blocks:
             start = len(hashes) * block_size_tokens
-            hashes.append(block_hash(hashes[-1] if hashes else None, tokens[start : start + block_size_tokens]))
+            hashes += block_hashes(self.token_ids[start : num_blocks * block_size_tokens], block_size_tokens,
+                                   hashes[-1] if hashes else None)
         return hashes
 
     def banned_token_ids(self) -> tuple[int, ...]:

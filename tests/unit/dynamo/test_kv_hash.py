@@ -31,3 +31,13 @@ def test_resuming_from_a_parent_matches_hashing_from_scratch() -> None:
     whole = block_hashes(tokens, 16)
     tail = block_hashes(tokens[32:], 16, parent_hash=whole[1])
     assert whole[2:] == tail
+
+
+def test_the_hash_function_does_not_change() -> None:
+    """Disk tiers name files by these hashes and keep them across restarts and versions, and
+    every engine and router must agree: a change here orphans every stored block."""
+    assert block_hashes(list(range(1, 49)), 16) == [4729161880988324193, 3832305558402178651, 2984023415838628529]
+    assert block_hashes([7, 70000, 4294967295] * 6, 4, parent_hash=123456789) == [
+        6593707154194689781, 1351062215589763704, 3953143571260791013, 4397380868968944551,
+    ]
+    assert block_hash(None, list(range(1, 17))) == 4729161880988324193
