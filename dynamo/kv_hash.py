@@ -17,8 +17,11 @@ _ROOT = (0x5EED_D7A3_0000_0001).to_bytes(8, "little")
 
 def block_hash(parent_hash: int | None, block_token_ids: Sequence[int]) -> int:
     """Hash of one full block given the hash of the block before it (None for the first)."""
-    parent = _ROOT if parent_hash is None else parent_hash.to_bytes(8, "little")
-    return _digest(parent, array("I", block_token_ids).tobytes())
+    return _digest(_parent_bytes(parent_hash), array("I", block_token_ids).tobytes())
+
+
+def _parent_bytes(parent_hash: int | None) -> bytes:
+    return _ROOT if parent_hash is None else parent_hash.to_bytes(8, "little")
 
 
 def _digest(parent: bytes, tokens: bytes | memoryview) -> int:
@@ -40,7 +43,7 @@ def block_hashes(
     packed = memoryview(array("I", token_ids[:full]).tobytes())
     step = 4 * block_size_tokens  # bytes per block: array "I" is 4 bytes on every platform we build for
     out: list[int] = []
-    parent = _ROOT if parent_hash is None else parent_hash.to_bytes(8, "little")
+    parent = _parent_bytes(parent_hash)
     for start in range(0, 4 * full, step):
         h = _digest(parent, packed[start : start + step])
         out.append(h)

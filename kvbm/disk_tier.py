@@ -56,7 +56,6 @@ class DiskStore:
                  report_writes: bool = False, before_write: Callable[[int], None] | None = None) -> None:
         self.layout = layout
         self.dir = Path(root) / fingerprint(layout)
-        self._dir_str = str(self.dir)
         self._max_blocks = 2 * queue_blocks + 1
         self._queue: queue.Queue[object] = queue.Queue()
         self._inflight: dict[int, tuple[torch.Tensor, Any]] = {}  # bytes, and the event filling them
@@ -90,7 +89,7 @@ class DiskStore:
         directory; files appear by atomic rename, so one that exists is whole). Asked on the
         scheduler's thread for nearly every admitted prompt: one stat, no Path objects (a
         pathlib lookup cost 4x as much)."""
-        return os.path.exists(f"{self._dir_str}/{block_hash:016x}.kvb")
+        return os.path.exists(f"{self.dir}/{block_hash:016x}.kvb")
 
     def scan(self) -> list[tuple[int, int | None]]:
         """Blocks on disk with this layout, oldest first (blocking)."""
