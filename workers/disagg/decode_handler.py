@@ -16,6 +16,7 @@ import msgspec
 
 from dynamo import errors, tracing
 from dynamo.runtime import Client, ResponseStream, Runtime
+from dynamo.runtime.tcp_plane import DEAD_PEER_S
 from dynamo.wire import (
     REMOTE_PREFILL_RESULT_CODEC,
     EngineOutput,
@@ -24,7 +25,7 @@ from dynamo.wire import (
     RemotePrefillResult,
     encode,
 )
-from kvbm.transfer.agent import KvTransferAgent
+from kvbm.transfer.agent import KvTransferAgent, TransferFailed
 from router.args import RouterConfig
 from router.base import Router
 from router.kv_router import KvRouter
@@ -34,6 +35,10 @@ from workers.disagg.prefill_handler import PREFILL_ENDPOINT
 from workers.engine import ConnectorDisaggEngine, DisaggEngine, Reservation
 
 log = logging.getLogger(__name__)
+
+# The sender's last frame follows its answer by a link's delivery time; the dead-peer bound is
+# the longest this runtime lets any silent link go unnoticed.
+LANDING_GRACE_S: float = DEAD_PEER_S
 
 
 @dataclass(slots=True)
@@ -218,12 +223,20 @@ class DecodeHandler:
                 self.router.request_finished(request.request_id, instance_id)
 
     async def _await_prefill(self, stream: ResponseStream, landed: asyncio.Future[int]) -> RemotePrefillResult:
-        """The prefill worker's answer and the landing notice, whichever fails first fails."""
+        """The prefill worker's answer and the landing notice, whichever fails first fails.
+
+        The answer comes once the sender has handed its last frame to its kernel; a link cut
+        after that loses the frame without either end seeing an error (the sender has closed;
+        the receiver never learnt which transfer the idle connection carried). So a landing
+        notice not in LANDING_GRACE_S after the answer is taken as lost, not late."""
         answer = asyncio.ensure_future(self._read_result(stream))
         try:
             pending: set[asyncio.Future[object]] = {answer, landed}  # type: ignore[arg-type]
             while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                timeout = LANDING_GRACE_S if pending == {landed} else None
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    raise TransferFailed(f"the KV did not land within {LANDING_GRACE_S:g} s of the prefill worker's answer")
                 for fut in done:
                     fut.result()  # raises the first failure
             return answer.result()

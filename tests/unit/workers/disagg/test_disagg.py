@@ -1,7 +1,7 @@
 """Disaggregated prefill/decode on the embedded runtime with the built-in engine on CPU: greedy
 output equals aggregated output token for token (handler level and through the HTTP frontend),
-short prompts stay local, a prefill worker that dies mid-transfer or hangs costs only a local
-prefill, and every transfer buffer and KV block is released afterwards."""
+short prompts stay local, a prefill worker that dies mid-transfer or hangs and KV lost on the
+wire cost only a local prefill, and every transfer buffer and KV block is released afterwards."""
 
 from __future__ import annotations
 
@@ -165,6 +165,36 @@ async def test_hung_or_stopped_prefill_worker_falls_back(how: str, monkeypatch: 
         assert handler.stats.fallbacks == 1 and handler.stats.remote_prefills == 0
         assert decode.disagg.agent.buffer_bytes == 0  # type: ignore[union-attr]
         assert decode.engine.pool.num_active_blocks == 0  # type: ignore[attr-defined]
+
+
+async def test_a_landing_notice_lost_after_the_answer_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link cut after the sender's last frame left its kernel: the prefill worker answers,
+    neither end sees an error, and no landing notice ever comes. The decode worker gives up
+    LANDING_GRACE_S after the answer (not at prefill_timeout_s) and prefills locally."""
+    from kvbm.transfer.host import HostBackend
+    from workers.disagg import decode_handler
+
+    expected = await aggregated(PROMPTS[:1])
+    sent = asyncio.Event()
+
+    async def lost_on_the_wire(self: HostBackend, agent: object, peer: object, transfer_id: str,
+                               src: list[int], dst: list[int], writer: asyncio.StreamWriter) -> int:
+        sent.set()
+        return len(src) * agent.block_bytes  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(HostBackend, "send", lost_on_the_wire)
+    monkeypatch.setattr(decode_handler, "LANDING_GRACE_S", 0.2)
+    config = DisaggConfig(min_prefill_tokens=8, kv_transfer_backend="host", prefill_timeout_s=600)
+    async with fleet(config) as (rt, decode, prefill):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        assert await run_request(rt, decode.instance_id, request("lost", PROMPTS[0])) == expected[0]
+        assert sent.is_set()
+        assert loop.time() - start < 60  # the grace after the answer, not the 600 s timeout
+        handler = decode.disagg.decode  # type: ignore[union-attr]
+        assert handler.stats.fallbacks == 1 and handler.stats.remote_prefills == 0
+        assert prefill.disagg.agent.stats.sent_transfers == 1  # type: ignore[union-attr]
+        assert_released(decode, prefill)
 
 
 async def test_disaggregated_through_the_http_frontend() -> None:
