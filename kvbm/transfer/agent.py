@@ -36,6 +36,7 @@ class TransferFailed(errors.DynamoError):
 class _Expected:
     dst_block_ids: list[int]
     future: asyncio.Future[int]  # KV bytes that landed
+    begun: bool = False  # a frame of it has been read: its connection's dead-peer bound covers the rest
 
 
 @dataclass(slots=True)
@@ -156,6 +157,11 @@ class KvTransferAgent:
         self._expected[transfer_id] = _Expected(list(dst_block_ids), future)
         return future
 
+    def begun(self, transfer_id: str) -> bool:
+        """Whether a frame of an expected transfer has arrived (so it is on its way, not lost)."""
+        expected = self._expected.get(transfer_id)
+        return expected is not None and expected.begun
+
     def forget(self, transfer_id: str) -> None:
         """Stop waiting for a transfer (the caller gave up); data arriving later is refused."""
         expected = self._expected.pop(transfer_id, None)
@@ -193,6 +199,9 @@ class KvTransferAgent:
                         raise
                     return  # clean end of the connection between frames
                 current = header.transfer_id
+                expected = self._expected.get(current)
+                if expected is not None:
+                    expected.begun = True
                 if header.kind == FRAME_ERROR:
                     self._fail(current, TransferFailed(f"sender reported: {header.error}"))
                 elif header.kind == FRAME_END:

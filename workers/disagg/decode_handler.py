@@ -200,7 +200,7 @@ class DecodeHandler:
                 skip_blocks=reservation.matched_blocks,
             )
             stream = await self.client.generate(encode(body), instance_id, request.request_id)
-            result = await asyncio.wait_for(self._await_prefill(stream, landed), self.config.prefill_timeout_s)
+            result = await asyncio.wait_for(self._await_prefill(stream, landed, transfer_id), self.config.prefill_timeout_s)
             self.router.first_token(request.request_id, instance_id)
             done = True
             log.debug(
@@ -222,21 +222,26 @@ class DecodeHandler:
             if instance_id is not None:
                 self.router.request_finished(request.request_id, instance_id)
 
-    async def _await_prefill(self, stream: ResponseStream, landed: asyncio.Future[int]) -> RemotePrefillResult:
+    async def _await_prefill(
+        self, stream: ResponseStream, landed: asyncio.Future[int], transfer_id: str
+    ) -> RemotePrefillResult:
         """The prefill worker's answer and the landing notice, whichever fails first fails.
 
         The answer comes once the sender has handed its last frame to its kernel; a link cut
-        after that loses the frame without either end seeing an error (the sender has closed;
-        the receiver never learnt which transfer the idle connection carried). So a landing
-        notice not in LANDING_GRACE_S after the answer is taken as lost, not late."""
+        before any frame of the transfer got here loses it without either end seeing an error
+        (the sender has closed; the receiver's idle connection names no transfer). So if
+        nothing of it arrived LANDING_GRACE_S after the answer, it is taken as lost, not late.
+        A transfer whose frames are arriving is bounded by its own connection instead (the
+        dead-peer bound), and its landing may wait for the model thread's current step."""
         answer = asyncio.ensure_future(self._read_result(stream))
+        assert self.agent is not None
         try:
             pending: set[asyncio.Future[object]] = {answer, landed}  # type: ignore[arg-type]
             while pending:
-                timeout = LANDING_GRACE_S if pending == {landed} else None
-                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    raise TransferFailed(f"the KV did not land within {LANDING_GRACE_S:g} s of the prefill worker's answer")
+                grace = LANDING_GRACE_S if pending == {landed} and not self.agent.begun(transfer_id) else None
+                done, pending = await asyncio.wait(pending, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+                if not done and not self.agent.begun(transfer_id):
+                    raise TransferFailed(f"no KV arrived within {LANDING_GRACE_S:g} s of the prefill worker's answer")
                 for fut in done:
                     fut.result()  # raises the first failure
             return answer.result()

@@ -168,9 +168,9 @@ async def test_hung_or_stopped_prefill_worker_falls_back(how: str, monkeypatch: 
 
 
 async def test_a_landing_notice_lost_after_the_answer_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A link cut after the sender's last frame left its kernel: the prefill worker answers,
-    neither end sees an error, and no landing notice ever comes. The decode worker gives up
-    LANDING_GRACE_S after the answer (not at prefill_timeout_s) and prefills locally."""
+    """A link cut before any frame of the transfer got through, found by neither end: the
+    prefill worker answers and no frame ever comes. The decode worker gives up LANDING_GRACE_S
+    after the answer (not at prefill_timeout_s) and prefills locally."""
     from kvbm.transfer.host import HostBackend
     from workers.disagg import decode_handler
 
@@ -194,6 +194,33 @@ async def test_a_landing_notice_lost_after_the_answer_falls_back(monkeypatch: py
         handler = decode.disagg.decode  # type: ignore[union-attr]
         assert handler.stats.fallbacks == 1 and handler.stats.remote_prefills == 0
         assert prefill.disagg.agent.stats.sent_transfers == 1  # type: ignore[union-attr]
+        assert_released(decode, prefill)
+
+
+async def test_kv_still_landing_after_the_answer_is_waited_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The opposite case: the bytes are here but their scatter waits for the model thread, so
+    the landing notice comes after the answer. The decode worker asks whether the transfer
+    has begun arriving and, as it has, waits on (its connection bounds it) instead of giving
+    up: the scatter is held until that question was asked."""
+    expected = await aggregated(PROMPTS[:1])
+    async with fleet(HOST) as (rt, decode, prefill):
+        agent = decode.disagg.agent  # type: ignore[union-attr]
+        memory, real_run, real_begun = agent.memory, agent.memory.run, agent.begun
+        asked = asyncio.Event()
+
+        def begun(transfer_id: str) -> bool:
+            asked.set()  # only after the prefill worker's answer, with the landing still pending
+            return real_begun(transfer_id)
+
+        async def held_run(fn: object) -> object:
+            await asked.wait()
+            return await real_run(fn)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(agent, "begun", begun)
+        monkeypatch.setattr(memory, "run", held_run)
+        assert await run_request(rt, decode.instance_id, request("late", PROMPTS[0])) == expected[0]
+        handler = decode.disagg.decode  # type: ignore[union-attr]
+        assert asked.is_set() and handler.stats.fallbacks == 0 and handler.stats.remote_prefills == 1
         assert_released(decode, prefill)
 
 
