@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynamo import errors
-from dynamo.runtime.tcp_plane import bound_dead_peer, default_advertise_host
+from dynamo.runtime.tcp_plane import DEAD_PEER_S, bound_dead_peer, default_advertise_host
 from dynamo.wire import FRAME_DATA, FRAME_END, FRAME_ERROR, KvAgentInfo, KvLayoutSpec, TransferHeader
 from kvbm.transfer.backends import PREFERENCE, BackendUnavailable, TransferBackend
 from kvbm.transfer.framing import header_bytes, read_header
@@ -24,6 +24,7 @@ from kvbm.transfer.torch_ops import scatter_blocks
 log = logging.getLogger(__name__)
 
 RECV_CHUNK_BYTES = 8 << 20
+CONNECT_TIMEOUT_S: float = DEAD_PEER_S
 
 
 class TransferFailed(errors.DynamoError):
@@ -344,8 +345,10 @@ async def connect_to_agent(address: str) -> tuple[asyncio.StreamReader, asyncio.
     """A connection to the transfer agent at `address` (host:port), with the dead-peer bound."""
     host, _, port = address.rpartition(":")
     try:
-        reader, writer = await asyncio.open_connection(host, int(port))
-    except OSError as exc:
-        raise TransferFailed(f"cannot reach the peer's transfer agent at {address}: {exc}") from exc
+        # Bounded like the connection itself: a peer behind a cut link drops the SYNs, and the
+        # kernel's retries would hold the sender (and its prefilled blocks) for two minutes.
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        raise TransferFailed(f"cannot reach the peer's transfer agent at {address}: {exc!r}") from exc
     bound_dead_peer(writer)
     return reader, writer

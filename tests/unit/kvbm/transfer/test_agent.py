@@ -94,6 +94,41 @@ async def test_transfer_connections_carry_the_dead_peer_bound_on_both_ends() -> 
             writer.close()
 
 
+async def test_a_peer_that_drops_the_connect_fails_the_send_at_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer behind a cut link drops the SYNs; the send fails at CONNECT_TIMEOUT_S, not after
+    the kernel's two minutes of retries. The dropping peer is a real listener whose accept
+    queue is full (Linux drops a SYN then), with no accept ever called."""
+    import msgspec
+
+    from kvbm.transfer import agent as agent_mod
+
+    monkeypatch.setattr(agent_mod, "CONNECT_TIMEOUT_S", 0.3)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers: list[socket.socket] = []
+    try:
+        while len(fillers) < 8:  # backlog 0 admits one; the next SYN is dropped
+            filler = socket.socket()
+            filler.settimeout(1.0)
+            fillers.append(filler)
+            try:
+                filler.connect(address)
+            except TimeoutError:
+                break
+        else:
+            pytest.fail("the listener's accept queue never filled")
+        async with KvTransferAgent(LAYOUT, memory(1), [HostBackend()]) as src, \
+                KvTransferAgent(LAYOUT, memory(2), [HostBackend()]) as dst:
+            silent = msgspec.structs.replace(dst.info, address=f"127.0.0.1:{address[1]}")
+            with pytest.raises(TransferFailed, match="cannot reach"):
+                await asyncio.wait_for(src.send(silent, "t", [0], [1]), 30)
+    finally:
+        for sock in (*fillers, listener):
+            sock.close()
+
+
 def test_layout_mismatch_is_a_clear_error() -> None:
     other = KvLayoutSpec(num_layers=3, block_size_tokens=16, num_kv_heads=2, head_dim=8, dtype="bfloat16", tp_rank=1, tp_size=2)
     with pytest.raises(KvLayoutMismatch) as info:
