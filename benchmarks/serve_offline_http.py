@@ -242,7 +242,7 @@ def main() -> None:
             if args.split_processes:
                 worker_pid = start_split(stack, engine)
             else:
-                argv = serve_argv(stack.http_port, [*engine, *(["--worker-processes"] if args.worker_processes else [])])
+                argv = serve_argv(stack.http_port, [*engine, "--worker-processes" if args.worker_processes else "--no-worker-processes"])
                 res["server_argv"] = argv[1:]
                 server = stack.spawn("server", argv)
             stack.wait_ready(args.ready_timeout_s)

@@ -42,9 +42,10 @@ SERVE_FLAGS = FlagGroup(
             "--worker-processes",
             "run each worker in a child process of its own (the frontend and router stay in this "
             "one), so the engine loop and the HTTP path each get a core; no NATS or etcd needed",
-            default=False,
+            default=None,
             env="DYN_WORKER_PROCESSES",
             type=bool,
+            default_doc="on for the built-in engine on a GPU, else off",
         ),
         Flag(
             "--num-prefill-workers",
@@ -206,11 +207,20 @@ async def _shutdown_or_first_exit(children: list[WorkerProcess]) -> WorkerProces
     return next((exits[t] for t in done if t in exits), None)
 
 
+def worker_processes(args: argparse.Namespace) -> bool:
+    """--worker-processes as given, else the engine's own default (EngineSpec.own_process),
+    which only the embedded runtime can follow."""
+    if args.worker_processes is not None:
+        return bool(args.worker_processes)
+    return args.runtime == "embedded" and engine_spec(args.engine).own_process(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     if args.num_workers < 1:
         raise SystemExit("--num-workers must be at least 1")
+    args.worker_processes = worker_processes(args)
     if args.worker_processes and args.runtime != "embedded":
         # The children live on this process's hub; on NATS and etcd, workers are processes of
         # their own already.

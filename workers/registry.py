@@ -18,10 +18,18 @@ ENGINE_NAMES = ("builtin", "mocker", "vllm", "sglang", "trtllm")
 DEFAULT_ENGINE = "builtin"
 
 
+def _never(args: argparse.Namespace) -> bool:
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
     add_args: Callable[[argparse.ArgumentParser], None]
     create: Callable[[argparse.Namespace], Engine]
+    # Whether `dynamo.serve` gives each worker of this engine, as configured, a process of its
+    # own unless told otherwise (--worker-processes): where its step loop would otherwise
+    # share one interpreter with the HTTP path at a cost that was measured.
+    own_process: Callable[[argparse.Namespace], bool] = _never
 
 
 def _mocker() -> EngineSpec:
@@ -32,10 +40,10 @@ def _mocker() -> EngineSpec:
 
 
 def _builtin() -> EngineSpec:
-    from workers.builtin.args import BuiltinConfig, add_builtin_args
+    from workers.builtin.args import BuiltinConfig, add_builtin_args, on_a_gpu
     from workers.builtin.engine import BuiltinEngine
 
-    return EngineSpec(add_builtin_args, lambda args: BuiltinEngine(BuiltinConfig.from_args(args)))
+    return EngineSpec(add_builtin_args, lambda args: BuiltinEngine(BuiltinConfig.from_args(args)), on_a_gpu)
 
 
 def _vllm() -> EngineSpec:

@@ -130,6 +130,21 @@ BUILTIN_FLAGS = FlagGroup(
 )
 
 
+def on_a_gpu(args: argparse.Namespace) -> bool:
+    """Whether any worker these flags configure runs on CUDA: there, under dynamo.serve, the
+    step loop gets a process of its own by default. On an H100 the HTTP path in the engine's
+    process served 0.74-0.97 of the in-process throughput; a worker process, 1.01-1.02
+    (benchmarks/RESULTS.md, `dynamo.serve --worker-processes`)."""
+    devices = {args.device, getattr(args, "prefill_device", None) or args.device}
+    if any(d.startswith("cuda") for d in devices):
+        return True
+    if "auto" not in devices:
+        return False
+    import torch  # here only: the flags themselves need no torch
+
+    return bool(torch.cuda.is_available())
+
+
 def add_builtin_args(parser: argparse.ArgumentParser) -> None:
     BUILTIN_FLAGS.add_to(parser)
     add_kvbm_args(parser)

@@ -142,12 +142,30 @@ def test_planner_imports_only_the_runtime() -> None:
 def test_worker_processes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     from serve.cli import build_parser, main
 
+    from serve.cli import worker_processes
+
+    def resolved(argv: list[str]) -> bool:
+        return worker_processes(build_parser(argv).parse_args(argv))
+
     monkeypatch.delenv("DYN_WORKER_PROCESSES", raising=False)
     argv = ["--engine", "mocker"]
-    assert build_parser(argv).parse_args(argv).worker_processes is False
-    assert build_parser(argv).parse_args([*argv, "--worker-processes"]).worker_processes is True
+    assert build_parser(argv).parse_args(argv).worker_processes is None  # the engine decides
+    assert resolved(argv) is False
+    assert resolved([*argv, "--worker-processes"]) is True
     monkeypatch.setenv("DYN_WORKER_PROCESSES", "1")
-    assert build_parser(argv).parse_args(argv).worker_processes is True
+    assert resolved(argv) is True
+    assert resolved([*argv, "--no-worker-processes"]) is False
+    monkeypatch.delenv("DYN_WORKER_PROCESSES")
+    # The built-in engine on a GPU gets a process of its own unless told otherwise; on the CPU
+    # (and "auto" on this machine, which has no CUDA) it stays in the frontend's process.
+    torch = pytest.importorskip("torch")
+    builtin = ["--engine", "builtin", "--device"]
+    assert resolved([*builtin, "cuda"]) is True and resolved([*builtin, "cuda:1"]) is True
+    assert resolved([*builtin, "cpu"]) is False
+    assert resolved([*builtin, "cpu", "--prefill-device", "cuda"]) is True
+    assert resolved([*builtin, "cuda", "--no-worker-processes"]) is False
+    assert resolved([*builtin, "auto"]) is torch.cuda.is_available()
+    assert resolved([*builtin, "cuda", "--runtime", "distributed"]) is False  # no hub to put children on
     # Children live on the parent's hub, which the distributed runtime does not have.
     with pytest.raises(SystemExit, match="embedded runtime"):
-        main([*argv, "--runtime", "distributed"])
+        main([*argv, "--worker-processes", "--runtime", "distributed"])
