@@ -4,7 +4,7 @@ decisions out, snapshot requests on gaps and for unknown workers, removal."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -37,6 +37,7 @@ from router.kv_router import KvRouter
 from router.load_aware import LeastLoadedRouter
 from router.modes import make_router
 from router.metrics import RouterMetrics
+from tests.turns import until
 
 NS, COMP = "test", "backend"
 A, B, C = 0xA, 0xB, 0xC
@@ -44,14 +45,6 @@ BLOCK = 16
 PROMPT = list(range(1000, 1000 + 20 * BLOCK))  # 20 full blocks
 HASHES = block_hashes(PROMPT, BLOCK)
 
-
-async def until(condition: Callable[[], bool], max_turns: int = 10_000) -> None:
-    """Yield to the loop until `condition` holds (bounded, never a timed sleep)."""
-    for _ in range(max_turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 def request(request_id: str, tokens: list[int] = PROMPT) -> PreprocessedRequest:

@@ -4,8 +4,7 @@ catches up through the workers' snapshot answers."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -16,6 +15,7 @@ from dynamo.runtime.runtime import Client
 from dynamo.wire import PreprocessedRequest, StopConditions, encode
 from router.args import RouterConfig
 from router.kv_router import KvRouter
+from tests.turns import until
 from workers.mocker.args import MockerConfig
 from workers.mocker.engine import MockerEngine
 from workers.worker import Worker, WorkerConfig
@@ -23,13 +23,6 @@ from workers.worker import Worker, WorkerConfig
 BLOCK = 16
 SHARED = list(range(100, 100 + 8 * BLOCK))  # an 8-block system prompt
 
-
-async def until(condition: Callable[[], bool], max_turns: int = 20_000) -> None:
-    for _ in range(max_turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 def request(rid: str, tokens: list[int]) -> PreprocessedRequest:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,18 +17,12 @@ from router.args import RouterConfig
 from router.kv_router import KvRouter
 from router.remote import RemoteRouter
 from router.service import RouterService
+from tests.turns import until
 
 BLOCK = 16
 PROMPT = list(range(10 * BLOCK))
 HASHES = block_hashes(PROMPT, BLOCK)
 
-
-async def until(condition: Callable[[], bool], max_turns: int = 10_000) -> None:
-    for _ in range(max_turns):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not reached")
 
 
 async def idle_worker(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:

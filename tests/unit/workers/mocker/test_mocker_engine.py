@@ -5,13 +5,14 @@ Runs at a speedup where the step loop never sleeps; tests wait on tokens, never 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 
 from dynamo import errors
 from dynamo.wire import (BlockRemoved, BlockStored, EngineOutput, KvEventData, PreprocessedRequest,
                          SamplingOptions, StopConditions)
+from tests.turns import until
 from workers.mocker.args import MockerConfig
 from workers.mocker.engine import MockerEngine
 
@@ -34,14 +35,6 @@ def request(prompt: list[int], max_tokens: int | None = 8, rid: str = "r", seed:
 async def collect(engine: MockerEngine, req: PreprocessedRequest) -> list[EngineOutput]:
     return [out async for out in engine.generate(req)]
 
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the loop until `condition` holds (a bounded number of turns, no timers)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 def tokens(outputs: list[EngineOutput]) -> list[int]:
