@@ -224,6 +224,22 @@ class OnboardCostModel:
                 best_k, best_s = k, total
         return best_k
 
+    def can_pay(self, tier: str, block_bytes: int, tokens_per_block: int, sharing: float = 1.0) -> bool:
+        """Whether choose() could onboard any hit of `tier` at the current estimates: its bytes'
+        streaming cost per block (a disk block then copied up) below recomputing the block.
+        A transfer's latency only adds to that, so where streaming alone loses, no run of
+        hits of any length wins. True while the prefill cost is unmeasured (choose onboards)."""
+        if not self.enabled:
+            return True
+        per_token = self.prefill.per_unit_s()
+        if per_token is None:
+            return True
+        per_byte = 0.0
+        for name in ("disk", "host") if tier == "disk" else ("host",):
+            fitted = self.reads[name].fit()
+            per_byte += fitted[1] if fitted is not None else 0.0
+        return per_byte * block_bytes < per_token * tokens_per_block * max(1.0, sharing)
+
     def snapshot(self) -> dict[str, float | None]:
         """Current estimates (for metrics and benchmarks): GB/s and latency per tier,
         recompute tokens per second."""

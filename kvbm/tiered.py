@@ -258,9 +258,12 @@ class TieredCache:
     def _adopt_neighbours_block(self, block_hash: int, parent_hash: int | None) -> TierEntry | None:
         """A block another worker sharing the disk directory wrote after this one started:
         index it (announcing it, tier disk), if the disk tier has room. One stat per prompt at
-        most: lookups stop at the first block found nowhere."""
+        most: lookups stop at the first block found nowhere. None without a stat where no disk
+        hit could pay for its read (a fast GPU's case): the stat runs on the event loop."""
         disk, probe = self.disk, self.disk_probe
         if disk is None or probe is None or block_hash in disk or len(disk) >= disk.capacity_blocks:
+            return None
+        if not self.cost.can_pay(DISK, self.block_bytes, self.block_size_tokens or 0, self._sharing()):
             return None
         if not probe(block_hash):
             return None

@@ -96,6 +96,55 @@ def test_slow_disk_is_recomputed_fast_disk_onboarded_and_unknown_prefill_onboard
     assert OnboardCostModel(55, 5, enabled=False).choose(tiers, MB, 16) == 16
 
 
+def test_can_pay_is_false_exactly_where_no_run_of_disk_hits_is_onboarded() -> None:
+    """Admission skips the disk's neighbour probe where can_pay says no, so that must never
+    drop a hit choose() would take; where it says yes, a run long enough to spread the read's
+    start over its blocks is taken whole."""
+    rng = random.Random(11)
+    answers = set()
+    for _ in range(300):
+        host_gbps, disk_gbps = rng.uniform(5, 60), rng.uniform(0.05, 10)
+        latency, tokens_per_s = rng.uniform(0, 0.02), rng.uniform(2e3, 5e5)
+        m = model(host_gbps, disk_gbps, latency, tokens_per_s)
+        pays = m.can_pay(DISK, MB, 16)
+        answers.add(pays)
+        margin = 16 / tokens_per_s - MB / (disk_gbps * 1e9) - MB / (host_gbps * 1e9)  # a block's, streaming
+        if not pays:
+            assert margin < 1e-9
+            assert all(m.choose([DISK] * n, MB, 16) == 0 for n in (1, 8, 64, 512))
+            assert m.choose([HOST] * 3 + [DISK] * 64, MB, 16) <= 3
+        elif (n := int(latency / margin) + 2) <= 4096:
+            assert m.choose([DISK] * n, MB, 16) == n
+    assert answers == {True, False}
+    assert OnboardCostModel(55, 5).can_pay(DISK, MB, 16)  # prefill unmeasured: choose takes every hit
+    assert OnboardCostModel(55, 0.001, enabled=False).can_pay(DISK, MB, 16)
+
+
+def test_no_neighbour_probe_where_no_disk_hit_could_pay() -> None:
+    """The probe (a stat, on the event loop) looks for a block another worker wrote to the
+    shared disk directory; where a disk hit would be recomputed anyway, it is not made."""
+    probed: list[int] = []
+
+    def probe(block_hash: int) -> bool:
+        probed.append(block_hash)
+        return False
+
+    def cache(disk_read_s: float) -> TieredCache:
+        c = TieredCache(KvbmConfig(host_blocks=4, disk_blocks=32), MB, block_size_tokens=16)
+        c.disk_probe = probe
+        c.cost.observe_step(1024, 0.01)  # 10 us a token: 160 us to recompute a block
+        for blocks in (8, 2, 16):
+            c.observe_read(DISK, blocks * MB, blocks * disk_read_s)
+        return c
+
+    prompt = [7, 8, 9]
+    assert len(cache(disk_read_s=0.025).lookup(prompt, 0)) == 0 and probed == []  # 25 ms a block
+    assert len(cache(disk_read_s=0.0001).lookup(prompt, 0)) == 0 and probed == [7]  # 0.1 ms a block
+    unmeasured = TieredCache(KvbmConfig(host_blocks=4, disk_blocks=32), MB, block_size_tokens=16)
+    unmeasured.disk_probe = probe
+    assert len(unmeasured.lookup(prompt, 1)) == 0 and probed == [7, 8]
+
+
 def test_prefill_rate_is_a_low_quantile_of_prefill_sized_steps() -> None:
     m = OnboardCostModel(55, 5)
     for i in range(40):
