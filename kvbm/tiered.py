@@ -180,6 +180,8 @@ class TieredCache:
         args = (config.eviction, config.protected_fraction)
         self.host = TierIndex(HOST, host_blocks, *args) if host_blocks > 0 else None
         self.disk = TierIndex(DISK, disk_blocks, *args) if disk_blocks > 0 else None
+        # Host first: lookups prefer it. Fixed for the cache's life; read for every prompt block.
+        self.tiers: tuple[TierIndex, ...] = tuple(t for t in (self.host, self.disk) if t is not None)
         self.policy = OffloadPolicy(config.offload_policy, config.offload_min_hits)
         # Whether offloading to a tier pays (its hits' savings against the upkeep's cost).
         self.offload_value = OffloadValue(enabled=config.offload_cost and block_size_tokens is not None)
@@ -203,10 +205,6 @@ class TieredCache:
         self.disk_probe: Callable[[int], bool] | None = None
 
     # ------------------------------------------------------------------------------ queries
-
-    @property
-    def tiers(self) -> list[TierIndex]:
-        return [t for t in (self.host, self.disk) if t is not None]
 
     def has_pending(self) -> bool:
         return bool(self._plan)
@@ -343,17 +341,22 @@ class TieredCache:
         None for the pending plan. Also tells the policy about the admitted prompt."""
         target = self._plan if plan is None else plan
         self.policy.record(block_hashes, device_blocks + len(hits))
-        for tier, blocks in getattr(hits, "declined", {}).items():
-            self.stats.decided(tier, "recompute", blocks)
+        stats = self.stats
+        for tier_name, blocks in getattr(hits, "declined", {}).items():
+            stats.decided(tier_name, "recompute", blocks)
+        per_tier: Counter[str] = Counter()
         for hit, block_id in zip(hits, device_block_ids, strict=True):
             tier = self._tier(hit.tier)
             tier.touch(hit.block_hash)
-            self.offload_value.hit(hit.tier, 1)
             target.onboards.append(OnboardOp(hit.block_hash, hit.tier, hit.entry.slot, block_id, hit.staged))
             target.pinned.append((tier, hit.entry))
-            self.stats.hit(hit.tier, 1)
-            self.stats.onboarded(hit.tier, 1, self.block_bytes)
-            self.stats.decided(hit.tier, "onboard", 1)
+            per_tier[hit.tier] += 1
+        # Tallied per tier, not per block (as offloads are): each costs a Prometheus lookup.
+        for tier_name, blocks in per_tier.items():
+            self.offload_value.hit(tier_name, blocks)
+            stats.hit(tier_name, blocks)
+            stats.onboarded(tier_name, blocks, blocks * self.block_bytes)
+            stats.decided(tier_name, "onboard", blocks)
 
     def step_started(self, batch: Any) -> None:
         """The scheduler picked a step (a ScheduledBatch; step_finished times it)."""

@@ -214,6 +214,11 @@ def test_lookup_declines_what_is_cheaper_to_recompute_and_counts_the_decisions()
                                          {"model": "m", "tier": tier, "decision": decision})
 
     assert sample(HOST, "onboard") == 4 and sample(DISK, "recompute") == 8
+    # The hit and onboard tallies (counted per tier of a prompt, not per block) agree.
+    assert cache.stats.hits == {HOST: 4} and cache.stats.onboard_blocks == {HOST: 4}
+    assert cache.stats.onboard_bytes == {HOST: 4 * MB}
+    for name, value in (("hit_blocks", 4), ("onboard_blocks", 4), ("onboard_bytes", 4 * MB)):
+        assert registry.get_sample_value(f"dynamo_kvbm_{name}_total", {"model": "m", "tier": HOST}) == value
     assert registry.get_sample_value("dynamo_kvbm_read_gbps", {"model": "m", "tier": DISK}) == pytest.approx(8 * MB / 0.2 / 1e9)
     # Off: every hit is onboarded, as before the model.
     off = filled_cache(KvbmConfig(host_blocks=4, disk_blocks=32, onboard_cost=False))
