@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -17,6 +18,7 @@ class KvbmMetrics:
     def __init__(self, registry: CollectorRegistry, model: str = "") -> None:
         labels = ["model", "tier"]
         self._model = model
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.blocks_used = Gauge("dynamo_kvbm_blocks_used", "Blocks held in a KVBM tier", labels, registry=registry)
         self.blocks_total = Gauge("dynamo_kvbm_blocks_total", "Capacity of a KVBM tier in blocks", labels, registry=registry)
         self.hits = Counter("dynamo_kvbm_hit_blocks_total", "Prompt blocks found in a lower tier", labels, registry=registry)
@@ -41,9 +43,18 @@ class KvbmMetrics:
         self.read_latency = Gauge("dynamo_kvbm_read_latency_seconds", "Measured fixed cost of one batch of a tier's reads (cost model)", labels, registry=registry)
         self.recompute_rate = Gauge("dynamo_kvbm_recompute_tokens_per_second", "Measured marginal prefill rate the cost model compares reads with", ["model"], registry=registry)
 
+    def of(self, metric: Any, *labels: str) -> Any:
+        """`metric`'s child for this model and `labels`, resolved once: labels() takes a lock
+        and microseconds a call, and some of these move every step, on the event loop."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(self._model, *labels)
+        return child
+
     def tier(self, tier: str, used: int, total: int) -> None:
-        self.blocks_used.labels(self._model, tier).set(used)
-        self.blocks_total.labels(self._model, tier).set(total)
+        self.of(self.blocks_used, tier).set(used)
+        self.of(self.blocks_total, tier).set(total)
 
 
 @dataclass(slots=True)
@@ -67,30 +78,30 @@ class KvbmStats:
     def hit(self, tier: str, blocks: int) -> None:
         self.hits[tier] += blocks
         if self.metrics is not None:
-            self.metrics.hits.labels(self.metrics._model, tier).inc(blocks)
+            self.metrics.of(self.metrics.hits, tier).inc(blocks)
 
     def offloaded(self, tier: str, blocks: int, nbytes: int) -> None:
         self.offload_blocks[tier] += blocks
         self.offload_bytes[tier] += nbytes
         if self.metrics is not None:
             m = self.metrics
-            m.offload_blocks.labels(m._model, tier).inc(blocks)
-            m.offload_bytes.labels(m._model, tier).inc(nbytes)
+            m.of(m.offload_blocks, tier).inc(blocks)
+            m.of(m.offload_bytes, tier).inc(nbytes)
 
     def onboarded(self, tier: str, blocks: int, nbytes: int) -> None:
         self.onboard_blocks[tier] += blocks
         self.onboard_bytes[tier] += nbytes
         if self.metrics is not None:
             m = self.metrics
-            m.onboard_blocks.labels(m._model, tier).inc(blocks)
-            m.onboard_bytes.labels(m._model, tier).inc(nbytes)
+            m.of(m.onboard_blocks, tier).inc(blocks)
+            m.of(m.onboard_bytes, tier).inc(nbytes)
 
     def decided(self, tier: str, decision: str, blocks: int) -> None:
         if blocks <= 0:
             return
         self.decisions[(tier, decision)] += blocks
         if self.metrics is not None:
-            self.metrics.decisions.labels(self.metrics._model, tier, decision).inc(blocks)
+            self.metrics.of(self.metrics.decisions, tier, decision).inc(blocks)
 
     def estimates(self, snapshot: dict[str, float | None]) -> None:
         """The cost model's current estimates (OnboardCostModel.snapshot) as gauges."""
@@ -100,12 +111,12 @@ class KvbmStats:
         for tier in ("host", "disk"):
             gbps, latency = snapshot.get(f"{tier}_gbps"), snapshot.get(f"{tier}_latency_s")
             if gbps is not None:
-                m.read_gbps.labels(m._model, tier).set(gbps)
+                m.of(m.read_gbps, tier).set(gbps)
             if latency is not None:
-                m.read_latency.labels(m._model, tier).set(latency)
+                m.of(m.read_latency, tier).set(latency)
         rate = snapshot.get("recompute_tokens_per_s")
         if rate is not None:
-            m.recompute_rate.labels(m._model).set(rate)
+            m.of(m.recompute_rate).set(rate)
 
     def skip(self, tier: str, reason: str, blocks: int = 1) -> None:
         """`blocks` were not kept in `tier` for `reason` (see KvbmMetrics.skipped)."""
@@ -113,7 +124,7 @@ class KvbmStats:
             return
         self.skipped_by[(tier, reason)] += blocks
         if self.metrics is not None:
-            self.metrics.skipped.labels(self.metrics._model, tier, reason).inc(blocks)
+            self.metrics.of(self.metrics.skipped, tier, reason).inc(blocks)
 
     @property
     def skipped(self) -> int:
@@ -126,8 +137,8 @@ class KvbmStats:
         self.plans += 1
         self.plan_max_seconds = max(self.plan_max_seconds, seconds)
         if self.metrics is not None:
-            self.metrics.plan_seconds.labels(self.metrics._model).observe(seconds)
+            self.metrics.of(self.metrics.plan_seconds).observe(seconds)
 
     def transfer(self, direction: str, nbytes: int, seconds: float) -> None:
         if self.metrics is not None and seconds > 0:
-            self.metrics.gbps.labels(self.metrics._model, direction).set(nbytes / seconds / 1e9)
+            self.metrics.of(self.metrics.gbps, direction).set(nbytes / seconds / 1e9)

@@ -203,6 +203,9 @@ class TieredCache:
         # a block's file exists there. A prompt block no tier knows is then looked for on
         # disk (a neighbour may have written it since this worker started) and adopted.
         self.disk_probe: Callable[[int], bool] | None = None
+        # What the gauges were last set to (_report_usage).
+        self._reported_usage: list[tuple[str, int, int]] | None = None
+        self._reported_estimates: dict[str, float | None] | None = None
 
     # ------------------------------------------------------------------------------ queries
 
@@ -211,6 +214,7 @@ class TieredCache:
 
     def bind_metrics(self, metrics: KvbmMetrics) -> None:
         self.stats.metrics = metrics
+        self._reported_usage, self._reported_estimates = None, None  # a new registry: report all
         self._report_usage()
 
     # ---------------------------------------------------------------------------- admission
@@ -673,12 +677,21 @@ class TieredCache:
             self._on_event(event)
 
     def _report_usage(self) -> None:
+        """The tiers' usage and the cost model's estimates as gauges, where they changed: this
+        runs after every step, and a gauge's set() takes a lock."""
         metrics = self.stats.metrics
-        if metrics is not None:
-            for tier in self.tiers:
-                metrics.tier(tier.name, len(tier), tier.capacity_blocks)
-            if self.cost.enabled:
-                self.stats.estimates(self.cost.snapshot())
+        if metrics is None:
+            return
+        usage = [(tier.name, len(tier), tier.capacity_blocks) for tier in self.tiers]
+        if usage != self._reported_usage:
+            self._reported_usage = usage
+            for name, used, total in usage:
+                metrics.tier(name, used, total)
+        if self.cost.enabled:
+            estimates = self.cost.snapshot()
+            if estimates != self._reported_estimates:
+                self._reported_estimates = estimates
+                self.stats.estimates(estimates)
 
 
 def _chains(blocks: Sequence[tuple[int, int | None]]) -> list[tuple[list[int], int | None]]:

@@ -249,3 +249,27 @@ def test_disk_hits_are_read_before_admission_and_stop_at_the_first_unread_block(
     assert [(op.device_block, op.staged) for op in plan.onboards] == [(7, ("row", 1)), (8, ("row", 2))]
     cache.finish(plan)
     assert all(cache.disk.get(h).ref_count == 0 for h in (1, 2))  # type: ignore[union-attr]
+
+
+def test_usage_gauges_follow_the_tiers_after_each_plan() -> None:
+    """The gauges are set only where usage changed (this runs after every step), so each
+    change must still reach them, and a new registry gets everything."""
+    from prometheus_client import CollectorRegistry
+
+    from kvbm.metrics import KvbmMetrics
+
+    cache = TieredCache(KvbmConfig(host_blocks=4, offload_cost=False), BLOCK_BYTES)
+    registry = CollectorRegistry()
+    cache.bind_metrics(KvbmMetrics(registry, "m"))
+
+    def used() -> float | None:
+        return registry.get_sample_value("dynamo_kvbm_blocks_used", {"model": "m", "tier": "host"})
+
+    assert used() == 0 and registry.get_sample_value("dynamo_kvbm_blocks_total", {"model": "m", "tier": "host"}) == 4
+    for first, want in ((0, 3), (3, 4), (7, 4)):
+        cache.evicted([EvictedBlock(100 + h, h, h - 1 if h else None) for h in range(first, first + 3)])
+        cache.finish(cache.take_plan())
+        assert used() == want
+    again = CollectorRegistry()
+    cache.bind_metrics(KvbmMetrics(again, "m"))
+    assert again.get_sample_value("dynamo_kvbm_blocks_used", {"model": "m", "tier": "host"}) == 4
