@@ -346,7 +346,7 @@ async def connect_to_agent(address: str) -> tuple[asyncio.StreamReader, asyncio.
     host, _, port = address.rpartition(":")
     try:
         # Bounded like the connection itself: a peer behind a cut link drops the SYNs, and the
-        # kernel's retries would hold the sender (and its prefilled blocks) for two minutes.
+        # kernel's retries would hold the sender (and its prefilled blocks) for up to two minutes.
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), CONNECT_TIMEOUT_S)
     except (OSError, TimeoutError) as exc:
         raise TransferFailed(f"cannot reach the peer's transfer agent at {address}: {exc!r}") from exc
