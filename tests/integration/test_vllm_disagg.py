@@ -80,7 +80,10 @@ def disagg(nats_server: str, etcd_server: str, tmp_path_factory: pytest.TempPath
         DYN_NAMESPACE=f"vd{free_port()}",
         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "1",
         DYN_VLLM_TRANSFER_TEST_STALL_FILE=str(stall_file),
-        DYN_LEASE_TTL_S="2",
+        # A long lease: no test here waits for one to expire (a killed prefill worker's pull
+        # fails on its connection), and with two vLLM engines and CI beside them on two
+        # cores a 2 s lease expired under the decode worker mid-request.
+        DYN_LEASE_TTL_S="60",
     )
     stack = Stack(tmp, env)
     port, metrics_port = free_port(), free_port()
