@@ -115,7 +115,7 @@ async def test_a_peer_that_drops_the_connect_fails_the_send_at_the_bound(monkeyp
             fillers.append(filler)
             try:
                 filler.connect(address)
-            except TimeoutError:
+            except (TimeoutError, ConnectionRefusedError):  # dropped; or reset where the host aborts on overflow
                 break
         else:
             pytest.fail("the listener's accept queue never filled")
